@@ -1,0 +1,360 @@
+//! The storage card as the control plane sees it: devices, the volumes on
+//! them, and the interfaces that present volumes to VMs.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use serde::Serialize;
+
+use crate::device::{self, DeviceConfig, PhysicalDevice};
+use crate::partition::{PartitionError, PartitionMap, Volume};
+use crate::virtio_blk::{Attachment, BlkError, BlkMetricsSnapshot, BlkTarget, InterfaceState};
+
+/// Errors of card operations; none leaves anything half done.
+#[derive(Debug, thiserror::Error)]
+pub enum CardError {
+    /// No device of that name in the configuration.
+    #[error("unknown device {0:?}")]
+    UnknownDevice(String),
+    /// The device is configured but could not be opened or its map is bad.
+    #[error("device {name:?} is unavailable: {reason}")]
+    DeviceUnavailable {
+        /// Device name.
+        name: String,
+        /// Why.
+        reason: String,
+    },
+    /// Partition-map operation refused.
+    #[error(transparent)]
+    Partition(#[from] PartitionError),
+    /// No volume of that name.
+    #[error("unknown volume {0:?}")]
+    UnknownVolume(String),
+    /// The volume has an interface.
+    #[error("volume {0:?} is attached; detach it first")]
+    Attached(String),
+    /// The volume has no interface.
+    #[error("volume {0:?} is not attached")]
+    NotAttached(String),
+    /// Another interface uses that socket.
+    #[error("socket {0} is already used by volume {1:?}")]
+    SocketInUse(String, String),
+    /// The interface could not start.
+    #[error(transparent)]
+    Interface(#[from] BlkError),
+    /// Two configured devices share a name.
+    #[error("device name {0:?} appears twice in the configuration")]
+    DuplicateDevice(String),
+}
+
+/// Options of an attachment.
+#[derive(Debug, Clone)]
+pub struct AttachOptions {
+    /// Socket path the frontend connects to.
+    pub socket: PathBuf,
+    /// Virtqueues offered.
+    pub queues: u16,
+}
+
+/// A device as listed by the API.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeviceInfo {
+    /// Name.
+    pub name: String,
+    /// Kind.
+    pub kind: device::DeviceKind,
+    /// Capacity in bytes (0 when unavailable).
+    pub capacity_bytes: u64,
+    /// Free bytes.
+    pub free_bytes: u64,
+    /// Number of volumes.
+    pub volumes: usize,
+    /// How the device is driven.
+    pub detail: String,
+    /// Why the device is unavailable, when it is.
+    pub error: Option<String>,
+}
+
+/// An interface as listed by the API.
+#[derive(Debug, Clone, Serialize)]
+pub struct AttachmentInfo {
+    /// Socket path.
+    pub socket: String,
+    /// Virtqueues.
+    pub queues: u16,
+    /// State.
+    pub state: InterfaceState,
+    /// Counters.
+    pub metrics: BlkMetricsSnapshot,
+}
+
+/// A volume as listed by the API.
+#[derive(Debug, Clone, Serialize)]
+pub struct VolumeInfo {
+    /// Volume record.
+    #[serde(flatten)]
+    pub volume: Volume,
+    /// Device it lives on.
+    pub device: String,
+    /// Its interface, when attached.
+    pub attachment: Option<AttachmentInfo>,
+}
+
+#[derive(Debug)]
+struct DeviceSlot {
+    config: DeviceConfig,
+    open: Result<(Arc<dyn PhysicalDevice>, PartitionMap), String>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    devices: Vec<DeviceSlot>,
+    attachments: BTreeMap<String, Attachment>,
+}
+
+/// The storage function: owns devices, maps and interfaces.
+#[derive(Debug)]
+pub struct StorageCard {
+    state: Mutex<State>,
+}
+
+impl StorageCard {
+    /// Opens every configured device and loads its partition map. A device
+    /// that fails to open (or whose map is corrupt) is kept as unavailable
+    /// with its reason; the others work.
+    pub fn open(configs: &[DeviceConfig]) -> Result<Self, CardError> {
+        let mut devices: Vec<DeviceSlot> = Vec::new();
+        for config in configs {
+            if devices.iter().any(|d| d.config.name == config.name) {
+                return Err(CardError::DuplicateDevice(config.name.clone()));
+            }
+            let open = device::open(config)
+                .map_err(|e| e.to_string())
+                .and_then(|dev| {
+                    let map = PartitionMap::load(dev.as_ref()).map_err(|e| e.to_string())?;
+                    Ok((dev, map))
+                });
+            if let Err(reason) = &open {
+                log::error!("{reason}");
+            }
+            devices.push(DeviceSlot {
+                config: config.clone(),
+                open,
+            });
+        }
+        // Volume names are card-wide: a clash across devices hides the later.
+        let mut seen = BTreeMap::new();
+        for d in &devices {
+            if let Ok((_, map)) = &d.open {
+                for v in map.volumes() {
+                    if let Some(first) = seen.insert(v.name.clone(), d.config.name.clone()) {
+                        log::warn!(
+                            "volume {:?} exists on devices {first} and {}; using {first}",
+                            v.name,
+                            d.config.name
+                        );
+                        seen.insert(v.name, first);
+                    }
+                }
+            }
+        }
+        Ok(StorageCard {
+            state: Mutex::new(State {
+                devices,
+                attachments: BTreeMap::new(),
+            }),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Lists devices.
+    pub fn devices(&self) -> Vec<DeviceInfo> {
+        let st = self.lock();
+        st.devices
+            .iter()
+            .map(|d| match &d.open {
+                Ok((dev, map)) => DeviceInfo {
+                    name: d.config.name.clone(),
+                    kind: d.config.kind,
+                    capacity_bytes: dev.capacity_bytes(),
+                    free_bytes: map.free_bytes(),
+                    volumes: map.volumes().len(),
+                    detail: dev.describe(),
+                    error: None,
+                },
+                Err(e) => DeviceInfo {
+                    name: d.config.name.clone(),
+                    kind: d.config.kind,
+                    capacity_bytes: 0,
+                    free_bytes: 0,
+                    volumes: 0,
+                    detail: String::new(),
+                    error: Some(e.clone()),
+                },
+            })
+            .collect()
+    }
+
+    fn find_volume(st: &State, name: &str) -> Option<(usize, Volume)> {
+        st.devices.iter().enumerate().find_map(|(i, d)| {
+            d.open
+                .as_ref()
+                .ok()
+                .and_then(|(_, m)| m.get(name))
+                .map(|v| (i, v))
+        })
+    }
+
+    fn info(st: &State, device: &str, v: Volume) -> VolumeInfo {
+        let attachment = st.attachments.get(&v.name).map(|a| AttachmentInfo {
+            socket: a.socket().display().to_string(),
+            queues: a.queues(),
+            state: a.state(),
+            metrics: a.metrics(),
+        });
+        VolumeInfo {
+            volume: v,
+            device: device.to_owned(),
+            attachment,
+        }
+    }
+
+    /// Lists volumes of every available device.
+    pub fn volumes(&self) -> Vec<VolumeInfo> {
+        let st = self.lock();
+        let mut out = Vec::new();
+        for d in &st.devices {
+            if let Ok((_, map)) = &d.open {
+                for v in map.volumes() {
+                    out.push(Self::info(&st, &d.config.name, v));
+                }
+            }
+        }
+        out
+    }
+
+    /// One volume.
+    pub fn volume(&self, name: &str) -> Result<VolumeInfo, CardError> {
+        let st = self.lock();
+        let (i, v) =
+            Self::find_volume(&st, name).ok_or_else(|| CardError::UnknownVolume(name.into()))?;
+        Ok(Self::info(&st, &st.devices[i].config.name, v))
+    }
+
+    /// Creates a volume of `size_bytes` on `device`.
+    pub fn create_volume(
+        &self,
+        name: &str,
+        device: &str,
+        size_bytes: u64,
+    ) -> Result<VolumeInfo, CardError> {
+        let mut st = self.lock();
+        let taken: Vec<String> = st
+            .devices
+            .iter()
+            .filter_map(|d| d.open.as_ref().ok())
+            .flat_map(|(_, m)| m.volumes().into_iter().map(|v| v.name))
+            .collect();
+        let slot = st
+            .devices
+            .iter_mut()
+            .find(|d| d.config.name == device)
+            .ok_or_else(|| CardError::UnknownDevice(device.into()))?;
+        let (dev, map) = slot
+            .open
+            .as_mut()
+            .map_err(|reason| CardError::DeviceUnavailable {
+                name: device.into(),
+                reason: reason.clone(),
+            })?;
+        let v = map.create(dev.as_ref(), name, size_bytes, |n| {
+            taken.iter().any(|t| t == n)
+        })?;
+        log::info!(
+            "created volume {name} on {device}: {} B at offset {}",
+            v.size_bytes,
+            v.offset_bytes
+        );
+        Ok(Self::info(&st, device, v))
+    }
+
+    /// Deletes a volume that is not attached.
+    pub fn delete_volume(&self, name: &str) -> Result<Volume, CardError> {
+        let mut st = self.lock();
+        if st.attachments.contains_key(name) {
+            return Err(CardError::Attached(name.into()));
+        }
+        let (i, _) =
+            Self::find_volume(&st, name).ok_or_else(|| CardError::UnknownVolume(name.into()))?;
+        let (dev, map) = st.devices[i]
+            .open
+            .as_mut()
+            .expect("found on an open device");
+        let v = map.delete(dev.as_ref(), name)?;
+        log::info!("deleted volume {name}");
+        Ok(v)
+    }
+
+    /// Presents a volume through a new vhost-user-blk interface.
+    pub fn attach(&self, name: &str, opts: &AttachOptions) -> Result<VolumeInfo, CardError> {
+        let mut st = self.lock();
+        if st.attachments.contains_key(name) {
+            return Err(CardError::Attached(name.into()));
+        }
+        if let Some((other, _)) = st
+            .attachments
+            .iter()
+            .find(|(_, a)| a.socket() == opts.socket)
+        {
+            return Err(CardError::SocketInUse(
+                opts.socket.display().to_string(),
+                other.clone(),
+            ));
+        }
+        let (i, v) =
+            Self::find_volume(&st, name).ok_or_else(|| CardError::UnknownVolume(name.into()))?;
+        let (dev, _) = st.devices[i]
+            .open
+            .as_ref()
+            .expect("found on an open device");
+        let target = BlkTarget {
+            name: v.name.clone(),
+            device: dev.clone(),
+            offset: v.offset_bytes,
+            size: v.size_bytes,
+        };
+        let a = Attachment::start(target, &opts.socket, opts.queues)?;
+        st.attachments.insert(name.to_owned(), a);
+        let device = st.devices[i].config.name.clone();
+        Ok(Self::info(&st, &device, v))
+    }
+
+    /// Ends a volume's interface.
+    pub fn detach(&self, name: &str) -> Result<(), CardError> {
+        let a = {
+            let mut st = self.lock();
+            if Self::find_volume(&st, name).is_none() {
+                return Err(CardError::UnknownVolume(name.into()));
+            }
+            st.attachments
+                .remove(name)
+                .ok_or_else(|| CardError::NotAttached(name.into()))?
+        };
+        // Stop outside the lock: draining may take a moment.
+        a.stop();
+        log::info!("detached volume {name}");
+        Ok(())
+    }
+
+    /// Stops every interface.
+    pub fn shutdown(&self) {
+        let all = std::mem::take(&mut self.lock().attachments);
+        for (_, a) in all {
+            a.stop();
+        }
+    }
+}

@@ -1,0 +1,411 @@
+//! The `null` and `ram` devices: memory-speed devices for tests and
+//! benchmarks. Requests complete synchronously at push time.
+
+use std::fmt;
+use std::io;
+use std::os::fd::RawFd;
+use std::sync::{Arc, Mutex};
+
+use super::{DeviceKind, DeviceQueue, IoCompletion, IoOp, IoRequest, PhysicalDevice};
+
+/// Bytes at the start of a `null` device that keep what the control plane
+/// writes there, so that its partition map lives as long as the daemon.
+/// Covers the 2 MiB metadata area with room to spare.
+const NULL_RETAINED_BYTES: u64 = 4 << 20;
+
+fn check_range(capacity: u64, offset: u64, len: usize) -> io::Result<()> {
+    match offset.checked_add(len as u64) {
+        Some(end) if end <= capacity => Ok(()),
+        _ => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "access beyond the end of the device",
+        )),
+    }
+}
+
+fn total_len(segments: &[libc::iovec]) -> u64 {
+    segments.iter().map(|s| s.iov_len as u64).sum()
+}
+
+/// Discards writes and reads zeroes.
+#[derive(Debug)]
+pub struct NullDevice {
+    name: String,
+    capacity: u64,
+    retained: Mutex<Vec<u8>>,
+}
+
+impl NullDevice {
+    /// A null device of `capacity` bytes.
+    pub fn new(name: &str, capacity: u64) -> Self {
+        let retained = usize::try_from(capacity.min(NULL_RETAINED_BYTES)).unwrap_or(0);
+        NullDevice {
+            name: name.to_owned(),
+            capacity,
+            retained: Mutex::new(vec![0; retained]),
+        }
+    }
+}
+
+impl PhysicalDevice for NullDevice {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn kind(&self) -> DeviceKind {
+        DeviceKind::Null
+    }
+    fn capacity_bytes(&self) -> u64 {
+        self.capacity
+    }
+    fn describe(&self) -> String {
+        "null: writes discarded, reads return zeroes".into()
+    }
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        check_range(self.capacity, offset, buf.len())?;
+        buf.fill(0);
+        let kept = self.retained.lock().unwrap_or_else(|e| e.into_inner());
+        if let Ok(start) = usize::try_from(offset) {
+            if start < kept.len() {
+                let n = buf.len().min(kept.len() - start);
+                buf[..n].copy_from_slice(&kept[start..start + n]);
+            }
+        }
+        Ok(())
+    }
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        check_range(self.capacity, offset, buf.len())?;
+        let mut kept = self.retained.lock().unwrap_or_else(|e| e.into_inner());
+        if let Ok(start) = usize::try_from(offset) {
+            if start < kept.len() {
+                let n = buf.len().min(kept.len() - start);
+                kept[start..start + n].copy_from_slice(&buf[..n]);
+            }
+        }
+        Ok(())
+    }
+    fn sync(&self) -> io::Result<()> {
+        Ok(())
+    }
+    fn open_queue(&self, depth: u16) -> io::Result<Box<dyn DeviceQueue>> {
+        Ok(Box::new(MemQueue::new(MemBacking::Null, depth)))
+    }
+}
+
+/// Anonymous memory mapping backing a `ram` device.
+struct RamMapping {
+    base: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain memory owned by this struct; concurrent
+// access goes through raw-pointer copies only (like guest memory in
+// vm-memory), never through Rust references.
+unsafe impl Send for RamMapping {}
+// SAFETY: as above.
+unsafe impl Sync for RamMapping {}
+
+impl Drop for RamMapping {
+    fn drop(&mut self) {
+        // SAFETY: `base`/`len` come from a successful mmap in `RamDevice::new`.
+        unsafe { libc::munmap(self.base.cast(), self.len) };
+    }
+}
+
+/// Anonymous memory as a device; contents are lost when the daemon stops.
+pub struct RamDevice {
+    name: String,
+    map: Arc<RamMapping>,
+}
+
+impl fmt::Debug for RamDevice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RamDevice")
+            .field("name", &self.name)
+            .field("capacity", &self.map.len)
+            .finish()
+    }
+}
+
+impl RamDevice {
+    /// Maps `capacity` bytes of lazily allocated anonymous memory.
+    pub fn new(name: &str, capacity: u64) -> io::Result<Self> {
+        let len = usize::try_from(capacity)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "ram size too large"))?;
+        if len == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "ram size is zero",
+            ));
+        }
+        // SAFETY: an anonymous private mapping touches no existing memory.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(RamDevice {
+            name: name.to_owned(),
+            map: Arc::new(RamMapping {
+                base: base.cast(),
+                len,
+            }),
+        })
+    }
+}
+
+impl PhysicalDevice for RamDevice {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn kind(&self) -> DeviceKind {
+        DeviceKind::Ram
+    }
+    fn capacity_bytes(&self) -> u64 {
+        self.map.len as u64
+    }
+    fn describe(&self) -> String {
+        "ram: anonymous memory, contents lost on stop".into()
+    }
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        check_range(self.capacity_bytes(), offset, buf.len())?;
+        // SAFETY: the range was checked to lie inside the mapping.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.map.base.add(offset as usize),
+                buf.as_mut_ptr(),
+                buf.len(),
+            );
+        }
+        Ok(())
+    }
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        check_range(self.capacity_bytes(), offset, buf.len())?;
+        // SAFETY: the range was checked to lie inside the mapping.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                buf.as_ptr(),
+                self.map.base.add(offset as usize),
+                buf.len(),
+            );
+        }
+        Ok(())
+    }
+    fn sync(&self) -> io::Result<()> {
+        Ok(())
+    }
+    fn open_queue(&self, depth: u16) -> io::Result<Box<dyn DeviceQueue>> {
+        Ok(Box::new(MemQueue::new(
+            MemBacking::Ram(self.map.clone()),
+            depth,
+        )))
+    }
+}
+
+enum MemBacking {
+    Null,
+    Ram(Arc<RamMapping>),
+}
+
+/// Submission context of the memory devices: completes at push time.
+struct MemQueue {
+    backing: MemBacking,
+    done: Vec<IoCompletion>,
+}
+
+impl fmt::Debug for MemQueue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match self.backing {
+            MemBacking::Null => "null",
+            MemBacking::Ram(_) => "ram",
+        };
+        f.debug_struct("MemQueue").field("kind", &kind).finish()
+    }
+}
+
+impl MemQueue {
+    fn new(backing: MemBacking, depth: u16) -> Self {
+        MemQueue {
+            backing,
+            done: Vec::with_capacity(usize::from(depth)),
+        }
+    }
+
+    /// # Safety
+    ///
+    /// The segments must be valid for the access `op` makes.
+    unsafe fn execute(&self, req: &IoRequest<'_>) -> io::Result<u32> {
+        let seg_len = total_len(req.segments);
+        let len = match req.op {
+            IoOp::Read | IoOp::Write => seg_len,
+            _ => req.len,
+        };
+        let done = u32::try_from(seg_len).unwrap_or(u32::MAX);
+        match &self.backing {
+            MemBacking::Null => {
+                if req.op == IoOp::Read {
+                    for s in req.segments {
+                        // SAFETY: the caller promises the segment is writable.
+                        unsafe { std::ptr::write_bytes(s.iov_base.cast::<u8>(), 0, s.iov_len) };
+                    }
+                }
+                Ok(done)
+            }
+            MemBacking::Ram(map) => {
+                check_range(
+                    map.len as u64,
+                    req.offset,
+                    usize::try_from(len).unwrap_or(usize::MAX),
+                )?;
+                // SAFETY: checked above that [offset, offset+len) is inside the mapping.
+                let mut at = unsafe { map.base.add(req.offset as usize) };
+                match req.op {
+                    IoOp::Read | IoOp::Write => {
+                        for s in req.segments {
+                            // SAFETY: `at` stays inside the mapping (the segments sum
+                            // to `len`); the caller promises the segment is valid.
+                            unsafe {
+                                if req.op == IoOp::Read {
+                                    std::ptr::copy_nonoverlapping(at, s.iov_base.cast(), s.iov_len);
+                                } else {
+                                    std::ptr::copy_nonoverlapping(s.iov_base.cast(), at, s.iov_len);
+                                }
+                                at = at.add(s.iov_len);
+                            }
+                        }
+                    }
+                    IoOp::Discard | IoOp::WriteZeroes => {
+                        // SAFETY: the range was checked to lie in the mapping.
+                        unsafe { std::ptr::write_bytes(at, 0, len as usize) };
+                    }
+                    IoOp::Flush => {}
+                }
+                Ok(done)
+            }
+        }
+    }
+}
+
+impl DeviceQueue for MemQueue {
+    unsafe fn push(&mut self, req: IoRequest<'_>) {
+        // SAFETY: forwarded from the caller's promise.
+        let result = unsafe { self.execute(&req) };
+        self.done.push(IoCompletion {
+            tag: req.tag,
+            result,
+        });
+    }
+    fn submit(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+    fn reap(&mut self, out: &mut Vec<IoCompletion>) {
+        out.append(&mut self.done);
+    }
+    fn completion_fd(&self) -> Option<RawFd> {
+        None
+    }
+    fn wait(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn iov(buf: &mut [u8]) -> libc::iovec {
+        libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        }
+    }
+
+    #[test]
+    fn ram_round_trip_through_queue() {
+        let dev = RamDevice::new("r", 1 << 20).unwrap();
+        let mut q = dev.open_queue(4).unwrap();
+        let mut a = vec![0xabu8; 4096];
+        let mut b = vec![0u8; 4096];
+        let mut out = Vec::new();
+        let segs = [iov(&mut a)];
+        // SAFETY: the buffers outlive the synchronous completion.
+        unsafe {
+            q.push(IoRequest {
+                op: IoOp::Write,
+                offset: 8192,
+                len: 4096,
+                segments: &segs,
+                tag: 1,
+            });
+        }
+        let segs = [iov(&mut b)];
+        // SAFETY: as above.
+        unsafe {
+            q.push(IoRequest {
+                op: IoOp::Read,
+                offset: 8192,
+                len: 4096,
+                segments: &segs,
+                tag: 2,
+            });
+        }
+        q.reap(&mut out);
+        assert_eq!(out.len(), 2);
+        assert!(out.iter().all(|c| matches!(c.result, Ok(4096))));
+        assert_eq!(a, b);
+        let mut raw = vec![0u8; 4096];
+        dev.read_exact_at(&mut raw, 8192).unwrap();
+        assert_eq!(raw, a);
+    }
+
+    #[test]
+    fn ram_rejects_out_of_range() {
+        let dev = RamDevice::new("r", 1 << 20).unwrap();
+        let mut q = dev.open_queue(4).unwrap();
+        let mut a = vec![0u8; 4096];
+        let segs = [iov(&mut a)];
+        // SAFETY: the buffer outlives the synchronous completion.
+        unsafe {
+            q.push(IoRequest {
+                op: IoOp::Read,
+                offset: (1 << 20) - 512,
+                len: 4096,
+                segments: &segs,
+                tag: 0,
+            });
+        }
+        let mut out = Vec::new();
+        q.reap(&mut out);
+        assert!(out[0].result.is_err());
+    }
+
+    #[test]
+    fn null_reads_zeroes_and_keeps_metadata() {
+        let dev = NullDevice::new("n", 1 << 30);
+        dev.write_all_at(b"hello", 4096).unwrap();
+        let mut got = [0u8; 5];
+        dev.read_exact_at(&mut got, 4096).unwrap();
+        assert_eq!(&got, b"hello");
+        let mut q = dev.open_queue(1).unwrap();
+        let mut a = vec![0xffu8; 512];
+        let segs = [iov(&mut a)];
+        // SAFETY: the buffer outlives the synchronous completion.
+        unsafe {
+            q.push(IoRequest {
+                op: IoOp::Read,
+                offset: 1 << 29,
+                len: 512,
+                segments: &segs,
+                tag: 0,
+            });
+        }
+        assert!(a.iter().all(|&x| x == 0));
+    }
+}

@@ -1,0 +1,213 @@
+//! Physical devices owned by the card, behind two small traits.
+//!
+//! [`PhysicalDevice`] is the device as the control plane sees it: a capacity
+//! and synchronous access for the partition map. [`DeviceQueue`] is one
+//! submission context for one virtqueue worker: the data path pushes
+//! requests whose buffers point straight into guest memory, submits them in
+//! a batch and reaps completions. The virtio-blk device never knows whether
+//! it talks to a file, a block device, `null` or `ram`.
+
+mod aligned;
+mod file;
+mod mem;
+
+use std::fmt;
+use std::io;
+use std::os::fd::RawFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+pub use aligned::AlignedBuf;
+pub use file::FileDevice;
+pub use mem::{NullDevice, RamDevice};
+
+/// Most segments one request may carry into a [`DeviceQueue`].
+///
+/// The virtio-blk device advertises `seg_max` = 126 (a 128-entry queue less
+/// the header and status descriptors); guest memory split across regions can
+/// add a few more, so the cap leaves room to spare.
+pub const MAX_SEGMENTS: usize = 256;
+
+/// What kind of physical device a configuration entry names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceKind {
+    /// A regular file; created sparse at the configured size when missing.
+    File,
+    /// A block device node such as `/dev/nvme0n1`.
+    Block,
+    /// Discards writes and reads zeroes.
+    Null,
+    /// Anonymous memory, lost when the daemon stops.
+    Ram,
+}
+
+impl fmt::Display for DeviceKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DeviceKind::File => "file",
+            DeviceKind::Block => "block",
+            DeviceKind::Null => "null",
+            DeviceKind::Ram => "ram",
+        })
+    }
+}
+
+/// How to open one physical device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceConfig {
+    /// Name that volumes and the CLI refer to.
+    pub name: String,
+    /// Device kind.
+    pub kind: DeviceKind,
+    /// Path of the file or block device (file and block kinds).
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// Capacity in bytes: required for null and ram, and for a file that
+    /// does not exist yet.
+    #[serde(default)]
+    pub size_bytes: Option<u64>,
+}
+
+/// Errors opening a physical device.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// The configuration entry is incomplete or inconsistent.
+    #[error("device {name}: {reason}")]
+    Config {
+        /// Device name.
+        name: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The operating system refused an operation.
+    #[error("device {name}: {op} {path}: {source}")]
+    Io {
+        /// Device name.
+        name: String,
+        /// What was attempted.
+        op: &'static str,
+        /// Path involved.
+        path: String,
+        /// The error.
+        source: io::Error,
+    },
+}
+
+/// A physical device as the control plane sees it.
+pub trait PhysicalDevice: Send + Sync + fmt::Debug {
+    /// Configured name.
+    fn name(&self) -> &str;
+    /// Kind of device.
+    fn kind(&self) -> DeviceKind;
+    /// Usable capacity in bytes.
+    fn capacity_bytes(&self) -> u64;
+    /// Human-readable notes on how the device is driven (e.g. O_DIRECT).
+    fn describe(&self) -> String;
+    /// Reads `buf.len()` bytes at `offset` (control plane, synchronous).
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Writes `buf` at `offset` (control plane, synchronous).
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Makes every completed write durable.
+    fn sync(&self) -> io::Result<()>;
+    /// Opens a submission context able to hold `depth` requests in flight.
+    fn open_queue(&self, depth: u16) -> io::Result<Box<dyn DeviceQueue>>;
+}
+
+/// The operation of one physical request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoOp {
+    /// Read into the segments.
+    Read,
+    /// Write from the segments.
+    Write,
+    /// Make completed writes durable.
+    Flush,
+    /// Deallocate `len` bytes at `offset`; contents become unspecified.
+    Discard,
+    /// Make `len` bytes at `offset` read as zeroes.
+    WriteZeroes,
+}
+
+/// One physical request.
+#[derive(Debug, Clone, Copy)]
+pub struct IoRequest<'a> {
+    /// Operation.
+    pub op: IoOp,
+    /// Absolute byte offset on the device.
+    pub offset: u64,
+    /// Length in bytes (sum of the segments for reads and writes).
+    pub len: u64,
+    /// Host memory segments for reads and writes; empty otherwise.
+    pub segments: &'a [libc::iovec],
+    /// Caller's tag, below the queue depth; unique among requests in flight.
+    pub tag: u16,
+}
+
+/// One completed physical request.
+#[derive(Debug)]
+pub struct IoCompletion {
+    /// Tag given at push time.
+    pub tag: u16,
+    /// Bytes transferred, or the error.
+    pub result: io::Result<u32>,
+}
+
+/// A submission context owned by one queue worker.
+pub trait DeviceQueue: Send + fmt::Debug {
+    /// Queues one request; it is started by the next [`DeviceQueue::submit`].
+    ///
+    /// # Safety
+    ///
+    /// Every segment must stay valid for the access the operation makes (the
+    /// device writes into them for a read) until the completion for `tag` has
+    /// been returned by [`DeviceQueue::reap`].
+    unsafe fn push(&mut self, req: IoRequest<'_>);
+    /// Starts every queued request.
+    fn submit(&mut self) -> io::Result<()>;
+    /// Moves finished requests into `out`.
+    fn reap(&mut self, out: &mut Vec<IoCompletion>);
+    /// An eventfd that becomes readable when completions are ready, for
+    /// devices that complete asynchronously.
+    fn completion_fd(&self) -> Option<RawFd>;
+    /// Blocks until at least one request in flight has completed.
+    fn wait(&mut self) -> io::Result<()>;
+}
+
+/// Opens the device that `config` describes.
+pub fn open(config: &DeviceConfig) -> Result<Arc<dyn PhysicalDevice>, DeviceError> {
+    let need_size = || {
+        config.size_bytes.ok_or_else(|| DeviceError::Config {
+            name: config.name.clone(),
+            reason: format!("a {} device needs size_bytes", config.kind),
+        })
+    };
+    Ok(match config.kind {
+        DeviceKind::Null => Arc::new(NullDevice::new(&config.name, need_size()?)),
+        DeviceKind::Ram => {
+            Arc::new(
+                RamDevice::new(&config.name, need_size()?).map_err(|e| DeviceError::Io {
+                    name: config.name.clone(),
+                    op: "allocate",
+                    path: "(anonymous memory)".into(),
+                    source: e,
+                })?,
+            )
+        }
+        DeviceKind::File | DeviceKind::Block => {
+            let path = config.path.clone().ok_or_else(|| DeviceError::Config {
+                name: config.name.clone(),
+                reason: format!("a {} device needs a path", config.kind),
+            })?;
+            Arc::new(FileDevice::open(
+                &config.name,
+                config.kind,
+                &path,
+                config.size_bytes,
+            )?)
+        }
+    })
+}

@@ -1,0 +1,14 @@
+//! The storage function of the softcard.
+//!
+//! A card owns physical devices ([`device`]), carves them into volumes
+//! recorded in an on-device partition map ([`partition`]), and presents
+//! each volume to a VM through its own vhost-user-blk interface
+//! ([`virtio_blk`]). [`card::StorageCard`] ties these together for the
+//! control plane.
+
+pub mod card;
+pub mod device;
+pub mod partition;
+pub mod virtio_blk;
+
+pub use card::{AttachOptions, CardError, StorageCard};

@@ -1,0 +1,300 @@
+//! The vhost-user-blk backend: features, config space and the glue from
+//! vhost-user-backend's epoll threads to the queue workers (one thread and
+//! one worker per virtqueue).
+
+use std::io;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use log::error;
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackend, VringMutex, VringT};
+use virtio_bindings::bindings::virtio_blk::{
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
+    VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_TOPOLOGY, VIRTIO_BLK_F_WRITE_ZEROES,
+};
+use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::bindings::virtio_ring::{
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use super::metrics::BlkMetrics;
+use super::request::{ID_BYTES, MAX_RANGES, SECTOR_BYTES};
+use super::worker::{QueueWorker, VolumeRange};
+use crate::device::PhysicalDevice;
+
+pub(crate) type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
+
+/// Largest virtqueue a frontend may configure; also the number of request
+/// slots per queue worker.
+pub const MAX_QUEUE_SIZE: u16 = 1024;
+/// Most queues one interface offers.
+pub const MAX_QUEUES: u16 = 16;
+/// Data segments per request the guest may use (a 128-entry queue less
+/// header and status); Linux also caps requests with it.
+const SEG_MAX: u32 = 126;
+/// Largest discard / write-zeroes in sectors (1 GiB).
+const MAX_ZERO_SECTORS: u32 = 1 << 21;
+
+/// What one interface serves.
+#[derive(Debug, Clone)]
+pub struct BlkTarget {
+    /// Volume name (becomes the GET_ID serial).
+    pub name: String,
+    /// Device the volume lives on.
+    pub device: Arc<dyn PhysicalDevice>,
+    /// First byte of the volume on the device.
+    pub offset: u64,
+    /// Volume size in bytes.
+    pub size: u64,
+}
+
+struct Inner {
+    num_queues: u16,
+    config: Vec<u8>,
+    mem: Mem,
+    workers: Vec<Mutex<QueueWorker>>,
+    event_idx: AtomicBool,
+    exits: Vec<(EventConsumer, EventNotifier)>,
+    metrics: Arc<BlkMetrics>,
+    failed: AtomicBool,
+}
+
+/// The backend handed to `VhostUserDaemon`; cheap to clone.
+#[derive(Clone)]
+pub struct BlkBackend {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for BlkBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlkBackend")
+            .field("num_queues", &self.inner.num_queues)
+            .finish()
+    }
+}
+
+/// Event id of a worker's device completions (ids up to `num_queues` are
+/// the library's).
+pub(crate) fn completion_event(num_queues: u16) -> u64 {
+    u64::from(num_queues) + 1
+}
+
+fn config_space(size: u64, num_queues: u16) -> Vec<u8> {
+    let mut c = vec![0u8; 60];
+    c[0..8].copy_from_slice(&(size / SECTOR_BYTES).to_le_bytes()); // capacity
+    c[12..16].copy_from_slice(&SEG_MAX.to_le_bytes()); // seg_max
+    c[20..24].copy_from_slice(&512u32.to_le_bytes()); // blk_size
+    c[24] = 3; // physical_block_exp: 4 KiB physical blocks
+    c[26..28].copy_from_slice(&8u16.to_le_bytes()); // min_io_size (sectors)
+    c[34..36].copy_from_slice(&num_queues.to_le_bytes());
+    c[36..40].copy_from_slice(&MAX_ZERO_SECTORS.to_le_bytes()); // max_discard_sectors
+    c[40..44].copy_from_slice(&(MAX_RANGES as u32).to_le_bytes()); // max_discard_seg
+    c[44..48].copy_from_slice(&8u32.to_le_bytes()); // discard_sector_alignment
+    c[48..52].copy_from_slice(&MAX_ZERO_SECTORS.to_le_bytes()); // max_write_zeroes_sectors
+    c[52..56].copy_from_slice(&(MAX_RANGES as u32).to_le_bytes()); // max_write_zeroes_seg
+    c[56] = 1; // write_zeroes_may_unmap
+    c
+}
+
+/// Serial number for GET_ID: the volume name, zero padded to 20 bytes.
+fn serial(name: &str) -> [u8; ID_BYTES] {
+    let mut id = [0u8; ID_BYTES];
+    let n = name.len().min(ID_BYTES);
+    id[..n].copy_from_slice(&name.as_bytes()[..n]);
+    id
+}
+
+impl BlkBackend {
+    /// Builds the backend with one worker (and device queue) per virtqueue.
+    pub fn new(
+        target: &BlkTarget,
+        num_queues: u16,
+        mem: Mem,
+        metrics: Arc<BlkMetrics>,
+    ) -> io::Result<Self> {
+        let range = VolumeRange {
+            offset: target.offset,
+            size: target.size,
+        };
+        let mut workers = Vec::with_capacity(usize::from(num_queues));
+        let mut exits = Vec::with_capacity(usize::from(num_queues));
+        for _ in 0..num_queues {
+            let dq = target.device.open_queue(MAX_QUEUE_SIZE)?;
+            workers.push(Mutex::new(QueueWorker::new(
+                dq,
+                MAX_QUEUE_SIZE,
+                range,
+                serial(&target.name),
+                metrics.clone(),
+            )));
+            exits.push(new_event_consumer_and_notifier(EventFlag::NONBLOCK)?);
+        }
+        Ok(BlkBackend {
+            inner: Arc::new(Inner {
+                num_queues,
+                config: config_space(target.size, num_queues),
+                mem,
+                workers,
+                event_idx: AtomicBool::new(false),
+                exits,
+                metrics,
+                failed: AtomicBool::new(false),
+            }),
+        })
+    }
+
+    fn worker(&self, i: usize) -> MutexGuard<'_, QueueWorker> {
+        self.inner.workers[i]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Completion eventfd of worker `i`, if its device completes
+    /// asynchronously.
+    pub(crate) fn completion_fd(&self, i: usize) -> Option<std::os::fd::RawFd> {
+        self.worker(i).completion_fd()
+    }
+
+    /// Waits for every request in flight, on every queue.
+    pub(crate) fn drain(&self) {
+        for i in 0..self.inner.workers.len() {
+            self.worker(i).drain(None, &self.inner.mem);
+        }
+    }
+
+    /// Tells every epoll thread to exit.
+    pub(crate) fn signal_exit(&self) {
+        for (_, n) in &self.inner.exits {
+            let _ = n.notify();
+        }
+    }
+
+    /// Whether a worker panicked or a queue was marked broken.
+    pub fn failed(&self) -> bool {
+        self.inner.failed.load(Ordering::Relaxed)
+            || (0..self.inner.workers.len()).any(|i| self.worker(i).is_broken())
+    }
+
+    /// The interface's counters.
+    pub fn metrics(&self) -> &Arc<BlkMetrics> {
+        &self.inner.metrics
+    }
+}
+
+impl VhostUserBackend for BlkBackend {
+    type Bitmap = ();
+    type Vring = VringMutex<Mem>;
+
+    fn num_queues(&self) -> usize {
+        usize::from(self.inner.num_queues)
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(MAX_QUEUE_SIZE)
+    }
+
+    fn features(&self) -> u64 {
+        let mut f = 1u64 << VIRTIO_F_VERSION_1
+            | 1 << VIRTIO_RING_F_EVENT_IDX
+            | 1 << VIRTIO_RING_F_INDIRECT_DESC
+            | 1 << VIRTIO_BLK_F_SEG_MAX
+            | 1 << VIRTIO_BLK_F_BLK_SIZE
+            | 1 << VIRTIO_BLK_F_TOPOLOGY
+            | 1 << VIRTIO_BLK_F_FLUSH
+            | 1 << VIRTIO_BLK_F_DISCARD
+            | 1 << VIRTIO_BLK_F_WRITE_ZEROES
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        if self.inner.num_queues > 1 {
+            f |= 1 << VIRTIO_BLK_F_MQ;
+        }
+        f
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.inner.event_idx.store(enabled, Ordering::Relaxed);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let c = &self.inner.config;
+        let start = (offset as usize).min(c.len());
+        let end = start.saturating_add(size as usize).min(c.len());
+        let mut out = c[start..end].to_vec();
+        // The frontend expects exactly `size` bytes back.
+        out.resize(size.min(256) as usize, 0);
+        out
+    }
+
+    fn update_memory(&self, _mem: Mem) -> io::Result<()> {
+        // `mem` is the same GuestMemoryAtomic the workers hold; in-flight
+        // requests keep their own snapshot of the old table alive.
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.inner.num_queues).map(|i| 1u64 << i).collect()
+    }
+
+    fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        let (c, n) = self.inner.exits.get(thread_index)?;
+        Some((c.try_clone().ok()?, n.try_clone().ok()?))
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        if let Some(w) = self.inner.workers.get(queue_index as usize) {
+            w.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .drain(None, &self.inner.mem);
+        }
+        Ok(())
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[Self::Vring],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        if evset != EventSet::IN {
+            return Err(io::Error::other(format!("unexpected event set {evset:?}")));
+        }
+        let Some(vring) = vrings.get(thread_id) else {
+            return Ok(());
+        };
+        let event_idx = self.inner.event_idx.load(Ordering::Relaxed);
+        let completion = u64::from(device_event) == completion_event(self.inner.num_queues);
+        // A panic stays in this interface: it is logged, the interface is
+        // marked failed, and the daemon and other volumes carry on.
+        let outcome = catch_unwind(AssertUnwindSafe(|| {
+            let mut w = self.worker(thread_id);
+            let mut vr = vring.get_mut();
+            if completion {
+                w.on_completion(&mut vr, &self.inner.mem, event_idx)
+            } else {
+                w.run(&mut vr, &self.inner.mem, event_idx)
+            }
+        }));
+        match outcome {
+            Ok(r) => r,
+            Err(_) => {
+                error!("queue {thread_id} worker panicked; interface marked failed");
+                self.inner.failed.store(true, Ordering::Relaxed);
+                Ok(())
+            }
+        }
+    }
+}

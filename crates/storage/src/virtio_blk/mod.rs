@@ -1,0 +1,273 @@
+//! vhost-user-blk: one virtual interface per attached volume.
+//!
+//! An [`Attachment`] owns a unix socket. A frontend (QEMU's
+//! `vhost-user-blk-pci`, Cloud Hypervisor, libblkio) connects, maps guest
+//! memory and hands over virtqueues; each virtqueue gets its own thread
+//! running [`worker`]'s loop against its own device queue. When the
+//! frontend disconnects, in-flight requests drain and the socket listens
+//! again, so a VM can reconnect.
+
+mod device;
+pub mod metrics;
+pub mod request;
+mod worker;
+
+use std::io;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use log::{info, warn};
+use serde::Serialize;
+use vhost::vhost_user::Listener;
+use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+
+pub use device::{BlkBackend, BlkTarget, MAX_QUEUES, MAX_QUEUE_SIZE};
+pub use metrics::{BlkMetrics, BlkMetricsSnapshot};
+
+/// Errors starting an interface.
+#[derive(Debug, thiserror::Error)]
+pub enum BlkError {
+    /// The socket could not be created.
+    #[error("cannot listen on {path}: {reason}")]
+    Listen {
+        /// Socket path.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+    /// Queue count out of range.
+    #[error("queue count {0} out of range 1..={MAX_QUEUES}")]
+    Queues(u16),
+    /// Thread or device setup failed.
+    #[error("interface setup: {0}")]
+    Setup(#[from] io::Error),
+}
+
+/// What the interface is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InterfaceState {
+    /// Waiting for a frontend.
+    Listening,
+    /// A frontend is connected.
+    Connected,
+    /// A queue broke or a worker panicked; the next connection resets it.
+    Failed,
+    /// Stopped.
+    Stopped,
+}
+
+struct Shared {
+    stop: AtomicBool,
+    state: Mutex<InterfaceState>,
+    shutdown: Mutex<Option<ShutdownHandle>>,
+    failed: AtomicBool,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("stop", &self.stop)
+            .field("state", &self.state)
+            .field("failed", &self.failed)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A running vhost-user-blk interface.
+#[derive(Debug)]
+pub struct Attachment {
+    socket: PathBuf,
+    queues: u16,
+    shared: Arc<Shared>,
+    metrics: Arc<BlkMetrics>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Attachment {
+    /// Listens on `socket` (replacing a stale socket file) and serves
+    /// `target` with `queues` virtqueues to each frontend that connects.
+    pub fn start(target: BlkTarget, socket: &Path, queues: u16) -> Result<Self, BlkError> {
+        if queues == 0 || queues > MAX_QUEUES {
+            return Err(BlkError::Queues(queues));
+        }
+        let listen_err = |reason: String| BlkError::Listen {
+            path: socket.display().to_string(),
+            reason,
+        };
+        if let Some(dir) = socket.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| listen_err(e.to_string()))?;
+        }
+        let mut listener = Listener::new(socket, true).map_err(|e| listen_err(e.to_string()))?;
+        let shared = Arc::new(Shared {
+            stop: AtomicBool::new(false),
+            state: Mutex::new(InterfaceState::Listening),
+            shutdown: Mutex::new(None),
+            failed: AtomicBool::new(false),
+        });
+        let metrics = Arc::new(BlkMetrics::default());
+        // Fail early if the device cannot give us queues.
+        drop(BlkBackend::new(
+            &target,
+            queues,
+            GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+            metrics.clone(),
+        )?);
+        let thread = {
+            let shared = shared.clone();
+            let metrics = metrics.clone();
+            let name = format!("vublk-{}", target.name);
+            std::thread::Builder::new()
+                .name(name.clone())
+                .spawn(move || serve(&name, &target, queues, &mut listener, &shared, &metrics))?
+        };
+        info!(
+            "serving vhost-user-blk on {} ({} queue(s))",
+            socket.display(),
+            queues
+        );
+        Ok(Attachment {
+            socket: socket.to_owned(),
+            queues,
+            shared,
+            metrics,
+            thread: Some(thread),
+        })
+    }
+
+    /// Socket path.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Number of virtqueues offered.
+    pub fn queues(&self) -> u16 {
+        self.queues
+    }
+
+    /// Current state.
+    pub fn state(&self) -> InterfaceState {
+        *self.shared.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Counters.
+    pub fn metrics(&self) -> BlkMetricsSnapshot {
+        self.metrics.snapshot()
+    }
+
+    /// Disconnects any frontend, drains in-flight requests, stops the
+    /// threads and removes the socket.
+    pub fn stop(mut self) {
+        self.stop_inner();
+    }
+
+    fn stop_inner(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        let handle = self
+            .shared
+            .shutdown
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        match handle {
+            Some(h) => h.shutdown(),
+            // Wake the accept() with a connection of our own.
+            None => drop(UnixStream::connect(&self.socket)),
+        }
+        if let Some(t) = self.thread.take() {
+            if t.join().is_err() {
+                warn!("interface thread for {} panicked", self.socket.display());
+            }
+        }
+        let _ = std::fs::remove_file(&self.socket);
+        *self.shared.state.lock().unwrap_or_else(|e| e.into_inner()) = InterfaceState::Stopped;
+    }
+}
+
+impl Drop for Attachment {
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            self.stop_inner();
+        }
+    }
+}
+
+fn set_state(shared: &Shared, s: InterfaceState) {
+    *shared.state.lock().unwrap_or_else(|e| e.into_inner()) = s;
+}
+
+/// Accept / serve / drain loop of one interface.
+fn serve(
+    name: &str,
+    target: &BlkTarget,
+    queues: u16,
+    listener: &mut Listener,
+    shared: &Shared,
+    metrics: &Arc<BlkMetrics>,
+) {
+    while !shared.stop.load(Ordering::SeqCst) {
+        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let backend = match BlkBackend::new(target, queues, mem.clone(), metrics.clone()) {
+            Ok(b) => b,
+            Err(e) => {
+                warn!("{name}: cannot open device queues: {e}");
+                set_state(shared, InterfaceState::Failed);
+                std::thread::sleep(std::time::Duration::from_millis(500));
+                continue;
+            }
+        };
+        let mut daemon = match VhostUserDaemon::new(name.to_owned(), backend.clone(), mem) {
+            Ok(d) => d,
+            Err(e) => {
+                warn!("{name}: {e}");
+                set_state(shared, InterfaceState::Failed);
+                std::thread::sleep(std::time::Duration::from_millis(500));
+                continue;
+            }
+        };
+        for (i, h) in daemon.get_epoll_handlers().iter().enumerate() {
+            if let Some(fd) = backend.completion_fd(i) {
+                if let Err(e) =
+                    h.register_listener(fd, EventSet::IN, device::completion_event(queues))
+                {
+                    warn!("{name}: cannot watch completions of queue {i}: {e}");
+                }
+            }
+        }
+        if !shared.failed.load(Ordering::Relaxed) {
+            set_state(shared, InterfaceState::Listening);
+        }
+        if let Err(e) = daemon.start(listener) {
+            if !shared.stop.load(Ordering::SeqCst) {
+                warn!("{name}: accepting a frontend failed: {e}");
+            }
+            backend.signal_exit();
+            continue;
+        }
+        *shared.shutdown.lock().unwrap_or_else(|e| e.into_inner()) = daemon.shutdown_handle();
+        if shared.stop.load(Ordering::SeqCst) {
+            daemon.request_shutdown();
+        } else {
+            set_state(shared, InterfaceState::Connected);
+        }
+        let result = daemon.wait();
+        *shared.shutdown.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        backend.drain();
+        backend.signal_exit();
+        if backend.failed() {
+            shared.failed.store(true, Ordering::Relaxed);
+            set_state(shared, InterfaceState::Failed);
+        }
+        match result {
+            Ok(()) => info!("{name}: frontend disconnected"),
+            Err(e) if !shared.stop.load(Ordering::SeqCst) => warn!("{name}: connection ended: {e}"),
+            Err(_) => {}
+        }
+        drop(daemon);
+    }
+}

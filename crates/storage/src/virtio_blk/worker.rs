@@ -1,0 +1,444 @@
+//! The run-to-completion loop of one virtqueue: pop a chain, parse it,
+//! turn it into a physical request at the volume's offset, submit the
+//! batch, reap completions, write status bytes, fill the used ring and
+//! notify the guest.
+
+use std::io;
+use std::sync::Arc;
+
+use log::{debug, warn};
+use vhost_user_backend::VringState;
+use virtio_bindings::bindings::virtio_blk::{
+    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
+};
+use virtio_queue::QueueT;
+use vm_memory::{
+    Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
+};
+
+use super::metrics::BlkMetrics;
+use super::request::{self, Refused, Request, RequestError, RequestKind, Segment, ID_BYTES};
+use crate::device::{DeviceQueue, IoCompletion, IoOp, IoRequest, MAX_SEGMENTS};
+
+type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
+
+/// A request handed to the device and not yet completed.
+#[derive(Debug)]
+struct Inflight {
+    head: u16,
+    status: GuestAddress,
+    kind: RequestKind,
+    len: u64,
+    /// Keeps the guest memory mapping alive while the device may still
+    /// write into it, even if the frontend replaces the memory table.
+    mem: Arc<GuestMemoryMmap>,
+}
+
+/// A request ready for the used ring.
+#[derive(Debug, Clone, Copy)]
+struct Done {
+    head: u16,
+    status_addr: GuestAddress,
+    status: u8,
+    /// Data bytes written into the guest's buffers.
+    written: u32,
+}
+
+/// Where the volume lies on the device.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct VolumeRange {
+    pub offset: u64,
+    pub size: u64,
+}
+
+/// State of one virtqueue worker.
+#[derive(Debug)]
+pub(crate) struct QueueWorker {
+    dev: Box<dyn DeviceQueue>,
+    range: VolumeRange,
+    id: [u8; ID_BYTES],
+    metrics: Arc<BlkMetrics>,
+    /// Request slots, indexed by the tag given to the device.
+    slots: Vec<Option<Inflight>>,
+    free: Vec<u16>,
+    inflight: usize,
+    completions: Vec<IoCompletion>,
+    segments: Vec<Segment>,
+    iov: Vec<libc::iovec>,
+    /// Set when the guest broke the queue's invariants; the queue then
+    /// stops until the device is reset.
+    broken: bool,
+}
+
+// SAFETY: the iovec scratch vector holds plain addresses that are only
+// dereferenced by the device under the `push` contract.
+unsafe impl Send for QueueWorker {}
+
+impl QueueWorker {
+    pub(crate) fn new(
+        dev: Box<dyn DeviceQueue>,
+        depth: u16,
+        range: VolumeRange,
+        id: [u8; ID_BYTES],
+        metrics: Arc<BlkMetrics>,
+    ) -> Self {
+        QueueWorker {
+            dev,
+            range,
+            id,
+            metrics,
+            slots: (0..depth).map(|_| None).collect(),
+            free: (0..depth).rev().collect(),
+            inflight: 0,
+            completions: Vec::with_capacity(usize::from(depth)),
+            segments: Vec::with_capacity(request::MAX_DESCRIPTORS),
+            iov: Vec::with_capacity(MAX_SEGMENTS),
+            broken: false,
+        }
+    }
+
+    pub(crate) fn completion_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.dev.completion_fd()
+    }
+
+    pub(crate) fn is_broken(&self) -> bool {
+        self.broken
+    }
+
+    /// Processes the queue until it is empty (or every slot is busy), with
+    /// the EVENT_IDX re-check, and notifies the guest if it asked for it.
+    pub(crate) fn run(
+        &mut self,
+        vring: &mut VringState<Mem>,
+        mem: &Mem,
+        event_idx: bool,
+    ) -> io::Result<()> {
+        if self.broken || !vring.get_queue().ready() {
+            return Ok(());
+        }
+        let snapshot = mem.memory().into_inner();
+        let mut used = false;
+        loop {
+            if event_idx {
+                let _ = vring.disable_notification();
+            }
+            used |= self.reap(vring, &snapshot);
+            used |= self.pop_all(vring, &snapshot);
+            self.dev.submit()?;
+            used |= self.reap(vring, &snapshot);
+            if self.broken || self.free.is_empty() {
+                // Slots free up on completion; the completion event calls
+                // back in, so there is no need to spin here.
+                break;
+            }
+            if !event_idx {
+                break;
+            }
+            match vring.enable_notification() {
+                Ok(true) => continue,
+                Ok(false) => break,
+                Err(e) => {
+                    self.mark_broken(&format!("enable_notification: {e}"));
+                    break;
+                }
+            }
+        }
+        if used {
+            self.notify(vring);
+        }
+        Ok(())
+    }
+
+    /// Handles a completion event from the device.
+    pub(crate) fn on_completion(
+        &mut self,
+        vring: &mut VringState<Mem>,
+        mem: &Mem,
+        event_idx: bool,
+    ) -> io::Result<()> {
+        let snapshot = mem.memory().into_inner();
+        if self.reap(vring, &snapshot) {
+            self.notify(vring);
+        }
+        // Requests may have waited for a free slot.
+        self.run(vring, mem, event_idx)
+    }
+
+    /// Waits until nothing is in flight (before the queue stops or guest
+    /// memory goes away).
+    pub(crate) fn drain(&mut self, vring: Option<&mut VringState<Mem>>, mem: &Mem) {
+        let snapshot = mem.memory().into_inner();
+        let _ = self.dev.submit();
+        let mut vring = vring;
+        while self.inflight > 0 {
+            self.completions.clear();
+            self.dev.reap(&mut self.completions);
+            if self.completions.is_empty() {
+                if let Err(e) = self.dev.wait() {
+                    warn!("waiting for in-flight requests: {e}");
+                    break;
+                }
+                continue;
+            }
+            let done = std::mem::take(&mut self.completions);
+            for c in &done {
+                if let Some(done) = self.finish(c) {
+                    if let Some(vr) = vring.as_deref_mut() {
+                        self.complete(vr, &snapshot, done);
+                    }
+                }
+            }
+            self.completions = done;
+        }
+        if let Some(vr) = vring {
+            self.notify(vr);
+        }
+    }
+
+    fn mark_broken(&mut self, why: &str) {
+        if !self.broken {
+            warn!("virtqueue marked broken: {why}");
+        }
+        self.broken = true;
+    }
+
+    fn notify(&self, vring: &mut VringState<Mem>) {
+        if vring.needs_notification().unwrap_or(true) {
+            BlkMetrics::inc(&self.metrics.notifications);
+            if let Err(e) = vring.signal_used_queue() {
+                debug!("signal_used_queue: {e}");
+            }
+        }
+    }
+
+    /// Pops and starts requests while slots are free. Returns whether any
+    /// request was completed at once.
+    fn pop_all(&mut self, vring: &mut VringState<Mem>, mem: &Arc<GuestMemoryMmap>) -> bool {
+        let mut used = false;
+        // A frontend that moves avail->idx more than a queue's worth ahead
+        // of us has broken the ring (virtio 2.7.13.3); stop this queue.
+        let q = vring.get_queue();
+        if let Ok(avail) = q.avail_idx(mem.as_ref(), std::sync::atomic::Ordering::Acquire) {
+            let pending = avail - std::num::Wrapping(q.next_avail());
+            if pending.0 > q.size() {
+                self.mark_broken("avail index moved more than the queue size");
+                return false;
+            }
+        }
+        while !self.free.is_empty() {
+            let Some(chain) = vring.get_queue_mut().pop_descriptor_chain(mem.as_ref()) else {
+                break;
+            };
+            let parsed = request::parse(chain, mem.as_ref(), self.range.size, &mut self.segments);
+            match parsed {
+                Ok(req) => used |= self.start(vring, mem, req),
+                Err(refused) => {
+                    self.refuse(vring, mem, &refused);
+                    used = true;
+                }
+            }
+        }
+        used
+    }
+
+    fn refuse(&mut self, vring: &mut VringState<Mem>, mem: &GuestMemoryMmap, r: &Refused) {
+        debug!("refused request head {}: {}", r.head, r.error);
+        let status = if matches!(r.error, RequestError::Unsupported(_)) {
+            BlkMetrics::inc(&self.metrics.unsupported_requests);
+            VIRTIO_BLK_S_UNSUPP
+        } else {
+            BlkMetrics::inc(&self.metrics.invalid_requests);
+            VIRTIO_BLK_S_IOERR
+        };
+        let mut len = 0;
+        if let Some(addr) = r.status {
+            if mem.write_obj(status as u8, addr).is_ok() {
+                len = 1;
+            }
+        }
+        if let Err(e) = vring.add_used(r.head, len) {
+            self.mark_broken(&format!("add_used: {e}"));
+        }
+    }
+
+    /// Starts one valid request. Returns whether it completed at once.
+    fn start(
+        &mut self,
+        vring: &mut VringState<Mem>,
+        mem: &Arc<GuestMemoryMmap>,
+        req: Request,
+    ) -> bool {
+        let op = match req.kind {
+            RequestKind::GetId => {
+                let mut written = 0usize;
+                for s in &self.segments {
+                    if written == ID_BYTES {
+                        break;
+                    }
+                    let take = (ID_BYTES - written).min(s.len as usize);
+                    if mem
+                        .write_slice(&self.id[written..written + take], s.addr)
+                        .is_err()
+                    {
+                        break;
+                    }
+                    written += take;
+                }
+                BlkMetrics::inc(&self.metrics.get_id_ops);
+                let done = Done {
+                    head: req.head,
+                    status_addr: req.status,
+                    status: VIRTIO_BLK_S_OK as u8,
+                    written: written as u32,
+                };
+                self.complete(vring, mem, done);
+                return true;
+            }
+            RequestKind::Read => IoOp::Read,
+            RequestKind::Write => IoOp::Write,
+            RequestKind::Flush => IoOp::Flush,
+            RequestKind::Discard => IoOp::Discard,
+            RequestKind::WriteZeroes => IoOp::WriteZeroes,
+        };
+        // Translate guest segments to host iovecs (a segment may span
+        // several memory regions).
+        self.iov.clear();
+        if matches!(op, IoOp::Read | IoOp::Write) {
+            for s in &self.segments {
+                for slice in GuestMemoryBackend::get_slices(mem.as_ref(), s.addr, s.len as usize) {
+                    let Ok(slice) = slice else {
+                        self.refuse(
+                            vring,
+                            mem,
+                            &Refused {
+                                head: req.head,
+                                status: Some(req.status),
+                                error: RequestError::BadAddress,
+                            },
+                        );
+                        return true;
+                    };
+                    if self.iov.len() == MAX_SEGMENTS {
+                        self.refuse(
+                            vring,
+                            mem,
+                            &Refused {
+                                head: req.head,
+                                status: Some(req.status),
+                                error: RequestError::TooLong,
+                            },
+                        );
+                        return true;
+                    }
+                    self.iov.push(libc::iovec {
+                        iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+                        iov_len: slice.len(),
+                    });
+                }
+            }
+        }
+        let tag = self.free.pop().expect("caller checked for a free slot");
+        self.slots[usize::from(tag)] = Some(Inflight {
+            head: req.head,
+            status: req.status,
+            kind: req.kind,
+            len: req.len,
+            mem: mem.clone(),
+        });
+        self.inflight += 1;
+        let io = IoRequest {
+            op,
+            offset: self.range.offset + req.offset,
+            len: req.len,
+            segments: &self.iov,
+            tag,
+        };
+        debug_assert!(io.offset + io.len <= self.range.offset + self.range.size);
+        // SAFETY: the iovecs point into guest memory kept mapped by the
+        // `Arc<GuestMemoryMmap>` stored in the slot until the completion for
+        // `tag` is reaped; `parse` checked each range lies in guest memory
+        // and that the device-side range lies inside the volume.
+        unsafe { self.dev.push(io) };
+        false
+    }
+
+    /// Takes the slot of a completion. Returns what to complete.
+    fn finish(&mut self, c: &IoCompletion) -> Option<Done> {
+        let slot = self.slots.get_mut(usize::from(c.tag))?;
+        let f = slot.take()?;
+        self.free.push(c.tag);
+        self.inflight -= 1;
+        let m = &self.metrics;
+        let status = match &c.result {
+            Ok(_) => {
+                match f.kind {
+                    RequestKind::Read => {
+                        BlkMetrics::inc(&m.read_ops);
+                        BlkMetrics::add(&m.read_bytes, f.len);
+                    }
+                    RequestKind::Write => {
+                        BlkMetrics::inc(&m.write_ops);
+                        BlkMetrics::add(&m.write_bytes, f.len);
+                    }
+                    RequestKind::Flush => BlkMetrics::inc(&m.flush_ops),
+                    RequestKind::Discard => BlkMetrics::inc(&m.discard_ops),
+                    RequestKind::WriteZeroes => BlkMetrics::inc(&m.write_zeroes_ops),
+                    RequestKind::GetId => {}
+                }
+                VIRTIO_BLK_S_OK
+            }
+            Err(e) => {
+                warn!("{:?} of {} B failed: {e}", f.kind, f.len);
+                BlkMetrics::inc(&m.io_errors);
+                VIRTIO_BLK_S_IOERR
+            }
+        };
+        let written = if f.kind == RequestKind::Read && status == VIRTIO_BLK_S_OK {
+            u32::try_from(f.len).unwrap_or(u32::MAX)
+        } else {
+            0
+        };
+        drop(f.mem);
+        Some(Done {
+            head: f.head,
+            status_addr: f.status,
+            status: status as u8,
+            written,
+        })
+    }
+
+    fn reap(&mut self, vring: &mut VringState<Mem>, mem: &GuestMemoryMmap) -> bool {
+        self.completions.clear();
+        self.dev.reap(&mut self.completions);
+        if self.completions.is_empty() {
+            return false;
+        }
+        let done = std::mem::take(&mut self.completions);
+        for c in &done {
+            if let Some(done) = self.finish(c) {
+                self.complete(vring, mem, done);
+            }
+        }
+        self.completions = done;
+        true
+    }
+
+    fn complete(&mut self, vring: &mut VringState<Mem>, mem: &GuestMemoryMmap, done: Done) {
+        // The used length is the number of bytes written into device-writable
+        // buffers: the data a read or GET_ID returned, plus the status byte.
+        let Done {
+            head,
+            status_addr,
+            status,
+            written,
+        } = done;
+        let len = if mem.write_obj(status, status_addr).is_ok() {
+            written.saturating_add(1)
+        } else {
+            0
+        };
+        if let Err(e) = vring.add_used(head, len) {
+            self.mark_broken(&format!("add_used: {e}"));
+        }
+    }
+}
