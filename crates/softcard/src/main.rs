@@ -1,1 +1,25 @@
-fn main() {}
+//! `softcard`: the card daemon, its CLI and its benchmarks. A thin layer
+//! over `softcard-storage` (the storage function) and `softcard-control`
+//! (configuration and management API).
+
+mod bench;
+mod cli;
+mod daemon;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_timestamp_millis()
+        .init();
+    let args = cli::Cli::parse();
+    match cli::run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("softcard: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -418,10 +418,11 @@ mod tests {
     fn one_corrupt_copy_falls_back_to_the_other() {
         let d = dev();
         let mut m = PartitionMap::load(&d).unwrap();
-        m.create(&d, "a", 8 << 20, |_| false).unwrap(); // gen 2, slot 0
-        m.create(&d, "b", 8 << 20, |_| false).unwrap(); // gen 3, slot 1
-                                                        // Tear the newest copy (slot 1): a crash mid-write.
-        d.write_all_at(&[0xff; 700], SLOT_BYTES + 100).unwrap();
+        // A fresh map is generation 1 in slot 0; each update flips slots.
+        m.create(&d, "a", 8 << 20, |_| false).unwrap(); // gen 2, slot 1
+        m.create(&d, "b", 8 << 20, |_| false).unwrap(); // gen 3, slot 0
+                                                        // Tear the newest copy (slot 0): a crash mid-write.
+        d.write_all_at(&[0xff; 700], 100).unwrap();
         let back = PartitionMap::load(&d).unwrap();
         assert_eq!(back.generation(), 2);
         assert_eq!(back.volumes().len(), 1);

@@ -100,6 +100,20 @@ impl Attachment {
             path: socket.display().to_string(),
             reason,
         };
+        // Listening replaces a stale socket file; never anything else.
+        if let Ok(meta) = std::fs::symlink_metadata(socket) {
+            use std::os::unix::fs::FileTypeExt;
+            if !meta.file_type().is_socket() {
+                return Err(listen_err(
+                    "the path exists and is not a socket; refusing to replace it".into(),
+                ));
+            }
+            if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+                return Err(listen_err(
+                    "another process is listening on this socket".into(),
+                ));
+            }
+        }
         if let Some(dir) = socket.parent() {
             std::fs::create_dir_all(dir).map_err(|e| listen_err(e.to_string()))?;
         }

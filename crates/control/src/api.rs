@@ -1,0 +1,276 @@
+//! The management API server: routes HTTP requests to the storage card.
+//!
+//! Endpoints (see `docs/api/openapi.yaml`):
+//!
+//! | method | path                         | does                         |
+//! |--------|------------------------------|------------------------------|
+//! | GET    | /v1/devices                  | list physical devices        |
+//! | GET    | /v1/volumes                  | list volumes                 |
+//! | POST   | /v1/volumes                  | create a volume              |
+//! | GET    | /v1/volumes/{name}           | show one volume              |
+//! | DELETE | /v1/volumes/{name}           | delete an unattached volume  |
+//! | POST   | /v1/volumes/{name}/attach    | start a vhost-user-blk iface |
+//! | POST   | /v1/volumes/{name}/detach    | stop it                      |
+//!
+//! Errors are `{"error": "..."}` with 400 (bad request), 404 (no such
+//! thing), 409 (conflicts with the current state) or 503 (device
+//! unavailable).
+
+use std::io;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use serde::Deserialize;
+use serde_json::{json, Value};
+use softcard_storage::partition::PartitionError;
+use softcard_storage::virtio_blk::BlkError;
+use softcard_storage::{AttachOptions, CardError, StorageCard};
+
+use crate::http::{self, HttpError, Request, Response};
+use crate::size::parse_size;
+
+/// Most API connections served at once; more are answered 503.
+pub const MAX_CONNECTIONS: usize = 32;
+/// Default virtqueue count of an attachment.
+pub const DEFAULT_QUEUES: u16 = 1;
+
+/// A running API server.
+#[derive(Debug)]
+pub struct ApiServer {
+    socket: PathBuf,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ApiServer {
+    /// Listens on `socket` (creating its directory; replacing a stale
+    /// socket, never another kind of file or a live socket).
+    pub fn start(card: Arc<StorageCard>, socket: &Path) -> io::Result<Self> {
+        if let Some(dir) = socket.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        if let Ok(meta) = std::fs::symlink_metadata(socket) {
+            use std::os::unix::fs::FileTypeExt;
+            if !meta.file_type().is_socket() {
+                return Err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    format!("{} exists and is not a socket", socket.display()),
+                ));
+            }
+            if UnixStream::connect(socket).is_ok() {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!("another daemon is serving {}", socket.display()),
+                ));
+            }
+            std::fs::remove_file(socket)?;
+        }
+        let listener = UnixListener::bind(socket)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let stop = stop.clone();
+            std::thread::Builder::new()
+                .name("api".into())
+                .spawn(move || accept_loop(&listener, &card, &stop))?
+        };
+        log::info!("management API on {}", socket.display());
+        Ok(ApiServer {
+            socket: socket.to_owned(),
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// The socket path.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Stops accepting and removes the socket.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wake the accept call.
+        let _ = UnixStream::connect(&self.socket);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            self.shutdown();
+        }
+    }
+}
+
+fn accept_loop(listener: &UnixListener, card: &Arc<StorageCard>, stop: &AtomicBool) {
+    let active = Arc::new(AtomicUsize::new(0));
+    for conn in listener.incoming() {
+        if stop.load(Ordering::SeqCst) {
+            break;
+        }
+        let Ok(stream) = conn else { continue };
+        if active.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+            active.fetch_sub(1, Ordering::SeqCst);
+            let _ = http::write_response(&stream, &error(503, "too many API connections"));
+            continue;
+        }
+        let card = card.clone();
+        let active2 = active.clone();
+        let spawned = std::thread::Builder::new()
+            .name("api-conn".into())
+            .spawn(move || {
+                serve_connection(stream, &card);
+                active2.fetch_sub(1, Ordering::SeqCst);
+            });
+        if spawned.is_err() {
+            active.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+fn serve_connection(stream: UnixStream, card: &StorageCard) {
+    let _ = stream.set_read_timeout(Some(http::READ_TIMEOUT));
+    let _ = stream.set_write_timeout(Some(http::READ_TIMEOUT));
+    let resp = match http::read_request(&stream) {
+        Ok(req) => {
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handle(card, &req)));
+            r.unwrap_or_else(|_| error(500, "internal error (see the daemon log)"))
+        }
+        Err(HttpError::Bad(status, msg)) => error(status, &msg),
+        Err(HttpError::Io(_)) => return,
+    };
+    let _ = http::write_response(&stream, &resp);
+}
+
+fn json_response(status: u16, v: &impl serde::Serialize) -> Response {
+    Response {
+        status,
+        body: serde_json::to_vec_pretty(v).unwrap_or_else(|_| b"{}".to_vec()),
+    }
+}
+
+fn error(status: u16, msg: &str) -> Response {
+    json_response(status, &json!({ "error": msg }))
+}
+
+fn card_error(e: &CardError) -> Response {
+    let status = match e {
+        CardError::UnknownDevice(_) | CardError::UnknownVolume(_) => 404,
+        CardError::DeviceUnavailable { .. } => 503,
+        CardError::Partition(p) => match p {
+            PartitionError::InvalidName(_) | PartitionError::InvalidSize(_) => 400,
+            PartitionError::NameTaken(_)
+            | PartitionError::NoSpace { .. }
+            | PartitionError::Full { .. } => 409,
+            _ => 500,
+        },
+        CardError::Attached(_) | CardError::NotAttached(_) | CardError::SocketInUse(..) => 409,
+        CardError::Interface(BlkError::Queues(_)) => 400,
+        CardError::Interface(BlkError::Listen { .. }) => 409,
+        CardError::Interface(_) | CardError::DuplicateDevice(_) => 500,
+    };
+    error(status, &e.to_string())
+}
+
+/// A size given as bytes or as text such as `"10GiB"`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum SizeArg {
+    Bytes(u64),
+    Text(String),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateVolume {
+    name: String,
+    device: String,
+    size: SizeArg,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Attach {
+    socket: PathBuf,
+    #[serde(default)]
+    queues: Option<u16>,
+}
+
+fn parse_body<T: for<'de> Deserialize<'de>>(req: &Request) -> Result<T, Response> {
+    serde_json::from_slice(&req.body).map_err(|e| error(400, &format!("invalid request body: {e}")))
+}
+
+/// Routes one request.
+pub fn handle(card: &StorageCard, req: &Request) -> Response {
+    let segs: Vec<&str> = req.path.trim_end_matches('/').split('/').skip(1).collect();
+    let m = req.method.as_str();
+    let result: Result<Response, Response> = (|| match (m, segs.as_slice()) {
+        ("GET", ["v1", "devices"]) => Ok(json_response(200, &card.devices())),
+        ("GET", ["v1", "volumes"]) => Ok(json_response(200, &card.volumes())),
+        ("POST", ["v1", "volumes"]) => {
+            let b: CreateVolume = parse_body(req)?;
+            let size = match b.size {
+                SizeArg::Bytes(n) => n,
+                SizeArg::Text(t) => parse_size(&t).map_err(|e| error(400, &e))?,
+            };
+            let v = card
+                .create_volume(&b.name, &b.device, size)
+                .map_err(|e| card_error(&e))?;
+            Ok(json_response(201, &v))
+        }
+        ("GET", ["v1", "volumes", name]) => card
+            .volume(name)
+            .map(|v| json_response(200, &v))
+            .map_err(|e| card_error(&e)),
+        ("DELETE", ["v1", "volumes", name]) => card
+            .delete_volume(name)
+            .map(|v| json_response(200, &v))
+            .map_err(|e| card_error(&e)),
+        ("POST", ["v1", "volumes", name, "attach"]) => {
+            let b: Attach = parse_body(req)?;
+            if !b.socket.is_absolute() {
+                return Err(error(400, "socket must be an absolute path"));
+            }
+            let opts = AttachOptions {
+                socket: b.socket,
+                queues: b.queues.unwrap_or(DEFAULT_QUEUES),
+            };
+            card.attach(name, &opts)
+                .map(|v| json_response(200, &v))
+                .map_err(|e| card_error(&e))
+        }
+        ("POST", ["v1", "volumes", name, "detach"]) => card
+            .detach(name)
+            .map(|()| json_response(200, &json!({ "detached": name })))
+            .map_err(|e| card_error(&e)),
+        (
+            _,
+            ["v1", "devices"]
+            | ["v1", "volumes"]
+            | ["v1", "volumes", _]
+            | ["v1", "volumes", _, "attach" | "detach"],
+        ) => Err(error(
+            405,
+            &format!("method {m} not allowed on {}", req.path),
+        )),
+        _ => Err(error(404, &format!("no endpoint {}", req.path))),
+    })();
+    result.unwrap_or_else(|e| e)
+}
+
+/// The error message of an error response body, for clients.
+pub fn error_message(body: &[u8]) -> Option<String> {
+    let v: Value = serde_json::from_slice(body).ok()?;
+    v.get("error")?.as_str().map(str::to_owned)
+}

@@ -1,0 +1,169 @@
+//! The card's TOML configuration.
+//!
+//! ```toml
+//! api_socket = "/run/softcard/api.sock"
+//!
+//! [[device]]
+//! name = "nvme0"
+//! kind = "block"
+//! path = "/dev/nvme0n1"
+//!
+//! [[device]]
+//! name = "scratch"
+//! kind = "file"
+//! path = "/var/lib/softcard/scratch.img"
+//! size = "64GiB"      # creates the file when missing
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use softcard_storage::device::{DeviceConfig, DeviceKind};
+
+use crate::size::parse_size;
+
+/// Where the API listens when the configuration does not say.
+pub const DEFAULT_API_SOCKET: &str = "/run/softcard/api.sock";
+
+/// Errors reading a configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The TOML is malformed or has unknown keys.
+    #[error("invalid configuration: {0}")]
+    Parse(String),
+    /// A value is out of range or inconsistent.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// A size given as a number of bytes or a string such as `"10GiB"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum SizeValue {
+    Bytes(u64),
+    Text(String),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDevice {
+    name: String,
+    kind: DeviceKind,
+    #[serde(default)]
+    path: Option<PathBuf>,
+    #[serde(default)]
+    size: Option<SizeValue>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    api_socket: Option<PathBuf>,
+    #[serde(default, rename = "device")]
+    devices: Vec<RawDevice>,
+}
+
+/// A parsed configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CardConfig {
+    /// Unix socket of the management API.
+    pub api_socket: PathBuf,
+    /// Physical devices.
+    pub devices: Vec<DeviceConfig>,
+}
+
+impl CardConfig {
+    /// Reads and parses a file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text)
+    }
+
+    /// Parses TOML text.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        let mut devices = Vec::with_capacity(raw.devices.len());
+        for d in raw.devices {
+            let size_bytes = match d.size {
+                None => None,
+                Some(SizeValue::Bytes(n)) => Some(n),
+                Some(SizeValue::Text(t)) => Some(
+                    parse_size(&t)
+                        .map_err(|e| ConfigError::Invalid(format!("device {}: {e}", d.name)))?,
+                ),
+            };
+            if devices.iter().any(|x: &DeviceConfig| x.name == d.name) {
+                return Err(ConfigError::Invalid(format!(
+                    "device name {:?} appears twice",
+                    d.name
+                )));
+            }
+            devices.push(DeviceConfig {
+                name: d.name,
+                kind: d.kind,
+                path: d.path,
+                size_bytes,
+            });
+        }
+        Ok(CardConfig {
+            api_socket: raw
+                .api_socket
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_API_SOCKET)),
+            devices,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_devices_and_sizes() {
+        let c = CardConfig::parse(
+            r#"
+            api_socket = "/tmp/x.sock"
+            [[device]]
+            name = "a"
+            kind = "file"
+            path = "/tmp/a.img"
+            size = "2GiB"
+            [[device]]
+            name = "n"
+            kind = "null"
+            size = 4096
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.api_socket, PathBuf::from("/tmp/x.sock"));
+        assert_eq!(c.devices.len(), 2);
+        assert_eq!(c.devices[0].size_bytes, Some(2 << 30));
+        assert_eq!(c.devices[1].kind, DeviceKind::Null);
+        assert_eq!(c.devices[1].size_bytes, Some(4096));
+    }
+
+    #[test]
+    fn refuses_bad_configs() {
+        for bad in [
+            "[[device]]\nname='a'\nkind='floppy'",
+            "[[device]]\nname='a'\nkind='null'\nsize='3 bananas'",
+            "[[device]]\nname='a'\nkind='null'\nsize=1\nbogus=1",
+            "[[device]]\nname='a'\nkind='null'\n[[device]]\nname='a'\nkind='ram'",
+            "api_socket = 5",
+        ] {
+            assert!(CardConfig::parse(bad).is_err(), "accepted {bad:?}");
+        }
+    }
+}

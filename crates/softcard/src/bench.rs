@@ -1,0 +1,312 @@
+//! `softcard bench storage`: the same libblkio client drives softcard's
+//! vhost-user-blk interface and qemu-storage-daemon's vhost-user-blk export,
+//! over the same kind of backing store, on the same machine, in the same
+//! run, and prints the ratio.
+
+use std::mem::MaybeUninit;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use blkio::{Blkio, Completion, ReqFlags};
+use softcard_storage::device::{DeviceConfig, DeviceKind};
+use softcard_storage::{AttachOptions, StorageCard};
+
+/// Options of `softcard bench storage`.
+#[derive(Debug, clap::Args)]
+pub struct StorageBenchArgs {
+    /// Seconds per workload and target.
+    #[arg(long, default_value_t = 3.0)]
+    seconds: f64,
+    /// The qemu-storage-daemon binary to compare with.
+    #[arg(long, default_value = "qemu-storage-daemon")]
+    qsd: PathBuf,
+    /// A tmpfs directory for the file-backed comparison.
+    #[arg(long, default_value = "/dev/shm")]
+    tmpfs: PathBuf,
+    /// Virtqueues (and libblkio queues, one thread each... here one).
+    #[arg(long, default_value_t = 1)]
+    queues: u16,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Workload {
+    name: &'static str,
+    write: bool,
+    block: usize,
+    depth: usize,
+    random: bool,
+}
+
+const WORKLOADS: [Workload; 4] = [
+    Workload {
+        name: "4k-randread-qd32",
+        write: false,
+        block: 4096,
+        depth: 32,
+        random: true,
+    },
+    Workload {
+        name: "4k-randwrite-qd32",
+        write: true,
+        block: 4096,
+        depth: 32,
+        random: true,
+    },
+    Workload {
+        name: "4k-randread-qd1",
+        write: false,
+        block: 4096,
+        depth: 1,
+        random: true,
+    },
+    Workload {
+        name: "128k-seqread-qd8",
+        write: false,
+        block: 128 << 10,
+        depth: 8,
+        random: false,
+    },
+];
+
+const VOLUME_BYTES: u64 = 1 << 30;
+/// Room for the partition map in front of softcard's volume.
+const MAP_SLACK: u64 = 16 << 20;
+
+#[derive(Debug, Clone, Copy)]
+struct Figures {
+    iops: f64,
+    mib_s: f64,
+    p50_us: f64,
+    p99_us: f64,
+}
+
+/// Runs one workload against the vhost-user-blk socket.
+fn drive(socket: &Path, w: Workload, seconds: f64) -> Result<Figures> {
+    let mut b = Blkio::new("virtio-blk-vhost-user")
+        .map_err(|e| anyhow::anyhow!("libblkio: {}", e.message()))?;
+    let err = |what: &str, e: blkio::Error| anyhow::anyhow!("libblkio {what}: {}", e.message());
+    b.set_str("path", &socket.to_string_lossy())
+        .map_err(|e| err("path", e))?;
+    b.connect().map_err(|e| err("connect", e))?;
+    b.set_i32("num-queues", 1)
+        .map_err(|e| err("num-queues", e))?;
+    let capacity = b.get_u64("capacity").map_err(|e| err("capacity", e))?;
+    let mut out = b.start().map_err(|e| err("start", e))?;
+    let mut q = out.queues.pop().context("no queue")?;
+    let region = b
+        .alloc_mem_region(w.block * w.depth)
+        .map_err(|e| err("alloc_mem_region", e))?;
+    b.map_mem_region(&region)
+        .map_err(|e| err("map_mem_region", e))?;
+    let blocks = capacity / w.block as u64;
+    if blocks == 0 {
+        bail!("device of {capacity} B is smaller than one block");
+    }
+    let mut rng: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next_seq = 0u64;
+    let mut next_offset = || {
+        let blk = if w.random {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng % blocks
+        } else {
+            next_seq = (next_seq + 1) % blocks;
+            next_seq
+        };
+        blk * w.block as u64
+    };
+    let mut started = vec![Instant::now(); w.depth];
+    let submit = |q: &mut blkio::Blkioq, slot: usize, started: &mut [Instant], off: u64| {
+        let buf = (region.addr + slot * w.block) as *mut u8;
+        started[slot] = Instant::now();
+        if w.write {
+            q.write(off, buf, w.block, slot, ReqFlags::empty());
+        } else {
+            q.read(off, buf, w.block, slot, ReqFlags::empty());
+        }
+    };
+    for slot in 0..w.depth {
+        let off = next_offset();
+        submit(&mut q, slot, &mut started, off);
+    }
+    let mut completions: Vec<MaybeUninit<Completion>> =
+        (0..w.depth).map(|_| MaybeUninit::uninit()).collect();
+    let mut lat_us: Vec<u32> = Vec::with_capacity(1 << 20);
+    let mut done = 0u64;
+    let begin = Instant::now();
+    let stop_at = begin + Duration::from_secs_f64(seconds);
+    let mut stopping = false;
+    let mut inflight = w.depth;
+    while inflight > 0 {
+        let n = q
+            .do_io(&mut completions, 1, None, None)
+            .map_err(|e| err("do_io", e))?;
+        let now = Instant::now();
+        if now >= stop_at {
+            stopping = true;
+        }
+        for c in &completions[..n] {
+            // SAFETY: do_io initialised the first `n` completions.
+            let c = unsafe { c.assume_init_ref() };
+            if c.ret != 0 {
+                bail!("request failed: ret {}", c.ret);
+            }
+            let slot = c.user_data;
+            inflight -= 1;
+            done += 1;
+            let us = now.duration_since(started[slot]).as_micros();
+            lat_us.push(u32::try_from(us).unwrap_or(u32::MAX));
+            if !stopping {
+                let off = next_offset();
+                submit(&mut q, slot, &mut started, off);
+                inflight += 1;
+            }
+        }
+    }
+    let elapsed = begin.elapsed().as_secs_f64();
+    lat_us.sort_unstable();
+    let pct = |p: f64| {
+        let i = ((lat_us.len() as f64 - 1.0) * p).round() as usize;
+        f64::from(lat_us.get(i).copied().unwrap_or(0))
+    };
+    let iops = done as f64 / elapsed;
+    Ok(Figures {
+        iops,
+        mib_s: iops * w.block as f64 / f64::from(1u32 << 20),
+        p50_us: pct(0.50),
+        p99_us: pct(0.99),
+    })
+}
+
+fn wait_for_socket(path: &Path, child: &mut Child) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if UnixStream::connect(path).is_ok() {
+            return Ok(());
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!("qemu-storage-daemon exited early: {status}");
+        }
+        if Instant::now() > deadline {
+            bail!("qemu-storage-daemon did not open {}", path.display());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+struct Qsd(Child);
+
+impl Drop for Qsd {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_qsd(bin: &Path, blockdev: &str, socket: &Path, queues: u16) -> Result<Qsd> {
+    let mut child = Command::new(bin)
+        .arg("--blockdev")
+        .arg(blockdev)
+        .arg("--export")
+        .arg(format!(
+            "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={},writable=on,num-queues={queues}",
+            socket.display()
+        ))
+        .stdin(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {} (package qemu-utils)", bin.display()))?;
+    wait_for_socket(socket, &mut child)?;
+    Ok(Qsd(child))
+}
+
+fn preallocate(path: &Path, bytes: u64) -> Result<()> {
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    use std::os::fd::AsRawFd;
+    let len = i64::try_from(bytes)?;
+    // SAFETY: plain syscall on an fd we own.
+    let rc = unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, len) };
+    if rc != 0 {
+        f.set_len(bytes)?;
+    }
+    Ok(())
+}
+
+/// `softcard bench storage`.
+pub fn storage(a: &StorageBenchArgs) -> Result<()> {
+    let dir = tempfile::Builder::new()
+        .prefix("softcard-bench")
+        .tempdir()?;
+    let shm = tempfile::Builder::new()
+        .prefix("softcard-bench")
+        .tempdir_in(&a.tmpfs)
+        .with_context(|| format!("tmpfs directory {}", a.tmpfs.display()))?;
+    println!("# softcard bench storage: libblkio virtio-blk-vhost-user client, {} s per cell, {} queue(s)", a.seconds, a.queues);
+    println!("| backing | workload | softcard IOPS | qsd IOPS | softcard/qsd | softcard MiB/s | qsd MiB/s | softcard p50/p99 us | qsd p50/p99 us |");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|");
+    for backing in ["null", "tmpfs-file"] {
+        let (dev, blockdev) = match backing {
+            "null" => (
+                DeviceConfig {
+                    name: "bench".into(),
+                    kind: DeviceKind::Null,
+                    path: None,
+                    size_bytes: Some(VOLUME_BYTES + MAP_SLACK),
+                },
+                format!("driver=null-co,node-name=disk0,size={VOLUME_BYTES},read-zeroes=on"),
+            ),
+            _ => {
+                let ours = shm.path().join("softcard.img");
+                let theirs = shm.path().join("qsd.img");
+                preallocate(&ours, VOLUME_BYTES + MAP_SLACK)?;
+                preallocate(&theirs, VOLUME_BYTES)?;
+                (
+                    DeviceConfig {
+                        name: "bench".into(),
+                        kind: DeviceKind::File,
+                        path: Some(ours),
+                        size_bytes: None,
+                    },
+                    format!(
+                        "driver=file,node-name=disk0,filename={},aio=io_uring",
+                        theirs.display()
+                    ),
+                )
+            }
+        };
+        let card = StorageCard::open(&[dev])?;
+        card.create_volume("bench", "bench", VOLUME_BYTES)?;
+        let ours = dir.path().join(format!("softcard-{backing}.sock"));
+        card.attach(
+            "bench",
+            &AttachOptions {
+                socket: ours.clone(),
+                queues: a.queues,
+            },
+        )?;
+        let theirs = dir.path().join(format!("qsd-{backing}.sock"));
+        let qsd = start_qsd(&a.qsd, &blockdev, &theirs, a.queues)?;
+        for w in WORKLOADS {
+            let s = drive(&ours, w, a.seconds)
+                .with_context(|| format!("softcard {backing} {}", w.name))?;
+            let q = drive(&theirs, w, a.seconds)
+                .with_context(|| format!("qsd {backing} {}", w.name))?;
+            println!(
+                "| {backing} | {} | {:.0} | {:.0} | {:.2} | {:.0} | {:.0} | {:.0}/{:.0} | {:.0}/{:.0} |",
+                w.name, s.iops, q.iops, s.iops / q.iops, s.mib_s, q.mib_s, s.p50_us, s.p99_us, q.p50_us, q.p99_us
+            );
+        }
+        drop(qsd);
+        card.shutdown();
+    }
+    Ok(())
+}

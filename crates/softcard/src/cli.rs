@@ -1,0 +1,293 @@
+//! Command-line interface.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use serde_json::{json, Value};
+use softcard_control::config::DEFAULT_API_SOCKET;
+use softcard_control::size::{format_size, parse_size};
+use softcard_control::ApiClient;
+
+use crate::{bench, daemon};
+
+/// A software peripheral card for cloud hosts: carves physical devices into
+/// volumes and presents each one to a VM through its own interface.
+#[derive(Debug, Parser)]
+#[command(name = "softcard", version)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Args)]
+struct ApiArg {
+    /// Management API socket of the daemon.
+    #[arg(long, env = "SOFTCARD_API", default_value = DEFAULT_API_SOCKET)]
+    api: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the card daemon with a configuration file.
+    Serve {
+        /// TOML configuration (see docs/configuration.md).
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Set up and run a card with the embedded default configuration: a
+    /// file-backed device in the data directory, one volume, attached on a
+    /// vhost-user socket. Prints the QEMU command line to boot a VM on it.
+    Up {
+        /// Where the device file and sockets live (default:
+        /// $XDG_DATA_HOME/softcard or ~/.local/share/softcard).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+    /// Manage volumes (partitions of physical devices).
+    #[command(subcommand)]
+    Volume(VolumeCmd),
+    /// Inspect physical devices.
+    #[command(subcommand)]
+    Device(DeviceCmd),
+    /// Benchmarks against the peers users run today.
+    #[command(subcommand)]
+    Bench(BenchCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum VolumeCmd {
+    /// Carve a volume out of a device's free space.
+    Create {
+        /// Volume name.
+        name: String,
+        /// Device to carve it from.
+        #[arg(long)]
+        device: String,
+        /// Size, such as 10GiB.
+        #[arg(long)]
+        size: String,
+        #[command(flatten)]
+        api: ApiArg,
+    },
+    /// List volumes.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        api: ApiArg,
+    },
+    /// Show one volume with its interface counters.
+    Show {
+        /// Volume name.
+        name: String,
+        #[command(flatten)]
+        api: ApiArg,
+    },
+    /// Delete a volume that is not attached; frees its space.
+    Delete {
+        /// Volume name.
+        name: String,
+        #[command(flatten)]
+        api: ApiArg,
+    },
+    /// Present a volume to a VM as a virtio-blk disk over vhost-user.
+    Attach {
+        /// Volume name.
+        name: String,
+        /// Socket the VMM connects to.
+        #[arg(long = "vhost-user")]
+        socket: PathBuf,
+        /// Virtqueues.
+        #[arg(long, default_value_t = 1)]
+        queues: u16,
+        #[command(flatten)]
+        api: ApiArg,
+    },
+    /// End a volume's interface.
+    Detach {
+        /// Volume name.
+        name: String,
+        #[command(flatten)]
+        api: ApiArg,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DeviceCmd {
+    /// List devices.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        api: ApiArg,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCmd {
+    /// vhost-user-blk: softcard against qemu-storage-daemon, same client
+    /// (libblkio), same machine, same run.
+    Storage(bench::StorageBenchArgs),
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Serve { config } => daemon::serve(&config),
+        Command::Up { data_dir } => daemon::up(data_dir),
+        Command::Volume(v) => volume(v),
+        Command::Device(DeviceCmd::List { json, api }) => {
+            let v = client(&api).call("GET", "/v1/devices", None)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(());
+            }
+            println!(
+                "{:<16} {:<6} {:>10} {:>10} {:>7}  DETAIL",
+                "DEVICE", "KIND", "SIZE", "FREE", "VOLUMES"
+            );
+            for d in v.as_array().into_iter().flatten() {
+                println!(
+                    "{:<16} {:<6} {:>10} {:>10} {:>7}  {}",
+                    s(d, "name"),
+                    s(d, "kind"),
+                    format_size(u(d, "capacity_bytes")),
+                    format_size(u(d, "free_bytes")),
+                    u(d, "volumes"),
+                    d.get("error")
+                        .and_then(Value::as_str)
+                        .unwrap_or(&s(d, "detail")),
+                );
+            }
+            Ok(())
+        }
+        Command::Bench(BenchCmd::Storage(a)) => bench::storage(&a),
+    }
+}
+
+fn client(api: &ApiArg) -> ApiClient {
+    ApiClient::new(&api.api)
+}
+
+fn s(v: &Value, k: &str) -> String {
+    v.get(k).and_then(Value::as_str).unwrap_or("-").to_owned()
+}
+
+fn u(v: &Value, k: &str) -> u64 {
+    v.get(k).and_then(Value::as_u64).unwrap_or(0)
+}
+
+fn absolute(p: &Path) -> Result<PathBuf> {
+    if p.is_absolute() {
+        return Ok(p.to_owned());
+    }
+    Ok(std::env::current_dir()
+        .context("current directory")?
+        .join(p))
+}
+
+fn volume(cmd: VolumeCmd) -> Result<()> {
+    match cmd {
+        VolumeCmd::Create {
+            name,
+            device,
+            size,
+            api,
+        } => {
+            let bytes = parse_size(&size).map_err(anyhow::Error::msg)?;
+            let v = client(&api).call(
+                "POST",
+                "/v1/volumes",
+                Some(&json!({ "name": name, "device": device, "size": bytes })),
+            )?;
+            println!(
+                "created volume {} on {}: {} at offset {}",
+                s(&v, "name"),
+                s(&v, "device"),
+                format_size(u(&v, "size_bytes")),
+                u(&v, "offset_bytes")
+            );
+        }
+        VolumeCmd::List { json, api } => {
+            let v = client(&api).call("GET", "/v1/volumes", None)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(());
+            }
+            println!(
+                "{:<20} {:<12} {:>10} {:>14}  ATTACHMENT",
+                "VOLUME", "DEVICE", "SIZE", "OFFSET"
+            );
+            for vol in v.as_array().into_iter().flatten() {
+                let att = match vol.get("attachment") {
+                    Some(a) if !a.is_null() => format!(
+                        "{} ({} queue(s), {})",
+                        s(a, "socket"),
+                        u(a, "queues"),
+                        s(a, "state")
+                    ),
+                    _ => "-".into(),
+                };
+                println!(
+                    "{:<20} {:<12} {:>10} {:>14}  {att}",
+                    s(vol, "name"),
+                    s(vol, "device"),
+                    format_size(u(vol, "size_bytes")),
+                    u(vol, "offset_bytes"),
+                );
+            }
+        }
+        VolumeCmd::Show { name, api } => {
+            let v = client(&api).call("GET", &format!("/v1/volumes/{}", path_seg(&name)?), None)?;
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
+        VolumeCmd::Delete { name, api } => {
+            client(&api).call("DELETE", &format!("/v1/volumes/{}", path_seg(&name)?), None)?;
+            println!("deleted volume {name}");
+        }
+        VolumeCmd::Attach {
+            name,
+            socket,
+            queues,
+            api,
+        } => {
+            let socket = absolute(&socket)?;
+            let v = client(&api).call(
+                "POST",
+                &format!("/v1/volumes/{}/attach", path_seg(&name)?),
+                Some(&json!({ "socket": socket, "queues": queues })),
+            )?;
+            let a = v.get("attachment").cloned().unwrap_or(Value::Null);
+            println!(
+                "volume {name} attached on {} ({} queue(s))",
+                s(&a, "socket"),
+                u(&a, "queues")
+            );
+        }
+        VolumeCmd::Detach { name, api } => {
+            client(&api).call(
+                "POST",
+                &format!("/v1/volumes/{}/detach", path_seg(&name)?),
+                None,
+            )?;
+            println!("volume {name} detached");
+        }
+    }
+    Ok(())
+}
+
+/// A volume name as a URL path segment. Names the card accepts never need
+/// escaping, so anything else is refused here with the card's own rule.
+fn path_seg(name: &str) -> Result<&str> {
+    if name.is_empty()
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+    {
+        bail!("invalid volume name {name:?}: use characters from A-Z a-z 0-9 . _ -");
+    }
+    Ok(name)
+}

@@ -1,0 +1,152 @@
+//! The daemon: `serve` (from a configuration file) and `up` (embedded
+//! default configuration, ready-to-boot volume).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use softcard_control::{ApiServer, CardConfig};
+use softcard_storage::{AttachOptions, CardError, StorageCard};
+
+/// The configuration `softcard up` runs with.
+const DEFAULT_CONFIG: &str = include_str!("../default-card.toml");
+/// Volume `softcard up` creates and attaches.
+const UP_VOLUME: &str = "vm0";
+const UP_VOLUME_BYTES: u64 = 4 << 30;
+const UP_DEVICE: &str = "disk0";
+/// Guest memory the printed QEMU command line gives the VM.
+const UP_GUEST_MEMORY: &str = "1G";
+
+/// Blocks SIGINT and SIGTERM in this thread and every thread it starts
+/// later, so that [`wait_for_signal`] receives them.
+fn block_signals() -> Result<libc::sigset_t> {
+    // SAFETY: the sigset is initialised by sigemptyset before use, and
+    // pthread_sigmask only reads it.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        if rc != 0 {
+            anyhow::bail!("pthread_sigmask: {}", std::io::Error::from_raw_os_error(rc));
+        }
+        Ok(set)
+    }
+}
+
+fn wait_for_signal(set: &libc::sigset_t) -> i32 {
+    let mut sig = 0;
+    // SAFETY: `set` is a valid, initialised sigset and `sig` a valid out
+    // pointer.
+    let rc = unsafe { libc::sigwait(set, &mut sig) };
+    if rc != 0 {
+        return libc::SIGTERM;
+    }
+    sig
+}
+
+fn run_until_signal(card: &Arc<StorageCard>, api: ApiServer, set: &libc::sigset_t) {
+    let sig = wait_for_signal(set);
+    log::info!("signal {sig}: stopping");
+    api.stop();
+    card.shutdown();
+}
+
+/// `softcard serve --config FILE`.
+pub fn serve(config: &Path) -> Result<()> {
+    let set = block_signals()?;
+    let cfg = CardConfig::load(config)?;
+    let card = Arc::new(StorageCard::open(&cfg.devices)?);
+    for d in card.devices() {
+        match &d.error {
+            Some(e) => log::warn!("device {} unavailable: {e}", d.name),
+            None => log::info!(
+                "device {} ({}): {} B, {} volume(s), {}",
+                d.name,
+                d.kind,
+                d.capacity_bytes,
+                d.volumes,
+                d.detail
+            ),
+        }
+    }
+    let api = ApiServer::start(card.clone(), &cfg.api_socket)
+        .with_context(|| format!("starting the API on {}", cfg.api_socket.display()))?;
+    run_until_signal(&card, api, &set);
+    Ok(())
+}
+
+fn default_data_dir() -> Result<PathBuf> {
+    if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|x| !x.is_empty()) {
+        return Ok(PathBuf::from(x).join("softcard"));
+    }
+    let home = std::env::var_os("HOME")
+        .context("neither XDG_DATA_HOME nor HOME is set; pass --data-dir")?;
+    Ok(PathBuf::from(home).join(".local/share/softcard"))
+}
+
+/// `softcard up`.
+pub fn up(data_dir: Option<PathBuf>) -> Result<()> {
+    let set = block_signals()?;
+    let data = match data_dir {
+        Some(d) => d,
+        None => default_data_dir()?,
+    };
+    std::fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;
+    let data = data.canonicalize()?;
+    let data_str = data
+        .to_str()
+        .context("the data directory path is not UTF-8")?;
+    let cfg = CardConfig::parse(&DEFAULT_CONFIG.replace("@DATA@", data_str))
+        .context("embedded default configuration")?;
+    let card = Arc::new(StorageCard::open(&cfg.devices)?);
+    if let Some(e) = card.devices().into_iter().find_map(|d| d.error) {
+        anyhow::bail!("device {UP_DEVICE} unavailable: {e}");
+    }
+    match card.volume(UP_VOLUME) {
+        Ok(_) => log::info!("found volume {UP_VOLUME}"),
+        Err(CardError::UnknownVolume(_)) => {
+            card.create_volume(UP_VOLUME, UP_DEVICE, UP_VOLUME_BYTES)?;
+        }
+        Err(e) => return Err(e.into()),
+    }
+    let socket = data.join(format!("{UP_VOLUME}.sock"));
+    card.attach(
+        UP_VOLUME,
+        &AttachOptions {
+            socket: socket.clone(),
+            queues: 1,
+        },
+    )?;
+    let api = ApiServer::start(card.clone(), &cfg.api_socket)?;
+    println!("softcard is up.");
+    println!(
+        "  device   {UP_DEVICE}: {}",
+        data.join("disk0.img").display()
+    );
+    println!(
+        "  volume   {UP_VOLUME}: {} GiB, vhost-user-blk on {}",
+        UP_VOLUME_BYTES >> 30,
+        socket.display()
+    );
+    println!(
+        "  API      {} (softcard volume list --api {})",
+        cfg.api_socket.display(),
+        cfg.api_socket.display()
+    );
+    println!();
+    println!("Boot a VM on it (vhost-user needs guest memory shared with the card):");
+    println!(
+        "  qemu-system-x86_64 -machine q35 -m {UP_GUEST_MEMORY} \\\n    \
+         -object memory-backend-memfd,id=mem,size={UP_GUEST_MEMORY},share=on -numa node,memdev=mem \\\n    \
+         -chardev socket,id=vol0,path={} \\\n    \
+         -device vhost-user-blk-pci,chardev=vol0,num-queues=1 \\\n    \
+         -kernel <bzImage> -initrd <initrd> -append 'console=ttyS0' -nographic",
+        socket.display()
+    );
+    println!();
+    println!("Press Ctrl-C to stop.");
+    run_until_signal(&card, api, &set);
+    Ok(())
+}
