@@ -272,7 +272,10 @@ impl VhostUserBackend for BlkBackend {
         if evset != EventSet::IN {
             return Err(io::Error::other(format!("unexpected event set {evset:?}")));
         }
-        let Some(vring) = vrings.get(thread_id) else {
+        // One queue per thread: `vrings` holds this thread's queue only
+        // (kicks arrive as device_event 0), and the worker is the queue
+        // with the thread's index.
+        let Some(vring) = vrings.first() else {
             return Ok(());
         };
         let event_idx = self.inner.event_idx.load(Ordering::Relaxed);

@@ -1,0 +1,249 @@
+//! Shared helpers of the integration tests: a real `softcard` daemon
+//! process, its CLI, and a libblkio client.
+#![allow(dead_code)]
+
+use std::mem::MaybeUninit;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_softcard");
+
+/// A `softcard serve` process with its own directory; stopped with SIGTERM
+/// on drop.
+pub struct Daemon {
+    pub dir: tempfile::TempDir,
+    pub api: PathBuf,
+    pub config: PathBuf,
+    child: Option<Child>,
+}
+
+impl Daemon {
+    /// Writes `devices` (TOML `[[device]]` tables, `@DIR@` = the daemon's
+    /// directory) into a config and starts the daemon.
+    pub fn start(devices: &str) -> Daemon {
+        let dir = tempfile::Builder::new()
+            .prefix("softcard-test")
+            .tempdir()
+            .unwrap();
+        let api = dir.path().join("api.sock");
+        let config = dir.path().join("card.toml");
+        let text = format!(
+            "api_socket = \"{}\"\n{}",
+            api.display(),
+            devices.replace("@DIR@", &dir.path().display().to_string())
+        );
+        std::fs::write(&config, text).unwrap();
+        let mut d = Daemon {
+            dir,
+            api,
+            config,
+            child: None,
+        };
+        d.restart();
+        d
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// (Re)starts the process on the same configuration.
+    pub fn restart(&mut self) {
+        self.stop();
+        let child = Command::new(BIN)
+            .args(["serve", "--config"])
+            .arg(&self.config)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn softcard serve");
+        self.child = Some(child);
+        wait_for_socket(&self.api, self.child.as_mut());
+    }
+
+    /// Stops the process with SIGTERM and checks it exits cleanly.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let pid = i32::try_from(c.id()).unwrap();
+            // SAFETY: sending a signal to our own child.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+            let status = c.wait().unwrap();
+            assert!(status.success(), "daemon exited with {status}");
+        }
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().unwrap().is_none())
+    }
+
+    /// Runs the CLI against this daemon.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .args(args)
+            .env("SOFTCARD_API", &self.api)
+            .output()
+            .unwrap()
+    }
+
+    /// Runs the CLI and requires success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "softcard {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Runs the CLI and requires failure; returns stderr.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            !out.status.success(),
+            "softcard {args:?} succeeded unexpectedly"
+        );
+        String::from_utf8(out.stderr).unwrap()
+    }
+
+    /// `volume list --json` parsed.
+    pub fn volumes(&self) -> serde_json::Value {
+        serde_json::from_str(&self.ok(&["volume", "list", "--json"])).unwrap()
+    }
+
+    /// Offset of a volume on its device.
+    pub fn offset_of(&self, name: &str) -> u64 {
+        let v: serde_json::Value =
+            serde_json::from_str(&self.ok(&["volume", "show", name])).unwrap();
+        v["offset_bytes"].as_u64().unwrap()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn wait_for_socket(path: &Path, mut child: Option<&mut Child>) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while UnixStream::connect(path).is_err() {
+        if let Some(c) = child.as_deref_mut() {
+            if let Some(st) = c.try_wait().unwrap() {
+                panic!("process exited before opening {}: {st}", path.display());
+            }
+        }
+        assert!(Instant::now() < deadline, "{} never opened", path.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A libblkio virtio-blk-vhost-user client with one bounce region.
+pub struct Client {
+    pub blkio: Blkio,
+    pub queues: Vec<Blkioq>,
+    pub region: MemoryRegion,
+    pub capacity: u64,
+}
+
+pub const REGION_BYTES: usize = 4 << 20;
+
+impl Client {
+    pub fn connect(socket: &Path, queues: i32) -> Result<Client, String> {
+        let e = |what: &'static str| move |err: blkio::Error| format!("{what}: {}", err.message());
+        let mut b = Blkio::new("virtio-blk-vhost-user").map_err(e("new"))?;
+        b.set_str("path", &socket.to_string_lossy())
+            .map_err(e("path"))?;
+        b.connect().map_err(e("connect"))?;
+        b.set_i32("num-queues", queues).map_err(e("num-queues"))?;
+        let capacity = b.get_u64("capacity").map_err(e("capacity"))?;
+        let out = b.start().map_err(e("start"))?;
+        let region = b.alloc_mem_region(REGION_BYTES).map_err(e("alloc"))?;
+        b.map_mem_region(&region).map_err(e("map"))?;
+        Ok(Client {
+            blkio: b,
+            queues: out.queues,
+            region,
+            capacity,
+        })
+    }
+
+    pub fn buf(&mut self) -> &mut [u8] {
+        // SAFETY: the region is REGION_BYTES of memory owned by `blkio`
+        // while `self` lives, and only reachable through `&mut self`.
+        unsafe { std::slice::from_raw_parts_mut(self.region.addr as *mut u8, REGION_BYTES) }
+    }
+
+    /// Waits for one completion on queue `q`; returns its `ret`.
+    pub fn wait(&mut self, q: usize) -> i32 {
+        let mut c = [MaybeUninit::<Completion>::uninit()];
+        let n = self.queues[q].do_io(&mut c, 1, None, None).expect("do_io");
+        assert_eq!(n, 1);
+        // SAFETY: do_io initialised one completion.
+        unsafe { c[0].assume_init_ref() }.ret
+    }
+
+    pub fn write(&mut self, q: usize, offset: u64, data: &[u8]) -> i32 {
+        self.buf()[..data.len()].copy_from_slice(data);
+        let p = self.region.addr as *const u8;
+        self.queues[q].write(offset, p, data.len(), 0, ReqFlags::empty());
+        self.wait(q)
+    }
+
+    pub fn read(&mut self, q: usize, offset: u64, len: usize) -> Result<Vec<u8>, i32> {
+        self.buf()[..len].fill(0xee);
+        let p = self.region.addr as *mut u8;
+        self.queues[q].read(offset, p, len, 0, ReqFlags::empty());
+        match self.wait(q) {
+            0 => Ok(self.buf()[..len].to_vec()),
+            e => Err(e),
+        }
+    }
+
+    pub fn flush(&mut self, q: usize) -> i32 {
+        self.queues[q].flush(0, ReqFlags::empty());
+        self.wait(q)
+    }
+
+    pub fn discard(&mut self, q: usize, offset: u64, len: u64) -> i32 {
+        self.queues[q].discard(offset, len, 0, ReqFlags::empty());
+        self.wait(q)
+    }
+
+    pub fn write_zeroes(&mut self, q: usize, offset: u64, len: u64) -> i32 {
+        self.queues[q].write_zeroes(offset, len, 0, ReqFlags::empty());
+        self.wait(q)
+    }
+}
+
+/// A deterministic byte pattern keyed by `seed`.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// Reads `len` bytes of a file at `offset`.
+pub fn file_bytes(path: &Path, offset: u64, len: usize) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(path).unwrap();
+    let mut buf = vec![0u8; len];
+    f.read_exact_at(&mut buf, offset).unwrap();
+    buf
+}

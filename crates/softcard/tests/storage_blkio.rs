@@ -1,0 +1,235 @@
+//! The storage card through its real peers: the `softcard` daemon and CLI,
+//! and libblkio's virtio-blk-vhost-user driver as the frontend. Every byte
+//! written is checked where it must land on the physical device.
+
+mod common;
+
+use common::{file_bytes, pattern, Client, Daemon, BIN};
+
+const MIB: u64 = 1 << 20;
+
+fn file_card() -> Daemon {
+    Daemon::start(
+        r#"
+[[device]]
+name = "nvme0"
+kind = "file"
+path = "@DIR@/nvme0.img"
+size = "256MiB"
+
+[[device]]
+name = "scratch"
+kind = "ram"
+size = "64MiB"
+"#,
+    )
+}
+
+#[test]
+fn volumes_carve_attach_and_land_at_their_offsets() {
+    let mut d = file_card();
+    let dev = d.path("nvme0.img");
+    d.ok(&[
+        "volume", "create", "a", "--device", "nvme0", "--size", "64MiB",
+    ]);
+    d.ok(&[
+        "volume", "create", "b", "--device", "nvme0", "--size", "32MiB",
+    ]);
+    let (off_a, off_b) = (d.offset_of("a"), d.offset_of("b"));
+    assert!(
+        off_a + 64 * MIB <= off_b || off_b + 32 * MIB <= off_a,
+        "volumes overlap"
+    );
+
+    let sock_a = d.path("a.sock");
+    let sock_b = d.path("b.sock");
+    d.ok(&[
+        "volume",
+        "attach",
+        "a",
+        "--vhost-user",
+        sock_a.to_str().unwrap(),
+        "--queues",
+        "2",
+    ]);
+    d.ok(&[
+        "volume",
+        "attach",
+        "b",
+        "--vhost-user",
+        sock_b.to_str().unwrap(),
+    ]);
+
+    // Volume a, two queues: data lands at the volume's offset on the file.
+    let mut a = Client::connect(&sock_a, 2).unwrap();
+    assert_eq!(a.capacity, 64 * MIB);
+    let first = pattern(1, 64 << 10);
+    let last = pattern(2, 4096);
+    assert_eq!(a.write(0, 0, &first), 0);
+    assert_eq!(a.write(1, 64 * MIB - 4096, &last), 0);
+    assert_eq!(a.flush(1), 0);
+    assert_eq!(a.read(1, 0, first.len()).unwrap(), first);
+    assert_eq!(a.read(0, 64 * MIB - 4096, 4096).unwrap(), last);
+    assert_eq!(file_bytes(&dev, off_a, first.len()), first);
+    assert_eq!(file_bytes(&dev, off_a + 64 * MIB - 4096, 4096), last);
+
+    // Past the end: refused, nothing written anywhere.
+    assert_ne!(a.write(0, 64 * MIB, &pattern(3, 4096)), 0);
+    assert_ne!(a.write(0, 64 * MIB - 2048, &pattern(3, 4096)), 0);
+    assert!(a.read(0, 64 * MIB, 512).is_err());
+
+    // Write-zeroes and discard read back as zeroes, and only that range.
+    assert_eq!(a.write_zeroes(0, 4096, 8192), 0);
+    let got = a.read(0, 0, 16384).unwrap();
+    assert_eq!(&got[..4096], &first[..4096]);
+    assert!(got[4096..12288].iter().all(|&b| b == 0));
+    assert_eq!(&got[12288..], &first[12288..16384]);
+    assert_eq!(a.discard(0, 32768, 32768), 0);
+    assert!(file_bytes(&dev, off_a + 32768, 32768)
+        .iter()
+        .all(|&b| b == 0));
+    assert_eq!(file_bytes(&dev, off_a + 16384, 16384), first[16384..32768]);
+
+    // Volume b is its own disk: its bytes land in its own range and a's
+    // data is untouched.
+    let mut b = Client::connect(&sock_b, 1).unwrap();
+    assert_eq!(b.capacity, 32 * MIB);
+    let pb = pattern(7, 1 << 20);
+    assert_eq!(b.write(0, 0, &pb), 0);
+    assert_eq!(b.flush(0), 0);
+    assert_eq!(file_bytes(&dev, off_b, pb.len()), pb);
+    assert_eq!(file_bytes(&dev, off_a + 64 * MIB - 4096, 4096), last);
+    drop(b);
+
+    // The CLI refuses what would lose data.
+    let err = d.fails(&["volume", "delete", "a"]);
+    assert!(err.contains("attached"), "{err}");
+    let err = d.fails(&[
+        "volume", "create", "huge", "--device", "nvme0", "--size", "1GiB",
+    ]);
+    assert!(err.contains("space") || err.contains("free"), "{err}");
+    let err = d.fails(&[
+        "volume", "create", "bad/name", "--device", "nvme0", "--size", "1MiB",
+    ]);
+    assert!(err.contains("invalid volume name"), "{err}");
+    let err = d.fails(&[
+        "volume", "create", "c", "--device", "nope", "--size", "1MiB",
+    ]);
+    assert!(err.contains("unknown device"), "{err}");
+    let err = d.fails(&[
+        "volume",
+        "create",
+        "c",
+        "--device",
+        "nvme0",
+        "--size",
+        "12 parsecs",
+    ]);
+    assert!(err.contains("unit"), "{err}");
+    let err = d.fails(&[
+        "volume", "create", "a", "--device", "scratch", "--size", "1MiB",
+    ]);
+    assert!(err.contains("already exists"), "{err}");
+    let err = d.fails(&[
+        "volume",
+        "attach",
+        "b",
+        "--vhost-user",
+        d.path("x.sock").to_str().unwrap(),
+    ]);
+    assert!(err.contains("is attached"), "{err}");
+    d.ok(&[
+        "volume", "create", "c", "--device", "scratch", "--size", "4MiB",
+    ]);
+    let err = d.fails(&[
+        "volume",
+        "attach",
+        "c",
+        "--vhost-user",
+        sock_a.to_str().unwrap(),
+    ]);
+    assert!(err.contains("already used by volume \"a\""), "{err}");
+    // An attach aimed at an existing regular file must not replace it.
+    let victim = d.path("precious.txt");
+    std::fs::write(&victim, b"keep me").unwrap();
+    d.ok(&["volume", "detach", "b"]);
+    let err = d.fails(&[
+        "volume",
+        "attach",
+        "b",
+        "--vhost-user",
+        victim.to_str().unwrap(),
+    ]);
+    assert!(err.contains("not a socket"), "{err}");
+    assert_eq!(std::fs::read(&victim).unwrap(), b"keep me");
+    let err = d.fails(&[
+        "volume",
+        "attach",
+        "b",
+        "--vhost-user",
+        sock_b.to_str().unwrap(),
+        "--queues",
+        "0",
+    ]);
+    assert!(err.contains("queue count"), "{err}");
+
+    // Delete frees space; a restart finds the same map on the device.
+    d.ok(&["volume", "delete", "b"]);
+    let err = d.fails(&["volume", "show", "b"]);
+    assert!(err.contains("unknown volume"), "{err}");
+    drop(a);
+    d.restart();
+    let vols = d.volumes();
+    let names: Vec<&str> = vols
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    // (c lived on the ram device, which starts empty by design.)
+    assert_eq!(names, ["a"]);
+    assert_eq!(d.offset_of("a"), off_a);
+    d.ok(&[
+        "volume", "create", "b2", "--device", "nvme0", "--size", "128MiB",
+    ]);
+    assert_eq!(file_bytes(&dev, off_a + 64 * MIB - 4096, 4096), last);
+    d.stop();
+}
+
+#[test]
+fn up_serves_the_default_volume() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(BIN)
+        .args(["up", "--data-dir"])
+        .arg(dir.path())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let sock = dir.path().join("vm0.sock");
+    common::wait_for_socket(&dir.path().join("api.sock"), Some(&mut child));
+    let mut c = Client::connect(&sock, 1).unwrap();
+    assert_eq!(c.capacity, 4 << 30);
+    let p = pattern(11, 8192);
+    assert_eq!(c.write(0, 1 << 30, &p), 0);
+    assert_eq!(c.flush(0), 0);
+    drop(c);
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(i32::try_from(child.id()).unwrap(), libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        stdout.contains("vhost-user-blk-pci,chardev=vol0"),
+        "{stdout}"
+    );
+    assert!(stdout.contains(&sock.display().to_string()), "{stdout}");
+    // The volume starts after the 2 MiB partition-map area.
+    assert_eq!(
+        file_bytes(
+            &dir.path().join("disk0.img"),
+            (2 << 20) + (1 << 30),
+            p.len()
+        ),
+        p
+    );
+}
