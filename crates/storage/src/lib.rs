@@ -8,6 +8,8 @@
 
 pub mod card;
 pub mod device;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod partition;
 pub mod virtio_blk;
 

@@ -25,6 +25,11 @@ impl Daemon {
     /// Writes `devices` (TOML `[[device]]` tables, `@DIR@` = the daemon's
     /// directory) into a config and starts the daemon.
     pub fn start(devices: &str) -> Daemon {
+        Self::start_with(devices, |_| {})
+    }
+
+    /// Like [`Daemon::start`], running `prepare` on the directory first.
+    pub fn start_with(devices: &str, prepare: impl FnOnce(&Path)) -> Daemon {
         let dir = tempfile::Builder::new()
             .prefix("softcard-test")
             .tempdir()
@@ -37,6 +42,7 @@ impl Daemon {
             devices.replace("@DIR@", &dir.path().display().to_string())
         );
         std::fs::write(&config, text).unwrap();
+        prepare(dir.path());
         let mut d = Daemon {
             dir,
             api,

@@ -1,0 +1,352 @@
+//! End to end with a real guest: QEMU (TCG) boots Debian's kernel with a
+//! busybox initramfs built here, attaches two volumes of one device over
+//! vhost-user-blk, and the guest writes distinct data to each with
+//! O_DIRECT and reads it back. The test then checks the bytes on the
+//! physical device file at each partition's offset, and that every byte
+//! between and around the partitions is untouched.
+//!
+//! Needs qemu-system-x86, linux-image-amd64 and busybox-static (the README's
+//! test command installs them).
+
+mod common;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{file_bytes, pattern, Daemon};
+
+const MIB: u64 = 1 << 20;
+const DEVICE_BYTES: u64 = 96 * MIB;
+/// The partition map's area at the front of the device.
+const MAP_AREA: u64 = 2 * MIB;
+const SENTINEL_SEED: u64 = 0x5e47;
+
+/// A newc cpio archive, the initramfs format.
+struct Cpio {
+    out: Vec<u8>,
+    ino: u32,
+}
+
+impl Cpio {
+    fn new() -> Self {
+        Cpio {
+            out: Vec::new(),
+            ino: 1,
+        }
+    }
+
+    fn pad(&mut self) {
+        while self.out.len() % 4 != 0 {
+            self.out.push(0);
+        }
+    }
+
+    fn entry(&mut self, name: &str, mode: u32, data: &[u8]) {
+        let fields = [
+            self.ino,
+            mode,
+            0,
+            0,
+            1,
+            0,
+            u32::try_from(data.len()).unwrap(),
+            0,
+            0,
+            0,
+            0,
+            u32::try_from(name.len() + 1).unwrap(),
+            0,
+        ];
+        self.ino += 1;
+        self.out.extend_from_slice(b"070701");
+        for f in fields {
+            write!(self.out, "{f:08x}").unwrap();
+        }
+        self.out.extend_from_slice(name.as_bytes());
+        self.out.push(0);
+        self.pad();
+        self.out.extend_from_slice(data);
+        self.pad();
+    }
+
+    fn dir(&mut self, name: &str) {
+        self.entry(name, 0o040_755, &[]);
+    }
+
+    fn file(&mut self, name: &str, data: &[u8]) {
+        self.entry(name, 0o100_755, data);
+    }
+
+    fn finish(mut self) -> Vec<u8> {
+        self.entry("TRAILER!!!", 0, &[]);
+        self.out
+    }
+}
+
+fn kernel() -> PathBuf {
+    let mut k: Vec<PathBuf> = std::fs::read_dir("/boot")
+        .expect("/boot (install linux-image-amd64)")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("vmlinuz-")
+        })
+        .collect();
+    k.sort();
+    k.pop()
+        .expect("no /boot/vmlinuz-* (install linux-image-amd64)")
+}
+
+fn module_dir(kernel: &Path) -> PathBuf {
+    let release = kernel
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .trim_start_matches("vmlinuz-")
+        .to_owned();
+    PathBuf::from("/lib/modules").join(release)
+}
+
+const MODULES: [&str; 6] = [
+    "kernel/drivers/virtio/virtio_ring.ko",
+    "kernel/drivers/virtio/virtio.ko",
+    "kernel/drivers/virtio/virtio_pci_modern_dev.ko",
+    "kernel/drivers/virtio/virtio_pci_legacy_dev.ko",
+    "kernel/drivers/virtio/virtio_pci.ko",
+    "kernel/drivers/block/virtio_blk.ko",
+];
+
+const INIT: &str = r#"#!/bin/busybox sh
+B=/bin/busybox
+$B mkdir -p /proc /sys /dev
+$B mount -t proc proc /proc
+$B mount -t sysfs sys /sys
+$B mount -t devtmpfs dev /dev
+for m in /lib/modules/*.ko.*; do $B insmod "$m" || echo "SOFTCARD-FAIL insmod $m"; done
+i=0
+while [ ! -b /dev/vda ] || [ ! -b /dev/vdb ]; do
+  i=$((i+1)); [ $i -gt 200 ] && { echo "SOFTCARD-FAIL no disks"; $B poweroff -f; }
+  $B sleep 0.1
+done
+echo "SOFTCARD-SIZE vda $($B cat /sys/block/vda/size) vdb $($B cat /sys/block/vdb/size)"
+echo "SOFTCARD-SERIAL vda $($B cat /sys/block/vda/serial) vdb $($B cat /sys/block/vdb/serial)"
+ok=1
+# vda: 64 KiB at the start, 64 KiB at the very end; vdb: 256 KiB at 1 MiB.
+$B dd if=/pat_a0 of=/dev/vda bs=65536 seek=0 oflag=direct conv=fsync 2>/dev/null || ok=0
+last=$(( $($B cat /sys/block/vda/size) / 128 - 1 ))
+$B dd if=/pat_a1 of=/dev/vda bs=65536 seek=$last oflag=direct conv=fsync 2>/dev/null || ok=0
+$B dd if=/pat_b of=/dev/vdb bs=65536 seek=16 oflag=direct conv=fsync 2>/dev/null || ok=0
+# One write past the end must fail and change nothing.
+$B dd if=/pat_a0 of=/dev/vda bs=65536 seek=$((last+1)) count=1 oflag=direct 2>/dev/null && { echo "SOFTCARD-FAIL write past end accepted"; ok=0; }
+$B dd if=/dev/vda of=/r_a0 bs=65536 count=1 iflag=direct 2>/dev/null || ok=0
+$B dd if=/dev/vda of=/r_a1 bs=65536 skip=$last count=1 iflag=direct 2>/dev/null || ok=0
+$B dd if=/dev/vdb of=/r_b bs=65536 skip=16 count=4 iflag=direct 2>/dev/null || ok=0
+$B cmp /pat_a0 /r_a0 || ok=0
+$B cmp /pat_a1 /r_a1 || ok=0
+$B cmp /pat_b /r_b || ok=0
+$B sync
+[ $ok = 1 ] && echo "SOFTCARD-RESULT ok" || echo "SOFTCARD-RESULT fail"
+$B poweroff -f
+"#;
+
+fn build_initramfs(kernel: &Path, out: &Path, pats: &[(&str, &[u8])]) {
+    let mut c = Cpio::new();
+    for d in ["bin", "lib", "lib/modules", "proc", "sys", "dev"] {
+        c.dir(d);
+    }
+    c.file(
+        "bin/busybox",
+        &std::fs::read("/bin/busybox").expect("/bin/busybox (install busybox-static)"),
+    );
+    c.file("init", INIT.as_bytes());
+    let mdir = module_dir(kernel);
+    for (i, m) in MODULES.iter().enumerate() {
+        let data = std::fs::read(mdir.join(m))
+            .unwrap_or_else(|e| panic!("{}: {e}", mdir.join(m).display()));
+        // Numbered so the shell glob loads them in dependency order.
+        let base = Path::new(m)
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        c.file(&format!("lib/modules/{i}-{base}.{i}"), &data);
+    }
+    for (name, data) in pats {
+        c.file(name, data);
+    }
+    std::fs::write(out, c.finish()).unwrap();
+}
+
+#[test]
+fn guest_writes_land_in_their_partitions_only() {
+    let k = kernel();
+    // The device file: a blank map area, then sentinel bytes everywhere,
+    // so that any stray write shows.
+    let dir_devices = r#"
+[[device]]
+name = "nvme0"
+kind = "file"
+path = "@DIR@/nvme0.img"
+"#;
+    let pre = tempfile::tempdir().unwrap();
+    let sentinel = pattern(SENTINEL_SEED, (DEVICE_BYTES - MAP_AREA) as usize);
+    let mut image = vec![0u8; MAP_AREA as usize];
+    image.extend_from_slice(&sentinel);
+    let img_src = pre.path().join("nvme0.img");
+    std::fs::write(&img_src, &image).unwrap();
+    drop(image);
+
+    // The daemon opens the device at its configured path: place it first.
+    let mut d = Daemon::start_with(dir_devices, |dir| {
+        std::fs::copy(&img_src, dir.join("nvme0.img")).unwrap();
+    });
+    let dev = d.path("nvme0.img");
+    d.ok(&[
+        "volume", "create", "a", "--device", "nvme0", "--size", "16MiB",
+    ]);
+    d.ok(&[
+        "volume", "create", "gap", "--device", "nvme0", "--size", "4MiB",
+    ]);
+    d.ok(&[
+        "volume", "create", "b", "--device", "nvme0", "--size", "16MiB",
+    ]);
+    d.ok(&["volume", "delete", "gap"]);
+    let (off_a, off_b) = (d.offset_of("a"), d.offset_of("b"));
+    let (sa, sb) = (d.path("a.sock"), d.path("b.sock"));
+    d.ok(&[
+        "volume",
+        "attach",
+        "a",
+        "--vhost-user",
+        sa.to_str().unwrap(),
+        "--queues",
+        "2",
+    ]);
+    d.ok(&[
+        "volume",
+        "attach",
+        "b",
+        "--vhost-user",
+        sb.to_str().unwrap(),
+    ]);
+
+    let pat_a0 = pattern(100, 65536);
+    let pat_a1 = pattern(101, 65536);
+    let pat_b = pattern(102, 262144);
+    let initrd = d.path("initrd.cpio");
+    build_initramfs(
+        &k,
+        &initrd,
+        &[("pat_a0", &pat_a0), ("pat_a1", &pat_a1), ("pat_b", &pat_b)],
+    );
+
+    let mut qemu = Command::new("qemu-system-x86_64")
+        .args(["-machine", "q35", "-accel", "tcg", "-m", "512", "-smp", "1"])
+        .args([
+            "-object",
+            "memory-backend-memfd,id=mem,size=512M,share=on",
+            "-numa",
+            "node,memdev=mem",
+        ])
+        .arg("-chardev")
+        .arg(format!("socket,id=c0,path={}", sa.display()))
+        .args(["-device", "vhost-user-blk-pci,chardev=c0,num-queues=2"])
+        .arg("-chardev")
+        .arg(format!("socket,id=c1,path={}", sb.display()))
+        .args(["-device", "vhost-user-blk-pci,chardev=c1,num-queues=1"])
+        .arg("-kernel")
+        .arg(&k)
+        .arg("-initrd")
+        .arg(&initrd)
+        .args(["-append", "console=ttyS0 panic=-1 quiet loglevel=3"])
+        .args([
+            "-display",
+            "none",
+            "-serial",
+            "stdio",
+            "-no-reboot",
+            "-nodefaults",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("qemu-system-x86_64 (install qemu-system-x86)");
+    let mut stdout = qemu.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut stdout, &mut s).ok();
+        s
+    });
+    let deadline = Instant::now() + Duration::from_secs(240);
+    loop {
+        if qemu.try_wait().unwrap().is_some() {
+            break;
+        }
+        if Instant::now() > deadline {
+            let _ = qemu.kill();
+            let _ = qemu.wait();
+            panic!(
+                "guest did not power off within 240 s:\n{}",
+                reader.join().unwrap()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let console = reader.join().unwrap();
+    let line = |key: &str| {
+        console
+            .lines()
+            .find(|l| l.starts_with(key))
+            .unwrap_or_else(|| panic!("no {key} line in the console:\n{console}"))
+            .to_owned()
+    };
+    assert!(!console.contains("SOFTCARD-FAIL"), "{console}");
+    assert_eq!(line("SOFTCARD-SIZE"), "SOFTCARD-SIZE vda 32768 vdb 32768");
+    assert_eq!(line("SOFTCARD-SERIAL"), "SOFTCARD-SERIAL vda a vdb b");
+    assert_eq!(line("SOFTCARD-RESULT"), "SOFTCARD-RESULT ok", "{console}");
+
+    // The bytes on the physical device.
+    let vol = 16 * MIB;
+    let got = file_bytes(&dev, 0, DEVICE_BYTES as usize);
+    assert_eq!(&got[off_a as usize..][..65536], &pat_a0[..]);
+    assert_eq!(&got[(off_a + vol - 65536) as usize..][..65536], &pat_a1[..]);
+    assert_eq!(&got[(off_b + MIB) as usize..][..262144], &pat_b[..]);
+    let written = [
+        (off_a, 65536u64),
+        (off_a + vol - 65536, 65536),
+        (off_b + MIB, 262144),
+    ];
+    // Everything else past the map area is the sentinel, byte for byte:
+    // the gap between a and b, the space after b, and the unwritten parts
+    // of both volumes.
+    let mut at = MAP_AREA;
+    let mut stray = Vec::new();
+    while at < DEVICE_BYTES {
+        if let Some(&(_, len)) = written.iter().find(|(o, _)| *o == at) {
+            at += len;
+            continue;
+        }
+        let next = written
+            .iter()
+            .map(|(o, _)| *o)
+            .filter(|&o| o > at)
+            .min()
+            .unwrap_or(DEVICE_BYTES);
+        let range = at as usize..next as usize;
+        let sent = &sentinel[(at - MAP_AREA) as usize..(next - MAP_AREA) as usize];
+        if &got[range.clone()] != sent {
+            stray.push(range);
+        }
+        at = next;
+    }
+    assert!(
+        stray.is_empty(),
+        "bytes changed outside the written ranges: {stray:?}"
+    );
+    d.stop();
+}
