@@ -39,7 +39,7 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
             let frac_num: u128 = frac.parse().map_err(|_| bad())?;
             let denom: u128 = 10u128.pow(u32::try_from(frac.len()).map_err(|_| bad())?);
             let scaled = frac_num * (1u128 << shift);
-            if scaled % denom != 0 {
+            if !scaled.is_multiple_of(denom) {
                 return Err(bad());
             }
             let whole = u128::from(int) * (1u128 << shift) + scaled / denom;
@@ -53,7 +53,7 @@ pub fn format_size(bytes: u64) -> String {
     const UNITS: [&str; 4] = ["TiB", "GiB", "MiB", "KiB"];
     for (i, u) in UNITS.iter().enumerate() {
         let shift = 40 - 10 * i;
-        if bytes != 0 && bytes % (1u64 << shift) == 0 {
+        if bytes != 0 && bytes.is_multiple_of(1u64 << shift) {
             return format!("{}{u}", bytes >> shift);
         }
     }

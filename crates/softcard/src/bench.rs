@@ -169,16 +169,17 @@ fn drive(socket: &Path, w: Workload, seconds: f64) -> Result<Figures> {
     }
     let elapsed = begin.elapsed().as_secs_f64();
     lat_us.sort_unstable();
-    let pct = |p: f64| {
-        let i = ((lat_us.len() as f64 - 1.0) * p).round() as usize;
+    // Nearest-rank percentile, in integer arithmetic.
+    let pct = |per_mille: usize| {
+        let i = (lat_us.len().saturating_sub(1) * per_mille + 500) / 1000;
         f64::from(lat_us.get(i).copied().unwrap_or(0))
     };
     let iops = done as f64 / elapsed;
     Ok(Figures {
         iops,
         mib_s: iops * w.block as f64 / f64::from(1u32 << 20),
-        p50_us: pct(0.50),
-        p99_us: pct(0.99),
+        p50_us: pct(500),
+        p99_us: pct(990),
     })
 }
 

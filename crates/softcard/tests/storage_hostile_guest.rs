@@ -49,11 +49,9 @@ impl GuestMem {
         assert!(raw >= 0);
         // SAFETY: `raw` is a fresh fd we own.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        // SAFETY: plain syscall on our fd.
-        assert_eq!(
-            unsafe { libc::ftruncate(fd.as_raw_fd(), MEM_BYTES as i64) },
-            0
-        );
+        let f = std::fs::File::from(fd);
+        f.set_len(MEM_BYTES as u64).unwrap();
+        let fd = OwnedFd::from(f);
         // SAFETY: mapping a file we own, shared, with a size it has.
         let base = unsafe {
             libc::mmap(
@@ -111,7 +109,8 @@ struct D {
 
 struct Ring {
     mem: GuestMem,
-    fe: Frontend,
+    /// Held so the connection stays open.
+    _fe: Frontend,
     kick: EventFd,
     call: EventFd,
     avail_idx: u16,
@@ -163,7 +162,7 @@ impl Ring {
         fe.set_vring_enable(0, true).unwrap();
         Ring {
             mem,
-            fe,
+            _fe: fe,
             kick,
             call,
             avail_idx: 0,
@@ -323,7 +322,7 @@ size = "64MiB"
     assert_eq!((id, r.status()), (0, S_OK));
     assert_eq!(file_bytes(&dev, off_a + 4096, 4096), pattern(5, 4096));
 
-    let mut expect_status = |r: &mut Ring, chain: &[D], want: u8, what: &str| {
+    let expect_status = |r: &mut Ring, chain: &[D], want: u8, what: &str| {
         r.reset_status();
         let (id, len) = r.submit(chain);
         assert_eq!(id, 0, "{what}: wrong head");

@@ -198,7 +198,7 @@ impl PhysicalDevice for FileDevice {
 }
 
 fn is_aligned(offset: u64, len: usize, align: usize) -> bool {
-    offset % align as u64 == 0 && len % align == 0
+    offset.is_multiple_of(align as u64) && len.is_multiple_of(align)
 }
 
 /// Per-request storage that must outlive the submission: io_uring reads
@@ -266,7 +266,7 @@ impl FileQueue {
                 && req
                     .segments
                     .iter()
-                    .all(|s| (s.iov_base as usize) % a == 0 && s.iov_len % a == 0);
+                    .all(|s| (s.iov_base as usize).is_multiple_of(a) && s.iov_len % a == 0);
             if aligned {
                 return direct.as_raw_fd();
             }

@@ -231,7 +231,7 @@ impl MapImage {
             let end = offset.checked_add(size);
             if size == 0
                 || offset < METADATA_AREA_BYTES
-                || offset % ALLOC_ALIGN_BYTES != 0
+                || !offset.is_multiple_of(ALLOC_ALIGN_BYTES)
                 || end.is_none_or(|end| end > device_bytes)
             {
                 return invalid(format!(

@@ -253,7 +253,7 @@ impl PartitionMap {
         taken: impl Fn(&str) -> bool,
     ) -> Result<Volume, PartitionError> {
         validate_name(name)?;
-        if size == 0 || size % 4096 != 0 {
+        if size == 0 || !size.is_multiple_of(4096) {
             return Err(PartitionError::InvalidSize(size));
         }
         if taken(name) || self.image.volumes.iter().any(|v| v.name == name) {

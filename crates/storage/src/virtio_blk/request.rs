@@ -251,7 +251,7 @@ where
             if (read && readable) || (!read && writable) {
                 return Err(refuse(status_some, RequestError::Direction));
             }
-            if len % SECTOR_BYTES != 0 || len > MAX_DATA_BYTES {
+            if !len.is_multiple_of(SECTOR_BYTES) || len > MAX_DATA_BYTES {
                 return Err(refuse(status_some, RequestError::Length(len)));
             }
             let Some(offset) = byte_offset(sector).filter(|&o| in_range(o, len)) else {
@@ -283,7 +283,8 @@ where
             if writable {
                 return Err(refuse(status_some, RequestError::Direction));
             }
-            if len == 0 || len % RANGE_BYTES != 0 || len / RANGE_BYTES > MAX_RANGES as u64 {
+            if len == 0 || !len.is_multiple_of(RANGE_BYTES) || len / RANGE_BYTES > MAX_RANGES as u64
+            {
                 return Err(refuse(status_some, RequestError::Length(len)));
             }
             let mut range = [0u8; RANGE_BYTES as usize];
