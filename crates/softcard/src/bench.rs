@@ -26,9 +26,18 @@ pub struct StorageBenchArgs {
     /// A tmpfs directory for the file-backed comparison.
     #[arg(long, default_value = "/dev/shm")]
     tmpfs: PathBuf,
-    /// Virtqueues (and libblkio queues, one thread each... here one).
+    /// Virtqueues each interface offers (the client drives one).
     #[arg(long, default_value_t = 1)]
     queues: u16,
+    /// Run only backings whose name contains this.
+    #[arg(long)]
+    backing: Option<String>,
+    /// Run only workloads whose name contains this.
+    #[arg(long)]
+    workload: Option<String>,
+    /// Skip qemu-storage-daemon (for profiling softcard alone).
+    #[arg(long)]
+    softcard_only: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -78,7 +87,7 @@ const MAP_SLACK: u64 = 16 << 20;
 #[derive(Debug, Clone, Copy)]
 struct Figures {
     iops: f64,
-    mib_s: f64,
+    mb_s: f64,
     p50_us: f64,
     p99_us: f64,
 }
@@ -177,7 +186,7 @@ fn drive(socket: &Path, w: Workload, seconds: f64) -> Result<Figures> {
     let iops = done as f64 / elapsed;
     Ok(Figures {
         iops,
-        mib_s: iops * w.block as f64 / f64::from(1u32 << 20),
+        mb_s: iops * w.block as f64 / 1e6,
         p50_us: pct(500),
         p99_us: pct(990),
     })
@@ -242,6 +251,23 @@ fn preallocate(path: &Path, bytes: u64) -> Result<()> {
     Ok(())
 }
 
+/// The backings compared: softcard's device kind against what
+/// qemu-storage-daemon offers for the same job.
+const BACKINGS: [(&str, &str); 3] = [
+    (
+        "null",
+        "softcard null device vs qsd null-co (read-zeroes=on)",
+    ),
+    (
+        "ram",
+        "softcard ram device vs qsd file on tmpfs (aio=io_uring)",
+    ),
+    (
+        "tmpfs-file",
+        "softcard file on tmpfs vs qsd file on tmpfs (aio=io_uring)",
+    ),
+];
+
 /// `softcard bench storage`.
 pub fn storage(a: &StorageBenchArgs) -> Result<()> {
     let dir = tempfile::Builder::new()
@@ -251,38 +277,51 @@ pub fn storage(a: &StorageBenchArgs) -> Result<()> {
         .prefix("softcard-bench")
         .tempdir_in(&a.tmpfs)
         .with_context(|| format!("tmpfs directory {}", a.tmpfs.display()))?;
-    println!("# softcard bench storage: libblkio virtio-blk-vhost-user client, {} s per cell, {} queue(s)", a.seconds, a.queues);
-    println!("| backing | workload | softcard IOPS | qsd IOPS | softcard/qsd | softcard MiB/s | qsd MiB/s | softcard p50/p99 us | qsd p50/p99 us |");
+    println!(
+        "# softcard bench storage: libblkio virtio-blk-vhost-user client, {} s per cell, {} queue(s)",
+        a.seconds, a.queues
+    );
+    for (name, what) in BACKINGS {
+        println!("#   {name}: {what}");
+    }
+    println!("| backing | workload | softcard IOPS | qsd IOPS | softcard/qsd | softcard MB/s | qsd MB/s | softcard p50/p99 us | qsd p50/p99 us |");
     println!("|---|---|---:|---:|---:|---:|---:|---:|---:|");
-    for backing in ["null", "tmpfs-file"] {
-        let (dev, blockdev) = match backing {
-            "null" => (
-                DeviceConfig {
-                    name: "bench".into(),
-                    kind: DeviceKind::Null,
-                    path: None,
-                    size_bytes: Some(VOLUME_BYTES + MAP_SLACK),
-                },
-                format!("driver=null-co,node-name=disk0,size={VOLUME_BYTES},read-zeroes=on"),
-            ),
+    let wanted =
+        |name: &str, filter: &Option<String>| filter.as_deref().is_none_or(|f| name.contains(f));
+    for (backing, _) in BACKINGS.into_iter().filter(|(b, _)| wanted(b, &a.backing)) {
+        let qsd_img = shm.path().join("qsd.img");
+        let dev = match backing {
+            "null" => DeviceConfig {
+                name: "bench".into(),
+                kind: DeviceKind::Null,
+                path: None,
+                size_bytes: Some(VOLUME_BYTES + MAP_SLACK),
+            },
+            "ram" => DeviceConfig {
+                name: "bench".into(),
+                kind: DeviceKind::Ram,
+                path: None,
+                size_bytes: Some(VOLUME_BYTES + MAP_SLACK),
+            },
             _ => {
                 let ours = shm.path().join("softcard.img");
-                let theirs = shm.path().join("qsd.img");
                 preallocate(&ours, VOLUME_BYTES + MAP_SLACK)?;
-                preallocate(&theirs, VOLUME_BYTES)?;
-                (
-                    DeviceConfig {
-                        name: "bench".into(),
-                        kind: DeviceKind::File,
-                        path: Some(ours),
-                        size_bytes: None,
-                    },
-                    format!(
-                        "driver=file,node-name=disk0,filename={},aio=io_uring",
-                        theirs.display()
-                    ),
-                )
+                DeviceConfig {
+                    name: "bench".into(),
+                    kind: DeviceKind::File,
+                    path: Some(ours),
+                    size_bytes: None,
+                }
             }
+        };
+        let blockdev = if backing == "null" {
+            format!("driver=null-co,node-name=disk0,size={VOLUME_BYTES},read-zeroes=on")
+        } else {
+            preallocate(&qsd_img, VOLUME_BYTES)?;
+            format!(
+                "driver=file,node-name=disk0,filename={},aio=io_uring",
+                qsd_img.display()
+            )
         };
         let card = StorageCard::open(&[dev])?;
         card.create_volume("bench", "bench", VOLUME_BYTES)?;
@@ -294,20 +333,46 @@ pub fn storage(a: &StorageBenchArgs) -> Result<()> {
                 queues: a.queues,
             },
         )?;
+        // Same starting state for both: written once end to end is not
+        // needed for null; for ram and files both start zero-filled.
         let theirs = dir.path().join(format!("qsd-{backing}.sock"));
-        let qsd = start_qsd(&a.qsd, &blockdev, &theirs, a.queues)?;
-        for w in WORKLOADS {
+        let qsd = if a.softcard_only {
+            None
+        } else {
+            Some(start_qsd(&a.qsd, &blockdev, &theirs, a.queues)?)
+        };
+        for w in WORKLOADS
+            .into_iter()
+            .filter(|w| wanted(w.name, &a.workload))
+        {
             let s = drive(&ours, w, a.seconds)
                 .with_context(|| format!("softcard {backing} {}", w.name))?;
+            let Some(_) = &qsd else {
+                println!(
+                    "| {backing} | {} | {:.0} | - | - | {:.0} | - | {:.0}/{:.0} | - |",
+                    w.name, s.iops, s.mb_s, s.p50_us, s.p99_us
+                );
+                continue;
+            };
             let q = drive(&theirs, w, a.seconds)
                 .with_context(|| format!("qsd {backing} {}", w.name))?;
             println!(
                 "| {backing} | {} | {:.0} | {:.0} | {:.2} | {:.0} | {:.0} | {:.0}/{:.0} | {:.0}/{:.0} |",
-                w.name, s.iops, q.iops, s.iops / q.iops, s.mib_s, q.mib_s, s.p50_us, s.p99_us, q.p50_us, q.p99_us
+                w.name,
+                s.iops,
+                q.iops,
+                s.iops / q.iops,
+                s.mb_s,
+                q.mb_s,
+                s.p50_us,
+                s.p99_us,
+                q.p50_us,
+                q.p99_us
             );
         }
         drop(qsd);
         card.shutdown();
+        let _ = std::fs::remove_file(&qsd_img);
     }
     Ok(())
 }

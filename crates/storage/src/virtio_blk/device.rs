@@ -86,6 +86,11 @@ pub(crate) fn completion_event(num_queues: u16) -> u64 {
     u64::from(num_queues) + 1
 }
 
+/// Event id of a worker's resume event (see [`completion_event`]).
+pub(crate) fn resume_event(num_queues: u16) -> u64 {
+    u64::from(num_queues) + 2
+}
+
 fn config_space(size: u64, num_queues: u16) -> Vec<u8> {
     let mut c = vec![0u8; 60];
     c[0..8].copy_from_slice(&(size / SECTOR_BYTES).to_le_bytes()); // capacity
@@ -133,7 +138,7 @@ impl BlkBackend {
                 range,
                 serial(&target.name),
                 metrics.clone(),
-            )));
+            )?));
             exits.push(new_event_consumer_and_notifier(EventFlag::NONBLOCK)?);
         }
         Ok(BlkBackend {
@@ -160,6 +165,10 @@ impl BlkBackend {
     /// asynchronously.
     pub(crate) fn completion_fd(&self, i: usize) -> Option<std::os::fd::RawFd> {
         self.worker(i).completion_fd()
+    }
+
+    pub(crate) fn resume_fd(&self, i: usize) -> std::os::fd::RawFd {
+        self.worker(i).resume_fd()
     }
 
     /// Waits for every request in flight, on every queue.
@@ -280,6 +289,7 @@ impl VhostUserBackend for BlkBackend {
         };
         let event_idx = self.inner.event_idx.load(Ordering::Relaxed);
         let completion = u64::from(device_event) == completion_event(self.inner.num_queues);
+        let resume = u64::from(device_event) == resume_event(self.inner.num_queues);
         // A panic stays in this interface: it is logged, the interface is
         // marked failed, and the daemon and other volumes carry on.
         let outcome = catch_unwind(AssertUnwindSafe(|| {
@@ -287,6 +297,8 @@ impl VhostUserBackend for BlkBackend {
             let mut vr = vring.get_mut();
             if completion {
                 w.on_completion(&mut vr, &self.inner.mem, event_idx)
+            } else if resume {
+                w.on_resume(&mut vr, &self.inner.mem, event_idx)
             } else {
                 w.run(&mut vr, &self.inner.mem, event_idx)
             }

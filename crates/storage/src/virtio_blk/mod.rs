@@ -252,6 +252,10 @@ fn serve(
                     warn!("{name}: cannot watch completions of queue {i}: {e}");
                 }
             }
+            let fd = backend.resume_fd(i);
+            if let Err(e) = h.register_listener(fd, EventSet::IN, device::resume_event(queues)) {
+                warn!("{name}: cannot watch the resume event of queue {i}: {e}");
+            }
         }
         if !shared.failed.load(Ordering::Relaxed) {
             set_state(shared, InterfaceState::Listening);
@@ -278,7 +282,10 @@ fn serve(
             set_state(shared, InterfaceState::Failed);
         }
         match result {
-            Ok(()) => info!("{name}: frontend disconnected"),
+            Ok(())
+            | Err(vhost_user_backend::Error::HandleRequest(
+                vhost::vhost_user::Error::Disconnected,
+            )) => info!("{name}: frontend disconnected"),
             Err(e) if !shared.stop.load(Ordering::SeqCst) => warn!("{name}: connection ended: {e}"),
             Err(_) => {}
         }

@@ -4,7 +4,9 @@
 //! notify the guest.
 
 use std::io;
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use log::{debug, warn};
 use vhost_user_backend::VringState;
@@ -15,12 +17,18 @@ use virtio_queue::QueueT;
 use vm_memory::{
     Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
 };
+use vmm_sys_util::eventfd::EventFd;
 
 use super::metrics::BlkMetrics;
 use super::request::{self, Refused, Request, RequestError, RequestKind, Segment, ID_BYTES};
 use crate::device::{DeviceQueue, IoCompletion, IoOp, IoRequest, MAX_SEGMENTS};
 
 type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
+
+/// How long a queue keeps polling its ring after the last activity.
+const POLL_WINDOW: Duration = Duration::from_micros(50);
+/// Longest stretch one call stays in the loop before going back to epoll.
+const POLL_BUDGET: Duration = Duration::from_millis(2);
 
 /// A request handed to the device and not yet completed.
 #[derive(Debug)]
@@ -68,6 +76,8 @@ pub(crate) struct QueueWorker {
     /// Set when the guest broke the queue's invariants; the queue then
     /// stops until the device is reset.
     broken: bool,
+    /// Signalled when the worker yields with work pending.
+    resume: EventFd,
 }
 
 // SAFETY: the iovec scratch vector holds plain addresses that are only
@@ -81,8 +91,8 @@ impl QueueWorker {
         range: VolumeRange,
         id: [u8; ID_BYTES],
         metrics: Arc<BlkMetrics>,
-    ) -> Self {
-        QueueWorker {
+    ) -> io::Result<Self> {
+        Ok(QueueWorker {
             dev,
             range,
             id,
@@ -94,11 +104,28 @@ impl QueueWorker {
             segments: Vec::with_capacity(request::MAX_DESCRIPTORS),
             iov: Vec::with_capacity(MAX_SEGMENTS),
             broken: false,
-        }
+            resume: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
+        })
     }
 
     pub(crate) fn completion_fd(&self) -> Option<std::os::fd::RawFd> {
         self.dev.completion_fd()
+    }
+
+    /// Event the worker signals itself to continue after yielding.
+    pub(crate) fn resume_fd(&self) -> std::os::fd::RawFd {
+        self.resume.as_raw_fd()
+    }
+
+    /// Continues after a yield.
+    pub(crate) fn on_resume(
+        &mut self,
+        vring: &mut VringState<Mem>,
+        mem: &Mem,
+        event_idx: bool,
+    ) -> io::Result<()> {
+        let _ = self.resume.read();
+        self.run(vring, mem, event_idx)
     }
 
     pub(crate) fn is_broken(&self) -> bool {
@@ -116,35 +143,62 @@ impl QueueWorker {
         if self.broken || !vring.get_queue().ready() {
             return Ok(());
         }
-        let snapshot = mem.memory().into_inner();
-        let mut used = false;
+        let started = Instant::now();
+        let mut idle_since = started;
         loop {
-            if event_idx {
-                let _ = vring.disable_notification();
-            }
-            used |= self.reap(vring, &snapshot);
+            // Reloaded every round: the frontend may add memory regions
+            // (ADD_MEM_REG) while this loop polls, and requests may use
+            // them as soon as the frontend has its reply.
+            let snapshot = mem.memory().into_inner();
+            // While we look at the ring, the driver need not kick.
+            let _ = vring.disable_notification();
+            let before = vring.get_queue().next_avail();
+            let mut used = self.reap(vring, &snapshot);
             used |= self.pop_all(vring, &snapshot);
             self.dev.submit()?;
             used |= self.reap(vring, &snapshot);
-            if self.broken || self.free.is_empty() {
-                // Slots free up on completion; the completion event calls
-                // back in, so there is no need to spin here.
+            if used {
+                self.notify(vring, &snapshot, event_idx);
+            }
+            if self.broken {
                 break;
             }
-            if !event_idx {
+            let now = Instant::now();
+            if used || vring.get_queue().next_avail() != before {
+                idle_since = now;
+            }
+            // Adaptive polling: keep watching the ring (and the device)
+            // for a short while after the last activity, as QEMU's
+            // iothreads do, so that a busy driver needs no kicks and a
+            // busy device no wake-ups. Bounded so that the control thread
+            // gets the vring lock regularly.
+            let polling = now.duration_since(idle_since) < POLL_WINDOW;
+            if polling && now.duration_since(started) < POLL_BUDGET {
+                std::hint::spin_loop();
+                continue;
+            }
+            if self.free.is_empty() {
+                // Slots free up on completion; the completion event calls
+                // back in.
                 break;
             }
             match vring.enable_notification() {
-                Ok(true) => continue,
                 Ok(false) => break,
+                Ok(true) if now.duration_since(started) < POLL_BUDGET => continue,
+                Ok(true) => {
+                    // Work is pending but the budget is spent: wake
+                    // ourselves through the epoll loop, after whatever the
+                    // control thread is waiting to do.
+                    if let Err(e) = self.resume.write(1) {
+                        warn!("resume event: {e}");
+                    }
+                    break;
+                }
                 Err(e) => {
                     self.mark_broken(&format!("enable_notification: {e}"));
                     break;
                 }
             }
-        }
-        if used {
-            self.notify(vring);
         }
         Ok(())
     }
@@ -158,7 +212,7 @@ impl QueueWorker {
     ) -> io::Result<()> {
         let snapshot = mem.memory().into_inner();
         if self.reap(vring, &snapshot) {
-            self.notify(vring);
+            self.notify(vring, &snapshot, event_idx);
         }
         // Requests may have waited for a free slot.
         self.run(vring, mem, event_idx)
@@ -191,7 +245,8 @@ impl QueueWorker {
             self.completions = done;
         }
         if let Some(vr) = vring {
-            self.notify(vr);
+            // Draining ends the queue: signal regardless of suppression.
+            self.notify(vr, &snapshot, true);
         }
     }
 
@@ -202,7 +257,17 @@ impl QueueWorker {
         self.broken = true;
     }
 
-    fn notify(&self, vring: &mut VringState<Mem>) {
+    fn notify(&self, vring: &mut VringState<Mem>, mem: &GuestMemoryMmap, event_idx: bool) {
+        // Without EVENT_IDX the driver may ask for no interrupts
+        // (VRING_AVAIL_F_NO_INTERRUPT) while it polls the used ring.
+        if !event_idx {
+            let flags: u16 = mem
+                .read_obj(GuestAddress(vring.get_queue().avail_ring()))
+                .unwrap_or(0);
+            if flags & 1 != 0 {
+                return;
+            }
+        }
         if vring.needs_notification().unwrap_or(true) {
             BlkMetrics::inc(&self.metrics.notifications);
             if let Err(e) = vring.signal_used_queue() {
