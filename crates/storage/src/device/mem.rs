@@ -127,7 +127,9 @@ impl fmt::Debug for RamDevice {
 }
 
 impl RamDevice {
-    /// Maps `capacity` bytes of lazily allocated anonymous memory.
+    /// Maps and populates `capacity` bytes of anonymous memory: a ram
+    /// device holds its memory from the start, so that first writes do not
+    /// pay page faults and running out of memory shows at startup.
     pub fn new(name: &str, capacity: u64) -> io::Result<Self> {
         let len = usize::try_from(capacity)
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "ram size too large"))?;
@@ -137,13 +139,13 @@ impl RamDevice {
                 "ram size is zero",
             ));
         }
-        // SAFETY: an anonymous private mapping touches no existing memory.
+        // SAFETY: a new anonymous private mapping touches no existing memory.
         let base = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
                 len,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
                 -1,
                 0,
             )

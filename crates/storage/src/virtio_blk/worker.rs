@@ -15,7 +15,8 @@ use virtio_bindings::bindings::virtio_blk::{
 };
 use virtio_queue::QueueT;
 use vm_memory::{
-    Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
+    Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend,
+    GuestMemoryMmap, GuestMemoryRegion,
 };
 use vmm_sys_util::eventfd::EventFd;
 
@@ -40,6 +41,47 @@ struct Inflight {
     /// Keeps the guest memory mapping alive while the device may still
     /// write into it, even if the frontend replaces the memory table.
     mem: Arc<GuestMemoryMmap>,
+}
+
+/// Appends the host iovecs of one guest segment: one when the segment lies
+/// in a single memory region (the common case, without building slice
+/// iterators), several when it spans regions.
+fn push_iovecs(
+    iov: &mut Vec<libc::iovec>,
+    mem: &GuestMemoryMmap,
+    s: Segment,
+) -> Result<(), RequestError> {
+    let len = s.len as usize;
+    if let Some((region, at)) = GuestMemoryBackend::to_region_addr(mem, s.addr) {
+        let fits = at
+            .raw_value()
+            .checked_add(u64::from(s.len))
+            .is_some_and(|end| end <= region.len());
+        if fits {
+            let host = region
+                .get_host_address(at)
+                .map_err(|_| RequestError::BadAddress)?;
+            if iov.len() == MAX_SEGMENTS {
+                return Err(RequestError::TooLong);
+            }
+            iov.push(libc::iovec {
+                iov_base: host.cast(),
+                iov_len: len,
+            });
+            return Ok(());
+        }
+    }
+    for slice in GuestMemoryBackend::get_slices(mem, s.addr, len) {
+        let slice = slice.map_err(|_| RequestError::BadAddress)?;
+        if iov.len() == MAX_SEGMENTS {
+            return Err(RequestError::TooLong);
+        }
+        iov.push(libc::iovec {
+            iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+            iov_len: slice.len(),
+        });
+    }
+    Ok(())
 }
 
 /// A request ready for the used ring.
@@ -369,37 +411,21 @@ impl QueueWorker {
         // several memory regions).
         self.iov.clear();
         if matches!(op, IoOp::Read | IoOp::Write) {
+            let mut error = None;
             for s in &self.segments {
-                for slice in GuestMemoryBackend::get_slices(mem.as_ref(), s.addr, s.len as usize) {
-                    let Ok(slice) = slice else {
-                        self.refuse(
-                            vring,
-                            mem,
-                            &Refused {
-                                head: req.head,
-                                status: Some(req.status),
-                                error: RequestError::BadAddress,
-                            },
-                        );
-                        return true;
-                    };
-                    if self.iov.len() == MAX_SEGMENTS {
-                        self.refuse(
-                            vring,
-                            mem,
-                            &Refused {
-                                head: req.head,
-                                status: Some(req.status),
-                                error: RequestError::TooLong,
-                            },
-                        );
-                        return true;
-                    }
-                    self.iov.push(libc::iovec {
-                        iov_base: slice.ptr_guard_mut().as_ptr().cast(),
-                        iov_len: slice.len(),
-                    });
+                if let Err(e) = push_iovecs(&mut self.iov, mem, *s) {
+                    error = Some(e);
+                    break;
                 }
+            }
+            if let Some(error) = error {
+                let refused = Refused {
+                    head: req.head,
+                    status: Some(req.status),
+                    error,
+                };
+                self.refuse(vring, mem, &refused);
+                return true;
             }
         }
         let tag = self.free.pop().expect("caller checked for a free slot");
