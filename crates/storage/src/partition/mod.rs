@@ -67,7 +67,7 @@ pub enum PartitionError {
     InvalidSize(u64),
     /// No free extent is large enough.
     #[error(
-        "device {device}: no free extent of {requested} B (largest free extent: {largest_free} B)"
+        "device {device}: not enough free space for {requested} B (largest free extent: {largest_free} B)"
     )]
     NoSpace {
         /// Device name.
