@@ -28,6 +28,8 @@ type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
 
 /// How long a queue keeps polling its ring after the last activity.
 const POLL_WINDOW: Duration = Duration::from_micros(50);
+/// Requests popped between two submissions to the device within one run.
+const SUBMIT_BATCH: usize = 8;
 /// Longest stretch one call stays in the loop before going back to epoll.
 const POLL_BUDGET: Duration = Duration::from_millis(2);
 
@@ -196,7 +198,7 @@ impl QueueWorker {
             let _ = vring.disable_notification();
             let before = vring.get_queue().next_avail();
             let mut used = self.reap(vring, &snapshot);
-            used |= self.pop_all(vring, &snapshot);
+            used |= self.pop_all(vring, &snapshot, event_idx);
             self.dev.submit()?;
             used |= self.reap(vring, &snapshot);
             if used {
@@ -320,7 +322,12 @@ impl QueueWorker {
 
     /// Pops and starts requests while slots are free. Returns whether any
     /// request was completed at once.
-    fn pop_all(&mut self, vring: &mut VringState<Mem>, mem: &Arc<GuestMemoryMmap>) -> bool {
+    fn pop_all(
+        &mut self,
+        vring: &mut VringState<Mem>,
+        mem: &Arc<GuestMemoryMmap>,
+        event_idx: bool,
+    ) -> bool {
         let mut used = false;
         // A frontend that moves avail->idx more than a queue's worth ahead
         // of us has broken the ring (virtio 2.7.13.3); stop this queue.
@@ -332,10 +339,20 @@ impl QueueWorker {
                 return false;
             }
         }
+        let mut popped = 0usize;
         while !self.free.is_empty() {
             let Some(chain) = vring.get_queue_mut().pop_descriptor_chain(mem.as_ref()) else {
                 break;
             };
+            popped += 1;
+            if popped % SUBMIT_BATCH == 0 {
+                // Long runs of requests: hand what we have to the device
+                // and the finished ones back to the driver, so both start
+                // working while we parse the rest.
+                if self.dev.submit().is_ok() && self.reap(vring, mem) {
+                    self.notify(vring, mem, event_idx);
+                }
+            }
             let parsed = request::parse(chain, mem.as_ref(), self.range.size, &mut self.segments);
             match parsed {
                 Ok(req) => used |= self.start(vring, mem, req),
