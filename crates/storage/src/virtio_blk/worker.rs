@@ -345,7 +345,7 @@ impl QueueWorker {
                 break;
             };
             popped += 1;
-            if popped % SUBMIT_BATCH == 0 {
+            if popped.is_multiple_of(SUBMIT_BATCH) {
                 // Long runs of requests: hand what we have to the device
                 // and the finished ones back to the driver, so both start
                 // working while we parse the rest.
