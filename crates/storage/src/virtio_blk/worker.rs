@@ -30,6 +30,8 @@ type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
 const POLL_WINDOW: Duration = Duration::from_micros(50);
 /// Requests popped between two submissions to the device within one run.
 const SUBMIT_BATCH: usize = 8;
+/// Data bytes popped between two submissions within one run.
+const SUBMIT_BATCH_BYTES: u64 = 128 << 10;
 /// Longest stretch one call stays in the loop before going back to epoll.
 const POLL_BUDGET: Duration = Duration::from_millis(2);
 
@@ -339,26 +341,30 @@ impl QueueWorker {
                 return false;
             }
         }
-        let mut popped = 0usize;
+        let (mut batch, mut batch_bytes) = (0usize, 0u64);
         while !self.free.is_empty() {
             let Some(chain) = vring.get_queue_mut().pop_descriptor_chain(mem.as_ref()) else {
                 break;
             };
-            popped += 1;
-            if popped.is_multiple_of(SUBMIT_BATCH) {
-                // Long runs of requests: hand what we have to the device
-                // and the finished ones back to the driver, so both start
-                // working while we parse the rest.
-                if self.dev.submit().is_ok() && self.reap(vring, mem) {
-                    self.notify(vring, mem, event_idx);
-                }
-            }
             let parsed = request::parse(chain, mem.as_ref(), self.range.size, &mut self.segments);
             match parsed {
-                Ok(req) => used |= self.start(vring, mem, req),
+                Ok(req) => {
+                    batch_bytes += req.len;
+                    used |= self.start(vring, mem, req);
+                }
                 Err(refused) => {
                     self.refuse(vring, mem, &refused);
                     used = true;
+                }
+            }
+            batch += 1;
+            if batch == SUBMIT_BATCH || batch_bytes >= SUBMIT_BATCH_BYTES {
+                // Long runs of requests: hand what we have to the device
+                // and the finished ones back to the driver, so both start
+                // working while we parse the rest.
+                (batch, batch_bytes) = (0, 0);
+                if self.dev.submit().is_ok() && self.reap(vring, mem) {
+                    self.notify(vring, mem, event_idx);
                 }
             }
         }
