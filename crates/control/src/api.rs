@@ -11,6 +11,7 @@
 //! | DELETE | /v1/volumes/{name}           | delete an unattached volume  |
 //! | POST   | /v1/volumes/{name}/attach    | start a vhost-user-blk iface |
 //! | POST   | /v1/volumes/{name}/detach    | stop it                      |
+//! | POST   | /v1/volumes/{name}/qos       | change throttle limits live  |
 //!
 //! Errors are `{"error": "..."}` with 400 (bad request), 404 (no such
 //! thing), 409 (conflicts with the current state) or 503 (device
@@ -26,6 +27,7 @@ use std::thread::JoinHandle;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use softcard_storage::partition::PartitionError;
+use softcard_storage::qos::QosLimits;
 use softcard_storage::virtio_blk::BlkError;
 use softcard_storage::{AttachOptions, CardError, StorageCard};
 
@@ -176,7 +178,7 @@ fn card_error(e: &CardError) -> Response {
             _ => 500,
         },
         CardError::Attached(_) | CardError::NotAttached(_) | CardError::SocketInUse(..) => 409,
-        CardError::Interface(BlkError::Queues(_)) => 400,
+        CardError::Interface(BlkError::Queues(_) | BlkError::Qos(_)) => 400,
         CardError::Interface(BlkError::Listen { .. }) => 409,
         CardError::Interface(_) | CardError::DuplicateDevice(_) => 500,
     };
@@ -205,6 +207,8 @@ struct Attach {
     socket: PathBuf,
     #[serde(default)]
     queues: Option<u16>,
+    #[serde(default)]
+    qos: QosLimits,
 }
 
 fn parse_body<T: for<'de> Deserialize<'de>>(req: &Request) -> Result<T, Response> {
@@ -245,8 +249,15 @@ pub fn handle(card: &StorageCard, req: &Request) -> Response {
             let opts = AttachOptions {
                 socket: b.socket,
                 queues: b.queues.unwrap_or(DEFAULT_QUEUES),
+                qos: b.qos,
             };
             card.attach(name, &opts)
+                .map(|v| json_response(200, &v))
+                .map_err(|e| card_error(&e))
+        }
+        ("POST", ["v1", "volumes", name, "qos"]) => {
+            let q: QosLimits = parse_body(req)?;
+            card.set_qos(name, q)
                 .map(|v| json_response(200, &v))
                 .map_err(|e| card_error(&e))
         }
@@ -259,7 +270,7 @@ pub fn handle(card: &StorageCard, req: &Request) -> Response {
             ["v1", "devices"]
             | ["v1", "volumes"]
             | ["v1", "volumes", _]
-            | ["v1", "volumes", _, "attach" | "detach"],
+            | ["v1", "volumes", _, "attach" | "detach" | "qos"],
         ) => Err(error(
             405,
             &format!("method {m} not allowed on {}", req.path),

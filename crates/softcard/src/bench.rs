@@ -331,6 +331,7 @@ pub fn storage(a: &StorageBenchArgs) -> Result<()> {
             &AttachOptions {
                 socket: ours.clone(),
                 queues: a.queues,
+                qos: Default::default(),
             },
         )?;
         // Same starting state for both: written once end to end is not

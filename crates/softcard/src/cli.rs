@@ -103,6 +103,18 @@ enum VolumeCmd {
         #[arg(long, default_value_t = 1)]
         queues: u16,
         #[command(flatten)]
+        qos: QosArgs,
+        #[command(flatten)]
+        api: ApiArg,
+    },
+    /// Change an attached volume's throttle limits live (no limits given:
+    /// unlimited).
+    SetQos {
+        /// Volume name.
+        name: String,
+        #[command(flatten)]
+        qos: QosArgs,
+        #[command(flatten)]
         api: ApiArg,
     },
     /// End a volume's interface.
@@ -112,6 +124,40 @@ enum VolumeCmd {
         #[command(flatten)]
         api: ApiArg,
     },
+}
+
+/// Throttle limits of an interface.
+#[derive(Debug, Args)]
+struct QosArgs {
+    /// Requests per second.
+    #[arg(long)]
+    iops: Option<u64>,
+    /// Burst allowance in requests (default: 0.1 s worth).
+    #[arg(long)]
+    iops_burst: Option<u64>,
+    /// Data bytes per second, such as 100MiB.
+    #[arg(long)]
+    bps: Option<String>,
+    /// Burst allowance in bytes (default: 0.1 s worth).
+    #[arg(long)]
+    bps_burst: Option<String>,
+}
+
+impl QosArgs {
+    fn to_json(&self) -> Result<Value> {
+        let size = |s: &Option<String>| -> Result<Option<u64>> {
+            s.as_deref()
+                .map(parse_size)
+                .transpose()
+                .map_err(anyhow::Error::msg)
+        };
+        Ok(json!({
+            "iops": self.iops,
+            "iops_burst": self.iops_burst,
+            "bytes_per_sec": size(&self.bps)?,
+            "bytes_burst": size(&self.bps_burst)?,
+        }))
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -248,17 +294,27 @@ fn volume(cmd: VolumeCmd) -> Result<()> {
             client(&api).call("DELETE", &format!("/v1/volumes/{}", path_seg(&name)?), None)?;
             println!("deleted volume {name}");
         }
+        VolumeCmd::SetQos { name, qos, api } => {
+            let v = client(&api).call(
+                "POST",
+                &format!("/v1/volumes/{}/qos", path_seg(&name)?),
+                Some(&qos.to_json()?),
+            )?;
+            println!("volume {name}: qos {}", v["attachment"]["qos"]);
+        }
         VolumeCmd::Attach {
             name,
             socket,
             queues,
+            qos,
             api,
         } => {
             let socket = absolute(&socket)?;
+            let body = json!({ "socket": socket, "queues": queues, "qos": qos.to_json()? });
             let v = client(&api).call(
                 "POST",
                 &format!("/v1/volumes/{}/attach", path_seg(&name)?),
-                Some(&json!({ "socket": socket, "queues": queues })),
+                Some(&body),
             )?;
             let a = v.get("attachment").cloned().unwrap_or(Value::Null);
             println!(

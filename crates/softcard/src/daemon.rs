@@ -117,6 +117,7 @@ pub fn up(data_dir: Option<PathBuf>) -> Result<()> {
         &AttachOptions {
             socket: socket.clone(),
             queues: 1,
+            qos: Default::default(),
         },
     )?;
     let api = ApiServer::start(card.clone(), &cfg.api_socket)?;

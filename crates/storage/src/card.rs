@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use crate::device::{self, DeviceConfig, PhysicalDevice};
 use crate::partition::{PartitionError, PartitionMap, Volume};
+use crate::qos::QosLimits;
 use crate::virtio_blk::{Attachment, BlkError, BlkMetricsSnapshot, BlkTarget, InterfaceState};
 
 /// Errors of card operations; none leaves anything half done.
@@ -55,6 +56,8 @@ pub struct AttachOptions {
     pub socket: PathBuf,
     /// Virtqueues offered.
     pub queues: u16,
+    /// Throttle limits.
+    pub qos: QosLimits,
 }
 
 /// A device as listed by the API.
@@ -85,6 +88,8 @@ pub struct AttachmentInfo {
     pub queues: u16,
     /// State.
     pub state: InterfaceState,
+    /// Throttle limits.
+    pub qos: QosLimits,
     /// Counters.
     pub metrics: BlkMetricsSnapshot,
 }
@@ -214,6 +219,7 @@ impl StorageCard {
             socket: a.socket().display().to_string(),
             queues: a.queues(),
             state: a.state(),
+            qos: a.qos(),
             metrics: a.metrics(),
         });
         VolumeInfo {
@@ -327,10 +333,23 @@ impl StorageCard {
             offset: v.offset_bytes,
             size: v.size_bytes,
         };
-        let a = Attachment::start(target, &opts.socket, opts.queues)?;
+        let a = Attachment::start(target, &opts.socket, opts.queues, opts.qos)?;
         st.attachments.insert(name.to_owned(), a);
         let device = st.devices[i].config.name.clone();
         Ok(Self::info(&st, &device, v))
+    }
+
+    /// Changes the throttle limits of an attached volume, live.
+    pub fn set_qos(&self, name: &str, qos: QosLimits) -> Result<VolumeInfo, CardError> {
+        let st = self.lock();
+        let (i, v) =
+            Self::find_volume(&st, name).ok_or_else(|| CardError::UnknownVolume(name.into()))?;
+        let a = st
+            .attachments
+            .get(name)
+            .ok_or_else(|| CardError::NotAttached(name.into()))?;
+        a.set_qos(qos)?;
+        Ok(Self::info(&st, &st.devices[i].config.name, v))
     }
 
     /// Ends a volume's interface.

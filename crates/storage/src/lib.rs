@@ -11,6 +11,7 @@ pub mod device;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
 pub mod partition;
+pub mod qos;
 pub mod virtio_blk;
 
 pub use card::{AttachOptions, CardError, StorageCard};

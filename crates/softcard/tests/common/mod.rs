@@ -232,6 +232,63 @@ impl Client {
     }
 }
 
+impl Client {
+    /// Keeps `depth` reads of `block` bytes in flight on queue `q` for
+    /// `dur`, then drains; returns (completions, elapsed from the first
+    /// submission to the last completion). Every request must succeed.
+    pub fn load(&mut self, q: usize, depth: usize, block: usize, dur: Duration) -> (u64, Duration) {
+        assert!(depth * block <= REGION_BYTES);
+        let blocks = self.capacity / block as u64;
+        let base = self.region.addr;
+        let start = Instant::now();
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % blocks) * block as u64
+        };
+        for slot in 0..depth {
+            self.queues[q].read(
+                next(),
+                (base + slot * block) as *mut u8,
+                block,
+                slot,
+                ReqFlags::empty(),
+            );
+        }
+        let mut inflight = depth;
+        let mut done = 0u64;
+        let mut comps: Vec<MaybeUninit<Completion>> =
+            (0..depth).map(|_| MaybeUninit::uninit()).collect();
+        while inflight > 0 {
+            let n = self.queues[q]
+                .do_io(&mut comps, 1, None, None)
+                .expect("do_io");
+            let more = start.elapsed() < dur;
+            for c in &comps[..n] {
+                // SAFETY: do_io initialised the first n completions.
+                let c = unsafe { c.assume_init_ref() };
+                assert_eq!(c.ret, 0, "a request failed");
+                done += 1;
+                inflight -= 1;
+                if more {
+                    let slot = c.user_data;
+                    self.queues[q].read(
+                        next(),
+                        (base + slot * block) as *mut u8,
+                        block,
+                        slot,
+                        ReqFlags::empty(),
+                    );
+                    inflight += 1;
+                }
+            }
+        }
+        (done, start.elapsed())
+    }
+}
+
 /// A deterministic byte pattern keyed by `seed`.
 pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;

@@ -26,7 +26,7 @@ use vmm_sys_util::event::{
 
 use super::metrics::BlkMetrics;
 use super::request::{ID_BYTES, MAX_RANGES, SECTOR_BYTES};
-use super::worker::{QueueWorker, VolumeRange};
+use super::worker::{QueueWorker, SharedThrottle, VolumeRange};
 use crate::device::PhysicalDevice;
 
 pub(crate) type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
@@ -86,6 +86,11 @@ pub(crate) fn completion_event(num_queues: u16) -> u64 {
     u64::from(num_queues) + 1
 }
 
+/// Event id of a worker's throttle timer (see [`completion_event`]).
+pub(crate) fn timer_event(num_queues: u16) -> u64 {
+    u64::from(num_queues) + 3
+}
+
 /// Event id of a worker's resume event (see [`completion_event`]).
 pub(crate) fn resume_event(num_queues: u16) -> u64 {
     u64::from(num_queues) + 2
@@ -118,11 +123,12 @@ fn serial(name: &str) -> [u8; ID_BYTES] {
 
 impl BlkBackend {
     /// Builds the backend with one worker (and device queue) per virtqueue.
-    pub fn new(
+    pub(crate) fn new(
         target: &BlkTarget,
         num_queues: u16,
         mem: Mem,
         metrics: Arc<BlkMetrics>,
+        throttle: Arc<SharedThrottle>,
     ) -> io::Result<Self> {
         let range = VolumeRange {
             offset: target.offset,
@@ -138,6 +144,7 @@ impl BlkBackend {
                 range,
                 serial(&target.name),
                 metrics.clone(),
+                throttle.clone(),
             )?));
             exits.push(new_event_consumer_and_notifier(EventFlag::NONBLOCK)?);
         }
@@ -165,6 +172,10 @@ impl BlkBackend {
     /// asynchronously.
     pub(crate) fn completion_fd(&self, i: usize) -> Option<std::os::fd::RawFd> {
         self.worker(i).completion_fd()
+    }
+
+    pub(crate) fn timer_fd(&self, i: usize) -> std::os::fd::RawFd {
+        self.worker(i).timer_fd()
     }
 
     pub(crate) fn resume_fd(&self, i: usize) -> std::os::fd::RawFd {
@@ -290,6 +301,7 @@ impl VhostUserBackend for BlkBackend {
         let event_idx = self.inner.event_idx.load(Ordering::Relaxed);
         let completion = u64::from(device_event) == completion_event(self.inner.num_queues);
         let resume = u64::from(device_event) == resume_event(self.inner.num_queues);
+        let timer = u64::from(device_event) == timer_event(self.inner.num_queues);
         // A panic stays in this interface: it is logged, the interface is
         // marked failed, and the daemon and other volumes carry on.
         let outcome = catch_unwind(AssertUnwindSafe(|| {
@@ -297,6 +309,8 @@ impl VhostUserBackend for BlkBackend {
             let mut vr = vring.get_mut();
             if completion {
                 w.on_completion(&mut vr, &self.inner.mem, event_idx)
+            } else if timer {
+                w.on_timer(&mut vr, &self.inner.mem, event_idx)
             } else if resume {
                 w.on_resume(&mut vr, &self.inner.mem, event_idx)
             } else {

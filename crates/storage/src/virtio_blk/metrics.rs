@@ -32,6 +32,10 @@ pub struct BlkMetrics {
     pub io_errors: AtomicU64,
     /// Queue notifications sent to the guest.
     pub notifications: AtomicU64,
+    /// Requests that had to wait for the throttle.
+    pub throttled_requests: AtomicU64,
+    /// Total time requests waited for the throttle, in nanoseconds.
+    pub throttled_ns: AtomicU64,
 }
 
 /// A copy of [`BlkMetrics`] at one instant.
@@ -50,6 +54,8 @@ pub struct BlkMetricsSnapshot {
     pub unsupported_requests: u64,
     pub io_errors: u64,
     pub notifications: u64,
+    pub throttled_requests: u64,
+    pub throttled_ns: u64,
 }
 
 impl BlkMetrics {
@@ -79,6 +85,8 @@ impl BlkMetrics {
             unsupported_requests: g(&self.unsupported_requests),
             io_errors: g(&self.io_errors),
             notifications: g(&self.notifications),
+            throttled_requests: g(&self.throttled_requests),
+            throttled_ns: g(&self.throttled_ns),
         }
     }
 }

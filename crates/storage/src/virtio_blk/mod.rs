@@ -26,6 +26,9 @@ use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
+use crate::qos::{QosError, QosLimits};
+use worker::SharedThrottle;
+
 pub use device::{BlkBackend, BlkTarget, MAX_QUEUES, MAX_QUEUE_SIZE};
 pub use metrics::{BlkMetrics, BlkMetricsSnapshot};
 
@@ -43,6 +46,9 @@ pub enum BlkError {
     /// Queue count out of range.
     #[error("queue count {0} out of range 1..={MAX_QUEUES}")]
     Queues(u16),
+    /// Throttle limits refused.
+    #[error(transparent)]
+    Qos(#[from] QosError),
     /// Thread or device setup failed.
     #[error("interface setup: {0}")]
     Setup(#[from] io::Error),
@@ -86,16 +92,24 @@ pub struct Attachment {
     queues: u16,
     shared: Arc<Shared>,
     metrics: Arc<BlkMetrics>,
+    throttle: Arc<SharedThrottle>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl Attachment {
     /// Listens on `socket` (replacing a stale socket file) and serves
     /// `target` with `queues` virtqueues to each frontend that connects.
-    pub fn start(target: BlkTarget, socket: &Path, queues: u16) -> Result<Self, BlkError> {
+    pub fn start(
+        target: BlkTarget,
+        socket: &Path,
+        queues: u16,
+        qos: QosLimits,
+    ) -> Result<Self, BlkError> {
         if queues == 0 || queues > MAX_QUEUES {
             return Err(BlkError::Queues(queues));
         }
+        qos.validate()?;
+        let throttle = Arc::new(SharedThrottle::new(qos));
         let listen_err = |reason: String| BlkError::Listen {
             path: socket.display().to_string(),
             reason,
@@ -131,14 +145,26 @@ impl Attachment {
             queues,
             GuestMemoryAtomic::new(GuestMemoryMmap::new()),
             metrics.clone(),
+            throttle.clone(),
         )?);
         let thread = {
             let shared = shared.clone();
             let metrics = metrics.clone();
+            let throttle = throttle.clone();
             let name = format!("vublk-{}", target.name);
             std::thread::Builder::new()
                 .name(name.clone())
-                .spawn(move || serve(&name, &target, queues, &mut listener, &shared, &metrics))?
+                .spawn(move || {
+                    serve(
+                        &name,
+                        &target,
+                        queues,
+                        &mut listener,
+                        &shared,
+                        &metrics,
+                        &throttle,
+                    )
+                })?
         };
         info!(
             "serving vhost-user-blk on {} ({} queue(s))",
@@ -150,6 +176,7 @@ impl Attachment {
             queues,
             shared,
             metrics,
+            throttle,
             thread: Some(thread),
         })
     }
@@ -172,6 +199,19 @@ impl Attachment {
     /// Counters.
     pub fn metrics(&self) -> BlkMetricsSnapshot {
         self.metrics.snapshot()
+    }
+
+    /// Current throttle limits.
+    pub fn qos(&self) -> QosLimits {
+        self.throttle.limits()
+    }
+
+    /// Changes the throttle limits live; the new buckets start full.
+    pub fn set_qos(&self, qos: QosLimits) -> Result<(), BlkError> {
+        qos.validate()?;
+        self.throttle.set(qos);
+        info!("{}: qos now {qos:?}", self.socket.display());
+        Ok(())
     }
 
     /// Disconnects any frontend, drains in-flight requests, stops the
@@ -223,10 +263,17 @@ fn serve(
     listener: &mut Listener,
     shared: &Shared,
     metrics: &Arc<BlkMetrics>,
+    throttle: &Arc<SharedThrottle>,
 ) {
     while !shared.stop.load(Ordering::SeqCst) {
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let backend = match BlkBackend::new(target, queues, mem.clone(), metrics.clone()) {
+        let backend = match BlkBackend::new(
+            target,
+            queues,
+            mem.clone(),
+            metrics.clone(),
+            throttle.clone(),
+        ) {
             Ok(b) => b,
             Err(e) => {
                 warn!("{name}: cannot open device queues: {e}");
@@ -251,6 +298,10 @@ fn serve(
                 {
                     warn!("{name}: cannot watch completions of queue {i}: {e}");
                 }
+            }
+            let fd = backend.timer_fd(i);
+            if let Err(e) = h.register_listener(fd, EventSet::IN, device::timer_event(queues)) {
+                warn!("{name}: cannot watch the throttle timer of queue {i}: {e}");
             }
             let fd = backend.resume_fd(i);
             if let Err(e) = h.register_listener(fd, EventSet::IN, device::resume_event(queues)) {

@@ -5,7 +5,8 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use log::{debug, warn};
@@ -19,10 +20,12 @@ use vm_memory::{
     GuestMemoryMmap, GuestMemoryRegion,
 };
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
 
 use super::metrics::BlkMetrics;
 use super::request::{self, Refused, Request, RequestError, RequestKind, Segment, ID_BYTES};
 use crate::device::{DeviceQueue, IoCompletion, IoOp, IoRequest, MAX_SEGMENTS};
+use crate::qos::{QosLimits, Throttle};
 
 type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
 
@@ -45,6 +48,10 @@ struct Inflight {
     /// Keeps the guest memory mapping alive while the device may still
     /// write into it, even if the frontend replaces the memory table.
     mem: Arc<GuestMemoryMmap>,
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// Appends the host iovecs of one guest segment: one when the segment lies
@@ -88,6 +95,65 @@ fn push_iovecs(
     Ok(())
 }
 
+/// Throttling state shared by the queues of one interface.
+#[derive(Debug)]
+pub(crate) struct SharedThrottle {
+    epoch: Instant,
+    limited: AtomicBool,
+    buckets: Mutex<Throttle>,
+}
+
+impl SharedThrottle {
+    pub(crate) fn new(limits: QosLimits) -> Self {
+        let t = SharedThrottle {
+            epoch: Instant::now(),
+            limited: AtomicBool::new(false),
+            buckets: Mutex::new(Throttle::default()),
+        };
+        t.set(limits);
+        t
+    }
+
+    fn now_ns(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// Replaces the limits; the new buckets start full.
+    pub(crate) fn set(&self, limits: QosLimits) {
+        let mut b = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        *b = Throttle::new(limits, self.now_ns());
+        self.limited.store(limits.is_limited(), Ordering::Release);
+    }
+
+    pub(crate) fn limits(&self) -> QosLimits {
+        self.buckets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .limits()
+    }
+
+    /// Admits a request of `bytes` data bytes or says how many nanoseconds
+    /// to wait.
+    fn admit(&self, bytes: u64) -> Result<(), u64> {
+        if !self.limited.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let now = self.now_ns();
+        self.buckets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .admit(bytes, now)
+    }
+}
+
+/// Data bytes a request counts against the byte limit.
+fn data_bytes(req: &Request) -> u64 {
+    match req.kind {
+        RequestKind::Read | RequestKind::Write => req.len,
+        _ => 0,
+    }
+}
+
 /// A request ready for the used ring.
 #[derive(Debug, Clone, Copy)]
 struct Done {
@@ -124,6 +190,13 @@ pub(crate) struct QueueWorker {
     broken: bool,
     /// Signalled when the worker yields with work pending.
     resume: EventFd,
+    throttle: Arc<SharedThrottle>,
+    /// A parsed request waiting for tokens, with when it started waiting,
+    /// and its data segments.
+    pending: Option<(Request, Instant)>,
+    pending_segments: Vec<Segment>,
+    /// Fires when the pending request may have its tokens.
+    timer: TimerFd,
 }
 
 // SAFETY: the iovec scratch vector holds plain addresses that are only
@@ -137,6 +210,7 @@ impl QueueWorker {
         range: VolumeRange,
         id: [u8; ID_BYTES],
         metrics: Arc<BlkMetrics>,
+        throttle: Arc<SharedThrottle>,
     ) -> io::Result<Self> {
         Ok(QueueWorker {
             dev,
@@ -151,6 +225,10 @@ impl QueueWorker {
             iov: Vec::with_capacity(MAX_SEGMENTS),
             broken: false,
             resume: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
+            throttle,
+            pending: None,
+            pending_segments: Vec::with_capacity(request::MAX_DESCRIPTORS),
+            timer: TimerFd::new()?,
         })
     }
 
@@ -161,6 +239,26 @@ impl QueueWorker {
     /// Event the worker signals itself to continue after yielding.
     pub(crate) fn resume_fd(&self) -> std::os::fd::RawFd {
         self.resume.as_raw_fd()
+    }
+
+    /// Throttle timer of this queue.
+    pub(crate) fn timer_fd(&self) -> std::os::fd::RawFd {
+        self.timer.as_raw_fd()
+    }
+
+    /// The throttle timer fired: the pending request may go.
+    pub(crate) fn on_timer(
+        &mut self,
+        vring: &mut VringState<Mem>,
+        mem: &Mem,
+        event_idx: bool,
+    ) -> io::Result<()> {
+        if self.timer.is_armed().unwrap_or(false) {
+            // Fired early or re-armed since: wait for the next expiry.
+            return Ok(());
+        }
+        let _ = self.timer.clear();
+        self.run(vring, mem, event_idx)
     }
 
     /// Continues after a yield.
@@ -206,7 +304,9 @@ impl QueueWorker {
             if used {
                 self.notify(vring, &snapshot, event_idx);
             }
-            if self.broken {
+            if self.broken || self.pending.is_some() {
+                // Throttled: the timer calls back in; meanwhile the ring
+                // keeps its requests (and the driver need not kick).
                 break;
             }
             let now = Instant::now();
@@ -268,8 +368,19 @@ impl QueueWorker {
     /// memory goes away).
     pub(crate) fn drain(&mut self, vring: Option<&mut VringState<Mem>>, mem: &Mem) {
         let snapshot = mem.memory().into_inner();
-        let _ = self.dev.submit();
         let mut vring = vring;
+        // A request held back by the throttle was taken off the ring: it
+        // must complete before the ring's state is handed back.
+        if let Some((req, _)) = self.pending.take() {
+            if let Some(vr) = vring.as_deref_mut() {
+                std::mem::swap(&mut self.segments, &mut self.pending_segments);
+                if self.start(vr, &snapshot, req) {
+                    self.notify(vr, &snapshot, true);
+                }
+            }
+        }
+        let _ = self.timer.clear();
+        let _ = self.dev.submit();
         while self.inflight > 0 {
             self.completions.clear();
             self.dev.reap(&mut self.completions);
@@ -341,6 +452,17 @@ impl QueueWorker {
                 return false;
             }
         }
+        // A request that waited for tokens goes first.
+        if let Some((req, since)) = self.pending.take() {
+            if let Err(wait) = self.throttle.admit(data_bytes(&req)) {
+                self.pending = Some((req, since));
+                self.arm_timer(wait);
+                return used;
+            }
+            BlkMetrics::add(&self.metrics.throttled_ns, nanos(since.elapsed()));
+            std::mem::swap(&mut self.segments, &mut self.pending_segments);
+            used |= self.start(vring, mem, req);
+        }
         let (mut batch, mut batch_bytes) = (0usize, 0u64);
         while !self.free.is_empty() {
             let Some(chain) = vring.get_queue_mut().pop_descriptor_chain(mem.as_ref()) else {
@@ -349,6 +471,13 @@ impl QueueWorker {
             let parsed = request::parse(chain, mem.as_ref(), self.range.size, &mut self.segments);
             match parsed {
                 Ok(req) => {
+                    if let Err(wait) = self.throttle.admit(data_bytes(&req)) {
+                        BlkMetrics::inc(&self.metrics.throttled_requests);
+                        std::mem::swap(&mut self.segments, &mut self.pending_segments);
+                        self.pending = Some((req, Instant::now()));
+                        self.arm_timer(wait);
+                        break;
+                    }
                     batch_bytes += req.len;
                     used |= self.start(vring, mem, req);
                 }
@@ -369,6 +498,17 @@ impl QueueWorker {
             }
         }
         used
+    }
+
+    fn arm_timer(&mut self, wait_ns: u64) {
+        if let Err(e) = self.timer.reset(Duration::from_nanos(wait_ns), None) {
+            // Without a timer the request would wait forever: let it go.
+            warn!("throttle timer: {e}; not throttling this request");
+            if let Err(e) = self.resume.write(1) {
+                warn!("resume event: {e}");
+            }
+            self.throttle.set(QosLimits::default());
+        }
     }
 
     fn refuse(&mut self, vring: &mut VringState<Mem>, mem: &GuestMemoryMmap, r: &Refused) {
