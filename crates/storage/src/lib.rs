@@ -7,6 +7,7 @@
 //! control plane.
 
 pub mod card;
+pub mod crypto;
 pub mod device;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
