@@ -12,6 +12,8 @@
 //! | POST   | /v1/volumes/{name}/attach    | start a vhost-user-blk iface |
 //! | POST   | /v1/volumes/{name}/detach    | stop it                      |
 //! | POST   | /v1/volumes/{name}/qos       | change throttle limits live  |
+//! | GET    | /v1/tenants                  | list tenants                 |
+//! | POST   | /v1/tenants/{name}/rotate-key| re-wrap data keys, new KEK   |
 //!
 //! Errors are `{"error": "..."}` with 400 (bad request), 404 (no such
 //! thing), 409 (conflicts with the current state) or 503 (device
@@ -26,6 +28,7 @@ use std::thread::JoinHandle;
 
 use serde::Deserialize;
 use serde_json::{json, Value};
+use softcard_storage::crypto::{Kek, KeyError};
 use softcard_storage::partition::PartitionError;
 use softcard_storage::qos::QosLimits;
 use softcard_storage::virtio_blk::BlkError;
@@ -180,6 +183,8 @@ fn card_error(e: &CardError) -> Response {
         CardError::Attached(_) | CardError::NotAttached(_) | CardError::SocketInUse(..) => 409,
         CardError::Interface(BlkError::Queues(_) | BlkError::Qos(_)) => 400,
         CardError::Interface(BlkError::Listen { .. }) => 409,
+        CardError::Key(KeyError::Invalid(_) | KeyError::TenantName(_)) => 400,
+        CardError::Key(KeyError::Missing { .. } | KeyError::WrongKey(_)) => 409,
         CardError::Interface(_) | CardError::DuplicateDevice(_) => 500,
     };
     error(status, &e.to_string())
@@ -199,6 +204,16 @@ struct CreateVolume {
     name: String,
     device: String,
     size: SizeArg,
+    #[serde(default)]
+    encrypt: bool,
+    #[serde(default)]
+    tenant: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RotateKey {
+    new_kek_file: PathBuf,
 }
 
 #[derive(Debug, Deserialize)]
@@ -228,10 +243,41 @@ pub fn handle(card: &StorageCard, req: &Request) -> Response {
                 SizeArg::Bytes(n) => n,
                 SizeArg::Text(t) => parse_size(&t).map_err(|e| error(400, &e))?,
             };
-            let v = card
-                .create_volume(&b.name, &b.device, size)
+            let v = match (b.encrypt, &b.tenant) {
+                (false, None) => card.create_volume(&b.name, &b.device, size),
+                (true, Some(t)) => card.create_encrypted_volume(&b.name, &b.device, size, t),
+                (true, None) => return Err(error(400, "an encrypted volume needs a tenant")),
+                (false, Some(_)) => {
+                    return Err(error(400, "a tenant is only meaningful with encryption"))
+                }
+            };
+            Ok(json_response(201, &v.map_err(|e| card_error(&e))?))
+        }
+        ("GET", ["v1", "tenants"]) => {
+            let t: Vec<Value> = card
+                .tenants()
+                .into_iter()
+                .map(|(name, error)| json!({ "name": name, "error": error }))
+                .collect();
+            Ok(json_response(200, &t))
+        }
+        ("POST", ["v1", "tenants", name, "rotate-key"]) => {
+            let b: RotateKey = parse_body(req)?;
+            let text = std::fs::read_to_string(&b.new_kek_file).map_err(|e| {
+                error(
+                    400,
+                    &format!("cannot read {}: {e}", b.new_kek_file.display()),
+                )
+            })?;
+            let text = zeroize::Zeroizing::new(text);
+            let kek = Kek::from_hex(&text).map_err(|e| error(400, &e.to_string()))?;
+            let n = card
+                .rotate_tenant_key(name, kek)
                 .map_err(|e| card_error(&e))?;
-            Ok(json_response(201, &v))
+            Ok(json_response(
+                200,
+                &json!({ "tenant": name, "rewrapped": n }),
+            ))
         }
         ("GET", ["v1", "volumes", name]) => card
             .volume(name)

@@ -18,6 +18,7 @@
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+use softcard_storage::crypto::keys::{validate_tenant, KekSource};
 use softcard_storage::device::{DeviceConfig, DeviceKind};
 
 use crate::size::parse_size;
@@ -65,11 +66,23 @@ struct RawDevice {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawTenant {
+    name: String,
+    #[serde(default)]
+    kek_file: Option<PathBuf>,
+    #[serde(default)]
+    kek_env: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawConfig {
     #[serde(default)]
     api_socket: Option<PathBuf>,
     #[serde(default, rename = "device")]
     devices: Vec<RawDevice>,
+    #[serde(default, rename = "tenant")]
+    tenants: Vec<RawTenant>,
 }
 
 /// A parsed configuration.
@@ -79,6 +92,8 @@ pub struct CardConfig {
     pub api_socket: PathBuf,
     /// Physical devices.
     pub devices: Vec<DeviceConfig>,
+    /// Tenants and where their key-encryption keys come from.
+    pub tenants: Vec<(String, KekSource)>,
 }
 
 impl CardConfig {
@@ -117,7 +132,29 @@ impl CardConfig {
                 size_bytes,
             });
         }
+        let mut tenants: Vec<(String, KekSource)> = Vec::new();
+        for t in raw.tenants {
+            validate_tenant(&t.name).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+            if tenants.iter().any(|(n, _)| *n == t.name) {
+                return Err(ConfigError::Invalid(format!(
+                    "tenant {:?} appears twice",
+                    t.name
+                )));
+            }
+            let src = match (t.kek_file, t.kek_env) {
+                (Some(f), None) => KekSource::File(f),
+                (None, Some(e)) => KekSource::Env(e),
+                _ => {
+                    return Err(ConfigError::Invalid(format!(
+                        "tenant {}: give exactly one of kek_file and kek_env",
+                        t.name
+                    )))
+                }
+            };
+            tenants.push((t.name, src));
+        }
         Ok(CardConfig {
+            tenants,
             api_socket: raw
                 .api_socket
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_API_SOCKET)),
@@ -162,6 +199,9 @@ mod tests {
             "[[device]]\nname='a'\nkind='null'\nsize=1\nbogus=1",
             "[[device]]\nname='a'\nkind='null'\n[[device]]\nname='a'\nkind='ram'",
             "api_socket = 5",
+            "[[tenant]]\nname='t'",
+            "[[tenant]]\nname='t'\nkek_file='/a'\nkek_env='B'",
+            "[[tenant]]\nname='bad/name'\nkek_env='B'",
         ] {
             assert!(CardConfig::parse(bad).is_err(), "accepted {bad:?}");
         }

@@ -50,6 +50,9 @@ enum Command {
     /// Inspect physical devices.
     #[command(subcommand)]
     Device(DeviceCmd),
+    /// Tenants and their key-encryption keys.
+    #[command(subcommand)]
+    Tenant(TenantCmd),
     /// Benchmarks against the peers users run today.
     #[command(subcommand)]
     Bench(BenchCmd),
@@ -67,6 +70,12 @@ enum VolumeCmd {
         /// Size, such as 10GiB.
         #[arg(long)]
         size: String,
+        /// Encrypt with AES-256-XTS under a fresh data key.
+        #[arg(long, requires = "tenant")]
+        encrypt: bool,
+        /// Tenant whose key-encryption key wraps the data key.
+        #[arg(long, requires = "encrypt")]
+        tenant: Option<String>,
         #[command(flatten)]
         api: ApiArg,
     },
@@ -161,6 +170,27 @@ impl QosArgs {
 }
 
 #[derive(Debug, Subcommand)]
+enum TenantCmd {
+    /// List tenants and whether their key is available.
+    List {
+        #[command(flatten)]
+        api: ApiArg,
+    },
+    /// Re-wrap every data key of the tenant with a new key-encryption key
+    /// (64 hex digits in a file); the data is not re-encrypted. Point the
+    /// tenant's `kek_file` at the new file afterwards.
+    RotateKey {
+        /// Tenant.
+        name: String,
+        /// File holding the new key.
+        #[arg(long)]
+        new_kek_file: PathBuf,
+        #[command(flatten)]
+        api: ApiArg,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum DeviceCmd {
     /// List devices.
     List {
@@ -211,6 +241,35 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Bench(BenchCmd::Storage(a)) => bench::storage(&a),
+        Command::Tenant(TenantCmd::List { api }) => {
+            let v = client(&api).call("GET", "/v1/tenants", None)?;
+            for t in v.as_array().into_iter().flatten() {
+                let state = t
+                    .get("error")
+                    .and_then(Value::as_str)
+                    .map_or("key available".to_owned(), |e| format!("unavailable: {e}"));
+                println!("{:<32} {state}", s(t, "name"));
+            }
+            Ok(())
+        }
+        Command::Tenant(TenantCmd::RotateKey {
+            name,
+            new_kek_file,
+            api,
+        }) => {
+            let file = absolute(&new_kek_file)?;
+            let v = client(&api).call(
+                "POST",
+                &format!("/v1/tenants/{}/rotate-key", path_seg(&name)?),
+                Some(&json!({ "new_kek_file": file })),
+            )?;
+            println!(
+                "tenant {name}: re-wrapped {} data key(s); now point its kek_file at {}",
+                u(&v, "rewrapped"),
+                file.display()
+            );
+            Ok(())
+        }
     }
 }
 
@@ -241,14 +300,16 @@ fn volume(cmd: VolumeCmd) -> Result<()> {
             name,
             device,
             size,
+            encrypt,
+            tenant,
             api,
         } => {
             let bytes = parse_size(&size).map_err(anyhow::Error::msg)?;
-            let v = client(&api).call(
-                "POST",
-                "/v1/volumes",
-                Some(&json!({ "name": name, "device": device, "size": bytes })),
-            )?;
+            let body = json!({
+                "name": name, "device": device, "size": bytes,
+                "encrypt": encrypt, "tenant": tenant,
+            });
+            let v = client(&api).call("POST", "/v1/volumes", Some(&body))?;
             println!(
                 "created volume {} on {}: {} at offset {}",
                 s(&v, "name"),

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use softcard_control::{ApiServer, CardConfig};
+use softcard_storage::crypto::KeyStore;
 use softcard_storage::{AttachOptions, CardError, StorageCard};
 
 /// The configuration `softcard up` runs with.
@@ -53,11 +54,27 @@ fn run_until_signal(card: &Arc<StorageCard>, api: ApiServer, set: &libc::sigset_
     card.shutdown();
 }
 
+/// Plaintext keys live in this process's memory: no core dumps of it (and
+/// no ptrace attach by other unprivileged processes).
+fn keep_keys_out_of_core_dumps() {
+    // SAFETY: prctl with PR_SET_DUMPABLE takes an integer argument and
+    // touches no memory of ours.
+    let rc = unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
+    if rc != 0 {
+        log::warn!(
+            "prctl(PR_SET_DUMPABLE, 0): {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 /// `softcard serve --config FILE`.
 pub fn serve(config: &Path) -> Result<()> {
     let set = block_signals()?;
+    keep_keys_out_of_core_dumps();
     let cfg = CardConfig::load(config)?;
-    let card = Arc::new(StorageCard::open(&cfg.devices)?);
+    let keys = KeyStore::load(&cfg.tenants);
+    let card = Arc::new(StorageCard::open_with_keys(&cfg.devices, keys)?);
     for d in card.devices() {
         match &d.error {
             Some(e) => log::warn!("device {} unavailable: {e}", d.name),

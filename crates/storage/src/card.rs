@@ -7,6 +7,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::Serialize;
 
+use crate::crypto::keys::validate_tenant;
+use crate::crypto::{DataKey, Kek, KeyError, KeyStore, WrappedKey, Xts256};
 use crate::device::{self, DeviceConfig, PhysicalDevice};
 use crate::partition::{PartitionError, PartitionMap, Volume};
 use crate::qos::QosLimits;
@@ -44,6 +46,9 @@ pub enum CardError {
     /// The interface could not start.
     #[error(transparent)]
     Interface(#[from] BlkError),
+    /// Key trouble: missing or wrong key-encryption key, bad tenant.
+    #[error(transparent)]
+    Key(#[from] KeyError),
     /// Two configured devices share a name.
     #[error("device name {0:?} appears twice in the configuration")]
     DuplicateDevice(String),
@@ -116,6 +121,7 @@ struct DeviceSlot {
 struct State {
     devices: Vec<DeviceSlot>,
     attachments: BTreeMap<String, Attachment>,
+    keys: KeyStore,
 }
 
 /// The storage function: owns devices, maps and interfaces.
@@ -129,6 +135,11 @@ impl StorageCard {
     /// that fails to open (or whose map is corrupt) is kept as unavailable
     /// with its reason; the others work.
     pub fn open(configs: &[DeviceConfig]) -> Result<Self, CardError> {
+        Self::open_with_keys(configs, KeyStore::default())
+    }
+
+    /// Like [`StorageCard::open`], with the tenants' key-encryption keys.
+    pub fn open_with_keys(configs: &[DeviceConfig], keys: KeyStore) -> Result<Self, CardError> {
         let mut devices: Vec<DeviceSlot> = Vec::new();
         for config in configs {
             if devices.iter().any(|d| d.config.name == config.name) {
@@ -168,6 +179,7 @@ impl StorageCard {
             state: Mutex::new(State {
                 devices,
                 attachments: BTreeMap::new(),
+                keys,
             }),
         })
     }
@@ -258,6 +270,16 @@ impl StorageCard {
         device: &str,
         size_bytes: u64,
     ) -> Result<VolumeInfo, CardError> {
+        self.create_inner(name, device, size_bytes, None)
+    }
+
+    fn create_inner(
+        &self,
+        name: &str,
+        device: &str,
+        size_bytes: u64,
+        key: Option<&WrappedKey>,
+    ) -> Result<VolumeInfo, CardError> {
         let mut st = self.lock();
         let taken: Vec<String> = st
             .devices
@@ -277,15 +299,93 @@ impl StorageCard {
                 name: device.into(),
                 reason: reason.clone(),
             })?;
-        let v = map.create(dev.as_ref(), name, size_bytes, |n| {
-            taken.iter().any(|t| t == n)
-        })?;
+        let v = map.create_with(
+            dev.as_ref(),
+            name,
+            size_bytes,
+            |n| taken.iter().any(|t| t == n),
+            key,
+        )?;
         log::info!(
             "created volume {name} on {device}: {} B at offset {}",
             v.size_bytes,
             v.offset_bytes
         );
         Ok(Self::info(&st, device, v))
+    }
+
+    /// Creates a volume encrypted with AES-256-XTS under a fresh random
+    /// data key, stored wrapped by `tenant`'s key-encryption key.
+    pub fn create_encrypted_volume(
+        &self,
+        name: &str,
+        device: &str,
+        size_bytes: u64,
+        tenant: &str,
+    ) -> Result<VolumeInfo, CardError> {
+        validate_tenant(tenant)?;
+        let record = {
+            let st = self.lock();
+            let kek = st.keys.current(tenant)?;
+            let dk = DataKey::generate();
+            WrappedKey {
+                tenant: tenant.to_owned(),
+                kek_check: kek.check_value(),
+                wrapped: kek.wrap(&dk),
+            }
+        };
+        self.create_inner(name, device, size_bytes, Some(&record))
+    }
+
+    /// Re-wraps the data keys of every volume of `tenant` with `new`, without
+    /// touching their data, and makes `new` the tenant's key. Returns how
+    /// many volumes were re-wrapped. If a device fails midway, the volumes
+    /// already re-wrapped use the new key and the others the old one; both
+    /// keys stay known, so every volume still attaches.
+    pub fn rotate_tenant_key(&self, tenant: &str, new: Kek) -> Result<usize, CardError> {
+        let mut st = self.lock();
+        let new_check = new.check_value();
+        st.keys.push_current(tenant, new)?;
+        let mut count = 0;
+        let State { devices, keys, .. } = &mut *st;
+        for d in devices.iter_mut() {
+            let Ok((dev, map)) = &mut d.open else {
+                continue;
+            };
+            let mut updates = Vec::new();
+            for v in map.volumes() {
+                let Some(w) = map.wrapped_key(&v.name) else {
+                    continue;
+                };
+                if w.tenant != tenant || w.kek_check == new_check {
+                    continue;
+                }
+                let dk = keys.unwrap(&w)?;
+                let kek = keys.current(tenant)?;
+                updates.push((
+                    v.name.clone(),
+                    WrappedKey {
+                        tenant: tenant.to_owned(),
+                        kek_check: new_check,
+                        wrapped: kek.wrap(&dk),
+                    },
+                ));
+            }
+            if !updates.is_empty() {
+                map.rewrap(dev.as_ref(), &updates)?;
+                count += updates.len();
+            }
+        }
+        keys.retire_old(tenant);
+        log::info!(
+            "tenant {tenant}: re-wrapped {count} data key(s) with the new key-encryption key"
+        );
+        Ok(count)
+    }
+
+    /// Tenants, with the reason for those whose key is unavailable.
+    pub fn tenants(&self) -> Vec<(String, Option<String>)> {
+        self.lock().keys.tenants()
     }
 
     /// Deletes a volume that is not attached.
@@ -327,11 +427,28 @@ impl StorageCard {
             .open
             .as_ref()
             .expect("found on an open device");
+        // An encrypted volume attaches only with its tenant's key; a wrong
+        // or missing key stops here, before anything can be written.
+        let cipher = match st.devices[i]
+            .open
+            .as_ref()
+            .ok()
+            .and_then(|(_, m)| m.wrapped_key(name))
+        {
+            Some(w) => Some(Arc::new(Xts256::new(&st.keys.unwrap(&w)?))),
+            None if v.encrypted => {
+                return Err(CardError::Key(KeyError::Invalid(format!(
+                    "volume {name:?} is marked encrypted but its key record is unreadable"
+                ))))
+            }
+            None => None,
+        };
         let target = BlkTarget {
             name: v.name.clone(),
             device: dev.clone(),
             offset: v.offset_bytes,
             size: v.size_bytes,
+            cipher,
         };
         let a = Attachment::start(target, &opts.socket, opts.queues, opts.qos)?;
         st.attachments.insert(name.to_owned(), a);

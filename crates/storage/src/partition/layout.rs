@@ -11,7 +11,7 @@
 //!         48 data start u64   | 56 entry count u32  | 60 entries crc32c u32
 //!         64..508 zero        | 508 header crc32c u32 (over bytes 0..508)
 //! entry:   0 name [64] (UTF-8, zero padded) | 64 uuid [16] | 80 offset u64
-//!         88 size u64 | 96 created unix u64 | 104 flags u32
+//!         88 size u64 | 96 created unix u64 | 104 flags u32 (bit 0: encrypted)
 //!        108..256 extension bytes, zero in version 1, kept verbatim
 //! ```
 //! The entries checksum covers the `entry count` used entries only.
@@ -27,6 +27,13 @@ pub const ALLOC_ALIGN_BYTES: u64 = 1 << 20;
 /// Most volumes one device holds: (1 MiB - 512 B header) / 256 B rounded
 /// down to a power of two, leaving room for a larger header later.
 pub const MAX_VOLUMES: usize = 2048;
+
+/// Entry flag: the volume is encrypted; the extension bytes start with its
+/// wrapped-key record (`crate::crypto::WrappedKey`).
+pub const FLAG_ENCRYPTED: u32 = 1;
+/// Flags this version understands; an entry with others is refused rather
+/// than served wrongly.
+const KNOWN_FLAGS: u32 = FLAG_ENCRYPTED;
 
 const MAGIC: &[u8; 8] = b"SCPMAP01";
 const VERSION: u32 = 1;
@@ -245,6 +252,12 @@ impl MapImage {
             }
             if volumes.iter().any(|v| v.name == name) {
                 return invalid(format!("entry {i}: duplicate name {name}"));
+            }
+            let flags = u32_at(e, 104);
+            if flags & !KNOWN_FLAGS != 0 {
+                return invalid(format!(
+                    "entry {i} ({name}): unknown feature flags {flags:#x}"
+                ));
             }
             volumes.push(VolumeEntry {
                 name: name.to_owned(),

@@ -12,6 +12,8 @@ use std::io;
 
 use serde::Serialize;
 
+use crate::crypto::WrappedKey;
+
 use crate::device::PhysicalDevice;
 use layout::{DecodeError, MapImage, VolumeEntry};
 
@@ -98,16 +100,25 @@ pub struct Volume {
     pub size_bytes: u64,
     /// Creation time, seconds since the Unix epoch.
     pub created_unix: u64,
+    /// Whether the volume is encrypted (AES-256-XTS).
+    pub encrypted: bool,
+    /// Tenant whose key-encryption key wraps the volume's data key.
+    pub tenant: Option<String>,
 }
 
 impl From<&VolumeEntry> for Volume {
     fn from(e: &VolumeEntry) -> Self {
+        let encrypted = e.flags & layout::FLAG_ENCRYPTED != 0;
         Volume {
             name: e.name.clone(),
             uuid: layout::uuid_string(&e.uuid),
             offset_bytes: e.offset,
             size_bytes: e.size,
             created_unix: e.created_unix,
+            encrypted,
+            tenant: encrypted
+                .then(|| WrappedKey::decode(&e.ext).ok().map(|w| w.tenant))
+                .flatten(),
         }
     }
 }
@@ -252,6 +263,19 @@ impl PartitionMap {
         size: u64,
         taken: impl Fn(&str) -> bool,
     ) -> Result<Volume, PartitionError> {
+        self.create_with(dev, name, size, taken, None)
+    }
+
+    /// Like [`PartitionMap::create`], recording the volume's wrapped data
+    /// key when it is encrypted.
+    pub fn create_with(
+        &mut self,
+        dev: &dyn PhysicalDevice,
+        name: &str,
+        size: u64,
+        taken: impl Fn(&str) -> bool,
+        key: Option<&WrappedKey>,
+    ) -> Result<Volume, PartitionError> {
         validate_name(name)?;
         if size == 0 || !size.is_multiple_of(4096) {
             return Err(PartitionError::InvalidSize(size));
@@ -291,11 +315,43 @@ impl PartitionMap {
             flags: 0,
             ext: [0; layout::ENTRY_EXT_BYTES],
         };
+        let mut entry = entry;
+        if let Some(k) = key {
+            entry.flags |= layout::FLAG_ENCRYPTED;
+            k.encode(&mut entry.ext);
+        }
         let mut volumes = self.image.volumes.clone();
         volumes.push(entry.clone());
         volumes.sort_by_key(|v| v.offset);
         self.commit(dev, volumes)?;
         Ok(Volume::from(&entry))
+    }
+
+    /// The wrapped data key of an encrypted volume.
+    pub fn wrapped_key(&self, name: &str) -> Option<WrappedKey> {
+        let e = self.image.volumes.iter().find(|v| v.name == name)?;
+        if e.flags & layout::FLAG_ENCRYPTED == 0 {
+            return None;
+        }
+        WrappedKey::decode(&e.ext).ok()
+    }
+
+    /// Replaces the wrapped keys of several volumes in one commit (key
+    /// rotation). Volumes not named keep theirs.
+    pub fn rewrap(
+        &mut self,
+        dev: &dyn PhysicalDevice,
+        keys: &[(String, WrappedKey)],
+    ) -> Result<(), PartitionError> {
+        let mut volumes = self.image.volumes.clone();
+        for (name, k) in keys {
+            let v = volumes
+                .iter_mut()
+                .find(|v| &v.name == name && v.flags & layout::FLAG_ENCRYPTED != 0)
+                .ok_or_else(|| PartitionError::NotFound(name.clone()))?;
+            k.encode(&mut v.ext);
+        }
+        self.commit(dev, volumes)
     }
 
     /// Removes a volume and commits the map; its space becomes free.

@@ -27,6 +27,7 @@ use vmm_sys_util::event::{
 use super::metrics::BlkMetrics;
 use super::request::{ID_BYTES, MAX_RANGES, SECTOR_BYTES};
 use super::worker::{QueueWorker, SharedThrottle, VolumeRange};
+use crate::crypto::Xts256;
 use crate::device::PhysicalDevice;
 
 pub(crate) type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
@@ -53,6 +54,8 @@ pub struct BlkTarget {
     pub offset: u64,
     /// Volume size in bytes.
     pub size: u64,
+    /// Cipher of an encrypted volume.
+    pub cipher: Option<Arc<Xts256>>,
 }
 
 struct Inner {
@@ -145,6 +148,7 @@ impl BlkBackend {
                 serial(&target.name),
                 metrics.clone(),
                 throttle.clone(),
+                target.cipher.clone(),
             )?));
             exits.push(new_event_consumer_and_notifier(EventFlag::NONBLOCK)?);
         }

@@ -24,7 +24,8 @@ use vmm_sys_util::timerfd::TimerFd;
 
 use super::metrics::BlkMetrics;
 use super::request::{self, Refused, Request, RequestError, RequestKind, Segment, ID_BYTES};
-use crate::device::{DeviceQueue, IoCompletion, IoOp, IoRequest, MAX_SEGMENTS};
+use crate::crypto::Xts256;
+use crate::device::{AlignedBuf, DeviceQueue, IoCompletion, IoOp, IoRequest, MAX_SEGMENTS};
 use crate::qos::{QosLimits, Throttle};
 
 type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
@@ -48,6 +49,47 @@ struct Inflight {
     /// Keeps the guest memory mapping alive while the device may still
     /// write into it, even if the frontend replaces the memory table.
     mem: Arc<GuestMemoryMmap>,
+    /// Encrypted volumes: the ciphertext buffer the device reads or writes,
+    /// and (for reads) the guest buffers the plaintext goes to.
+    bounce: Option<Bounce>,
+}
+
+/// The ciphertext side of a request on an encrypted volume.
+#[derive(Debug)]
+struct Bounce {
+    buf: AlignedBuf,
+    guest: Vec<libc::iovec>,
+    first_sector: u64,
+}
+
+/// Bounce buffers kept for reuse are at most this large.
+const BOUNCE_KEEP_BYTES: usize = 1 << 20;
+
+/// Copies between guest buffers and a contiguous host buffer.
+///
+/// # Safety
+///
+/// Every iovec must point to `iov_len` bytes of mapped guest memory that
+/// stays mapped for the call, and `host` must not overlap them.
+unsafe fn copy_iov(guest: &[libc::iovec], host: &mut [u8], to_host: bool) {
+    let mut at = 0usize;
+    for v in guest {
+        let n = v.iov_len.min(host.len() - at);
+        // SAFETY: per the contract above; `at + n <= host.len()`. Guest
+        // memory is only ever copied as bytes, never referenced.
+        unsafe {
+            if to_host {
+                std::ptr::copy_nonoverlapping(
+                    v.iov_base.cast::<u8>(),
+                    host.as_mut_ptr().add(at),
+                    n,
+                );
+            } else {
+                std::ptr::copy_nonoverlapping(host.as_ptr().add(at), v.iov_base.cast::<u8>(), n);
+            }
+        }
+        at += n;
+    }
 }
 
 fn nanos(d: Duration) -> u64 {
@@ -197,6 +239,10 @@ pub(crate) struct QueueWorker {
     pending_segments: Vec<Segment>,
     /// Fires when the pending request may have its tokens.
     timer: TimerFd,
+    /// The volume's cipher, when it is encrypted.
+    cipher: Option<Arc<Xts256>>,
+    bounce_pool: Vec<AlignedBuf>,
+    iov_pool: Vec<Vec<libc::iovec>>,
 }
 
 // SAFETY: the iovec scratch vector holds plain addresses that are only
@@ -211,6 +257,7 @@ impl QueueWorker {
         id: [u8; ID_BYTES],
         metrics: Arc<BlkMetrics>,
         throttle: Arc<SharedThrottle>,
+        cipher: Option<Arc<Xts256>>,
     ) -> io::Result<Self> {
         Ok(QueueWorker {
             dev,
@@ -229,6 +276,9 @@ impl QueueWorker {
             pending: None,
             pending_segments: Vec::with_capacity(request::MAX_DESCRIPTORS),
             timer: TimerFd::new()?,
+            cipher,
+            bounce_pool: Vec::new(),
+            iov_pool: Vec::new(),
         })
     }
 
@@ -591,6 +641,10 @@ impl QueueWorker {
                 return true;
             }
         }
+        let bounce = match (&self.cipher, op) {
+            (Some(_), IoOp::Read | IoOp::Write) => Some(self.encrypt_into_bounce(op, &req)),
+            _ => None,
+        };
         let tag = self.free.pop().expect("caller checked for a free slot");
         self.slots[usize::from(tag)] = Some(Inflight {
             head: req.head,
@@ -598,6 +652,7 @@ impl QueueWorker {
             kind: req.kind,
             len: req.len,
             mem: mem.clone(),
+            bounce,
         });
         self.inflight += 1;
         let io = IoRequest {
@@ -616,12 +671,74 @@ impl QueueWorker {
         false
     }
 
+    /// For an encrypted volume: moves the guest iovecs aside and points
+    /// the request at a bounce buffer, holding the ciphertext of a write.
+    fn encrypt_into_bounce(&mut self, op: IoOp, req: &Request) -> Bounce {
+        let len = usize::try_from(req.len).expect("request length fits memory");
+        let pos = self.bounce_pool.iter().position(|b| b.len() >= len);
+        let mut buf = match pos {
+            Some(i) => self.bounce_pool.swap_remove(i),
+            None => AlignedBuf::new(len.max(4096), 4096),
+        };
+        let mut guest = self.iov_pool.pop().unwrap_or_default();
+        guest.clear();
+        guest.extend_from_slice(&self.iov);
+        let first_sector = req.offset / request::SECTOR_BYTES;
+        if op == IoOp::Write {
+            let host = &mut buf.as_mut_slice()[..len];
+            // SAFETY: the iovecs were built by `push_iovecs` from checked
+            // guest ranges, kept mapped by the caller's memory snapshot;
+            // the bounce buffer is ours.
+            unsafe { copy_iov(&guest, host, true) };
+            if let Some(c) = &self.cipher {
+                c.encrypt(host, first_sector);
+            }
+        }
+        self.iov.clear();
+        self.iov.push(libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: len,
+        });
+        Bounce {
+            buf,
+            guest,
+            first_sector,
+        }
+    }
+
+    /// Decrypts a completed read into the guest's buffers and recycles the
+    /// bounce buffer.
+    fn finish_bounce(&mut self, b: Bounce, kind: RequestKind, len: u64, ok: bool) {
+        let Bounce {
+            mut buf,
+            guest,
+            first_sector,
+        } = b;
+        if ok && kind == RequestKind::Read {
+            let len = usize::try_from(len).expect("request length fits memory");
+            let host = &mut buf.as_mut_slice()[..len];
+            if let Some(c) = &self.cipher {
+                c.decrypt(host, first_sector);
+            }
+            // SAFETY: the iovecs point into guest memory kept mapped by the
+            // in-flight request's snapshot, which the caller still holds.
+            unsafe { copy_iov(&guest, host, false) };
+        }
+        if buf.len() <= BOUNCE_KEEP_BYTES && self.bounce_pool.len() < self.slots.len() {
+            self.bounce_pool.push(buf);
+        }
+        self.iov_pool.push(guest);
+    }
+
     /// Takes the slot of a completion. Returns what to complete.
     fn finish(&mut self, c: &IoCompletion) -> Option<Done> {
         let slot = self.slots.get_mut(usize::from(c.tag))?;
-        let f = slot.take()?;
+        let mut f = slot.take()?;
         self.free.push(c.tag);
         self.inflight -= 1;
+        if let Some(b) = f.bounce.take() {
+            self.finish_bounce(b, f.kind, f.len, c.result.is_ok());
+        }
         let m = &self.metrics;
         let status = match &c.result {
             Ok(_) => {
