@@ -14,6 +14,8 @@ command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 command -v qemu-storage-daemon >/dev/null || need+=(qemu-utils)
 compgen -G '/boot/vmlinuz-*' >/dev/null || need+=(linux-image-amd64)
 [ -x /bin/busybox ] && /bin/busybox --list | grep -qx insmod || need+=(busybox-static)
+python3 -c 'import cryptography' 2>/dev/null || need+=(python3-cryptography)
+command -v losetup >/dev/null || need+=(util-linux)
 if [ ${#need[@]} -gt 0 ]; then
     log "installing ${need[*]}"
     sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"

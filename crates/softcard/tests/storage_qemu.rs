@@ -2,8 +2,9 @@
 //! busybox initramfs built here, attaches two volumes of one device over
 //! vhost-user-blk, and the guest writes distinct data to each with
 //! O_DIRECT and reads it back. The test then checks the bytes on the
-//! physical device file at each partition's offset, and that every byte
-//! between and around the partitions is untouched.
+//! physical device file at each partition's offset (volume b is encrypted:
+//! its bytes are decrypted independently with Python's `cryptography`),
+//! and that every byte between and around the partitions is untouched.
 //!
 //! Needs qemu-system-x86, linux-image-amd64 and busybox-static (the README's
 //! test command installs them).
@@ -15,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{file_bytes, pattern, Daemon};
+use common::{file_bytes, pattern, python_decrypt, wrapped_key_on_device, Daemon};
 
 const MIB: u64 = 1 << 20;
 const DEVICE_BYTES: u64 = 96 * MIB;
@@ -191,7 +192,12 @@ fn guest_writes_land_in_their_partitions_only() {
 name = "nvme0"
 kind = "file"
 path = "@DIR@/nvme0.img"
+
+[[tenant]]
+name = "acme"
+kek_file = "@DIR@/acme.kek"
 "#;
+    let kek = "3c".repeat(32);
     let pre = tempfile::tempdir().unwrap();
     let sentinel = pattern(SENTINEL_SEED, (DEVICE_BYTES - MAP_AREA) as usize);
     let mut image = vec![0u8; MAP_AREA as usize];
@@ -203,6 +209,7 @@ path = "@DIR@/nvme0.img"
     // The daemon opens the device at its configured path: place it first.
     let mut d = Daemon::start_with(dir_devices, |dir| {
         std::fs::copy(&img_src, dir.join("nvme0.img")).unwrap();
+        std::fs::write(dir.join("acme.kek"), &kek).unwrap();
     });
     let dev = d.path("nvme0.img");
     d.ok(&[
@@ -211,8 +218,18 @@ path = "@DIR@/nvme0.img"
     d.ok(&[
         "volume", "create", "gap", "--device", "nvme0", "--size", "4MiB",
     ]);
+    // b is encrypted: the guest sees plaintext, the device ciphertext.
     d.ok(&[
-        "volume", "create", "b", "--device", "nvme0", "--size", "16MiB",
+        "volume",
+        "create",
+        "b",
+        "--device",
+        "nvme0",
+        "--size",
+        "16MiB",
+        "--encrypt",
+        "--tenant",
+        "acme",
     ]);
     d.ok(&["volume", "delete", "gap"]);
     let (off_a, off_b) = (d.offset_of("a"), d.offset_of("b"));
@@ -315,7 +332,17 @@ path = "@DIR@/nvme0.img"
     let got = file_bytes(&dev, 0, DEVICE_BYTES as usize);
     assert_eq!(&got[off_a as usize..][..65536], &pat_a0[..]);
     assert_eq!(&got[(off_a + vol - 65536) as usize..][..65536], &pat_a1[..]);
-    assert_eq!(&got[(off_b + MIB) as usize..][..262144], &pat_b[..]);
+    let b_raw = &got[(off_b + MIB) as usize..][..262144];
+    assert!(
+        b_raw != &pat_b[..],
+        "plaintext on the device of an encrypted volume"
+    );
+    let wrapped = wrapped_key_on_device(&dev, "b");
+    let b_plain = python_decrypt(&kek, &wrapped, MIB / 512, b_raw).unwrap();
+    assert!(
+        b_plain == pat_b,
+        "guest data on b does not decrypt to what the guest wrote"
+    );
     let written = [
         (off_a, 65536u64),
         (off_a + vol - 65536, 65536),

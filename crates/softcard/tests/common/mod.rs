@@ -2,6 +2,7 @@
 //! process, its CLI, and a libblkio client.
 #![allow(dead_code)]
 
+use std::io::Write;
 use std::mem::MaybeUninit;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -9,6 +10,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
+use softcard_storage::device::{self, DeviceConfig, DeviceKind};
+use softcard_storage::partition::PartitionMap;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_softcard");
 
@@ -309,4 +312,58 @@ pub fn file_bytes(path: &Path, offset: u64, len: usize) -> Vec<u8> {
     let mut buf = vec![0u8; len];
     f.read_exact_at(&mut buf, offset).unwrap();
     buf
+}
+
+/// Unwraps `wrapped` with `kek` and decrypts `data` (whole sectors,
+/// starting at volume sector `first`) in Python.
+pub fn python_decrypt(
+    kek_hex: &str,
+    wrapped: &[u8],
+    first: u64,
+    data: &[u8],
+) -> Result<Vec<u8>, String> {
+    let script = r#"
+import sys
+from cryptography.hazmat.primitives.keywrap import aes_key_unwrap
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+kek = bytes.fromhex(sys.argv[1]); wrapped = bytes.fromhex(sys.argv[2]); first = int(sys.argv[3])
+key = aes_key_unwrap(kek, wrapped)
+data = sys.stdin.buffer.read()
+out = bytearray()
+for i in range(0, len(data), 512):
+    tweak = (first + i // 512).to_bytes(16, "little")
+    d = Cipher(algorithms.AES(key), modes.XTS(tweak)).decryptor()
+    out += d.update(data[i:i + 512]) + d.finalize()
+sys.stdout.buffer.write(bytes(out))
+"#;
+    let hex: String = wrapped.iter().map(|b| format!("{b:02x}")).collect();
+    let mut child = Command::new("python3")
+        .args(["-c", script, kek_hex, &hex, &first.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3 (with python3-cryptography)");
+    child.stdin.take().unwrap().write_all(data).unwrap();
+    let out = child.wait_with_output().unwrap();
+    if out.status.success() {
+        Ok(out.stdout)
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+pub fn wrapped_key_on_device(path: &Path, volume: &str) -> Vec<u8> {
+    let dev = device::open(&DeviceConfig {
+        name: "check".into(),
+        kind: DeviceKind::File,
+        path: Some(path.to_owned()),
+        size_bytes: None,
+    })
+    .unwrap();
+    let map = PartitionMap::load(dev.as_ref()).unwrap();
+    map.wrapped_key(volume)
+        .expect("an encrypted volume")
+        .wrapped
+        .to_vec()
 }
