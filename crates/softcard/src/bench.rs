@@ -377,3 +377,58 @@ pub fn storage(a: &StorageBenchArgs) -> Result<()> {
     }
     Ok(())
 }
+
+/// Options of `softcard bench crypto`.
+#[derive(Debug, clap::Args)]
+pub struct CryptoBenchArgs {
+    /// Seconds per measurement.
+    #[arg(long, default_value_t = 3)]
+    seconds: u64,
+    /// The openssl binary to compare with.
+    #[arg(long, default_value = "openssl")]
+    openssl: PathBuf,
+}
+
+/// `softcard bench crypto`: AES-256-XTS on one core at 4 KiB units, ours
+/// against `openssl speed -evp aes-256-xts` in the same run.
+pub fn crypto(a: &CryptoBenchArgs) -> Result<()> {
+    use softcard_storage::crypto::{DataKey, Xts256};
+    const UNIT: usize = 4096;
+    let x = Xts256::new(&DataKey::generate());
+    let mut buf = vec![0x5au8; UNIT];
+    let measure = |f: &mut dyn FnMut(u64)| {
+        let begin = Instant::now();
+        let mut n = 0u64;
+        while begin.elapsed() < Duration::from_secs(a.seconds) {
+            for _ in 0..256 {
+                f(n);
+                n += 1;
+            }
+        }
+        n as f64 * UNIT as f64 / begin.elapsed().as_secs_f64() / 1e6
+    };
+    let enc = measure(&mut |n| x.encrypt(&mut buf, n * 8));
+    let dec = measure(&mut |n| x.decrypt(&mut buf, n * 8));
+    let out = Command::new(&a.openssl)
+        .args(["speed", "-evp", "aes-256-xts", "-bytes", "4096", "-seconds"])
+        .arg(a.seconds.to_string())
+        .stderr(Stdio::null())
+        .output()
+        .with_context(|| format!("running {}", a.openssl.display()))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    // The result line: "AES-256-XTS    6695344.13k" (1000s of bytes/s).
+    let ossl = text
+        .lines()
+        .find(|l| l.starts_with("AES-256-XTS"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.trim_end_matches('k').parse::<f64>().ok())
+        .map(|k| k * 1000.0 / 1e6)
+        .context("could not read openssl speed's result")?;
+    println!("# softcard bench crypto: AES-256-XTS, 4 KiB units (8 sectors of 512 B), one core, {} s each", a.seconds);
+    println!("| implementation | MB/s | ratio to openssl |");
+    println!("|---|---:|---:|");
+    println!("| softcard encrypt | {enc:.0} | {:.2} |", enc / ossl);
+    println!("| softcard decrypt | {dec:.0} | {:.2} |", dec / ossl);
+    println!("| openssl speed -evp aes-256-xts (encrypt) | {ossl:.0} | 1.00 |");
+    Ok(())
+}

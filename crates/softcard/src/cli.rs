@@ -207,6 +207,8 @@ enum BenchCmd {
     /// vhost-user-blk: softcard against qemu-storage-daemon, same client
     /// (libblkio), same machine, same run.
     Storage(bench::StorageBenchArgs),
+    /// AES-256-XTS throughput against `openssl speed`, same run.
+    Crypto(bench::CryptoBenchArgs),
 }
 
 /// Runs a parsed command line.
@@ -241,6 +243,7 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Bench(BenchCmd::Storage(a)) => bench::storage(&a),
+        Command::Bench(BenchCmd::Crypto(a)) => bench::crypto(&a),
         Command::Tenant(TenantCmd::List { api }) => {
             let v = client(&api).call("GET", "/v1/tenants", None)?;
             for t in v.as_array().into_iter().flatten() {

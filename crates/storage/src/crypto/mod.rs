@@ -5,6 +5,8 @@
 //! See `docs/encryption.md` for the on-disk layout.
 
 pub mod keys;
+#[cfg(target_arch = "x86_64")]
+mod vaes;
 pub mod xts;
 
 pub use keys::{DataKey, Kek, KeyError, KeyStore, WrappedKey};

@@ -17,10 +17,12 @@ pub const SECTOR: usize = 512;
 const BLOCKS: usize = SECTOR / 16;
 
 /// An XTS-AES-256 cipher for one volume.
-#[derive(Clone)]
 pub struct Xts256 {
     data: Aes256,
     tweak: Aes256,
+    /// VAES/AVX-512 schedules, when the CPU has them.
+    #[cfg(target_arch = "x86_64")]
+    fast: Option<Box<super::vaes::Keys>>,
 }
 
 impl std::fmt::Debug for Xts256 {
@@ -50,11 +52,31 @@ impl Xts256 {
     /// A cipher from a 64-byte key: data key half first, tweak key second
     /// (the order dm-crypt, OpenSSL and `cryptography` use).
     pub fn new(key: &DataKey) -> Self {
+        Self::with_fast_path(key, true)
+    }
+
+    /// Like [`Xts256::new`]; `fast` false forces the portable path (tests
+    /// compare the two).
+    pub fn with_fast_path(key: &DataKey, fast: bool) -> Self {
         let (k1, k2) = key.bytes().split_at(32);
         Xts256 {
             data: Aes256::new_from_slice(k1).expect("32-byte key"),
             tweak: Aes256::new_from_slice(k2).expect("32-byte key"),
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: only when `available()` confirmed the CPU features.
+            fast: (fast && super::vaes::available())
+                .then(|| unsafe { super::vaes::Keys::new(key.bytes()) }),
         }
+    }
+
+    /// Which implementation runs: "vaes-avx512" or "aes-ni" / "soft" via
+    /// the `aes` crate.
+    pub fn implementation(&self) -> &'static str {
+        #[cfg(target_arch = "x86_64")]
+        if self.fast.is_some() {
+            return "vaes-avx512";
+        }
+        "aes crate"
     }
 
     fn tweaks(&self, sector: u64) -> [u128; BLOCKS] {
@@ -84,6 +106,12 @@ impl Xts256 {
             buf.len().is_multiple_of(SECTOR),
             "XTS works on whole sectors"
         );
+        #[cfg(target_arch = "x86_64")]
+        if let Some(f) = &self.fast {
+            // SAFETY: `fast` exists only on CPUs with the needed features.
+            unsafe { f.process(buf, first_sector, true) };
+            return;
+        }
         for (i, s) in buf.chunks_exact_mut(SECTOR).enumerate() {
             let tw = self.tweaks(first_sector.wrapping_add(i as u64));
             Self::xor_tweaks(s, &tw);
@@ -98,6 +126,12 @@ impl Xts256 {
             buf.len().is_multiple_of(SECTOR),
             "XTS works on whole sectors"
         );
+        #[cfg(target_arch = "x86_64")]
+        if let Some(f) = &self.fast {
+            // SAFETY: `fast` exists only on CPUs with the needed features.
+            unsafe { f.process(buf, first_sector, false) };
+            return;
+        }
         for (i, s) in buf.chunks_exact_mut(SECTOR).enumerate() {
             let tw = self.tweaks(first_sector.wrapping_add(i as u64));
             Self::xor_tweaks(s, &tw);
@@ -126,12 +160,46 @@ mod tests {
         let key2 = "3141592653589793238462643383279502884197169399375105820974944592";
         let key = DataKey::from_bytes(&hex(&format!("{key1}{key2}"))).unwrap();
         let x = Xts256::new(&key);
-        let mut buf: Vec<u8> = (0..512).map(|i| (i % 256) as u8).collect();
+        let mut buf: Vec<u8> = (0..512u32).map(|i| (i % 256) as u8).collect();
         x.encrypt(&mut buf, 0xff);
         let expect_start = hex("1c3b3a102f770386e4836c99e370cf9bea00803f5e482357a4ae12d414a3e63b");
         assert_eq!(&buf[..32], &expect_start[..]);
         x.decrypt(&mut buf, 0xff);
         assert!(buf.iter().enumerate().all(|(i, &b)| b == (i % 256) as u8));
+    }
+
+    #[test]
+    fn fast_and_portable_paths_agree() {
+        for _ in 0..20 {
+            let key = DataKey::generate();
+            let fast = Xts256::new(&key);
+            let slow = Xts256::with_fast_path(&key, false);
+            let plain: Vec<u8> = (0..8192u32).map(|i| (i * 7 % 251) as u8).collect();
+            let (mut a, mut b) = (plain.clone(), plain.clone());
+            fast.encrypt(&mut a, 1234567);
+            slow.encrypt(&mut b, 1234567);
+            assert_eq!(
+                a,
+                b,
+                "{} differs from the portable path",
+                fast.implementation()
+            );
+            fast.decrypt(&mut a, 1234567);
+            assert_eq!(a, plain);
+            slow.decrypt(&mut b, 1234567);
+            assert_eq!(b, plain);
+        }
+    }
+
+    #[test]
+    fn ieee_1619_vector_10_portable() {
+        let key1 = "2718281828459045235360287471352662497757247093699959574966967627";
+        let key2 = "3141592653589793238462643383279502884197169399375105820974944592";
+        let key = DataKey::from_bytes(&hex(&format!("{key1}{key2}"))).unwrap();
+        let x = Xts256::with_fast_path(&key, false);
+        let mut buf: Vec<u8> = (0..512u32).map(|i| (i % 256) as u8).collect();
+        x.encrypt(&mut buf, 0xff);
+        assert_eq!(&buf[..16], &hex("1c3b3a102f770386e4836c99e370cf9b")[..]);
     }
 
     #[test]
