@@ -11,7 +11,10 @@ log() { printf '\n== %s\n' "$*"; }
 
 need=()
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
-command -v qemu-storage-daemon >/dev/null || need+=(qemu-utils)
+# qemu-storage-daemon (qemu-system-common) and qemu-img (qemu-utils) are
+# what `softcard bench storage` compares against.
+command -v qemu-storage-daemon >/dev/null || need+=(qemu-system-common)
+command -v qemu-img >/dev/null || need+=(qemu-utils)
 compgen -G '/boot/vmlinuz-*' >/dev/null || need+=(linux-image-amd64)
 [ -x /bin/busybox ] && /bin/busybox --list | grep -qx insmod || need+=(busybox-static)
 python3 -c 'import cryptography' 2>/dev/null || need+=(python3-cryptography)

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use blkio::{Blkio, Completion, ReqFlags};
+use softcard_storage::crypto::{Kek, KeyStore};
 use softcard_storage::device::{DeviceConfig, DeviceKind};
 use softcard_storage::{AttachOptions, StorageCard};
 
@@ -217,10 +218,9 @@ impl Drop for Qsd {
     }
 }
 
-fn start_qsd(bin: &Path, blockdev: &str, socket: &Path, queues: u16) -> Result<Qsd> {
+fn start_qsd(bin: &Path, args: &[String], socket: &Path, queues: u16) -> Result<Qsd> {
     let mut child = Command::new(bin)
-        .arg("--blockdev")
-        .arg(blockdev)
+        .args(args)
         .arg("--export")
         .arg(format!(
             "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={},writable=on,num-queues={queues}",
@@ -228,9 +228,34 @@ fn start_qsd(bin: &Path, blockdev: &str, socket: &Path, queues: u16) -> Result<Q
         ))
         .stdin(Stdio::null())
         .spawn()
-        .with_context(|| format!("starting {} (package qemu-utils)", bin.display()))?;
+        .with_context(|| format!("starting {} (package qemu-system-common)", bin.display()))?;
     wait_for_socket(socket, &mut child)?;
     Ok(Qsd(child))
+}
+
+/// A preallocated LUKS image (QEMU's default cipher: aes-256-xts-plain64).
+fn create_luks(path: &Path) -> Result<()> {
+    let out = Command::new("qemu-img")
+        .args([
+            "create",
+            "-q",
+            "-f",
+            "luks",
+            "--object",
+            "secret,id=sec0,data=softcard-bench",
+        ])
+        .args(["-o", "key-secret=sec0,preallocation=falloc"])
+        .arg(path)
+        .arg(VOLUME_BYTES.to_string())
+        .output()
+        .context("running qemu-img (package qemu-utils)")?;
+    if !out.status.success() {
+        bail!(
+            "qemu-img create -f luks: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
 }
 
 fn preallocate(path: &Path, bytes: u64) -> Result<()> {
@@ -253,7 +278,7 @@ fn preallocate(path: &Path, bytes: u64) -> Result<()> {
 
 /// The backings compared: softcard's device kind against what
 /// qemu-storage-daemon offers for the same job.
-const BACKINGS: [(&str, &str); 3] = [
+const BACKINGS: [(&str, &str); 4] = [
     (
         "null",
         "softcard null device vs qsd null-co (read-zeroes=on)",
@@ -261,6 +286,10 @@ const BACKINGS: [(&str, &str); 3] = [
     (
         "ram",
         "softcard ram device vs qsd file on tmpfs (aio=io_uring)",
+    ),
+    (
+        "ram-encrypted",
+        "softcard encrypted volume (AES-256-XTS) on ram vs qsd LUKS (aes-256-xts-plain64) on a tmpfs file",
     ),
     (
         "tmpfs-file",
@@ -297,7 +326,7 @@ pub fn storage(a: &StorageBenchArgs) -> Result<()> {
                 path: None,
                 size_bytes: Some(VOLUME_BYTES + MAP_SLACK),
             },
-            "ram" => DeviceConfig {
+            "ram" | "ram-encrypted" => DeviceConfig {
                 name: "bench".into(),
                 kind: DeviceKind::Ram,
                 path: None,
@@ -314,17 +343,50 @@ pub fn storage(a: &StorageBenchArgs) -> Result<()> {
                 }
             }
         };
-        let blockdev = if backing == "null" {
-            format!("driver=null-co,node-name=disk0,size={VOLUME_BYTES},read-zeroes=on")
-        } else {
-            preallocate(&qsd_img, VOLUME_BYTES)?;
-            format!(
-                "driver=file,node-name=disk0,filename={},aio=io_uring",
-                qsd_img.display()
-            )
+        let qsd_args: Vec<String> = match backing {
+            "null" => vec![
+                "--blockdev".into(),
+                format!("driver=null-co,node-name=disk0,size={VOLUME_BYTES},read-zeroes=on"),
+            ],
+            "ram-encrypted" => {
+                if !a.softcard_only {
+                    create_luks(&qsd_img)?;
+                }
+                vec![
+                    "--object".into(),
+                    "secret,id=sec0,data=softcard-bench".into(),
+                    "--blockdev".into(),
+                    format!(
+                        "driver=file,node-name=file0,filename={},aio=io_uring",
+                        qsd_img.display()
+                    ),
+                    "--blockdev".into(),
+                    "driver=luks,node-name=disk0,file=file0,key-secret=sec0".into(),
+                ]
+            }
+            _ => {
+                if !a.softcard_only {
+                    preallocate(&qsd_img, VOLUME_BYTES)?;
+                }
+                vec![
+                    "--blockdev".into(),
+                    format!(
+                        "driver=file,node-name=disk0,filename={},aio=io_uring",
+                        qsd_img.display()
+                    ),
+                ]
+            }
         };
-        let card = StorageCard::open(&[dev])?;
-        card.create_volume("bench", "bench", VOLUME_BYTES)?;
+        let (card, tenant) = if backing == "ram-encrypted" {
+            let keys = KeyStore::with_keys(vec![("bench".into(), Kek::generate())]);
+            (StorageCard::open_with_keys(&[dev], keys)?, Some("bench"))
+        } else {
+            (StorageCard::open(&[dev])?, None)
+        };
+        match tenant {
+            Some(t) => card.create_encrypted_volume("bench", "bench", VOLUME_BYTES, t)?,
+            None => card.create_volume("bench", "bench", VOLUME_BYTES)?,
+        };
         let ours = dir.path().join(format!("softcard-{backing}.sock"));
         card.attach(
             "bench",
@@ -340,7 +402,7 @@ pub fn storage(a: &StorageBenchArgs) -> Result<()> {
         let qsd = if a.softcard_only {
             None
         } else {
-            Some(start_qsd(&a.qsd, &blockdev, &theirs, a.queues)?)
+            Some(start_qsd(&a.qsd, &qsd_args, &theirs, a.queues)?)
         };
         for w in WORKLOADS
             .into_iter()

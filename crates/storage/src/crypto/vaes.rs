@@ -135,11 +135,36 @@ impl Keys {
     /// # Safety
     ///
     /// The CPU must have the features [`available`] checks.
-    #[target_feature(enable = "avx512f,vaes,aes,sse2")]
     pub(super) unsafe fn process(&self, buf: &mut [u8], first_sector: u64, encrypt: bool) {
         assert!(buf.len().is_multiple_of(SECTOR));
+        let p = buf.as_mut_ptr();
+        // SAFETY: source and destination are the same valid buffer; the
+        // caller vouches for the CPU features.
+        unsafe { self.process_raw(p, p, buf.len(), first_sector, encrypt) }
+    }
+
+    /// Encrypts (or decrypts) `len` bytes of whole sectors from `src` to
+    /// `dst`, which may be the same memory. Memory is only read and written
+    /// through unaligned vector loads and stores, never referenced, so
+    /// either side may be guest memory.
+    ///
+    /// # Safety
+    ///
+    /// The CPU must have the features [`available`] checks; `src` must be
+    /// readable and `dst` writable for `len` bytes; they either coincide or
+    /// do not overlap.
+    #[target_feature(enable = "avx512f,vaes,aes,sse2")]
+    pub(super) unsafe fn process_raw(
+        &self,
+        src: *const u8,
+        dst: *mut u8,
+        len: usize,
+        first_sector: u64,
+        encrypt: bool,
+    ) {
+        assert!(len.is_multiple_of(SECTOR));
         let keys = if encrypt { &self.enc } else { &self.dec };
-        for (n, s) in buf.chunks_exact_mut(SECTOR).enumerate() {
+        for n in 0..len / SECTOR {
             let mut t = self.tweak0(first_sector.wrapping_add(n as u64));
             let mut tweaks = [0u128; SECTOR / 16];
             for w in &mut tweaks {
@@ -147,10 +172,12 @@ impl Keys {
                 t = (t << 1) ^ if t >> 127 == 1 { 0x87 } else { 0 };
             }
             // SAFETY: all loads and stores are unaligned 64-byte accesses
-            // inside `s` (512 bytes) or `tweaks` (512 bytes).
+            // inside sector `n` of `src`/`dst` (per the contract) or inside
+            // `tweaks` (512 bytes).
             unsafe {
                 let tp = tweaks.as_ptr().cast::<u8>();
-                let sp = s.as_mut_ptr();
+                let sp = src.add(n * SECTOR);
+                let dp = dst.add(n * SECTOR);
                 let tw: [__m512i; STREAMS] =
                     std::array::from_fn(|j| _mm512_loadu_si512(tp.add(64 * j).cast()));
                 let mut x: [__m512i; STREAMS] = std::array::from_fn(|j| {
@@ -177,7 +204,7 @@ impl Keys {
                     }
                 }
                 for (j, v) in x.iter().enumerate() {
-                    _mm512_storeu_si512(sp.add(64 * j).cast(), _mm512_xor_si512(*v, tw[j]));
+                    _mm512_storeu_si512(dp.add(64 * j).cast(), _mm512_xor_si512(*v, tw[j]));
                 }
             }
         }

@@ -120,6 +120,55 @@ impl Xts256 {
         }
     }
 
+    /// Encrypts `dst.len()` bytes (whole sectors) read from `src` into
+    /// `dst`. `src` is read only byte-wise or with vector loads, never
+    /// referenced, so it may be guest memory.
+    ///
+    /// # Safety
+    ///
+    /// `src` must be readable for `dst.len()` bytes and not overlap `dst`.
+    pub unsafe fn encrypt_from(&self, src: *const u8, dst: &mut [u8], first_sector: u64) {
+        assert!(
+            dst.len().is_multiple_of(SECTOR),
+            "XTS works on whole sectors"
+        );
+        #[cfg(target_arch = "x86_64")]
+        if let Some(f) = &self.fast {
+            // SAFETY: CPU features checked when `fast` was made; the
+            // caller vouches for `src`; `dst` is a valid exclusive buffer.
+            unsafe { f.process_raw(src, dst.as_mut_ptr(), dst.len(), first_sector, true) };
+            return;
+        }
+        // SAFETY: per the contract, `src` is readable for `dst.len()`
+        // bytes and does not overlap `dst`.
+        unsafe { std::ptr::copy_nonoverlapping(src, dst.as_mut_ptr(), dst.len()) };
+        self.encrypt(dst, first_sector);
+    }
+
+    /// Decrypts `src` (whole sectors; used as scratch, left in an
+    /// unspecified state) into `dst`, which is written only with stores,
+    /// never referenced, so it may be guest memory.
+    ///
+    /// # Safety
+    ///
+    /// `dst` must be writable for `src.len()` bytes and not overlap `src`.
+    pub unsafe fn decrypt_into(&self, src: &mut [u8], dst: *mut u8, first_sector: u64) {
+        assert!(
+            src.len().is_multiple_of(SECTOR),
+            "XTS works on whole sectors"
+        );
+        #[cfg(target_arch = "x86_64")]
+        if let Some(f) = &self.fast {
+            // SAFETY: CPU features checked when `fast` was made; the
+            // caller vouches for `dst`.
+            unsafe { f.process_raw(src.as_ptr(), dst, src.len(), first_sector, false) };
+            return;
+        }
+        self.decrypt(src, first_sector);
+        // SAFETY: per the contract.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst, src.len()) };
+    }
+
     /// Decrypts whole sectors in place.
     pub fn decrypt(&self, buf: &mut [u8], first_sector: u64) {
         assert!(
@@ -188,6 +237,24 @@ mod tests {
             assert_eq!(a, plain);
             slow.decrypt(&mut b, 1234567);
             assert_eq!(b, plain);
+        }
+    }
+
+    #[test]
+    fn out_of_place_matches_in_place() {
+        for fast in [true, false] {
+            let x = Xts256::with_fast_path(&DataKey::generate(), fast);
+            let plain: Vec<u8> = (0..2048u32).map(|i| (i * 13 % 253) as u8).collect();
+            let mut inplace = plain.clone();
+            x.encrypt(&mut inplace, 77);
+            let mut out = vec![0u8; plain.len()];
+            // SAFETY: `plain` is readable for out.len() bytes, separate.
+            unsafe { x.encrypt_from(plain.as_ptr(), &mut out, 77) };
+            assert_eq!(out, inplace);
+            let mut back = vec![0u8; plain.len()];
+            // SAFETY: `back` is writable for out.len() bytes, separate.
+            unsafe { x.decrypt_into(&mut out, back.as_mut_ptr(), 77) };
+            assert_eq!(back, plain);
         }
     }
 

@@ -62,6 +62,12 @@ struct Bounce {
     first_sector: u64,
 }
 
+/// Whether every buffer holds whole sectors (so each can be encrypted or
+/// decrypted on its own).
+fn sector_aligned(iov: &[libc::iovec]) -> bool {
+    iov.iter().all(|v| v.iov_len.is_multiple_of(512))
+}
+
 /// Bounce buffers kept for reuse are at most this large.
 const BOUNCE_KEEP_BYTES: usize = 1 << 20;
 
@@ -684,13 +690,28 @@ impl QueueWorker {
         guest.clear();
         guest.extend_from_slice(&self.iov);
         let first_sector = req.offset / request::SECTOR_BYTES;
-        if op == IoOp::Write {
+        if let (IoOp::Write, Some(c)) = (op, &self.cipher) {
             let host = &mut buf.as_mut_slice()[..len];
-            // SAFETY: the iovecs were built by `push_iovecs` from checked
-            // guest ranges, kept mapped by the caller's memory snapshot;
-            // the bounce buffer is ours.
-            unsafe { copy_iov(&guest, host, true) };
-            if let Some(c) = &self.cipher {
+            if sector_aligned(&guest) {
+                // Encrypt straight from guest memory into the bounce buffer.
+                let mut at = 0usize;
+                for v in &guest {
+                    let dst = &mut host[at..at + v.iov_len];
+                    // SAFETY: the iovec was built by `push_iovecs` from a
+                    // checked guest range kept mapped by the caller's
+                    // memory snapshot; `dst` is our own buffer.
+                    unsafe {
+                        c.encrypt_from(
+                            v.iov_base.cast::<u8>(),
+                            dst,
+                            first_sector + (at / 512) as u64,
+                        )
+                    };
+                    at += v.iov_len;
+                }
+            } else {
+                // SAFETY: as above.
+                unsafe { copy_iov(&guest, host, true) };
                 c.encrypt(host, first_sector);
             }
         }
@@ -714,15 +735,31 @@ impl QueueWorker {
             guest,
             first_sector,
         } = b;
-        if ok && kind == RequestKind::Read {
+        if let (true, RequestKind::Read, Some(c)) = (ok, kind, &self.cipher) {
             let len = usize::try_from(len).expect("request length fits memory");
             let host = &mut buf.as_mut_slice()[..len];
-            if let Some(c) = &self.cipher {
+            if sector_aligned(&guest) {
+                // Decrypt straight from the bounce buffer into the guest.
+                let mut at = 0usize;
+                for v in &guest {
+                    let src = &mut host[at..at + v.iov_len];
+                    // SAFETY: the iovec points into guest memory kept mapped
+                    // by the in-flight request's snapshot, which the caller
+                    // still holds; `src` is our own buffer.
+                    unsafe {
+                        c.decrypt_into(
+                            src,
+                            v.iov_base.cast::<u8>(),
+                            first_sector + (at / 512) as u64,
+                        )
+                    };
+                    at += v.iov_len;
+                }
+            } else {
                 c.decrypt(host, first_sector);
+                // SAFETY: as above.
+                unsafe { copy_iov(&guest, host, false) };
             }
-            // SAFETY: the iovecs point into guest memory kept mapped by the
-            // in-flight request's snapshot, which the caller still holds.
-            unsafe { copy_iov(&guest, host, false) };
         }
         if buf.len() <= BOUNCE_KEEP_BYTES && self.bounce_pool.len() < self.slots.len() {
             self.bounce_pool.push(buf);
