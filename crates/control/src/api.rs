@@ -12,6 +12,8 @@
 //! | POST   | /v1/volumes/{name}/attach    | start a vhost-user-blk iface |
 //! | POST   | /v1/volumes/{name}/detach    | stop it                      |
 //! | POST   | /v1/volumes/{name}/qos       | change throttle limits live  |
+//! | GET    | /v1/volumes/{name}/stats     | counters and latency         |
+//! | GET    | /v1/metrics                  | Prometheus text format       |
 //! | GET    | /v1/tenants                  | list tenants                 |
 //! | POST   | /v1/tenants/{name}/rotate-key| re-wrap data keys, new KEK   |
 //!
@@ -162,6 +164,112 @@ fn json_response(status: u16, v: &impl serde::Serialize) -> Response {
     Response {
         status,
         body: serde_json::to_vec_pretty(v).unwrap_or_else(|_| b"{}".to_vec()),
+        text: false,
+    }
+}
+
+fn metrics_response(card: &StorageCard) -> Response {
+    Response {
+        status: 200,
+        body: crate::prometheus::render(&card.stats()).into_bytes(),
+        text: true,
+    }
+}
+
+/// Counters of one volume with latency quantiles read off its histograms.
+fn volume_stats(card: &StorageCard, name: &str) -> Result<Response, Response> {
+    let info = card.volume(name).map_err(|e| card_error(&e))?;
+    let m = card
+        .stats()
+        .into_iter()
+        .flat_map(|d| d.volumes)
+        .find(|(v, _)| v == name)
+        .map(|(_, m)| m)
+        .unwrap_or_default();
+    let q = |h: &softcard_storage::virtio_blk::metrics::HistogramSnapshot| {
+        json!({
+            "count": h.count(),
+            "mean_us": if h.count() > 0 { h.sum_ns as f64 / h.count() as f64 / 1e3 } else { 0.0 },
+            "p50_us_at_most": h.quantile_bound_us(500),
+            "p99_us_at_most": h.quantile_bound_us(990),
+        })
+    };
+    Ok(json_response(
+        200,
+        &json!({
+            "volume": name,
+            "device": info.device,
+            "attached": info.attachment.is_some(),
+            "counters": m,
+            "latency": {
+                "read": q(&m.read_latency),
+                "write": q(&m.write_latency),
+                "flush": q(&m.flush_latency),
+                "discard": q(&m.discard_latency),
+            },
+        }),
+    ))
+}
+
+/// Serves `GET /metrics` on a TCP address for Prometheus.
+#[derive(Debug)]
+pub struct MetricsServer {
+    addr: std::net::SocketAddr,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl MetricsServer {
+    /// Listens on `addr` (port 0 picks one; see [`MetricsServer::addr`]).
+    pub fn start(card: Arc<StorageCard>, addr: std::net::SocketAddr) -> io::Result<Self> {
+        let listener = std::net::TcpListener::bind(addr)?;
+        let addr = listener.local_addr()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let stop = stop.clone();
+            std::thread::Builder::new()
+                .name("metrics".into())
+                .spawn(move || {
+                    for conn in listener.incoming() {
+                        if stop.load(Ordering::SeqCst) {
+                            break;
+                        }
+                        let Ok(s) = conn else { continue };
+                        let _ = s.set_read_timeout(Some(http::READ_TIMEOUT));
+                        let _ = s.set_write_timeout(Some(http::READ_TIMEOUT));
+                        let resp = match http::read_request(&s) {
+                            Ok(r) if r.method == "GET" && r.path == "/metrics" => {
+                                metrics_response(&card)
+                            }
+                            Ok(_) => error(404, "only GET /metrics is served here"),
+                            Err(HttpError::Bad(st, m)) => error(st, &m),
+                            Err(HttpError::Io(_)) => continue,
+                        };
+                        let _ = http::write_response(&s, &resp);
+                    }
+                })?
+        };
+        log::info!("Prometheus metrics on http://{addr}/metrics");
+        Ok(MetricsServer {
+            addr,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// The address it listens on.
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.addr
+    }
+}
+
+impl Drop for MetricsServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = std::net::TcpStream::connect(self.addr);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 
@@ -253,6 +361,8 @@ pub fn handle(card: &StorageCard, req: &Request) -> Response {
             };
             Ok(json_response(201, &v.map_err(|e| card_error(&e))?))
         }
+        ("GET", ["v1", "metrics"]) => Ok(metrics_response(card)),
+        ("GET", ["v1", "volumes", name, "stats"]) => volume_stats(card, name),
         ("GET", ["v1", "tenants"]) => {
             let t: Vec<Value> = card
                 .tenants()

@@ -83,6 +83,8 @@ struct RawConfig {
     devices: Vec<RawDevice>,
     #[serde(default, rename = "tenant")]
     tenants: Vec<RawTenant>,
+    #[serde(default)]
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// A parsed configuration.
@@ -94,6 +96,8 @@ pub struct CardConfig {
     pub devices: Vec<DeviceConfig>,
     /// Tenants and where their key-encryption keys come from.
     pub tenants: Vec<(String, KekSource)>,
+    /// Address of the Prometheus endpoint, if any.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl CardConfig {
@@ -155,6 +159,7 @@ impl CardConfig {
         }
         Ok(CardConfig {
             tenants,
+            metrics_listen: raw.metrics_listen,
             api_socket: raw
                 .api_socket
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_API_SOCKET)),

@@ -29,8 +29,10 @@ pub struct Request {
 pub struct Response {
     /// Status code.
     pub status: u16,
-    /// JSON body.
+    /// Body (JSON unless `text` is set).
     pub body: Vec<u8>,
+    /// The body is Prometheus text rather than JSON.
+    pub text: bool,
 }
 
 /// Why a request could not be read.
@@ -151,8 +153,13 @@ fn reason(status: u16) -> &'static str {
 
 /// Writes a response and closes the exchange.
 pub fn write_response<W: Write>(mut w: W, resp: &Response) -> io::Result<()> {
+    let ctype = if resp.text {
+        "text/plain; version=0.0.4"
+    } else {
+        "application/json"
+    };
     let head = format!(
-        "HTTP/1.1 {} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 {} {}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         resp.status,
         reason(resp.status),
         resp.body.len()
@@ -203,7 +210,11 @@ pub fn read_response<R: Read>(stream: R) -> io::Result<Response> {
             r.read_to_end(&mut body)?;
         }
     }
-    Ok(Response { status, body })
+    Ok(Response {
+        status,
+        body,
+        text: false,
+    })
 }
 
 #[cfg(test)]
@@ -266,6 +277,7 @@ mod tests {
             &Response {
                 status: 409,
                 body: b"{\"error\":\"x\"}".to_vec(),
+                text: false,
             },
         )
         .unwrap();

@@ -6,8 +6,9 @@ pub mod api;
 pub mod client;
 pub mod config;
 pub mod http;
+pub mod prometheus;
 pub mod size;
 
-pub use api::ApiServer;
+pub use api::{ApiServer, MetricsServer};
 pub use client::{ApiClient, ClientError};
 pub use config::{CardConfig, ConfigError};

@@ -94,6 +94,16 @@ enum VolumeCmd {
         #[command(flatten)]
         api: ApiArg,
     },
+    /// Counters and latency of a volume (kept across detach and attach).
+    Stats {
+        /// Volume name.
+        name: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        api: ApiArg,
+    },
     /// Delete a volume that is not attached; frees its space.
     Delete {
         /// Volume name.
@@ -357,6 +367,55 @@ fn volume(cmd: VolumeCmd) -> Result<()> {
         VolumeCmd::Delete { name, api } => {
             client(&api).call("DELETE", &format!("/v1/volumes/{}", path_seg(&name)?), None)?;
             println!("deleted volume {name}");
+        }
+        VolumeCmd::Stats { name, json, api } => {
+            let v = client(&api).call(
+                "GET",
+                &format!("/v1/volumes/{}/stats", path_seg(&name)?),
+                None,
+            )?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(());
+            }
+            let c = &v["counters"];
+            println!(
+                "volume {name} on {} ({})",
+                s(&v, "device"),
+                if v["attached"] == true {
+                    "attached"
+                } else {
+                    "not attached"
+                }
+            );
+            println!(
+                "{:<8} {:>12} {:>14} {:>10} {:>12} {:>12}",
+                "OP", "REQUESTS", "BYTES", "MEAN us", "p50 us <=", "p99 us <="
+            );
+            for op in ["read", "write", "flush", "discard"] {
+                let l = &v["latency"][op];
+                let bytes = match op {
+                    "read" => u(c, "read_bytes").to_string(),
+                    "write" => u(c, "write_bytes").to_string(),
+                    _ => "-".into(),
+                };
+                let opt = |x: &Value| x.as_u64().map_or("-".into(), |n| n.to_string());
+                println!(
+                    "{op:<8} {:>12} {bytes:>14} {:>10.1} {:>12} {:>12}",
+                    u(l, "count"),
+                    l["mean_us"].as_f64().unwrap_or(0.0),
+                    opt(&l["p50_us_at_most"]),
+                    opt(&l["p99_us_at_most"]),
+                );
+            }
+            println!(
+                "errors: {} invalid, {} unsupported, {} I/O; throttled: {} requests, {:.3} s",
+                u(c, "invalid_requests"),
+                u(c, "unsupported_requests"),
+                u(c, "io_errors"),
+                u(c, "throttled_requests"),
+                u(c, "throttled_ns") as f64 / 1e9
+            );
         }
         VolumeCmd::SetQos { name, qos, api } => {
             let v = client(&api).call(

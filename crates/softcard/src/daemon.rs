@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use softcard_control::{ApiServer, CardConfig};
+use softcard_control::{ApiServer, CardConfig, MetricsServer};
 use softcard_storage::crypto::KeyStore;
 use softcard_storage::{AttachOptions, CardError, StorageCard};
 
@@ -90,6 +90,13 @@ pub fn serve(config: &Path) -> Result<()> {
     }
     let api = ApiServer::start(card.clone(), &cfg.api_socket)
         .with_context(|| format!("starting the API on {}", cfg.api_socket.display()))?;
+    let _metrics = match cfg.metrics_listen {
+        Some(addr) => Some(
+            MetricsServer::start(card.clone(), addr)
+                .with_context(|| format!("starting the metrics endpoint on {addr}"))?,
+        ),
+        None => None,
+    };
     run_until_signal(&card, api, &set);
     Ok(())
 }

@@ -12,7 +12,9 @@ use crate::crypto::{DataKey, Kek, KeyError, KeyStore, WrappedKey, Xts256};
 use crate::device::{self, DeviceConfig, PhysicalDevice};
 use crate::partition::{PartitionError, PartitionMap, Volume};
 use crate::qos::QosLimits;
-use crate::virtio_blk::{Attachment, BlkError, BlkMetricsSnapshot, BlkTarget, InterfaceState};
+use crate::virtio_blk::{
+    Attachment, BlkError, BlkMetrics, BlkMetricsSnapshot, BlkTarget, InterfaceState,
+};
 
 /// Errors of card operations; none leaves anything half done.
 #[derive(Debug, thiserror::Error)]
@@ -99,6 +101,30 @@ pub struct AttachmentInfo {
     pub metrics: BlkMetricsSnapshot,
 }
 
+/// Counters of one device and its volumes.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeviceStats {
+    /// Device name.
+    pub device: String,
+    /// Capacity.
+    pub capacity_bytes: u64,
+    /// Free bytes.
+    pub free_bytes: u64,
+    /// Each volume's counters (zero for volumes never attached).
+    pub volumes: Vec<(String, BlkMetricsSnapshot)>,
+}
+
+impl DeviceStats {
+    /// The device's totals over its volumes.
+    pub fn totals(&self) -> BlkMetricsSnapshot {
+        let mut t = BlkMetricsSnapshot::default();
+        for (_, m) in &self.volumes {
+            t.add(m);
+        }
+        t
+    }
+}
+
 /// A volume as listed by the API.
 #[derive(Debug, Clone, Serialize)]
 pub struct VolumeInfo {
@@ -122,6 +148,9 @@ struct State {
     devices: Vec<DeviceSlot>,
     attachments: BTreeMap<String, Attachment>,
     keys: KeyStore,
+    /// Counters per volume; they outlive attachments (a volume's totals
+    /// keep counting across detach and attach) and go with the volume.
+    metrics: BTreeMap<String, Arc<BlkMetrics>>,
 }
 
 /// The storage function: owns devices, maps and interfaces.
@@ -180,6 +209,7 @@ impl StorageCard {
                 devices,
                 attachments: BTreeMap::new(),
                 keys,
+                metrics: BTreeMap::new(),
             }),
         })
     }
@@ -383,6 +413,42 @@ impl StorageCard {
         Ok(count)
     }
 
+    /// Counters of every volume that has been attached since the daemon
+    /// started, by device: `(device, [(volume, counters)])`, and the
+    /// device's capacity and free bytes.
+    pub fn stats(&self) -> Vec<DeviceStats> {
+        let st = self.lock();
+        st.devices
+            .iter()
+            .map(|d| {
+                let (capacity_bytes, free_bytes, volumes) = match &d.open {
+                    Ok((dev, map)) => (
+                        dev.capacity_bytes(),
+                        map.free_bytes(),
+                        map.volumes()
+                            .into_iter()
+                            .map(|v| {
+                                let m = st
+                                    .metrics
+                                    .get(&v.name)
+                                    .map(|m| m.snapshot())
+                                    .unwrap_or_default();
+                                (v.name, m)
+                            })
+                            .collect(),
+                    ),
+                    Err(_) => (0, 0, Vec::new()),
+                };
+                DeviceStats {
+                    device: d.config.name.clone(),
+                    capacity_bytes,
+                    free_bytes,
+                    volumes,
+                }
+            })
+            .collect()
+    }
+
     /// Tenants, with the reason for those whose key is unavailable.
     pub fn tenants(&self) -> Vec<(String, Option<String>)> {
         self.lock().keys.tenants()
@@ -401,6 +467,7 @@ impl StorageCard {
             .as_mut()
             .expect("found on an open device");
         let v = map.delete(dev.as_ref(), name)?;
+        st.metrics.remove(name);
         log::info!("deleted volume {name}");
         Ok(v)
     }
@@ -450,7 +517,8 @@ impl StorageCard {
             size: v.size_bytes,
             cipher,
         };
-        let a = Attachment::start(target, &opts.socket, opts.queues, opts.qos)?;
+        let metrics = st.metrics.entry(name.to_owned()).or_default().clone();
+        let a = Attachment::start(target, &opts.socket, opts.queues, opts.qos, metrics)?;
         st.attachments.insert(name.to_owned(), a);
         let device = st.devices[i].config.name.clone();
         Ok(Self::info(&st, &device, v))

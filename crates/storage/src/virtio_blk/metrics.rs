@@ -2,8 +2,96 @@
 //! queue workers, read by the control plane.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use serde::Serialize;
+
+/// Upper bounds of the latency buckets, in microseconds: powers of two
+/// from 1 µs to about 1 s; a last bucket takes the rest.
+pub const LATENCY_BOUNDS_US: [u64; 21] = {
+    let mut b = [0u64; 21];
+    let mut i = 0;
+    while i < 21 {
+        b[i] = 1 << i;
+        i += 1;
+    }
+    b
+};
+const BUCKETS: usize = LATENCY_BOUNDS_US.len() + 1;
+
+/// A lock-free latency histogram with log2 buckets.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    buckets: [AtomicU64; BUCKETS],
+    sum_ns: AtomicU64,
+}
+
+/// A copy of a [`Histogram`]: per-bucket (not cumulative) counts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct HistogramSnapshot {
+    /// Counts per bucket; bucket `i < 21` holds latencies up to
+    /// `LATENCY_BOUNDS_US[i]` µs, the last one the rest.
+    pub buckets: [u64; BUCKETS],
+    /// Sum of all latencies, in nanoseconds.
+    pub sum_ns: u64,
+}
+
+impl Histogram {
+    /// Records one latency.
+    pub fn record(&self, d: Duration) {
+        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        let i = LATENCY_BOUNDS_US
+            .iter()
+            .position(|&b| us <= b)
+            .unwrap_or(BUCKETS - 1);
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_ns.fetch_add(
+            u64::try_from(d.as_nanos()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// Reads the histogram.
+    pub fn snapshot(&self) -> HistogramSnapshot {
+        HistogramSnapshot {
+            buckets: std::array::from_fn(|i| self.buckets[i].load(Ordering::Relaxed)),
+            sum_ns: self.sum_ns.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl HistogramSnapshot {
+    /// Number of samples.
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().sum()
+    }
+
+    /// Adds another histogram's counts (for per-device totals).
+    pub fn add(&mut self, o: &HistogramSnapshot) {
+        for (a, b) in self.buckets.iter_mut().zip(&o.buckets) {
+            *a += b;
+        }
+        self.sum_ns += o.sum_ns;
+    }
+
+    /// Upper bound, in µs, of the bucket holding the quantile
+    /// `per_mille / 1000`; `None` without samples. Coarse by design (log2).
+    pub fn quantile_bound_us(&self, per_mille: u64) -> Option<u64> {
+        let n = self.count();
+        if n == 0 {
+            return None;
+        }
+        let rank = (n * per_mille.min(1000)).div_ceil(1000).max(1);
+        let mut seen = 0;
+        for (i, c) in self.buckets.iter().enumerate() {
+            seen += c;
+            if seen >= rank {
+                return Some(LATENCY_BOUNDS_US.get(i).copied().unwrap_or(u64::MAX));
+            }
+        }
+        None
+    }
+}
 
 /// Counters of one attachment.
 #[derive(Debug, Default)]
@@ -36,10 +124,18 @@ pub struct BlkMetrics {
     pub throttled_requests: AtomicU64,
     /// Total time requests waited for the throttle, in nanoseconds.
     pub throttled_ns: AtomicU64,
+    /// Latency from pop to completion, reads.
+    pub read_latency: Histogram,
+    /// Latency, writes.
+    pub write_latency: Histogram,
+    /// Latency, flushes.
+    pub flush_latency: Histogram,
+    /// Latency, discards and write-zeroes.
+    pub discard_latency: Histogram,
 }
 
 /// A copy of [`BlkMetrics`] at one instant.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 #[allow(missing_docs)]
 pub struct BlkMetricsSnapshot {
     pub read_ops: u64,
@@ -56,6 +152,34 @@ pub struct BlkMetricsSnapshot {
     pub notifications: u64,
     pub throttled_requests: u64,
     pub throttled_ns: u64,
+    pub read_latency: HistogramSnapshot,
+    pub write_latency: HistogramSnapshot,
+    pub flush_latency: HistogramSnapshot,
+    pub discard_latency: HistogramSnapshot,
+}
+
+impl BlkMetricsSnapshot {
+    /// Adds another snapshot (for per-device totals).
+    pub fn add(&mut self, o: &BlkMetricsSnapshot) {
+        self.read_ops += o.read_ops;
+        self.read_bytes += o.read_bytes;
+        self.write_ops += o.write_ops;
+        self.write_bytes += o.write_bytes;
+        self.flush_ops += o.flush_ops;
+        self.discard_ops += o.discard_ops;
+        self.write_zeroes_ops += o.write_zeroes_ops;
+        self.get_id_ops += o.get_id_ops;
+        self.invalid_requests += o.invalid_requests;
+        self.unsupported_requests += o.unsupported_requests;
+        self.io_errors += o.io_errors;
+        self.notifications += o.notifications;
+        self.throttled_requests += o.throttled_requests;
+        self.throttled_ns += o.throttled_ns;
+        self.read_latency.add(&o.read_latency);
+        self.write_latency.add(&o.write_latency);
+        self.flush_latency.add(&o.flush_latency);
+        self.discard_latency.add(&o.discard_latency);
+    }
 }
 
 impl BlkMetrics {
@@ -87,6 +211,10 @@ impl BlkMetrics {
             notifications: g(&self.notifications),
             throttled_requests: g(&self.throttled_requests),
             throttled_ns: g(&self.throttled_ns),
+            read_latency: self.read_latency.snapshot(),
+            write_latency: self.write_latency.snapshot(),
+            flush_latency: self.flush_latency.snapshot(),
+            discard_latency: self.discard_latency.snapshot(),
         }
     }
 }

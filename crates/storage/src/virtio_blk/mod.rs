@@ -104,6 +104,7 @@ impl Attachment {
         socket: &Path,
         queues: u16,
         qos: QosLimits,
+        metrics: Arc<BlkMetrics>,
     ) -> Result<Self, BlkError> {
         if queues == 0 || queues > MAX_QUEUES {
             return Err(BlkError::Queues(queues));
@@ -138,7 +139,6 @@ impl Attachment {
             shutdown: Mutex::new(None),
             failed: AtomicBool::new(false),
         });
-        let metrics = Arc::new(BlkMetrics::default());
         // Fail early if the device cannot give us queues.
         drop(BlkBackend::new(
             &target,

@@ -52,6 +52,8 @@ struct Inflight {
     /// Encrypted volumes: the ciphertext buffer the device reads or writes,
     /// and (for reads) the guest buffers the plaintext goes to.
     bounce: Option<Bounce>,
+    /// When the request was started.
+    started: Instant,
 }
 
 /// The ciphertext side of a request on an encrypted volume.
@@ -659,6 +661,7 @@ impl QueueWorker {
             len: req.len,
             mem: mem.clone(),
             bounce,
+            started: Instant::now(),
         });
         self.inflight += 1;
         let io = IoRequest {
@@ -779,18 +782,30 @@ impl QueueWorker {
         let m = &self.metrics;
         let status = match &c.result {
             Ok(_) => {
+                let took = f.started.elapsed();
                 match f.kind {
                     RequestKind::Read => {
                         BlkMetrics::inc(&m.read_ops);
                         BlkMetrics::add(&m.read_bytes, f.len);
+                        m.read_latency.record(took);
                     }
                     RequestKind::Write => {
                         BlkMetrics::inc(&m.write_ops);
                         BlkMetrics::add(&m.write_bytes, f.len);
+                        m.write_latency.record(took);
                     }
-                    RequestKind::Flush => BlkMetrics::inc(&m.flush_ops),
-                    RequestKind::Discard => BlkMetrics::inc(&m.discard_ops),
-                    RequestKind::WriteZeroes => BlkMetrics::inc(&m.write_zeroes_ops),
+                    RequestKind::Flush => {
+                        BlkMetrics::inc(&m.flush_ops);
+                        m.flush_latency.record(took);
+                    }
+                    RequestKind::Discard => {
+                        BlkMetrics::inc(&m.discard_ops);
+                        m.discard_latency.record(took);
+                    }
+                    RequestKind::WriteZeroes => {
+                        BlkMetrics::inc(&m.write_zeroes_ops);
+                        m.discard_latency.record(took);
+                    }
                     RequestKind::GetId => {}
                 }
                 VIRTIO_BLK_S_OK
