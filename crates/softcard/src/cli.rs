@@ -219,6 +219,8 @@ enum BenchCmd {
     Storage(bench::StorageBenchArgs),
     /// AES-256-XTS throughput against `openssl speed`, same run.
     Crypto(bench::CryptoBenchArgs),
+    /// A quiet volume's latency alone and next to a noisy one.
+    Fairness(bench::FairnessBenchArgs),
 }
 
 /// Runs a parsed command line.
@@ -254,6 +256,7 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Bench(BenchCmd::Storage(a)) => bench::storage(&a),
         Command::Bench(BenchCmd::Crypto(a)) => bench::crypto(&a),
+        Command::Bench(BenchCmd::Fairness(a)) => bench::fairness(&a),
         Command::Tenant(TenantCmd::List { api }) => {
             let v = client(&api).call("GET", "/v1/tenants", None)?;
             for t in v.as_array().into_iter().flatten() {

@@ -300,3 +300,142 @@ mod tests {
         }
     }
 }
+
+/// Fair sharing of one physical device's queue between the volumes on it.
+///
+/// A volume alone on the device is never held back. While several volumes
+/// are active (a request in flight, or one within the last
+/// [`ACTIVE_WINDOW`]), each may have at most `depth / active` requests in
+/// flight (at least one), so a volume flooding the device keeps the device
+/// queue short for the others instead of filling it. Requests over
+/// the cap wait in their own ring until one of the volume's requests
+/// completes; they never fail.
+#[derive(Debug)]
+pub struct DeviceShare {
+    depth: u32,
+    epoch: std::time::Instant,
+    slots: std::sync::RwLock<Vec<std::sync::Weak<ShareSlot>>>,
+}
+
+/// How long after its last request a volume still counts as active.
+pub const ACTIVE_WINDOW: std::time::Duration = std::time::Duration::from_millis(5);
+
+/// One volume's place in a [`DeviceShare`].
+#[derive(Debug, Default)]
+pub struct ShareSlot {
+    inflight: std::sync::atomic::AtomicU32,
+    last_ns: std::sync::atomic::AtomicU64,
+}
+
+impl DeviceShare {
+    /// A share of `depth` requests in flight (0: no sharing).
+    pub fn new(depth: u32) -> Self {
+        DeviceShare {
+            depth,
+            epoch: std::time::Instant::now(),
+            slots: std::sync::RwLock::new(Vec::new()),
+        }
+    }
+
+    /// The depth budget.
+    pub fn depth(&self) -> u32 {
+        self.depth
+    }
+
+    /// Adds a volume; it leaves when the returned slot is dropped.
+    pub fn register(&self) -> std::sync::Arc<ShareSlot> {
+        let slot = std::sync::Arc::new(ShareSlot::default());
+        let mut v = self.slots.write().unwrap_or_else(|e| e.into_inner());
+        v.retain(|w| w.strong_count() > 0);
+        v.push(std::sync::Arc::downgrade(&slot));
+        slot
+    }
+
+    fn now_ns(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// Whether `slot` may start one more request now; counts it if so.
+    pub fn try_start(&self, slot: &ShareSlot) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.depth == 0 {
+            return true;
+        }
+        // Zero means "never active".
+        let now = self.now_ns().max(1);
+        slot.last_ns.store(now, Relaxed);
+        let window = u64::try_from(ACTIVE_WINDOW.as_nanos()).unwrap_or(u64::MAX);
+        let active = {
+            let v = self.slots.read().unwrap_or_else(|e| e.into_inner());
+            v.iter()
+                .filter_map(std::sync::Weak::upgrade)
+                .filter(|s| {
+                    let last = s.last_ns.load(Relaxed);
+                    s.inflight.load(Relaxed) > 0 || (last != 0 && now.saturating_sub(last) < window)
+                })
+                .count()
+        };
+        if active <= 1 {
+            // Alone on the device: no reason to hold anything back.
+            slot.inflight.fetch_add(1, Relaxed);
+            return true;
+        }
+        let cap = (self.depth / u32::try_from(active).unwrap_or(u32::MAX)).max(1);
+        if slot.inflight.load(Relaxed) >= cap {
+            return false;
+        }
+        slot.inflight.fetch_add(1, Relaxed);
+        true
+    }
+
+    /// Counts a request that must start regardless (draining a queue).
+    pub fn force_start(&self, slot: &ShareSlot) {
+        if self.depth > 0 {
+            slot.inflight
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// A request of `slot` completed.
+    pub fn done(&self, slot: &ShareSlot) {
+        if self.depth > 0 {
+            slot.inflight
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod share_tests {
+    use super::*;
+
+    #[test]
+    fn alone_gets_the_budget_and_neighbours_split_it() {
+        let share = DeviceShare::new(8);
+        let a = share.register();
+        let b = share.register();
+        // b has never been active: a alone is not held back.
+        for _ in 0..8 {
+            assert!(share.try_start(&a));
+        }
+        // b becomes active: it gets in, and a may not add more until it
+        // is back under its half.
+        assert!(share.try_start(&b));
+        for _ in 0..4 {
+            share.done(&a);
+            assert!(!share.try_start(&a), "a over its half");
+        }
+        share.done(&a);
+        assert!(share.try_start(&a));
+        drop(b);
+    }
+
+    #[test]
+    fn zero_depth_never_holds_back() {
+        let share = DeviceShare::new(0);
+        let a = share.register();
+        for _ in 0..10_000 {
+            assert!(share.try_start(&a));
+        }
+    }
+}

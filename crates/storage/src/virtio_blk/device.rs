@@ -26,9 +26,10 @@ use vmm_sys_util::event::{
 
 use super::metrics::BlkMetrics;
 use super::request::{ID_BYTES, MAX_RANGES, SECTOR_BYTES};
-use super::worker::{QueueWorker, SharedThrottle, VolumeRange};
+use super::worker::{Policy, QueueWorker, SharedThrottle, VolumeRange};
 use crate::crypto::Xts256;
 use crate::device::PhysicalDevice;
+use crate::qos::{DeviceShare, ShareSlot};
 
 pub(crate) type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
 
@@ -56,6 +57,10 @@ pub struct BlkTarget {
     pub size: u64,
     /// Cipher of an encrypted volume.
     pub cipher: Option<Arc<Xts256>>,
+    /// The device's fair-share state, and this volume's slot in it.
+    pub share: Arc<DeviceShare>,
+    /// This volume's slot in `share`.
+    pub share_slot: Arc<ShareSlot>,
 }
 
 struct Inner {
@@ -147,8 +152,12 @@ impl BlkBackend {
                 range,
                 serial(&target.name),
                 metrics.clone(),
-                throttle.clone(),
-                target.cipher.clone(),
+                Policy {
+                    throttle: throttle.clone(),
+                    cipher: target.cipher.clone(),
+                    share: target.share.clone(),
+                    share_slot: target.share_slot.clone(),
+                },
             )?));
             exits.push(new_event_consumer_and_notifier(EventFlag::NONBLOCK)?);
         }

@@ -26,7 +26,7 @@ use super::metrics::BlkMetrics;
 use super::request::{self, Refused, Request, RequestError, RequestKind, Segment, ID_BYTES};
 use crate::crypto::Xts256;
 use crate::device::{AlignedBuf, DeviceQueue, IoCompletion, IoOp, IoRequest, MAX_SEGMENTS};
-use crate::qos::{QosLimits, Throttle};
+use crate::qos::{DeviceShare, QosLimits, ShareSlot, Throttle};
 
 type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
 
@@ -196,6 +196,29 @@ impl SharedThrottle {
     }
 }
 
+/// What an interface does to requests besides moving them: throttling,
+/// encryption, fair sharing of the device.
+#[derive(Debug, Clone)]
+pub(crate) struct Policy {
+    pub throttle: Arc<SharedThrottle>,
+    pub cipher: Option<Arc<Xts256>>,
+    pub share: Arc<DeviceShare>,
+    pub share_slot: Arc<ShareSlot>,
+}
+
+/// A parsed request held back by the throttle or the device share.
+#[derive(Debug)]
+struct Pending {
+    req: Request,
+    since: Instant,
+    /// The throttle already admitted (and charged) it.
+    admitted: bool,
+}
+
+/// How soon a queue held back by the device share looks again (its own
+/// completions usually wake it first).
+const SHARE_RETRY_NS: u64 = 100_000;
+
 /// Data bytes a request counts against the byte limit.
 fn data_bytes(req: &Request) -> u64 {
     match req.kind {
@@ -243,12 +266,15 @@ pub(crate) struct QueueWorker {
     throttle: Arc<SharedThrottle>,
     /// A parsed request waiting for tokens, with when it started waiting,
     /// and its data segments.
-    pending: Option<(Request, Instant)>,
+    pending: Option<Pending>,
     pending_segments: Vec<Segment>,
     /// Fires when the pending request may have its tokens.
     timer: TimerFd,
     /// The volume's cipher, when it is encrypted.
     cipher: Option<Arc<Xts256>>,
+    /// The device's queue, shared fairly with the other volumes on it.
+    share: Arc<DeviceShare>,
+    share_slot: Arc<ShareSlot>,
     bounce_pool: Vec<AlignedBuf>,
     iov_pool: Vec<Vec<libc::iovec>>,
 }
@@ -264,9 +290,14 @@ impl QueueWorker {
         range: VolumeRange,
         id: [u8; ID_BYTES],
         metrics: Arc<BlkMetrics>,
-        throttle: Arc<SharedThrottle>,
-        cipher: Option<Arc<Xts256>>,
+        policy: Policy,
     ) -> io::Result<Self> {
+        let Policy {
+            throttle,
+            cipher,
+            share,
+            share_slot,
+        } = policy;
         Ok(QueueWorker {
             dev,
             range,
@@ -285,6 +316,8 @@ impl QueueWorker {
             pending_segments: Vec::with_capacity(request::MAX_DESCRIPTORS),
             timer: TimerFd::new()?,
             cipher,
+            share,
+            share_slot,
             bounce_pool: Vec::new(),
             iov_pool: Vec::new(),
         })
@@ -429,10 +462,13 @@ impl QueueWorker {
         let mut vring = vring;
         // A request held back by the throttle was taken off the ring: it
         // must complete before the ring's state is handed back.
-        if let Some((req, _)) = self.pending.take() {
+        if let Some(p) = self.pending.take() {
             if let Some(vr) = vring.as_deref_mut() {
                 std::mem::swap(&mut self.segments, &mut self.pending_segments);
-                if self.start(vr, &snapshot, req) {
+                if p.req.kind != RequestKind::GetId {
+                    self.share.force_start(&self.share_slot);
+                }
+                if self.start(vr, &snapshot, p.req) {
                     self.notify(vr, &snapshot, true);
                 }
             }
@@ -510,16 +546,24 @@ impl QueueWorker {
                 return false;
             }
         }
-        // A request that waited for tokens goes first.
-        if let Some((req, since)) = self.pending.take() {
-            if let Err(wait) = self.throttle.admit(data_bytes(&req)) {
-                self.pending = Some((req, since));
-                self.arm_timer(wait);
+        // A request that waited goes first.
+        if let Some(mut p) = self.pending.take() {
+            if !p.admitted {
+                if let Err(wait) = self.throttle.admit(data_bytes(&p.req)) {
+                    self.pending = Some(p);
+                    self.arm_timer(wait);
+                    return used;
+                }
+                p.admitted = true;
+                BlkMetrics::add(&self.metrics.throttled_ns, nanos(p.since.elapsed()));
+            }
+            if !self.share_try_start(&p.req) {
+                self.pending = Some(p);
+                self.arm_timer(SHARE_RETRY_NS);
                 return used;
             }
-            BlkMetrics::add(&self.metrics.throttled_ns, nanos(since.elapsed()));
             std::mem::swap(&mut self.segments, &mut self.pending_segments);
-            used |= self.start(vring, mem, req);
+            used |= self.start(vring, mem, p.req);
         }
         let (mut batch, mut batch_bytes) = (0usize, 0u64);
         while !self.free.is_empty() {
@@ -532,8 +576,22 @@ impl QueueWorker {
                     if let Err(wait) = self.throttle.admit(data_bytes(&req)) {
                         BlkMetrics::inc(&self.metrics.throttled_requests);
                         std::mem::swap(&mut self.segments, &mut self.pending_segments);
-                        self.pending = Some((req, Instant::now()));
+                        self.pending = Some(Pending {
+                            req,
+                            since: Instant::now(),
+                            admitted: false,
+                        });
                         self.arm_timer(wait);
+                        break;
+                    }
+                    if !self.share_try_start(&req) {
+                        std::mem::swap(&mut self.segments, &mut self.pending_segments);
+                        self.pending = Some(Pending {
+                            req,
+                            since: Instant::now(),
+                            admitted: true,
+                        });
+                        self.arm_timer(SHARE_RETRY_NS);
                         break;
                     }
                     batch_bytes += req.len;
@@ -556,6 +614,12 @@ impl QueueWorker {
             }
         }
         used
+    }
+
+    /// Counts a request that goes to the device against the volume's share;
+    /// false when the volume is over its share right now.
+    fn share_try_start(&self, req: &Request) -> bool {
+        req.kind == RequestKind::GetId || self.share.try_start(&self.share_slot)
     }
 
     fn arm_timer(&mut self, wait_ns: u64) {
@@ -646,6 +710,8 @@ impl QueueWorker {
                     error,
                 };
                 self.refuse(vring, mem, &refused);
+                // It was counted against the device share but never went.
+                self.share.done(&self.share_slot);
                 return true;
             }
         }
@@ -776,6 +842,7 @@ impl QueueWorker {
         let mut f = slot.take()?;
         self.free.push(c.tag);
         self.inflight -= 1;
+        self.share.done(&self.share_slot);
         if let Some(b) = f.bounce.take() {
             self.finish_bounce(b, f.kind, f.len, c.result.is_ok());
         }
