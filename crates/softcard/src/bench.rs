@@ -606,3 +606,68 @@ pub fn fairness(a: &FairnessBenchArgs) -> Result<()> {
     card.shutdown();
     Ok(())
 }
+
+/// Options of `softcard bench qos`.
+#[derive(Debug, clap::Args)]
+pub struct QosBenchArgs {
+    /// IOPS limit.
+    #[arg(long, default_value_t = 1000)]
+    iops: u64,
+    /// Burst (requests).
+    #[arg(long, default_value_t = 32)]
+    burst: u64,
+    /// Seconds of load.
+    #[arg(long, default_value_t = 10.0)]
+    seconds: f64,
+}
+
+/// `softcard bench qos`: how exactly an IOPS limit holds under
+/// queue-depth-32 load.
+pub fn qos(a: &QosBenchArgs) -> Result<()> {
+    let sockets = tempfile::Builder::new().prefix("softcard-qos").tempdir()?;
+    let card = StorageCard::open(&[DeviceConfig {
+        name: "r".into(),
+        kind: DeviceKind::Ram,
+        path: None,
+        size_bytes: Some(64 << 20),
+    }])?;
+    card.create_volume("v", "r", 32 << 20)?;
+    let sock = sockets.path().join("v.sock");
+    card.attach(
+        "v",
+        &AttachOptions {
+            socket: sock.clone(),
+            queues: 1,
+            qos: softcard_storage::qos::QosLimits {
+                iops: Some(a.iops),
+                iops_burst: Some(a.burst),
+                ..Default::default()
+            },
+        },
+    )?;
+    let w = Workload {
+        name: "4k-randread-qd32",
+        write: false,
+        block: 4096,
+        depth: 32,
+        random: true,
+    };
+    let begin = Instant::now();
+    let f = drive(&sock, w, a.seconds)?;
+    let elapsed = begin.elapsed().as_secs_f64();
+    let done = f.iops * elapsed;
+    let expected = a.iops as f64 * a.seconds;
+    println!(
+        "# softcard bench qos: {} IOPS limit, burst {}, 4 KiB reads at QD32 for {} s",
+        a.iops, a.burst, a.seconds
+    );
+    println!("| completed | expected (limit x time) | ratio | measured IOPS |");
+    println!("|---:|---:|---:|---:|");
+    println!(
+        "| {done:.0} | {expected:.0} | {:.4} | {:.1} |",
+        done / expected,
+        f.iops
+    );
+    card.shutdown();
+    Ok(())
+}

@@ -221,6 +221,8 @@ enum BenchCmd {
     Crypto(bench::CryptoBenchArgs),
     /// A quiet volume's latency alone and next to a noisy one.
     Fairness(bench::FairnessBenchArgs),
+    /// How exactly an IOPS limit holds under load.
+    Qos(bench::QosBenchArgs),
 }
 
 /// Runs a parsed command line.
@@ -257,6 +259,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Bench(BenchCmd::Storage(a)) => bench::storage(&a),
         Command::Bench(BenchCmd::Crypto(a)) => bench::crypto(&a),
         Command::Bench(BenchCmd::Fairness(a)) => bench::fairness(&a),
+        Command::Bench(BenchCmd::Qos(a)) => bench::qos(&a),
         Command::Tenant(TenantCmd::List { api }) => {
             let v = client(&api).call("GET", "/v1/tenants", None)?;
             for t in v.as_array().into_iter().flatten() {
