@@ -169,6 +169,49 @@ impl Xts256 {
         unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst, src.len()) };
     }
 
+    /// Encrypts (`encrypt` true) or decrypts `len` bytes of whole sectors
+    /// from `src` to `dst`, both raw memory that is only copied, never
+    /// referenced (either may be guest memory or a device's pages); `src`
+    /// is left as it was.
+    ///
+    /// # Safety
+    ///
+    /// `src` must be readable and `dst` writable for `len` bytes, and they
+    /// must not overlap.
+    pub unsafe fn process_raw(
+        &self,
+        src: *const u8,
+        dst: *mut u8,
+        len: usize,
+        first_sector: u64,
+        encrypt: bool,
+    ) {
+        assert!(len.is_multiple_of(SECTOR), "XTS works on whole sectors");
+        #[cfg(target_arch = "x86_64")]
+        if let Some(f) = &self.fast {
+            // SAFETY: CPU features checked when `fast` was made; the caller
+            // vouches for both ranges.
+            unsafe { f.process_raw(src, dst, len, first_sector, encrypt) };
+            return;
+        }
+        let mut sector = [0u8; SECTOR];
+        for i in 0..len / SECTOR {
+            // SAFETY: sector `i` of both ranges is inside `len` bytes the
+            // caller vouches for; `sector` is our own buffer.
+            unsafe {
+                std::ptr::copy_nonoverlapping(src.add(i * SECTOR), sector.as_mut_ptr(), SECTOR)
+            };
+            let n = first_sector.wrapping_add(i as u64);
+            if encrypt {
+                self.encrypt(&mut sector, n);
+            } else {
+                self.decrypt(&mut sector, n);
+            }
+            // SAFETY: as above.
+            unsafe { std::ptr::copy_nonoverlapping(sector.as_ptr(), dst.add(i * SECTOR), SECTOR) };
+        }
+    }
+
     /// Decrypts whole sectors in place.
     pub fn decrypt(&self, buf: &mut [u8], first_sector: u64) {
         assert!(

@@ -423,6 +423,7 @@ mod tests {
                 len: 8192,
                 segments: &segs_w,
                 tag: 0,
+                crypt: None,
             });
             q.push(IoRequest {
                 op: IoOp::Write,
@@ -430,6 +431,7 @@ mod tests {
                 len: 1001,
                 segments: &segs_odd,
                 tag: 1,
+                crypt: None,
             });
         }
         let done = reap_all(&mut q, 2);
@@ -445,6 +447,7 @@ mod tests {
                 len: 8192,
                 segments: &segs_r,
                 tag: 2,
+                crypt: None,
             });
             q.push(IoRequest {
                 op: IoOp::Flush,
@@ -452,6 +455,7 @@ mod tests {
                 len: 0,
                 segments: &[],
                 tag: 3,
+                crypt: None,
             });
         }
         let done = reap_all(&mut q, 2);
@@ -470,6 +474,7 @@ mod tests {
                 len: 4096,
                 segments: &[],
                 tag: 4,
+                crypt: None,
             });
         }
         let done = reap_all(&mut q, 1);

@@ -12,6 +12,8 @@ mod file;
 mod mem;
 
 use std::fmt;
+
+use crate::crypto::Xts256;
 use std::io;
 use std::os::fd::RawFd;
 use std::path::PathBuf;
@@ -145,6 +147,18 @@ pub struct IoRequest<'a> {
     pub segments: &'a [libc::iovec],
     /// Caller's tag, below the queue depth; unique among requests in flight.
     pub tag: u16,
+    /// Encrypt on the way in and decrypt on the way out, for queues that
+    /// can do it in line ([`DeviceQueue::inline_crypto`]).
+    pub crypt: Option<Crypt<'a>>,
+}
+
+/// In-line encryption of one request.
+#[derive(Debug, Clone, Copy)]
+pub struct Crypt<'a> {
+    /// The volume's cipher.
+    pub cipher: &'a Xts256,
+    /// Volume-relative number of the request's first sector.
+    pub first_sector: u64,
 }
 
 /// One completed physical request.
@@ -158,6 +172,13 @@ pub struct IoCompletion {
 
 /// A submission context owned by one queue worker.
 pub trait DeviceQueue: Send + fmt::Debug {
+    /// Whether this queue applies [`IoRequest::crypt`] itself (memory
+    /// devices: straight between their memory and the caller's buffers).
+    /// Others get ciphertext buffers from the caller and ignore it.
+    fn inline_crypto(&self) -> bool {
+        false
+    }
+
     /// Queues one request; it is started by the next [`DeviceQueue::submit`].
     ///
     /// # Safety

@@ -25,7 +25,7 @@ use vmm_sys_util::timerfd::TimerFd;
 use super::metrics::BlkMetrics;
 use super::request::{self, Refused, Request, RequestError, RequestKind, Segment, ID_BYTES};
 use crate::crypto::Xts256;
-use crate::device::{AlignedBuf, DeviceQueue, IoCompletion, IoOp, IoRequest, MAX_SEGMENTS};
+use crate::device::{AlignedBuf, Crypt, DeviceQueue, IoCompletion, IoOp, IoRequest, MAX_SEGMENTS};
 use crate::qos::{DeviceShare, QosLimits, ShareSlot, Throttle};
 
 type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
@@ -715,8 +715,13 @@ impl QueueWorker {
                 return true;
             }
         }
+        // Encrypted volumes: devices that can, encrypt in line; for the
+        // others the request goes through a ciphertext bounce buffer.
+        let inline = self.cipher.is_some() && self.dev.inline_crypto();
         let bounce = match (&self.cipher, op) {
-            (Some(_), IoOp::Read | IoOp::Write) => Some(self.encrypt_into_bounce(op, &req)),
+            (Some(_), IoOp::Read | IoOp::Write) if !inline => {
+                Some(self.encrypt_into_bounce(op, &req))
+            }
             _ => None,
         };
         let tag = self.free.pop().expect("caller checked for a free slot");
@@ -730,7 +735,15 @@ impl QueueWorker {
             started: Instant::now(),
         });
         self.inflight += 1;
+        let crypt = match (&self.cipher, inline) {
+            (Some(c), true) => Some(Crypt {
+                cipher: c,
+                first_sector: req.offset / request::SECTOR_BYTES,
+            }),
+            _ => None,
+        };
         let io = IoRequest {
+            crypt,
             op,
             offset: self.range.offset + req.offset,
             len: req.len,
