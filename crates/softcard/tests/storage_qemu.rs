@@ -11,8 +11,7 @@
 
 mod common;
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -24,110 +23,7 @@ const DEVICE_BYTES: u64 = 96 * MIB;
 const MAP_AREA: u64 = 2 * MIB;
 const SENTINEL_SEED: u64 = 0x5e47;
 
-/// A newc cpio archive, the initramfs format.
-struct Cpio {
-    out: Vec<u8>,
-    ino: u32,
-}
-
-impl Cpio {
-    fn new() -> Self {
-        Cpio {
-            out: Vec::new(),
-            ino: 1,
-        }
-    }
-
-    fn pad(&mut self) {
-        while !self.out.len().is_multiple_of(4) {
-            self.out.push(0);
-        }
-    }
-
-    fn entry(&mut self, name: &str, mode: u32, data: &[u8]) {
-        let fields = [
-            self.ino,
-            mode,
-            0,
-            0,
-            1,
-            0,
-            u32::try_from(data.len()).unwrap(),
-            0,
-            0,
-            0,
-            0,
-            u32::try_from(name.len() + 1).unwrap(),
-            0,
-        ];
-        self.ino += 1;
-        self.out.extend_from_slice(b"070701");
-        for f in fields {
-            write!(self.out, "{f:08x}").unwrap();
-        }
-        self.out.extend_from_slice(name.as_bytes());
-        self.out.push(0);
-        self.pad();
-        self.out.extend_from_slice(data);
-        self.pad();
-    }
-
-    fn dir(&mut self, name: &str) {
-        self.entry(name, 0o040_755, &[]);
-    }
-
-    fn file(&mut self, name: &str, data: &[u8]) {
-        self.entry(name, 0o100_755, data);
-    }
-
-    fn finish(mut self) -> Vec<u8> {
-        self.entry("TRAILER!!!", 0, &[]);
-        self.out
-    }
-}
-
-fn kernel() -> PathBuf {
-    let mut k: Vec<PathBuf> = std::fs::read_dir("/boot")
-        .expect("/boot (install linux-image-amd64)")
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.file_name()
-                .unwrap()
-                .to_string_lossy()
-                .starts_with("vmlinuz-")
-        })
-        .collect();
-    k.sort();
-    k.pop()
-        .expect("no /boot/vmlinuz-* (install linux-image-amd64)")
-}
-
-fn module_dir(kernel: &Path) -> PathBuf {
-    let release = kernel
-        .file_name()
-        .unwrap()
-        .to_string_lossy()
-        .trim_start_matches("vmlinuz-")
-        .to_owned();
-    PathBuf::from("/lib/modules").join(release)
-}
-
-const MODULES: [&str; 6] = [
-    "kernel/drivers/virtio/virtio_ring.ko",
-    "kernel/drivers/virtio/virtio.ko",
-    "kernel/drivers/virtio/virtio_pci_modern_dev.ko",
-    "kernel/drivers/virtio/virtio_pci_legacy_dev.ko",
-    "kernel/drivers/virtio/virtio_pci.ko",
-    "kernel/drivers/block/virtio_blk.ko",
-];
-
-const INIT: &str = r#"#!/bin/busybox sh
-B=/bin/busybox
-$B mkdir -p /proc /sys /dev
-$B mount -t proc proc /proc
-$B mount -t sysfs sys /sys
-$B mount -t devtmpfs dev /dev
-for m in /lib/modules/*.ko.*; do $B insmod "$m" || echo "SOFTCARD-FAIL insmod $m"; done
+const INIT: &str = r#"
 i=0
 while [ ! -b /dev/vda ] || [ ! -b /dev/vdb ]; do
   i=$((i+1)); [ $i -gt 200 ] && { echo "SOFTCARD-FAIL no disks"; $B poweroff -f; }
@@ -155,36 +51,22 @@ $B poweroff -f
 "#;
 
 fn build_initramfs(kernel: &Path, out: &Path, pats: &[(&str, &[u8])]) {
-    let mut c = Cpio::new();
-    for d in ["bin", "lib", "lib/modules", "proc", "sys", "dev"] {
-        c.dir(d);
-    }
-    c.file(
-        "bin/busybox",
-        &std::fs::read("/bin/busybox").expect("/bin/busybox (install busybox-static)"),
+    let init = format!(
+        "#!/bin/busybox sh\n{}{}",
+        softcard_testkit::INIT_PRELUDE,
+        INIT
     );
-    c.file("init", INIT.as_bytes());
-    let mdir = module_dir(kernel);
-    for (i, m) in MODULES.iter().enumerate() {
-        let data = std::fs::read(mdir.join(m))
-            .unwrap_or_else(|e| panic!("{}: {e}", mdir.join(m).display()));
-        // Numbered so the shell glob loads them in dependency order.
-        let base = Path::new(m)
-            .file_name()
-            .unwrap()
-            .to_string_lossy()
-            .into_owned();
-        c.file(&format!("lib/modules/{i}-{base}.{i}"), &data);
-    }
+    let mut i = softcard_testkit::Initramfs::new(kernel, &init);
+    i.modules(&["virtio_pci", "virtio_blk"]);
     for (name, data) in pats {
-        c.file(name, data);
+        i.file(name, data, 0o644);
     }
-    std::fs::write(out, c.finish()).unwrap();
+    std::fs::write(out, i.finish()).unwrap();
 }
 
 #[test]
 fn guest_writes_land_in_their_partitions_only() {
-    let k = kernel();
+    let k = softcard_testkit::kernel();
     // The device file: a blank map area, then sentinel bytes everywhere,
     // so that any stray write shows.
     let dir_devices = r#"
