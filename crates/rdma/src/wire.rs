@@ -408,6 +408,10 @@ pub struct Flow {
     pub src_port: u16,
     /// UDP destination port (4791).
     pub dst_port: u16,
+    /// IPv4 identification. Covered by the ICRC and chosen by the sending
+    /// kernel (rdma_rxe on Linux 6.1 sends varying IDs with DF set), so a
+    /// receiver must read it from the IP header: a plain UDP socket cannot.
+    pub ip_id: u16,
 }
 
 /// The ICRC of a RoCEv2-over-IPv4 datagram whose UDP payload is `udp`
@@ -417,9 +421,8 @@ pub struct Flow {
 /// 8 bytes of ones, the IPv4 header with TOS, TTL and checksum set to ones,
 /// the UDP header with the checksum set to ones, the BTH with its FECN,
 /// BECN and reserved bits set to ones, then the rest of the packet. The
-/// IPv4 identification and flags are those of a DF datagram with ID 0,
-/// which is what rdma_rxe sends and what Linux gives an unconnected UDP
-/// socket with path-MTU discovery on.
+/// IPv4 flags are those of a DF datagram (as RoCEv2 senders set); the
+/// identification comes from [`Flow::ip_id`].
 pub fn icrc(flow: &Flow, udp: &[u8]) -> u32 {
     let body = &udp[..udp.len().saturating_sub(ICRC_BYTES)];
     let udp_len = u16::try_from(udp.len() + 8).unwrap_or(u16::MAX);
@@ -430,7 +433,7 @@ pub fn icrc(flow: &Flow, udp: &[u8]) -> u32 {
     ip[0] = 0x45;
     ip[1] = 0xff; // TOS, masked
     ip[2..4].copy_from_slice(&ip_len.to_be_bytes());
-    ip[4..6].copy_from_slice(&0u16.to_be_bytes()); // identification
+    ip[4..6].copy_from_slice(&flow.ip_id.to_be_bytes());
     ip[6..8].copy_from_slice(&0x4000u16.to_be_bytes()); // DF
     ip[8] = 0xff; // TTL, masked
     ip[9] = 17; // UDP
@@ -506,6 +509,7 @@ mod tests {
             dst: Ipv4Addr::new(10, 0, 0, 2),
             src_port: 49152,
             dst_port: ROCEV2_PORT,
+            ip_id: 0x3a20,
         }
     }
 
