@@ -7,4 +7,6 @@
 //! reconstruct. The transport (queue pairs, the placement fast path and
 //! the software path) builds on it.
 
+pub mod net;
+pub mod rc;
 pub mod wire;

@@ -32,8 +32,8 @@ const SERVER_QPN: u32 = 0x11;
 struct Netns(String);
 
 impl Netns {
-    fn new() -> Self {
-        let name = format!("sc-rxe-{}", std::process::id());
+    fn new(tag: &str) -> Self {
+        let name = format!("sc-{tag}-{}", std::process::id());
         let run = |args: &[&str]| {
             let st = Command::new("ip")
                 .args(args)
@@ -60,6 +60,17 @@ impl Netns {
         let mut c = Command::new("ip");
         c.args(["netns", "exec", &self.0, program]);
         c
+    }
+}
+
+impl Netns {
+    /// Moves the calling thread into the namespace.
+    fn enter(&self) {
+        use std::os::fd::AsRawFd;
+        let f = std::fs::File::open(format!("/var/run/netns/{}", self.0)).unwrap();
+        // SAFETY: setns on a valid namespace fd; affects this thread only.
+        let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
     }
 }
 
@@ -153,7 +164,7 @@ fn rdma_rxe_packets_validate_with_our_wire_format() {
     let initrd = dir.path().join("initrd.cpio");
     std::fs::write(&initrd, ir.finish()).unwrap();
 
-    let ns = Netns::new();
+    let ns = Netns::new("cap");
     let mut server = Kill(
         ns.command("python3")
             .args(["-c", SERVER])
@@ -264,4 +275,169 @@ fn rdma_rxe_packets_validate_with_our_wire_format() {
         assert!(wire::check(&flow, &bad).is_err());
     }
     drop(server);
+}
+
+/// The whole ping-pong: `ibv_rc_pingpong` in the guest is the client, this
+/// crate's engine (raw sockets in the namespace) is the server. The test
+/// passes only when the guest tool reports success.
+#[test]
+fn ibv_rc_pingpong_completes_against_our_engine() {
+    use softcard_rdma::rc::{Access, Engine, PathKind, RecvWr, WcOpcode, WcStatus};
+    use std::io::{Read, Write};
+
+    let kernel = softcard_testkit::kernel();
+    let init = format!(
+        "#!/bin/busybox sh\n{}{}",
+        softcard_testkit::INIT_PRELUDE,
+        INIT
+    );
+    let mut ir = softcard_testkit::Initramfs::new(&kernel, &init);
+    ir.modules(&[
+        "virtio_pci",
+        "virtio_net",
+        "crc32_generic",
+        "rdma_rxe",
+        "ib_uverbs",
+    ]);
+    for p in [
+        "/usr/bin/ibv_rc_pingpong",
+        "/usr/bin/ibv_devinfo",
+        "/usr/bin/rdma",
+    ] {
+        ir.program(p);
+    }
+    ir.host_file("/etc/libibverbs.d/rxe.driver");
+    ir.program("/usr/lib/x86_64-linux-gnu/libibverbs/librxe-rdmav34.so");
+    let dir = tempfile::tempdir().unwrap();
+    let initrd = dir.path().join("initrd.cpio");
+    std::fs::write(&initrd, ir.finish()).unwrap();
+
+    let ns = std::sync::Arc::new(Netns::new("pp"));
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let server = {
+        let ns = ns.clone();
+        std::thread::spawn(move || {
+            ns.enter();
+            let mut eng = Engine::open(HOST).expect("engine (needs CAP_NET_RAW)");
+            let tcp = std::net::TcpListener::bind((HOST, 18515)).unwrap();
+            ready_tx.send(()).unwrap();
+            let (mut c, _) = tcp.accept().unwrap();
+            let mut msg = [0u8; 52];
+            c.read_exact(&mut msg).unwrap();
+            let text = String::from_utf8_lossy(&msg)
+                .trim_end_matches('\0')
+                .to_owned();
+            let f: Vec<&str> = text.split(':').collect();
+            let client_qpn = u32::from_str_radix(f[1], 16).unwrap();
+            let client_psn = u32::from_str_radix(f[2], 16).unwrap();
+            let qp = eng.create_qp(SERVER_QPN);
+            eng.connect(qp, client_qpn, GUEST, client_psn, 0x22);
+            let mr = eng.reg_mr(
+                4096,
+                Access {
+                    remote_write: true,
+                    remote_read: false,
+                },
+            );
+            eng.post_recv(
+                qp,
+                RecvWr {
+                    wr_id: 1,
+                    mr,
+                    offset: 0,
+                    len: 4096,
+                },
+            );
+            c.write_all(
+                format!(
+                    "0000:{SERVER_QPN:06x}:{:06x}:00000000000000000000ffff0a4d0001\0",
+                    0x22
+                )
+                .as_bytes(),
+            )
+            .unwrap();
+            let mut done = [0u8; 5];
+            c.read_exact(&mut done).unwrap();
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let mut got = Vec::new();
+            let mut sent = false;
+            while Instant::now() < deadline {
+                eng.poll(Duration::from_millis(100)).unwrap();
+                while let Some(cmp) = eng.cq.pop_front() {
+                    if cmp.opcode == WcOpcode::Recv && !sent {
+                        eng.post_send(qp, 2, mr, 0, cmp.byte_len as usize).unwrap();
+                        sent = true;
+                    }
+                    let is_send = cmp.opcode == WcOpcode::Send;
+                    got.push(cmp);
+                    if is_send {
+                        return (got, eng.stats);
+                    }
+                }
+            }
+            (got, eng.stats)
+        })
+    };
+    ready_rx.recv_timeout(Duration::from_secs(20)).unwrap();
+
+    let mut qemu = Kill(
+        ns.command("qemu-system-x86_64")
+            .args(["-machine", "q35", "-accel", "tcg", "-m", "512", "-smp", "1"])
+            .arg("-kernel")
+            .arg(&kernel)
+            .arg("-initrd")
+            .arg(&initrd)
+            .args(["-append", "console=ttyS0 panic=-1 quiet loglevel=3"])
+            .args(["-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no"])
+            .args(["-device", "virtio-net-pci,netdev=n0,mac=52:54:00:12:34:57"])
+            .args([
+                "-display",
+                "none",
+                "-serial",
+                "stdio",
+                "-no-reboot",
+                "-nodefaults",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("qemu-system-x86_64"),
+    );
+    let mut console = String::new();
+    qemu.0
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut console)
+        .unwrap();
+    let (completions, stats) = server.join().unwrap();
+    drop(qemu);
+    assert!(
+        console.contains("1 iters in"),
+        "ibv_rc_pingpong did not report success:\n{console}\nour completions: {completions:?} stats: {stats:?}"
+    );
+    let tool = console
+        .lines()
+        .filter(|l| l.contains("bytes in") || l.contains("iters in"));
+    for l in tool {
+        eprintln!("guest: {l}");
+    }
+    let recv = completions
+        .iter()
+        .find(|c| c.opcode == WcOpcode::Recv)
+        .expect("a receive");
+    assert_eq!(
+        (recv.status, recv.byte_len, recv.path),
+        (WcStatus::Success, 64, PathKind::Fast)
+    );
+    let send = completions
+        .iter()
+        .find(|c| c.opcode == WcOpcode::Send)
+        .expect("our send acknowledged");
+    assert_eq!(send.status, WcStatus::Success);
+    assert!(
+        stats.fast_packets >= 1 && stats.fast_bytes >= 64,
+        "{stats:?}"
+    );
+    assert_eq!(stats.dropped, 0, "{stats:?}");
 }

@@ -1,0 +1,185 @@
+//! Datagram I/O for RoCEv2 from user space, over raw IPv4 sockets.
+//!
+//! The ICRC covers the IPv4 identification, which the kernel picks for
+//! UDP sockets and does not report on receive. So the engine sends whole
+//! IPv4 datagrams it builds itself (`IPPROTO_RAW`, DF set, its own ID) and
+//! receives through an `IPPROTO_UDP` raw socket, which delivers the IP
+//! header. A plain UDP socket stays bound to port 4791 only so that the
+//! kernel does not answer peers with ICMP port-unreachable. Needs
+//! `CAP_NET_RAW`.
+
+use std::io;
+use std::net::{Ipv4Addr, UdpSocket};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::time::Duration;
+
+use crate::wire::{self, Flow, ROCEV2_PORT};
+
+/// Raw-socket I/O bound to one local IPv4 address.
+#[derive(Debug)]
+pub struct RawIo {
+    send: OwnedFd,
+    recv: OwnedFd,
+    _guard: UdpSocket,
+    local: Ipv4Addr,
+    next_id: u16,
+}
+
+fn check(rc: libc::c_int) -> io::Result<libc::c_int> {
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+fn ip_checksum(h: &[u8]) -> u16 {
+    let mut sum = 0u32;
+    for c in h.chunks(2) {
+        sum += u32::from(u16::from_be_bytes([c[0], c[1]]));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+impl RawIo {
+    /// Opens the sockets for `local` (UDP port 4791).
+    pub fn open(local: Ipv4Addr) -> io::Result<Self> {
+        let guard = UdpSocket::bind((local, ROCEV2_PORT))?;
+        // SAFETY: plain socket(2) calls; the fds are checked and owned.
+        let (send, recv) = unsafe {
+            let s = check(libc::socket(
+                libc::AF_INET,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                libc::IPPROTO_RAW,
+            ))?;
+            let send = OwnedFd::from_raw_fd(s);
+            let r = check(libc::socket(
+                libc::AF_INET,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                libc::IPPROTO_UDP,
+            ))?;
+            (send, OwnedFd::from_raw_fd(r))
+        };
+        Ok(RawIo {
+            send,
+            recv,
+            _guard: guard,
+            local,
+            next_id: 1,
+        })
+    }
+
+    /// The local address.
+    pub fn local(&self) -> Ipv4Addr {
+        self.local
+    }
+
+    /// Sends one RoCEv2 packet (already encoded, ICRC space included) to
+    /// `dst`, sealing its ICRC for the header built here.
+    pub fn send(&mut self, dst: Ipv4Addr, src_port: u16, packet: &mut [u8]) -> io::Result<()> {
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1);
+        let flow = Flow {
+            src: self.local,
+            dst,
+            src_port,
+            dst_port: ROCEV2_PORT,
+            ip_id: id,
+        };
+        wire::seal(&flow, packet);
+        let udp_len = u16::try_from(8 + packet.len()).map_err(|_| io::ErrorKind::InvalidInput)?;
+        let total = udp_len + 20;
+        let mut d = Vec::with_capacity(usize::from(total));
+        d.extend_from_slice(&[0x45, 0]);
+        d.extend_from_slice(&total.to_be_bytes());
+        d.extend_from_slice(&id.to_be_bytes());
+        d.extend_from_slice(&0x4000u16.to_be_bytes());
+        d.extend_from_slice(&[64, 17, 0, 0]);
+        d.extend_from_slice(&self.local.octets());
+        d.extend_from_slice(&dst.octets());
+        let sum = ip_checksum(&d[..20]);
+        d[10..12].copy_from_slice(&sum.to_be_bytes());
+        d.extend_from_slice(&src_port.to_be_bytes());
+        d.extend_from_slice(&ROCEV2_PORT.to_be_bytes());
+        d.extend_from_slice(&udp_len.to_be_bytes());
+        d.extend_from_slice(&[0, 0]); // no UDP checksum (allowed on IPv4)
+        d.extend_from_slice(packet);
+        let sa = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: 0,
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_ne_bytes(dst.octets()),
+            },
+            sin_zero: [0; 8],
+        };
+        // SAFETY: `d` and `sa` are valid for the lengths given.
+        let n = unsafe {
+            libc::sendto(
+                self.send.as_raw_fd(),
+                d.as_ptr().cast(),
+                d.len(),
+                0,
+                (&raw const sa).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Receives the next RoCEv2 datagram addressed to us, waiting up to
+    /// `timeout`: its flow (from the IP and UDP headers) and UDP payload.
+    pub fn recv(&mut self, timeout: Duration) -> io::Result<Option<(Flow, Vec<u8>)>> {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut buf = vec![0u8; 65536];
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Ok(None);
+            }
+            let mut pfd = libc::pollfd {
+                fd: self.recv.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            let ms = libc::c_int::try_from(left.as_millis().max(1)).unwrap_or(libc::c_int::MAX);
+            // SAFETY: one valid pollfd.
+            let ready = check(unsafe { libc::poll(&mut pfd, 1, ms) })?;
+            if ready == 0 {
+                return Ok(None);
+            }
+            // SAFETY: `buf` is valid for its length.
+            let n =
+                unsafe { libc::recv(self.recv.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let d = &buf[..n.unsigned_abs()];
+            if d.len() < 28 || d[0] >> 4 != 4 {
+                continue;
+            }
+            let ihl = usize::from(d[0] & 0xf) * 4;
+            if d.len() < ihl + 8 {
+                continue;
+            }
+            let dst = Ipv4Addr::new(d[16], d[17], d[18], d[19]);
+            let dport = u16::from_be_bytes([d[ihl + 2], d[ihl + 3]]);
+            if dport != ROCEV2_PORT || dst != self.local {
+                continue;
+            }
+            let flow = Flow {
+                src: Ipv4Addr::new(d[12], d[13], d[14], d[15]),
+                dst,
+                src_port: u16::from_be_bytes([d[ihl], d[ihl + 1]]),
+                dst_port: dport,
+                ip_id: u16::from_be_bytes([d[4], d[5]]),
+            };
+            return Ok(Some((flow, d[ihl + 8..].to_vec())));
+        }
+    }
+}

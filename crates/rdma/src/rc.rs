@@ -1,0 +1,786 @@
+//! Reliable-connection queue pairs with the patent's split receive path:
+//! a placement fast path ([`place`]) that the packet's own metadata steers
+//! (BTH destination QP selects the queue; opcode, PSN and RETH decide what
+//! to do), writing payload straight into registered memory and posting
+//! amended metadata ([`Completion`]) to the completion ring; and a software
+//! path ([`Engine`]'s handling of [`Slow`]) for everything the fast path
+//! will not place: acknowledgements, duplicates, sequence errors, missing
+//! receive buffers, protection faults.
+//!
+//! In progress (issue #4): SEND and SEND with immediate, RDMA WRITE (only)
+//! with and without immediate, ACK and NAK handling, go-back-N resend on
+//! NAK. Not yet: multi-packet messages, RDMA READ, atomics, retransmission
+//! timers, RNR retry on the requester side.
+
+use std::collections::VecDeque;
+use std::io;
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use crate::net::RawIo;
+#[cfg(test)]
+use crate::wire::Reth;
+use crate::wire::{self, opcode, Aeth, Bth, Packet, DEFAULT_PKEY};
+
+/// Access rights of a memory region.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Access {
+    /// The remote side may write.
+    pub remote_write: bool,
+    /// The remote side may read.
+    pub remote_read: bool,
+}
+
+/// Registered memory, owned by the engine.
+#[derive(Debug)]
+pub struct MemoryRegion {
+    buf: Vec<u8>,
+    /// Local key.
+    pub lkey: u32,
+    /// Remote key.
+    pub rkey: u32,
+    access: Access,
+    /// Remote virtual address of byte 0 (what the peer puts in RETH).
+    pub va: u64,
+}
+
+impl MemoryRegion {
+    /// The region's bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+/// A posted receive buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecvWr {
+    /// Caller's id.
+    pub wr_id: u64,
+    /// Memory region index.
+    pub mr: usize,
+    /// Offset in the region.
+    pub offset: usize,
+    /// Bytes.
+    pub len: usize,
+}
+
+/// Work completion opcodes (as verbs names them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WcOpcode {
+    /// A receive consumed by SEND.
+    Recv,
+    /// RDMA WRITE with immediate consumed a receive.
+    RecvRdmaWithImm,
+    /// A SEND of ours was acknowledged.
+    Send,
+}
+
+/// Work completion status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WcStatus {
+    /// Success.
+    Success,
+    /// The peer reported a remote access error.
+    RemoteAccessError,
+    /// The peer reported an invalid request.
+    RemoteInvalidRequest,
+}
+
+/// Which receive path produced a completion.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathKind {
+    /// Placed by the fast path.
+    Fast,
+    /// Produced by the software path.
+    Software,
+}
+
+/// The amended metadata a placement leaves for software: what was placed,
+/// where, how long, immediate data, and that it is complete.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Completion {
+    /// Work request id.
+    pub wr_id: u64,
+    /// Opcode.
+    pub opcode: WcOpcode,
+    /// Status.
+    pub status: WcStatus,
+    /// Bytes placed.
+    pub byte_len: u32,
+    /// Immediate data.
+    pub imm: Option<u32>,
+    /// Local QP.
+    pub qpn: u32,
+    /// Which path made it.
+    pub path: PathKind,
+}
+
+/// Queue-pair state machine (verbs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QpState {
+    /// Reset.
+    Reset,
+    /// Initialised.
+    Init,
+    /// Ready to receive.
+    Rtr,
+    /// Ready to send.
+    Rts,
+    /// Error: nothing more is placed.
+    Error,
+}
+
+/// One RC queue pair.
+#[derive(Debug)]
+pub struct QueuePair {
+    /// Local QP number.
+    pub qpn: u32,
+    /// State.
+    pub state: QpState,
+    remote_qpn: u32,
+    remote_ip: Ipv4Addr,
+    /// Next PSN expected from the peer.
+    epsn: u32,
+    /// Messages completed as responder (for AETH).
+    msn: u32,
+    /// Next PSN to send.
+    sq_psn: u32,
+    /// Sent, not yet acknowledged: (psn, wr_id, encoded packet).
+    unacked: VecDeque<(u32, u64, Vec<u8>)>,
+    rq: VecDeque<RecvWr>,
+    src_port: u16,
+}
+
+/// What the fast path did with a packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placed {
+    /// Data placed; acknowledge `psn` if the requester asked.
+    Done {
+        /// PSN to acknowledge.
+        psn: u32,
+        /// Whether the requester set the ACK-request bit.
+        ack_req: bool,
+    },
+}
+
+/// Why the fast path handed a packet to software.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Slow {
+    /// Not a request the fast path places (ACKs, READs, ...).
+    NotPlaceable,
+    /// PSN before the expected one: a duplicate.
+    Duplicate,
+    /// PSN after the expected one: a sequence error.
+    OutOfSequence,
+    /// SEND with no receive posted.
+    NoReceive,
+    /// Bad rkey, bounds or rights, or a receive buffer too small.
+    Access,
+    /// The QP cannot receive (not RTR/RTS).
+    State,
+}
+
+fn psn_add(p: u32, n: u32) -> u32 {
+    p.wrapping_add(n) & 0x00ff_ffff
+}
+
+/// The fast path: steer by the packet's metadata, place in order, post the
+/// amended metadata. Touches nothing when it returns `Err`.
+pub fn place(
+    qp: &mut QueuePair,
+    mrs: &mut [MemoryRegion],
+    pkt: &Packet<'_>,
+    cq: &mut VecDeque<Completion>,
+) -> Result<Placed, Slow> {
+    use opcode::*;
+    if !matches!(qp.state, QpState::Rtr | QpState::Rts) {
+        return Err(Slow::State);
+    }
+    let op = pkt.bth.opcode;
+    if !matches!(op, SEND_ONLY | SEND_ONLY_IMM | WRITE_ONLY | WRITE_ONLY_IMM) {
+        return Err(Slow::NotPlaceable);
+    }
+    if pkt.bth.psn != qp.epsn {
+        return Err(if wire::psn_before(pkt.bth.psn, qp.epsn) {
+            Slow::Duplicate
+        } else {
+            Slow::OutOfSequence
+        });
+    }
+    let len = pkt.payload.len();
+    let byte_len = u32::try_from(len).map_err(|_| Slow::Access)?;
+    let completion = match op {
+        SEND_ONLY | SEND_ONLY_IMM => {
+            let wr = *qp.rq.front().ok_or(Slow::NoReceive)?;
+            let mr = mrs.get_mut(wr.mr).ok_or(Slow::Access)?;
+            if len > wr.len || wr.offset.checked_add(len).is_none_or(|e| e > mr.buf.len()) {
+                return Err(Slow::Access);
+            }
+            mr.buf[wr.offset..wr.offset + len].copy_from_slice(pkt.payload);
+            qp.rq.pop_front();
+            Some(Completion {
+                wr_id: wr.wr_id,
+                opcode: WcOpcode::Recv,
+                status: WcStatus::Success,
+                byte_len,
+                imm: pkt.imm,
+                qpn: qp.qpn,
+                path: PathKind::Fast,
+            })
+        }
+        _ => {
+            let reth = pkt.reth.ok_or(Slow::Access)?;
+            if reth.dma_len as usize != len {
+                return Err(Slow::Access);
+            }
+            let mr = mrs
+                .iter_mut()
+                .find(|m| m.rkey == reth.rkey)
+                .ok_or(Slow::Access)?;
+            if !mr.access.remote_write {
+                return Err(Slow::Access);
+            }
+            let off = reth.va.checked_sub(mr.va).ok_or(Slow::Access)?;
+            let off = usize::try_from(off).map_err(|_| Slow::Access)?;
+            if off.checked_add(len).is_none_or(|e| e > mr.buf.len()) {
+                return Err(Slow::Access);
+            }
+            if op == WRITE_ONLY_IMM && qp.rq.is_empty() {
+                return Err(Slow::NoReceive);
+            }
+            mr.buf[off..off + len].copy_from_slice(pkt.payload);
+            if op == WRITE_ONLY_IMM {
+                let wr = qp.rq.pop_front().expect("checked above");
+                Some(Completion {
+                    wr_id: wr.wr_id,
+                    opcode: WcOpcode::RecvRdmaWithImm,
+                    status: WcStatus::Success,
+                    byte_len,
+                    imm: pkt.imm,
+                    qpn: qp.qpn,
+                    path: PathKind::Fast,
+                })
+            } else {
+                None
+            }
+        }
+    };
+    if let Some(c) = completion {
+        cq.push_back(c);
+    }
+    qp.epsn = psn_add(qp.epsn, 1);
+    qp.msn = psn_add(qp.msn, 1);
+    Ok(Placed::Done {
+        psn: pkt.bth.psn,
+        ack_req: pkt.bth.ack_req,
+    })
+}
+
+/// Packets and bytes per receive path.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PathStats {
+    /// Packets placed by the fast path.
+    pub fast_packets: u64,
+    /// Payload bytes placed by the fast path.
+    pub fast_bytes: u64,
+    /// Packets handled by software.
+    pub slow_packets: u64,
+    /// Packets dropped for a bad ICRC or malformed headers.
+    pub dropped: u64,
+}
+
+/// AETH syndrome of an ACK with unlimited credit.
+const ACK_UNLIMITED: u8 = 0x1f;
+/// NAK syndromes.
+const NAK_PSN_SEQ: u8 = 0x60;
+const NAK_REMOTE_ACCESS: u8 = 0x62;
+/// RNR NAK with a short timer.
+const RNR_NAK: u8 = 0x20 | 0x01;
+
+/// A user-space RoCEv2 engine over raw sockets.
+#[derive(Debug)]
+pub struct Engine {
+    io: RawIo,
+    mrs: Vec<MemoryRegion>,
+    qps: Vec<QueuePair>,
+    /// The completion ring software reads.
+    pub cq: VecDeque<Completion>,
+    /// Per-path counters.
+    pub stats: PathStats,
+    next_key: u32,
+}
+
+impl Engine {
+    /// An engine on `local` (UDP 4791; needs CAP_NET_RAW).
+    pub fn open(local: Ipv4Addr) -> io::Result<Self> {
+        Ok(Engine {
+            io: RawIo::open(local)?,
+            mrs: Vec::new(),
+            qps: Vec::new(),
+            cq: VecDeque::new(),
+            stats: PathStats::default(),
+            next_key: 0x100,
+        })
+    }
+
+    /// Registers `len` zeroed bytes; returns the region's index.
+    pub fn reg_mr(&mut self, len: usize, access: Access) -> usize {
+        self.next_key += 1;
+        let key = self.next_key;
+        self.mrs.push(MemoryRegion {
+            buf: vec![0; len],
+            lkey: key,
+            rkey: key,
+            access,
+            va: 0x1000_0000 * u64::from(key),
+        });
+        self.mrs.len() - 1
+    }
+
+    /// A registered region.
+    pub fn mr(&self, i: usize) -> &MemoryRegion {
+        &self.mrs[i]
+    }
+
+    /// Creates a QP in RESET; returns its index.
+    pub fn create_qp(&mut self, qpn: u32) -> usize {
+        self.qps.push(QueuePair {
+            qpn: qpn & 0x00ff_ffff,
+            state: QpState::Reset,
+            remote_qpn: 0,
+            remote_ip: Ipv4Addr::UNSPECIFIED,
+            epsn: 0,
+            msn: 0,
+            sq_psn: 0,
+            unacked: VecDeque::new(),
+            rq: VecDeque::new(),
+            src_port: 0xc000 | u16::try_from(qpn & 0x3fff).unwrap_or(0),
+        });
+        self.qps.len() - 1
+    }
+
+    /// Connects a QP: RESET → INIT → RTR → RTS with the peer's QPN, IP and
+    /// starting PSN, and our starting PSN.
+    pub fn connect(
+        &mut self,
+        qp: usize,
+        remote_qpn: u32,
+        remote_ip: Ipv4Addr,
+        remote_psn: u32,
+        local_psn: u32,
+    ) {
+        let q = &mut self.qps[qp];
+        q.state = QpState::Init;
+        q.remote_qpn = remote_qpn & 0x00ff_ffff;
+        q.remote_ip = remote_ip;
+        q.epsn = remote_psn & 0x00ff_ffff;
+        q.state = QpState::Rtr;
+        q.sq_psn = local_psn & 0x00ff_ffff;
+        q.state = QpState::Rts;
+    }
+
+    /// Posts a receive buffer.
+    pub fn post_recv(&mut self, qp: usize, wr: RecvWr) {
+        self.qps[qp].rq.push_back(wr);
+    }
+
+    /// Posts a SEND of `len` bytes from a region (one packet: `len` must fit
+    /// the path MTU).
+    pub fn post_send(
+        &mut self,
+        qp: usize,
+        wr_id: u64,
+        mr: usize,
+        offset: usize,
+        len: usize,
+    ) -> io::Result<()> {
+        let data = self.mrs[mr].buf[offset..offset + len].to_vec();
+        let q = &mut self.qps[qp];
+        let psn = q.sq_psn;
+        q.sq_psn = psn_add(psn, 1);
+        let pkt = Packet {
+            bth: Bth {
+                opcode: opcode::SEND_ONLY,
+                solicited: false,
+                mig_req: true,
+                pad: 0,
+                tver: 0,
+                pkey: DEFAULT_PKEY,
+                fecn: false,
+                becn: false,
+                dest_qp: q.remote_qpn,
+                ack_req: true,
+                psn,
+            },
+            reth: None,
+            aeth: None,
+            imm: None,
+            atomic: None,
+            atomic_ack: None,
+            payload: &data,
+            icrc: 0,
+        };
+        let mut buf = vec![0u8; pkt.wire_len()];
+        pkt.encode(&mut buf)
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        let (ip, port) = (q.remote_ip, q.src_port);
+        q.unacked.push_back((psn, wr_id, buf.clone()));
+        self.io.send(ip, port, &mut buf)
+    }
+
+    fn send_ack(&mut self, qp: usize, psn: u32, syndrome: u8) -> io::Result<()> {
+        let q = &self.qps[qp];
+        let pkt = Packet {
+            bth: Bth {
+                opcode: opcode::ACKNOWLEDGE,
+                solicited: false,
+                mig_req: true,
+                pad: 0,
+                tver: 0,
+                pkey: DEFAULT_PKEY,
+                fecn: false,
+                becn: false,
+                dest_qp: q.remote_qpn,
+                ack_req: false,
+                psn,
+            },
+            reth: None,
+            aeth: Some(Aeth {
+                syndrome,
+                msn: q.msn,
+            }),
+            imm: None,
+            atomic: None,
+            atomic_ack: None,
+            payload: &[],
+            icrc: 0,
+        };
+        let mut buf = vec![0u8; pkt.wire_len()];
+        pkt.encode(&mut buf)
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        let (ip, port) = (q.remote_ip, q.src_port);
+        self.io.send(ip, port, &mut buf)
+    }
+
+    /// Receives and handles packets for up to `timeout` or until one was
+    /// handled.
+    pub fn poll(&mut self, timeout: Duration) -> io::Result<bool> {
+        let Some((flow, data)) = self.io.recv(timeout)? else {
+            return Ok(false);
+        };
+        if wire::check(&flow, &data).is_err() {
+            self.stats.dropped += 1;
+            return Ok(true);
+        }
+        let Ok(pkt) = Packet::parse(&data) else {
+            self.stats.dropped += 1;
+            return Ok(true);
+        };
+        // The packet's metadata selects the queue.
+        let Some(qi) = self.qps.iter().position(|q| q.qpn == pkt.bth.dest_qp) else {
+            self.stats.dropped += 1;
+            return Ok(true);
+        };
+        let (qps, mrs, cq) = (&mut self.qps, &mut self.mrs, &mut self.cq);
+        match place(&mut qps[qi], mrs, &pkt, cq) {
+            Ok(Placed::Done { psn, ack_req }) => {
+                self.stats.fast_packets += 1;
+                self.stats.fast_bytes += pkt.payload.len() as u64;
+                if ack_req {
+                    self.send_ack(qi, psn, ACK_UNLIMITED)?;
+                }
+            }
+            Err(why) => {
+                self.stats.slow_packets += 1;
+                self.software(qi, &pkt, why)?;
+            }
+        }
+        Ok(true)
+    }
+
+    /// The software path.
+    fn software(&mut self, qi: usize, pkt: &Packet<'_>, why: Slow) -> io::Result<()> {
+        match (pkt.bth.opcode, why) {
+            (opcode::ACKNOWLEDGE, _) => {
+                let aeth = pkt.aeth.unwrap_or(Aeth {
+                    syndrome: 0,
+                    msn: 0,
+                });
+                let q = &mut self.qps[qi];
+                match aeth.syndrome >> 5 {
+                    0 => {
+                        // ACK: everything up to and including psn is done.
+                        while let Some(&(p, wr_id, _)) = q.unacked.front() {
+                            if p != pkt.bth.psn && !wire::psn_before(p, pkt.bth.psn) {
+                                break;
+                            }
+                            q.unacked.pop_front();
+                            self.cq.push_back(Completion {
+                                wr_id,
+                                opcode: WcOpcode::Send,
+                                status: WcStatus::Success,
+                                byte_len: 0,
+                                imm: None,
+                                qpn: q.qpn,
+                                path: PathKind::Software,
+                            });
+                        }
+                    }
+                    3 => {
+                        // NAK: sequence error → go back N; others fail.
+                        if aeth.syndrome == NAK_PSN_SEQ {
+                            let resend: Vec<Vec<u8>> =
+                                q.unacked.iter().map(|u| u.2.clone()).collect();
+                            let (ip, port) = (q.remote_ip, q.src_port);
+                            for mut b in resend {
+                                self.io.send(ip, port, &mut b)?;
+                            }
+                        } else {
+                            let status = if aeth.syndrome == NAK_REMOTE_ACCESS {
+                                WcStatus::RemoteAccessError
+                            } else {
+                                WcStatus::RemoteInvalidRequest
+                            };
+                            q.state = QpState::Error;
+                            if let Some((_, wr_id, _)) = q.unacked.pop_front() {
+                                self.cq.push_back(Completion {
+                                    wr_id,
+                                    opcode: WcOpcode::Send,
+                                    status,
+                                    byte_len: 0,
+                                    imm: None,
+                                    qpn: q.qpn,
+                                    path: PathKind::Software,
+                                });
+                            }
+                        }
+                    }
+                    _ => {} // RNR NAK: the resend timer (not yet) retries
+                }
+                Ok(())
+            }
+            (_, Slow::Duplicate) => {
+                // Already placed: acknowledge again, place nothing.
+                let psn = pkt.bth.psn;
+                self.send_ack(qi, psn, ACK_UNLIMITED)
+            }
+            (_, Slow::OutOfSequence) => {
+                let e = self.qps[qi].epsn;
+                self.send_ack(qi, psn_add(e, 0x00ff_ffff), NAK_PSN_SEQ)
+            }
+            (_, Slow::NoReceive) => {
+                let e = self.qps[qi].epsn;
+                self.send_ack(qi, e, RNR_NAK)
+            }
+            (_, Slow::Access) => {
+                let e = self.qps[qi].epsn;
+                self.qps[qi].state = QpState::Error;
+                self.send_ack(qi, e, NAK_REMOTE_ACCESS)
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn qp() -> QueuePair {
+        QueuePair {
+            qpn: 7,
+            state: QpState::Rts,
+            remote_qpn: 9,
+            remote_ip: Ipv4Addr::LOCALHOST,
+            epsn: 100,
+            msn: 0,
+            sq_psn: 0,
+            unacked: VecDeque::new(),
+            rq: VecDeque::new(),
+            src_port: 0xc007,
+        }
+    }
+
+    fn mr(rkey: u32, len: usize, write: bool) -> MemoryRegion {
+        MemoryRegion {
+            buf: vec![0; len],
+            lkey: rkey,
+            rkey,
+            access: Access {
+                remote_write: write,
+                remote_read: false,
+            },
+            va: 0x1000,
+        }
+    }
+
+    fn pkt<'a>(op: u8, psn: u32, payload: &'a [u8], reth: Option<Reth>) -> Packet<'a> {
+        Packet {
+            bth: Bth {
+                opcode: op,
+                solicited: false,
+                mig_req: false,
+                pad: 0,
+                tver: 0,
+                pkey: DEFAULT_PKEY,
+                fecn: false,
+                becn: false,
+                dest_qp: 7,
+                ack_req: true,
+                psn,
+            },
+            reth,
+            aeth: None,
+            imm: (op == opcode::WRITE_ONLY_IMM || op == opcode::SEND_ONLY_IMM).then_some(0xabcd),
+            atomic: None,
+            atomic_ack: None,
+            payload,
+            icrc: 0,
+        }
+    }
+
+    #[test]
+    fn send_lands_in_the_posted_buffer_and_posts_amended_metadata() {
+        let (mut q, mut mrs, mut cq) = (qp(), vec![mr(1, 64, false)], VecDeque::new());
+        q.rq.push_back(RecvWr {
+            wr_id: 42,
+            mr: 0,
+            offset: 8,
+            len: 32,
+        });
+        let r = place(
+            &mut q,
+            &mut mrs,
+            &pkt(opcode::SEND_ONLY_IMM, 100, b"hello", None),
+            &mut cq,
+        );
+        assert_eq!(
+            r,
+            Ok(Placed::Done {
+                psn: 100,
+                ack_req: true
+            })
+        );
+        assert_eq!(&mrs[0].buf[8..13], b"hello");
+        let c = cq.pop_front().unwrap();
+        assert_eq!(
+            (c.wr_id, c.byte_len, c.imm, c.path),
+            (42, 5, Some(0xabcd), PathKind::Fast)
+        );
+        assert_eq!(q.epsn, 101);
+    }
+
+    #[test]
+    fn write_is_placed_by_rkey_and_checked() {
+        let (mut q, mut mrs, mut cq) = (
+            qp(),
+            vec![mr(5, 64, true), mr(6, 64, false)],
+            VecDeque::new(),
+        );
+        let ok = Reth {
+            va: 0x1000 + 60,
+            rkey: 5,
+            dma_len: 4,
+        };
+        assert!(place(
+            &mut q,
+            &mut mrs,
+            &pkt(opcode::WRITE_ONLY, 100, b"abcd", Some(ok)),
+            &mut cq
+        )
+        .is_ok());
+        assert_eq!(&mrs[0].buf[60..], b"abcd");
+        assert!(
+            cq.is_empty(),
+            "a plain WRITE completes nothing at the responder"
+        );
+        // Out of bounds, wrong key, no right: refused, nothing written.
+        let before: Vec<Vec<u8>> = mrs.iter().map(|m| m.buf.clone()).collect();
+        for reth in [
+            Reth {
+                va: 0x1000 + 61,
+                rkey: 5,
+                dma_len: 4,
+            },
+            Reth {
+                va: 0x1000,
+                rkey: 99,
+                dma_len: 4,
+            },
+            Reth {
+                va: 0x1000,
+                rkey: 6,
+                dma_len: 4,
+            },
+            Reth {
+                va: 0x0fff,
+                rkey: 5,
+                dma_len: 4,
+            },
+        ] {
+            assert_eq!(
+                place(
+                    &mut q,
+                    &mut mrs,
+                    &pkt(opcode::WRITE_ONLY, 101, b"zzzz", Some(reth)),
+                    &mut cq
+                ),
+                Err(Slow::Access)
+            );
+        }
+        assert_eq!(
+            before,
+            mrs.iter().map(|m| m.buf.clone()).collect::<Vec<_>>()
+        );
+        assert_eq!(q.epsn, 101);
+    }
+
+    #[test]
+    fn sequence_problems_go_to_software() {
+        let (mut q, mut mrs, mut cq) = (qp(), vec![mr(1, 64, false)], VecDeque::new());
+        assert_eq!(
+            place(
+                &mut q,
+                &mut mrs,
+                &pkt(opcode::SEND_ONLY, 100, b"x", None),
+                &mut cq
+            ),
+            Err(Slow::NoReceive)
+        );
+        q.rq.push_back(RecvWr {
+            wr_id: 1,
+            mr: 0,
+            offset: 0,
+            len: 64,
+        });
+        assert_eq!(
+            place(
+                &mut q,
+                &mut mrs,
+                &pkt(opcode::SEND_ONLY, 99, b"x", None),
+                &mut cq
+            ),
+            Err(Slow::Duplicate)
+        );
+        assert_eq!(
+            place(
+                &mut q,
+                &mut mrs,
+                &pkt(opcode::SEND_ONLY, 105, b"x", None),
+                &mut cq
+            ),
+            Err(Slow::OutOfSequence)
+        );
+        assert_eq!(
+            place(
+                &mut q,
+                &mut mrs,
+                &pkt(opcode::ACKNOWLEDGE, 100, b"", None),
+                &mut cq
+            ),
+            Err(Slow::NotPlaceable)
+        );
+        assert!(cq.is_empty());
+        assert_eq!(q.rq.len(), 1);
+    }
+}
