@@ -145,10 +145,25 @@ pub struct QueuePair {
     msn: u32,
     /// Next PSN to send.
     sq_psn: u32,
-    /// Sent, not yet acknowledged: (psn, wr_id, encoded packet).
-    unacked: VecDeque<(u32, u64, Vec<u8>)>,
+    /// Sent, not yet acknowledged.
+    unacked: VecDeque<Outstanding>,
     rq: VecDeque<RecvWr>,
     src_port: u16,
+    /// Path MTU in bytes.
+    mtu: usize,
+    /// A multi-packet SEND being placed: its receive and bytes so far.
+    recv_msg: Option<(RecvWr, usize)>,
+    /// A multi-packet WRITE being placed: region, next offset, bytes left.
+    write_msg: Option<(usize, usize, usize)>,
+}
+
+/// An unacknowledged packet of ours.
+#[derive(Debug, Clone)]
+struct Outstanding {
+    psn: u32,
+    /// The work request it completes, on the last packet of a message.
+    completes: Option<u64>,
+    packet: Vec<u8>,
 }
 
 /// What the fast path did with a packet.
@@ -197,7 +212,15 @@ pub fn place(
         return Err(Slow::State);
     }
     let op = pkt.bth.opcode;
-    if !matches!(op, SEND_ONLY | SEND_ONLY_IMM | WRITE_ONLY | WRITE_ONLY_IMM) {
+    let is_send = matches!(
+        op,
+        SEND_FIRST | SEND_MIDDLE | SEND_LAST | SEND_LAST_IMM | SEND_ONLY | SEND_ONLY_IMM
+    );
+    let is_write = matches!(
+        op,
+        WRITE_FIRST | WRITE_MIDDLE | WRITE_LAST | WRITE_LAST_IMM | WRITE_ONLY | WRITE_ONLY_IMM
+    );
+    if !is_send && !is_write {
         return Err(Slow::NotPlaceable);
     }
     if pkt.bth.psn != qp.epsn {
@@ -207,69 +230,119 @@ pub fn place(
             Slow::OutOfSequence
         });
     }
+    let first = matches!(
+        op,
+        SEND_FIRST | SEND_ONLY | SEND_ONLY_IMM | WRITE_FIRST | WRITE_ONLY | WRITE_ONLY_IMM
+    );
+    let last = matches!(
+        op,
+        SEND_LAST
+            | SEND_LAST_IMM
+            | SEND_ONLY
+            | SEND_ONLY_IMM
+            | WRITE_LAST
+            | WRITE_LAST_IMM
+            | WRITE_ONLY
+            | WRITE_ONLY_IMM
+    );
+    let with_imm = matches!(
+        op,
+        SEND_LAST_IMM | SEND_ONLY_IMM | WRITE_LAST_IMM | WRITE_ONLY_IMM
+    );
     let len = pkt.payload.len();
-    let byte_len = u32::try_from(len).map_err(|_| Slow::Access)?;
-    let completion = match op {
-        SEND_ONLY | SEND_ONLY_IMM => {
-            let wr = *qp.rq.front().ok_or(Slow::NoReceive)?;
-            let mr = mrs.get_mut(wr.mr).ok_or(Slow::Access)?;
-            if len > wr.len || wr.offset.checked_add(len).is_none_or(|e| e > mr.buf.len()) {
-                return Err(Slow::Access);
+    // A message's middle packets carry exactly one MTU.
+    if !last && len != qp.mtu {
+        return Err(Slow::Access);
+    }
+    let mut completion = None;
+    if is_send {
+        let (wr, done) = if first {
+            if qp.recv_msg.is_some() {
+                return Err(Slow::OutOfSequence);
             }
-            mr.buf[wr.offset..wr.offset + len].copy_from_slice(pkt.payload);
+            (*qp.rq.front().ok_or(Slow::NoReceive)?, 0)
+        } else {
+            qp.recv_msg.ok_or(Slow::OutOfSequence)?
+        };
+        let mr = mrs.get_mut(wr.mr).ok_or(Slow::Access)?;
+        let at = wr.offset + done;
+        if done + len > wr.len || at.checked_add(len).is_none_or(|e| e > mr.buf.len()) {
+            return Err(Slow::Access);
+        }
+        mr.buf[at..at + len].copy_from_slice(pkt.payload);
+        if first {
             qp.rq.pop_front();
-            Some(Completion {
+        }
+        if last {
+            qp.recv_msg = None;
+            completion = Some(Completion {
                 wr_id: wr.wr_id,
                 opcode: WcOpcode::Recv,
                 status: WcStatus::Success,
-                byte_len,
+                byte_len: u32::try_from(done + len).map_err(|_| Slow::Access)?,
                 imm: pkt.imm,
                 qpn: qp.qpn,
                 path: PathKind::Fast,
-            })
+            });
+        } else {
+            qp.recv_msg = Some((wr, done + len));
         }
-        _ => {
-            let reth = pkt.reth.ok_or(Slow::Access)?;
-            if reth.dma_len as usize != len {
-                return Err(Slow::Access);
+    } else {
+        let (mri, off, left) = if first {
+            if qp.write_msg.is_some() {
+                return Err(Slow::OutOfSequence);
             }
-            let mr = mrs
-                .iter_mut()
-                .find(|m| m.rkey == reth.rkey)
+            let reth = pkt.reth.ok_or(Slow::Access)?;
+            let total = reth.dma_len as usize;
+            let mri = mrs
+                .iter()
+                .position(|m| m.rkey == reth.rkey)
                 .ok_or(Slow::Access)?;
+            let mr = &mrs[mri];
             if !mr.access.remote_write {
                 return Err(Slow::Access);
             }
-            let off = reth.va.checked_sub(mr.va).ok_or(Slow::Access)?;
-            let off = usize::try_from(off).map_err(|_| Slow::Access)?;
-            if off.checked_add(len).is_none_or(|e| e > mr.buf.len()) {
+            let off = usize::try_from(reth.va.checked_sub(mr.va).ok_or(Slow::Access)?)
+                .map_err(|_| Slow::Access)?;
+            if off.checked_add(total).is_none_or(|e| e > mr.buf.len()) {
                 return Err(Slow::Access);
             }
-            if op == WRITE_ONLY_IMM && qp.rq.is_empty() {
-                return Err(Slow::NoReceive);
-            }
-            mr.buf[off..off + len].copy_from_slice(pkt.payload);
-            if op == WRITE_ONLY_IMM {
+            (mri, off, total)
+        } else {
+            qp.write_msg.ok_or(Slow::OutOfSequence)?
+        };
+        if len > left || (last && len != left) {
+            return Err(Slow::Access);
+        }
+        if with_imm && qp.rq.is_empty() {
+            return Err(Slow::NoReceive);
+        }
+        mrs[mri].buf[off..off + len].copy_from_slice(pkt.payload);
+        if last {
+            qp.write_msg = None;
+            if with_imm {
                 let wr = qp.rq.pop_front().expect("checked above");
-                Some(Completion {
+                completion = Some(Completion {
                     wr_id: wr.wr_id,
                     opcode: WcOpcode::RecvRdmaWithImm,
                     status: WcStatus::Success,
-                    byte_len,
+                    byte_len: pkt.reth.map_or(0, |r| r.dma_len),
                     imm: pkt.imm,
                     qpn: qp.qpn,
                     path: PathKind::Fast,
-                })
-            } else {
-                None
+                });
             }
+        } else {
+            qp.write_msg = Some((mri, off + len, left - len));
         }
-    };
+    }
     if let Some(c) = completion {
         cq.push_back(c);
     }
     qp.epsn = psn_add(qp.epsn, 1);
-    qp.msn = psn_add(qp.msn, 1);
+    if last {
+        qp.msn = psn_add(qp.msn, 1);
+    }
     Ok(Placed::Done {
         psn: pkt.bth.psn,
         ack_req: pkt.bth.ack_req,
@@ -355,6 +428,9 @@ impl Engine {
             unacked: VecDeque::new(),
             rq: VecDeque::new(),
             src_port: 0xc000 | u16::try_from(qpn & 0x3fff).unwrap_or(0),
+            mtu: 1024,
+            recv_msg: None,
+            write_msg: None,
         });
         self.qps.len() - 1
     }
@@ -379,13 +455,22 @@ impl Engine {
         q.state = QpState::Rts;
     }
 
+    /// Sets the path MTU (256, 512, 1024, 2048 or 4096 bytes).
+    pub fn set_mtu(&mut self, qp: usize, mtu: usize) {
+        assert!(
+            matches!(mtu, 256 | 512 | 1024 | 2048 | 4096),
+            "path MTU {mtu}"
+        );
+        self.qps[qp].mtu = mtu;
+    }
+
     /// Posts a receive buffer.
     pub fn post_recv(&mut self, qp: usize, wr: RecvWr) {
         self.qps[qp].rq.push_back(wr);
     }
 
-    /// Posts a SEND of `len` bytes from a region (one packet: `len` must fit
-    /// the path MTU).
+    /// Posts a SEND of `len` bytes from a region, in path-MTU packets
+    /// (FIRST, MIDDLE..., LAST, or ONLY); the last asks for an ACK.
     pub fn post_send(
         &mut self,
         qp: usize,
@@ -396,36 +481,59 @@ impl Engine {
     ) -> io::Result<()> {
         let data = self.mrs[mr].buf[offset..offset + len].to_vec();
         let q = &mut self.qps[qp];
-        let psn = q.sq_psn;
-        q.sq_psn = psn_add(psn, 1);
-        let pkt = Packet {
-            bth: Bth {
-                opcode: opcode::SEND_ONLY,
-                solicited: false,
-                mig_req: true,
-                pad: 0,
-                tver: 0,
-                pkey: DEFAULT_PKEY,
-                fecn: false,
-                becn: false,
-                dest_qp: q.remote_qpn,
-                ack_req: true,
-                psn,
-            },
-            reth: None,
-            aeth: None,
-            imm: None,
-            atomic: None,
-            atomic_ack: None,
-            payload: &data,
-            icrc: 0,
+        let chunks: Vec<&[u8]> = if data.is_empty() {
+            vec![&data[..]]
+        } else {
+            data.chunks(q.mtu).collect()
         };
-        let mut buf = vec![0u8; pkt.wire_len()];
-        pkt.encode(&mut buf)
-            .map_err(|e| io::Error::other(e.to_string()))?;
+        let n = chunks.len();
+        let mut out = Vec::with_capacity(n);
+        for (i, chunk) in chunks.into_iter().enumerate() {
+            let op = match (i == 0, i + 1 == n) {
+                (true, true) => opcode::SEND_ONLY,
+                (true, false) => opcode::SEND_FIRST,
+                (false, true) => opcode::SEND_LAST,
+                (false, false) => opcode::SEND_MIDDLE,
+            };
+            let psn = q.sq_psn;
+            q.sq_psn = psn_add(psn, 1);
+            let pkt = Packet {
+                bth: Bth {
+                    opcode: op,
+                    solicited: false,
+                    mig_req: true,
+                    pad: 0,
+                    tver: 0,
+                    pkey: DEFAULT_PKEY,
+                    fecn: false,
+                    becn: false,
+                    dest_qp: q.remote_qpn,
+                    ack_req: i + 1 == n,
+                    psn,
+                },
+                reth: None,
+                aeth: None,
+                imm: None,
+                atomic: None,
+                atomic_ack: None,
+                payload: chunk,
+                icrc: 0,
+            };
+            let mut buf = vec![0u8; pkt.wire_len()];
+            pkt.encode(&mut buf)
+                .map_err(|e| io::Error::other(e.to_string()))?;
+            q.unacked.push_back(Outstanding {
+                psn,
+                completes: (i + 1 == n).then_some(wr_id),
+                packet: buf.clone(),
+            });
+            out.push(buf);
+        }
         let (ip, port) = (q.remote_ip, q.src_port);
-        q.unacked.push_back((psn, wr_id, buf.clone()));
-        self.io.send(ip, port, &mut buf)
+        for mut b in out {
+            self.io.send(ip, port, &mut b)?;
+        }
+        Ok(())
     }
 
     fn send_ack(&mut self, qp: usize, psn: u32, syndrome: u8) -> io::Result<()> {
@@ -510,27 +618,29 @@ impl Engine {
                 match aeth.syndrome >> 5 {
                     0 => {
                         // ACK: everything up to and including psn is done.
-                        while let Some(&(p, wr_id, _)) = q.unacked.front() {
-                            if p != pkt.bth.psn && !wire::psn_before(p, pkt.bth.psn) {
+                        while let Some(o) = q.unacked.front() {
+                            if o.psn != pkt.bth.psn && !wire::psn_before(o.psn, pkt.bth.psn) {
                                 break;
                             }
-                            q.unacked.pop_front();
-                            self.cq.push_back(Completion {
-                                wr_id,
-                                opcode: WcOpcode::Send,
-                                status: WcStatus::Success,
-                                byte_len: 0,
-                                imm: None,
-                                qpn: q.qpn,
-                                path: PathKind::Software,
-                            });
+                            let done = q.unacked.pop_front().and_then(|o| o.completes);
+                            if let Some(wr_id) = done {
+                                self.cq.push_back(Completion {
+                                    wr_id,
+                                    opcode: WcOpcode::Send,
+                                    status: WcStatus::Success,
+                                    byte_len: 0,
+                                    imm: None,
+                                    qpn: q.qpn,
+                                    path: PathKind::Software,
+                                });
+                            }
                         }
                     }
                     3 => {
                         // NAK: sequence error → go back N; others fail.
                         if aeth.syndrome == NAK_PSN_SEQ {
                             let resend: Vec<Vec<u8>> =
-                                q.unacked.iter().map(|u| u.2.clone()).collect();
+                                q.unacked.iter().map(|u| u.packet.clone()).collect();
                             let (ip, port) = (q.remote_ip, q.src_port);
                             for mut b in resend {
                                 self.io.send(ip, port, &mut b)?;
@@ -542,7 +652,9 @@ impl Engine {
                                 WcStatus::RemoteInvalidRequest
                             };
                             q.state = QpState::Error;
-                            if let Some((_, wr_id, _)) = q.unacked.pop_front() {
+                            let failed = q.unacked.iter().find_map(|o| o.completes);
+                            q.unacked.clear();
+                            if let Some(wr_id) = failed {
                                 self.cq.push_back(Completion {
                                     wr_id,
                                     opcode: WcOpcode::Send,
@@ -598,6 +710,9 @@ mod tests {
             unacked: VecDeque::new(),
             rq: VecDeque::new(),
             src_port: 0xc007,
+            mtu: 256,
+            recv_msg: None,
+            write_msg: None,
         }
     }
 
@@ -733,6 +848,67 @@ mod tests {
             mrs.iter().map(|m| m.buf.clone()).collect::<Vec<_>>()
         );
         assert_eq!(q.epsn, 101);
+    }
+
+    #[test]
+    fn multi_packet_send_fills_one_receive_and_completes_on_last() {
+        let (mut q, mut mrs, mut cq) = (qp(), vec![mr(1, 1024, false)], VecDeque::new());
+        q.rq.push_back(RecvWr {
+            wr_id: 5,
+            mr: 0,
+            offset: 0,
+            len: 1024,
+        });
+        let a = vec![1u8; 256];
+        let b = vec![2u8; 256];
+        assert!(place(
+            &mut q,
+            &mut mrs,
+            &pkt(opcode::SEND_FIRST, 100, &a, None),
+            &mut cq
+        )
+        .is_ok());
+        assert!(place(
+            &mut q,
+            &mut mrs,
+            &pkt(opcode::SEND_MIDDLE, 101, &b, None),
+            &mut cq
+        )
+        .is_ok());
+        assert!(cq.is_empty());
+        // A short middle packet is a protocol violation.
+        assert_eq!(
+            place(
+                &mut q,
+                &mut mrs,
+                &pkt(opcode::SEND_MIDDLE, 102, b"xy", None),
+                &mut cq
+            ),
+            Err(Slow::Access)
+        );
+        assert!(place(
+            &mut q,
+            &mut mrs,
+            &pkt(opcode::SEND_LAST, 102, b"end", None),
+            &mut cq
+        )
+        .is_ok());
+        let c = cq.pop_front().unwrap();
+        assert_eq!((c.wr_id, c.byte_len), (5, 515));
+        assert_eq!(&mrs[0].buf[..256], &a[..]);
+        assert_eq!(&mrs[0].buf[256..512], &b[..]);
+        assert_eq!(&mrs[0].buf[512..515], b"end");
+        assert_eq!(q.msn, 1, "one message, three packets");
+        // A MIDDLE with no FIRST is out of sequence.
+        assert_eq!(
+            place(
+                &mut q,
+                &mut mrs,
+                &pkt(opcode::SEND_MIDDLE, 103, &a, None),
+                &mut cq
+            ),
+            Err(Slow::OutOfSequence)
+        );
     }
 
     #[test]

@@ -277,19 +277,117 @@ fn rdma_rxe_packets_validate_with_our_wire_format() {
     drop(server);
 }
 
-/// The whole ping-pong: `ibv_rc_pingpong` in the guest is the client, this
-/// crate's engine (raw sockets in the namespace) is the server. The test
-/// passes only when the guest tool reports success.
+const PINGPONG_INIT: &str = r#"
+$B ip link set lo up
+$B ip link set eth0 up
+$B ip addr add 10.77.0.2/24 dev eth0
+/usr/bin/rdma link add rxe0 type rxe netdev eth0 || echo "SOFTCARD-FAIL rdma link add"
+$B sleep 1
+for s in 64 4096; do
+  /usr/bin/ibv_rc_pingpong -d rxe0 -g 1 -m 1024 -s $s -n 3 10.77.0.1 > /tmp/c.log 2>&1
+  echo "SOFTCARD-CLIENT-$s rc=$? $($B grep 'iters in' /tmp/c.log)"
+done
+for s in 64 4096; do
+  /usr/bin/ibv_rc_pingpong -d rxe0 -g 1 -m 1024 -s $s -n 3 > /tmp/s.log 2>&1
+  echo "SOFTCARD-SERVER-$s rc=$? $($B grep 'iters in' /tmp/s.log)"
+done
+$B poweroff -f
+"#;
+
+const ITERS: usize = 3;
+const OUR_GID: &str = "00000000000000000000ffff0a4d0001";
+
+/// What one ping-pong did on our side.
+#[derive(Debug, Default)]
+struct Outcome {
+    recvs: Vec<(u32, softcard_rdma::rc::PathKind)>,
+    sends_acked: usize,
+}
+
+/// Drives one ping-pong of `size` bytes on a fresh QP until `ITERS`
+/// receives and `ITERS` acknowledged sends; `we_start` sends first.
+fn pingpong(
+    eng: &mut softcard_rdma::rc::Engine,
+    qpn: u32,
+    peer: (u32, u32),
+    size: usize,
+    we_start: bool,
+) -> Outcome {
+    use softcard_rdma::rc::{Access, RecvWr, WcOpcode, WcStatus};
+    let qp = eng.create_qp(qpn);
+    eng.set_mtu(qp, 1024);
+    eng.connect(qp, peer.0, GUEST, peer.1, 0x22);
+    let mr = eng.reg_mr(
+        ITERS * 4096,
+        Access {
+            remote_write: true,
+            remote_read: false,
+        },
+    );
+    for i in 0..ITERS {
+        eng.post_recv(
+            qp,
+            RecvWr {
+                wr_id: i as u64,
+                mr,
+                offset: i * 4096,
+                len: 4096,
+            },
+        );
+    }
+    let mut out = Outcome::default();
+    let mut sent = 0;
+    if we_start {
+        eng.post_send(qp, 100, mr, 0, size).unwrap();
+        sent += 1;
+    }
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while (out.recvs.len() < ITERS || out.sends_acked < ITERS) && Instant::now() < deadline {
+        eng.poll(Duration::from_millis(100)).unwrap();
+        while let Some(c) = eng.cq.pop_front() {
+            assert_eq!(c.status, WcStatus::Success, "{c:?}");
+            match c.opcode {
+                WcOpcode::Recv => {
+                    out.recvs.push((c.byte_len, c.path));
+                    if sent < ITERS {
+                        eng.post_send(qp, 100 + sent as u64, mr, 0, size).unwrap();
+                        sent += 1;
+                    }
+                }
+                WcOpcode::Send => out.sends_acked += 1,
+                WcOpcode::RecvRdmaWithImm => {}
+            }
+        }
+    }
+    out
+}
+
+fn parse_dest(msg: &[u8]) -> (u32, u32) {
+    let text = String::from_utf8_lossy(msg)
+        .trim_end_matches('\0')
+        .to_owned();
+    let f: Vec<&str> = text.split(':').collect();
+    (
+        u32::from_str_radix(f[1], 16).unwrap(),
+        u32::from_str_radix(f[2], 16).unwrap(),
+    )
+}
+
+/// The interop test of issue #4: rdma-core's `ibv_rc_pingpong` on Linux
+/// Soft-RoCE in the guest against this crate's engine on the host, in both
+/// directions (guest as client, then as server), 3 iterations each, with
+/// 64-byte messages and 4096-byte ones (four 1024-byte MTU packets). It
+/// passes only when the guest tool reports success every time.
 #[test]
-fn ibv_rc_pingpong_completes_against_our_engine() {
-    use softcard_rdma::rc::{Access, Engine, PathKind, RecvWr, WcOpcode, WcStatus};
+fn ibv_rc_pingpong_both_directions_against_our_engine() {
+    use softcard_rdma::rc::{Engine, PathKind};
     use std::io::{Read, Write};
 
     let kernel = softcard_testkit::kernel();
     let init = format!(
         "#!/bin/busybox sh\n{}{}",
         softcard_testkit::INIT_PRELUDE,
-        INIT
+        PINGPONG_INIT
     );
     let mut ir = softcard_testkit::Initramfs::new(&kernel, &init);
     ir.modules(&[
@@ -299,11 +397,7 @@ fn ibv_rc_pingpong_completes_against_our_engine() {
         "rdma_rxe",
         "ib_uverbs",
     ]);
-    for p in [
-        "/usr/bin/ibv_rc_pingpong",
-        "/usr/bin/ibv_devinfo",
-        "/usr/bin/rdma",
-    ] {
+    for p in ["/usr/bin/ibv_rc_pingpong", "/usr/bin/rdma"] {
         ir.program(p);
     }
     ir.host_file("/etc/libibverbs.d/rxe.driver");
@@ -314,68 +408,58 @@ fn ibv_rc_pingpong_completes_against_our_engine() {
 
     let ns = std::sync::Arc::new(Netns::new("pp"));
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let server = {
+    let host = {
         let ns = ns.clone();
         std::thread::spawn(move || {
             ns.enter();
             let mut eng = Engine::open(HOST).expect("engine (needs CAP_NET_RAW)");
             let tcp = std::net::TcpListener::bind((HOST, 18515)).unwrap();
             ready_tx.send(()).unwrap();
-            let (mut c, _) = tcp.accept().unwrap();
-            let mut msg = [0u8; 52];
-            c.read_exact(&mut msg).unwrap();
-            let text = String::from_utf8_lossy(&msg)
-                .trim_end_matches('\0')
-                .to_owned();
-            let f: Vec<&str> = text.split(':').collect();
-            let client_qpn = u32::from_str_radix(f[1], 16).unwrap();
-            let client_psn = u32::from_str_radix(f[2], 16).unwrap();
-            let qp = eng.create_qp(SERVER_QPN);
-            eng.connect(qp, client_qpn, GUEST, client_psn, 0x22);
-            let mr = eng.reg_mr(
-                4096,
-                Access {
-                    remote_write: true,
-                    remote_read: false,
-                },
-            );
-            eng.post_recv(
-                qp,
-                RecvWr {
-                    wr_id: 1,
-                    mr,
-                    offset: 0,
-                    len: 4096,
-                },
-            );
-            c.write_all(
-                format!(
-                    "0000:{SERVER_QPN:06x}:{:06x}:00000000000000000000ffff0a4d0001\0",
-                    0x22
-                )
-                .as_bytes(),
-            )
-            .unwrap();
-            let mut done = [0u8; 5];
-            c.read_exact(&mut done).unwrap();
-            let deadline = Instant::now() + Duration::from_secs(60);
-            let mut got = Vec::new();
-            let mut sent = false;
-            while Instant::now() < deadline {
-                eng.poll(Duration::from_millis(100)).unwrap();
-                while let Some(cmp) = eng.cq.pop_front() {
-                    if cmp.opcode == WcOpcode::Recv && !sent {
-                        eng.post_send(qp, 2, mr, 0, cmp.byte_len as usize).unwrap();
-                        sent = true;
-                    }
-                    let is_send = cmp.opcode == WcOpcode::Send;
-                    got.push(cmp);
-                    if is_send {
-                        return (got, eng.stats);
-                    }
-                }
+            let mut results = Vec::new();
+            // Guest as client: we answer the exchange, then echo.
+            for (i, size) in [64usize, 4096].into_iter().enumerate() {
+                let (mut c, _) = tcp.accept().unwrap();
+                let mut msg = [0u8; 52];
+                c.read_exact(&mut msg).unwrap();
+                let peer = parse_dest(&msg);
+                let qpn = 0x11 + i as u32;
+                c.write_all(format!("0000:{qpn:06x}:000022:{OUR_GID}\0").as_bytes())
+                    .unwrap();
+                let mut done = [0u8; 5];
+                c.read_exact(&mut done).unwrap();
+                results.push((
+                    "host-server",
+                    size,
+                    pingpong(&mut eng, qpn, peer, size, false),
+                ));
             }
-            (got, eng.stats)
+            // Guest as server: we connect (when it listens) and start.
+            for (i, size) in [64usize, 4096].into_iter().enumerate() {
+                let deadline = Instant::now() + Duration::from_secs(60);
+                let mut c = loop {
+                    match std::net::TcpStream::connect((GUEST, 18515)) {
+                        Ok(c) => break c,
+                        Err(e) if Instant::now() < deadline => {
+                            let _ = e;
+                            std::thread::sleep(Duration::from_millis(200));
+                        }
+                        Err(e) => panic!("guest server never listened: {e}"),
+                    }
+                };
+                let qpn = 0x21 + i as u32;
+                c.write_all(format!("0000:{qpn:06x}:000022:{OUR_GID}\0").as_bytes())
+                    .unwrap();
+                let mut msg = [0u8; 52];
+                c.read_exact(&mut msg).unwrap();
+                let peer = parse_dest(&msg);
+                c.write_all(b"done\0").unwrap();
+                results.push((
+                    "host-client",
+                    size,
+                    pingpong(&mut eng, qpn, peer, size, true),
+                ));
+            }
+            (results, eng.stats)
         })
     };
     ready_rx.recv_timeout(Duration::from_secs(20)).unwrap();
@@ -410,34 +494,35 @@ fn ibv_rc_pingpong_completes_against_our_engine() {
         .unwrap()
         .read_to_string(&mut console)
         .unwrap();
-    let (completions, stats) = server.join().unwrap();
     drop(qemu);
-    assert!(
-        console.contains("1 iters in"),
-        "ibv_rc_pingpong did not report success:\n{console}\nour completions: {completions:?} stats: {stats:?}"
-    );
-    let tool = console
-        .lines()
-        .filter(|l| l.contains("bytes in") || l.contains("iters in"));
-    for l in tool {
+    let (results, stats) = host.join().unwrap();
+    for l in console.lines().filter(|l| l.starts_with("SOFTCARD-")) {
         eprintln!("guest: {l}");
     }
-    let recv = completions
-        .iter()
-        .find(|c| c.opcode == WcOpcode::Recv)
-        .expect("a receive");
-    assert_eq!(
-        (recv.status, recv.byte_len, recv.path),
-        (WcStatus::Success, 64, PathKind::Fast)
-    );
-    let send = completions
-        .iter()
-        .find(|c| c.opcode == WcOpcode::Send)
-        .expect("our send acknowledged");
-    assert_eq!(send.status, WcStatus::Success);
-    assert!(
-        stats.fast_packets >= 1 && stats.fast_bytes >= 64,
-        "{stats:?}"
-    );
+    assert!(!console.contains("SOFTCARD-FAIL"), "{console}");
+    for role in ["CLIENT", "SERVER"] {
+        for size in [64, 4096] {
+            let line = console
+                .lines()
+                .find(|l| l.starts_with(&format!("SOFTCARD-{role}-{size} ")))
+                .unwrap_or_else(|| panic!("no result for guest {role} {size}:\n{console}"));
+            assert!(
+                line.contains("rc=0") && line.contains(&format!("{ITERS} iters in")),
+                "guest {role} with {size}-byte messages failed: {line}\n{console}\nours: {results:?}"
+            );
+        }
+    }
+    for (role, size, out) in &results {
+        assert_eq!(out.recvs.len(), ITERS, "{role} {size}: {out:?}");
+        assert_eq!(out.sends_acked, ITERS, "{role} {size}: {out:?}");
+        for (len, path) in &out.recvs {
+            assert_eq!(
+                (*len as usize, *path),
+                (*size, PathKind::Fast),
+                "{role} {size}"
+            );
+        }
+    }
     assert_eq!(stats.dropped, 0, "{stats:?}");
+    eprintln!("engine paths: {stats:?}");
 }
