@@ -38,10 +38,12 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 log "tests"
 cargo test --workspace --locked
 
-log "fuzz (request parser, ${FUZZ_SECONDS:=30} s)"
+log "fuzz (virtio-blk request parser, RoCEv2 receive path: ${FUZZ_SECONDS:=30} s each)"
 if rustup toolchain list | grep -q '^nightly'; then
     command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
-    (cd fuzz && cargo +nightly fuzz run request -- -max_total_time="$FUZZ_SECONDS")
+    for target in request rdma_receive; do
+        (cd fuzz && cargo +nightly fuzz run "$target" -- -max_total_time="$FUZZ_SECONDS")
+    done
 else
     echo "no nightly toolchain: cargo fuzz cannot build here. The parser's"
     echo "invariants were still checked by the proptest in the tests above."

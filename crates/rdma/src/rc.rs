@@ -349,6 +349,71 @@ pub fn place(
     })
 }
 
+/// Fuzzing entry: feeds arbitrary bytes to the parser and, when they
+/// parse, to the fast path of a connected QP with posted receives and a
+/// writable region, and checks that nothing lands outside the region or
+/// the receive buffers.
+#[doc(hidden)]
+pub fn fuzz_receive(data: &[u8]) {
+    let Ok(pkt) = Packet::parse(data) else {
+        return;
+    };
+    let mut qp = QueuePair {
+        qpn: pkt.bth.dest_qp,
+        state: QpState::Rts,
+        remote_qpn: 1,
+        remote_ip: Ipv4Addr::LOCALHOST,
+        epsn: pkt.bth.psn,
+        msn: 0,
+        sq_psn: 0,
+        unacked: VecDeque::new(),
+        rq: VecDeque::from([RecvWr {
+            wr_id: 1,
+            mr: 0,
+            offset: 16,
+            len: 64,
+        }]),
+        src_port: 0xc000,
+        mtu: 256,
+        recv_msg: None,
+        write_msg: None,
+    };
+    let mut mrs = vec![MemoryRegion {
+        buf: vec![0; 4096],
+        lkey: 7,
+        rkey: 7,
+        access: Access {
+            remote_write: true,
+            remote_read: true,
+        },
+        va: 0x10000,
+    }];
+    let mut cq = VecDeque::new();
+    let before = mrs[0].buf.clone();
+    match place(&mut qp, &mut mrs, &pkt, &mut cq) {
+        Ok(_) => {
+            let changed: Vec<usize> = (0..4096).filter(|&i| mrs[0].buf[i] != before[i]).collect();
+            if let (Some(&lo), Some(&hi)) = (changed.first(), changed.last()) {
+                let send = pkt.reth.is_none();
+                if send {
+                    assert!(
+                        lo >= 16 && hi < 16 + 64,
+                        "SEND placed outside its receive buffer"
+                    );
+                } else {
+                    let r = pkt.reth.expect("write has RETH");
+                    let off = usize::try_from(r.va - 0x10000).expect("in range");
+                    assert!(
+                        lo >= off && hi < off + r.dma_len as usize,
+                        "WRITE placed outside its range"
+                    );
+                }
+            }
+        }
+        Err(_) => assert_eq!(mrs[0].buf, before, "a refused packet changed memory"),
+    }
+}
+
 /// Packets and bytes per receive path.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PathStats {
@@ -909,6 +974,13 @@ mod tests {
             ),
             Err(Slow::OutOfSequence)
         );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_packets_never_write_out_of_bounds(d in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..400)) {
+            fuzz_receive(&d);
+        }
     }
 
     #[test]
