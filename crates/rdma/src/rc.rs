@@ -18,9 +18,7 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use crate::net::RawIo;
-#[cfg(test)]
-use crate::wire::Reth;
-use crate::wire::{self, opcode, Aeth, Bth, Packet, DEFAULT_PKEY};
+use crate::wire::{self, opcode, Aeth, Bth, Packet, Reth, DEFAULT_PKEY};
 
 /// Access rights of a memory region.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -73,6 +71,10 @@ pub enum WcOpcode {
     RecvRdmaWithImm,
     /// A SEND of ours was acknowledged.
     Send,
+    /// An RDMA WRITE of ours was acknowledged.
+    RdmaWrite,
+    /// An RDMA READ of ours has all its data.
+    RdmaRead,
 }
 
 /// Work completion status.
@@ -153,8 +155,11 @@ pub struct QueuePair {
     mtu: usize,
     /// A multi-packet SEND being placed: its receive and bytes so far.
     recv_msg: Option<(RecvWr, usize)>,
-    /// A multi-packet WRITE being placed: region, next offset, bytes left.
-    write_msg: Option<(usize, usize, usize)>,
+    /// A multi-packet WRITE being placed: region, next offset, bytes left,
+    /// total length.
+    write_msg: Option<(usize, usize, usize, usize)>,
+    /// Our RDMA READs in flight, oldest first.
+    reads: VecDeque<PendingRead>,
 }
 
 /// An unacknowledged packet of ours.
@@ -163,7 +168,21 @@ struct Outstanding {
     psn: u32,
     /// The work request it completes, on the last packet of a message.
     completes: Option<u64>,
+    /// What kind of completion that is.
+    kind: WcOpcode,
     packet: Vec<u8>,
+}
+
+/// An RDMA READ of ours waiting for its responses.
+#[derive(Debug, Clone, Copy)]
+struct PendingRead {
+    wr_id: u64,
+    first_psn: u32,
+    packets: u32,
+    received: u32,
+    mr: usize,
+    offset: usize,
+    len: usize,
 }
 
 /// What the fast path did with a packet.
@@ -288,7 +307,7 @@ pub fn place(
             qp.recv_msg = Some((wr, done + len));
         }
     } else {
-        let (mri, off, left) = if first {
+        let (mri, off, left, total) = if first {
             if qp.write_msg.is_some() {
                 return Err(Slow::OutOfSequence);
             }
@@ -307,7 +326,7 @@ pub fn place(
             if off.checked_add(total).is_none_or(|e| e > mr.buf.len()) {
                 return Err(Slow::Access);
             }
-            (mri, off, total)
+            (mri, off, total, total)
         } else {
             qp.write_msg.ok_or(Slow::OutOfSequence)?
         };
@@ -326,14 +345,14 @@ pub fn place(
                     wr_id: wr.wr_id,
                     opcode: WcOpcode::RecvRdmaWithImm,
                     status: WcStatus::Success,
-                    byte_len: pkt.reth.map_or(0, |r| r.dma_len),
+                    byte_len: u32::try_from(total).map_err(|_| Slow::Access)?,
                     imm: pkt.imm,
                     qpn: qp.qpn,
                     path: PathKind::Fast,
                 });
             }
         } else {
-            qp.write_msg = Some((mri, off + len, left - len));
+            qp.write_msg = Some((mri, off + len, left - len, total));
         }
     }
     if let Some(c) = completion {
@@ -347,6 +366,67 @@ pub fn place(
         psn: pkt.bth.psn,
         ack_req: pkt.bth.ack_req,
     })
+}
+
+/// The fast path for RDMA READ responses at the requester: the response's
+/// PSN selects the pending read and the place in it; data goes straight
+/// into the local region. Returns the PSN of the last response when the
+/// read is complete.
+fn place_read_response(
+    qp: &mut QueuePair,
+    mrs: &mut [MemoryRegion],
+    pkt: &Packet<'_>,
+    cq: &mut VecDeque<Completion>,
+) -> Result<Option<u32>, Slow> {
+    use opcode::*;
+    let r = *qp.reads.front().ok_or(Slow::NotPlaceable)?;
+    let expect = psn_add(r.first_psn, r.received);
+    if pkt.bth.psn != expect {
+        return Err(if wire::psn_before(pkt.bth.psn, expect) {
+            Slow::Duplicate
+        } else {
+            Slow::OutOfSequence
+        });
+    }
+    let op = pkt.bth.opcode;
+    let first = r.received == 0;
+    let last = r.received + 1 == r.packets;
+    let ok_op = match (first, last) {
+        (true, true) => op == READ_RESPONSE_ONLY,
+        (true, false) => op == READ_RESPONSE_FIRST,
+        (false, true) => op == READ_RESPONSE_LAST,
+        (false, false) => op == READ_RESPONSE_MIDDLE,
+    };
+    if !ok_op {
+        return Err(Slow::OutOfSequence);
+    }
+    let at = r.offset + r.received as usize * qp.mtu;
+    let len = pkt.payload.len();
+    let end = r.offset + r.len;
+    if at.checked_add(len).is_none_or(|e| e > end) || (!last && len != qp.mtu) {
+        return Err(Slow::Access);
+    }
+    let mr = mrs.get_mut(r.mr).ok_or(Slow::Access)?;
+    mr.buf
+        .get_mut(at..at + len)
+        .ok_or(Slow::Access)?
+        .copy_from_slice(pkt.payload);
+    let front = qp.reads.front_mut().expect("checked above");
+    front.received += 1;
+    if !last {
+        return Ok(None);
+    }
+    qp.reads.pop_front();
+    cq.push_back(Completion {
+        wr_id: r.wr_id,
+        opcode: WcOpcode::RdmaRead,
+        status: WcStatus::Success,
+        byte_len: u32::try_from(r.len).map_err(|_| Slow::Access)?,
+        imm: None,
+        qpn: qp.qpn,
+        path: PathKind::Fast,
+    });
+    Ok(Some(pkt.bth.psn))
 }
 
 /// Fuzzing entry: feeds arbitrary bytes to the parser and, when they
@@ -377,6 +457,7 @@ pub fn fuzz_receive(data: &[u8]) {
         mtu: 256,
         recv_msg: None,
         write_msg: None,
+        reads: VecDeque::new(),
     };
     let mut mrs = vec![MemoryRegion {
         buf: vec![0; 4096],
@@ -480,6 +561,12 @@ impl Engine {
         &self.mrs[i]
     }
 
+    /// Copies `data` into a registered region at `offset` (the
+    /// application writing its own memory).
+    pub fn fill(&mut self, mr: usize, offset: usize, data: &[u8]) {
+        self.mrs[mr].buf[offset..offset + data.len()].copy_from_slice(data);
+    }
+
     /// Creates a QP in RESET; returns its index.
     pub fn create_qp(&mut self, qpn: u32) -> usize {
         self.qps.push(QueuePair {
@@ -496,6 +583,7 @@ impl Engine {
             mtu: 1024,
             recv_msg: None,
             write_msg: None,
+            reads: VecDeque::new(),
         });
         self.qps.len() - 1
     }
@@ -545,20 +633,142 @@ impl Engine {
         len: usize,
     ) -> io::Result<()> {
         let data = self.mrs[mr].buf[offset..offset + len].to_vec();
+        self.post_message(qp, wr_id, WcOpcode::Send, &data, None, None)
+    }
+
+    /// Posts an RDMA WRITE of `len` bytes from a local region to the peer's
+    /// `remote_va` under `rkey`, with immediate data if given.
+    #[allow(clippy::too_many_arguments)]
+    pub fn post_write(
+        &mut self,
+        qp: usize,
+        wr_id: u64,
+        mr: usize,
+        offset: usize,
+        len: usize,
+        remote_va: u64,
+        rkey: u32,
+        imm: Option<u32>,
+    ) -> io::Result<()> {
+        let data = self.mrs[mr].buf[offset..offset + len].to_vec();
+        let reth = Reth {
+            va: remote_va,
+            rkey,
+            dma_len: u32::try_from(len).map_err(|_| io::ErrorKind::InvalidInput)?,
+        };
+        self.post_message(qp, wr_id, WcOpcode::RdmaWrite, &data, Some(reth), imm)
+    }
+
+    /// Posts an RDMA READ of `len` bytes from the peer's `remote_va` under
+    /// `rkey` into a local region.
+    #[allow(clippy::too_many_arguments)]
+    pub fn post_read(
+        &mut self,
+        qp: usize,
+        wr_id: u64,
+        mr: usize,
+        offset: usize,
+        len: usize,
+        remote_va: u64,
+        rkey: u32,
+    ) -> io::Result<()> {
+        if offset
+            .checked_add(len)
+            .is_none_or(|e| e > self.mrs[mr].buf.len())
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "read outside the local region",
+            ));
+        }
+        let q = &mut self.qps[qp];
+        let psn = q.sq_psn;
+        let packets =
+            u32::try_from(len.div_ceil(q.mtu).max(1)).map_err(|_| io::ErrorKind::InvalidInput)?;
+        q.sq_psn = psn_add(psn, packets);
+        let pkt = Packet {
+            bth: Bth {
+                opcode: opcode::READ_REQUEST,
+                solicited: false,
+                mig_req: true,
+                pad: 0,
+                tver: 0,
+                pkey: DEFAULT_PKEY,
+                fecn: false,
+                becn: false,
+                dest_qp: q.remote_qpn,
+                ack_req: true,
+                psn,
+            },
+            reth: Some(Reth {
+                va: remote_va,
+                rkey,
+                dma_len: u32::try_from(len).map_err(|_| io::ErrorKind::InvalidInput)?,
+            }),
+            aeth: None,
+            imm: None,
+            atomic: None,
+            atomic_ack: None,
+            payload: &[],
+            icrc: 0,
+        };
+        let mut buf = vec![0u8; pkt.wire_len()];
+        pkt.encode(&mut buf)
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        q.unacked.push_back(Outstanding {
+            psn,
+            completes: None,
+            kind: WcOpcode::RdmaRead,
+            packet: buf.clone(),
+        });
+        q.reads.push_back(PendingRead {
+            wr_id,
+            first_psn: psn,
+            packets,
+            received: 0,
+            mr,
+            offset,
+            len,
+        });
+        let (ip, port) = (q.remote_ip, q.src_port);
+        self.io.send(ip, port, &mut buf)
+    }
+
+    /// Sends a SEND or WRITE message in path-MTU packets.
+    fn post_message(
+        &mut self,
+        qp: usize,
+        wr_id: u64,
+        kind: WcOpcode,
+        data: &[u8],
+        reth: Option<Reth>,
+        imm: Option<u32>,
+    ) -> io::Result<()> {
+        use opcode::*;
         let q = &mut self.qps[qp];
         let chunks: Vec<&[u8]> = if data.is_empty() {
-            vec![&data[..]]
+            vec![data]
         } else {
             data.chunks(q.mtu).collect()
         };
         let n = chunks.len();
+        let write = kind == WcOpcode::RdmaWrite;
         let mut out = Vec::with_capacity(n);
         for (i, chunk) in chunks.into_iter().enumerate() {
-            let op = match (i == 0, i + 1 == n) {
-                (true, true) => opcode::SEND_ONLY,
-                (true, false) => opcode::SEND_FIRST,
-                (false, true) => opcode::SEND_LAST,
-                (false, false) => opcode::SEND_MIDDLE,
+            let (first, last) = (i == 0, i + 1 == n);
+            let op = match (write, first, last, imm.is_some()) {
+                (false, true, true, false) => SEND_ONLY,
+                (false, true, true, true) => SEND_ONLY_IMM,
+                (false, true, false, _) => SEND_FIRST,
+                (false, false, true, false) => SEND_LAST,
+                (false, false, true, true) => SEND_LAST_IMM,
+                (false, false, false, _) => SEND_MIDDLE,
+                (true, true, true, false) => WRITE_ONLY,
+                (true, true, true, true) => WRITE_ONLY_IMM,
+                (true, true, false, _) => WRITE_FIRST,
+                (true, false, true, false) => WRITE_LAST,
+                (true, false, true, true) => WRITE_LAST_IMM,
+                (true, false, false, _) => WRITE_MIDDLE,
             };
             let psn = q.sq_psn;
             q.sq_psn = psn_add(psn, 1);
@@ -573,12 +783,12 @@ impl Engine {
                     fecn: false,
                     becn: false,
                     dest_qp: q.remote_qpn,
-                    ack_req: i + 1 == n,
+                    ack_req: last,
                     psn,
                 },
-                reth: None,
+                reth: if first { reth } else { None },
                 aeth: None,
-                imm: None,
+                imm: if last { imm } else { None },
                 atomic: None,
                 atomic_ack: None,
                 payload: chunk,
@@ -589,11 +799,124 @@ impl Engine {
                 .map_err(|e| io::Error::other(e.to_string()))?;
             q.unacked.push_back(Outstanding {
                 psn,
-                completes: (i + 1 == n).then_some(wr_id),
+                completes: last.then_some(wr_id),
+                kind,
                 packet: buf.clone(),
             });
             out.push(buf);
         }
+        let (ip, port) = (q.remote_ip, q.src_port);
+        for mut b in out {
+            self.io.send(ip, port, &mut b)?;
+        }
+        Ok(())
+    }
+
+    /// Completes our requests acknowledged up to and including `psn`.
+    fn acknowledge(&mut self, qi: usize, psn: u32) {
+        let q = &mut self.qps[qi];
+        while let Some(o) = q.unacked.front() {
+            if o.psn != psn && !wire::psn_before(o.psn, psn) {
+                break;
+            }
+            let o = q.unacked.pop_front().expect("front exists");
+            if let Some(wr_id) = o.completes {
+                self.cq.push_back(Completion {
+                    wr_id,
+                    opcode: o.kind,
+                    status: WcStatus::Success,
+                    byte_len: 0,
+                    imm: None,
+                    qpn: q.qpn,
+                    path: PathKind::Software,
+                });
+            }
+        }
+    }
+
+    /// Answers an RDMA READ request (software path): checks the key, the
+    /// rights and the bounds, then sends the data in path-MTU responses.
+    fn respond_read(&mut self, qi: usize, pkt: &Packet<'_>) -> io::Result<()> {
+        use opcode::*;
+        let q = &self.qps[qi];
+        if pkt.bth.psn != q.epsn {
+            let e = q.epsn;
+            return if wire::psn_before(pkt.bth.psn, e) {
+                Ok(()) // a duplicate read: the requester retries on its timer (not yet)
+            } else {
+                self.send_ack(qi, psn_add(e, 0x00ff_ffff), NAK_PSN_SEQ)
+            };
+        }
+        let reth = pkt.reth.unwrap_or(Reth {
+            va: 0,
+            rkey: 0,
+            dma_len: 0,
+        });
+        let len = reth.dma_len as usize;
+        let found = self
+            .mrs
+            .iter()
+            .position(|m| m.rkey == reth.rkey)
+            .and_then(|i| {
+                let m = &self.mrs[i];
+                let off = usize::try_from(reth.va.checked_sub(m.va)?).ok()?;
+                (m.access.remote_read && off.checked_add(len).is_some_and(|e| e <= m.buf.len()))
+                    .then_some((i, off))
+            });
+        let Some((mi, off)) = found else {
+            let e = q.epsn;
+            self.qps[qi].state = QpState::Error;
+            return self.send_ack(qi, e, NAK_REMOTE_ACCESS);
+        };
+        let data = self.mrs[mi].buf[off..off + len].to_vec();
+        let q = &mut self.qps[qi];
+        let chunks: Vec<&[u8]> = if data.is_empty() {
+            vec![&data[..]]
+        } else {
+            data.chunks(q.mtu).collect()
+        };
+        let n = chunks.len();
+        q.msn = psn_add(q.msn, 1);
+        let mut out = Vec::with_capacity(n);
+        for (i, chunk) in chunks.into_iter().enumerate() {
+            let (first, last) = (i == 0, i + 1 == n);
+            let op = match (first, last) {
+                (true, true) => READ_RESPONSE_ONLY,
+                (true, false) => READ_RESPONSE_FIRST,
+                (false, true) => READ_RESPONSE_LAST,
+                (false, false) => READ_RESPONSE_MIDDLE,
+            };
+            let pkt = Packet {
+                bth: Bth {
+                    opcode: op,
+                    solicited: false,
+                    mig_req: true,
+                    pad: 0,
+                    tver: 0,
+                    pkey: DEFAULT_PKEY,
+                    fecn: false,
+                    becn: false,
+                    dest_qp: q.remote_qpn,
+                    ack_req: false,
+                    psn: psn_add(pkt.bth.psn, i as u32),
+                },
+                reth: None,
+                aeth: (first || last).then_some(Aeth {
+                    syndrome: ACK_UNLIMITED,
+                    msn: q.msn,
+                }),
+                imm: None,
+                atomic: None,
+                atomic_ack: None,
+                payload: chunk,
+                icrc: 0,
+            };
+            let mut buf = vec![0u8; pkt.wire_len()];
+            pkt.encode(&mut buf)
+                .map_err(|e| io::Error::other(e.to_string()))?;
+            out.push(buf);
+        }
+        q.epsn = psn_add(q.epsn, n as u32);
         let (ip, port) = (q.remote_ip, q.src_port);
         for mut b in out {
             self.io.send(ip, port, &mut b)?;
@@ -654,6 +977,27 @@ impl Engine {
             self.stats.dropped += 1;
             return Ok(true);
         };
+        if matches!(
+            pkt.bth.opcode,
+            opcode::READ_RESPONSE_FIRST
+                | opcode::READ_RESPONSE_MIDDLE
+                | opcode::READ_RESPONSE_LAST
+                | opcode::READ_RESPONSE_ONLY
+        ) {
+            let (qps, mrs, cq) = (&mut self.qps, &mut self.mrs, &mut self.cq);
+            match place_read_response(&mut qps[qi], mrs, &pkt, cq) {
+                Ok(last) => {
+                    self.stats.fast_packets += 1;
+                    self.stats.fast_bytes += pkt.payload.len() as u64;
+                    // A read response acknowledges every earlier request.
+                    if let Some(p) = last {
+                        self.acknowledge(qi, p);
+                    }
+                }
+                Err(_) => self.stats.slow_packets += 1,
+            }
+            return Ok(true);
+        }
         let (qps, mrs, cq) = (&mut self.qps, &mut self.mrs, &mut self.cq);
         match place(&mut qps[qi], mrs, &pkt, cq) {
             Ok(Placed::Done { psn, ack_req }) => {
@@ -681,26 +1025,7 @@ impl Engine {
                 });
                 let q = &mut self.qps[qi];
                 match aeth.syndrome >> 5 {
-                    0 => {
-                        // ACK: everything up to and including psn is done.
-                        while let Some(o) = q.unacked.front() {
-                            if o.psn != pkt.bth.psn && !wire::psn_before(o.psn, pkt.bth.psn) {
-                                break;
-                            }
-                            let done = q.unacked.pop_front().and_then(|o| o.completes);
-                            if let Some(wr_id) = done {
-                                self.cq.push_back(Completion {
-                                    wr_id,
-                                    opcode: WcOpcode::Send,
-                                    status: WcStatus::Success,
-                                    byte_len: 0,
-                                    imm: None,
-                                    qpn: q.qpn,
-                                    path: PathKind::Software,
-                                });
-                            }
-                        }
-                    }
+                    0 => self.acknowledge(qi, pkt.bth.psn),
                     3 => {
                         // NAK: sequence error → go back N; others fail.
                         if aeth.syndrome == NAK_PSN_SEQ {
@@ -717,12 +1042,17 @@ impl Engine {
                                 WcStatus::RemoteInvalidRequest
                             };
                             q.state = QpState::Error;
-                            let failed = q.unacked.iter().find_map(|o| o.completes);
+                            let failed = q
+                                .unacked
+                                .iter()
+                                .find_map(|o| o.completes.map(|w| (w, o.kind)))
+                                .or_else(|| q.reads.front().map(|r| (r.wr_id, WcOpcode::RdmaRead)));
                             q.unacked.clear();
-                            if let Some(wr_id) = failed {
+                            q.reads.clear();
+                            if let Some((wr_id, kind)) = failed {
                                 self.cq.push_back(Completion {
                                     wr_id,
-                                    opcode: WcOpcode::Send,
+                                    opcode: kind,
                                     status,
                                     byte_len: 0,
                                     imm: None,
@@ -736,6 +1066,7 @@ impl Engine {
                 }
                 Ok(())
             }
+            (opcode::READ_REQUEST, _) => self.respond_read(qi, pkt),
             (_, Slow::Duplicate) => {
                 // Already placed: acknowledge again, place nothing.
                 let psn = pkt.bth.psn;
@@ -778,6 +1109,7 @@ mod tests {
             mtu: 256,
             recv_msg: None,
             write_msg: None,
+            reads: VecDeque::new(),
         }
     }
 

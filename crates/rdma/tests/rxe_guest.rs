@@ -18,7 +18,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::Ipv4Addr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use softcard_rdma::wire::{self, opcode, Flow, Packet};
@@ -28,56 +28,15 @@ const GUEST: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
 /// The QPN the stand-in server tells the client (its PSN is 0x22).
 const SERVER_QPN: u32 = 0x11;
 
-/// A network namespace with a tap device, removed on drop.
-struct Netns(String);
+use softcard_testkit::Netns;
 
-impl Netns {
-    fn new(tag: &str) -> Self {
-        let name = format!("sc-{tag}-{}", std::process::id());
-        let run = |args: &[&str]| {
-            let st = Command::new("ip")
-                .args(args)
-                .status()
-                .expect("ip (iproute2)");
-            assert!(st.success(), "ip {args:?} failed (needs root)");
-        };
-        run(&["netns", "add", &name]);
-        let ns = Netns(name);
-        for cmd in [
-            "ip link set lo up",
-            "ip tuntap add dev tap0 mode tap",
-            "ip addr add 10.77.0.1/24 dev tap0",
-            "ip link set tap0 up",
-        ] {
-            let mut a = vec!["netns", "exec", &ns.0];
-            a.extend(cmd.split(' '));
-            run(&a);
-        }
-        ns
-    }
-
-    fn command(&self, program: &str) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.0, program]);
-        c
-    }
-}
-
-impl Netns {
-    /// Moves the calling thread into the namespace.
-    fn enter(&self) {
-        use std::os::fd::AsRawFd;
-        let f = std::fs::File::open(format!("/var/run/netns/{}", self.0)).unwrap();
-        // SAFETY: setns on a valid namespace fd; affects this thread only.
-        let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
+/// A namespace with the tap device the guest's NIC attaches to.
+fn tap_netns(tag: &str) -> Netns {
+    let ns = Netns::new(tag);
+    ns.exec("ip tuntap add dev tap0 mode tap");
+    ns.exec("ip addr add 10.77.0.1/24 dev tap0");
+    ns.exec("ip link set tap0 up");
+    ns
 }
 
 struct Kill(Child);
@@ -164,7 +123,7 @@ fn rdma_rxe_packets_validate_with_our_wire_format() {
     let initrd = dir.path().join("initrd.cpio");
     std::fs::write(&initrd, ir.finish()).unwrap();
 
-    let ns = Netns::new("cap");
+    let ns = tap_netns("cap");
     let mut server = Kill(
         ns.command("python3")
             .args(["-c", SERVER])
@@ -355,7 +314,7 @@ fn pingpong(
                     }
                 }
                 WcOpcode::Send => out.sends_acked += 1,
-                WcOpcode::RecvRdmaWithImm => {}
+                WcOpcode::RecvRdmaWithImm | WcOpcode::RdmaWrite | WcOpcode::RdmaRead => {}
             }
         }
     }
@@ -406,7 +365,7 @@ fn ibv_rc_pingpong_both_directions_against_our_engine() {
     let initrd = dir.path().join("initrd.cpio");
     std::fs::write(&initrd, ir.finish()).unwrap();
 
-    let ns = std::sync::Arc::new(Netns::new("pp"));
+    let ns = std::sync::Arc::new(tap_netns("pp"));
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let host = {
         let ns = ns.clone();

@@ -215,3 +215,57 @@ $B mount -t sysfs sys /sys
 $B mount -t devtmpfs dev /dev
 for m in /lib/modules/*.ko*; do $B insmod "$m" 2>/dev/null || echo "SOFTCARD-WARN insmod $m"; done
 "#;
+
+/// A network namespace for a test, removed on drop. Needs root and
+/// iproute2.
+#[derive(Debug)]
+pub struct Netns(String);
+
+impl Netns {
+    /// Creates `sc-<tag>-<pid>` with its loopback up.
+    pub fn new(tag: &str) -> Self {
+        let name = format!("sc-{tag}-{}", std::process::id());
+        let ns = Netns(name);
+        ns.ip(&["netns", "add", &ns.0]);
+        ns.exec("ip link set lo up");
+        ns
+    }
+
+    fn ip(&self, args: &[&str]) {
+        let st = Command::new("ip")
+            .args(args)
+            .status()
+            .expect("ip (iproute2)");
+        assert!(st.success(), "ip {args:?} failed (needs root)");
+    }
+
+    /// Runs a command line (split on spaces) inside the namespace.
+    pub fn exec(&self, cmd: &str) {
+        let mut a = vec!["netns", "exec", &self.0];
+        a.extend(cmd.split(' '));
+        self.ip(&a);
+    }
+
+    /// A command that runs inside the namespace.
+    pub fn command(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.0, program]);
+        c
+    }
+
+    /// Moves the calling thread into the namespace (sockets it opens
+    /// afterwards live there).
+    pub fn enter(&self) {
+        use std::os::fd::AsRawFd;
+        let f = std::fs::File::open(format!("/var/run/netns/{}", self.0)).expect("netns file");
+        // SAFETY: setns on a valid namespace fd; affects this thread only.
+        let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}

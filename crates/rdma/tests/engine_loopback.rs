@@ -1,0 +1,131 @@
+//! Two engines talking to each other over the loopback device of a private
+//! network namespace: RDMA WRITE (multi-packet, with immediate), RDMA READ
+//! (multi-packet), and an access violation that must write nothing.
+
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+use softcard_rdma::rc::{Access, Completion, Engine, PathKind, RecvWr, WcOpcode, WcStatus};
+
+const A: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 1);
+const B: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
+
+/// Polls both engines until `want` completions arrive at `which` (0: a,
+/// 1: b).
+fn pump(a: &mut Engine, b: &mut Engine, which: usize) -> Completion {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        a.poll(Duration::from_millis(2)).unwrap();
+        b.poll(Duration::from_millis(2)).unwrap();
+        let e = if which == 0 { &mut *a } else { &mut *b };
+        if let Some(c) = e.cq.pop_front() {
+            return c;
+        }
+        assert!(Instant::now() < deadline, "no completion");
+    }
+}
+
+#[test]
+fn write_read_and_protection_between_two_engines() {
+    let ns = softcard_testkit::Netns::new("lo");
+    let t = std::thread::spawn(move || {
+        ns.enter();
+        let mut a = Engine::open(A).expect("engine (needs CAP_NET_RAW)");
+        let mut b = Engine::open(B).unwrap();
+        let (qa, qb) = (a.create_qp(0x100), b.create_qp(0x200));
+        a.set_mtu(qa, 1024);
+        b.set_mtu(qb, 1024);
+        a.connect(qa, 0x200, B, 5000, 7000);
+        b.connect(qb, 0x100, A, 7000, 5000);
+        let ma = a.reg_mr(
+            65536,
+            Access {
+                remote_write: true,
+                remote_read: true,
+            },
+        );
+        let ro = a.reg_mr(
+            4096,
+            Access {
+                remote_write: false,
+                remote_read: true,
+            },
+        );
+        let mb = b.reg_mr(
+            65536,
+            Access {
+                remote_write: true,
+                remote_read: true,
+            },
+        );
+        let (va_a, rkey_a) = (a.mr(ma).va, a.mr(ma).rkey);
+
+        // B writes 10000 bytes (10 packets) into A at offset 100.
+        let pattern: Vec<u8> = (0..10000u32).map(|i| (i % 251) as u8).collect();
+        b.fill(mb, 0, &pattern);
+        b.post_write(qb, 1, mb, 0, 10000, va_a + 100, rkey_a, None)
+            .unwrap();
+        let c = pump(&mut a, &mut b, 1);
+        assert_eq!(
+            (c.wr_id, c.opcode, c.status),
+            (1, WcOpcode::RdmaWrite, WcStatus::Success)
+        );
+        assert_eq!(&a.mr(ma).bytes()[100..10100], &pattern[..]);
+        assert!(
+            a.cq.is_empty(),
+            "a plain WRITE completes nothing at the target"
+        );
+
+        // B reads 7000 bytes of A back into its offset 30000.
+        b.post_read(qb, 2, mb, 30000, 7000, va_a + 100, rkey_a)
+            .unwrap();
+        let c = pump(&mut a, &mut b, 1);
+        assert_eq!(
+            (c.wr_id, c.opcode, c.status, c.byte_len, c.path),
+            (
+                2,
+                WcOpcode::RdmaRead,
+                WcStatus::Success,
+                7000,
+                PathKind::Fast
+            )
+        );
+        assert_eq!(&b.mr(mb).bytes()[30000..37000], &pattern[..7000]);
+
+        // WRITE with immediate consumes a receive at A and says so.
+        a.post_recv(
+            qa,
+            RecvWr {
+                wr_id: 9,
+                mr: ma,
+                offset: 0,
+                len: 0,
+            },
+        );
+        b.post_write(qb, 3, mb, 0, 3000, va_a + 40000, rkey_a, Some(0xfeed))
+            .unwrap();
+        let c = pump(&mut a, &mut b, 0);
+        assert_eq!(
+            (c.wr_id, c.opcode, c.imm, c.byte_len),
+            (9, WcOpcode::RecvRdmaWithImm, Some(0xfeed), 3000)
+        );
+        assert_eq!(&a.mr(ma).bytes()[40000..43000], &pattern[..3000]);
+        let c = pump(&mut a, &mut b, 1);
+        assert_eq!((c.wr_id, c.status), (3, WcStatus::Success));
+
+        // A WRITE into a read-only region: NAK, error completion, nothing
+        // written.
+        let before = a.mr(ro).bytes().to_vec();
+        let (va_ro, rkey_ro) = (a.mr(ro).va, a.mr(ro).rkey);
+        b.post_write(qb, 4, mb, 0, 512, va_ro, rkey_ro, None)
+            .unwrap();
+        let c = pump(&mut a, &mut b, 1);
+        assert_eq!((c.wr_id, c.status), (4, WcStatus::RemoteAccessError));
+        assert_eq!(a.mr(ro).bytes(), &before[..]);
+        (a.stats, b.stats)
+    });
+    let (sa, sb) = t.join().unwrap();
+    assert!(sa.fast_bytes >= 13000, "{sa:?}");
+    assert!(sb.fast_bytes >= 7000, "{sb:?}");
+    assert_eq!(sa.dropped + sb.dropped, 0);
+}
