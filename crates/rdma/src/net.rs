@@ -15,6 +15,23 @@ use std::time::Duration;
 
 use crate::wire::{self, Flow, ROCEV2_PORT};
 
+/// Seeded faults injected on the way out, for tests: each datagram is
+/// dropped, duplicated, held back behind the next one, or has a byte
+/// flipped, with the given probabilities (per million).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Faults {
+    /// Seed of the generator.
+    pub seed: u64,
+    /// Drop probability, per million.
+    pub drop_ppm: u32,
+    /// Duplicate probability, per million.
+    pub dup_ppm: u32,
+    /// Reorder probability, per million.
+    pub reorder_ppm: u32,
+    /// Corruption probability, per million.
+    pub corrupt_ppm: u32,
+}
+
 /// Raw-socket I/O bound to one local IPv4 address.
 #[derive(Debug)]
 pub struct RawIo {
@@ -23,6 +40,12 @@ pub struct RawIo {
     _guard: UdpSocket,
     local: Ipv4Addr,
     next_id: u16,
+    faults: Faults,
+    rng: u64,
+    held: Option<(Ipv4Addr, Vec<u8>)>,
+    /// Datagrams the fault injector dropped, duplicated, reordered,
+    /// corrupted.
+    pub injected: [u64; 4],
 }
 
 fn check(rc: libc::c_int) -> io::Result<libc::c_int> {
@@ -63,13 +86,80 @@ impl RawIo {
             ))?;
             (send, OwnedFd::from_raw_fd(r))
         };
+        // Room for bursts: every datagram on the namespace reaches this
+        // socket, and a window of packets may arrive at once.
+        let size: libc::c_int = 16 << 20;
+        // SAFETY: setsockopt with a valid int option value.
+        unsafe {
+            libc::setsockopt(
+                recv.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUFFORCE,
+                (&raw const size).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
         Ok(RawIo {
             send,
             recv,
             _guard: guard,
             local,
             next_id: 1,
+            faults: Faults::default(),
+            rng: 1,
+            held: None,
+            injected: [0; 4],
         })
+    }
+
+    /// Injects faults from now on (tests).
+    pub fn set_faults(&mut self, f: Faults) {
+        self.faults = f;
+        self.rng = f.seed | 1;
+    }
+
+    fn roll(&mut self, ppm: u32) -> bool {
+        if ppm == 0 {
+            return false;
+        }
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        (self.rng % 1_000_000) < u64::from(ppm)
+    }
+
+    fn transmit(&self, dst: Ipv4Addr, d: &[u8]) -> io::Result<()> {
+        let sa = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: 0,
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_ne_bytes(dst.octets()),
+            },
+            sin_zero: [0; 8],
+        };
+        // SAFETY: `d` and `sa` are valid for the lengths given.
+        let n = unsafe {
+            libc::sendto(
+                self.send.as_raw_fd(),
+                d.as_ptr().cast(),
+                d.len(),
+                0,
+                (&raw const sa).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Sends a datagram held back by the reorder fault.
+    fn release_held(&mut self) -> io::Result<()> {
+        if let Some((dst, d)) = self.held.take() {
+            self.transmit(dst, &d)?;
+        }
+        Ok(())
     }
 
     /// The local address.
@@ -107,47 +197,43 @@ impl RawIo {
         d.extend_from_slice(&udp_len.to_be_bytes());
         d.extend_from_slice(&[0, 0]); // no UDP checksum (allowed on IPv4)
         d.extend_from_slice(packet);
-        let sa = libc::sockaddr_in {
-            sin_family: libc::AF_INET as libc::sa_family_t,
-            sin_port: 0,
-            sin_addr: libc::in_addr {
-                s_addr: u32::from_ne_bytes(dst.octets()),
-            },
-            sin_zero: [0; 8],
-        };
-        // SAFETY: `d` and `sa` are valid for the lengths given.
-        let n = unsafe {
-            libc::sendto(
-                self.send.as_raw_fd(),
-                d.as_ptr().cast(),
-                d.len(),
-                0,
-                (&raw const sa).cast(),
-                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-            )
-        };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
+        let f = self.faults;
+        if self.roll(f.drop_ppm) {
+            self.injected[0] += 1;
+            return self.release_held();
         }
-        Ok(())
+        if self.roll(f.corrupt_ppm) {
+            self.injected[3] += 1;
+            let i = 28 + (self.rng as usize) % (d.len() - 28);
+            d[i] ^= 0x10;
+        }
+        if self.held.is_none() && self.roll(f.reorder_ppm) {
+            self.injected[2] += 1;
+            self.held = Some((dst, d));
+            return Ok(());
+        }
+        self.transmit(dst, &d)?;
+        if self.roll(f.dup_ppm) {
+            self.injected[1] += 1;
+            self.transmit(dst, &d)?;
+        }
+        self.release_held()
     }
 
     /// Receives the next RoCEv2 datagram addressed to us, waiting up to
     /// `timeout`: its flow (from the IP and UDP headers) and UDP payload.
     pub fn recv(&mut self, timeout: Duration) -> io::Result<Option<(Flow, Vec<u8>)>> {
+        self.release_held()?;
         let deadline = std::time::Instant::now() + timeout;
         let mut buf = vec![0u8; 65536];
         loop {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
-            if left.is_zero() {
-                return Ok(None);
-            }
             let mut pfd = libc::pollfd {
                 fd: self.recv.as_raw_fd(),
                 events: libc::POLLIN,
                 revents: 0,
             };
-            let ms = libc::c_int::try_from(left.as_millis().max(1)).unwrap_or(libc::c_int::MAX);
+            let ms = libc::c_int::try_from(left.as_millis()).unwrap_or(libc::c_int::MAX);
             // SAFETY: one valid pollfd.
             let ready = check(unsafe { libc::poll(&mut pfd, 1, ms) })?;
             if ready == 0 {

@@ -15,7 +15,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::net::Ipv4Addr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::net::RawIo;
 use crate::wire::{self, opcode, Aeth, Bth, Packet, Reth, DEFAULT_PKEY};
@@ -86,6 +86,8 @@ pub enum WcStatus {
     RemoteAccessError,
     /// The peer reported an invalid request.
     RemoteInvalidRequest,
+    /// No acknowledgement after every retry.
+    RetryExceeded,
 }
 
 /// Which receive path produced a completion.
@@ -160,6 +162,14 @@ pub struct QueuePair {
     write_msg: Option<(usize, usize, usize, usize)>,
     /// Our RDMA READs in flight, oldest first.
     reads: VecDeque<PendingRead>,
+    /// Packets posted but not yet sent (the window is full).
+    pending_tx: VecDeque<Outstanding>,
+    /// When the oldest unacknowledged packet is resent.
+    rto_at: Option<Instant>,
+    /// Resends without progress.
+    retries: u32,
+    /// A NAK for the current expected PSN was sent (send it once).
+    nak_sent: bool,
 }
 
 /// An unacknowledged packet of ours.
@@ -359,6 +369,7 @@ pub fn place(
         cq.push_back(c);
     }
     qp.epsn = psn_add(qp.epsn, 1);
+    qp.nak_sent = false;
     if last {
         qp.msn = psn_add(qp.msn, 1);
     }
@@ -458,6 +469,10 @@ pub fn fuzz_receive(data: &[u8]) {
         recv_msg: None,
         write_msg: None,
         reads: VecDeque::new(),
+        pending_tx: VecDeque::new(),
+        rto_at: None,
+        retries: 0,
+        nak_sent: false,
     };
     let mut mrs = vec![MemoryRegion {
         buf: vec![0; 4096],
@@ -504,6 +519,8 @@ pub struct PathStats {
     pub fast_bytes: u64,
     /// Packets handled by software.
     pub slow_packets: u64,
+    /// Packets sent again (timeouts and sequence NAKs).
+    pub retransmits: u64,
     /// Packets dropped for a bad ICRC or malformed headers.
     pub dropped: u64,
 }
@@ -527,6 +544,13 @@ pub struct Engine {
     /// Per-path counters.
     pub stats: PathStats,
     next_key: u32,
+    /// Most packets a QP has unacknowledged.
+    pub window: usize,
+    /// Retransmission timeout.
+    pub rto: Duration,
+    /// Resends without progress before the QP fails its work requests
+    /// with `RetryExceeded`.
+    pub max_retries: u32,
 }
 
 impl Engine {
@@ -539,7 +563,21 @@ impl Engine {
             cq: VecDeque::new(),
             stats: PathStats::default(),
             next_key: 0x100,
+            window: 32,
+            rto: Duration::from_millis(20),
+            max_retries: 7,
         })
+    }
+
+    /// Injects seeded faults into this engine's outgoing datagrams (tests).
+    pub fn set_faults(&mut self, f: crate::net::Faults) {
+        self.io.set_faults(f);
+    }
+
+    /// Datagrams the fault injector dropped, duplicated, reordered and
+    /// corrupted.
+    pub fn injected(&self) -> [u64; 4] {
+        self.io.injected
     }
 
     /// Registers `len` zeroed bytes; returns the region's index.
@@ -584,6 +622,10 @@ impl Engine {
             recv_msg: None,
             write_msg: None,
             reads: VecDeque::new(),
+            pending_tx: VecDeque::new(),
+            rto_at: None,
+            retries: 0,
+            nak_sent: false,
         });
         self.qps.len() - 1
     }
@@ -715,11 +757,11 @@ impl Engine {
         let mut buf = vec![0u8; pkt.wire_len()];
         pkt.encode(&mut buf)
             .map_err(|e| io::Error::other(e.to_string()))?;
-        q.unacked.push_back(Outstanding {
+        q.pending_tx.push_back(Outstanding {
             psn,
             completes: None,
             kind: WcOpcode::RdmaRead,
-            packet: buf.clone(),
+            packet: buf,
         });
         q.reads.push_back(PendingRead {
             wr_id,
@@ -730,8 +772,72 @@ impl Engine {
             offset,
             len,
         });
-        let (ip, port) = (q.remote_ip, q.src_port);
-        self.io.send(ip, port, &mut buf)
+        self.flush_tx(qp)
+    }
+
+    /// Sends queued packets while the window has room.
+    fn flush_tx(&mut self, qi: usize) -> io::Result<()> {
+        let window = self.window;
+        let rto = self.rto;
+        let q = &mut self.qps[qi];
+        while q.unacked.len() < window {
+            let Some(mut o) = q.pending_tx.pop_front() else {
+                break;
+            };
+            self.io.send(q.remote_ip, q.src_port, &mut o.packet)?;
+            q.unacked.push_back(o);
+            if q.rto_at.is_none() {
+                q.rto_at = Some(Instant::now() + rto);
+            }
+        }
+        Ok(())
+    }
+
+    /// Resends every unacknowledged packet of QPs whose timer ran out
+    /// (go-back-N), or fails their work after `max_retries`.
+    fn check_timers(&mut self) -> io::Result<()> {
+        let now = Instant::now();
+        for qi in 0..self.qps.len() {
+            let q = &mut self.qps[qi];
+            if q.rto_at.is_none_or(|t| t > now) || q.state == QpState::Error {
+                continue;
+            }
+            if q.retries >= self.max_retries {
+                q.state = QpState::Error;
+                q.rto_at = None;
+                let failed: Vec<(u64, WcOpcode)> = q
+                    .unacked
+                    .iter()
+                    .chain(q.pending_tx.iter())
+                    .filter_map(|o| o.completes.map(|w| (w, o.kind)))
+                    .chain(q.reads.iter().map(|r| (r.wr_id, WcOpcode::RdmaRead)))
+                    .collect();
+                q.unacked.clear();
+                q.pending_tx.clear();
+                q.reads.clear();
+                let qpn = q.qpn;
+                for (wr_id, opcode) in failed {
+                    self.cq.push_back(Completion {
+                        wr_id,
+                        opcode,
+                        status: WcStatus::RetryExceeded,
+                        byte_len: 0,
+                        imm: None,
+                        qpn,
+                        path: PathKind::Software,
+                    });
+                }
+                continue;
+            }
+            q.retries += 1;
+            self.stats.retransmits += q.unacked.len() as u64;
+            q.rto_at = Some(now + self.rto);
+            let (ip, port) = (q.remote_ip, q.src_port);
+            for o in q.unacked.iter_mut() {
+                self.io.send(ip, port, &mut o.packet)?;
+            }
+        }
+        Ok(())
     }
 
     /// Sends a SEND or WRITE message in path-MTU packets.
@@ -753,7 +859,6 @@ impl Engine {
         };
         let n = chunks.len();
         let write = kind == WcOpcode::RdmaWrite;
-        let mut out = Vec::with_capacity(n);
         for (i, chunk) in chunks.into_iter().enumerate() {
             let (first, last) = (i == 0, i + 1 == n);
             let op = match (write, first, last, imm.is_some()) {
@@ -783,7 +888,9 @@ impl Engine {
                     fecn: false,
                     becn: false,
                     dest_qp: q.remote_qpn,
-                    ack_req: last,
+                    // The last packet asks for an ACK, and every eighth so
+                    // that a window smaller than the message keeps moving.
+                    ack_req: last || psn % 8 == 7,
                     psn,
                 },
                 reth: if first { reth } else { None },
@@ -797,24 +904,20 @@ impl Engine {
             let mut buf = vec![0u8; pkt.wire_len()];
             pkt.encode(&mut buf)
                 .map_err(|e| io::Error::other(e.to_string()))?;
-            q.unacked.push_back(Outstanding {
+            q.pending_tx.push_back(Outstanding {
                 psn,
                 completes: last.then_some(wr_id),
                 kind,
-                packet: buf.clone(),
+                packet: buf,
             });
-            out.push(buf);
         }
-        let (ip, port) = (q.remote_ip, q.src_port);
-        for mut b in out {
-            self.io.send(ip, port, &mut b)?;
-        }
-        Ok(())
+        self.flush_tx(qp)
     }
 
     /// Completes our requests acknowledged up to and including `psn`.
-    fn acknowledge(&mut self, qi: usize, psn: u32) {
+    fn acknowledge(&mut self, qi: usize, psn: u32) -> io::Result<()> {
         let q = &mut self.qps[qi];
+        let before = q.unacked.len();
         while let Some(o) = q.unacked.front() {
             if o.psn != psn && !wire::psn_before(o.psn, psn) {
                 break;
@@ -832,6 +935,11 @@ impl Engine {
                 });
             }
         }
+        if q.unacked.len() < before {
+            q.retries = 0;
+            q.rto_at = (!q.unacked.is_empty()).then(|| Instant::now() + self.rto);
+        }
+        self.flush_tx(qi)
     }
 
     /// Answers an RDMA READ request (software path): checks the key, the
@@ -839,13 +947,16 @@ impl Engine {
     fn respond_read(&mut self, qi: usize, pkt: &Packet<'_>) -> io::Result<()> {
         use opcode::*;
         let q = &self.qps[qi];
-        if pkt.bth.psn != q.epsn {
+        // A duplicate READ (its responses were lost) is executed again;
+        // one from the future is a sequence error.
+        let duplicate = wire::psn_before(pkt.bth.psn, q.epsn);
+        if pkt.bth.psn != q.epsn && !duplicate {
             let e = q.epsn;
-            return if wire::psn_before(pkt.bth.psn, e) {
-                Ok(()) // a duplicate read: the requester retries on its timer (not yet)
-            } else {
-                self.send_ack(qi, psn_add(e, 0x00ff_ffff), NAK_PSN_SEQ)
-            };
+            if self.qps[qi].nak_sent {
+                return Ok(());
+            }
+            self.qps[qi].nak_sent = true;
+            return self.send_ack(qi, psn_add(e, 0x00ff_ffff), NAK_PSN_SEQ);
         }
         let reth = pkt.reth.unwrap_or(Reth {
             va: 0,
@@ -876,7 +987,9 @@ impl Engine {
             data.chunks(q.mtu).collect()
         };
         let n = chunks.len();
-        q.msn = psn_add(q.msn, 1);
+        if !duplicate {
+            q.msn = psn_add(q.msn, 1);
+        }
         let mut out = Vec::with_capacity(n);
         for (i, chunk) in chunks.into_iter().enumerate() {
             let (first, last) = (i == 0, i + 1 == n);
@@ -916,7 +1029,10 @@ impl Engine {
                 .map_err(|e| io::Error::other(e.to_string()))?;
             out.push(buf);
         }
-        q.epsn = psn_add(q.epsn, n as u32);
+        if !duplicate {
+            q.epsn = psn_add(q.epsn, n as u32);
+            q.nak_sent = false;
+        }
         let (ip, port) = (q.remote_ip, q.src_port);
         for mut b in out {
             self.io.send(ip, port, &mut b)?;
@@ -958,9 +1074,26 @@ impl Engine {
         self.io.send(ip, port, &mut buf)
     }
 
-    /// Receives and handles packets for up to `timeout` or until one was
-    /// handled.
+    /// Runs the retransmission timers, then receives and handles packets:
+    /// waits up to `timeout` for the first, then takes what is already
+    /// queued (up to 64). Returns whether any packet was handled.
     pub fn poll(&mut self, timeout: Duration) -> io::Result<bool> {
+        self.check_timers()?;
+        let mut any = false;
+        let mut wait = timeout.min(self.rto);
+        // Handle what is already there (up to a batch), waiting only for
+        // the first.
+        for _ in 0..64 {
+            if !self.poll_one(wait)? {
+                break;
+            }
+            any = true;
+            wait = Duration::ZERO;
+        }
+        Ok(any)
+    }
+
+    fn poll_one(&mut self, timeout: Duration) -> io::Result<bool> {
         let Some((flow, data)) = self.io.recv(timeout)? else {
             return Ok(false);
         };
@@ -991,7 +1124,7 @@ impl Engine {
                     self.stats.fast_bytes += pkt.payload.len() as u64;
                     // A read response acknowledges every earlier request.
                     if let Some(p) = last {
-                        self.acknowledge(qi, p);
+                        self.acknowledge(qi, p)?;
                     }
                 }
                 Err(_) => self.stats.slow_packets += 1,
@@ -1025,7 +1158,7 @@ impl Engine {
                 });
                 let q = &mut self.qps[qi];
                 match aeth.syndrome >> 5 {
-                    0 => self.acknowledge(qi, pkt.bth.psn),
+                    0 => self.acknowledge(qi, pkt.bth.psn)?,
                     3 => {
                         // NAK: sequence error → go back N; others fail.
                         if aeth.syndrome == NAK_PSN_SEQ {
@@ -1068,11 +1201,17 @@ impl Engine {
             }
             (opcode::READ_REQUEST, _) => self.respond_read(qi, pkt),
             (_, Slow::Duplicate) => {
-                // Already placed: acknowledge again, place nothing.
-                let psn = pkt.bth.psn;
-                self.send_ack(qi, psn, ACK_UNLIMITED)
+                // Already placed: acknowledge everything received so far
+                // again, place nothing.
+                let e = self.qps[qi].epsn;
+                self.send_ack(qi, psn_add(e, 0x00ff_ffff), ACK_UNLIMITED)
             }
             (_, Slow::OutOfSequence) => {
+                // NAK once per expected PSN; the requester goes back.
+                if self.qps[qi].nak_sent {
+                    return Ok(());
+                }
+                self.qps[qi].nak_sent = true;
                 let e = self.qps[qi].epsn;
                 self.send_ack(qi, psn_add(e, 0x00ff_ffff), NAK_PSN_SEQ)
             }
@@ -1110,6 +1249,10 @@ mod tests {
             recv_msg: None,
             write_msg: None,
             reads: VecDeque::new(),
+            pending_tx: VecDeque::new(),
+            rto_at: None,
+            retries: 0,
+            nak_sent: false,
         }
     }
 
