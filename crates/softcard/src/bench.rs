@@ -671,3 +671,348 @@ pub fn qos(a: &QosBenchArgs) -> Result<()> {
     card.shutdown();
     Ok(())
 }
+
+/// Options of `softcard bench rdma`.
+#[derive(Debug, clap::Args)]
+pub struct RdmaBenchArgs {
+    /// Seconds per measurement.
+    #[arg(long, default_value_t = 3.0)]
+    seconds: f64,
+}
+
+mod rdma_bench {
+    use std::net::Ipv4Addr;
+    use std::sync::mpsc;
+    use std::time::{Duration, Instant};
+
+    use anyhow::{Context, Result};
+    use softcard_rdma::rc::{Access, Engine, RecvWr, WcOpcode};
+
+    pub const A: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 1);
+    pub const B: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
+
+    /// What the passive side tells the active one.
+    #[derive(Debug, Clone, Copy)]
+    pub struct Target {
+        va: u64,
+        rkey: u32,
+    }
+
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Mode {
+        SendPingPong,
+        WritePingPong,
+        WriteBandwidth(usize),
+    }
+
+    fn engine(
+        local: Ipv4Addr,
+        qpn: u32,
+        peer: Ipv4Addr,
+        peer_qpn: u32,
+    ) -> Result<(Engine, usize, usize)> {
+        let mut e = Engine::open(local).context("raw sockets (run as root)")?;
+        let qp = e.create_qp(qpn);
+        e.set_mtu(qp, 4096);
+        e.connect(qp, peer_qpn, peer, 1000, 1000);
+        e.window = 64;
+        let mr = e.reg_mr(
+            8 << 20,
+            Access {
+                remote_write: true,
+                remote_read: true,
+            },
+        );
+        Ok((e, qp, mr))
+    }
+
+    /// The passive side: echoes SENDs, echoes WRITEs by watching memory,
+    /// or just places WRITEs.
+    pub fn passive(
+        mode: Mode,
+        tx: mpsc::Sender<Target>,
+        stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ) -> Result<()> {
+        let (mut e, qp, mr) = engine(B, 0x200, A, 0x100)?;
+        for i in 0..64 {
+            e.post_recv(
+                qp,
+                RecvWr {
+                    wr_id: i,
+                    mr,
+                    offset: i as usize * 4096,
+                    len: 4096,
+                },
+            );
+        }
+        tx.send(Target {
+            va: e.mr(mr).va,
+            rkey: e.mr(mr).rkey,
+        })?;
+        let mut seen = 0u64;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            e.poll(Duration::ZERO)?;
+            while let Some(c) = e.cq.pop_front() {
+                if c.opcode == WcOpcode::Recv {
+                    e.post_recv(
+                        qp,
+                        RecvWr {
+                            wr_id: c.wr_id,
+                            mr,
+                            offset: c.wr_id as usize * 4096,
+                            len: 4096,
+                        },
+                    );
+                    if mode == Mode::SendPingPong {
+                        e.post_send(qp, 0, mr, 0, c.byte_len as usize)?;
+                    }
+                }
+            }
+            if mode == Mode::WritePingPong {
+                let b = e.mr(mr).bytes();
+                let v = u64::from_le_bytes(b[0..8].try_into().expect("8 bytes"));
+                if v != seen {
+                    seen = v;
+                    let peer = PEER.with(|p| *p.borrow());
+                    if let Some(t) = peer {
+                        e.post_write(qp, 0, mr, 0, 64, t.va, t.rkey, None)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    thread_local! {
+        static PEER: std::cell::RefCell<Option<Target>> = const { std::cell::RefCell::new(None) };
+    }
+
+    /// Results: one-way latency percentiles (µs) or bandwidth (Gbit/s).
+    #[derive(Debug, Clone, Copy)]
+    pub enum Figures {
+        Latency { p50: f64, p99: f64 },
+        Bandwidth { gbit: f64 },
+    }
+
+    pub fn run(mode: Mode, seconds: f64) -> Result<Figures> {
+        let (tx, rx) = mpsc::channel();
+        let (back_tx, back_rx) = mpsc::channel::<Target>();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let passive = {
+            let stop = stop.clone();
+            std::thread::spawn(move || -> Result<()> {
+                if let Ok(t) = back_rx.recv() {
+                    PEER.with(|p| *p.borrow_mut() = Some(t));
+                }
+                passive(mode, tx, stop)
+            })
+        };
+        let (mut e, qp, mr) = engine(A, 0x100, B, 0x200)?;
+        for i in 0..64 {
+            e.post_recv(
+                qp,
+                RecvWr {
+                    wr_id: i,
+                    mr,
+                    offset: i as usize * 4096,
+                    len: 4096,
+                },
+            );
+        }
+        back_tx.send(Target {
+            va: e.mr(mr).va,
+            rkey: e.mr(mr).rkey,
+        })?;
+        let target = rx
+            .recv_timeout(Duration::from_secs(10))
+            .context("passive side")?;
+        let end = Instant::now() + Duration::from_secs_f64(seconds);
+        let mut rtts: Vec<u32> = Vec::new();
+        let mut bytes = 0u64;
+        let begin = Instant::now();
+        let mut seq = 0u64;
+        match mode {
+            Mode::SendPingPong | Mode::WritePingPong => {
+                while Instant::now() < end {
+                    seq += 1;
+                    let t0 = Instant::now();
+                    if mode == Mode::SendPingPong {
+                        e.post_send(qp, seq, mr, 0, 64)?;
+                    } else {
+                        e.fill(mr, 4096, &seq.to_le_bytes());
+                        e.post_write(qp, seq, mr, 4096, 64, target.va, target.rkey, None)?;
+                    }
+                    loop {
+                        e.poll(Duration::ZERO)?;
+                        let mut done = false;
+                        while let Some(c) = e.cq.pop_front() {
+                            if c.opcode == WcOpcode::Recv {
+                                e.post_recv(
+                                    qp,
+                                    RecvWr {
+                                        wr_id: c.wr_id,
+                                        mr,
+                                        offset: c.wr_id as usize * 4096,
+                                        len: 4096,
+                                    },
+                                );
+                                done = mode == Mode::SendPingPong;
+                            }
+                        }
+                        if mode == Mode::WritePingPong {
+                            let b = e.mr(mr).bytes();
+                            done = u64::from_le_bytes(b[0..8].try_into().expect("8 bytes")) == seq;
+                        }
+                        if done {
+                            break;
+                        }
+                    }
+                    rtts.push(u32::try_from(t0.elapsed().as_nanos()).unwrap_or(u32::MAX));
+                }
+            }
+            Mode::WriteBandwidth(size) => {
+                let mut inflight = 0;
+                while Instant::now() < end || inflight > 0 {
+                    while inflight < 8 && Instant::now() < end {
+                        seq += 1;
+                        e.post_write(qp, seq, mr, 0, size, target.va, target.rkey, None)?;
+                        inflight += 1;
+                    }
+                    e.poll(Duration::ZERO)?;
+                    while let Some(c) = e.cq.pop_front() {
+                        if c.opcode == WcOpcode::RdmaWrite {
+                            inflight -= 1;
+                            bytes += size as u64;
+                        }
+                    }
+                }
+            }
+        }
+        let elapsed = begin.elapsed().as_secs_f64();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        passive
+            .join()
+            .map_err(|_| anyhow::anyhow!("passive side panicked"))??;
+        Ok(match mode {
+            Mode::WriteBandwidth(_) => Figures::Bandwidth {
+                gbit: bytes as f64 * 8.0 / elapsed / 1e9,
+            },
+            _ => {
+                rtts.sort_unstable();
+                let pct = |pm: usize| {
+                    f64::from(rtts[(rtts.len().saturating_sub(1) * pm + 500) / 1000]) / 2000.0
+                };
+                Figures::Latency {
+                    p50: pct(500),
+                    p99: pct(990),
+                }
+            }
+        })
+    }
+}
+
+fn sockperf_latency(seconds: f64, busy: bool) -> Result<(f64, f64)> {
+    let poll: &[&str] = if busy {
+        &["--timeout", "0", "--nonblocked"]
+    } else {
+        &[]
+    };
+    let mut server = Command::new("sockperf")
+        .args(["server", "-i", "127.0.0.1", "-p", "11111"])
+        .args(poll)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("sockperf (package sockperf)")?;
+    std::thread::sleep(Duration::from_millis(500));
+    let out = Command::new("sockperf")
+        .args([
+            "ping-pong",
+            "-i",
+            "127.0.0.1",
+            "-p",
+            "11111",
+            "-m",
+            "64",
+            "-t",
+        ])
+        .arg(format!("{:.0}", seconds.ceil()))
+        .args(poll)
+        .output()?;
+    let _ = server.kill();
+    let _ = server.wait();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let pct = |p: &str| -> Option<f64> {
+        text.lines()
+            .find(|l| l.contains(&format!("percentile {p}")))
+            .and_then(|l| l.rsplit('=').next())
+            .and_then(|v| v.trim().parse().ok())
+    };
+    Ok((
+        pct("50.000").context("sockperf p50")?,
+        pct("99.000").context("sockperf p99")?,
+    ))
+}
+
+fn iperf3_gbit(seconds: f64) -> Result<f64> {
+    let mut server = Command::new("iperf3")
+        .args(["-s", "-1", "-B", "127.0.0.1", "-p", "5299"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("iperf3 (package iperf3)")?;
+    std::thread::sleep(Duration::from_millis(500));
+    let out = Command::new("iperf3")
+        .args(["-c", "127.0.0.1", "-p", "5299", "-J", "-t"])
+        .arg(format!("{:.0}", seconds.ceil()))
+        .output()?;
+    let _ = server.wait();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("iperf3 JSON")?;
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .map(|b| b / 1e9)
+        .context("iperf3 result")
+}
+
+/// `softcard bench rdma`: the engine between two threads over loopback,
+/// against sockperf (UDP ping-pong latency) and iperf3 (TCP single stream)
+/// on the same path, in the same run.
+pub fn rdma(a: &RdmaBenchArgs) -> Result<()> {
+    use rdma_bench::{run, Figures, Mode};
+    println!("# softcard bench rdma: loopback (127.0.0.1 <-> 127.0.0.2), {} s per cell, one thread per side", a.seconds);
+    // The engine busy-polls; sockperf is measured both ways, and the
+    // ratio is taken against its busy-polling mode.
+    let (bp50, bp99) = sockperf_latency(a.seconds, false)?;
+    let (sp50, sp99) = sockperf_latency(a.seconds, true)?;
+    println!("| latency, 64 B, one way (RTT/2) | p50 us | p99 us | p50 / sockperf busy-poll |");
+    println!("|---|---:|---:|---:|");
+    println!(
+        "| sockperf UDP ping-pong (epoll, blocking) | {bp50:.1} | {bp99:.1} | {:.2} |",
+        bp50 / sp50
+    );
+    println!("| sockperf UDP ping-pong (busy-poll: --timeout 0 --nonblocked) | {sp50:.1} | {sp99:.1} | 1.00 |");
+    for (name, mode) in [
+        ("softcard SEND ping-pong", Mode::SendPingPong),
+        ("softcard WRITE ping-pong", Mode::WritePingPong),
+    ] {
+        if let Figures::Latency { p50, p99 } = run(mode, a.seconds)? {
+            println!("| {name} | {p50:.1} | {p99:.1} | {:.2} |", p50 / sp50);
+        }
+    }
+    let ip = iperf3_gbit(a.seconds)?;
+    println!();
+    println!("| bandwidth | Gbit/s | / iperf3 |");
+    println!("|---|---:|---:|");
+    println!("| iperf3 TCP, one stream | {ip:.2} | 1.00 |");
+    for size in [64 << 10, 256 << 10, 1 << 20] {
+        if let Figures::Bandwidth { gbit } = run(Mode::WriteBandwidth(size), a.seconds)? {
+            println!(
+                "| softcard WRITE {} KiB, 8 in flight | {gbit:.2} | {:.3} |",
+                size >> 10,
+                gbit / ip
+            );
+        }
+    }
+    Ok(())
+}

@@ -223,6 +223,8 @@ enum BenchCmd {
     Fairness(bench::FairnessBenchArgs),
     /// How exactly an IOPS limit holds under load.
     Qos(bench::QosBenchArgs),
+    /// The RDMA engine against sockperf and iperf3 (needs root).
+    Rdma(bench::RdmaBenchArgs),
 }
 
 /// Runs a parsed command line.
@@ -260,6 +262,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Bench(BenchCmd::Crypto(a)) => bench::crypto(&a),
         Command::Bench(BenchCmd::Fairness(a)) => bench::fairness(&a),
         Command::Bench(BenchCmd::Qos(a)) => bench::qos(&a),
+        Command::Bench(BenchCmd::Rdma(a)) => bench::rdma(&a),
         Command::Tenant(TenantCmd::List { api }) => {
             let v = client(&api).call("GET", "/v1/tenants", None)?;
             for t in v.as_array().into_iter().flatten() {
