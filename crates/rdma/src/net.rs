@@ -46,6 +46,7 @@ pub struct RawIo {
     /// Datagrams the fault injector dropped, duplicated, reordered,
     /// corrupted.
     pub injected: [u64; 4],
+    rx_buf: Vec<u8>,
 }
 
 fn check(rc: libc::c_int) -> io::Result<libc::c_int> {
@@ -65,6 +66,46 @@ fn ip_checksum(h: &[u8]) -> u16 {
         sum = (sum & 0xffff) + (sum >> 16);
     }
     !(sum as u16)
+}
+
+/// Installs a classic BPF filter on the receive socket so that the kernel
+/// passes only RoCEv2 datagrams for `local` (IPv4 destination and UDP
+/// destination port 4791; IP options are rare enough to be refused here):
+/// on loopback the socket would otherwise see every UDP datagram on the
+/// host, its own included.
+fn attach_filter(fd: &OwnedFd, local: Ipv4Addr) -> io::Result<()> {
+    const LD_W_ABS: u16 = 0x20;
+    const LD_H_ABS: u16 = 0x28;
+    const LD_B_ABS: u16 = 0x30;
+    const JEQ_K: u16 = 0x15;
+    const RET_K: u16 = 0x06;
+    let ins = |code: u16, jt: u8, jf: u8, k: u32| libc::sock_filter { code, jt, jf, k };
+    let prog = [
+        ins(LD_B_ABS, 0, 0, 0),  // version/IHL
+        ins(JEQ_K, 0, 5, 0x45),  // IPv4 without options
+        ins(LD_W_ABS, 0, 0, 16), // destination address
+        ins(JEQ_K, 0, 3, u32::from_be_bytes(local.octets())),
+        ins(LD_H_ABS, 0, 0, 22), // UDP destination port
+        ins(JEQ_K, 0, 1, u32::from(ROCEV2_PORT)),
+        ins(RET_K, 0, 0, 0xffff), // accept
+        ins(RET_K, 0, 0, 0),      // drop
+    ];
+    let fprog = libc::sock_fprog {
+        len: prog.len() as u16,
+        filter: prog.as_ptr().cast_mut(),
+    };
+    // SAFETY: `fprog` points to `prog`, alive for the call; the kernel
+    // copies the program.
+    check(unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_FILTER,
+            (&raw const fprog).cast(),
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    })?;
+    Ok(())
 }
 
 impl RawIo {
@@ -99,6 +140,7 @@ impl RawIo {
                 std::mem::size_of::<libc::c_int>() as libc::socklen_t,
             );
         }
+        attach_filter(&recv, local)?;
         Ok(RawIo {
             send,
             recv,
@@ -109,6 +151,7 @@ impl RawIo {
             rng: 1,
             held: None,
             injected: [0; 4],
+            rx_buf: vec![0; 65536],
         })
     }
 
@@ -225,25 +268,36 @@ impl RawIo {
     pub fn recv(&mut self, timeout: Duration) -> io::Result<Option<(Flow, Vec<u8>)>> {
         self.release_held()?;
         let deadline = std::time::Instant::now() + timeout;
-        let mut buf = vec![0u8; 65536];
+        let buf = &mut self.rx_buf;
         loop {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            let mut pfd = libc::pollfd {
-                fd: self.recv.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            let ms = libc::c_int::try_from(left.as_millis()).unwrap_or(libc::c_int::MAX);
-            // SAFETY: one valid pollfd.
-            let ready = check(unsafe { libc::poll(&mut pfd, 1, ms) })?;
-            if ready == 0 {
-                return Ok(None);
-            }
             // SAFETY: `buf` is valid for its length.
-            let n =
-                unsafe { libc::recv(self.recv.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            let n = unsafe {
+                libc::recv(
+                    self.recv.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
             if n < 0 {
-                return Err(io::Error::last_os_error());
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::WouldBlock {
+                    return Err(e);
+                }
+                // Nothing queued: wait (unless the caller only peeks).
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    return Ok(None);
+                }
+                let mut pfd = libc::pollfd {
+                    fd: self.recv.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                let ms = libc::c_int::try_from(left.as_millis().max(1)).unwrap_or(libc::c_int::MAX);
+                // SAFETY: one valid pollfd.
+                check(unsafe { libc::poll(&mut pfd, 1, ms) })?;
+                continue;
             }
             let d = &buf[..n.unsigned_abs()];
             if d.len() < 28 || d[0] >> 4 != 4 {
