@@ -88,6 +88,16 @@ pub enum WcStatus {
     RemoteInvalidRequest,
     /// No acknowledgement after every retry.
     RetryExceeded,
+    /// The QP went to ERROR before this work finished.
+    Flushed,
+}
+
+/// A QP state change verbs does not allow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum QpError {
+    /// From the first state to the second.
+    #[error("QP cannot go from {0:?} to {1:?}")]
+    Transition(QpState, QpState),
 }
 
 /// Which receive path produced a completion.
@@ -630,6 +640,76 @@ impl Engine {
         self.qps.len() - 1
     }
 
+    /// RESET → INIT: the QP may take receive buffers.
+    pub fn to_init(&mut self, qp: usize) -> Result<(), QpError> {
+        let q = &mut self.qps[qp];
+        if q.state != QpState::Reset {
+            return Err(QpError::Transition(q.state, QpState::Init));
+        }
+        q.state = QpState::Init;
+        Ok(())
+    }
+
+    /// INIT → RTR: the peer's QPN, address and first PSN; packets are
+    /// placed from now on.
+    pub fn to_rtr(
+        &mut self,
+        qp: usize,
+        remote_qpn: u32,
+        remote_ip: Ipv4Addr,
+        remote_psn: u32,
+    ) -> Result<(), QpError> {
+        let q = &mut self.qps[qp];
+        if q.state != QpState::Init {
+            return Err(QpError::Transition(q.state, QpState::Rtr));
+        }
+        q.remote_qpn = remote_qpn & 0x00ff_ffff;
+        q.remote_ip = remote_ip;
+        q.epsn = remote_psn & 0x00ff_ffff;
+        q.state = QpState::Rtr;
+        Ok(())
+    }
+
+    /// RTR → RTS: our first PSN; work may be sent from now on.
+    pub fn to_rts(&mut self, qp: usize, local_psn: u32) -> Result<(), QpError> {
+        let q = &mut self.qps[qp];
+        if q.state != QpState::Rtr {
+            return Err(QpError::Transition(q.state, QpState::Rts));
+        }
+        q.sq_psn = local_psn & 0x00ff_ffff;
+        q.state = QpState::Rts;
+        Ok(())
+    }
+
+    /// Any state → ERROR: every posted receive and every unfinished send,
+    /// write and read completes with `Flushed`.
+    pub fn to_error(&mut self, qp: usize) {
+        let q = &mut self.qps[qp];
+        q.state = QpState::Error;
+        let qpn = q.qpn;
+        let mut flushed: Vec<(u64, WcOpcode)> =
+            q.rq.drain(..).map(|r| (r.wr_id, WcOpcode::Recv)).collect();
+        flushed.extend(
+            q.unacked
+                .drain(..)
+                .chain(q.pending_tx.drain(..))
+                .filter_map(|o| o.completes.map(|w| (w, o.kind))),
+        );
+        flushed.extend(q.reads.drain(..).map(|r| (r.wr_id, WcOpcode::RdmaRead)));
+        q.rto_at = None;
+        for (wr_id, opcode) in flushed {
+            self.cq.push_back(Completion {
+                wr_id,
+                opcode,
+                status: WcStatus::Flushed,
+                byte_len: 0,
+                imm: None,
+                qpn,
+                path: PathKind::Software,
+            });
+        }
+    }
+
     /// Connects a QP: RESET → INIT → RTR → RTS with the peer's QPN, IP and
     /// starting PSN, and our starting PSN.
     pub fn connect(
@@ -640,14 +720,15 @@ impl Engine {
         remote_psn: u32,
         local_psn: u32,
     ) {
-        let q = &mut self.qps[qp];
-        q.state = QpState::Init;
-        q.remote_qpn = remote_qpn & 0x00ff_ffff;
-        q.remote_ip = remote_ip;
-        q.epsn = remote_psn & 0x00ff_ffff;
-        q.state = QpState::Rtr;
-        q.sq_psn = local_psn & 0x00ff_ffff;
-        q.state = QpState::Rts;
+        self.to_init(qp).expect("a new QP is in RESET");
+        self.to_rtr(qp, remote_qpn, remote_ip, remote_psn)
+            .expect("INIT");
+        self.to_rts(qp, local_psn).expect("RTR");
+    }
+
+    /// State of a QP.
+    pub fn qp_state(&self, qp: usize) -> QpState {
+        self.qps[qp].state
     }
 
     /// Sets the path MTU (256, 512, 1024, 2048 or 4096 bytes).
@@ -661,7 +742,34 @@ impl Engine {
 
     /// Posts a receive buffer.
     pub fn post_recv(&mut self, qp: usize, wr: RecvWr) {
-        self.qps[qp].rq.push_back(wr);
+        let q = &mut self.qps[qp];
+        if matches!(q.state, QpState::Reset | QpState::Error) {
+            // Verbs: a receive posted to a QP in ERROR completes flushed.
+            let qpn = q.qpn;
+            self.cq.push_back(Completion {
+                wr_id: wr.wr_id,
+                opcode: WcOpcode::Recv,
+                status: WcStatus::Flushed,
+                byte_len: 0,
+                imm: None,
+                qpn,
+                path: PathKind::Software,
+            });
+            return;
+        }
+        q.rq.push_back(wr);
+    }
+
+    fn check_rts(&self, qp: usize) -> io::Result<()> {
+        let s = self.qps[qp].state;
+        if s == QpState::Rts {
+            Ok(())
+        } else {
+            Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("QP is in {s:?}, not RTS"),
+            ))
+        }
     }
 
     /// Posts a SEND of `len` bytes from a region, in path-MTU packets
@@ -674,6 +782,7 @@ impl Engine {
         offset: usize,
         len: usize,
     ) -> io::Result<()> {
+        self.check_rts(qp)?;
         let data = self.mrs[mr].buf[offset..offset + len].to_vec();
         self.post_message(qp, wr_id, WcOpcode::Send, &data, None, None)
     }
@@ -692,6 +801,7 @@ impl Engine {
         rkey: u32,
         imm: Option<u32>,
     ) -> io::Result<()> {
+        self.check_rts(qp)?;
         let data = self.mrs[mr].buf[offset..offset + len].to_vec();
         let reth = Reth {
             va: remote_va,
@@ -723,6 +833,7 @@ impl Engine {
                 "read outside the local region",
             ));
         }
+        self.check_rts(qp)?;
         let q = &mut self.qps[qp];
         let psn = q.sq_psn;
         let packets =
@@ -827,6 +938,7 @@ impl Engine {
                         path: PathKind::Software,
                     });
                 }
+                self.to_error(qi);
                 continue;
             }
             q.retries += 1;
@@ -1193,6 +1305,8 @@ impl Engine {
                                     path: PathKind::Software,
                                 });
                             }
+                            // The rest of the QP's work is flushed.
+                            self.to_error(qi);
                         }
                     }
                     _ => {} // RNR NAK: the resend timer (not yet) retries

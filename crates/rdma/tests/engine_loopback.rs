@@ -5,7 +5,9 @@
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
-use softcard_rdma::rc::{Access, Completion, Engine, PathKind, RecvWr, WcOpcode, WcStatus};
+use softcard_rdma::rc::{
+    Access, Completion, Engine, PathKind, QpState, RecvWr, WcOpcode, WcStatus,
+};
 
 const A: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 1);
 const B: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
@@ -113,8 +115,30 @@ fn write_read_and_protection_between_two_engines() {
         let c = pump(&mut a, &mut b, 1);
         assert_eq!((c.wr_id, c.status), (3, WcStatus::Success));
 
+        // The QP state machine refuses what verbs refuses.
+        let spare = b.create_qp(0x300);
+        assert_eq!(b.qp_state(spare), QpState::Reset);
+        assert!(
+            b.post_send(spare, 77, mb, 0, 8).is_err(),
+            "send on a RESET QP"
+        );
+        assert!(
+            b.to_rts(spare, 1).is_err(),
+            "RESET -> RTS skips INIT and RTR"
+        );
+        assert!(b.to_init(qb).is_err(), "RTS -> INIT");
+
         // A WRITE into a read-only region: NAK, error completion, nothing
-        // written.
+        // written; the QP goes to ERROR and flushes its other work.
+        b.post_recv(
+            qb,
+            RecvWr {
+                wr_id: 50,
+                mr: mb,
+                offset: 0,
+                len: 64,
+            },
+        );
         let before = a.mr(ro).bytes().to_vec();
         let (va_ro, rkey_ro) = (a.mr(ro).va, a.mr(ro).rkey);
         b.post_write(qb, 4, mb, 0, 512, va_ro, rkey_ro, None)
@@ -122,6 +146,26 @@ fn write_read_and_protection_between_two_engines() {
         let c = pump(&mut a, &mut b, 1);
         assert_eq!((c.wr_id, c.status), (4, WcStatus::RemoteAccessError));
         assert_eq!(a.mr(ro).bytes(), &before[..]);
+        assert_eq!(b.qp_state(qb), QpState::Error);
+        let c = b.cq.pop_front().expect("the posted receive is flushed");
+        assert_eq!(
+            (c.wr_id, c.opcode, c.status),
+            (50, WcOpcode::Recv, WcStatus::Flushed)
+        );
+        assert!(b.post_send(qb, 5, mb, 0, 8).is_err(), "send on an ERROR QP");
+        b.post_recv(
+            qb,
+            RecvWr {
+                wr_id: 51,
+                mr: mb,
+                offset: 0,
+                len: 64,
+            },
+        );
+        assert_eq!(
+            b.cq.pop_front().map(|c| (c.wr_id, c.status)),
+            Some((51, WcStatus::Flushed))
+        );
         (a.stats, b.stats)
     });
     let (sa, sb) = t.join().unwrap();
