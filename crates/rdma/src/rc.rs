@@ -180,6 +180,9 @@ pub struct QueuePair {
     retries: u32,
     /// A NAK for the current expected PSN was sent (send it once).
     nak_sent: bool,
+    /// A coalesced ACK not sent yet: the PSN it covers, requests it
+    /// covers, and when it must go.
+    ack_due: Option<(u32, u32, Instant)>,
 }
 
 /// An unacknowledged packet of ours.
@@ -483,6 +486,7 @@ pub fn fuzz_receive(data: &[u8]) {
         rto_at: None,
         retries: 0,
         nak_sent: false,
+        ack_due: None,
     };
     let mut mrs = vec![MemoryRegion {
         buf: vec![0; 4096],
@@ -534,6 +538,11 @@ pub struct PathStats {
     /// Packets dropped for a bad ICRC or malformed headers.
     pub dropped: u64,
 }
+
+/// Longest an ACK is held back for coalescing.
+pub const ACK_DELAY: Duration = Duration::from_micros(50);
+/// Requests one coalesced ACK covers at most.
+pub const ACK_BATCH: u32 = 4;
 
 /// AETH syndrome of an ACK with unlimited credit.
 const ACK_UNLIMITED: u8 = 0x1f;
@@ -636,6 +645,7 @@ impl Engine {
             rto_at: None,
             retries: 0,
             nak_sent: false,
+            ack_due: None,
         });
         self.qps.len() - 1
     }
@@ -899,6 +909,49 @@ impl Engine {
             q.unacked.push_back(o);
             if q.rto_at.is_none() {
                 q.rto_at = Some(Instant::now() + rto);
+            }
+        }
+        Ok(())
+    }
+
+    /// Acknowledges `psn`, coalescing: the ACK goes out when it covers
+    /// [`ACK_BATCH`] requests or [`ACK_DELAY`] after the first, whichever
+    /// comes first (a later ACK covers every earlier PSN).
+    fn schedule_ack(&mut self, qi: usize, psn: u32) -> io::Result<()> {
+        let q = &mut self.qps[qi];
+        let (n, at) = match q.ack_due {
+            Some((_, n, at)) => (n + 1, at),
+            None => (1, Instant::now() + ACK_DELAY),
+        };
+        if n >= ACK_BATCH {
+            q.ack_due = None;
+            return self.send_ack(qi, psn, ACK_UNLIMITED);
+        }
+        q.ack_due = Some((psn, n, at));
+        Ok(())
+    }
+
+    /// Sends every coalesced ACK now. The engine makes progress only in
+    /// [`Engine::poll`]; an application that stops polling calls this
+    /// first so that its peer's requests complete.
+    pub fn flush(&mut self) -> io::Result<()> {
+        for qi in 0..self.qps.len() {
+            if let Some((psn, _, _)) = self.qps[qi].ack_due.take() {
+                self.send_ack(qi, psn, ACK_UNLIMITED)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends coalesced ACKs whose time has come.
+    fn flush_acks(&mut self) -> io::Result<()> {
+        let now = Instant::now();
+        for qi in 0..self.qps.len() {
+            if let Some((psn, _, at)) = self.qps[qi].ack_due {
+                if at <= now {
+                    self.qps[qi].ack_due = None;
+                    self.send_ack(qi, psn, ACK_UNLIMITED)?;
+                }
             }
         }
         Ok(())
@@ -1191,6 +1244,13 @@ impl Engine {
     /// queued (up to 64). Returns whether any packet was handled.
     pub fn poll(&mut self, timeout: Duration) -> io::Result<bool> {
         self.check_timers()?;
+        self.flush_acks()?;
+        // Wait no longer than the next coalesced ACK is due.
+        let timeout = if self.qps.iter().any(|q| q.ack_due.is_some()) {
+            timeout.min(ACK_DELAY)
+        } else {
+            timeout
+        };
         let mut any = false;
         let mut wait = timeout.min(self.rto);
         // Handle what is already there (up to a batch), waiting only for
@@ -1249,7 +1309,7 @@ impl Engine {
                 self.stats.fast_packets += 1;
                 self.stats.fast_bytes += pkt.payload.len() as u64;
                 if ack_req {
-                    self.send_ack(qi, psn, ACK_UNLIMITED)?;
+                    self.schedule_ack(qi, psn)?;
                 }
             }
             Err(why) => {
@@ -1367,6 +1427,7 @@ mod tests {
             rto_at: None,
             retries: 0,
             nak_sent: false,
+            ack_due: None,
         }
     }
 

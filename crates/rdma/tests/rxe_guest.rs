@@ -318,6 +318,8 @@ fn pingpong(
             }
         }
     }
+    // Acknowledge what we received before we stop polling this QP.
+    eng.flush().unwrap();
     out
 }
 
