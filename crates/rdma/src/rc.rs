@@ -539,6 +539,31 @@ pub struct PathStats {
     pub dropped: u64,
 }
 
+/// A BTH as this engine sends it (migration state set, default partition).
+fn header(opcode: u8, dest_qp: u32, psn: u32, ack_req: bool) -> Bth {
+    Bth {
+        opcode,
+        solicited: false,
+        mig_req: true,
+        pad: 0,
+        tver: 0,
+        pkey: DEFAULT_PKEY,
+        fecn: false,
+        becn: false,
+        dest_qp,
+        ack_req,
+        psn,
+    }
+}
+
+/// Encodes a packet into a fresh buffer (ICRC sealed when sent).
+fn encode(pkt: &Packet<'_>) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; pkt.wire_len()];
+    pkt.encode(&mut buf)
+        .map_err(|e| io::Error::other(e.to_string()))?;
+    Ok(buf)
+}
+
 /// Longest an ACK is held back for coalescing.
 pub const ACK_DELAY: Duration = Duration::from_micros(50);
 /// Requests one coalesced ACK covers at most.
@@ -850,19 +875,7 @@ impl Engine {
             u32::try_from(len.div_ceil(q.mtu).max(1)).map_err(|_| io::ErrorKind::InvalidInput)?;
         q.sq_psn = psn_add(psn, packets);
         let pkt = Packet {
-            bth: Bth {
-                opcode: opcode::READ_REQUEST,
-                solicited: false,
-                mig_req: true,
-                pad: 0,
-                tver: 0,
-                pkey: DEFAULT_PKEY,
-                fecn: false,
-                becn: false,
-                dest_qp: q.remote_qpn,
-                ack_req: true,
-                psn,
-            },
+            bth: header(opcode::READ_REQUEST, q.remote_qpn, psn, true),
             reth: Some(Reth {
                 va: remote_va,
                 rkey,
@@ -875,9 +888,7 @@ impl Engine {
             payload: &[],
             icrc: 0,
         };
-        let mut buf = vec![0u8; pkt.wire_len()];
-        pkt.encode(&mut buf)
-            .map_err(|e| io::Error::other(e.to_string()))?;
+        let buf = encode(&pkt)?;
         q.pending_tx.push_back(Outstanding {
             psn,
             completes: None,
@@ -1043,21 +1054,7 @@ impl Engine {
             let psn = q.sq_psn;
             q.sq_psn = psn_add(psn, 1);
             let pkt = Packet {
-                bth: Bth {
-                    opcode: op,
-                    solicited: false,
-                    mig_req: true,
-                    pad: 0,
-                    tver: 0,
-                    pkey: DEFAULT_PKEY,
-                    fecn: false,
-                    becn: false,
-                    dest_qp: q.remote_qpn,
-                    // The last packet asks for an ACK, and every eighth so
-                    // that a window smaller than the message keeps moving.
-                    ack_req: last || psn % 8 == 7,
-                    psn,
-                },
+                bth: header(op, q.remote_qpn, psn, last || psn % 8 == 7),
                 reth: if first { reth } else { None },
                 aeth: None,
                 imm: if last { imm } else { None },
@@ -1066,9 +1063,7 @@ impl Engine {
                 payload: chunk,
                 icrc: 0,
             };
-            let mut buf = vec![0u8; pkt.wire_len()];
-            pkt.encode(&mut buf)
-                .map_err(|e| io::Error::other(e.to_string()))?;
+            let buf = encode(&pkt)?;
             q.pending_tx.push_back(Outstanding {
                 psn,
                 completes: last.then_some(wr_id),
@@ -1165,19 +1160,7 @@ impl Engine {
                 (false, false) => READ_RESPONSE_MIDDLE,
             };
             let pkt = Packet {
-                bth: Bth {
-                    opcode: op,
-                    solicited: false,
-                    mig_req: true,
-                    pad: 0,
-                    tver: 0,
-                    pkey: DEFAULT_PKEY,
-                    fecn: false,
-                    becn: false,
-                    dest_qp: q.remote_qpn,
-                    ack_req: false,
-                    psn: psn_add(pkt.bth.psn, i as u32),
-                },
+                bth: header(op, q.remote_qpn, psn_add(pkt.bth.psn, i as u32), false),
                 reth: None,
                 aeth: (first || last).then_some(Aeth {
                     syndrome: ACK_UNLIMITED,
@@ -1189,9 +1172,7 @@ impl Engine {
                 payload: chunk,
                 icrc: 0,
             };
-            let mut buf = vec![0u8; pkt.wire_len()];
-            pkt.encode(&mut buf)
-                .map_err(|e| io::Error::other(e.to_string()))?;
+            let buf = encode(&pkt)?;
             out.push(buf);
         }
         if !duplicate {
@@ -1208,19 +1189,7 @@ impl Engine {
     fn send_ack(&mut self, qp: usize, psn: u32, syndrome: u8) -> io::Result<()> {
         let q = &self.qps[qp];
         let pkt = Packet {
-            bth: Bth {
-                opcode: opcode::ACKNOWLEDGE,
-                solicited: false,
-                mig_req: true,
-                pad: 0,
-                tver: 0,
-                pkey: DEFAULT_PKEY,
-                fecn: false,
-                becn: false,
-                dest_qp: q.remote_qpn,
-                ack_req: false,
-                psn,
-            },
+            bth: header(opcode::ACKNOWLEDGE, q.remote_qpn, psn, false),
             reth: None,
             aeth: Some(Aeth {
                 syndrome,
@@ -1232,9 +1201,7 @@ impl Engine {
             payload: &[],
             icrc: 0,
         };
-        let mut buf = vec![0u8; pkt.wire_len()];
-        pkt.encode(&mut buf)
-            .map_err(|e| io::Error::other(e.to_string()))?;
+        let mut buf = encode(&pkt)?;
         let (ip, port) = (q.remote_ip, q.src_port);
         self.io.send(ip, port, &mut buf)
     }

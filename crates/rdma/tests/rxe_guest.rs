@@ -136,22 +136,9 @@ fn rdma_rxe_packets_validate_with_our_wire_format() {
 
     let mut qemu = Kill(
         ns.command("qemu-system-x86_64")
-            .args(["-machine", "q35", "-accel", "tcg", "-m", "512", "-smp", "1"])
-            .arg("-kernel")
-            .arg(&kernel)
-            .arg("-initrd")
-            .arg(&initrd)
-            .args(["-append", "console=ttyS0 panic=-1 quiet loglevel=3"])
+            .args(softcard_testkit::guest_args(&kernel, &initrd))
             .args(["-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no"])
             .args(["-device", "virtio-net-pci,netdev=n0,mac=52:54:00:12:34:56"])
-            .args([
-                "-display",
-                "none",
-                "-serial",
-                "stdio",
-                "-no-reboot",
-                "-nodefaults",
-            ])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .spawn()
@@ -427,22 +414,9 @@ fn ibv_rc_pingpong_both_directions_against_our_engine() {
 
     let mut qemu = Kill(
         ns.command("qemu-system-x86_64")
-            .args(["-machine", "q35", "-accel", "tcg", "-m", "512", "-smp", "1"])
-            .arg("-kernel")
-            .arg(&kernel)
-            .arg("-initrd")
-            .arg(&initrd)
-            .args(["-append", "console=ttyS0 panic=-1 quiet loglevel=3"])
+            .args(softcard_testkit::guest_args(&kernel, &initrd))
             .args(["-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no"])
             .args(["-device", "virtio-net-pci,netdev=n0,mac=52:54:00:12:34:57"])
-            .args([
-                "-display",
-                "none",
-                "-serial",
-                "stdio",
-                "-no-reboot",
-                "-nodefaults",
-            ])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .spawn()

@@ -144,7 +144,7 @@ kek_file = "@DIR@/acme.kek"
     );
 
     let mut qemu = Command::new("qemu-system-x86_64")
-        .args(["-machine", "q35", "-accel", "tcg", "-m", "512", "-smp", "1"])
+        .args(softcard_testkit::guest_args(&k, &initrd))
         .args([
             "-object",
             "memory-backend-memfd,id=mem,size=512M,share=on",
@@ -157,19 +157,6 @@ kek_file = "@DIR@/acme.kek"
         .arg("-chardev")
         .arg(format!("socket,id=c1,path={}", sb.display()))
         .args(["-device", "vhost-user-blk-pci,chardev=c1,num-queues=1"])
-        .arg("-kernel")
-        .arg(&k)
-        .arg("-initrd")
-        .arg(&initrd)
-        .args(["-append", "console=ttyS0 panic=-1 quiet loglevel=3"])
-        .args([
-            "-display",
-            "none",
-            "-serial",
-            "stdio",
-            "-no-reboot",
-            "-nodefaults",
-        ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
