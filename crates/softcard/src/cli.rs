@@ -160,6 +160,9 @@ struct QosArgs {
     /// Burst allowance in bytes (default: 0.1 s worth).
     #[arg(long)]
     bps_burst: Option<String>,
+    /// Weight in the fair sharing of the device's queue (default 1).
+    #[arg(long)]
+    weight: Option<u32>,
 }
 
 impl QosArgs {
@@ -175,6 +178,7 @@ impl QosArgs {
             "iops_burst": self.iops_burst,
             "bytes_per_sec": size(&self.bps)?,
             "bytes_burst": size(&self.bps_burst)?,
+            "weight": self.weight,
         }))
     }
 }

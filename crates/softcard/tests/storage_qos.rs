@@ -92,6 +92,10 @@ fn limits_hold_over_time_and_change_live() {
         ),
         (vec!["volume", "set-qos", "v", "--bps", "lots"], "size"),
         (
+            vec!["volume", "set-qos", "v", "--weight", "0"],
+            "must be positive",
+        ),
+        (
             vec!["volume", "set-qos", "nope", "--iops", "5"],
             "unknown volume",
         ),

@@ -100,6 +100,9 @@ pub struct QosLimits {
     /// Burst in bytes (default: a tenth of a second's worth).
     #[serde(default)]
     pub bytes_burst: Option<u64>,
+    /// Weight in the fair sharing of the device's queue (default 1).
+    #[serde(default)]
+    pub weight: Option<u32>,
 }
 
 /// Why limits were refused.
@@ -127,6 +130,9 @@ impl QosLimits {
         }
         if self.bytes_per_sec.is_none() && self.bytes_burst.is_some() {
             return Err(QosError::BurstWithoutLimit("bytes_burst"));
+        }
+        if self.weight == Some(0) {
+            return Err(QosError::Zero("weight"));
         }
         Ok(())
     }
@@ -237,6 +243,7 @@ mod tests {
             iops_burst: Some(100),
             bytes_per_sec: Some(4096),
             bytes_burst: Some(4096),
+            weight: None,
         };
         let mut t = Throttle::new(limits, 0);
         assert!(t.admit(4096, 0).is_ok());
@@ -305,8 +312,9 @@ mod tests {
 ///
 /// A volume alone on the device is never held back. While several volumes
 /// are active (a request in flight, or one within the last
-/// [`ACTIVE_WINDOW`]), each may have at most `depth / active` requests in
-/// flight (at least one), so a volume flooding the device keeps the device
+/// [`ACTIVE_WINDOW`]), each may have at most its weight's share of `depth`
+/// requests in flight (`depth × weight / Σ active weights`, at least one;
+/// weights default to 1), so a volume flooding the device keeps the device
 /// queue short for the others instead of filling it. Requests over
 /// the cap wait in their own ring until one of the volume's requests
 /// completes; they never fail.
@@ -325,6 +333,22 @@ pub const ACTIVE_WINDOW: std::time::Duration = std::time::Duration::from_millis(
 pub struct ShareSlot {
     inflight: std::sync::atomic::AtomicU32,
     last_ns: std::sync::atomic::AtomicU64,
+    /// Relative share while volumes compete (0 counts as 1).
+    weight: std::sync::atomic::AtomicU32,
+}
+
+impl ShareSlot {
+    /// Sets the volume's weight (at least 1).
+    pub fn set_weight(&self, w: u32) {
+        self.weight
+            .store(w.max(1), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn weight(&self) -> u32 {
+        self.weight
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .max(1)
+    }
 }
 
 impl DeviceShare {
@@ -365,7 +389,7 @@ impl DeviceShare {
         let now = self.now_ns().max(1);
         slot.last_ns.store(now, Relaxed);
         let window = u64::try_from(ACTIVE_WINDOW.as_nanos()).unwrap_or(u64::MAX);
-        let active = {
+        let (active, weights) = {
             let v = self.slots.read().unwrap_or_else(|e| e.into_inner());
             v.iter()
                 .filter_map(std::sync::Weak::upgrade)
@@ -373,14 +397,16 @@ impl DeviceShare {
                     let last = s.last_ns.load(Relaxed);
                     s.inflight.load(Relaxed) > 0 || (last != 0 && now.saturating_sub(last) < window)
                 })
-                .count()
+                .fold((0u32, 0u64), |(n, w), s| (n + 1, w + u64::from(s.weight())))
         };
         if active <= 1 {
             // Alone on the device: no reason to hold anything back.
             slot.inflight.fetch_add(1, Relaxed);
             return true;
         }
-        let cap = (self.depth / u32::try_from(active).unwrap_or(u32::MAX)).max(1);
+        // The volume's share of the depth, by weight.
+        let share = u64::from(self.depth) * u64::from(slot.weight()) / weights.max(1);
+        let cap = u32::try_from(share).unwrap_or(u32::MAX).max(1);
         if slot.inflight.load(Relaxed) >= cap {
             return false;
         }
@@ -428,6 +454,23 @@ mod share_tests {
         share.done(&a);
         assert!(share.try_start(&a));
         drop(b);
+    }
+
+    #[test]
+    fn weights_split_the_depth() {
+        let share = DeviceShare::new(8);
+        let heavy = share.register();
+        let light = share.register();
+        heavy.set_weight(3);
+        assert!(share.try_start(&light)); // light is active now
+        let mut n = 0;
+        while share.try_start(&heavy) {
+            n += 1;
+        }
+        assert_eq!(n, 6, "8 x 3/4");
+        // light may have 8 x 1/4 = 2 in flight.
+        assert!(share.try_start(&light));
+        assert!(!share.try_start(&light));
     }
 
     #[test]

@@ -93,6 +93,7 @@ pub struct Attachment {
     shared: Arc<Shared>,
     metrics: Arc<BlkMetrics>,
     throttle: Arc<SharedThrottle>,
+    share_slot: Arc<crate::qos::ShareSlot>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -111,6 +112,8 @@ impl Attachment {
         }
         qos.validate()?;
         let throttle = Arc::new(SharedThrottle::new(qos));
+        let share_slot = target.share_slot.clone();
+        share_slot.set_weight(qos.weight.unwrap_or(1));
         let listen_err = |reason: String| BlkError::Listen {
             path: socket.display().to_string(),
             reason,
@@ -177,6 +180,7 @@ impl Attachment {
             shared,
             metrics,
             throttle,
+            share_slot,
             thread: Some(thread),
         })
     }
@@ -210,6 +214,7 @@ impl Attachment {
     pub fn set_qos(&self, qos: QosLimits) -> Result<(), BlkError> {
         qos.validate()?;
         self.throttle.set(qos);
+        self.share_slot.set_weight(qos.weight.unwrap_or(1));
         info!("{}: qos now {qos:?}", self.socket.display());
         Ok(())
     }
