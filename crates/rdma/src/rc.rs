@@ -185,6 +185,33 @@ pub struct QueuePair {
     ack_due: Option<(u32, u32, Instant)>,
 }
 
+impl QueuePair {
+    /// A QP in RESET with nothing posted.
+    fn new(qpn: u32, mtu: usize) -> Self {
+        QueuePair {
+            qpn: qpn & 0x00ff_ffff,
+            state: QpState::Reset,
+            remote_qpn: 0,
+            remote_ip: Ipv4Addr::UNSPECIFIED,
+            epsn: 0,
+            msn: 0,
+            sq_psn: 0,
+            unacked: VecDeque::new(),
+            rq: VecDeque::new(),
+            src_port: 0xc000 | u16::try_from(qpn & 0x3fff).unwrap_or(0),
+            mtu,
+            recv_msg: None,
+            write_msg: None,
+            reads: VecDeque::new(),
+            pending_tx: VecDeque::new(),
+            rto_at: None,
+            retries: 0,
+            nak_sent: false,
+            ack_due: None,
+        }
+    }
+}
+
 /// An unacknowledged packet of ours.
 #[derive(Debug, Clone)]
 struct Outstanding {
@@ -462,32 +489,16 @@ pub fn fuzz_receive(data: &[u8]) {
     let Ok(pkt) = Packet::parse(data) else {
         return;
     };
-    let mut qp = QueuePair {
-        qpn: pkt.bth.dest_qp,
-        state: QpState::Rts,
-        remote_qpn: 1,
-        remote_ip: Ipv4Addr::LOCALHOST,
-        epsn: pkt.bth.psn,
-        msn: 0,
-        sq_psn: 0,
-        unacked: VecDeque::new(),
-        rq: VecDeque::from([RecvWr {
-            wr_id: 1,
-            mr: 0,
-            offset: 16,
-            len: 64,
-        }]),
-        src_port: 0xc000,
-        mtu: 256,
-        recv_msg: None,
-        write_msg: None,
-        reads: VecDeque::new(),
-        pending_tx: VecDeque::new(),
-        rto_at: None,
-        retries: 0,
-        nak_sent: false,
-        ack_due: None,
-    };
+    let mut qp = QueuePair::new(pkt.bth.dest_qp, 256);
+    qp.state = QpState::Rts;
+    qp.remote_qpn = 1;
+    qp.epsn = pkt.bth.psn;
+    qp.rq.push_back(RecvWr {
+        wr_id: 1,
+        mr: 0,
+        offset: 16,
+        len: 64,
+    });
     let mut mrs = vec![MemoryRegion {
         buf: vec![0; 4096],
         lkey: 7,
@@ -651,27 +662,7 @@ impl Engine {
 
     /// Creates a QP in RESET; returns its index.
     pub fn create_qp(&mut self, qpn: u32) -> usize {
-        self.qps.push(QueuePair {
-            qpn: qpn & 0x00ff_ffff,
-            state: QpState::Reset,
-            remote_qpn: 0,
-            remote_ip: Ipv4Addr::UNSPECIFIED,
-            epsn: 0,
-            msn: 0,
-            sq_psn: 0,
-            unacked: VecDeque::new(),
-            rq: VecDeque::new(),
-            src_port: 0xc000 | u16::try_from(qpn & 0x3fff).unwrap_or(0),
-            mtu: 1024,
-            recv_msg: None,
-            write_msg: None,
-            reads: VecDeque::new(),
-            pending_tx: VecDeque::new(),
-            rto_at: None,
-            retries: 0,
-            nak_sent: false,
-            ack_due: None,
-        });
+        self.qps.push(QueuePair::new(qpn, 1024));
         self.qps.len() - 1
     }
 
@@ -1375,27 +1366,12 @@ mod tests {
     use super::*;
 
     fn qp() -> QueuePair {
-        QueuePair {
-            qpn: 7,
-            state: QpState::Rts,
-            remote_qpn: 9,
-            remote_ip: Ipv4Addr::LOCALHOST,
-            epsn: 100,
-            msn: 0,
-            sq_psn: 0,
-            unacked: VecDeque::new(),
-            rq: VecDeque::new(),
-            src_port: 0xc007,
-            mtu: 256,
-            recv_msg: None,
-            write_msg: None,
-            reads: VecDeque::new(),
-            pending_tx: VecDeque::new(),
-            rto_at: None,
-            retries: 0,
-            nak_sent: false,
-            ack_due: None,
-        }
+        let mut q = QueuePair::new(7, 256);
+        q.state = QpState::Rts;
+        q.remote_qpn = 9;
+        q.remote_ip = Ipv4Addr::LOCALHOST;
+        q.epsn = 100;
+        q
     }
 
     fn mr(rkey: u32, len: usize, write: bool) -> MemoryRegion {

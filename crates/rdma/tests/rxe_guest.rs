@@ -93,15 +93,19 @@ while n < 3:
 print("END", flush=True)
 "#;
 
-#[test]
-fn rdma_rxe_packets_validate_with_our_wire_format() {
-    let kernel = softcard_testkit::kernel();
+/// An initramfs for `script`: the virtio-net, crc32 and Soft-RoCE modules,
+/// rdma-core's tools with the rxe provider, written into `dir`.
+fn rxe_initramfs(
+    kernel: &std::path::Path,
+    script: &str,
+    dir: &std::path::Path,
+) -> std::path::PathBuf {
     let init = format!(
         "#!/bin/busybox sh\n{}{}",
         softcard_testkit::INIT_PRELUDE,
-        INIT
+        script
     );
-    let mut ir = softcard_testkit::Initramfs::new(&kernel, &init);
+    let mut ir = softcard_testkit::Initramfs::new(kernel, &init);
     ir.modules(&[
         "virtio_pci",
         "virtio_net",
@@ -117,11 +121,17 @@ fn rdma_rxe_packets_validate_with_our_wire_format() {
         ir.program(p);
     }
     ir.host_file("/etc/libibverbs.d/rxe.driver");
-    let provider = "/usr/lib/x86_64-linux-gnu/libibverbs/librxe-rdmav34.so";
-    ir.program(provider);
-    let dir = tempfile::tempdir().unwrap();
-    let initrd = dir.path().join("initrd.cpio");
+    ir.program("/usr/lib/x86_64-linux-gnu/libibverbs/librxe-rdmav34.so");
+    let initrd = dir.join("initrd.cpio");
     std::fs::write(&initrd, ir.finish()).unwrap();
+    initrd
+}
+
+#[test]
+fn rdma_rxe_packets_validate_with_our_wire_format() {
+    let kernel = softcard_testkit::kernel();
+    let dir = tempfile::tempdir().unwrap();
+    let initrd = rxe_initramfs(&kernel, INIT, dir.path());
 
     let ns = tap_netns("cap");
     let mut server = Kill(
@@ -332,27 +342,8 @@ fn ibv_rc_pingpong_both_directions_against_our_engine() {
     use std::io::{Read, Write};
 
     let kernel = softcard_testkit::kernel();
-    let init = format!(
-        "#!/bin/busybox sh\n{}{}",
-        softcard_testkit::INIT_PRELUDE,
-        PINGPONG_INIT
-    );
-    let mut ir = softcard_testkit::Initramfs::new(&kernel, &init);
-    ir.modules(&[
-        "virtio_pci",
-        "virtio_net",
-        "crc32_generic",
-        "rdma_rxe",
-        "ib_uverbs",
-    ]);
-    for p in ["/usr/bin/ibv_rc_pingpong", "/usr/bin/rdma"] {
-        ir.program(p);
-    }
-    ir.host_file("/etc/libibverbs.d/rxe.driver");
-    ir.program("/usr/lib/x86_64-linux-gnu/libibverbs/librxe-rdmav34.so");
     let dir = tempfile::tempdir().unwrap();
-    let initrd = dir.path().join("initrd.cpio");
-    std::fs::write(&initrd, ir.finish()).unwrap();
+    let initrd = rxe_initramfs(&kernel, PINGPONG_INIT, dir.path());
 
     let ns = std::sync::Arc::new(tap_netns("pp"));
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
