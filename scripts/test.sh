@@ -18,7 +18,7 @@ command -v qemu-img >/dev/null || need+=(qemu-utils)
 compgen -G '/boot/vmlinuz-*' >/dev/null || need+=(linux-image-amd64)
 [ -x /bin/busybox ] && /bin/busybox --list | grep -qx insmod || need+=(busybox-static)
 python3 -c 'import cryptography' 2>/dev/null || need+=(python3-cryptography)
-command -v losetup >/dev/null || need+=(util-linux)
+command -v losetup >/dev/null || need+=(mount)
 # Soft-RoCE peer in a guest: rdma-core tools and the rxe provider.
 command -v ibv_rc_pingpong >/dev/null || need+=(ibverbs-utils)
 [ -e /usr/lib/x86_64-linux-gnu/libibverbs/librxe-rdmav34.so ] || need+=(ibverbs-providers)
