@@ -1,0 +1,319 @@
+//! The client's connection to a GPU server: a buffered writer that
+//! pipelines requests, and a reader thread that routes replies to whoever
+//! waits for them and reports errors the server found.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io::{BufReader, BufWriter, Write};
+use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::task::{Context, Poll, Waker};
+
+use crate::proto::{self, GpuError, Id, Message, Reply, Request};
+
+/// A reply and its payload.
+pub(crate) type Answer = (Reply, Vec<u8>);
+
+type Callback = Box<dyn FnOnce(Result<Answer, String>) + Send>;
+
+/// State the reader thread shares with the API objects.
+#[derive(Default)]
+pub(crate) struct Shared {
+    pending: Mutex<HashMap<u64, Callback>>,
+    lost: Mutex<Option<String>>,
+    pub(crate) on_error: Mutex<Option<Arc<dyn wgpu::UncapturedErrorHandler>>>,
+    pub(crate) on_lost: Mutex<Option<wgpu::custom::BoxDeviceLostCallback>>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("lost", &self.lost.lock().ok())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    fn lose(&self, why: String) {
+        let first = {
+            let mut l = self.lost.lock().expect("lost");
+            let first = l.is_none();
+            if first {
+                *l = Some(why.clone());
+            }
+            first
+        };
+        let pending: Vec<Callback> = self
+            .pending
+            .lock()
+            .expect("pending")
+            .drain()
+            .map(|(_, c)| c)
+            .collect();
+        for cb in pending {
+            cb(Err(why.clone()));
+        }
+        if first {
+            if let Some(cb) = self.on_lost.lock().expect("on_lost").take() {
+                cb(wgpu::DeviceLostReason::Unknown, why);
+            }
+        }
+    }
+
+    fn uncaptured(&self, e: GpuError) {
+        let handler = self.on_error.lock().expect("on_error").clone();
+        let err = to_wgpu_error(e);
+        match handler {
+            Some(h) => h(err),
+            None => log::error!("vGPU error nobody captured: {err}"),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct RemoteError(String);
+impl std::fmt::Display for RemoteError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+impl std::error::Error for RemoteError {}
+
+/// Converts a server-side error into wgpu's.
+pub(crate) fn to_wgpu_error(e: GpuError) -> wgpu::Error {
+    let source: wgpu::ErrorSource = Box::new(RemoteError(e.description.clone()));
+    match e.kind {
+        proto::ErrorFilter::OutOfMemory => wgpu::Error::OutOfMemory { source },
+        proto::ErrorFilter::Validation => wgpu::Error::Validation {
+            source,
+            description: e.description,
+        },
+        proto::ErrorFilter::Internal => wgpu::Error::Internal {
+            source,
+            description: e.description,
+        },
+    }
+}
+
+struct Out {
+    w: BufWriter<TcpStream>,
+    seq: u64,
+}
+
+/// One session with a GPU server.
+pub(crate) struct Conn {
+    out: Mutex<Out>,
+    pub(crate) shared: Arc<Shared>,
+    next_id: AtomicU64,
+    stream: TcpStream,
+    pub(crate) session: u64,
+    pub(crate) quota: u64,
+}
+
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Conn")
+            .field("session", &self.session)
+            .field("peer", &self.stream.peer_addr().ok())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        if let Ok(mut o) = self.out.lock() {
+            let _ = o.w.flush();
+        }
+        let _ = self.stream.shutdown(Shutdown::Both);
+    }
+}
+
+impl Conn {
+    /// Connects and says hello.
+    pub(crate) fn connect(addr: impl ToSocketAddrs) -> std::io::Result<Arc<Self>> {
+        let stream = TcpStream::connect(addr)?;
+        stream.set_nodelay(true)?;
+        let shared = Arc::new(Shared::default());
+        let mut reader = BufReader::with_capacity(1 << 16, stream.try_clone()?);
+        let mut conn = Self {
+            out: Mutex::new(Out {
+                w: BufWriter::with_capacity(1 << 16, stream.try_clone()?),
+                seq: 0,
+            }),
+            shared: shared.clone(),
+            next_id: AtomicU64::new(1),
+            stream,
+            session: 0,
+            quota: 0,
+        };
+        // The hello is answered before the reader thread exists.
+        {
+            let mut o = conn.out.lock().expect("out");
+            proto::write_frame(
+                &mut o.w,
+                &Request::Hello {
+                    version: proto::VERSION,
+                },
+                &[],
+            )?;
+            o.w.flush()?;
+            o.seq = 1;
+        }
+        let bad = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidData, m);
+        match proto::read_raw(&mut reader).map_err(|e| bad(e.to_string()))? {
+            Some((h, _)) => match proto::decode::<Message>(&h).map_err(|e| bad(e.to_string()))? {
+                Message::Reply {
+                    reply: Reply::Hello { session, quota, .. },
+                    ..
+                } => {
+                    conn.session = session;
+                    conn.quota = quota;
+                }
+                Message::Lost(why) => return Err(bad(format!("server refused: {why}"))),
+                other => return Err(bad(format!("unexpected hello answer {other:?}"))),
+            },
+            None => return Err(bad("server closed the connection".into())),
+        }
+        std::thread::Builder::new()
+            .name("vgpu-client-rx".into())
+            .spawn(move || read_loop(reader, shared))?;
+        Ok(Arc::new(conn))
+    }
+
+    /// A fresh object id.
+    pub(crate) fn id(&self) -> Id {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Why the connection is gone, if it is.
+    pub(crate) fn lost(&self) -> Option<String> {
+        self.shared.lost.lock().expect("lost").clone()
+    }
+
+    fn write(&self, req: &Request, payload: &[u8], cb: Option<Callback>, flush: bool) {
+        if let Some(why) = self.lost() {
+            if let Some(cb) = cb {
+                cb(Err(why));
+            }
+            return;
+        }
+        let mut o = self.out.lock().expect("out");
+        let seq = o.seq;
+        o.seq += 1;
+        if let Some(cb) = cb {
+            self.shared.pending.lock().expect("pending").insert(seq, cb);
+        }
+        let mut r = proto::write_frame(&mut o.w, req, payload);
+        if r.is_ok() && flush {
+            r = o.w.flush();
+        }
+        drop(o);
+        if let Err(e) = r {
+            self.shared
+                .lose(format!("connection to the GPU server failed: {e}"));
+        }
+    }
+
+    /// Sends a request that gets no answer; it leaves with the next flush.
+    pub(crate) fn send(&self, req: &Request, payload: &[u8]) {
+        self.write(req, payload, None, false);
+    }
+
+    /// Sends what is buffered.
+    pub(crate) fn flush(&self) {
+        let r = self.out.lock().expect("out").w.flush();
+        if let Err(e) = r {
+            self.shared
+                .lose(format!("connection to the GPU server failed: {e}"));
+        }
+    }
+
+    /// Sends an answered request; `cb` runs on the reader thread.
+    pub(crate) fn call_async(
+        &self,
+        req: &Request,
+        payload: &[u8],
+        cb: impl FnOnce(Result<Answer, String>) + Send + 'static,
+    ) {
+        self.write(req, payload, Some(Box::new(cb)), true);
+    }
+
+    /// Sends an answered request and waits for the answer.
+    pub(crate) fn call(&self, req: &Request, payload: &[u8]) -> Result<Answer, String> {
+        let (tx, rx) = mpsc::channel();
+        self.call_async(req, payload, move |r| {
+            let _ = tx.send(r);
+        });
+        rx.recv()
+            .unwrap_or_else(|_| Err("GPU server connection lost".into()))
+    }
+
+    /// Sends an answered request; the future resolves with the answer.
+    pub(crate) fn call_future(&self, req: &Request, payload: &[u8]) -> ReplyFuture {
+        let slot: Arc<Mutex<Slot>> = Arc::default();
+        let s = slot.clone();
+        self.call_async(req, payload, move |r| {
+            let waker = {
+                let mut s = s.lock().expect("slot");
+                s.value = Some(r);
+                s.waker.take()
+            };
+            if let Some(w) = waker {
+                w.wake();
+            }
+        });
+        ReplyFuture { slot }
+    }
+}
+
+#[derive(Default)]
+pub(crate) struct Slot {
+    value: Option<Result<Answer, String>>,
+    waker: Option<Waker>,
+}
+
+/// Resolves when the server answers.
+pub(crate) struct ReplyFuture {
+    slot: Arc<Mutex<Slot>>,
+}
+
+impl Future for ReplyFuture {
+    type Output = Result<Answer, String>;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut s = self.slot.lock().expect("slot");
+        match s.value.take() {
+            Some(v) => Poll::Ready(v),
+            None => {
+                s.waker = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        }
+    }
+}
+
+fn read_loop(mut r: BufReader<TcpStream>, shared: Arc<Shared>) {
+    let why = loop {
+        let (h, payload) = match proto::read_raw(&mut r) {
+            Ok(Some(f)) => f,
+            Ok(None) => break "GPU server closed the connection".to_string(),
+            Err(e) => break format!("GPU server connection failed: {e}"),
+        };
+        match proto::decode::<Message>(&h) {
+            Ok(Message::Reply { seq, reply }) => {
+                let cb = shared.pending.lock().expect("pending").remove(&seq);
+                match cb {
+                    Some(cb) => cb(Ok((reply, payload))),
+                    None => {
+                        break format!("GPU server answered request {seq}, which asked nothing")
+                    }
+                }
+            }
+            Ok(Message::Uncaptured(e)) => shared.uncaptured(e),
+            Ok(Message::Lost(why)) => break format!("GPU server closed the session: {why}"),
+            Err(e) => break format!("malformed message from the GPU server: {e}"),
+        }
+    };
+    shared.lose(why);
+}

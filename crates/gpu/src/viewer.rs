@@ -1,0 +1,227 @@
+//! Output to a client device: frames that sessions present are read back
+//! from the GPU and streamed as JPEG over a WebSocket to a viewer page.
+//!
+//! `GET /` serves the page; `GET /ws` upgrades to a WebSocket that carries
+//! one binary message per frame (a JPEG), newest frame first, dropping
+//! frames the viewer is too slow for rather than queueing them.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// A frame read back from the GPU, RGBA8.
+#[derive(Debug)]
+pub struct Frame {
+    pub width: u32,
+    pub height: u32,
+    pub rgba: Vec<u8>,
+    pub presented: Instant,
+}
+
+impl Frame {
+    /// JPEG encoding of the frame.
+    pub fn jpeg(&self, quality: u8) -> Result<Vec<u8>, String> {
+        let (w, h) = (
+            u16::try_from(self.width).map_err(|_| "frame too wide for JPEG")?,
+            u16::try_from(self.height).map_err(|_| "frame too tall for JPEG")?,
+        );
+        let mut out = Vec::with_capacity(self.rgba.len() / 8);
+        jpeg_encoder::Encoder::new(&mut out, quality)
+            .encode(&self.rgba, w, h, jpeg_encoder::ColorType::Rgba)
+            .map_err(|e| e.to_string())?;
+        Ok(out)
+    }
+}
+
+#[derive(Debug, Default)]
+struct Latest {
+    seq: u64,
+    frame: Option<Arc<Frame>>,
+    session: u64,
+}
+
+/// The latest presented frame, for any number of viewers.
+#[derive(Debug, Default)]
+pub struct FrameHub {
+    latest: Mutex<Latest>,
+    changed: Condvar,
+}
+
+impl FrameHub {
+    /// Publishes a session's frame.
+    pub fn publish(&self, session: u64, frame: Frame) {
+        let mut l = self.latest.lock().expect("frame hub");
+        l.seq += 1;
+        l.frame = Some(Arc::new(frame));
+        l.session = session;
+        drop(l);
+        self.changed.notify_all();
+    }
+
+    /// Frames published so far.
+    pub fn published(&self) -> u64 {
+        self.latest.lock().expect("frame hub").seq
+    }
+
+    /// Waits up to `timeout` for a frame newer than `seen`.
+    pub fn next_after(&self, seen: u64, timeout: Duration) -> Option<(u64, Arc<Frame>)> {
+        let l = self.latest.lock().expect("frame hub");
+        let (l, _) = self
+            .changed
+            .wait_timeout_while(l, timeout, |l| l.seq <= seen || l.frame.is_none())
+            .expect("frame hub");
+        match &l.frame {
+            Some(f) if l.seq > seen => Some((l.seq, f.clone())),
+            _ => None,
+        }
+    }
+}
+
+/// Reads a texture back as RGBA8 (BGRA formats are swizzled).
+pub(crate) fn capture(
+    device: &wgpu::Device,
+    queue: &wgpu::Queue,
+    texture: &wgpu::Texture,
+) -> Result<Frame, String> {
+    use wgpu::TextureFormat as F;
+    let bgra = match texture.format() {
+        F::Rgba8Unorm | F::Rgba8UnormSrgb => false,
+        F::Bgra8Unorm | F::Bgra8UnormSrgb => true,
+        f => {
+            return Err(format!(
+                "cannot present a {f:?} texture; use an 8-bit RGBA or BGRA format"
+            ))
+        }
+    };
+    if !texture.usage().contains(wgpu::TextureUsages::COPY_SRC) {
+        return Err("a presented texture needs COPY_SRC usage".into());
+    }
+    let (width, height) = (texture.width(), texture.height());
+    let row = width * 4;
+    let padded =
+        row.div_ceil(wgpu::COPY_BYTES_PER_ROW_ALIGNMENT) * wgpu::COPY_BYTES_PER_ROW_ALIGNMENT;
+    let readback = device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("vgpu present readback"),
+        size: u64::from(padded) * u64::from(height),
+        usage: wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::MAP_READ,
+        mapped_at_creation: false,
+    });
+    let mut enc = device.create_command_encoder(&wgpu::CommandEncoderDescriptor::default());
+    enc.copy_texture_to_buffer(
+        texture.as_image_copy(),
+        wgpu::TexelCopyBufferInfo {
+            buffer: &readback,
+            layout: wgpu::TexelCopyBufferLayout {
+                offset: 0,
+                bytes_per_row: Some(padded),
+                rows_per_image: Some(height),
+            },
+        },
+        wgpu::Extent3d {
+            width,
+            height,
+            depth_or_array_layers: 1,
+        },
+    );
+    queue.submit([enc.finish()]);
+    let (tx, rx) = std::sync::mpsc::channel();
+    readback.map_async(wgpu::MapMode::Read, .., move |r| {
+        let _ = tx.send(r);
+    });
+    let _ = device.poll(wgpu::PollType::wait_indefinitely());
+    rx.try_recv()
+        .map_err(|_| "frame readback did not complete".to_string())?
+        .map_err(|e| e.to_string())?;
+    let view = readback.get_mapped_range(..).map_err(|e| e.to_string())?;
+    let mut rgba = Vec::with_capacity((row * height) as usize);
+    for y in 0..height as usize {
+        let start = y * padded as usize;
+        rgba.extend_from_slice(&view[start..start + row as usize]);
+    }
+    drop(view);
+    readback.unmap();
+    if bgra {
+        for px in rgba.chunks_exact_mut(4) {
+            px.swap(0, 2);
+        }
+    }
+    Ok(Frame {
+        width,
+        height,
+        rgba,
+        presented: Instant::now(),
+    })
+}
+
+const PAGE: &str = include_str!("viewer.html");
+
+/// Serves the viewer page and its WebSocket until the listener fails.
+pub fn serve(listener: TcpListener, hub: Arc<FrameHub>) -> std::io::Result<()> {
+    for conn in listener.incoming() {
+        let conn = conn?;
+        let hub = hub.clone();
+        std::thread::Builder::new()
+            .name("vgpu-viewer".into())
+            .spawn(move || {
+                if let Err(e) = viewer_conn(conn, &hub) {
+                    log::debug!("viewer connection: {e}");
+                }
+            })?;
+    }
+    Ok(())
+}
+
+fn viewer_conn(mut conn: TcpStream, hub: &FrameHub) -> Result<(), String> {
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    let mut head = [0u8; 1024];
+    let n = conn.peek(&mut head).map_err(|e| e.to_string())?;
+    let line = String::from_utf8_lossy(&head[..n]);
+    let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
+    if path == "/ws" {
+        conn.set_read_timeout(None).map_err(|e| e.to_string())?;
+        conn.set_nodelay(true).map_err(|e| e.to_string())?;
+        let mut ws = tungstenite::accept(conn).map_err(|e| e.to_string())?;
+        let mut seen = 0;
+        loop {
+            let Some((seq, frame)) = hub.next_after(seen, Duration::from_secs(1)) else {
+                // Keep idle viewers alive and notice closed ones.
+                ws.send(tungstenite::Message::Ping(Vec::new().into()))
+                    .map_err(|e| e.to_string())?;
+                continue;
+            };
+            seen = seq;
+            let jpeg = frame.jpeg(80)?;
+            ws.send(tungstenite::Message::Binary(jpeg.into()))
+                .map_err(|e| e.to_string())?;
+        }
+    }
+    // Drain the request head, then answer.
+    let mut buf = vec![0u8; n];
+    conn.read_exact(&mut buf).map_err(|e| e.to_string())?;
+    let (status, ctype, body) = if path == "/" || path.starts_with("/?") {
+        (
+            "200 OK",
+            "text/html; charset=utf-8",
+            PAGE.as_bytes().to_vec(),
+        )
+    } else if path == "/frame.jpg" {
+        match hub.next_after(0, Duration::from_secs(5)) {
+            Some((_, f)) => ("200 OK", "image/jpeg", f.jpeg(90)?),
+            None => (
+                "503 Service Unavailable",
+                "text/plain",
+                b"no frame yet\n".to_vec(),
+            ),
+        }
+    } else {
+        ("404 Not Found", "text/plain", b"not found\n".to_vec())
+    };
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    conn.write_all(head.as_bytes()).map_err(|e| e.to_string())?;
+    conn.write_all(&body).map_err(|e| e.to_string())
+}
