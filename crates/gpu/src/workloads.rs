@@ -651,3 +651,96 @@ impl Scene {
             .collect())
     }
 }
+
+const SCALE: &str = r#"
+@group(0) @binding(0) var<storage, read_write> v: array<u32>;
+
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) id: vec3<u32>) {
+    let i = id.y * 65535u * 64u + id.x;
+    if (i < arrayLength(&v)) {
+        v[i] = v[i] * 2u + 1u;
+    }
+}
+"#;
+
+/// Upload `len` bytes, run a dispatch over them, read them back: the
+/// round trip of a typical GPGPU offload. Resources are made once.
+#[derive(Debug)]
+pub struct Offload {
+    len: u64,
+    storage: wgpu::Buffer,
+    readback: wgpu::Buffer,
+    pipeline: wgpu::ComputePipeline,
+    group: wgpu::BindGroup,
+}
+
+impl Offload {
+    /// Prepares buffers of `len` bytes (a multiple of 4).
+    pub fn new(device: &wgpu::Device, len: u64) -> Self {
+        let storage = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("offload"),
+            size: len,
+            usage: wgpu::BufferUsages::STORAGE
+                | wgpu::BufferUsages::COPY_DST
+                | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        });
+        let readback = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("offload readback"),
+            size: len,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some("scale"),
+            source: wgpu::ShaderSource::Wgsl(SCALE.into()),
+        });
+        let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some("scale"),
+            layout: None,
+            module: &module,
+            entry_point: Some("main"),
+            compilation_options: Default::default(),
+            cache: None,
+        });
+        let group = device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: None,
+            layout: &pipeline.get_bind_group_layout(0),
+            entries: &[wgpu::BindGroupEntry {
+                binding: 0,
+                resource: storage.as_entire_binding(),
+            }],
+        });
+        Self {
+            len,
+            storage,
+            readback,
+            pipeline,
+            group,
+        }
+    }
+
+    /// One upload, dispatch and readback of `data` (`len` bytes).
+    pub fn run(
+        &self,
+        device: &wgpu::Device,
+        queue: &wgpu::Queue,
+        data: &[u8],
+    ) -> Result<Vec<u8>, String> {
+        queue.write_buffer(&self.storage, 0, data);
+        let words = (self.len / 4) as u32;
+        let groups = words.div_ceil(64);
+        let (x, y) = (groups.min(65535), groups.div_ceil(65535));
+        let mut enc = device.create_command_encoder(&Default::default());
+        {
+            let mut pass = enc.begin_compute_pass(&Default::default());
+            pass.set_pipeline(&self.pipeline);
+            pass.set_bind_group(0, &self.group, &[]);
+            pass.dispatch_workgroups(x, y, 1);
+        }
+        enc.copy_buffer_to_buffer(&self.storage, 0, &self.readback, 0, self.len);
+        queue.submit([enc.finish()]);
+        read_buffer(device, &self.readback)
+    }
+}

@@ -9,7 +9,7 @@ use softcard_control::config::DEFAULT_API_SOCKET;
 use softcard_control::size::{format_size, parse_size};
 use softcard_control::ApiClient;
 
-use crate::{bench, daemon};
+use crate::{bench, daemon, gpu};
 
 /// A software peripheral card for cloud hosts: carves physical devices into
 /// volumes and presents each one to a VM through its own interface.
@@ -53,9 +53,23 @@ enum Command {
     /// Tenants and their key-encryption keys.
     #[command(subcommand)]
     Tenant(TenantCmd),
+    /// Virtual GPUs: the GPU server and a demo application.
+    #[command(subcommand)]
+    Gpu(GpuCmd),
     /// Benchmarks against the peers users run today.
     #[command(subcommand)]
     Bench(BenchCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum GpuCmd {
+    /// Own this machine's GPU and serve vGPU sessions to remote clients.
+    Serve(gpu::ServeArgs),
+    /// List the machine's GPUs and their limits.
+    List,
+    /// Render a textured 3D scene on a GPU server and present it to the
+    /// server's viewer (an ordinary wgpu render loop).
+    Demo(gpu::DemoArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -262,6 +276,9 @@ pub fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Gpu(GpuCmd::Serve(a)) => gpu::serve(&a),
+        Command::Gpu(GpuCmd::List) => gpu::list(),
+        Command::Gpu(GpuCmd::Demo(a)) => gpu::demo(&a),
         Command::Bench(BenchCmd::Storage(a)) => bench::storage(&a),
         Command::Bench(BenchCmd::Crypto(a)) => bench::crypto(&a),
         Command::Bench(BenchCmd::Fairness(a)) => bench::fairness(&a),

@@ -5,6 +5,7 @@
 mod bench;
 mod cli;
 mod daemon;
+mod gpu;
 
 use std::process::ExitCode;
 

@@ -13,6 +13,9 @@ use std::task::{Context, Poll, Waker};
 
 use crate::proto::{self, GpuError, Id, Message, Reply, Request};
 
+/// Requests that waited for an answer, over all connections of the process.
+pub(crate) static ROUND_TRIPS: AtomicU64 = AtomicU64::new(0);
+
 /// A reply and its payload.
 pub(crate) type Answer = (Reply, Vec<u8>);
 
@@ -231,12 +234,15 @@ impl Conn {
     }
 
     /// Sends an answered request; `cb` runs on the reader thread.
+    /// Every call is one round trip to the server, counted in
+    /// [`ROUND_TRIPS`].
     pub(crate) fn call_async(
         &self,
         req: &Request,
         payload: &[u8],
         cb: impl FnOnce(Result<Answer, String>) + Send + 'static,
     ) {
+        ROUND_TRIPS.fetch_add(1, Ordering::Relaxed);
         self.write(req, payload, Some(Box::new(cb)), true);
     }
 

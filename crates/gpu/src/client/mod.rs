@@ -58,6 +58,12 @@ pub fn remote_surface(instance: &wgpu::Instance) -> wgpu::Surface<'static> {
     unsafe { instance.create_surface_unsafe(target) }.expect("remote surfaces always succeed")
 }
 
+/// Round trips to GPU servers this process has made so far (requests that
+/// waited for an answer); everything else is pipelined.
+pub fn round_trips() -> u64 {
+    conn::ROUND_TRIPS.load(Ordering::Relaxed)
+}
+
 /// The session's memory use on the server: (bytes used, quota, objects).
 pub fn usage(device: &wgpu::Device) -> Option<(u64, u64, u64)> {
     let d = device.as_custom::<RDevice>()?;

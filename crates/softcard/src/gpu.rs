@@ -1,0 +1,156 @@
+//! `softcard gpu`: the vGPU server, and a demo application that renders to
+//! a remote surface.
+
+use std::net::TcpListener;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context, Result};
+use softcard_control::size::{format_size, parse_size};
+use softcard_gpu::workloads::{self, Scene};
+use softcard_gpu::{GpuServer, ServerConfig};
+
+/// Options of `softcard gpu serve`.
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// Where clients connect (host:port).
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    listen: String,
+    /// Where the viewer page and its frame stream are served (host:port).
+    #[arg(long)]
+    viewer: Option<String>,
+    /// GPU memory (buffers and textures) one session may hold.
+    #[arg(long, default_value = "1GiB")]
+    quota: String,
+}
+
+/// Options of `softcard gpu demo`.
+#[derive(Debug, clap::Args)]
+pub struct DemoArgs {
+    /// The GPU server (host:port).
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    server: String,
+    /// Frames to render; 0 renders until killed.
+    #[arg(long, default_value_t = 0)]
+    frames: u32,
+    /// Frame rate to pace at; 0 renders as fast as the GPU allows.
+    #[arg(long, default_value_t = 30.0)]
+    fps: f64,
+    #[arg(long, default_value_t = 1280)]
+    width: u32,
+    #[arg(long, default_value_t = 720)]
+    height: u32,
+    /// Draw the same frame (the scene at t=0) every time, so that what a
+    /// viewer shows can be compared with a local rendering.
+    #[arg(long)]
+    still: bool,
+}
+
+/// Runs the GPU server until killed.
+pub fn serve(a: &ServeArgs) -> Result<()> {
+    let quota = parse_size(&a.quota).map_err(|e| anyhow!("--quota: {e}"))?;
+    let server = GpuServer::new(ServerConfig { quota }).map_err(|e| anyhow!(e))?;
+    let info = server.adapter_info();
+    let listener =
+        TcpListener::bind(&a.listen).with_context(|| format!("listen on {}", a.listen))?;
+    println!(
+        "softcard gpu: {} ({:?}, {} {}), {} per session, clients on {}",
+        info.name,
+        info.backend,
+        info.driver,
+        info.driver_info,
+        format_size(quota),
+        listener.local_addr()?
+    );
+    if let Some(v) = &a.viewer {
+        let vl = TcpListener::bind(v).with_context(|| format!("viewer on {v}"))?;
+        println!("softcard gpu: viewer on http://{}/", vl.local_addr()?);
+        let frames = server.frames();
+        std::thread::Builder::new()
+            .name("vgpu-viewer".into())
+            .spawn(move || softcard_gpu::viewer::serve(vl, frames))?;
+    }
+    server.serve(listener)?;
+    Ok(())
+}
+
+/// Lists the machine's GPUs.
+pub fn list() -> Result<()> {
+    let adapters = softcard_gpu::server::list_adapters();
+    if adapters.is_empty() {
+        anyhow::bail!("no Vulkan adapter (install a driver, or mesa-vulkan-drivers for lavapipe)");
+    }
+    println!(
+        "{:<40} {:<8} {:<14} {:>12} {:>8}  DRIVER",
+        "ADAPTER", "BACKEND", "TYPE", "MAX BUFFER", "MAX 2D"
+    );
+    for a in adapters {
+        println!(
+            "{:<40} {:<8} {:<14} {:>12} {:>8}  {}",
+            a.name,
+            a.backend,
+            a.device_type,
+            format_size(a.max_buffer_size),
+            a.max_texture_dimension_2d,
+            a.driver
+        );
+    }
+    Ok(())
+}
+
+/// An ordinary wgpu render loop whose only vGPU-specific lines are the
+/// instance and the surface.
+pub fn demo(a: &DemoArgs) -> Result<()> {
+    let instance = softcard_gpu::remote_instance(&a.server)
+        .with_context(|| format!("connect to the GPU server at {}", a.server))?;
+    let surface = softcard_gpu::remote_surface(&instance);
+    let (device, queue) = workloads::open(&instance).map_err(|e| anyhow!(e))?;
+    let config = wgpu::SurfaceConfiguration {
+        usage: wgpu::TextureUsages::RENDER_ATTACHMENT,
+        format: wgpu::TextureFormat::Rgba8Unorm,
+        color_space: wgpu::SurfaceColorSpace::Auto,
+        width: a.width,
+        height: a.height,
+        desired_maximum_frame_latency: 2,
+        present_mode: wgpu::PresentMode::Fifo,
+        alpha_mode: wgpu::CompositeAlphaMode::Opaque,
+        view_formats: vec![],
+    };
+    surface.configure(&device, &config);
+    let scene = Scene::new(&device, &queue, a.width, a.height);
+    let period = (a.fps > 0.0).then(|| Duration::from_secs_f64(1.0 / a.fps));
+    let start = Instant::now();
+    let mut t = 0u32;
+    while a.frames == 0 || t < a.frames {
+        let frame = match surface.get_current_texture() {
+            wgpu::CurrentSurfaceTexture::Success(f)
+            | wgpu::CurrentSurfaceTexture::Suboptimal(f) => f,
+            other => anyhow::bail!("no surface texture: {other:?}"),
+        };
+        let view = frame.texture.create_view(&Default::default());
+        scene.draw(&queue, &device, &view, if a.still { 0 } else { t });
+        queue.present(frame);
+        t += 1;
+        if let Some(p) = period {
+            let due = start + p * t;
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+        }
+        if t % 100 == 0 {
+            device
+                .poll(wgpu::PollType::wait_indefinitely())
+                .map_err(|e| anyhow!("GPU server: {e}"))?;
+        }
+    }
+    device
+        .poll(wgpu::PollType::wait_indefinitely())
+        .map_err(|e| anyhow!("GPU server: {e}"))?;
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "rendered {t} frames of {}x{} in {secs:.2} s ({:.1} fps)",
+        a.width,
+        a.height,
+        f64::from(t) / secs
+    );
+    Ok(())
+}
