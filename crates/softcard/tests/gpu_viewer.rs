@@ -211,7 +211,7 @@ fn chromium_shows_the_remote_frames() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|x| x.as_f64().unwrap() as u32)
+        .map(|x| u32::try_from(x.as_f64().unwrap().round() as i64).unwrap())
         .collect();
     assert_eq!(&rect[2..], &[w, h], "canvas size");
     let shot = cdp.call("Page.captureScreenshot", json!({ "format": "png" }));
