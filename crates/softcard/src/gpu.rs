@@ -136,7 +136,7 @@ pub fn demo(a: &DemoArgs) -> Result<()> {
                 std::thread::sleep(wait);
             }
         }
-        if t % 100 == 0 {
+        if t.is_multiple_of(100) {
             device
                 .poll(wgpu::PollType::wait_indefinitely())
                 .map_err(|e| anyhow!("GPU server: {e}"))?;
