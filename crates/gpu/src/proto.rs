@@ -460,6 +460,31 @@ pub enum ProtoError {
     Decode(#[from] postcard::Error),
 }
 
+/// Sizes a connection's socket buffers for bulk transfers, so that a 4 MiB
+/// upload or readback moves in a few large copies rather than many small
+/// wake-ups. Failure only costs speed.
+pub fn tune_socket(s: &std::net::TcpStream) {
+    use std::os::fd::AsRawFd;
+    let size: libc::c_int = 8 << 20;
+    for opt in [libc::SO_SNDBUF, libc::SO_RCVBUF] {
+        // SAFETY: a valid socket descriptor, and a pointer to a c_int with
+        // its exact length, as setsockopt(2) expects.
+        let rc = unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                (&raw const size).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            log::debug!("setsockopt({opt}): {}", std::io::Error::last_os_error());
+        }
+    }
+    let _ = s.set_nodelay(true);
+}
+
 /// Writes one frame.
 pub fn write_frame<W: Write, T: Serialize>(w: &mut W, msg: &T, payload: &[u8]) -> io::Result<()> {
     let header = postcard::to_stdvec(msg).map_err(io::Error::other)?;
@@ -496,8 +521,10 @@ pub fn read_raw<R: Read>(r: &mut R) -> Result<Option<RawFrame>, ProtoError> {
     }
     let mut header = vec![0u8; hl];
     r.read_exact(&mut header)?;
-    let mut payload = Vec::new();
-    // Grow as the bytes arrive, so a lying length costs the peer the bytes.
+    // Up to 64 MiB is reserved at once (so a readback lands without
+    // re-allocation); beyond that the buffer grows as the bytes arrive, so
+    // a lying length costs the peer the bytes it claims.
+    let mut payload = Vec::with_capacity(pl.min(64 << 20));
     r.take(pl as u64).read_to_end(&mut payload)?;
     if payload.len() != pl {
         return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());

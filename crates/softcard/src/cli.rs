@@ -243,6 +243,8 @@ enum BenchCmd {
     Qos(bench::QosBenchArgs),
     /// The RDMA engine against sockperf and iperf3 (needs root).
     Rdma(bench::RdmaBenchArgs),
+    /// The vGPU against local wgpu on the same adapter.
+    Gpu(crate::gpu_bench::GpuBenchArgs),
 }
 
 /// Runs a parsed command line.
@@ -284,6 +286,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Bench(BenchCmd::Fairness(a)) => bench::fairness(&a),
         Command::Bench(BenchCmd::Qos(a)) => bench::qos(&a),
         Command::Bench(BenchCmd::Rdma(a)) => bench::rdma(&a),
+        Command::Bench(BenchCmd::Gpu(a)) => crate::gpu_bench::gpu(&a),
         Command::Tenant(TenantCmd::List { api }) => {
             let v = client(&api).call("GET", "/v1/tenants", None)?;
             for t in v.as_array().into_iter().flatten() {

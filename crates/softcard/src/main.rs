@@ -6,6 +6,7 @@ mod bench;
 mod cli;
 mod daemon;
 mod gpu;
+mod gpu_bench;
 
 use std::process::ExitCode;
 

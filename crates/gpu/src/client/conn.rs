@@ -8,7 +8,7 @@ use std::io::{BufReader, BufWriter, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::task::{Context, Poll, Waker};
 
 use crate::proto::{self, GpuError, Id, Message, Reply, Request};
@@ -25,6 +25,10 @@ type Callback = Box<dyn FnOnce(Result<Answer, String>) + Send>;
 #[derive(Default)]
 pub(crate) struct Shared {
     pending: Mutex<HashMap<u64, Callback>>,
+    /// Sequence number (plus one) of the last answer whose callback has
+    /// run; answers come in request order.
+    done: Mutex<u64>,
+    done_cv: Condvar,
     lost: Mutex<Option<String>>,
     pub(crate) on_error: Mutex<Option<Arc<dyn wgpu::UncapturedErrorHandler>>>,
     pub(crate) on_lost: Mutex<Option<wgpu::custom::BoxDeviceLostCallback>>,
@@ -58,6 +62,8 @@ impl Shared {
         for cb in pending {
             cb(Err(why.clone()));
         }
+        *self.done.lock().expect("done") = u64::MAX;
+        self.done_cv.notify_all();
         if first {
             if let Some(cb) = self.on_lost.lock().expect("on_lost").take() {
                 cb(wgpu::DeviceLostReason::Unknown, why);
@@ -103,6 +109,8 @@ pub(crate) fn to_wgpu_error(e: GpuError) -> wgpu::Error {
 struct Out {
     w: BufWriter<TcpStream>,
     seq: u64,
+    /// Sequence number of the last answered request sent, if any.
+    last_answered: Option<u64>,
 }
 
 /// One session with a GPU server.
@@ -137,13 +145,14 @@ impl Conn {
     /// Connects and says hello.
     pub(crate) fn connect(addr: impl ToSocketAddrs) -> std::io::Result<Arc<Self>> {
         let stream = TcpStream::connect(addr)?;
-        stream.set_nodelay(true)?;
+        proto::tune_socket(&stream);
         let shared = Arc::new(Shared::default());
         let mut reader = BufReader::with_capacity(1 << 16, stream.try_clone()?);
         let mut conn = Self {
             out: Mutex::new(Out {
                 w: BufWriter::with_capacity(1 << 16, stream.try_clone()?),
                 seq: 0,
+                last_answered: None,
             }),
             shared: shared.clone(),
             next_id: AtomicU64::new(1),
@@ -164,6 +173,7 @@ impl Conn {
             o.w.flush()?;
             o.seq = 1;
         }
+        *shared.done.lock().expect("done") = 1;
         let bad = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidData, m);
         match proto::read_raw(&mut reader).map_err(|e| bad(e.to_string()))? {
             Some((h, _)) => match proto::decode::<Message>(&h).map_err(|e| bad(e.to_string()))? {
@@ -207,6 +217,7 @@ impl Conn {
         o.seq += 1;
         if let Some(cb) = cb {
             self.shared.pending.lock().expect("pending").insert(seq, cb);
+            o.last_answered = Some(seq);
         }
         let mut r = proto::write_frame(&mut o.w, req, payload);
         if r.is_ok() && flush {
@@ -244,6 +255,33 @@ impl Conn {
     ) {
         ROUND_TRIPS.fetch_add(1, Ordering::Relaxed);
         self.write(req, payload, Some(Box::new(cb)), true);
+    }
+
+    /// Waits until the server has handled everything sent so far, when the
+    /// last request sent is itself answered: its answer proves it (the
+    /// server handles requests in order and finishes each submission
+    /// before the next request). Returns false when a Poll must be sent.
+    pub(crate) fn wait_if_last_answered(&self) -> bool {
+        let target = {
+            let mut o = self.out.lock().expect("out");
+            match o.last_answered {
+                Some(seq) if seq + 1 == o.seq => {
+                    if let Err(e) = o.w.flush() {
+                        drop(o);
+                        self.shared
+                            .lose(format!("connection to the GPU server failed: {e}"));
+                        return true;
+                    }
+                    seq + 1
+                }
+                _ => return false,
+            }
+        };
+        let mut done = self.shared.done.lock().expect("done");
+        while *done < target {
+            done = self.shared.done_cv.wait(done).expect("done");
+        }
+        true
     }
 
     /// Sends an answered request and waits for the answer.
@@ -315,6 +353,10 @@ fn read_loop(mut r: BufReader<TcpStream>, shared: Arc<Shared>) {
                         break format!("GPU server answered request {seq}, which asked nothing")
                     }
                 }
+                let mut done = shared.done.lock().expect("done");
+                *done = (*done).max(seq + 1);
+                drop(done);
+                shared.done_cv.notify_all();
             }
             Ok(Message::Uncaptured(e)) => shared.uncaptured(e),
             Ok(Message::Lost(why)) => break format!("GPU server closed the session: {why}"),

@@ -254,7 +254,7 @@ impl Session {
     }
 
     pub(super) fn run(mut self, conn: TcpStream) -> Result<(), SessionError> {
-        conn.set_nodelay(true)?;
+        proto::tune_socket(&conn);
         let mut rd = BufReader::with_capacity(1 << 16, conn.try_clone()?);
         let mut wr = BufWriter::with_capacity(1 << 16, conn);
         let result = self.serve(&mut rd, &mut wr);

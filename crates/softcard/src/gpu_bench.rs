@@ -1,0 +1,208 @@
+//! `softcard bench gpu`: local wgpu against the vGPU over loopback, on the
+//! same adapter, in the same run.
+
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Result};
+use softcard_gpu::workloads::{self, Offload, Scene};
+use softcard_gpu::{GpuServer, ServerConfig};
+
+/// Options of `softcard bench gpu`.
+#[derive(Debug, clap::Args)]
+pub struct GpuBenchArgs {
+    /// Iterations of the offload and small-dispatch loops.
+    #[arg(long, default_value_t = 40)]
+    iterations: u32,
+    /// Seconds of the render loop.
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn time_offload(
+    device: &wgpu::Device,
+    queue: &wgpu::Queue,
+    len: u64,
+    iterations: u32,
+) -> Result<(f64, Vec<u8>)> {
+    let o = Offload::new(device, len);
+    let data: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
+    // One warm-up run compiles the pipeline and faults the buffers in.
+    let mut out = o.run(device, queue, &data).map_err(|e| anyhow!(e))?;
+    let mut times = Vec::new();
+    for _ in 0..iterations {
+        let t = Instant::now();
+        out = o.run(device, queue, &data).map_err(|e| anyhow!(e))?;
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok((median(times), out))
+}
+
+/// Runs the benchmark and prints a table.
+pub fn gpu(a: &GpuBenchArgs) -> Result<()> {
+    let server = GpuServer::new(ServerConfig { quota: 2 << 30 }).map_err(|e| anyhow!(e))?;
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?.to_string();
+    let s = server.clone();
+    std::thread::spawn(move || s.serve(listener));
+    let vl = TcpListener::bind("127.0.0.1:0")?;
+    let vport = vl.local_addr()?.port();
+    let frames = server.frames();
+    std::thread::spawn(move || softcard_gpu::viewer::serve(vl, frames));
+
+    let info = server.adapter_info();
+    println!(
+        "# softcard bench gpu: {} ({}), local wgpu vs vGPU over loopback TCP, same adapter",
+        info.name, info.driver_info
+    );
+    let (ld, lq) = workloads::open(&workloads::local_instance()).map_err(|e| anyhow!(e))?;
+    let remote = softcard_gpu::remote_instance(&addr)?;
+    let (rd, rq) = workloads::open(&remote).map_err(|e| anyhow!(e))?;
+
+    // (a) 4 MiB upload, dispatch, readback.
+    let len = 4 << 20;
+    let (lt, lout) = time_offload(&ld, &lq, len, a.iterations)?;
+    let (rt, rout) = time_offload(&rd, &rq, len, a.iterations)?;
+    if lout != rout {
+        bail!("the vGPU's offload result differs from the local one");
+    }
+    println!();
+    println!("| (a) 4 MiB upload + dispatch + readback | median ms | ratio to local |");
+    println!("|---|---:|---:|");
+    println!("| local wgpu | {lt:.2} | 1.00 |");
+    println!("| vGPU over loopback | {rt:.2} | {:.2} |", rt / lt);
+
+    // (c) small dispatch loop: per-iteration time and round trips.
+    let small = 256;
+    let (lt, _) = time_offload(&ld, &lq, small, a.iterations * 5)?;
+    let before = softcard_gpu::round_trips();
+    let (rt, _) = time_offload(&rd, &rq, small, a.iterations * 5)?;
+    let trips = softcard_gpu::round_trips() - before;
+    let runs = u64::from(a.iterations * 5 + 1);
+    println!();
+    println!("| (c) 256 B upload + dispatch + readback, per iteration | median us | ratio to local | round trips per readback |");
+    println!("|---|---:|---:|---:|");
+    println!("| local wgpu | {:.0} | 1.00 | - |", lt * 1e3);
+    println!(
+        "| vGPU over loopback | {:.0} | {:.2} | {:.2} |",
+        rt * 1e3,
+        rt / lt,
+        trips as f64 / runs as f64
+    );
+
+    // (b) render loop at 1280x720: local offscreen, and remote presented to
+    // the viewer with a WebSocket client counting the frames it receives.
+    let (w, h) = (1280, 720);
+    let local_fps = {
+        let scene = Scene::new(&ld, &lq, w, h);
+        let target = ld.create_texture(&wgpu::TextureDescriptor {
+            label: Some("frame"),
+            size: wgpu::Extent3d {
+                width: w,
+                height: h,
+                depth_or_array_layers: 1,
+            },
+            mip_level_count: 1,
+            sample_count: 1,
+            dimension: wgpu::TextureDimension::D2,
+            format: scene.format,
+            usage: wgpu::TextureUsages::RENDER_ATTACHMENT | wgpu::TextureUsages::COPY_SRC,
+            view_formats: &[],
+        });
+        let view = target.create_view(&Default::default());
+        let start = Instant::now();
+        let mut n = 0u32;
+        while start.elapsed().as_secs_f64() < a.seconds {
+            scene.draw(&lq, &ld, &view, n);
+            ld.poll(wgpu::PollType::wait_indefinitely())
+                .map_err(|e| anyhow!("{e}"))?;
+            n += 1;
+        }
+        f64::from(n) / start.elapsed().as_secs_f64()
+    };
+    let received = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let (received, stop) = (received.clone(), stop.clone());
+        let stream = TcpStream::connect(("127.0.0.1", vport))?;
+        stream.set_read_timeout(Some(Duration::from_millis(500)))?;
+        let (mut ws, _) = tungstenite::client(format!("ws://127.0.0.1:{vport}/ws"), stream)
+            .map_err(|e| anyhow!("viewer websocket: {e}"))?;
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok(tungstenite::Message::Binary(b)) = ws.read() {
+                    if b.starts_with(&[0xFF, 0xD8]) {
+                        received.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        })
+    };
+    let surface = softcard_gpu::remote_surface(&remote);
+    surface.configure(
+        &rd,
+        &wgpu::SurfaceConfiguration {
+            usage: wgpu::TextureUsages::RENDER_ATTACHMENT,
+            format: wgpu::TextureFormat::Rgba8Unorm,
+            color_space: wgpu::SurfaceColorSpace::Auto,
+            width: w,
+            height: h,
+            desired_maximum_frame_latency: 2,
+            present_mode: wgpu::PresentMode::Fifo,
+            alpha_mode: wgpu::CompositeAlphaMode::Opaque,
+            view_formats: vec![],
+        },
+    );
+    let scene = Scene::new(&rd, &rq, w, h);
+    let published0 = server.frames().published();
+    let got0 = received.load(Ordering::Relaxed);
+    let start = Instant::now();
+    let mut n = 0u32;
+    while start.elapsed().as_secs_f64() < a.seconds {
+        let frame = match surface.get_current_texture() {
+            wgpu::CurrentSurfaceTexture::Success(f) => f,
+            other => bail!("no surface texture: {other:?}"),
+        };
+        let view = frame.texture.create_view(&Default::default());
+        scene.draw(&rq, &rd, &view, n);
+        rq.present(frame);
+        n += 1;
+        // Like a vsync'd application, never run more than two frames ahead.
+        if n.is_multiple_of(2) {
+            rd.poll(wgpu::PollType::wait_indefinitely())
+                .map_err(|e| anyhow!("{e}"))?;
+        }
+    }
+    rd.poll(wgpu::PollType::wait_indefinitely())
+        .map_err(|e| anyhow!("{e}"))?;
+    let secs = start.elapsed().as_secs_f64();
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    let _ = watcher.join();
+    let published = server.frames().published() - published0;
+    let got = received.load(Ordering::Relaxed) - got0;
+    println!();
+    println!("| (b) render loop, {w}x{h}, textured depth-tested scene | frames/s |");
+    println!("|---|---:|");
+    println!("| local wgpu, offscreen | {local_fps:.1} |");
+    println!(
+        "| vGPU: frames the application presented | {:.1} |",
+        f64::from(n) / secs
+    );
+    println!(
+        "| vGPU: frames read back on the server | {:.1} |",
+        published as f64 / secs
+    );
+    println!(
+        "| vGPU: JPEG frames received by a viewer over WebSocket | {:.1} |",
+        got as f64 / secs
+    );
+    Ok(())
+}
