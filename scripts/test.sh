@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up a fresh Debian machine for softcard's tests and runs all of them:
 # formatting, lints, unit and integration tests (libblkio, a hostile raw
-# vhost-user frontend, a QEMU guest), and a short fuzzing run.
+# vhost-user frontend, QEMU guests, Soft-RoCE, wgpu on lavapipe, headless
+# Chromium), and a short fuzzing run.
 #
 # System packages the tests need are installed with apt-get when missing.
 set -euo pipefail
@@ -24,6 +25,10 @@ command -v ibv_rc_pingpong >/dev/null || need+=(ibverbs-utils)
 [ -e /usr/lib/x86_64-linux-gnu/libibverbs/librxe-rdmav34.so ] || need+=(ibverbs-providers)
 command -v rdma >/dev/null || need+=(iproute2)
 command -v python3 >/dev/null || need+=(python3)
+# vGPU: Mesa's lavapipe gives wgpu a Vulkan device on the CPU; headless
+# Chromium is the viewer the browser test drives.
+compgen -G '/usr/share/vulkan/icd.d/lvp_icd*.json' >/dev/null || need+=(mesa-vulkan-drivers)
+command -v chromium >/dev/null || need+=(chromium)
 if [ ${#need[@]} -gt 0 ]; then
     log "installing ${need[*]}"
     sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
@@ -38,10 +43,10 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 log "tests"
 cargo test --workspace --locked
 
-log "fuzz (virtio-blk request parser, RoCEv2 receive path: ${FUZZ_SECONDS:=30} s each)"
+log "fuzz (virtio-blk request parser, RoCEv2 receive path, vGPU session: ${FUZZ_SECONDS:=30} s each)"
 if rustup toolchain list | grep -q '^nightly'; then
     command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
-    for target in request rdma_receive; do
+    for target in request rdma_receive gpu_session; do
         (cd fuzz && cargo +nightly fuzz run "$target" -- -max_total_time="$FUZZ_SECONDS")
     done
 else
