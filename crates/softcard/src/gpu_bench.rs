@@ -21,6 +21,33 @@ pub struct GpuBenchArgs {
     seconds: f64,
 }
 
+fn two_sessions(addr: &str, len: u64, seconds: f64) -> Result<Vec<f64>> {
+    let start = Instant::now() + Duration::from_millis(300);
+    let workers: Vec<_> = (0..2)
+        .map(|_| {
+            let addr = addr.to_string();
+            std::thread::spawn(move || -> Result<f64> {
+                let inst = softcard_gpu::remote_instance(&addr)?;
+                let (d, q) = workloads::open(&inst).map_err(|e| anyhow!(e))?;
+                let o = Offload::new(&d, len);
+                let data = vec![3u8; len as usize];
+                o.run(&d, &q, &data).map_err(|e| anyhow!(e))?;
+                std::thread::sleep(start.saturating_duration_since(Instant::now()));
+                let mut n = 0u32;
+                while start.elapsed().as_secs_f64() < seconds {
+                    o.run(&d, &q, &data).map_err(|e| anyhow!(e))?;
+                    n += 1;
+                }
+                Ok(f64::from(n) / start.elapsed().as_secs_f64())
+            })
+        })
+        .collect();
+    workers
+        .into_iter()
+        .map(|w| w.join().map_err(|_| anyhow!("worker panicked"))?)
+        .collect()
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -43,6 +70,39 @@ fn time_offload(
         times.push(t.elapsed().as_secs_f64() * 1e3);
     }
     Ok((median(times), out))
+}
+
+/// Bytes per second one loopback TCP stream carries on this machine, the
+/// floor under any network transfer of the offload's bytes.
+fn tcp_rate() -> Result<f64> {
+    use std::io::{Read, Write};
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    let addr = l.local_addr()?;
+    let total: usize = 256 << 20;
+    let sender = std::thread::spawn(move || -> std::io::Result<()> {
+        let mut s = TcpStream::connect(addr)?;
+        softcard_gpu::proto::tune_socket(&s);
+        let chunk = vec![7u8; 4 << 20];
+        for _ in 0..total / chunk.len() {
+            s.write_all(&chunk)?;
+        }
+        Ok(())
+    });
+    let (mut r, _) = l.accept()?;
+    softcard_gpu::proto::tune_socket(&r);
+    let mut buf = vec![0u8; 4 << 20];
+    let mut got = 0;
+    let start = Instant::now();
+    while got < total {
+        let n = r.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        got += n;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    sender.join().map_err(|_| anyhow!("sender panicked"))??;
+    Ok(got as f64 / secs)
 }
 
 /// Runs the benchmark and prints a table.
@@ -78,6 +138,13 @@ pub fn gpu(a: &GpuBenchArgs) -> Result<()> {
     println!("|---|---:|---:|");
     println!("| local wgpu | {lt:.2} | 1.00 |");
     println!("| vGPU over loopback | {rt:.2} | {:.2} |", rt / lt);
+    let rate = tcp_rate()?;
+    let floor = lt + 2.0 * len as f64 / rate * 1e3;
+    println!(
+        "| floor: local + 8 MiB at this machine's loopback TCP rate ({:.2} GB/s) | {floor:.2} | {:.2} |",
+        rate / 1e9,
+        floor / lt
+    );
 
     // (c) small dispatch loop: per-iteration time and round trips.
     let small = 256;
@@ -95,6 +162,20 @@ pub fn gpu(a: &GpuBenchArgs) -> Result<()> {
         rt * 1e3,
         rt / lt,
         trips as f64 / runs as f64
+    );
+
+    // (d) two sessions at once, each running the 4 MiB offload loop: how
+    // evenly the GPU is shared.
+    let per_session = two_sessions(&addr, len, a.seconds)?;
+    println!();
+    println!("| (d) two sessions at once, 4 MiB offload loop | iterations/s |");
+    println!("|---|---:|");
+    for (i, r) in per_session.iter().enumerate() {
+        println!("| session {} | {r:.1} |", i + 1);
+    }
+    println!(
+        "| ratio slower/faster | {:.2} |",
+        per_session[0].min(per_session[1]) / per_session[0].max(per_session[1])
     );
 
     // (b) render loop at 1280x720: local offscreen, and remote presented to

@@ -161,7 +161,26 @@ impl Objects {
 }
 
 /// A reply to send, with its payload.
-type Answer = Option<(Reply, Vec<u8>)>;
+type Answer = Option<(Reply, Payload)>;
+
+/// The bytes that go with a reply.
+pub(super) enum Payload {
+    Bytes(Vec<u8>),
+    /// A mapped range, written to the socket straight from the mapping;
+    /// the buffer is unmapped afterwards unless the client holds a write
+    /// mapping.
+    Mapped {
+        view: wgpu::BufferView,
+        buffer: wgpu::Buffer,
+        keep_mapped: bool,
+    },
+}
+
+impl From<Vec<u8>> for Payload {
+    fn from(v: Vec<u8>) -> Self {
+        Payload::Bytes(v)
+    }
+}
 
 /// Why a session ends early.
 #[derive(Debug, thiserror::Error)]
@@ -306,8 +325,26 @@ impl Session {
                     ))
                 }
             };
-            if let Some((reply, data)) = answer {
-                proto::write_frame(wr, &Message::Reply { seq, reply }, &data)?;
+            match answer {
+                Some((reply, Payload::Bytes(data))) => {
+                    proto::write_frame(wr, &Message::Reply { seq, reply }, &data)?;
+                }
+                Some((
+                    reply,
+                    Payload::Mapped {
+                        view,
+                        buffer,
+                        keep_mapped,
+                    },
+                )) => {
+                    let r = proto::write_frame(wr, &Message::Reply { seq, reply }, &view);
+                    drop(view);
+                    if !keep_mapped {
+                        buffer.unmap();
+                    }
+                    r?;
+                }
+                None => {}
             }
             let errors = std::mem::take(&mut *self.uncaptured.lock().expect("errors"));
             for e in errors {
@@ -410,7 +447,7 @@ impl Session {
                         session: self.id,
                         quota: self.server.config.quota,
                     },
-                    Vec::new(),
+                    Payload::Bytes(Vec::new()),
                 )))
             }
             Request::RequestAdapter => {
@@ -421,11 +458,14 @@ impl Session {
                     limits: a.limits(),
                     downlevel: a.get_downlevel_capabilities(),
                 };
-                Ok(Some((Reply::Adapter(Some(Box::new(desc))), Vec::new())))
+                Ok(Some((
+                    Reply::Adapter(Some(Box::new(desc))),
+                    Payload::Bytes(Vec::new()),
+                )))
             }
             Request::FormatFeatures { format } => {
                 let f = self.server.adapter.get_texture_format_features(format);
-                Ok(Some((Reply::FormatFeatures(f), Vec::new())))
+                Ok(Some((Reply::FormatFeatures(f), Payload::Bytes(Vec::new()))))
             }
             Request::RequestDevice {
                 device,
@@ -451,9 +491,12 @@ impl Session {
                             sink.lock().expect("errors").push(from_wgpu(&e));
                         }));
                         self.device = Some((d, q));
-                        Ok(Some((Reply::Device(Ok(())), Vec::new())))
+                        Ok(Some((Reply::Device(Ok(())), Payload::Bytes(Vec::new()))))
                     }
-                    Err(e) => Ok(Some((Reply::Device(Err(e.to_string())), Vec::new()))),
+                    Err(e) => Ok(Some((
+                        Reply::Device(Err(e.to_string())),
+                        Payload::Bytes(Vec::new()),
+                    ))),
                 }
             }
             Request::CreateBuffer { id, desc } => {
@@ -733,7 +776,7 @@ impl Session {
                 let reply = self.map(&device, buffer, write, range);
                 Ok(Some(match reply {
                     Ok(data) => (Reply::Mapped(Ok(())), data),
-                    Err(e) => (Reply::Mapped(Err(e)), Vec::new()),
+                    Err(e) => (Reply::Mapped(Err(e)), Vec::new().into()),
                 }))
             }
             Request::Unmap { buffer, range } => {
@@ -745,7 +788,7 @@ impl Session {
             Request::Poll => {
                 let device = &self.device()?.0;
                 let _ = device.poll(wgpu::PollType::wait_indefinitely());
-                Ok(Some((Reply::Polled, Vec::new())))
+                Ok(Some((Reply::Polled, Payload::Bytes(Vec::new()))))
             }
             Request::PushErrorScope { filter } => {
                 let device = &self.device()?.0;
@@ -765,11 +808,14 @@ impl Session {
                 let Some(scope) = self.scopes.pop() else {
                     return Ok(Some((
                         Reply::ErrorScope(Some(validation("no error scope to pop".into()))),
-                        Vec::new(),
+                        Payload::Bytes(Vec::new()),
                     )));
                 };
                 let theirs = pollster::block_on(scope.guard.pop()).map(|e| from_wgpu(&e));
-                Ok(Some((Reply::ErrorScope(theirs.or(scope.own)), Vec::new())))
+                Ok(Some((
+                    Reply::ErrorScope(theirs.or(scope.own)),
+                    Payload::Bytes(Vec::new()),
+                )))
             }
             Request::CompilationInfo { module } => {
                 let messages = match self.objects.shader(module) {
@@ -788,7 +834,10 @@ impl Session {
                         location: None,
                     }],
                 };
-                Ok(Some((Reply::CompilationInfo(messages), Vec::new())))
+                Ok(Some((
+                    Reply::CompilationInfo(messages),
+                    Payload::Bytes(Vec::new()),
+                )))
             }
             Request::Destroy { id } => {
                 match self.objects.0.get_mut(&id) {
@@ -836,7 +885,7 @@ impl Session {
                     quota: self.server.config.quota,
                     objects: self.objects.0.len() as u64,
                 },
-                Vec::new(),
+                Payload::Bytes(Vec::new()),
             ))),
         }
     }
@@ -995,7 +1044,7 @@ impl Session {
         id: Id,
         write: bool,
         range: std::ops::Range<u64>,
-    ) -> Result<Vec<u8>, String> {
+    ) -> Result<Payload, String> {
         let (buffer, mapped) = match self.objects.0.get_mut(&id) {
             Some(Obj::Buffer { buffer, mapped, .. }) => (buffer.clone(), mapped),
             other => return Err(bad_id(id, "buffer", other.map(|o| &*o)).description),
@@ -1024,16 +1073,22 @@ impl Session {
             Ok(Err(e)) => return Err(format!("map of buffer {id} failed: {e}")),
             Err(_) => return Err(format!("map of buffer {id} did not complete")),
         }
-        let data = buffer
-            .get_mapped_range(range.clone())
-            .map(|v| v.to_vec())
-            .map_err(|e| e.to_string());
-        if write && data.is_ok() {
-            *mapped = Some(range);
-        } else {
-            buffer.unmap();
+        match buffer.get_mapped_range(range.clone()) {
+            Ok(view) => {
+                if write {
+                    *mapped = Some(range);
+                }
+                Ok(Payload::Mapped {
+                    view,
+                    buffer: buffer.clone(),
+                    keep_mapped: write,
+                })
+            }
+            Err(e) => {
+                buffer.unmap();
+                Err(e.to_string())
+            }
         }
-        data
     }
 
     fn unmap(&mut self, id: Id, range: std::ops::Range<u64>, data: &[u8]) -> Result<(), GpuError> {
