@@ -504,6 +504,15 @@ pub type RawFrame = (Vec<u8>, Vec<u8>);
 /// Reads one frame's raw header and payload. `Ok(None)` on a clean end of
 /// stream before the frame starts.
 pub fn read_raw<R: Read>(r: &mut R) -> Result<Option<RawFrame>, ProtoError> {
+    match read_head(r)? {
+        Some((header, pl)) => Ok(Some((header, read_payload(r, pl)?))),
+        None => Ok(None),
+    }
+}
+
+/// Reads a frame's prefix and header, leaving the payload (whose length is
+/// returned) in the stream. `Ok(None)` on a clean end of stream.
+pub fn read_head<R: Read>(r: &mut R) -> Result<Option<(Vec<u8>, usize)>, ProtoError> {
     let mut prefix = [0u8; 8];
     match r.read_exact(&mut prefix[..1]) {
         Ok(()) => {}
@@ -521,15 +530,20 @@ pub fn read_raw<R: Read>(r: &mut R) -> Result<Option<RawFrame>, ProtoError> {
     }
     let mut header = vec![0u8; hl];
     r.read_exact(&mut header)?;
+    Ok(Some((header, pl)))
+}
+
+/// Reads a payload of `len` bytes (at most [`MAX_PAYLOAD`]).
+pub fn read_payload<R: Read>(r: &mut R, len: usize) -> Result<Vec<u8>, ProtoError> {
     // Up to 64 MiB is reserved at once (so a readback lands without
     // re-allocation); beyond that the buffer grows as the bytes arrive, so
     // a lying length costs the peer the bytes it claims.
-    let mut payload = Vec::with_capacity(pl.min(64 << 20));
-    r.take(pl as u64).read_to_end(&mut payload)?;
-    if payload.len() != pl {
+    let mut payload = Vec::with_capacity(len.min(64 << 20));
+    r.take(len as u64).read_to_end(&mut payload)?;
+    if payload.len() != len {
         return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
     }
-    Ok(Some((header, payload)))
+    Ok(payload)
 }
 
 /// Decodes a header.

@@ -1,7 +1,7 @@
 //! One client's vGPU session.
 
 use std::collections::HashMap;
-use std::io::{BufReader, BufWriter, Write};
+use std::io::{BufReader, BufWriter, Read, Write};
 use std::net::TcpStream;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Mutex};
@@ -310,19 +310,24 @@ impl Session {
         wr: &mut BufWriter<W>,
     ) -> Result<(), SessionError> {
         loop {
-            let Some((header, payload)) = proto::read_raw(rd)? else {
+            let Some((header, plen)) = proto::read_head(rd)? else {
                 return Ok(());
             };
             let req: Request = proto::decode(&header)?;
             let seq = self.seq;
             self.seq += 1;
-            let out = catch_unwind(AssertUnwindSafe(|| self.handle(req, &payload)));
-            let answer = match out {
-                Ok(answer) => answer?,
-                Err(_) => {
-                    return Err(SessionError::Violation(
-                        "request made the GPU layer panic; session closed".into(),
-                    ))
+            let answer = if self.write_in_place(&req, plen, rd)? {
+                None
+            } else {
+                let payload = proto::read_payload(rd, plen)?;
+                let out = catch_unwind(AssertUnwindSafe(|| self.handle(req, &payload)));
+                match out {
+                    Ok(answer) => answer?,
+                    Err(_) => {
+                        return Err(SessionError::Violation(
+                            "request made the GPU layer panic; session closed".into(),
+                        ))
+                    }
                 }
             };
             match answer {
@@ -355,6 +360,50 @@ impl Session {
                 self.server.live.update(self.stats());
             }
         }
+    }
+
+    /// A `WriteBuffer` whose target is valid is read from the socket
+    /// straight into wgpu's staging memory, saving a copy of the payload.
+    /// Returns false (nothing read) when the request takes the general path,
+    /// which also reports whatever makes the write invalid.
+    fn write_in_place<R: std::io::Read>(
+        &mut self,
+        req: &Request,
+        len: usize,
+        rd: &mut BufReader<R>,
+    ) -> Result<bool, SessionError> {
+        let Request::WriteBuffer { buffer, offset } = *req else {
+            return Ok(false);
+        };
+        let (Some((_, queue)), Ok(b)) = (self.device.as_ref(), self.objects.buffer(buffer)) else {
+            return Ok(false);
+        };
+        let Some(size) = std::num::NonZeroU64::new(len as u64) else {
+            return Ok(false);
+        };
+        if offset
+            .checked_add(size.get())
+            .is_none_or(|end| end > b.size())
+        {
+            return Ok(false);
+        }
+        let Some(mut view) = queue.write_buffer_with(b, offset, size) else {
+            return Ok(false);
+        };
+        let mut dst = view.slice(..);
+        if dst.len() != len {
+            return Ok(false);
+        }
+        let ptr = dst.as_raw_element_ptr();
+        // SAFETY: `ptr` points at `len` bytes of staging memory that wgpu
+        // handed out for writing and keeps alive until `view` drops, after
+        // this slice's last use; the bytes are mapped host memory (valid to
+        // hold any value), and `read_exact` only writes through the slice.
+        let dst = unsafe { std::slice::from_raw_parts_mut(ptr.as_ptr(), len) };
+        rd.read_exact(dst)?;
+        // Dropping the view schedules the copy into the buffer.
+        drop(view);
+        Ok(true)
     }
 
     /// Records an error the session itself found: into the innermost scope
