@@ -678,6 +678,10 @@ pub struct RdmaBenchArgs {
     /// Seconds per measurement.
     #[arg(long, default_value_t = 3.0)]
     seconds: f64,
+    /// Which paths to measure: loopback (127.0.0.1 <-> 127.0.0.2) and/or a
+    /// veth pair between two network namespaces the benchmark creates.
+    #[arg(long, value_delimiter = ',', default_value = "loopback,veth")]
+    path: Vec<String>,
 }
 
 mod rdma_bench {
@@ -688,8 +692,31 @@ mod rdma_bench {
     use anyhow::{Context, Result};
     use softcard_rdma::rc::{Access, Engine, RecvWr, WcOpcode};
 
-    pub const A: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 1);
-    pub const B: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
+    /// The two ends of a measured path, and the network namespace each end
+    /// runs in (none: the caller's).
+    #[derive(Debug, Clone)]
+    pub struct Path {
+        pub name: &'static str,
+        pub a: Ipv4Addr,
+        pub b: Ipv4Addr,
+        pub ns_a: Option<String>,
+        pub ns_b: Option<String>,
+    }
+
+    /// Moves the calling thread into network namespace `ns`.
+    pub fn enter(ns: Option<&str>) -> Result<()> {
+        use std::os::fd::AsRawFd;
+        let Some(ns) = ns else { return Ok(()) };
+        let f = std::fs::File::open(format!("/run/netns/{ns}"))
+            .with_context(|| format!("network namespace {ns}"))?;
+        // SAFETY: a valid namespace file descriptor; setns(2) affects only
+        // the calling thread's network namespace.
+        let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error()).context("setns");
+        }
+        Ok(())
+    }
 
     /// What the passive side tells the active one.
     #[derive(Debug, Clone, Copy)]
@@ -729,11 +756,13 @@ mod rdma_bench {
     /// The passive side: echoes SENDs, echoes WRITEs by watching memory,
     /// or just places WRITEs.
     pub fn passive(
+        path: &Path,
         mode: Mode,
         tx: mpsc::Sender<Target>,
         stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     ) -> Result<()> {
-        let (mut e, qp, mr) = engine(B, 0x200, A, 0x100)?;
+        enter(path.ns_b.as_deref())?;
+        let (mut e, qp, mr) = engine(path.b, 0x200, path.a, 0x100)?;
         for i in 0..64 {
             e.post_recv(
                 qp,
@@ -794,20 +823,33 @@ mod rdma_bench {
         Bandwidth { gbit: f64 },
     }
 
-    pub fn run(mode: Mode, seconds: f64) -> Result<Figures> {
+    /// Runs one measurement with each side in its own thread (and
+    /// namespace).
+    pub fn run(path: &Path, mode: Mode, seconds: f64) -> Result<Figures> {
+        let path = path.clone();
+        std::thread::spawn(move || -> Result<Figures> {
+            enter(path.ns_a.as_deref())?;
+            run_here(&path, mode, seconds)
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("benchmark thread panicked"))?
+    }
+
+    fn run_here(path: &Path, mode: Mode, seconds: f64) -> Result<Figures> {
         let (tx, rx) = mpsc::channel();
         let (back_tx, back_rx) = mpsc::channel::<Target>();
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let passive = {
             let stop = stop.clone();
+            let path = path.clone();
             std::thread::spawn(move || -> Result<()> {
                 if let Ok(t) = back_rx.recv() {
                     PEER.with(|p| *p.borrow_mut() = Some(t));
                 }
-                passive(mode, tx, stop)
+                passive(&path, mode, tx, stop)
             })
         };
-        let (mut e, qp, mr) = engine(A, 0x100, B, 0x200)?;
+        let (mut e, qp, mr) = engine(path.a, 0x100, path.b, 0x200)?;
         for i in 0..64 {
             e.post_recv(
                 qp,
@@ -911,25 +953,38 @@ mod rdma_bench {
     }
 }
 
-fn sockperf_latency(seconds: f64, busy: bool) -> Result<(f64, f64)> {
+/// `cmd` run in network namespace `ns` (through `ip netns exec`).
+fn in_ns(ns: Option<&str>, cmd: &str) -> Command {
+    match ns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, cmd]);
+            c
+        }
+        None => Command::new(cmd),
+    }
+}
+
+fn sockperf_latency(path: &rdma_bench::Path, seconds: f64, busy: bool) -> Result<(f64, f64)> {
+    let server_ip = path.b.to_string();
     let poll: &[&str] = if busy {
         &["--timeout", "0", "--nonblocked"]
     } else {
         &[]
     };
-    let mut server = Command::new("sockperf")
-        .args(["server", "-i", "127.0.0.1", "-p", "11111"])
+    let mut server = in_ns(path.ns_b.as_deref(), "sockperf")
+        .args(["server", "-i", &server_ip, "-p", "11111"])
         .args(poll)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .context("sockperf (package sockperf)")?;
     std::thread::sleep(Duration::from_millis(500));
-    let out = Command::new("sockperf")
+    let out = in_ns(path.ns_a.as_deref(), "sockperf")
         .args([
             "ping-pong",
             "-i",
-            "127.0.0.1",
+            &server_ip,
             "-p",
             "11111",
             "-m",
@@ -955,16 +1010,17 @@ fn sockperf_latency(seconds: f64, busy: bool) -> Result<(f64, f64)> {
     ))
 }
 
-fn iperf3_gbit(seconds: f64) -> Result<f64> {
-    let mut server = Command::new("iperf3")
-        .args(["-s", "-1", "-B", "127.0.0.1", "-p", "5299"])
+fn iperf3_gbit(path: &rdma_bench::Path, seconds: f64) -> Result<f64> {
+    let server_ip = path.b.to_string();
+    let mut server = in_ns(path.ns_b.as_deref(), "iperf3")
+        .args(["-s", "-1", "-B", &server_ip, "-p", "5299"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .context("iperf3 (package iperf3)")?;
     std::thread::sleep(Duration::from_millis(500));
-    let out = Command::new("iperf3")
-        .args(["-c", "127.0.0.1", "-p", "5299", "-J", "-t"])
+    let out = in_ns(path.ns_a.as_deref(), "iperf3")
+        .args(["-c", &server_ip, "-p", "5299", "-J", "-t"])
         .arg(format!("{:.0}", seconds.ceil()))
         .output()?;
     let _ = server.wait();
@@ -979,12 +1035,95 @@ fn iperf3_gbit(seconds: f64) -> Result<f64> {
 /// against sockperf (UDP ping-pong latency) and iperf3 (TCP single stream)
 /// on the same path, in the same run.
 pub fn rdma(a: &RdmaBenchArgs) -> Result<()> {
+    use rdma_bench::Path;
+    for name in &a.path {
+        match name.as_str() {
+            "loopback" => rdma_path(
+                &Path {
+                    name: "loopback (127.0.0.1 <-> 127.0.0.2)",
+                    a: std::net::Ipv4Addr::new(127, 0, 0, 1),
+                    b: std::net::Ipv4Addr::new(127, 0, 0, 2),
+                    ns_a: None,
+                    ns_b: None,
+                },
+                a.seconds,
+            )?,
+            "veth" => {
+                let pair = VethPair::new()?;
+                rdma_path(&pair.path(), a.seconds)?;
+            }
+            other => anyhow::bail!("unknown path {other:?} (loopback, veth)"),
+        }
+    }
+    Ok(())
+}
+
+/// Two network namespaces joined by a veth pair (MTU 9000, so a 4096-byte
+/// RoCE path MTU fits in one frame), removed on drop.
+struct VethPair {
+    ns: [String; 2],
+}
+
+impl VethPair {
+    fn new() -> Result<Self> {
+        let tag = std::process::id();
+        let ns = [format!("scb{tag}a"), format!("scb{tag}b")];
+        let pair = Self { ns };
+        let (a, b) = (&pair.ns[0], &pair.ns[1]);
+        let (va, vb) = (format!("scv{tag}a"), format!("scv{tag}b"));
+        let ip = |args: &[&str]| -> Result<()> {
+            let st = Command::new("ip")
+                .args(args)
+                .status()
+                .context("ip (iproute2)")?;
+            anyhow::ensure!(st.success(), "ip {} failed (run as root)", args.join(" "));
+            Ok(())
+        };
+        ip(&["netns", "add", a])?;
+        ip(&["netns", "add", b])?;
+        ip(&[
+            "link", "add", &va, "mtu", "9000", "type", "veth", "peer", "name", &vb, "mtu", "9000",
+        ])?;
+        ip(&["link", "set", &va, "netns", a])?;
+        ip(&["link", "set", &vb, "netns", b])?;
+        for (ns, dev, addr) in [(a, &va, "10.77.0.1/24"), (b, &vb, "10.77.0.2/24")] {
+            ip(&["-n", ns, "addr", "add", addr, "dev", dev])?;
+            ip(&["-n", ns, "link", "set", dev, "up"])?;
+            ip(&["-n", ns, "link", "set", "lo", "up"])?;
+        }
+        Ok(pair)
+    }
+
+    fn path(&self) -> rdma_bench::Path {
+        rdma_bench::Path {
+            name: "veth pair between two network namespaces (10.77.0.1 <-> 10.77.0.2, MTU 9000)",
+            a: std::net::Ipv4Addr::new(10, 77, 0, 1),
+            b: std::net::Ipv4Addr::new(10, 77, 0, 2),
+            ns_a: Some(self.ns[0].clone()),
+            ns_b: Some(self.ns[1].clone()),
+        }
+    }
+}
+
+impl Drop for VethPair {
+    fn drop(&mut self) {
+        for ns in &self.ns {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+fn rdma_path(path: &rdma_bench::Path, seconds: f64) -> Result<()> {
     use rdma_bench::{run, Figures, Mode};
-    println!("# softcard bench rdma: loopback (127.0.0.1 <-> 127.0.0.2), {} s per cell, one thread per side", a.seconds);
+    println!();
+    println!(
+        "# softcard bench rdma: {}, {seconds} s per cell, one thread per side",
+        path.name
+    );
     // The engine busy-polls; sockperf is measured both ways, and the
     // ratio is taken against its busy-polling mode.
-    let (bp50, bp99) = sockperf_latency(a.seconds, false)?;
-    let (sp50, sp99) = sockperf_latency(a.seconds, true)?;
+    let (bp50, bp99) = sockperf_latency(path, seconds, false)?;
+    let (sp50, sp99) = sockperf_latency(path, seconds, true)?;
     println!("| latency, 64 B, one way (RTT/2) | p50 us | p99 us | p50 / sockperf busy-poll |");
     println!("|---|---:|---:|---:|");
     println!(
@@ -996,17 +1135,17 @@ pub fn rdma(a: &RdmaBenchArgs) -> Result<()> {
         ("softcard SEND ping-pong", Mode::SendPingPong),
         ("softcard WRITE ping-pong", Mode::WritePingPong),
     ] {
-        if let Figures::Latency { p50, p99 } = run(mode, a.seconds)? {
+        if let Figures::Latency { p50, p99 } = run(path, mode, seconds)? {
             println!("| {name} | {p50:.1} | {p99:.1} | {:.2} |", p50 / sp50);
         }
     }
-    let ip = iperf3_gbit(a.seconds)?;
+    let ip = iperf3_gbit(path, seconds)?;
     println!();
     println!("| bandwidth | Gbit/s | / iperf3 |");
     println!("|---|---:|---:|");
     println!("| iperf3 TCP, one stream | {ip:.2} | 1.00 |");
     for size in [64 << 10, 256 << 10, 1 << 20] {
-        if let Figures::Bandwidth { gbit } = run(Mode::WriteBandwidth(size), a.seconds)? {
+        if let Figures::Bandwidth { gbit } = run(path, Mode::WriteBandwidth(size), seconds)? {
             println!(
                 "| softcard WRITE {} KiB, 8 in flight | {gbit:.2} | {:.3} |",
                 size >> 10,
