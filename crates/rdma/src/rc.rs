@@ -7,10 +7,11 @@
 //! will not place: acknowledgements, duplicates, sequence errors, missing
 //! receive buffers, protection faults.
 //!
-//! In progress (issue #4): SEND and SEND with immediate, RDMA WRITE (only)
-//! with and without immediate, ACK and NAK handling, go-back-N resend on
-//! NAK. Not yet: multi-packet messages, RDMA READ, atomics, retransmission
-//! timers, RNR retry on the requester side.
+//! The requester side: SEND and WRITE (with and without immediate) and
+//! READ, split by path MTU; a send window; coalesced ACKs; go-back-N on a
+//! sequence NAK or a timeout with a retry limit; RNR retry after the timer
+//! the peer's RNR NAK names, with verbs' `rnr_retry` limit. Not yet:
+//! atomics.
 
 use std::collections::VecDeque;
 use std::io;
@@ -88,6 +89,9 @@ pub enum WcStatus {
     RemoteInvalidRequest,
     /// No acknowledgement after every retry.
     RetryExceeded,
+    /// The peer kept answering "receiver not ready" (no posted receive)
+    /// after every RNR retry.
+    RnrRetryExceeded,
     /// The QP went to ERROR before this work finished.
     Flushed,
 }
@@ -178,6 +182,10 @@ pub struct QueuePair {
     rto_at: Option<Instant>,
     /// Resends without progress.
     retries: u32,
+    /// When the packets an RNR NAK refused are sent again.
+    rnr_at: Option<Instant>,
+    /// RNR NAKs in a row without progress.
+    rnr_retries: u32,
     /// A NAK for the current expected PSN was sent (send it once).
     nak_sent: bool,
     /// A coalesced ACK not sent yet: the PSN it covers, requests it
@@ -206,6 +214,8 @@ impl QueuePair {
             pending_tx: VecDeque::new(),
             rto_at: None,
             retries: 0,
+            rnr_at: None,
+            rnr_retries: 0,
             nak_sent: false,
             ack_due: None,
         }
@@ -544,8 +554,10 @@ pub struct PathStats {
     pub fast_bytes: u64,
     /// Packets handled by software.
     pub slow_packets: u64,
-    /// Packets sent again (timeouts and sequence NAKs).
+    /// Packets sent again (timeouts, sequence NAKs, RNR NAKs).
     pub retransmits: u64,
+    /// RNR NAKs received (the peer had no receive posted).
+    pub rnr_naks: u64,
     /// Packets dropped for a bad ICRC or malformed headers.
     pub dropped: u64,
 }
@@ -606,6 +618,22 @@ pub struct Engine {
     /// Resends without progress before the QP fails its work requests
     /// with `RetryExceeded`.
     pub max_retries: u32,
+    /// RNR NAKs in a row a QP accepts before failing its work with
+    /// `RnrRetryExceeded`; 7 means without limit, as in verbs' `rnr_retry`.
+    pub rnr_retry: u32,
+}
+
+/// The RNR NAK timer field (the low 5 bits of the AETH syndrome) in
+/// microseconds, as the IBTA encodes it: 0 is the longest, 655.36 ms.
+const RNR_TIMER_US: [u32; 32] = [
+    655_360, 10, 20, 30, 40, 60, 80, 120, 160, 240, 320, 480, 640, 960, 1_280, 1_920, 2_560, 3_840,
+    5_120, 7_680, 10_240, 15_360, 20_480, 30_720, 40_960, 61_440, 81_920, 122_880, 163_840,
+    245_760, 327_680, 491_520,
+];
+
+/// How long an RNR NAK with syndrome `syndrome` asks the requester to wait.
+pub fn rnr_delay(syndrome: u8) -> Duration {
+    Duration::from_micros(u64::from(RNR_TIMER_US[usize::from(syndrome & 0x1f)]))
 }
 
 impl Engine {
@@ -621,6 +649,7 @@ impl Engine {
             window: 32,
             rto: Duration::from_millis(20),
             max_retries: 7,
+            rnr_retry: 7,
         })
     }
 
@@ -965,35 +994,26 @@ impl Engine {
         let now = Instant::now();
         for qi in 0..self.qps.len() {
             let q = &mut self.qps[qi];
-            if q.rto_at.is_none_or(|t| t > now) || q.state == QpState::Error {
+            if q.state == QpState::Error {
+                continue;
+            }
+            if q.rnr_at.is_some_and(|t| t <= now) {
+                // The peer's RNR timer ran out: send the refused packets
+                // (and what followed) again.
+                q.rnr_at = None;
+                q.rto_at = Some(now + self.rto);
+                self.stats.retransmits += q.unacked.len() as u64;
+                let (ip, port) = (q.remote_ip, q.src_port);
+                for o in q.unacked.iter_mut() {
+                    self.io.send(ip, port, &mut o.packet)?;
+                }
+                continue;
+            }
+            if q.rto_at.is_none_or(|t| t > now) {
                 continue;
             }
             if q.retries >= self.max_retries {
-                q.state = QpState::Error;
-                q.rto_at = None;
-                let failed: Vec<(u64, WcOpcode)> = q
-                    .unacked
-                    .iter()
-                    .chain(q.pending_tx.iter())
-                    .filter_map(|o| o.completes.map(|w| (w, o.kind)))
-                    .chain(q.reads.iter().map(|r| (r.wr_id, WcOpcode::RdmaRead)))
-                    .collect();
-                q.unacked.clear();
-                q.pending_tx.clear();
-                q.reads.clear();
-                let qpn = q.qpn;
-                for (wr_id, opcode) in failed {
-                    self.cq.push_back(Completion {
-                        wr_id,
-                        opcode,
-                        status: WcStatus::RetryExceeded,
-                        byte_len: 0,
-                        imm: None,
-                        qpn,
-                        path: PathKind::Software,
-                    });
-                }
-                self.to_error(qi);
+                self.fail_outstanding(qi, WcStatus::RetryExceeded);
                 continue;
             }
             q.retries += 1;
@@ -1005,6 +1025,38 @@ impl Engine {
             }
         }
         Ok(())
+    }
+
+    /// Fails every outstanding work request of QP `qi` with `status` and
+    /// moves the QP to ERROR.
+    fn fail_outstanding(&mut self, qi: usize, status: WcStatus) {
+        let q = &mut self.qps[qi];
+        q.state = QpState::Error;
+        q.rto_at = None;
+        q.rnr_at = None;
+        let failed: Vec<(u64, WcOpcode)> = q
+            .unacked
+            .iter()
+            .chain(q.pending_tx.iter())
+            .filter_map(|o| o.completes.map(|w| (w, o.kind)))
+            .chain(q.reads.iter().map(|r| (r.wr_id, WcOpcode::RdmaRead)))
+            .collect();
+        q.unacked.clear();
+        q.pending_tx.clear();
+        q.reads.clear();
+        let qpn = q.qpn;
+        for (wr_id, opcode) in failed {
+            self.cq.push_back(Completion {
+                wr_id,
+                opcode,
+                status,
+                byte_len: 0,
+                imm: None,
+                qpn,
+                path: PathKind::Software,
+            });
+        }
+        self.to_error(qi);
     }
 
     /// Sends a SEND or WRITE message in path-MTU packets.
@@ -1088,6 +1140,7 @@ impl Engine {
         }
         if q.unacked.len() < before {
             q.retries = 0;
+            q.rnr_retries = 0;
             q.rto_at = (!q.unacked.is_empty()).then(|| Instant::now() + self.rto);
         }
         self.flush_tx(qi)
@@ -1209,6 +1262,11 @@ impl Engine {
         } else {
             timeout
         };
+        // Nor longer than an RNR wait ends.
+        let timeout = match self.qps.iter().filter_map(|q| q.rnr_at).min() {
+            Some(t) => timeout.min(t.saturating_duration_since(Instant::now())),
+            None => timeout,
+        };
         let mut any = false;
         let mut wait = timeout.min(self.rto);
         // Handle what is already there (up to a batch), waiting only for
@@ -1327,7 +1385,26 @@ impl Engine {
                             self.to_error(qi);
                         }
                     }
-                    _ => {} // RNR NAK: the resend timer (not yet) retries
+                    1 => {
+                        // RNR NAK: the packets before its PSN arrived; the
+                        // rest goes again after the timer the peer asked
+                        // for, up to `rnr_retry` times in a row.
+                        self.acknowledge(qi, psn_add(pkt.bth.psn, 0x00ff_ffff))?;
+                        self.stats.rnr_naks += 1;
+                        let limit = self.rnr_retry;
+                        let q = &mut self.qps[qi];
+                        if q.unacked.is_empty() {
+                            return Ok(());
+                        }
+                        if limit != 7 && q.rnr_retries >= limit {
+                            self.fail_outstanding(qi, WcStatus::RnrRetryExceeded);
+                        } else {
+                            q.rnr_retries += 1;
+                            q.rto_at = None;
+                            q.rnr_at = Some(Instant::now() + rnr_delay(aeth.syndrome));
+                        }
+                    }
+                    _ => {}
                 }
                 Ok(())
             }

@@ -173,3 +173,72 @@ fn write_read_and_protection_between_two_engines() {
     assert!(sb.fast_bytes >= 7000, "{sb:?}");
     assert_eq!(sa.dropped + sb.dropped, 0);
 }
+
+/// A SEND that arrives before its receive is posted: the responder answers
+/// RNR NAK, the requester waits the timer the NAK names and sends again
+/// until the receive is there. With `rnr_retry` 0 the same SEND fails with
+/// `RnrRetryExceeded` and the QP goes to ERROR.
+#[test]
+fn rnr_retry_waits_for_the_receive_and_gives_up_when_told() {
+    let ns = softcard_testkit::Netns::new("lo");
+    let t = std::thread::spawn(move || {
+        ns.enter();
+        let mut a = Engine::open(A).expect("engine (needs CAP_NET_RAW)");
+        let mut b = Engine::open(B).unwrap();
+        let (qa, qb) = (a.create_qp(0x300), b.create_qp(0x400));
+        a.connect(qa, 0x400, B, 100, 200);
+        b.connect(qb, 0x300, A, 200, 100);
+        let rw = Access {
+            remote_write: true,
+            remote_read: true,
+        };
+        let (ma, mb) = (a.reg_mr(8192, rw), b.reg_mr(8192, rw));
+        a.fill(ma, 0, b"not ready yet");
+        a.post_send(qa, 7, ma, 0, 13).unwrap();
+        // B has no receive posted: poll both for a while; only RNR NAKs.
+        let until = Instant::now() + Duration::from_millis(200);
+        while Instant::now() < until {
+            a.poll(Duration::from_millis(1)).unwrap();
+            b.poll(Duration::from_millis(1)).unwrap();
+        }
+        assert!(
+            a.cq.is_empty() && b.cq.is_empty(),
+            "nothing completes without a receive"
+        );
+        assert!(a.stats.rnr_naks >= 2, "RNR NAKs seen: {}", a.stats.rnr_naks);
+        assert_eq!(a.qp_state(qa), QpState::Rts);
+        // The receive arrives; the next retry lands the message.
+        b.post_recv(
+            qb,
+            RecvWr {
+                wr_id: 9,
+                mr: mb,
+                offset: 100,
+                len: 4096,
+            },
+        );
+        let c = pump(&mut a, &mut b, 1);
+        assert_eq!(
+            (c.wr_id, c.opcode, c.status, c.byte_len),
+            (9, WcOpcode::Recv, WcStatus::Success, 13)
+        );
+        assert_eq!(&b.mr(mb).bytes()[100..113], b"not ready yet");
+        let c = pump(&mut a, &mut b, 0);
+        assert_eq!(
+            (c.wr_id, c.opcode, c.status),
+            (7, WcOpcode::Send, WcStatus::Success)
+        );
+
+        // Now with no RNR retries allowed and no receive posted.
+        a.rnr_retry = 0;
+        a.post_send(qa, 8, ma, 0, 13).unwrap();
+        let c = pump(&mut a, &mut b, 0);
+        assert_eq!(
+            (c.wr_id, c.opcode, c.status),
+            (8, WcOpcode::Send, WcStatus::RnrRetryExceeded)
+        );
+        assert_eq!(a.qp_state(qa), QpState::Error);
+        assert!(b.cq.is_empty(), "nothing was received");
+    });
+    t.join().unwrap();
+}

@@ -250,9 +250,12 @@ for m in /lib/modules/*.ko*; do $B insmod "$m" 2>/dev/null || echo "SOFTCARD-WAR
 pub struct Netns(String);
 
 impl Netns {
-    /// Creates `sc-<tag>-<pid>` with its loopback up.
+    /// Creates `sc-<tag>-<pid>-<n>` (unique among the tests of one
+    /// process, which run in parallel) with its loopback up.
     pub fn new(tag: &str) -> Self {
-        let name = format!("sc-{tag}-{}", std::process::id());
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("sc-{tag}-{}-{n}", std::process::id());
         let ns = Netns(name);
         ns.ip(&["netns", "add", &ns.0]);
         ns.exec("ip link set lo up");
