@@ -21,9 +21,75 @@ use std::time::{Duration, Instant};
 use crate::net::RawIo;
 use crate::wire::{self, opcode, Aeth, Bth, Packet, Reth, DEFAULT_PKEY};
 
+/// A protection domain: QPs reach only memory regions of their own
+/// domain, for the peer's requests (rkeys) and for their own work requests
+/// (scatter/gather entries).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Pd(u32);
+
+impl Pd {
+    /// The domain of `reg_mr` and `create_qp`.
+    pub const DEFAULT: Pd = Pd(0);
+}
+
+/// A scatter/gather entry: `len` bytes at `offset` in region `mr`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sge {
+    /// Memory region index.
+    pub mr: usize,
+    /// Offset in the region.
+    pub offset: usize,
+    /// Bytes.
+    pub len: usize,
+}
+
+/// What a send-queue work request does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendOp {
+    /// SEND, with immediate data if given.
+    Send {
+        /// Immediate data.
+        imm: Option<u32>,
+    },
+    /// RDMA WRITE to the peer's `remote_va` under `rkey`.
+    Write {
+        /// Peer virtual address.
+        remote_va: u64,
+        /// Peer's remote key.
+        rkey: u32,
+        /// Immediate data (WRITE with immediate).
+        imm: Option<u32>,
+    },
+    /// RDMA READ from the peer's `remote_va` under `rkey` into the one
+    /// scatter entry.
+    Read {
+        /// Peer virtual address.
+        remote_va: u64,
+        /// Peer's remote key.
+        rkey: u32,
+    },
+}
+
+/// A send-queue work request, as verbs' `ibv_send_wr` has it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SendWr {
+    /// Caller's id, returned in the completion.
+    pub wr_id: u64,
+    /// The operation.
+    pub op: SendOp,
+    /// Where the data comes from (SEND, WRITE: gathered in order) or goes
+    /// (READ: exactly one entry).
+    pub sg_list: Vec<Sge>,
+    /// Whether success produces a completion; errors always do.
+    pub signaled: bool,
+}
+
 /// Access rights of a memory region.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Access {
+    /// The engine may write it for this side's own work (receives, READ
+    /// destinations). Implied by `remote_write`, as verbs requires.
+    pub local_write: bool,
     /// The remote side may write.
     pub remote_write: bool,
     /// The remote side may read.
@@ -41,6 +107,8 @@ pub struct MemoryRegion {
     access: Access,
     /// Remote virtual address of byte 0 (what the peer puts in RETH).
     pub va: u64,
+    /// The protection domain it belongs to.
+    pub pd: Pd,
 }
 
 impl MemoryRegion {
@@ -94,6 +162,9 @@ pub enum WcStatus {
     RnrRetryExceeded,
     /// The QP went to ERROR before this work finished.
     Flushed,
+    /// A work request named memory the QP may not use: an unknown region,
+    /// one of another protection domain, or a range outside the region.
+    LocalProtectionError,
 }
 
 /// A QP state change verbs does not allow.
@@ -186,6 +257,8 @@ pub struct QueuePair {
     rnr_at: Option<Instant>,
     /// RNR NAKs in a row without progress.
     rnr_retries: u32,
+    /// The protection domain whose regions this QP may use.
+    pd: Pd,
     /// A NAK for the current expected PSN was sent (send it once).
     nak_sent: bool,
     /// A coalesced ACK not sent yet: the PSN it covers, requests it
@@ -216,6 +289,7 @@ impl QueuePair {
             retries: 0,
             rnr_at: None,
             rnr_retries: 0,
+            pd: Pd::DEFAULT,
             nak_sent: false,
             ack_due: None,
         }
@@ -230,6 +304,8 @@ struct Outstanding {
     completes: Option<u64>,
     /// What kind of completion that is.
     kind: WcOpcode,
+    /// Unsignaled: success completes silently (errors still report).
+    quiet: bool,
     packet: Vec<u8>,
 }
 
@@ -243,6 +319,8 @@ struct PendingRead {
     mr: usize,
     offset: usize,
     len: usize,
+    /// Unsignaled: success completes silently.
+    quiet: bool,
 }
 
 /// What the fast path did with a packet.
@@ -375,7 +453,7 @@ pub fn place(
             let total = reth.dma_len as usize;
             let mri = mrs
                 .iter()
-                .position(|m| m.rkey == reth.rkey)
+                .position(|m| m.rkey == reth.rkey && m.pd == qp.pd)
                 .ok_or(Slow::Access)?;
             let mr = &mrs[mri];
             if !mr.access.remote_write {
@@ -478,6 +556,9 @@ fn place_read_response(
         return Ok(None);
     }
     qp.reads.pop_front();
+    if r.quiet {
+        return Ok(Some(pkt.bth.psn));
+    }
     cq.push_back(Completion {
         wr_id: r.wr_id,
         opcode: WcOpcode::RdmaRead,
@@ -516,8 +597,10 @@ pub fn fuzz_receive(data: &[u8]) {
         access: Access {
             remote_write: true,
             remote_read: true,
+            local_write: true,
         },
         va: 0x10000,
+        pd: Pd::DEFAULT,
     }];
     let mut cq = VecDeque::new();
     let before = mrs[0].buf.clone();
@@ -621,6 +704,8 @@ pub struct Engine {
     /// RNR NAKs in a row a QP accepts before failing its work with
     /// `RnrRetryExceeded`; 7 means without limit, as in verbs' `rnr_retry`.
     pub rnr_retry: u32,
+    next_pd: u32,
+    cq_event: Option<std::os::fd::OwnedFd>,
 }
 
 /// The RNR NAK timer field (the low 5 bits of the AETH syndrome) in
@@ -650,6 +735,8 @@ impl Engine {
             rto: Duration::from_millis(20),
             max_retries: 7,
             rnr_retry: 7,
+            next_pd: 0,
+            cq_event: None,
         })
     }
 
@@ -664,8 +751,21 @@ impl Engine {
         self.io.injected
     }
 
-    /// Registers `len` zeroed bytes; returns the region's index.
+    /// Registers `len` zeroed bytes in the default protection domain;
+    /// returns the region's index.
     pub fn reg_mr(&mut self, len: usize, access: Access) -> usize {
+        self.reg_mr_in(Pd::DEFAULT, len, access)
+    }
+
+    /// A new protection domain.
+    pub fn alloc_pd(&mut self) -> Pd {
+        self.next_pd += 1;
+        Pd(self.next_pd)
+    }
+
+    /// Registers `len` zeroed bytes in protection domain `pd`; returns the
+    /// region's index.
+    pub fn reg_mr_in(&mut self, pd: Pd, len: usize, access: Access) -> usize {
         self.next_key += 1;
         let key = self.next_key;
         self.mrs.push(MemoryRegion {
@@ -674,6 +774,7 @@ impl Engine {
             rkey: key,
             access,
             va: 0x1000_0000 * u64::from(key),
+            pd,
         });
         self.mrs.len() - 1
     }
@@ -689,10 +790,127 @@ impl Engine {
         self.mrs[mr].buf[offset..offset + data.len()].copy_from_slice(data);
     }
 
-    /// Creates a QP in RESET; returns its index.
+    /// Creates a QP in RESET in the default protection domain; returns its
+    /// index.
     pub fn create_qp(&mut self, qpn: u32) -> usize {
-        self.qps.push(QueuePair::new(qpn, 1024));
+        self.create_qp_in(Pd::DEFAULT, qpn)
+    }
+
+    /// Creates a QP in RESET in protection domain `pd`.
+    pub fn create_qp_in(&mut self, pd: Pd, qpn: u32) -> usize {
+        let mut q = QueuePair::new(qpn, 1024);
+        q.pd = pd;
+        self.qps.push(q);
         self.qps.len() - 1
+    }
+
+    /// Posts a send-queue work request (verbs' `ibv_post_send`): SEND,
+    /// WRITE (both with optional immediate data, gathered from the scatter
+    /// list) or READ (into its one scatter entry). A scatter entry the QP
+    /// may not use completes the request with `LocalProtectionError` and
+    /// moves the QP to ERROR, as verbs does; nothing is sent.
+    pub fn post(&mut self, qp: usize, wr: SendWr) -> io::Result<()> {
+        self.check_rts(qp)?;
+        let pd = self.qps[qp].pd;
+        let usable = |e: &Sge, mrs: &[MemoryRegion], write: bool| {
+            mrs.get(e.mr).is_some_and(|m| {
+                m.pd == pd
+                    && e.offset
+                        .checked_add(e.len)
+                        .is_some_and(|end| end <= m.buf.len())
+                    && (!write || m.access.local_write || m.access.remote_write)
+            })
+        };
+        let is_read = matches!(wr.op, SendOp::Read { .. });
+        let ok = wr.sg_list.iter().all(|e| usable(e, &self.mrs, is_read))
+            && (!is_read || wr.sg_list.len() == 1);
+        let kind = match wr.op {
+            SendOp::Send { .. } => WcOpcode::Send,
+            SendOp::Write { .. } => WcOpcode::RdmaWrite,
+            SendOp::Read { .. } => WcOpcode::RdmaRead,
+        };
+        if !ok {
+            let qpn = self.qps[qp].qpn;
+            self.cq.push_back(Completion {
+                wr_id: wr.wr_id,
+                opcode: kind,
+                status: WcStatus::LocalProtectionError,
+                byte_len: 0,
+                imm: None,
+                qpn,
+                path: PathKind::Software,
+            });
+            self.to_error(qp);
+            self.notify_cq();
+            return Ok(());
+        }
+        let quiet = !wr.signaled;
+        match wr.op {
+            SendOp::Read { remote_va, rkey } => {
+                let e = wr.sg_list[0];
+                self.read(qp, wr.wr_id, e.mr, e.offset, e.len, remote_va, rkey, quiet)
+            }
+            SendOp::Send { imm } | SendOp::Write { imm, .. } => {
+                let mut data = Vec::with_capacity(wr.sg_list.iter().map(|e| e.len).sum());
+                for e in &wr.sg_list {
+                    data.extend_from_slice(&self.mrs[e.mr].buf[e.offset..e.offset + e.len]);
+                }
+                let reth = match wr.op {
+                    SendOp::Write {
+                        remote_va, rkey, ..
+                    } => Some(Reth {
+                        va: remote_va,
+                        rkey,
+                        dma_len: u32::try_from(data.len())
+                            .map_err(|_| io::ErrorKind::InvalidInput)?,
+                    }),
+                    _ => None,
+                };
+                self.message(qp, wr.wr_id, kind, &data, reth, imm, quiet)
+            }
+        }
+    }
+
+    /// An eventfd that becomes readable whenever completions are added to
+    /// the completion ring (for epoll-based waiting; read it to reset).
+    pub fn cq_eventfd(&mut self) -> io::Result<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+        if self.cq_event.is_none() {
+            // SAFETY: eventfd(2) with valid flags; the result is checked
+            // and owned by exactly one OwnedFd.
+            let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+            if fd < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // SAFETY: `fd` is a fresh descriptor nothing else owns.
+            self.cq_event = Some(unsafe { OwnedFd::from_raw_fd(fd) });
+        }
+        Ok(self.cq_event.as_ref().expect("just set").as_fd())
+    }
+
+    /// Signals the CQ eventfd if there are completions to read.
+    fn notify_cq(&self) {
+        use std::os::fd::AsRawFd;
+        if let (Some(fd), false) = (&self.cq_event, self.cq.is_empty()) {
+            let one: u64 = 1;
+            // SAFETY: writes 8 bytes from a live u64 to our eventfd; a full
+            // counter (EAGAIN) only means it is already readable.
+            let _ = unsafe { libc::write(fd.as_raw_fd(), (&raw const one).cast(), 8) };
+        }
+    }
+
+    /// Drives the engine until a completion is in the ring or `timeout`
+    /// passes; true if there is one.
+    pub fn wait_cq(&mut self, timeout: Duration) -> io::Result<bool> {
+        let end = Instant::now() + timeout;
+        while self.cq.is_empty() {
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            self.poll(left.min(Duration::from_millis(5)))?;
+        }
+        Ok(!self.cq.is_empty())
     }
 
     /// RESET → INIT: the QP may take receive buffers.
@@ -763,6 +981,7 @@ impl Engine {
                 path: PathKind::Software,
             });
         }
+        self.notify_cq();
     }
 
     /// Connects a QP: RESET → INIT → RTR → RTS with the peer's QPN, IP and
@@ -837,9 +1056,15 @@ impl Engine {
         offset: usize,
         len: usize,
     ) -> io::Result<()> {
-        self.check_rts(qp)?;
-        let data = self.mrs[mr].buf[offset..offset + len].to_vec();
-        self.post_message(qp, wr_id, WcOpcode::Send, &data, None, None)
+        self.post(
+            qp,
+            SendWr {
+                wr_id,
+                op: SendOp::Send { imm: None },
+                sg_list: vec![Sge { mr, offset, len }],
+                signaled: true,
+            },
+        )
     }
 
     /// Posts an RDMA WRITE of `len` bytes from a local region to the peer's
@@ -856,14 +1081,19 @@ impl Engine {
         rkey: u32,
         imm: Option<u32>,
     ) -> io::Result<()> {
-        self.check_rts(qp)?;
-        let data = self.mrs[mr].buf[offset..offset + len].to_vec();
-        let reth = Reth {
-            va: remote_va,
-            rkey,
-            dma_len: u32::try_from(len).map_err(|_| io::ErrorKind::InvalidInput)?,
-        };
-        self.post_message(qp, wr_id, WcOpcode::RdmaWrite, &data, Some(reth), imm)
+        self.post(
+            qp,
+            SendWr {
+                wr_id,
+                op: SendOp::Write {
+                    remote_va,
+                    rkey,
+                    imm,
+                },
+                sg_list: vec![Sge { mr, offset, len }],
+                signaled: true,
+            },
+        )
     }
 
     /// Posts an RDMA READ of `len` bytes from the peer's `remote_va` under
@@ -879,16 +1109,29 @@ impl Engine {
         remote_va: u64,
         rkey: u32,
     ) -> io::Result<()> {
-        if offset
-            .checked_add(len)
-            .is_none_or(|e| e > self.mrs[mr].buf.len())
-        {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "read outside the local region",
-            ));
-        }
-        self.check_rts(qp)?;
+        self.post(
+            qp,
+            SendWr {
+                wr_id,
+                op: SendOp::Read { remote_va, rkey },
+                sg_list: vec![Sge { mr, offset, len }],
+                signaled: true,
+            },
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn read(
+        &mut self,
+        qp: usize,
+        wr_id: u64,
+        mr: usize,
+        offset: usize,
+        len: usize,
+        remote_va: u64,
+        rkey: u32,
+        quiet: bool,
+    ) -> io::Result<()> {
         let q = &mut self.qps[qp];
         let psn = q.sq_psn;
         let packets =
@@ -913,6 +1156,7 @@ impl Engine {
             psn,
             completes: None,
             kind: WcOpcode::RdmaRead,
+            quiet,
             packet: buf,
         });
         q.reads.push_back(PendingRead {
@@ -923,6 +1167,7 @@ impl Engine {
             mr,
             offset,
             len,
+            quiet,
         });
         self.flush_tx(qp)
     }
@@ -1060,7 +1305,8 @@ impl Engine {
     }
 
     /// Sends a SEND or WRITE message in path-MTU packets.
-    fn post_message(
+    #[allow(clippy::too_many_arguments)]
+    fn message(
         &mut self,
         qp: usize,
         wr_id: u64,
@@ -1068,6 +1314,7 @@ impl Engine {
         data: &[u8],
         reth: Option<Reth>,
         imm: Option<u32>,
+        quiet: bool,
     ) -> io::Result<()> {
         use opcode::*;
         let q = &mut self.qps[qp];
@@ -1111,6 +1358,7 @@ impl Engine {
                 psn,
                 completes: last.then_some(wr_id),
                 kind,
+                quiet,
                 packet: buf,
             });
         }
@@ -1126,7 +1374,7 @@ impl Engine {
                 break;
             }
             let o = q.unacked.pop_front().expect("front exists");
-            if let Some(wr_id) = o.completes {
+            if let Some(wr_id) = o.completes.filter(|_| !o.quiet) {
                 self.cq.push_back(Completion {
                     wr_id,
                     opcode: o.kind,
@@ -1168,10 +1416,11 @@ impl Engine {
             dma_len: 0,
         });
         let len = reth.dma_len as usize;
+        let pd = q.pd;
         let found = self
             .mrs
             .iter()
-            .position(|m| m.rkey == reth.rkey)
+            .position(|m| m.rkey == reth.rkey && m.pd == pd)
             .and_then(|i| {
                 let m = &self.mrs[i];
                 let off = usize::try_from(reth.va.checked_sub(m.va)?).ok()?;
@@ -1278,6 +1527,7 @@ impl Engine {
             any = true;
             wait = Duration::ZERO;
         }
+        self.notify_cq();
         Ok(any)
     }
 
@@ -1457,10 +1707,12 @@ mod tests {
             lkey: rkey,
             rkey,
             access: Access {
+                local_write: true,
                 remote_write: write,
                 remote_read: false,
             },
             va: 0x1000,
+            pd: Pd::DEFAULT,
         }
     }
 

@@ -65,6 +65,7 @@ fn traffic_arrives_intact_under_loss_reordering_duplication_and_corruption() {
             Access {
                 remote_write: true,
                 remote_read: false,
+                local_write: true,
             },
         );
         let ring = a.reg_mr(RECVS * SEND_MSG, Access::default());

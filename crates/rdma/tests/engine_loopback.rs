@@ -44,6 +44,7 @@ fn write_read_and_protection_between_two_engines() {
             Access {
                 remote_write: true,
                 remote_read: true,
+                local_write: true,
             },
         );
         let ro = a.reg_mr(
@@ -51,6 +52,7 @@ fn write_read_and_protection_between_two_engines() {
             Access {
                 remote_write: false,
                 remote_read: true,
+                local_write: true,
             },
         );
         let mb = b.reg_mr(
@@ -58,6 +60,7 @@ fn write_read_and_protection_between_two_engines() {
             Access {
                 remote_write: true,
                 remote_read: true,
+                local_write: true,
             },
         );
         let (va_a, rkey_a) = (a.mr(ma).va, a.mr(ma).rkey);
@@ -191,6 +194,7 @@ fn rnr_retry_waits_for_the_receive_and_gives_up_when_told() {
         let rw = Access {
             remote_write: true,
             remote_read: true,
+            local_write: true,
         };
         let (ma, mb) = (a.reg_mr(8192, rw), b.reg_mr(8192, rw));
         a.fill(ma, 0, b"not ready yet");
@@ -239,6 +243,185 @@ fn rnr_retry_waits_for_the_receive_and_gives_up_when_told() {
         );
         assert_eq!(a.qp_state(qa), QpState::Error);
         assert!(b.cq.is_empty(), "nothing was received");
+    });
+    t.join().unwrap();
+}
+
+/// The verbs-shaped surface: protection domains keep a QP away from
+/// another domain's memory (the peer's rkey and its own scatter entries),
+/// scatter/gather lists gather in order, unsignaled work completes
+/// silently, a bad scatter entry is a local protection error, and the
+/// completion eventfd wakes a waiter.
+#[test]
+fn protection_domains_sgl_unsignaled_and_the_cq_eventfd() {
+    use softcard_rdma::rc::{SendOp, SendWr, Sge};
+    use std::os::fd::AsRawFd;
+
+    let ns = softcard_testkit::Netns::new("lo");
+    let t = std::thread::spawn(move || {
+        ns.enter();
+        let mut a = Engine::open(A).expect("engine (needs CAP_NET_RAW)");
+        let mut b = Engine::open(B).unwrap();
+        let (pa, pb, other) = (a.alloc_pd(), b.alloc_pd(), b.alloc_pd());
+        let (qa, qb) = (a.create_qp_in(pa, 0x500), b.create_qp_in(pb, 0x600));
+        a.connect(qa, 0x600, B, 10, 20);
+        b.connect(qb, 0x500, A, 20, 10);
+        let rw = Access {
+            local_write: true,
+            remote_write: true,
+            remote_read: true,
+        };
+        let (m1, m2) = (a.reg_mr_in(pa, 4096, rw), a.reg_mr_in(pa, 4096, rw));
+        let mb = b.reg_mr_in(pb, 8192, rw);
+        let foreign = b.reg_mr_in(other, 4096, rw);
+        a.fill(m1, 0, b"hello, ");
+        a.fill(m2, 100, b"gathered ");
+        a.fill(m1, 200, b"world");
+        let efd = a.cq_eventfd().unwrap().as_raw_fd();
+
+        // An unsignaled WRITE, then a signaled SEND gathered from three
+        // entries in two regions.
+        b.post_recv(
+            qb,
+            RecvWr {
+                wr_id: 1,
+                mr: mb,
+                offset: 0,
+                len: 4096,
+            },
+        );
+        let (vb, kb) = (b.mr(mb).va, b.mr(mb).rkey);
+        a.post(
+            qa,
+            SendWr {
+                wr_id: 10,
+                op: SendOp::Write {
+                    remote_va: vb + 5000,
+                    rkey: kb,
+                    imm: None,
+                },
+                sg_list: vec![Sge {
+                    mr: m1,
+                    offset: 0,
+                    len: 5,
+                }],
+                signaled: false,
+            },
+        )
+        .unwrap();
+        a.post(
+            qa,
+            SendWr {
+                wr_id: 11,
+                op: SendOp::Send { imm: Some(0xfeed) },
+                sg_list: vec![
+                    Sge {
+                        mr: m1,
+                        offset: 0,
+                        len: 7,
+                    },
+                    Sge {
+                        mr: m2,
+                        offset: 100,
+                        len: 9,
+                    },
+                    Sge {
+                        mr: m1,
+                        offset: 200,
+                        len: 5,
+                    },
+                ],
+                signaled: true,
+            },
+        )
+        .unwrap();
+        let c = pump(&mut a, &mut b, 1);
+        assert_eq!(
+            (c.wr_id, c.opcode, c.byte_len, c.imm),
+            (1, WcOpcode::Recv, 21, Some(0xfeed))
+        );
+        assert_eq!(&b.mr(mb).bytes()[..21], b"hello, gathered world");
+        assert_eq!(&b.mr(mb).bytes()[5000..5005], b"hello");
+        // B's (coalesced) ACK goes out while B is driven; then A alone
+        // waits for its completion.
+        let until = Instant::now() + Duration::from_millis(20);
+        while Instant::now() < until {
+            b.poll(Duration::from_millis(1)).unwrap();
+        }
+        // Only the signaled SEND completes at the requester, and the
+        // eventfd says so.
+        assert!(a.wait_cq(Duration::from_secs(10)).unwrap());
+        let c = a.cq.pop_front().unwrap();
+        assert_eq!(
+            (c.wr_id, c.opcode, c.status),
+            (11, WcOpcode::Send, WcStatus::Success)
+        );
+        assert!(a.cq.is_empty(), "the unsignaled WRITE completed visibly");
+        let mut count = [0u8; 8];
+        // SAFETY: reads 8 bytes into a live buffer from our eventfd.
+        let n = unsafe { libc::read(efd, count.as_mut_ptr().cast(), 8) };
+        assert_eq!(n, 8, "the CQ eventfd was not signalled");
+        assert!(u64::from_ne_bytes(count) >= 1);
+
+        // The peer's rkey of a region in another protection domain: remote
+        // access error, nothing written.
+        let (vf, kf) = (b.mr(foreign).va, b.mr(foreign).rkey);
+        a.post_write(qa, 12, m1, 0, 5, vf, kf, None).unwrap();
+        let c = pump(&mut a, &mut b, 0);
+        assert_eq!((c.wr_id, c.status), (12, WcStatus::RemoteAccessError));
+        assert!(b.mr(foreign).bytes().iter().all(|x| *x == 0));
+        assert_eq!(a.qp_state(qa), QpState::Error);
+
+        // A fresh QP pair; a scatter entry past the end of its region is a
+        // local protection error, and nothing is sent.
+        let (qa2, qb2) = (a.create_qp_in(pa, 0x700), b.create_qp_in(pb, 0x800));
+        a.connect(qa2, 0x800, B, 1, 2);
+        b.connect(qb2, 0x700, A, 2, 1);
+        a.post(
+            qa2,
+            SendWr {
+                wr_id: 13,
+                op: SendOp::Send { imm: None },
+                sg_list: vec![Sge {
+                    mr: m1,
+                    offset: 4000,
+                    len: 200,
+                }],
+                signaled: true,
+            },
+        )
+        .unwrap();
+        let c = a.cq.pop_front().expect("completed at post time");
+        assert_eq!((c.wr_id, c.status), (13, WcStatus::LocalProtectionError));
+        assert_eq!(a.qp_state(qa2), QpState::Error);
+        // Memory of another domain on this side: the same.
+        let elsewhere = a.alloc_pd();
+        let mine_elsewhere = a.reg_mr_in(elsewhere, 64, rw);
+        let (qa3, qb3) = (a.create_qp_in(pa, 0x900), b.create_qp_in(pb, 0xa00));
+        a.connect(qa3, 0xa00, B, 1, 2);
+        b.connect(qb3, 0x900, A, 2, 1);
+        a.post(
+            qa3,
+            SendWr {
+                wr_id: 14,
+                op: SendOp::Send { imm: None },
+                sg_list: vec![Sge {
+                    mr: mine_elsewhere,
+                    offset: 0,
+                    len: 8,
+                }],
+                signaled: true,
+            },
+        )
+        .unwrap();
+        let c = a.cq.pop_front().expect("completed at post time");
+        assert_eq!((c.wr_id, c.status), (14, WcStatus::LocalProtectionError));
+        let until = Instant::now() + Duration::from_millis(50);
+        while Instant::now() < until {
+            b.poll(Duration::from_millis(2)).unwrap();
+        }
+        assert!(b.cq.is_empty(), "a refused work request reached the peer");
+        let _ = (qb2, qb3);
     });
     t.join().unwrap();
 }

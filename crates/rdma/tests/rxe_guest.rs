@@ -278,6 +278,7 @@ fn pingpong(
         Access {
             remote_write: true,
             remote_read: false,
+            local_write: true,
         },
     );
     for i in 0..ITERS {

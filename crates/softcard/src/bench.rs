@@ -748,6 +748,7 @@ mod rdma_bench {
             Access {
                 remote_write: true,
                 remote_read: true,
+                local_write: true,
             },
         );
         Ok((e, qp, mr))
