@@ -43,6 +43,37 @@ pub fn read_buffer(device: &wgpu::Device, buffer: &wgpu::Buffer) -> Result<Vec<u
     Ok(out)
 }
 
+/// A compute pipeline from `wgsl` (entry point `main`, implicit layout)
+/// and a bind group with `storage` at group 0, binding 0.
+fn storage_pipeline(
+    device: &wgpu::Device,
+    label: &str,
+    wgsl: &str,
+    storage: &wgpu::Buffer,
+) -> (wgpu::ComputePipeline, wgpu::BindGroup) {
+    let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+        label: Some(label),
+        source: wgpu::ShaderSource::Wgsl(wgsl.into()),
+    });
+    let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+        label: Some(label),
+        layout: None,
+        module: &module,
+        entry_point: Some("main"),
+        compilation_options: Default::default(),
+        cache: None,
+    });
+    let group = device.create_bind_group(&wgpu::BindGroupDescriptor {
+        label: Some(label),
+        layout: &pipeline.get_bind_group_layout(0),
+        entries: &[wgpu::BindGroupEntry {
+            binding: 0,
+            resource: storage.as_entire_binding(),
+        }],
+    });
+    (pipeline, group)
+}
+
 const COLLATZ: &str = r#"
 @group(0) @binding(0) var<storage, read_write> values: array<u32>;
 
@@ -79,10 +110,6 @@ pub fn collatz(
 ) -> Result<Vec<u8>, String> {
     let bytes: Vec<u8> = input.iter().flat_map(|v| v.to_le_bytes()).collect();
     let size = bytes.len() as u64;
-    let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
-        label: Some("collatz"),
-        source: wgpu::ShaderSource::Wgsl(COLLATZ.into()),
-    });
     let storage = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
         label: Some("values"),
         contents: &bytes,
@@ -94,22 +121,7 @@ pub fn collatz(
         usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
         mapped_at_creation: false,
     });
-    let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-        label: Some("collatz"),
-        layout: None,
-        module: &module,
-        entry_point: Some("main"),
-        compilation_options: Default::default(),
-        cache: None,
-    });
-    let group = device.create_bind_group(&wgpu::BindGroupDescriptor {
-        label: None,
-        layout: &pipeline.get_bind_group_layout(0),
-        entries: &[wgpu::BindGroupEntry {
-            binding: 0,
-            resource: storage.as_entire_binding(),
-        }],
-    });
+    let (pipeline, group) = storage_pipeline(device, "collatz", COLLATZ, &storage);
     let mut enc = device.create_command_encoder(&Default::default());
     {
         let mut pass = enc.begin_compute_pass(&Default::default());
@@ -692,26 +704,7 @@ impl Offload {
             usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
-        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
-            label: Some("scale"),
-            source: wgpu::ShaderSource::Wgsl(SCALE.into()),
-        });
-        let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-            label: Some("scale"),
-            layout: None,
-            module: &module,
-            entry_point: Some("main"),
-            compilation_options: Default::default(),
-            cache: None,
-        });
-        let group = device.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: None,
-            layout: &pipeline.get_bind_group_layout(0),
-            entries: &[wgpu::BindGroupEntry {
-                binding: 0,
-                resource: storage.as_entire_binding(),
-            }],
-        });
+        let (pipeline, group) = storage_pipeline(device, "scale", SCALE, &storage);
         Self {
             len,
             storage,

@@ -1,7 +1,6 @@
 //! The vGPU against the same workloads run locally on the same adapter
 //! (lavapipe here): results must be byte-identical.
 
-use std::net::TcpListener;
 use std::sync::Arc;
 
 use softcard_gpu::workloads::{self, Scene};
@@ -11,10 +10,7 @@ fn server(quota: u64) -> (Arc<GpuServer>, String) {
     let _ = env_logger::builder().is_test(true).try_init();
     let server =
         GpuServer::new(ServerConfig { quota }).expect("a Vulkan adapter (mesa-vulkan-drivers)");
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    let s = server.clone();
-    std::thread::spawn(move || s.serve(listener));
+    let addr = server.listen("127.0.0.1:0").unwrap().to_string();
     (server, addr)
 }
 

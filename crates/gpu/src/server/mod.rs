@@ -116,6 +116,18 @@ impl GpuServer {
         self.live.snapshot()
     }
 
+    /// Binds `addr` and serves it on a background thread; returns the
+    /// address actually bound (for `127.0.0.1:0`).
+    pub fn listen(self: &Arc<Self>, addr: &str) -> std::io::Result<std::net::SocketAddr> {
+        let listener = TcpListener::bind(addr)?;
+        let bound = listener.local_addr()?;
+        let server = self.clone();
+        std::thread::Builder::new()
+            .name("vgpu-accept".into())
+            .spawn(move || server.serve(listener))?;
+        Ok(bound)
+    }
+
     /// Accepts connections until the listener fails; one thread a session.
     pub fn serve(self: &Arc<Self>, listener: TcpListener) -> std::io::Result<()> {
         for conn in listener.incoming() {
