@@ -24,7 +24,10 @@ type Callback = Box<dyn FnOnce(Result<Answer, String>) + Send>;
 /// State the reader thread shares with the API objects.
 #[derive(Default)]
 pub(crate) struct Shared {
-    pending: Mutex<HashMap<u64, Callback>>,
+    /// Answer callbacks by request, each with the buffer its payload
+    /// should land in when the sizes match (a readback into the buffer's
+    /// previous mapping, so no fresh allocation is faulted in).
+    pending: Mutex<HashMap<u64, (Callback, Option<Box<[u8]>>)>>,
     /// Sequence number (plus one) of the last answer whose callback has
     /// run; answers come in request order.
     done: Mutex<u64>,
@@ -57,7 +60,7 @@ impl Shared {
             .lock()
             .expect("pending")
             .drain()
-            .map(|(_, c)| c)
+            .map(|(_, (c, _))| c)
             .collect();
         for cb in pending {
             cb(Err(why.clone()));
@@ -205,9 +208,15 @@ impl Conn {
         self.shared.lost.lock().expect("lost").clone()
     }
 
-    fn write(&self, req: &Request, payload: &[u8], cb: Option<Callback>, flush: bool) {
+    fn write(
+        &self,
+        req: &Request,
+        payload: &[u8],
+        cb: Option<(Callback, Option<Box<[u8]>>)>,
+        flush: bool,
+    ) {
         if let Some(why) = self.lost() {
-            if let Some(cb) = cb {
+            if let Some((cb, _)) = cb {
                 cb(Err(why));
             }
             return;
@@ -253,8 +262,20 @@ impl Conn {
         payload: &[u8],
         cb: impl FnOnce(Result<Answer, String>) + Send + 'static,
     ) {
+        self.call_async_into(req, payload, None, cb);
+    }
+
+    /// As [`call_async`](Self::call_async); an answer payload of exactly
+    /// `into`'s length is read into it.
+    pub(crate) fn call_async_into(
+        &self,
+        req: &Request,
+        payload: &[u8],
+        into: Option<Box<[u8]>>,
+        cb: impl FnOnce(Result<Answer, String>) + Send + 'static,
+    ) {
         ROUND_TRIPS.fetch_add(1, Ordering::Relaxed);
-        self.write(req, payload, Some(Box::new(cb)), true);
+        self.write(req, payload, Some((Box::new(cb), into)), true);
     }
 
     /// Waits until the server has handled everything sent so far, when the
@@ -338,15 +359,37 @@ impl Future for ReplyFuture {
 }
 
 fn read_loop(mut r: BufReader<TcpStream>, shared: Arc<Shared>) {
+    use std::io::Read;
     let why = loop {
-        let (h, payload) = match proto::read_raw(&mut r) {
+        let (h, plen) = match proto::read_head(&mut r) {
             Ok(Some(f)) => f,
             Ok(None) => break "GPU server closed the connection".to_string(),
             Err(e) => break format!("GPU server connection failed: {e}"),
         };
-        match proto::decode::<Message>(&h) {
-            Ok(Message::Reply { seq, reply }) => {
-                let cb = shared.pending.lock().expect("pending").remove(&seq);
+        let msg = match proto::decode::<Message>(&h) {
+            Ok(m) => m,
+            Err(e) => break format!("malformed message from the GPU server: {e}"),
+        };
+        let pending = match &msg {
+            Message::Reply { seq, .. } => shared.pending.lock().expect("pending").remove(seq),
+            _ => None,
+        };
+        let (cb, into) = match pending {
+            Some((cb, into)) => (Some(cb), into),
+            None => (None, None),
+        };
+        let payload = match into {
+            Some(mut buf) if buf.len() == plen => match r.read_exact(&mut buf) {
+                Ok(()) => Vec::from(buf),
+                Err(e) => break format!("GPU server connection failed: {e}"),
+            },
+            _ => match proto::read_payload(&mut r, plen) {
+                Ok(p) => p,
+                Err(e) => break format!("GPU server connection failed: {e}"),
+            },
+        };
+        match msg {
+            Message::Reply { seq, reply } => {
                 match cb {
                     Some(cb) => cb(Ok((reply, payload))),
                     None => {
@@ -358,9 +401,8 @@ fn read_loop(mut r: BufReader<TcpStream>, shared: Arc<Shared>) {
                 drop(done);
                 shared.done_cv.notify_all();
             }
-            Ok(Message::Uncaptured(e)) => shared.uncaptured(e),
-            Ok(Message::Lost(why)) => break format!("GPU server closed the session: {why}"),
-            Err(e) => break format!("malformed message from the GPU server: {e}"),
+            Message::Uncaptured(e) => shared.uncaptured(e),
+            Message::Lost(why) => break format!("GPU server closed the session: {why}"),
         }
     };
     shared.lose(why);

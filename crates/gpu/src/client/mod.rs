@@ -651,6 +651,7 @@ impl DeviceInterface for RDevice {
             c: self.c.clone(),
             id,
             map: Arc::new(Mutex::new(map)),
+            spare: Mutex::new(None),
         })
     }
 
@@ -943,6 +944,14 @@ impl Shadow {
             ptr: NonNull::new(raw).expect("Box::into_raw is never null"),
         }
     }
+    /// The bytes back as a box, for reuse by the next mapping.
+    fn into_box(self) -> Box<[u8]> {
+        let ptr = self.ptr.as_ptr();
+        std::mem::forget(self);
+        // SAFETY: the pointer came from `Box::into_raw`; `forget` keeps
+        // `Drop` from freeing it, so ownership passes to the new box once.
+        unsafe { Box::from_raw(ptr) }
+    }
     fn base(&self) -> NonNull<u8> {
         self.ptr.cast()
     }
@@ -984,6 +993,8 @@ pub struct RBuffer {
     c: Arc<Conn>,
     id: Id,
     map: Arc<Mutex<Option<Mapping>>>,
+    /// The bytes of the last read mapping, for the next one to land in.
+    spare: Mutex<Option<Box<[u8]>>>,
 }
 
 impl Drop for RBuffer {
@@ -1034,13 +1045,15 @@ impl BufferInterface for RBuffer {
         let write = matches!(mode, wgpu::MapMode::Write);
         let slot = self.map.clone();
         let want = range.clone();
-        self.c.call_async(
+        let into = self.spare.lock().expect("spare").take();
+        self.c.call_async_into(
             &Request::MapAsync {
                 buffer: self.id,
                 write,
                 range,
             },
             &[],
+            into,
             move |answer| match answer {
                 Ok((Reply::Mapped(Ok(())), data)) if data.len() as u64 == want.end - want.start => {
                     *slot.lock().expect("map") = Some(Mapping {
@@ -1110,6 +1123,10 @@ impl BufferInterface for RBuffer {
                 },
                 &[],
             );
+            // With no view left, the bytes serve the next readback.
+            if let Ok(shadow) = Arc::try_unwrap(m.shadow) {
+                *self.spare.lock().expect("spare") = Some(shadow.into_box());
+            }
         }
     }
 
