@@ -21,13 +21,16 @@ pub(crate) type Answer = (Reply, Vec<u8>);
 
 type Callback = Box<dyn FnOnce(Result<Answer, String>) + Send>;
 
+/// A waiting answer: its callback, and where its payload may land.
+type Waiter = (Callback, Option<Box<[u8]>>);
+
 /// State the reader thread shares with the API objects.
 #[derive(Default)]
 pub(crate) struct Shared {
     /// Answer callbacks by request, each with the buffer its payload
     /// should land in when the sizes match (a readback into the buffer's
     /// previous mapping, so no fresh allocation is faulted in).
-    pending: Mutex<HashMap<u64, (Callback, Option<Box<[u8]>>)>>,
+    pending: Mutex<HashMap<u64, Waiter>>,
     /// Sequence number (plus one) of the last answer whose callback has
     /// run; answers come in request order.
     done: Mutex<u64>,
@@ -208,13 +211,7 @@ impl Conn {
         self.shared.lost.lock().expect("lost").clone()
     }
 
-    fn write(
-        &self,
-        req: &Request,
-        payload: &[u8],
-        cb: Option<(Callback, Option<Box<[u8]>>)>,
-        flush: bool,
-    ) {
+    fn write(&self, req: &Request, payload: &[u8], cb: Option<Waiter>, flush: bool) {
         if let Some(why) = self.lost() {
             if let Some((cb, _)) = cb {
                 cb(Err(why));
