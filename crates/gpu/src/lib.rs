@@ -18,5 +18,5 @@ pub mod workloads;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 
-pub use client::{remote_instance, remote_surface, round_trips, usage};
+pub use client::{remote_instance, remote_surface, round_trips, usage, viewer_path};
 pub use server::{GpuServer, ServerConfig};

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use wgpu::wgt;
 
 /// Protocol version; a server refuses any other.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// Largest header a peer may send.
 pub const MAX_HEADER: usize = 16 << 20;
 /// Largest payload a peer may send (one upload or readback).
@@ -424,6 +424,9 @@ pub enum Reply {
         version: u32,
         session: u64,
         quota: u64,
+        /// The secret that names this session's frames on the viewer
+        /// (`/?s=TOKEN`); only who holds it sees them.
+        viewer_token: String,
     },
     Adapter(Option<Box<AdapterDesc>>),
     FormatFeatures(wgt::TextureFormatFeatures),

@@ -1,9 +1,12 @@
 //! Output to a client device: frames that sessions present are read back
 //! from the GPU and streamed as JPEG over a WebSocket to a viewer page.
 //!
-//! `GET /` serves the page; `GET /ws` upgrades to a WebSocket that carries
-//! one binary message per frame (a JPEG), newest frame first, dropping
-//! frames the viewer is too slow for rather than queueing them.
+//! Frames are kept per session under the session's secret viewer token:
+//! `GET /?s=TOKEN` serves the page; `GET /ws?s=TOKEN` upgrades to a
+//! WebSocket that carries one binary message per frame (a JPEG), newest
+//! frame first, dropping frames the viewer is too slow for rather than
+//! queueing them; `GET /frame.jpg?s=TOKEN` is the latest frame. Without a
+//! token that names a session there is nothing to see (404).
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -38,43 +41,59 @@ impl Frame {
 struct Latest {
     seq: u64,
     frame: Option<Arc<Frame>>,
-    session: u64,
 }
 
-/// The latest presented frame, for any number of viewers.
+/// The latest presented frame of each session, by the session's viewer
+/// token, for any number of viewers.
 #[derive(Debug, Default)]
 pub struct FrameHub {
-    latest: Mutex<Latest>,
+    latest: Mutex<std::collections::HashMap<String, Latest>>,
     changed: Condvar,
+    published: std::sync::atomic::AtomicU64,
 }
 
 impl FrameHub {
-    /// Publishes a session's frame.
-    pub fn publish(&self, session: u64, frame: Frame) {
-        let mut l = self.latest.lock().expect("frame hub");
+    /// Publishes a frame of the session named by `token`.
+    pub fn publish(&self, token: &str, frame: Frame) {
+        let mut m = self.latest.lock().expect("frame hub");
+        let l = m.entry(token.to_string()).or_default();
         l.seq += 1;
         l.frame = Some(Arc::new(frame));
-        l.session = session;
-        drop(l);
+        drop(m);
+        self.published
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.changed.notify_all();
     }
 
-    /// Frames published so far.
-    pub fn published(&self) -> u64 {
-        self.latest.lock().expect("frame hub").seq
+    /// Forgets a session's frames (it ended).
+    pub fn forget(&self, token: &str) {
+        self.latest.lock().expect("frame hub").remove(token);
+        self.changed.notify_all();
     }
 
-    /// Waits up to `timeout` for a frame newer than `seen`.
-    pub fn next_after(&self, seen: u64, timeout: Duration) -> Option<(u64, Arc<Frame>)> {
-        let l = self.latest.lock().expect("frame hub");
-        let (l, _) = self
+    /// Frames published so far, all sessions together.
+    pub fn published(&self) -> u64 {
+        self.published.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Waits up to `timeout` for a frame of `token`'s session newer than
+    /// `seen`.
+    pub fn next_after(
+        &self,
+        token: &str,
+        seen: u64,
+        timeout: Duration,
+    ) -> Option<(u64, Arc<Frame>)> {
+        let newer = |m: &std::collections::HashMap<String, Latest>| {
+            m.get(token)
+                .and_then(|l| l.frame.clone().filter(|_| l.seq > seen).map(|f| (l.seq, f)))
+        };
+        let m = self.latest.lock().expect("frame hub");
+        let (m, _) = self
             .changed
-            .wait_timeout_while(l, timeout, |l| l.seq <= seen || l.frame.is_none())
+            .wait_timeout_while(m, timeout, |m| newer(m).is_none())
             .expect("frame hub");
-        match &l.frame {
-            Some(f) if l.seq > seen => Some((l.seq, f.clone())),
-            _ => None,
-        }
+        newer(&m)
     }
 }
 
@@ -172,6 +191,15 @@ pub fn serve(listener: TcpListener, hub: Arc<FrameHub>) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The session token in a request path's `s` query parameter.
+fn token_of(path: &str) -> Option<&str> {
+    let query = path.split_once('?')?.1;
+    query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("s="))
+        .filter(|t| !t.is_empty() && t.len() <= 64 && t.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
 fn viewer_conn(mut conn: TcpStream, hub: &FrameHub) -> Result<(), String> {
     conn.set_read_timeout(Some(Duration::from_secs(10)))
         .map_err(|e| e.to_string())?;
@@ -179,13 +207,15 @@ fn viewer_conn(mut conn: TcpStream, hub: &FrameHub) -> Result<(), String> {
     let n = conn.peek(&mut head).map_err(|e| e.to_string())?;
     let line = String::from_utf8_lossy(&head[..n]);
     let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
-    if path == "/ws" {
+    let route = path.split('?').next().unwrap_or("/");
+    let token = token_of(&path).map(str::to_string);
+    if let (Some(token), "/ws") = (&token, route) {
         conn.set_read_timeout(None).map_err(|e| e.to_string())?;
         conn.set_nodelay(true).map_err(|e| e.to_string())?;
         let mut ws = tungstenite::accept(conn).map_err(|e| e.to_string())?;
         let mut seen = 0;
         loop {
-            let Some((seq, frame)) = hub.next_after(seen, Duration::from_secs(1)) else {
+            let Some((seq, frame)) = hub.next_after(token, seen, Duration::from_secs(1)) else {
                 // Keep idle viewers alive and notice closed ones.
                 ws.send(tungstenite::Message::Ping(Vec::new().into()))
                     .map_err(|e| e.to_string())?;
@@ -200,23 +230,22 @@ fn viewer_conn(mut conn: TcpStream, hub: &FrameHub) -> Result<(), String> {
     // Drain the request head, then answer.
     let mut buf = vec![0u8; n];
     conn.read_exact(&mut buf).map_err(|e| e.to_string())?;
-    let (status, ctype, body) = if path == "/" || path.starts_with("/?") {
-        (
+    let not_found = (
+        "404 Not Found",
+        "text/plain",
+        b"not found (name a session: ?s=TOKEN)\n".to_vec(),
+    );
+    let (status, ctype, body) = match (route, &token) {
+        ("/", Some(_)) => (
             "200 OK",
             "text/html; charset=utf-8",
             PAGE.as_bytes().to_vec(),
-        )
-    } else if path == "/frame.jpg" {
-        match hub.next_after(0, Duration::from_secs(5)) {
+        ),
+        ("/frame.jpg", Some(t)) => match hub.next_after(t, 0, Duration::from_secs(5)) {
             Some((_, f)) => ("200 OK", "image/jpeg", f.jpeg(90)?),
-            None => (
-                "503 Service Unavailable",
-                "text/plain",
-                b"no frame yet\n".to_vec(),
-            ),
-        }
-    } else {
-        ("404 Not Found", "text/plain", b"not found\n".to_vec())
+            None => not_found,
+        },
+        _ => not_found,
     };
     let head = format!(
         "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n",

@@ -103,6 +103,12 @@ pub fn demo(a: &DemoArgs) -> Result<()> {
     let instance = softcard_gpu::remote_instance(&a.server)
         .with_context(|| format!("connect to the GPU server at {}", a.server))?;
     let surface = softcard_gpu::remote_surface(&instance);
+    if let Some(path) = softcard_gpu::viewer_path(&instance) {
+        // The secret part of the URL: who has it sees these frames.
+        println!("viewer: {path}");
+        use std::io::Write as _;
+        let _ = std::io::stdout().flush();
+    }
     let (device, queue) = workloads::open(&instance).map_err(|e| anyhow!(e))?;
     let config = wgpu::SurfaceConfiguration {
         usage: wgpu::TextureUsages::RENDER_ATTACHMENT,

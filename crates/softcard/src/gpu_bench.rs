@@ -211,7 +211,9 @@ pub fn gpu(a: &GpuBenchArgs) -> Result<()> {
         let (received, stop) = (received.clone(), stop.clone());
         let stream = TcpStream::connect(("127.0.0.1", vport))?;
         stream.set_read_timeout(Some(Duration::from_millis(500)))?;
-        let (mut ws, _) = tungstenite::client(format!("ws://127.0.0.1:{vport}/ws"), stream)
+        let token_path = softcard_gpu::viewer_path(&remote).unwrap_or_default();
+        let query = token_path.trim_start_matches('/');
+        let (mut ws, _) = tungstenite::client(format!("ws://127.0.0.1:{vport}/ws{query}"), stream)
             .map_err(|e| anyhow!("viewer websocket: {e}"))?;
         std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {

@@ -37,6 +37,30 @@ fn wait_port(port: u16) {
     }
 }
 
+/// Status and body of a GET on the viewer.
+fn http_get_status(port: u16, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).unwrap();
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
 fn http_get(port: u16, path: &str) -> String {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
@@ -116,7 +140,7 @@ fn chromium_shows_the_remote_frames() {
     wait_port(gport);
     wait_port(vport);
     let (w, h) = (640u32, 360u32);
-    let _demo = Kill(
+    let mut demo = Kill(
         Command::new(bin)
             .args(["gpu", "demo", "--server", &format!("127.0.0.1:{gport}")])
             .args([
@@ -128,10 +152,33 @@ fn chromium_shows_the_remote_frames() {
                 "30",
                 "--still",
             ])
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .spawn()
             .unwrap(),
     );
+    // The demo prints its session's secret viewer path first.
+    let mut out = BufReader::new(demo.0.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let viewer_path = line
+        .trim()
+        .strip_prefix("viewer: ")
+        .unwrap_or_else(|| panic!("demo printed {line:?}"))
+        .to_string();
+    std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+
+    // Without the session's token there is nothing to see.
+    for path in [
+        "/",
+        "/frame.jpg",
+        "/frame.jpg?s=00112233445566778899aabbccddeeff",
+    ] {
+        let (status, _) = http_get_status(vport, path);
+        assert_eq!(status, 404, "{path} answered {status}");
+    }
+    let (status, body) = http_get_status(vport, &viewer_path);
+    assert_eq!(status, 200);
+    assert!(body.contains("softcard vGPU"));
 
     let profile = tempfile::tempdir().unwrap();
     let mut chromium = Kill(
@@ -145,7 +192,7 @@ fn chromium_shows_the_remote_frames() {
                 "--window-size=800,500",
             ])
             .arg(format!("--user-data-dir={}", profile.path().display()))
-            .arg(format!("http://127.0.0.1:{vport}/"))
+            .arg(format!("http://127.0.0.1:{vport}{viewer_path}"))
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

@@ -127,6 +127,7 @@ pub(crate) struct Conn {
     stream: TcpStream,
     pub(crate) session: u64,
     pub(crate) quota: u64,
+    pub(crate) viewer_token: String,
 }
 
 impl std::fmt::Debug for Conn {
@@ -165,6 +166,7 @@ impl Conn {
             stream,
             session: 0,
             quota: 0,
+            viewer_token: String::new(),
         };
         // The hello is answered before the reader thread exists.
         {
@@ -184,11 +186,18 @@ impl Conn {
         match proto::read_raw(&mut reader).map_err(|e| bad(e.to_string()))? {
             Some((h, _)) => match proto::decode::<Message>(&h).map_err(|e| bad(e.to_string()))? {
                 Message::Reply {
-                    reply: Reply::Hello { session, quota, .. },
+                    reply:
+                        Reply::Hello {
+                            session,
+                            quota,
+                            viewer_token,
+                            ..
+                        },
                     ..
                 } => {
                     conn.session = session;
                     conn.quota = quota;
+                    conn.viewer_token = viewer_token;
                 }
                 Message::Lost(why) => return Err(bad(format!("server refused: {why}"))),
                 other => return Err(bad(format!("unexpected hello answer {other:?}"))),

@@ -58,6 +58,14 @@ pub fn remote_surface(instance: &wgpu::Instance) -> wgpu::Surface<'static> {
     unsafe { instance.create_surface_unsafe(target) }.expect("remote surfaces always succeed")
 }
 
+/// The path of this instance's frames on the server's viewer
+/// (`/?s=TOKEN`): the secret token names the session, and only who holds it
+/// sees its frames.
+pub fn viewer_path(instance: &wgpu::Instance) -> Option<String> {
+    let ri = instance.as_custom::<RInstance>()?;
+    Some(format!("/?s={}", ri.c.viewer_token))
+}
+
 /// Round trips to GPU servers this process has made so far (requests that
 /// waited for an answer); everything else is pipelined.
 pub fn round_trips() -> u64 {

@@ -210,6 +210,8 @@ pub(super) struct Session {
     scopes: Vec<Scope>,
     uncaptured: Arc<Mutex<Vec<GpuError>>>,
     seq: u64,
+    /// Names this session's frames on the viewer.
+    viewer_token: String,
 }
 
 fn from_wgpu(e: &wgpu::Error) -> GpuError {
@@ -260,6 +262,7 @@ impl Session {
             scopes: Vec::new(),
             uncaptured: Arc::default(),
             seq: 0,
+            viewer_token: format!("{:032x}", rand::random::<u128>()),
         }
     }
 
@@ -282,6 +285,7 @@ impl Session {
             let _ = wr.flush();
         }
         // Everything the session owned goes with it.
+        self.server.frames.forget(&self.viewer_token);
         self.scopes.clear();
         self.objects.0.clear();
         if let Some((device, _)) = self.device.take() {
@@ -495,6 +499,7 @@ impl Session {
                         version: proto::VERSION,
                         session: self.id,
                         quota: self.server.config.quota,
+                        viewer_token: self.viewer_token.clone(),
                     },
                     Payload::Bytes(Vec::new()),
                 )))
@@ -920,7 +925,7 @@ impl Session {
                     Ok(t) => {
                         let t = t.clone();
                         match crate::viewer::capture(&device, &queue, &t) {
-                            Ok(frame) => self.server.frames.publish(self.id, frame),
+                            Ok(frame) => self.server.frames.publish(&self.viewer_token, frame),
                             Err(e) => self.raise(validation(e)),
                         }
                     }
