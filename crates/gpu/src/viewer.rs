@@ -203,8 +203,21 @@ fn token_of(path: &str) -> Option<&str> {
 fn viewer_conn(mut conn: TcpStream, hub: &FrameHub) -> Result<(), String> {
     conn.set_read_timeout(Some(Duration::from_secs(10)))
         .map_err(|e| e.to_string())?;
-    let mut head = [0u8; 1024];
-    let n = conn.peek(&mut head).map_err(|e| e.to_string())?;
+    // Look at the request head without consuming it (the WebSocket
+    // handshake reads it again), waiting until all of it has arrived.
+    let mut head = [0u8; 2048];
+    let started = std::time::Instant::now();
+    let n = loop {
+        let n = conn.peek(&mut head).map_err(|e| e.to_string())?;
+        let complete = head[..n].windows(4).any(|w| w == b"\r\n\r\n");
+        if n == 0 || complete || n == head.len() {
+            break n;
+        }
+        if started.elapsed() > Duration::from_secs(10) {
+            return Err("request head never completed".into());
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    };
     let line = String::from_utf8_lossy(&head[..n]);
     let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
     let route = path.split('?').next().unwrap_or("/");
