@@ -21,8 +21,6 @@ pub fn preamble() -> Vec<u8> {
     };
     proto::write_frame(&mut out, &hello, &[]).expect("vec write");
     let device = Request::RequestDevice {
-        device: 1,
-        queue: 2,
         label: None,
         features: wgpu::Features::empty(),
         limits: wgpu::Limits::downlevel_defaults(),

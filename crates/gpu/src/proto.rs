@@ -47,8 +47,6 @@ pub enum Request {
     },
     /// *Answered* with [`Reply::Device`].
     RequestDevice {
-        device: Id,
-        queue: Id,
         label: Label,
         features: wgt::Features,
         limits: wgt::Limits,

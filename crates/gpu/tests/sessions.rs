@@ -47,8 +47,6 @@ impl Raw {
         }
         match r.call(
             &Request::RequestDevice {
-                device: 1,
-                queue: 2,
                 label: None,
                 features: wgpu::Features::empty(),
                 limits: wgpu::Limits::default(),

@@ -286,11 +286,7 @@ impl AdapterInterface for RAdapter {
         &self,
         desc: &wgpu::DeviceDescriptor<'_>,
     ) -> Pin<Box<dyn RequestDeviceFuture>> {
-        let device = self.c.id();
-        let queue = self.c.id();
         let req = Request::RequestDevice {
-            device,
-            queue,
             label: desc.label.map(String::from),
             features: desc.required_features,
             limits: desc.required_limits.clone(),

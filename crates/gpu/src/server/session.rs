@@ -522,8 +522,6 @@ impl Session {
                 Ok(Some((Reply::FormatFeatures(f), Payload::Bytes(Vec::new()))))
             }
             Request::RequestDevice {
-                device,
-                queue,
                 label,
                 features,
                 limits,
@@ -531,7 +529,6 @@ impl Session {
                 if self.device.is_some() {
                     return Err(SessionError::Violation("one device per session".into()));
                 }
-                let _ = (device, queue);
                 let desc = wgpu::DeviceDescriptor {
                     label: label.as_deref(),
                     required_features: features & supported_features(),
