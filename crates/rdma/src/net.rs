@@ -46,7 +46,6 @@ pub struct RawIo {
     /// Datagrams the fault injector dropped, duplicated, reordered,
     /// corrupted.
     pub injected: [u64; 4],
-    rx_buf: Vec<u8>,
 }
 
 fn check(rc: libc::c_int) -> io::Result<libc::c_int> {
@@ -151,7 +150,6 @@ impl RawIo {
             rng: 1,
             held: None,
             injected: [0; 4],
-            rx_buf: vec![0; 65536],
         })
     }
 
@@ -197,6 +195,42 @@ impl RawIo {
         Ok(())
     }
 
+    /// Sends `head` and `body` as one datagram (sendmsg with two iovecs).
+    fn transmit_parts(&self, dst: Ipv4Addr, head: &[u8], body: &[u8]) -> io::Result<()> {
+        let mut sa = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: 0,
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_ne_bytes(dst.octets()),
+            },
+            sin_zero: [0; 8],
+        };
+        let mut iov = [
+            libc::iovec {
+                iov_base: head.as_ptr() as *mut libc::c_void,
+                iov_len: head.len(),
+            },
+            libc::iovec {
+                iov_base: body.as_ptr() as *mut libc::c_void,
+                iov_len: body.len(),
+            },
+        ];
+        // SAFETY: an all-zero msghdr is valid; the fields set below point
+        // at `sa` and `iov`, which outlive the call.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_name = (&raw mut sa).cast();
+        msg.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        msg.msg_iov = iov.as_mut_ptr();
+        msg.msg_iovlen = iov.len();
+        // SAFETY: `msg` describes valid memory for the kernel to read; the
+        // iovecs are only read (sendmsg does not write through them).
+        let n = unsafe { libc::sendmsg(self.send.as_raw_fd(), &msg, 0) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     /// Sends a datagram held back by the reorder fault.
     fn release_held(&mut self) -> io::Result<()> {
         if let Some((dst, d)) = self.held.take() {
@@ -225,7 +259,7 @@ impl RawIo {
         wire::seal(&flow, packet);
         let udp_len = u16::try_from(8 + packet.len()).map_err(|_| io::ErrorKind::InvalidInput)?;
         let total = udp_len + 20;
-        let mut d = Vec::with_capacity(usize::from(total));
+        let mut d = Vec::with_capacity(28);
         d.extend_from_slice(&[0x45, 0]);
         d.extend_from_slice(&total.to_be_bytes());
         d.extend_from_slice(&id.to_be_bytes());
@@ -239,8 +273,13 @@ impl RawIo {
         d.extend_from_slice(&ROCEV2_PORT.to_be_bytes());
         d.extend_from_slice(&udp_len.to_be_bytes());
         d.extend_from_slice(&[0, 0]); // no UDP checksum (allowed on IPv4)
-        d.extend_from_slice(packet);
         let f = self.faults;
+        if f.drop_ppm == 0 && f.dup_ppm == 0 && f.reorder_ppm == 0 && f.corrupt_ppm == 0 {
+            // No fault injection: the headers and the packet go out as two
+            // pieces of one datagram, without copying the packet.
+            return self.transmit_parts(dst, &d, packet);
+        }
+        d.extend_from_slice(packet);
         if self.roll(f.drop_ppm) {
             self.injected[0] += 1;
             return self.release_held();
@@ -263,12 +302,20 @@ impl RawIo {
         self.release_held()
     }
 
-    /// Receives the next RoCEv2 datagram addressed to us, waiting up to
-    /// `timeout`: its flow (from the IP and UDP headers) and UDP payload.
-    pub fn recv(&mut self, timeout: Duration) -> io::Result<Option<(Flow, Vec<u8>)>> {
+    /// Receives the next RoCEv2 datagram addressed to us into `buf`
+    /// (64 KiB: any datagram fits), waiting up to `timeout`: its flow (from
+    /// the IP and UDP headers) and where in `buf` its UDP payload is. The
+    /// payload is not copied again; the caller's buffer is reused.
+    pub fn recv_into(
+        &mut self,
+        buf: &mut Vec<u8>,
+        timeout: Duration,
+    ) -> io::Result<Option<(Flow, std::ops::Range<usize>)>> {
         self.release_held()?;
+        if buf.len() < 65536 {
+            buf.resize(65536, 0);
+        }
         let deadline = std::time::Instant::now() + timeout;
-        let buf = &mut self.rx_buf;
         loop {
             // SAFETY: `buf` is valid for its length.
             let n = unsafe {
@@ -299,7 +346,8 @@ impl RawIo {
                 check(unsafe { libc::poll(&mut pfd, 1, ms) })?;
                 continue;
             }
-            let d = &buf[..n.unsigned_abs()];
+            let n = n.unsigned_abs();
+            let d = &buf[..n];
             if d.len() < 28 || d[0] >> 4 != 4 {
                 continue;
             }
@@ -319,7 +367,7 @@ impl RawIo {
                 dst_port: dport,
                 ip_id: u16::from_be_bytes([d[4], d[5]]),
             };
-            return Ok(Some((flow, d[ihl + 8..].to_vec())));
+            return Ok(Some((flow, ihl + 8..n)));
         }
     }
 }

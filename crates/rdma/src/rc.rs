@@ -706,6 +706,8 @@ pub struct Engine {
     pub rnr_retry: u32,
     next_pd: u32,
     cq_event: Option<std::os::fd::OwnedFd>,
+    /// The receive buffer, reused for every datagram.
+    rx: Vec<u8>,
 }
 
 /// The RNR NAK timer field (the low 5 bits of the AETH syndrome) in
@@ -737,6 +739,7 @@ impl Engine {
             rnr_retry: 7,
             next_pd: 0,
             cq_event: None,
+            rx: vec![0; 65536],
         })
     }
 
@@ -1532,21 +1535,33 @@ impl Engine {
     }
 
     fn poll_one(&mut self, timeout: Duration) -> io::Result<bool> {
-        let Some((flow, data)) = self.io.recv(timeout)? else {
-            return Ok(false);
+        // The receive buffer is lent out while the packet is handled (the
+        // handler needs `&mut self`), then kept for the next one.
+        let mut buf = std::mem::take(&mut self.rx);
+        let got = self.io.recv_into(&mut buf, timeout);
+        let r = match got {
+            Ok(Some((flow, range))) => self.handle_packet(&flow, &buf[range]).map(|()| true),
+            Ok(None) => Ok(false),
+            Err(e) => Err(e),
         };
-        if wire::check(&flow, &data).is_err() {
+        self.rx = buf;
+        r
+    }
+
+    /// Checks, parses and handles one received packet.
+    fn handle_packet(&mut self, flow: &wire::Flow, data: &[u8]) -> io::Result<()> {
+        if wire::check(flow, data).is_err() {
             self.stats.dropped += 1;
-            return Ok(true);
+            return Ok(());
         }
-        let Ok(pkt) = Packet::parse(&data) else {
+        let Ok(pkt) = Packet::parse(data) else {
             self.stats.dropped += 1;
-            return Ok(true);
+            return Ok(());
         };
         // The packet's metadata selects the queue.
         let Some(qi) = self.qps.iter().position(|q| q.qpn == pkt.bth.dest_qp) else {
             self.stats.dropped += 1;
-            return Ok(true);
+            return Ok(());
         };
         if matches!(
             pkt.bth.opcode,
@@ -1567,7 +1582,7 @@ impl Engine {
                 }
                 Err(_) => self.stats.slow_packets += 1,
             }
-            return Ok(true);
+            return Ok(());
         }
         let (qps, mrs, cq) = (&mut self.qps, &mut self.mrs, &mut self.cq);
         match place(&mut qps[qi], mrs, &pkt, cq) {
@@ -1583,7 +1598,7 @@ impl Engine {
                 self.software(qi, &pkt, why)?;
             }
         }
-        Ok(true)
+        Ok(())
     }
 
     /// The software path.
