@@ -267,3 +267,44 @@ fn viewer_conn(mut conn: TcpStream, hub: &FrameHub) -> Result<(), String> {
     conn.write_all(head.as_bytes()).map_err(|e| e.to_string())?;
     conn.write_all(&body).map_err(|e| e.to_string())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(v: u8) -> Frame {
+        Frame {
+            width: 1,
+            height: 1,
+            rgba: vec![v, v, v, 255],
+            presented: Instant::now(),
+        }
+    }
+
+    #[test]
+    fn a_session_token_sees_only_its_own_frames() {
+        let hub = FrameHub::default();
+        hub.publish("aa", frame(1));
+        hub.publish("bb", frame(2));
+        hub.publish("bb", frame(3));
+        let (seq, f) = hub.next_after("aa", 0, Duration::ZERO).unwrap();
+        assert_eq!((seq, f.rgba[0]), (1, 1));
+        let (seq, f) = hub.next_after("bb", 0, Duration::ZERO).unwrap();
+        assert_eq!((seq, f.rgba[0]), (2, 3));
+        assert!(hub.next_after("bb", 2, Duration::ZERO).is_none());
+        assert!(hub.next_after("cc", 0, Duration::ZERO).is_none());
+        assert_eq!(hub.published(), 3);
+        hub.forget("aa");
+        assert!(hub.next_after("aa", 0, Duration::ZERO).is_none());
+    }
+
+    #[test]
+    fn tokens_come_only_from_the_s_parameter_and_are_hex() {
+        assert_eq!(token_of("/?s=00ff"), Some("00ff"));
+        assert_eq!(token_of("/ws?x=1&s=abc"), Some("abc"));
+        assert_eq!(token_of("/"), None);
+        assert_eq!(token_of("/?s="), None);
+        assert_eq!(token_of("/?s=../etc"), None);
+        assert_eq!(token_of(&format!("/?s={}", "a".repeat(65))), None);
+    }
+}
