@@ -12,20 +12,14 @@ fn server() -> &'static Arc<GpuServer> {
     })
 }
 
-/// The frames that open a session and create its device, so that fuzzed
-/// frames reach object handling.
+/// The frame that opens a session, so that fuzzed frames reach object
+/// handling (the session starts with a shared device).
 pub fn preamble() -> Vec<u8> {
     let mut out = Vec::new();
     let hello = Request::Hello {
         version: proto::VERSION,
     };
     proto::write_frame(&mut out, &hello, &[]).expect("vec write");
-    let device = Request::RequestDevice {
-        label: None,
-        features: wgpu::Features::empty(),
-        limits: wgpu::Limits::downlevel_defaults(),
-    };
-    proto::write_frame(&mut out, &device, &[]).expect("vec write");
     out
 }
 
@@ -34,7 +28,7 @@ pub fn preamble() -> Vec<u8> {
 pub fn fuzz_session(data: &[u8]) {
     let mut input = preamble();
     input.extend_from_slice(data);
-    let _ = server().run_bytes(&input);
+    let _ = server().run_bytes_shared(&input);
 }
 
 /// Feeds arbitrary bytes to the frame decoder alone.

@@ -43,6 +43,8 @@ pub struct GpuServer {
     next_session: AtomicU64,
     frames: Arc<FrameHub>,
     live: session::Registry,
+    /// One device that `run_bytes_shared` sessions start with.
+    shared_device: std::sync::OnceLock<Result<(wgpu::Device, wgpu::Queue), String>>,
 }
 
 /// A description of one adapter, for `softcard gpu list`.
@@ -98,6 +100,7 @@ impl GpuServer {
             next_session: AtomicU64::new(1),
             frames: Arc::new(FrameHub::default()),
             live: session::Registry::default(),
+            shared_device: std::sync::OnceLock::new(),
         }))
     }
 
@@ -145,7 +148,34 @@ impl GpuServer {
     pub fn run_bytes(self: &Arc<Self>, input: &[u8]) -> Result<(), String> {
         let id = self.next_session.fetch_add(1, Ordering::Relaxed);
         self.sched.join(id);
-        let r = session::Session::new(id, self.clone()).run_bytes(input);
+        let r = session::Session::new(id, self.clone()).run_bytes(input, None);
+        self.sched.leave(id);
+        self.live.remove(id);
+        r.map_err(|e| e.to_string())
+    }
+
+    /// As [`run_bytes`](Self::run_bytes), but the session starts with a
+    /// device shared by all such sessions (made once, errors discarded), so
+    /// `input` starts after the hello. For the fuzz target: a device per
+    /// input would cost more than the input.
+    pub fn run_bytes_shared(self: &Arc<Self>, input: &[u8]) -> Result<(), String> {
+        let shared = self
+            .shared_device
+            .get_or_init(|| {
+                let (d, q) =
+                    pollster::block_on(self.adapter.request_device(&wgpu::DeviceDescriptor {
+                        label: Some("vgpu shared fuzz device"),
+                        required_limits: wgpu::Limits::downlevel_defaults(),
+                        ..Default::default()
+                    }))
+                    .map_err(|e| e.to_string())?;
+                d.on_uncaptured_error(std::sync::Arc::new(|_e: wgpu::Error| {}));
+                Ok((d, q))
+            })
+            .clone()?;
+        let id = self.next_session.fetch_add(1, Ordering::Relaxed);
+        self.sched.join(id);
+        let r = session::Session::new(id, self.clone()).run_bytes(input, Some(shared));
         self.sched.leave(id);
         self.live.remove(id);
         r.map_err(|e| e.to_string())

@@ -296,14 +296,28 @@ impl Session {
 
     /// Runs a session over in-memory bytes (the fuzz target's entry):
     /// `input` is what a client sent, the answers are discarded.
-    pub(super) fn run_bytes(mut self, input: &[u8]) -> Result<(), SessionError> {
+    ///
+    /// With `shared`, the session starts with that device (as if it had
+    /// requested it) and leaves it alive at the end, so that a fuzzer does
+    /// not pay for a device per input; its objects still go with it.
+    pub(super) fn run_bytes(
+        mut self,
+        input: &[u8],
+        shared: Option<(wgpu::Device, wgpu::Queue)>,
+    ) -> Result<(), SessionError> {
+        let keep = shared.is_some();
+        self.device = shared;
         let mut rd = BufReader::new(input);
         let mut wr = BufWriter::new(std::io::sink());
         let r = self.serve(&mut rd, &mut wr);
         self.scopes.clear();
         self.objects.0.clear();
         if let Some((device, _)) = self.device.take() {
-            device.destroy();
+            if keep {
+                let _ = device.poll(wgpu::PollType::wait_indefinitely());
+            } else {
+                device.destroy();
+            }
         }
         r
     }
