@@ -552,3 +552,61 @@ fn error_scopes_and_device_lost_through_wgpu() {
     });
     assert!(workloads::read_buffer(&device, &b).is_err());
 }
+
+/// A client that leaves several error scopes open and goes away: the
+/// session pops them innermost first (wgpu panics on any other order; the
+/// fuzz target found it) and the server carries on.
+#[test]
+fn error_scopes_left_open_are_popped_in_order() {
+    let (server, addr) = server(64 << 20);
+    let mut input = Vec::new();
+    proto::write_frame(
+        &mut input,
+        &Request::Hello {
+            version: proto::VERSION,
+        },
+        &[],
+    )
+    .unwrap();
+    proto::write_frame(
+        &mut input,
+        &Request::RequestDevice {
+            label: None,
+            features: wgpu::Features::empty(),
+            limits: wgpu::Limits::downlevel_defaults(),
+        },
+        &[],
+    )
+    .unwrap();
+    let mut scopes = Vec::new();
+    for filter in [
+        ErrorFilter::Validation,
+        ErrorFilter::OutOfMemory,
+        ErrorFilter::Internal,
+    ] {
+        proto::write_frame(&mut scopes, &Request::PushErrorScope { filter }, &[]).unwrap();
+    }
+    input.extend_from_slice(&scopes);
+    assert_eq!(server.run_bytes(&input), Ok(()));
+    // The fuzz target's way in: a hello, then the session has a device.
+    let mut shared = Vec::new();
+    proto::write_frame(
+        &mut shared,
+        &Request::Hello {
+            version: proto::VERSION,
+        },
+        &[],
+    )
+    .unwrap();
+    shared.extend_from_slice(&scopes);
+    assert_eq!(server.run_bytes_shared(&shared), Ok(()));
+    assert_eq!(server.run_bytes_shared(&shared), Ok(()));
+    // Over the network too: scopes left open, then a disconnect.
+    let mut r = Raw::connect(&addr);
+    for filter in [ErrorFilter::Validation, ErrorFilter::Validation] {
+        r.send(&Request::PushErrorScope { filter }, &[]);
+    }
+    assert_eq!(r.usage(), 0);
+    drop(r);
+    still_serves(&addr);
+}

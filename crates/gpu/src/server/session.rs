@@ -286,7 +286,7 @@ impl Session {
         }
         // Everything the session owned goes with it.
         self.server.frames.forget(&self.viewer_token);
-        self.scopes.clear();
+        self.drop_scopes();
         self.objects.0.clear();
         if let Some((device, _)) = self.device.take() {
             device.destroy();
@@ -310,7 +310,7 @@ impl Session {
         let mut rd = BufReader::new(input);
         let mut wr = BufWriter::new(std::io::sink());
         let r = self.serve(&mut rd, &mut wr);
-        self.scopes.clear();
+        self.drop_scopes();
         self.objects.0.clear();
         if let Some((device, _)) = self.device.take() {
             if keep {
@@ -422,6 +422,14 @@ impl Session {
         // Dropping the view schedules the copy into the buffer.
         drop(view);
         Ok(true)
+    }
+
+    /// Pops the error scopes the client left open, innermost first (wgpu
+    /// panics on any other order, which a plain `Vec` drop would use).
+    fn drop_scopes(&mut self) {
+        while let Some(scope) = self.scopes.pop() {
+            drop(scope);
+        }
     }
 
     /// Records an error the session itself found: into the innermost scope
