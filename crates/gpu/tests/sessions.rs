@@ -330,6 +330,23 @@ fn hostile_messages_cost_only_their_sender() {
         other => panic!("{other:?}"),
     }
 
+    // More bind group layouts than any device allows (wgpu's frontend
+    // asserts on this; the server must answer it as an error).
+    let e = r
+        .scoped(ErrorFilter::Validation, |r| {
+            r.send(
+                &Request::CreatePipelineLayout {
+                    id: 70,
+                    label: None,
+                    bind_group_layouts: vec![None; 16],
+                    immediate_size: 0,
+                },
+                &[],
+            );
+        })
+        .expect("too many bind group layouts");
+    assert!(e.description.contains("bind group layouts"), "{e:?}");
+
     // Out-of-range writes and maps, wrong kinds, unbalanced passes.
     r.send(
         &buffer(

@@ -681,10 +681,23 @@ impl Session {
                 immediate_size,
             } => {
                 let device = self.device()?.0.clone();
-                let made = bind_group_layouts
-                    .iter()
-                    .map(|l| l.map(|l| self.objects.bind_group_layout(l)).transpose())
-                    .collect::<Result<Vec<_>, _>>()
+                // wgpu's frontend asserts this bound instead of reporting it.
+                let max = device.limits().max_bind_groups.min(8) as usize;
+                let made = if bind_group_layouts.len() > max {
+                    Err(validation(format!(
+                        "{} bind group layouts, the device allows {max}",
+                        bind_group_layouts.len()
+                    )))
+                } else {
+                    Ok(())
+                };
+                let made = made
+                    .and_then(|()| {
+                        bind_group_layouts
+                            .iter()
+                            .map(|l| l.map(|l| self.objects.bind_group_layout(l)).transpose())
+                            .collect::<Result<Vec<_>, _>>()
+                    })
                     .map(|layouts| {
                         Obj::PipelineLayout(device.create_pipeline_layout(
                             &wgpu::PipelineLayoutDescriptor {
