@@ -41,6 +41,26 @@ fn compute_workloads_match_local() {
     let r = workloads::matmul(&remote.0, &remote.1, 96).unwrap();
     assert!(l == r, "matmul differs");
     assert!(r.iter().any(|b| *b != 0));
+    // The session's memory, as the server counts it against the quota:
+    // the workloads' buffers went with them; a live one is counted until
+    // dropped.
+    let (before, quota, _) = softcard_gpu::usage(&remote.0).expect("a remote device");
+    assert_eq!(quota, 1 << 30);
+    let held = remote.0.create_buffer(&wgpu::BufferDescriptor {
+        label: None,
+        size: 1 << 20,
+        usage: wgpu::BufferUsages::STORAGE,
+        mapped_at_creation: false,
+    });
+    let (during, _, objects) = softcard_gpu::usage(&remote.0).unwrap();
+    assert_eq!(during, before + (1 << 20));
+    assert!(objects > 0);
+    drop(held);
+    assert_eq!(softcard_gpu::usage(&remote.0).unwrap().0, before);
+    assert!(
+        softcard_gpu::usage(&local.0).is_none(),
+        "a local device has no vGPU session"
+    );
 }
 
 #[test]

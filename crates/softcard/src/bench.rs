@@ -756,14 +756,9 @@ mod rdma_bench {
 
     /// The passive side: echoes SENDs, echoes WRITEs by watching memory,
     /// or just places WRITEs.
-    pub fn passive(
-        path: &Path,
-        mode: Mode,
-        tx: mpsc::Sender<Target>,
-        stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    ) -> Result<()> {
-        enter(path.ns_b.as_deref())?;
-        let (mut e, qp, mr) = engine(path.b, 0x200, path.a, 0x100)?;
+    /// Posts 64 receives of 4 KiB over the region and returns what the
+    /// peer needs to WRITE into it.
+    fn prime(e: &mut Engine, qp: usize, mr: usize) -> Target {
         for i in 0..64 {
             e.post_recv(
                 qp,
@@ -775,10 +770,21 @@ mod rdma_bench {
                 },
             );
         }
-        tx.send(Target {
+        Target {
             va: e.mr(mr).va,
             rkey: e.mr(mr).rkey,
-        })?;
+        }
+    }
+
+    pub fn passive(
+        path: &Path,
+        mode: Mode,
+        tx: mpsc::Sender<Target>,
+        stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ) -> Result<()> {
+        enter(path.ns_b.as_deref())?;
+        let (mut e, qp, mr) = engine(path.b, 0x200, path.a, 0x100)?;
+        tx.send(prime(&mut e, qp, mr))?;
         let mut seen = 0u64;
         while !stop.load(std::sync::atomic::Ordering::Relaxed) {
             e.poll(Duration::ZERO)?;
@@ -851,21 +857,7 @@ mod rdma_bench {
             })
         };
         let (mut e, qp, mr) = engine(path.a, 0x100, path.b, 0x200)?;
-        for i in 0..64 {
-            e.post_recv(
-                qp,
-                RecvWr {
-                    wr_id: i,
-                    mr,
-                    offset: i as usize * 4096,
-                    len: 4096,
-                },
-            );
-        }
-        back_tx.send(Target {
-            va: e.mr(mr).va,
-            rkey: e.mr(mr).rkey,
-        })?;
+        back_tx.send(prime(&mut e, qp, mr))?;
         let target = rx
             .recv_timeout(Duration::from_secs(10))
             .context("passive side")?;
