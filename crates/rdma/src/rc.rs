@@ -706,8 +706,6 @@ pub struct Engine {
     pub rnr_retry: u32,
     next_pd: u32,
     cq_event: Option<std::os::fd::OwnedFd>,
-    /// The receive buffer, reused for every datagram.
-    rx: Vec<u8>,
 }
 
 /// The RNR NAK timer field (the low 5 bits of the AETH syndrome) in
@@ -739,7 +737,6 @@ impl Engine {
             rnr_retry: 7,
             next_pd: 0,
             cq_event: None,
-            rx: vec![0; 65536],
         })
     }
 
@@ -1530,22 +1527,23 @@ impl Engine {
             any = true;
             wait = Duration::ZERO;
         }
+        // Datagrams refused below RoCEv2 (IPv4/UDP checks) count as dropped.
+        self.stats.dropped += std::mem::take(&mut self.io.malformed);
         self.notify_cq();
         Ok(any)
     }
 
     fn poll_one(&mut self, timeout: Duration) -> io::Result<bool> {
-        // The receive buffer is lent out while the packet is handled (the
-        // handler needs `&mut self`), then kept for the next one.
-        let mut buf = std::mem::take(&mut self.rx);
-        let got = self.io.recv_into(&mut buf, timeout);
-        let r = match got {
-            Ok(Some((flow, range))) => self.handle_packet(&flow, &buf[range]).map(|()| true),
-            Ok(None) => Ok(false),
-            Err(e) => Err(e),
+        let Some(f) = self.io.recv_frame(timeout)? else {
+            return Ok(false);
         };
-        self.rx = buf;
-        r
+        // SAFETY: the frame is released only below, after the last use of
+        // `data`, and `self.io` (which owns the ring) is not replaced or
+        // dropped while a packet is handled.
+        let data = unsafe { f.payload() };
+        let r = self.handle_packet(&f.flow, data);
+        self.io.release(f);
+        r.map(|()| true)
     }
 
     /// Checks, parses and handles one received packet.
