@@ -4,13 +4,26 @@
 //! UDP sockets and does not report on receive. So the engine sends whole
 //! IPv4 datagrams it builds itself (`IPPROTO_RAW`, DF set, its own ID) and
 //! receives whole IPv4 datagrams through a packet socket (`AF_PACKET`,
-//! cooked, IPv4 only) with a memory-mapped receive ring (`TPACKET_V2`):
+//! IPv4 only) with a memory-mapped receive ring (`TPACKET_V2`):
 //! the kernel copies each datagram for us into a ring frame and flips the
 //! frame's status word, so a busy-polling engine finds packets without a
 //! system call, and handles them straight from the ring. A plain UDP
 //! socket stays bound to port 4791 only so that the kernel does not answer
 //! peers with ICMP port-unreachable; a filter makes it drop everything.
 //! Needs `CAP_NET_RAW`.
+//!
+//! Runs of equal-sized packets (a message split by the path MTU) go out
+//! through that UDP socket as one UDP GSO send (`UDP_SEGMENT`): one
+//! system call, one route lookup and one trip through the stack for up to
+//! 64 KiB. The kernel gives the segments of an unconnected DF datagram
+//! the IPv4 identifications 0, 1, 2, ..., which the ICRC of each packet is
+//! sealed with; `open` checks that this kernel does so (a probe to its
+//! own address) and otherwise sends every packet alone. Where the
+//! segments stay together up to the receiver (loopback, veth), the ring
+//! sees one GSO datagram with a virtio-net header saying where it splits
+//! (`PACKET_VNET_HDR`); one too big for a ring frame is read from the
+//! socket (`TP_STATUS_COPY`). Either way each segment is checked and
+//! handled on its own, exactly as if it had arrived alone.
 
 use std::io;
 use std::net::{Ipv4Addr, UdpSocket};
@@ -43,7 +56,9 @@ pub struct Faults {
 pub struct RawIo {
     send: OwnedFd,
     rx: RxRing,
-    _guard: UdpSocket,
+    /// Bound to port 4791 (so the port counts as open), drops all it
+    /// receives, and sends the GSO datagrams.
+    udp: UdpSocket,
     local: Ipv4Addr,
     next_id: u16,
     faults: Faults,
@@ -52,6 +67,18 @@ pub struct RawIo {
     /// Datagrams the fault injector dropped, duplicated, reordered,
     /// corrupted.
     pub injected: [u64; 4],
+    /// Whether runs of packets go out as UDP GSO sends (see the module
+    /// documentation), and whether the kernel passed the probe at open.
+    gso: bool,
+    gso_ok: bool,
+    /// The run being sent as one GSO datagram.
+    gso_buf: Vec<u8>,
+    /// A datagram too big for a ring frame, read from the socket.
+    spill: Vec<u8>,
+    /// Packets sent as segments of GSO datagrams, GSO datagrams received
+    /// (split here), and datagrams too big for a ring frame (read from the
+    /// socket), since the engine last took the counts.
+    pub gso_counts: (u64, u64, u64),
     /// Datagrams to port 4791 on our address that were not well-formed
     /// IPv4/UDP (fragments, bad header checksum, truncated, too long for
     /// a ring frame).
@@ -62,10 +89,13 @@ pub struct RawIo {
 /// [`RawIo::release`]: its flow and where its UDP payload lies.
 #[derive(Debug)]
 pub struct Frame {
-    /// Addresses, ports and IPv4 identification.
+    /// Addresses, ports and IPv4 identification (of the first segment).
     pub flow: Flow,
     ptr: NonNull<u8>,
     len: usize,
+    /// UDP payload bytes per segment: the whole payload unless the
+    /// datagram is a GSO one.
+    seg: usize,
     slot: usize,
 }
 
@@ -84,6 +114,63 @@ impl Frame {
         // until released; the caller keeps the mapping alive.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
     }
+
+    /// Each datagram in the frame: its flow and its UDP payload (one,
+    /// unless the frame holds a GSO datagram, whose segment `i` carries
+    /// the first segment's identification plus `i`, as the kernel would
+    /// give it when splitting).
+    ///
+    /// # Safety
+    ///
+    /// As for [`Frame::payload`].
+    pub unsafe fn datagrams<'a>(&self) -> impl Iterator<Item = (Flow, &'a [u8])> + use<'a> {
+        // SAFETY: passed on to the caller.
+        let data = unsafe { self.payload() };
+        let first = self.flow;
+        data.chunks(self.seg.max(1))
+            .enumerate()
+            .map(move |(i, chunk)| {
+                let mut flow = first;
+                flow.ip_id = first.ip_id.wrapping_add(i as u16);
+                (flow, chunk)
+            })
+    }
+}
+
+/// `setsockopt` names this libc build may lack.
+const UDP_SEGMENT: libc::c_int = 103;
+const UDP_GRO: libc::c_int = 104;
+const PACKET_COPY_THRESH: libc::c_int = 7;
+const PACKET_VNET_HDR: libc::c_int = 15;
+/// `struct virtio_net_hdr`: flags, gso_type, hdr_len, gso_size,
+/// csum_start, csum_offset.
+const VNET_HDR: usize = 10;
+const VNET_GSO_NONE: u8 = 0;
+const VNET_GSO_UDP_L4: u8 = 5;
+/// Most segments in one GSO send (the kernel allows 64 or more) and most
+/// UDP payload in one datagram.
+const GSO_SEGMENTS: usize = 64;
+const UDP_PAYLOAD_MAX: usize = 65_507;
+/// What the probe datagram's segments start with.
+const PROBE_MAGIC: &[u8; 16] = b"softcard-gso-prb";
+
+fn set_int(
+    fd: libc::c_int,
+    level: libc::c_int,
+    opt: libc::c_int,
+    v: libc::c_int,
+) -> io::Result<()> {
+    // SAFETY: setsockopt with a valid int option value.
+    check(unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            opt,
+            (&raw const v).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    })
+    .map(|_| ())
 }
 
 /// Frame size of the receive ring: a 4096-byte path MTU packet with every
@@ -125,7 +212,7 @@ impl RxRing {
         let fd = unsafe {
             OwnedFd::from_raw_fd(check(libc::socket(
                 libc::AF_PACKET,
-                libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
                 0,
             ))?)
         };
@@ -155,6 +242,25 @@ impl RxRing {
             libc::PACKET_IGNORE_OUTGOING,
             (&raw const one).cast(),
             std::mem::size_of::<libc::c_int>(),
+        )?;
+        // A virtio-net header before each datagram says whether (and
+        // where) a GSO datagram splits; datagrams bigger than a frame are
+        // queued whole on the socket as well.
+        set(
+            PACKET_VNET_HDR,
+            (&raw const one).cast(),
+            std::mem::size_of::<libc::c_int>(),
+        )?;
+        set(
+            PACKET_COPY_THRESH,
+            (&raw const one).cast(),
+            std::mem::size_of::<libc::c_int>(),
+        )?;
+        set_int(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            16 << 20,
         )?;
         let req = libc::tpacket_req {
             tp_block_size: BLOCK_SIZE as libc::c_uint,
@@ -271,12 +377,15 @@ fn attach_filter(fd: &OwnedFd, local: Ipv4Addr) -> io::Result<()> {
     const JEQ_K: u16 = 0x15;
     const RET_K: u16 = 0x06;
     let ins = |code: u16, jt: u8, jf: u8, k: u32| libc::sock_filter { code, jt, jf, k };
+    // Loads relative to the network header (SKF_NET_OFF), whatever the
+    // link layer in front of it.
+    const NET: u32 = 0xfff0_0000; // -0x100000 as u32
     let prog = [
-        ins(LD_B_ABS, 0, 0, 0),  // version/IHL
-        ins(JEQ_K, 0, 5, 0x45),  // IPv4 without options
-        ins(LD_W_ABS, 0, 0, 16), // destination address
+        ins(LD_B_ABS, 0, 0, NET),      // version/IHL
+        ins(JEQ_K, 0, 5, 0x45),        // IPv4 without options
+        ins(LD_W_ABS, 0, 0, NET + 16), // destination address
         ins(JEQ_K, 0, 3, u32::from_be_bytes(local.octets())),
-        ins(LD_H_ABS, 0, 0, 22), // UDP destination port
+        ins(LD_H_ABS, 0, 0, NET + 22), // UDP destination port
         ins(JEQ_K, 0, 1, u32::from(ROCEV2_PORT)),
         ins(RET_K, 0, 0, 0xffff), // accept
         ins(RET_K, 0, 0, 0),      // drop
@@ -304,6 +413,16 @@ impl RawIo {
     pub fn open(local: Ipv4Addr) -> io::Result<Self> {
         let guard = UdpSocket::bind((local, ROCEV2_PORT))?;
         drop_all(&guard)?;
+        let g = guard.as_raw_fd();
+        // GSO sends carry DF, as RoCEv2 wants; GSO datagrams that stay
+        // whole up to this socket are dropped whole, not split first.
+        set_int(
+            g,
+            libc::IPPROTO_IP,
+            libc::IP_MTU_DISCOVER,
+            libc::IP_PMTUDISC_DO,
+        )?;
+        set_int(g, libc::SOL_UDP, UDP_GRO, 1)?;
         // SAFETY: plain socket(2) call; the fd is checked and owned.
         let send = unsafe {
             OwnedFd::from_raw_fd(check(libc::socket(
@@ -315,18 +434,69 @@ impl RawIo {
         let rx = RxRing::open()?;
         attach_filter(&rx.fd, local)?;
         rx.bind()?;
-        Ok(RawIo {
+        let mut io = RawIo {
             send,
             rx,
-            _guard: guard,
+            udp: guard,
             local,
             next_id: 1,
             faults: Faults::default(),
             rng: 1,
             held: None,
             injected: [0; 4],
+            gso: false,
+            gso_ok: false,
+            gso_buf: Vec::with_capacity(UDP_PAYLOAD_MAX),
+            spill: vec![0; VNET_HDR + 128 + 65_536],
+            gso_counts: (0, 0, 0),
             malformed: 0,
-        })
+        };
+        io.gso_ok = io.probe_gso();
+        io.gso = io.gso_ok;
+        io.gso_counts = (0, 0, 0);
+        Ok(io)
+    }
+
+    /// Whether runs of packets go out as UDP GSO sends.
+    pub fn gso(&self) -> bool {
+        self.gso
+    }
+
+    /// Turns GSO sends off (or back on, where the probe allowed them).
+    pub fn set_gso(&mut self, on: bool) {
+        self.gso = on && self.gso_ok;
+    }
+
+    /// Sends a two-segment GSO datagram to our own address and checks
+    /// that it arrives with the identifications the ICRC is sealed with
+    /// (0 for the first segment, 1 for the second).
+    fn probe_gso(&mut self) -> bool {
+        let seg = 24usize;
+        self.gso_buf.clear();
+        for i in 0..2u8 {
+            self.gso_buf.extend_from_slice(PROBE_MAGIC);
+            self.gso_buf.extend_from_slice(&[i; 8]);
+        }
+        if self.send_gso(self.local, seg).is_err() {
+            return false;
+        }
+        let mut ids = Vec::new();
+        let deadline = Instant::now() + Duration::from_millis(500);
+        while ids.len() < 2 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Ok(Some(f)) = self.recv_frame(left) else {
+                return false;
+            };
+            let mine = f.flow.src == self.local && f.flow.src_port == ROCEV2_PORT;
+            // SAFETY: the frame is released right after, below.
+            for (flow, d) in unsafe { f.datagrams() } {
+                if mine && d.len() == seg && d.starts_with(PROBE_MAGIC) {
+                    ids.push((flow.ip_id, d[seg - 1]));
+                }
+            }
+            self.release(f);
+        }
+        ids == [(0, 0), (1, 1)]
     }
 
     /// Injects faults from now on (tests).
@@ -478,16 +648,107 @@ impl RawIo {
         self.release_held()
     }
 
+    /// Sends a run of packets (encoded, ICRC space included) to `dst`
+    /// in order: equal-sized neighbours (and a shorter last one) as one
+    /// GSO datagram where the probe allowed it, the rest one by one.
+    pub fn send_burst(
+        &mut self,
+        dst: Ipv4Addr,
+        src_port: u16,
+        packets: &mut [&mut [u8]],
+    ) -> io::Result<()> {
+        let f = self.faults;
+        let faults = f.drop_ppm | f.dup_ppm | f.reorder_ppm | f.corrupt_ppm != 0;
+        let mut i = 0;
+        while i < packets.len() {
+            let seg = packets[i].len();
+            let most = (UDP_PAYLOAD_MAX / seg.max(1)).min(GSO_SEGMENTS);
+            let mut j = i + 1;
+            while j < packets.len() && j - i < most && packets[j].len() == seg {
+                j += 1;
+            }
+            if j < packets.len() && j - i < most && packets[j].len() < seg {
+                j += 1;
+            }
+            if !self.gso || faults || j - i == 1 {
+                for p in &mut packets[i..j] {
+                    self.send(dst, src_port, p)?;
+                }
+                i = j;
+                continue;
+            }
+            self.gso_buf.clear();
+            for (k, p) in packets[i..j].iter_mut().enumerate() {
+                let flow = Flow {
+                    src: self.local,
+                    dst,
+                    src_port: ROCEV2_PORT,
+                    dst_port: ROCEV2_PORT,
+                    ip_id: k as u16,
+                };
+                wire::seal(&flow, p);
+                self.gso_buf.extend_from_slice(p);
+            }
+            self.send_gso(dst, seg)?;
+            self.gso_counts.0 += (j - i) as u64;
+            i = j;
+        }
+        Ok(())
+    }
+
+    /// Sends `gso_buf` from the UDP socket to `dst`, split by the kernel
+    /// into datagrams of `seg` bytes.
+    fn send_gso(&self, dst: Ipv4Addr, seg: usize) -> io::Result<()> {
+        let mut sa = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: ROCEV2_PORT.to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_ne_bytes(dst.octets()),
+            },
+            sin_zero: [0; 8],
+        };
+        let mut iov = libc::iovec {
+            iov_base: self.gso_buf.as_ptr() as *mut libc::c_void,
+            iov_len: self.gso_buf.len(),
+        };
+        // Room for one cmsg carrying a u16, aligned as cmsghdr wants.
+        let mut space = [0u64; 4];
+        let seg = u16::try_from(seg).map_err(|_| io::ErrorKind::InvalidInput)?;
+        // SAFETY: an all-zero msghdr is valid; every pointer set below
+        // refers to a local that outlives the sendmsg call; the cmsg
+        // macros stay within `space` (CMSG_SPACE(2) <= 32 bytes).
+        let n = unsafe {
+            let mut msg: libc::msghdr = std::mem::zeroed();
+            msg.msg_name = (&raw mut sa).cast();
+            msg.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            msg.msg_iov = &raw mut iov;
+            msg.msg_iovlen = 1;
+            msg.msg_control = space.as_mut_ptr().cast();
+            msg.msg_controllen = libc::CMSG_SPACE(2) as usize;
+            let c = libc::CMSG_FIRSTHDR(&msg);
+            (*c).cmsg_level = libc::SOL_UDP;
+            (*c).cmsg_type = UDP_SEGMENT;
+            (*c).cmsg_len = libc::CMSG_LEN(2) as usize;
+            std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), seg);
+            libc::sendmsg(self.udp.as_raw_fd(), &msg, 0)
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     /// The next RoCEv2 datagram addressed to us, waiting up to
     /// `timeout` for one (zero: only what is already there). It stays in
-    /// its ring frame, read in place, until [`RawIo::release`]; frames
-    /// must be released in the order they were taken.
+    /// its ring frame (or the spill buffer), read in place, until
+    /// [`RawIo::release`], which must come before the next call.
     pub fn recv_frame(&mut self, timeout: Duration) -> io::Result<Option<Frame>> {
         self.release_held()?;
         let mut deadline = None;
         loop {
             let slot = self.rx.head;
-            if self.rx.status(slot).load(Ordering::Acquire) & libc::TP_STATUS_USER == 0 {
+            let status = self.rx.status(slot).load(Ordering::Acquire);
+            if status & libc::TP_STATUS_USER == 0 {
                 // Nothing queued: wait (unless the caller only peeks).
                 if timeout.is_zero() {
                     return Ok(None);
@@ -508,8 +769,19 @@ impl RawIo {
                 continue;
             }
             self.rx.head = (slot + 1) % self.rx.frames;
-            match self.parse_frame(slot) {
-                Some(f) => return Ok(Some(f)),
+            let f = if status & libc::TP_STATUS_COPY != 0 {
+                self.gso_counts.2 += 1;
+                self.parse_spill(slot)
+            } else {
+                self.parse_frame(slot)
+            };
+            match f {
+                Some(f) => {
+                    if f.seg < f.len {
+                        self.gso_counts.1 += 1;
+                    }
+                    return Ok(Some(f));
+                }
                 None => {
                     self.malformed += 1;
                     self.rx.release(slot);
@@ -518,19 +790,58 @@ impl RawIo {
         }
     }
 
-    /// Checks the IPv4 and UDP headers of the datagram in frame `slot`.
+    /// The datagram of ring frame `slot`, in place. The frame holds the
+    /// virtio-net header, then the link-layer header (`tp_mac`), then the
+    /// IPv4 datagram (`tp_net`).
     fn parse_frame(&self, slot: usize) -> Option<Frame> {
         let h = self.rx.header(slot);
-        let net = usize::from(h.tp_net);
+        let (mac, net) = (usize::from(h.tp_mac), usize::from(h.tp_net));
         let snap = h.tp_snaplen as usize;
-        if h.tp_len as usize != snap || net.checked_add(snap)? > FRAME_SIZE {
+        if h.tp_len as usize != snap
+            || mac < VNET_HDR
+            || net < mac
+            || mac.checked_add(snap)? > FRAME_SIZE
+        {
             return None; // truncated to the frame
         }
-        // SAFETY: `net..net+snap` lies inside frame `slot` (checked just
-        // above), which is ours until released.
-        let d = unsafe {
-            std::slice::from_raw_parts(self.rx.map.as_ptr().add(slot * FRAME_SIZE + net), snap)
+        // SAFETY: `mac-VNET_HDR..mac+snap` lies inside frame `slot`
+        // (checked just above), which is ours until released.
+        let (vnet, d) = unsafe {
+            let base = self.rx.map.as_ptr().add(slot * FRAME_SIZE);
+            (
+                std::slice::from_raw_parts(base.add(mac - VNET_HDR), VNET_HDR),
+                std::slice::from_raw_parts(base.add(net), mac + snap - net),
+            )
         };
+        self.parse(vnet, d, slot)
+    }
+
+    /// The datagram of ring frame `slot` that did not fit a frame: the
+    /// kernel queued it whole on the socket as well (virtio-net header,
+    /// link-layer header, datagram; the frame says how long the
+    /// link-layer header is).
+    fn parse_spill(&mut self, slot: usize) -> Option<Frame> {
+        let h = self.rx.header(slot);
+        let l2 = usize::from(h.tp_net).checked_sub(usize::from(h.tp_mac))?;
+        // SAFETY: `spill` is valid for its length.
+        let n = unsafe {
+            libc::recv(
+                self.rx.fd.as_raw_fd(),
+                self.spill.as_mut_ptr().cast(),
+                self.spill.len(),
+                libc::MSG_DONTWAIT | libc::MSG_TRUNC,
+            )
+        };
+        let n = usize::try_from(n).ok()?;
+        if n > self.spill.len() || n < VNET_HDR + l2 {
+            return None;
+        }
+        let (vnet, rest) = self.spill[..n].split_at(VNET_HDR);
+        self.parse(vnet, &rest[l2..], slot)
+    }
+
+    /// Checks the virtio-net, IPv4 and UDP headers of a datagram.
+    fn parse(&self, vnet: &[u8], d: &[u8], slot: usize) -> Option<Frame> {
         if d.len() < 28 || d[0] != 0x45 || ip_checksum(&d[..20]) != 0 {
             return None;
         }
@@ -550,6 +861,16 @@ impl RawIo {
         if dport != ROCEV2_PORT || dst != self.local {
             return None;
         }
+        let len = total - 28;
+        let seg = match vnet[1] & 0x7f {
+            VNET_GSO_NONE => len,
+            VNET_GSO_UDP_L4 => usize::from(u16::from_le_bytes([vnet[4], vnet[5]])),
+            _ => return None,
+        };
+        if seg == 0 {
+            return None;
+        }
+
         let flow = Flow {
             src: Ipv4Addr::new(d[12], d[13], d[14], d[15]),
             dst,
@@ -560,7 +881,8 @@ impl RawIo {
         Some(Frame {
             flow,
             ptr: NonNull::from(&d[28..]).cast::<u8>(),
-            len: total - 28,
+            len,
+            seg,
             slot,
         })
     }

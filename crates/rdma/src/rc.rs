@@ -643,6 +643,13 @@ pub struct PathStats {
     pub rnr_naks: u64,
     /// Packets dropped for a bad ICRC or malformed headers.
     pub dropped: u64,
+    /// Packets sent as segments of UDP GSO datagrams (one system call
+    /// for a run of them).
+    pub gso_segments_sent: u64,
+    /// GSO datagrams received whole and split into their packets here.
+    pub gso_datagrams_received: u64,
+    /// Datagrams too big for a receive ring frame, read from the socket.
+    pub spilled: u64,
 }
 
 /// A BTH as this engine sends it (migration state set, default partition).
@@ -743,6 +750,18 @@ impl Engine {
     /// Injects seeded faults into this engine's outgoing datagrams (tests).
     pub fn set_faults(&mut self, f: crate::net::Faults) {
         self.io.set_faults(f);
+    }
+
+    /// Whether runs of packets go out as UDP GSO datagrams (this kernel
+    /// passed the probe at open, and no faults are being injected).
+    pub fn gso(&self) -> bool {
+        self.io.gso()
+    }
+
+    /// Sends every packet alone (`false`), or runs of them as GSO
+    /// datagrams again where the kernel allows (`true`).
+    pub fn set_gso(&mut self, on: bool) {
+        self.io.set_gso(on);
     }
 
     /// Datagrams the fault injector dropped, duplicated, reordered and
@@ -1177,17 +1196,25 @@ impl Engine {
         let window = self.window;
         let rto = self.rto;
         let q = &mut self.qps[qi];
+        let first = q.unacked.len();
         while q.unacked.len() < window {
-            let Some(mut o) = q.pending_tx.pop_front() else {
+            let Some(o) = q.pending_tx.pop_front() else {
                 break;
             };
-            self.io.send(q.remote_ip, q.src_port, &mut o.packet)?;
             q.unacked.push_back(o);
-            if q.rto_at.is_none() {
-                q.rto_at = Some(Instant::now() + rto);
-            }
         }
-        Ok(())
+        if q.unacked.len() == first {
+            return Ok(());
+        }
+        if q.rto_at.is_none() {
+            q.rto_at = Some(Instant::now() + rto);
+        }
+        let mut burst: Vec<&mut [u8]> = q
+            .unacked
+            .range_mut(first..)
+            .map(|o| o.packet.as_mut_slice())
+            .collect();
+        self.io.send_burst(q.remote_ip, q.src_port, &mut burst)
     }
 
     /// Acknowledges `psn`, coalescing: the ACK goes out when it covers
@@ -1249,9 +1276,12 @@ impl Engine {
                 q.rto_at = Some(now + self.rto);
                 self.stats.retransmits += q.unacked.len() as u64;
                 let (ip, port) = (q.remote_ip, q.src_port);
-                for o in q.unacked.iter_mut() {
-                    self.io.send(ip, port, &mut o.packet)?;
-                }
+                let mut burst: Vec<&mut [u8]> = q
+                    .unacked
+                    .iter_mut()
+                    .map(|o| o.packet.as_mut_slice())
+                    .collect();
+                self.io.send_burst(ip, port, &mut burst)?;
                 continue;
             }
             if q.rto_at.is_none_or(|t| t > now) {
@@ -1265,9 +1295,12 @@ impl Engine {
             self.stats.retransmits += q.unacked.len() as u64;
             q.rto_at = Some(now + self.rto);
             let (ip, port) = (q.remote_ip, q.src_port);
-            for o in q.unacked.iter_mut() {
-                self.io.send(ip, port, &mut o.packet)?;
-            }
+            let mut burst: Vec<&mut [u8]> = q
+                .unacked
+                .iter_mut()
+                .map(|o| o.packet.as_mut_slice())
+                .collect();
+            self.io.send_burst(ip, port, &mut burst)?;
         }
         Ok(())
     }
@@ -1473,10 +1506,8 @@ impl Engine {
             q.nak_sent = false;
         }
         let (ip, port) = (q.remote_ip, q.src_port);
-        for mut b in out {
-            self.io.send(ip, port, &mut b)?;
-        }
-        Ok(())
+        let mut burst: Vec<&mut [u8]> = out.iter_mut().map(Vec::as_mut_slice).collect();
+        self.io.send_burst(ip, port, &mut burst)
     }
 
     fn send_ack(&mut self, qp: usize, psn: u32, syndrome: u8) -> io::Result<()> {
@@ -1529,6 +1560,10 @@ impl Engine {
         }
         // Datagrams refused below RoCEv2 (IPv4/UDP checks) count as dropped.
         self.stats.dropped += std::mem::take(&mut self.io.malformed);
+        let (sent, received, spilled) = std::mem::take(&mut self.io.gso_counts);
+        self.stats.gso_segments_sent += sent;
+        self.stats.gso_datagrams_received += received;
+        self.stats.spilled += spilled;
         self.notify_cq();
         Ok(any)
     }
@@ -1537,11 +1572,18 @@ impl Engine {
         let Some(f) = self.io.recv_frame(timeout)? else {
             return Ok(false);
         };
+        let mut r = Ok(());
         // SAFETY: the frame is released only below, after the last use of
-        // `data`, and `self.io` (which owns the ring) is not replaced or
-        // dropped while a packet is handled.
-        let data = unsafe { f.payload() };
-        let r = self.handle_packet(&f.flow, data);
+        // its datagrams; `self.io` (which owns the ring and the spill
+        // buffer) is not replaced, dropped or asked for another frame
+        // while a packet is handled.
+        let datagrams = unsafe { f.datagrams() };
+        for (flow, data) in datagrams {
+            r = self.handle_packet(&flow, data);
+            if r.is_err() {
+                break;
+            }
+        }
         self.io.release(f);
         r.map(|()| true)
     }
@@ -1613,12 +1655,13 @@ impl Engine {
                     3 => {
                         // NAK: sequence error → go back N; others fail.
                         if aeth.syndrome == NAK_PSN_SEQ {
-                            let resend: Vec<Vec<u8>> =
-                                q.unacked.iter().map(|u| u.packet.clone()).collect();
                             let (ip, port) = (q.remote_ip, q.src_port);
-                            for mut b in resend {
-                                self.io.send(ip, port, &mut b)?;
-                            }
+                            let mut burst: Vec<&mut [u8]> = q
+                                .unacked
+                                .iter_mut()
+                                .map(|u| u.packet.as_mut_slice())
+                                .collect();
+                            self.io.send_burst(ip, port, &mut burst)?;
                         } else {
                             let status = if aeth.syndrome == NAK_REMOTE_ACCESS {
                                 WcStatus::RemoteAccessError

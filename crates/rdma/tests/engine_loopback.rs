@@ -80,6 +80,16 @@ fn write_read_and_protection_between_two_engines() {
             a.cq.is_empty(),
             "a plain WRITE completes nothing at the target"
         );
+        // The ten packets left B as two UDP GSO datagrams (the first
+        // packet, longer by its RETH, with the second; then the other
+        // eight), which stayed whole on loopback, the second too big for
+        // a ring frame (the spill path), and were split and checked
+        // packet by packet at A.
+        assert!(b.gso(), "this kernel passed the GSO probe");
+        assert_eq!(b.stats.gso_segments_sent, 10, "{:?}", b.stats);
+        assert_eq!(a.stats.gso_datagrams_received, 2, "{:?}", a.stats);
+        assert_eq!(a.stats.spilled, 1, "{:?}", a.stats);
+        assert_eq!(a.stats.fast_packets, 10, "{:?}", a.stats);
 
         // B reads 7000 bytes of A back into its offset 30000.
         b.post_read(qb, 2, mb, 30000, 7000, va_a + 100, rkey_a)
@@ -96,6 +106,20 @@ fn write_read_and_protection_between_two_engines() {
             )
         );
         assert_eq!(&b.mr(mb).bytes()[30000..37000], &pattern[..7000]);
+        // The seven READ responses (the first and last longer, with an
+        // AETH) went out as GSO runs too.
+        assert!(a.stats.gso_segments_sent >= 6, "{:?}", a.stats);
+
+        // The same WRITE with every packet sent alone lands the same way.
+        b.set_gso(false);
+        assert!(!b.gso());
+        b.post_write(qb, 4, mb, 0, 10000, va_a + 20000, rkey_a, None)
+            .unwrap();
+        let c = pump(&mut a, &mut b, 1);
+        assert_eq!((c.wr_id, c.status), (4, WcStatus::Success));
+        assert_eq!(&a.mr(ma).bytes()[20000..30000], &pattern[..]);
+        assert_eq!(b.stats.gso_segments_sent, 10, "nothing more as GSO");
+        b.set_gso(true);
 
         // WRITE with immediate consumes a receive at A and says so.
         a.post_recv(
