@@ -71,8 +71,6 @@ pub struct RawIo {
     /// documentation), and whether the kernel passed the probe at open.
     gso: bool,
     gso_ok: bool,
-    /// The run being sent as one GSO datagram.
-    gso_buf: Vec<u8>,
     /// A datagram too big for a ring frame, read from the socket.
     spill: Vec<u8>,
     /// Packets sent as segments of GSO datagrams, GSO datagrams received
@@ -446,7 +444,6 @@ impl RawIo {
             injected: [0; 4],
             gso: false,
             gso_ok: false,
-            gso_buf: Vec::with_capacity(UDP_PAYLOAD_MAX),
             spill: vec![0; VNET_HDR + 128 + 65_536],
             gso_counts: (0, 0, 0),
             malformed: 0,
@@ -472,12 +469,16 @@ impl RawIo {
     /// (0 for the first segment, 1 for the second).
     fn probe_gso(&mut self) -> bool {
         let seg = 24usize;
-        self.gso_buf.clear();
+        let mut probe = Vec::new();
         for i in 0..2u8 {
-            self.gso_buf.extend_from_slice(PROBE_MAGIC);
-            self.gso_buf.extend_from_slice(&[i; 8]);
+            probe.extend_from_slice(PROBE_MAGIC);
+            probe.extend_from_slice(&[i; 8]);
         }
-        if self.send_gso(self.local, seg).is_err() {
+        let iov = [libc::iovec {
+            iov_base: probe.as_ptr() as *mut libc::c_void,
+            iov_len: probe.len(),
+        }];
+        if self.send_gso(self.local, seg, &iov).is_err() {
             return false;
         }
         let mut ids = Vec::new();
@@ -677,7 +678,6 @@ impl RawIo {
                 i = j;
                 continue;
             }
-            self.gso_buf.clear();
             for (k, p) in packets[i..j].iter_mut().enumerate() {
                 let flow = Flow {
                     src: self.local,
@@ -687,18 +687,26 @@ impl RawIo {
                     ip_id: k as u16,
                 };
                 wire::seal(&flow, p);
-                self.gso_buf.extend_from_slice(p);
             }
-            self.send_gso(dst, seg)?;
+            // The packets go out from where they are, one iovec each.
+            let iov: Vec<libc::iovec> = packets[i..j]
+                .iter()
+                .map(|p| libc::iovec {
+                    iov_base: p.as_ptr() as *mut libc::c_void,
+                    iov_len: p.len(),
+                })
+                .collect();
+            self.send_gso(dst, seg, &iov)?;
             self.gso_counts.0 += (j - i) as u64;
             i = j;
         }
         Ok(())
     }
 
-    /// Sends `gso_buf` from the UDP socket to `dst`, split by the kernel
-    /// into datagrams of `seg` bytes.
-    fn send_gso(&self, dst: Ipv4Addr, seg: usize) -> io::Result<()> {
+    /// Sends the bytes `iov` points to, from the UDP socket to `dst`, as
+    /// one GSO datagram that the kernel splits into datagrams of `seg`
+    /// bytes.
+    fn send_gso(&self, dst: Ipv4Addr, seg: usize, iov: &[libc::iovec]) -> io::Result<()> {
         let mut sa = libc::sockaddr_in {
             sin_family: libc::AF_INET as libc::sa_family_t,
             sin_port: ROCEV2_PORT.to_be(),
@@ -707,22 +715,20 @@ impl RawIo {
             },
             sin_zero: [0; 8],
         };
-        let mut iov = libc::iovec {
-            iov_base: self.gso_buf.as_ptr() as *mut libc::c_void,
-            iov_len: self.gso_buf.len(),
-        };
         // Room for one cmsg carrying a u16, aligned as cmsghdr wants.
         let mut space = [0u64; 4];
         let seg = u16::try_from(seg).map_err(|_| io::ErrorKind::InvalidInput)?;
         // SAFETY: an all-zero msghdr is valid; every pointer set below
-        // refers to a local that outlives the sendmsg call; the cmsg
-        // macros stay within `space` (CMSG_SPACE(2) <= 32 bytes).
+        // refers to a local or to `iov` (whose entries point to live
+        // buffers the caller holds), all outliving the sendmsg call, which
+        // only reads through the iovecs; the cmsg macros stay within
+        // `space` (CMSG_SPACE(2) <= 32 bytes).
         let n = unsafe {
             let mut msg: libc::msghdr = std::mem::zeroed();
             msg.msg_name = (&raw mut sa).cast();
             msg.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-            msg.msg_iov = &raw mut iov;
-            msg.msg_iovlen = 1;
+            msg.msg_iov = iov.as_ptr().cast_mut();
+            msg.msg_iovlen = iov.len();
             msg.msg_control = space.as_mut_ptr().cast();
             msg.msg_controllen = libc::CMSG_SPACE(2) as usize;
             let c = libc::CMSG_FIRSTHDR(&msg);
