@@ -62,6 +62,8 @@ struct RawDevice {
     path: Option<PathBuf>,
     #[serde(default)]
     size: Option<SizeValue>,
+    #[serde(default)]
+    share_depth: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -134,6 +136,7 @@ impl CardConfig {
                 kind: d.kind,
                 path: d.path,
                 size_bytes,
+                share_depth: d.share_depth,
             });
         }
         let mut tenants: Vec<(String, KekSource)> = Vec::new();
@@ -182,6 +185,7 @@ mod tests {
             kind = "file"
             path = "/tmp/a.img"
             size = "2GiB"
+            share_depth = 8
             [[device]]
             name = "n"
             kind = "null"
@@ -192,6 +196,8 @@ mod tests {
         assert_eq!(c.api_socket, PathBuf::from("/tmp/x.sock"));
         assert_eq!(c.devices.len(), 2);
         assert_eq!(c.devices[0].size_bytes, Some(2 << 30));
+        assert_eq!(c.devices[0].share_depth, Some(8));
+        assert_eq!(c.devices[1].share_depth, None);
         assert_eq!(c.devices[1].kind, DeviceKind::Null);
         assert_eq!(c.devices[1].size_bytes, Some(4096));
     }
@@ -202,6 +208,7 @@ mod tests {
             "[[device]]\nname='a'\nkind='floppy'",
             "[[device]]\nname='a'\nkind='null'\nsize='3 bananas'",
             "[[device]]\nname='a'\nkind='null'\nsize=1\nbogus=1",
+            "[[device]]\nname='a'\nkind='null'\nsize=1\nshare_depth=-1",
             "[[device]]\nname='a'\nkind='null'\n[[device]]\nname='a'\nkind='ram'",
             "api_socket = 5",
             "[[tenant]]\nname='t'",

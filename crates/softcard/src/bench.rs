@@ -325,12 +325,14 @@ pub fn storage(a: &StorageBenchArgs) -> Result<()> {
                 kind: DeviceKind::Null,
                 path: None,
                 size_bytes: Some(VOLUME_BYTES + MAP_SLACK),
+                share_depth: None,
             },
             "ram" | "ram-encrypted" => DeviceConfig {
                 name: "bench".into(),
                 kind: DeviceKind::Ram,
                 path: None,
                 size_bytes: Some(VOLUME_BYTES + MAP_SLACK),
+                share_depth: None,
             },
             _ => {
                 let ours = shm.path().join("softcard.img");
@@ -340,6 +342,7 @@ pub fn storage(a: &StorageBenchArgs) -> Result<()> {
                     kind: DeviceKind::File,
                     path: Some(ours),
                     size_bytes: None,
+                    share_depth: None,
                 }
             }
         };
@@ -534,6 +537,7 @@ pub fn fairness(a: &FairnessBenchArgs) -> Result<()> {
         kind: DeviceKind::File,
         path: Some(img),
         size_bytes: None,
+        share_depth: None,
     };
     let card = StorageCard::open(&[dev])?;
     let mut socks = Vec::new();
@@ -630,6 +634,7 @@ pub fn qos(a: &QosBenchArgs) -> Result<()> {
         kind: DeviceKind::Ram,
         path: None,
         size_bytes: Some(64 << 20),
+        share_depth: None,
     }])?;
     card.create_volume("v", "r", 32 << 20)?;
     let sock = sockets.path().join("v.sock");

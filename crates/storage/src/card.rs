@@ -146,11 +146,14 @@ struct DeviceSlot {
 }
 
 /// Requests in flight that the volumes of one file or block device share
-/// while more than one is active (see [`DeviceShare`]); memory devices have
-/// no queue to share. Chosen with `softcard bench fairness`: on the test
-/// machine's virtio disk, 4 kept a quiet volume's p50 within 1.5x and its
-/// p99 near 2x of running alone (32 gave 3-4x and 5x).
-pub const DEVICE_SHARE_DEPTH: u32 = 4;
+/// while more than one is active (see [`DeviceShare`]), unless the
+/// device's configuration says otherwise (`share_depth`); memory devices
+/// have no queue to share. Chosen with `softcard bench fairness` on the
+/// test machine's virtio disk: 2 (one each for two volumes) kept a quiet
+/// volume's p50 within 1.15x and its p99 within 1.7-1.9x of running alone;
+/// 4 gave 1.1-1.4x and 2.1-2.4x with 25-35 % more for the noisy volume;
+/// 32 gave 3-4x and 5x.
+pub const DEVICE_SHARE_DEPTH: u32 = 2;
 
 #[derive(Debug, Default)]
 struct State {
@@ -193,7 +196,9 @@ impl StorageCard {
                 log::error!("{reason}");
             }
             let depth = match config.kind {
-                device::DeviceKind::File | device::DeviceKind::Block => DEVICE_SHARE_DEPTH,
+                device::DeviceKind::File | device::DeviceKind::Block => {
+                    config.share_depth.unwrap_or(DEVICE_SHARE_DEPTH)
+                }
                 device::DeviceKind::Null | device::DeviceKind::Ram => 0,
             };
             devices.push(DeviceSlot {

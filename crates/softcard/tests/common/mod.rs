@@ -359,6 +359,7 @@ pub fn wrapped_key_on_device(path: &Path, volume: &str) -> Vec<u8> {
         kind: DeviceKind::File,
         path: Some(path.to_owned()),
         size_bytes: None,
+        share_depth: None,
     })
     .unwrap();
     let map = PartitionMap::load(dev.as_ref()).unwrap();

@@ -72,6 +72,12 @@ pub struct DeviceConfig {
     /// does not exist yet.
     #[serde(default)]
     pub size_bytes: Option<u64>,
+    /// Requests in flight that the volumes of a file or block device share
+    /// while more than one of them is active (default
+    /// [`crate::card::DEVICE_SHARE_DEPTH`]; 0 turns sharing off). Memory
+    /// devices have no queue and ignore it.
+    #[serde(default)]
+    pub share_depth: Option<u32>,
 }
 
 /// Errors opening a physical device.
