@@ -20,8 +20,9 @@ compgen -G '/boot/vmlinuz-*' >/dev/null || need+=(linux-image-amd64)
 [ -x /bin/busybox ] && /bin/busybox --list | grep -qx insmod || need+=(busybox-static)
 python3 -c 'import cryptography' 2>/dev/null || need+=(python3-cryptography)
 command -v losetup >/dev/null || need+=(mount)
-# Soft-RoCE peer in a guest: rdma-core tools and the rxe provider.
+# Soft-RoCE peer in a guest: rdma-core tools, perftest and the rxe provider.
 command -v ibv_rc_pingpong >/dev/null || need+=(ibverbs-utils)
+command -v ib_write_bw >/dev/null || need+=(perftest)
 [ -e /usr/lib/x86_64-linux-gnu/libibverbs/librxe-rdmav34.so ] || need+=(ibverbs-providers)
 command -v rdma >/dev/null || need+=(iproute2)
 command -v python3 >/dev/null || need+=(python3)

@@ -457,3 +457,248 @@ fn ibv_rc_pingpong_both_directions_against_our_engine() {
     assert!(stats.gso_segments_sent >= 4, "{stats:?}");
     eprintln!("engine paths: {stats:?}");
 }
+
+const PERFTEST_INIT: &str = r#"
+$B ip link set lo up
+$B ip link set eth0 up
+$B ip addr add 10.77.0.2/24 dev eth0
+/usr/bin/rdma link add rxe0 type rxe netdev eth0 || echo "SOFTCARD-FAIL rdma link add"
+$B sleep 1
+for t in write read; do
+  /usr/bin/ib_${t}_bw -d rxe0 -x 1 -s 65536 -n 100 -F 10.77.0.1 > /tmp/$t.log 2>&1
+  echo "SOFTCARD-PERF-$t rc=$?"
+  $B sed "s/^/SOFTCARD-LOG-$t /" /tmp/$t.log
+done
+$B poweroff -f
+"#;
+
+/// perftest's version as Debian's perftest 4.5-0.17 reports it (the
+/// client refuses peers older than 5.70).
+const PERFTEST_VERSION: &[u8] = b"6.06";
+/// A key message with a GID: `lid:out_reads:qpn:psn:rkey:vaddr:gid
+/// bytes:srqn:`, NUL-padded.
+const PERFTEST_KEYS: usize = 108;
+
+/// Reads exactly `n` bytes from a non-blocking socket, driving the engine
+/// while it waits (the peer's work needs our ACKs and READ responses).
+fn read_driving(
+    eng: &mut softcard_rdma::rc::Engine,
+    c: &mut std::net::TcpStream,
+    n: usize,
+) -> Vec<u8> {
+    use std::io::Read;
+    let mut buf = vec![0u8; n];
+    let mut got = 0;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while got < n {
+        assert!(Instant::now() < deadline, "perftest peer went quiet");
+        match c.read(&mut buf[got..]) {
+            Ok(0) => panic!("perftest peer closed after {got} of {n} bytes"),
+            Ok(k) => got += k,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                eng.poll(Duration::from_millis(1)).unwrap();
+            }
+            Err(e) => panic!("perftest socket: {e}"),
+        }
+    }
+    buf
+}
+
+/// One `ctx_xchg_data` as perftest's server does it: read theirs, then
+/// write ours (the same size).
+fn xchg(eng: &mut softcard_rdma::rc::Engine, c: &mut std::net::TcpStream, ours: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let theirs = read_driving(eng, c, ours.len());
+    c.write_all(ours).unwrap();
+    theirs
+}
+
+/// What a perftest client told us.
+#[derive(Debug)]
+struct PerftestRun {
+    /// The client's bandwidth average, in its own report's unit.
+    bw_avg: f64,
+    /// Iterations the client reported.
+    iters: u64,
+}
+
+/// The server side of perftest's out-of-band exchange (TCP, no rdma_cm),
+/// in the order `ib_write_bw` and `ib_read_bw` run it, with this crate's
+/// engine as the RDMA side: versions, page and cache-line sizes, MTU, the
+/// QP keys three times (before and after connecting, then a sync), the
+/// client's run, a sync, the bandwidth reports, a last sync and "done".
+fn perftest_server(
+    eng: &mut softcard_rdma::rc::Engine,
+    c: &mut std::net::TcpStream,
+    qpn: u32,
+    mr: usize,
+) -> PerftestRun {
+    c.set_nonblocking(true).unwrap();
+    let mut version = [0u8; 16];
+    version[..PERFTEST_VERSION.len()].copy_from_slice(PERFTEST_VERSION);
+    let theirs = xchg(eng, c, &version);
+    assert!(theirs.starts_with(b"6."), "perftest version {theirs:?}");
+    xchg(eng, c, &4096u32.to_be_bytes()); // cycle buffer (page size)
+    xchg(eng, c, &64u32.to_be_bytes()); // cache line
+                                        // The MTU as an `enum ibv_mtu` digit: 3 is 1024, what rxe has on a
+                                        // 1500-byte Ethernet link; the client takes the smaller.
+    xchg(eng, c, b"3\0");
+    let (va, rkey) = (eng.mr(mr).va, eng.mr(mr).rkey);
+    let gid: Vec<String> = [0u8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 77, 0, 1]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let mut keys = format!(
+        "{:04x}:{:04x}:{qpn:06x}:{:06x}:{rkey:08x}:{va:016x}:{}:{:08x}:",
+        0,
+        16,
+        0x33,
+        gid.join(":"),
+        0
+    )
+    .into_bytes();
+    assert_eq!(keys.len(), PERFTEST_KEYS - 1);
+    keys.push(0);
+    let theirs = xchg(eng, c, &keys);
+    let text = String::from_utf8_lossy(&theirs);
+    let f: Vec<&str> = text.split(':').collect();
+    let (peer_qpn, peer_psn) = (
+        u32::from_str_radix(f[2], 16).unwrap(),
+        u32::from_str_radix(f[3], 16).unwrap(),
+    );
+    let qp = eng.create_qp(qpn);
+    eng.set_mtu(qp, 1024);
+    eng.connect(qp, peer_qpn, GUEST, peer_psn, 0x33);
+    xchg(eng, c, &keys); // after the client connected its QP
+    xchg(eng, c, &keys); // after RTR
+                         // The client runs its test now; it comes back when all its work
+                         // completed, which needs our ACKs (or READ responses).
+    xchg(eng, c, &keys);
+    let mut report = Vec::new();
+    for _ in 0..5 {
+        // size, iterations, peak, average, message rate: ours are zero, as
+        // a perftest server's are.
+        report.push(u64::from_be_bytes(
+            xchg(eng, c, &[0u8; 8]).try_into().unwrap(),
+        ));
+    }
+    xchg(eng, c, &keys);
+    use std::io::Write;
+    c.write_all(b"done\0").unwrap();
+    eng.flush().unwrap();
+    PerftestRun {
+        bw_avg: f64::from_bits(report[3]),
+        iters: report[1],
+    }
+}
+
+/// perftest against the engine: `ib_write_bw` and `ib_read_bw` (100
+/// messages of 64 KiB, 1024-byte MTU) on rdma_rxe in the guest, each as the
+/// client of a server built on this crate's engine. The guest's rxe writes
+/// into and reads from a region the engine registered; the test passes when
+/// both tools exit successfully and the engine placed (WRITE) or served
+/// (READ) at least what they asked for.
+#[test]
+fn perftest_write_and_read_bandwidth_against_our_engine() {
+    use softcard_rdma::rc::{Access, Engine};
+
+    let kernel = softcard_testkit::kernel();
+    let dir = tempfile::tempdir().unwrap();
+    let init = format!(
+        "#!/bin/busybox sh\n{}{}",
+        softcard_testkit::INIT_PRELUDE,
+        PERFTEST_INIT
+    );
+    let mut ir = softcard_testkit::Initramfs::new(&kernel, &init);
+    ir.modules(&[
+        "virtio_pci",
+        "virtio_net",
+        "crc32_generic",
+        "rdma_rxe",
+        "ib_uverbs",
+    ]);
+    for p in [
+        "/usr/bin/ib_write_bw",
+        "/usr/bin/ib_read_bw",
+        "/usr/bin/rdma",
+    ] {
+        ir.program(p);
+    }
+    ir.host_file("/etc/libibverbs.d/rxe.driver");
+    ir.program("/usr/lib/x86_64-linux-gnu/libibverbs/librxe-rdmav34.so");
+    let initrd = dir.path().join("initrd.cpio");
+    std::fs::write(&initrd, ir.finish()).unwrap();
+
+    let ns = std::sync::Arc::new(tap_netns("pf"));
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let host = {
+        let ns = ns.clone();
+        std::thread::spawn(move || {
+            ns.enter();
+            let mut eng = Engine::open(HOST).expect("engine (needs CAP_NET_RAW)");
+            let tcp = std::net::TcpListener::bind((HOST, 18515)).unwrap();
+            ready_tx.send(()).unwrap();
+            let mut runs = Vec::new();
+            for (i, verb) in ["write", "read"].into_iter().enumerate() {
+                let (mut c, _) = tcp.accept().unwrap();
+                let mr = eng.reg_mr(
+                    1 << 20,
+                    Access {
+                        remote_write: true,
+                        remote_read: true,
+                        local_write: true,
+                    },
+                );
+                let before = eng.stats;
+                let run = perftest_server(&mut eng, &mut c, 0x41 + i as u32, mr);
+                runs.push((verb, run, before, eng.stats));
+            }
+            runs
+        })
+    };
+    ready_rx.recv_timeout(Duration::from_secs(20)).unwrap();
+    let mut qemu = Kill(
+        ns.command("qemu-system-x86_64")
+            .args(softcard_testkit::guest_args(&kernel, &initrd))
+            .args(["-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no"])
+            .args(["-device", "virtio-net-pci,netdev=n0,mac=52:54:00:12:34:58"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("qemu-system-x86_64"),
+    );
+    let mut console = String::new();
+    std::io::Read::read_to_string(&mut qemu.0.stdout.take().unwrap(), &mut console).unwrap();
+    drop(qemu);
+    for l in console.lines().filter(|l| l.starts_with("SOFTCARD-")) {
+        eprintln!("guest: {l}");
+    }
+    assert!(!console.contains("SOFTCARD-FAIL"), "{console}");
+    let runs = host.join().unwrap();
+    for t in ["write", "read"] {
+        assert!(
+            console.contains(&format!("SOFTCARD-PERF-{t} rc=0")),
+            "ib_{t}_bw failed:\n{console}"
+        );
+    }
+    for (verb, run, before, after) in &runs {
+        eprintln!("ib_{verb}_bw reported {run:?}; engine {after:?}");
+        assert!(run.iters >= 100, "{verb}: {run:?}");
+        assert!(run.bw_avg > 0.0, "{verb}: {run:?}");
+        assert_eq!(after.dropped, before.dropped, "{verb}");
+        let payload = 100 * 65536;
+        if *verb == "write" {
+            // Every WRITE packet went through the placement fast path.
+            assert!(
+                after.fast_bytes - before.fast_bytes >= payload,
+                "{verb}: {before:?} -> {after:?}"
+            );
+        } else {
+            // Each READ request was answered in software, 64 responses each.
+            assert!(
+                after.slow_packets - before.slow_packets >= 100,
+                "{verb}: {before:?} -> {after:?}"
+            );
+        }
+    }
+}
