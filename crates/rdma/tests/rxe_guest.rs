@@ -466,8 +466,13 @@ $B ip addr add 10.77.0.2/24 dev eth0
 $B sleep 1
 for t in write read; do
   /usr/bin/ib_${t}_bw -d rxe0 -x 1 -s 65536 -n 100 -F 10.77.0.1 > /tmp/$t.log 2>&1
-  echo "SOFTCARD-PERF-$t rc=$?"
-  $B sed "s/^/SOFTCARD-LOG-$t /" /tmp/$t.log
+  echo "SOFTCARD-PERF-client-$t rc=$?"
+  $B sed "s/^/SOFTCARD-LOG-client-$t /" /tmp/$t.log
+done
+for t in write read; do
+  /usr/bin/ib_${t}_bw -d rxe0 -x 1 -s 65536 -n 100 -F > /tmp/$t.log 2>&1
+  echo "SOFTCARD-PERF-server-$t rc=$?"
+  $B sed "s/^/SOFTCARD-LOG-server-$t /" /tmp/$t.log
 done
 $B poweroff -f
 "#;
@@ -504,45 +509,70 @@ fn read_driving(
     buf
 }
 
-/// One `ctx_xchg_data` as perftest's server does it: read theirs, then
-/// write ours (the same size).
-fn xchg(eng: &mut softcard_rdma::rc::Engine, c: &mut std::net::TcpStream, ours: &[u8]) -> Vec<u8> {
+/// One `ctx_xchg_data`: perftest's client writes its side first, the
+/// server reads first; both send the same size.
+fn xchg(
+    eng: &mut softcard_rdma::rc::Engine,
+    c: &mut std::net::TcpStream,
+    ours: &[u8],
+    client: bool,
+) -> Vec<u8> {
     use std::io::Write;
-    let theirs = read_driving(eng, c, ours.len());
-    c.write_all(ours).unwrap();
-    theirs
+    if client {
+        c.write_all(ours).unwrap();
+        read_driving(eng, c, ours.len())
+    } else {
+        let theirs = read_driving(eng, c, ours.len());
+        c.write_all(ours).unwrap();
+        theirs
+    }
 }
 
-/// What a perftest client told us.
+/// What a perftest peer reported (as the server, the client's figures).
 #[derive(Debug)]
 struct PerftestRun {
-    /// The client's bandwidth average, in its own report's unit.
+    /// The peer's bandwidth average, in MB/s (perftest's default unit).
     bw_avg: f64,
-    /// Iterations the client reported.
+    /// Iterations the peer reported.
     iters: u64,
 }
 
-/// The server side of perftest's out-of-band exchange (TCP, no rdma_cm),
-/// in the order `ib_write_bw` and `ib_read_bw` run it, with this crate's
-/// engine as the RDMA side: versions, page and cache-line sizes, MTU, the
-/// QP keys three times (before and after connecting, then a sync), the
-/// client's run, a sync, the bandwidth reports, a last sync and "done".
-fn perftest_server(
+/// Which perftest run this side drives as the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verb {
+    Write,
+    Read,
+}
+
+const PERFTEST_ITERS: u64 = 100;
+const PERFTEST_SIZE: usize = 65536;
+
+/// perftest's out-of-band exchange (TCP, no rdma_cm), in the order
+/// `ib_write_bw` and `ib_read_bw` run it, with this crate's engine as the
+/// RDMA side: versions, page and cache-line sizes, MTU, the QP keys three
+/// times (before and after connecting, then a sync), the client's run, a
+/// sync, the bandwidth reports, a last sync and "done". As the server
+/// (`drive` is `None`) the engine only answers; as the client it runs
+/// `PERFTEST_ITERS` WRITEs or READs of `PERFTEST_SIZE` bytes against the
+/// peer's buffer and reports what it measured.
+fn perftest_peer(
     eng: &mut softcard_rdma::rc::Engine,
     c: &mut std::net::TcpStream,
     qpn: u32,
     mr: usize,
+    drive: Option<Verb>,
 ) -> PerftestRun {
+    let client = drive.is_some();
     c.set_nonblocking(true).unwrap();
     let mut version = [0u8; 16];
     version[..PERFTEST_VERSION.len()].copy_from_slice(PERFTEST_VERSION);
-    let theirs = xchg(eng, c, &version);
+    let theirs = xchg(eng, c, &version, client);
     assert!(theirs.starts_with(b"6."), "perftest version {theirs:?}");
-    xchg(eng, c, &4096u32.to_be_bytes()); // cycle buffer (page size)
-    xchg(eng, c, &64u32.to_be_bytes()); // cache line
-                                        // The MTU as an `enum ibv_mtu` digit: 3 is 1024, what rxe has on a
-                                        // 1500-byte Ethernet link; the client takes the smaller.
-    xchg(eng, c, b"3\0");
+    xchg(eng, c, &4096u32.to_be_bytes(), client); // cycle buffer (page size)
+    xchg(eng, c, &64u32.to_be_bytes(), client); // cache line
+                                                // The MTU as an `enum ibv_mtu` digit: 3 is 1024, what rxe has on a
+                                                // 1500-byte Ethernet link; each side takes the smaller.
+    xchg(eng, c, b"3\0", client);
     let (va, rkey) = (eng.mr(mr).va, eng.mr(mr).rkey);
     let gid: Vec<String> = [0u8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 77, 0, 1]
         .iter()
@@ -559,30 +589,40 @@ fn perftest_server(
     .into_bytes();
     assert_eq!(keys.len(), PERFTEST_KEYS - 1);
     keys.push(0);
-    let theirs = xchg(eng, c, &keys);
+    let theirs = xchg(eng, c, &keys, client);
     let text = String::from_utf8_lossy(&theirs);
     let f: Vec<&str> = text.split(':').collect();
-    let (peer_qpn, peer_psn) = (
-        u32::from_str_radix(f[2], 16).unwrap(),
-        u32::from_str_radix(f[3], 16).unwrap(),
-    );
+    let field = |i: usize| u64::from_str_radix(f[i], 16).unwrap();
+    let (peer_qpn, peer_psn, peer_rkey, peer_va) = (field(2), field(3), field(4), field(5));
     let qp = eng.create_qp(qpn);
     eng.set_mtu(qp, 1024);
-    eng.connect(qp, peer_qpn, GUEST, peer_psn, 0x33);
-    xchg(eng, c, &keys); // after the client connected its QP
-    xchg(eng, c, &keys); // after RTR
-                         // The client runs its test now; it comes back when all its work
-                         // completed, which needs our ACKs (or READ responses).
-    xchg(eng, c, &keys);
-    let mut report = Vec::new();
-    for _ in 0..5 {
-        // size, iterations, peak, average, message rate: ours are zero, as
-        // a perftest server's are.
-        report.push(u64::from_be_bytes(
-            xchg(eng, c, &[0u8; 8]).try_into().unwrap(),
-        ));
+    eng.connect(qp, peer_qpn as u32, GUEST, peer_psn as u32, 0x33);
+    xchg(eng, c, &keys, client); // after both connected their QPs
+    xchg(eng, c, &keys, client); // after RTR
+    let mut ours = [0u64; 5];
+    if let Some(verb) = drive {
+        let (bw, rate) = perftest_run(eng, qp, mr, verb, peer_va, peer_rkey as u32);
+        ours = [
+            PERFTEST_SIZE as u64,
+            PERFTEST_ITERS,
+            bw.to_bits(),
+            bw.to_bits(),
+            rate.to_bits(),
+        ];
     }
-    xchg(eng, c, &keys);
+    // The client comes back when all its work completed, which needs the
+    // server's ACKs or READ responses: `read_driving` polls meanwhile.
+    xchg(eng, c, &keys, client);
+    let mut report = [0u64; 5];
+    for (theirs, ours) in report.iter_mut().zip(ours) {
+        // Size, iterations, peak, average, message rate.
+        *theirs = u64::from_be_bytes(
+            xchg(eng, c, &ours.to_be_bytes(), client)
+                .try_into()
+                .unwrap(),
+        );
+    }
+    xchg(eng, c, &keys, client);
     use std::io::Write;
     c.write_all(b"done\0").unwrap();
     eng.flush().unwrap();
@@ -592,12 +632,62 @@ fn perftest_server(
     }
 }
 
-/// perftest against the engine: `ib_write_bw` and `ib_read_bw` (100
-/// messages of 64 KiB, 1024-byte MTU) on rdma_rxe in the guest, each as the
-/// client of a server built on this crate's engine. The guest's rxe writes
-/// into and reads from a region the engine registered; the test passes when
-/// both tools exit successfully and the engine placed (WRITE) or served
-/// (READ) at least what they asked for.
+/// Our side of a perftest run as the client: `PERFTEST_ITERS` operations,
+/// 8 in flight, against the peer's buffer; bandwidth in MB/s (2^20 bytes,
+/// as perftest reports) and message rate in Mpps.
+fn perftest_run(
+    eng: &mut softcard_rdma::rc::Engine,
+    qp: usize,
+    mr: usize,
+    verb: Verb,
+    peer_va: u64,
+    peer_rkey: u32,
+) -> (f64, f64) {
+    use softcard_rdma::rc::{WcOpcode, WcStatus};
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(120);
+    let (mut posted, mut done, mut inflight) = (0u64, 0u64, 0);
+    while done < PERFTEST_ITERS {
+        assert!(
+            Instant::now() < deadline,
+            "{verb:?}: {done} of {PERFTEST_ITERS} done"
+        );
+        while inflight < 8 && posted < PERFTEST_ITERS {
+            match verb {
+                Verb::Write => eng
+                    .post_write(qp, posted, mr, 0, PERFTEST_SIZE, peer_va, peer_rkey, None)
+                    .unwrap(),
+                Verb::Read => eng
+                    .post_read(qp, posted, mr, 0, PERFTEST_SIZE, peer_va, peer_rkey)
+                    .unwrap(),
+            }
+            posted += 1;
+            inflight += 1;
+        }
+        eng.poll(Duration::from_millis(1)).unwrap();
+        while let Some(c) = eng.cq.pop_front() {
+            assert_eq!(c.status, WcStatus::Success, "{c:?}");
+            assert!(matches!(c.opcode, WcOpcode::RdmaWrite | WcOpcode::RdmaRead));
+            done += 1;
+            inflight -= 1;
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let bytes = (PERFTEST_ITERS as usize * PERFTEST_SIZE) as f64;
+    (
+        bytes / secs / f64::from(1 << 20),
+        PERFTEST_ITERS as f64 / secs / 1e6,
+    )
+}
+
+/// perftest against the engine, both directions: `ib_write_bw` and
+/// `ib_read_bw` (100 messages of 64 KiB, 1024-byte MTU) on rdma_rxe in the
+/// guest, first as clients of a server built on this crate's engine (the
+/// guest's rxe writes into and reads from a region the engine registered),
+/// then as servers that the engine drives (it writes into and reads from
+/// the guest's buffer). The test passes when all four runs of the tools
+/// exit successfully and the engine placed (WRITE, READ responses) or
+/// served (READ requests) at least what was asked.
 #[test]
 fn perftest_write_and_read_bandwidth_against_our_engine() {
     use softcard_rdma::rc::{Access, Engine};
@@ -650,8 +740,34 @@ fn perftest_write_and_read_bandwidth_against_our_engine() {
                     },
                 );
                 let before = eng.stats;
-                let run = perftest_server(&mut eng, &mut c, 0x41 + i as u32, mr);
-                runs.push((verb, run, before, eng.stats));
+                let run = perftest_peer(&mut eng, &mut c, 0x41 + i as u32, mr, None);
+                runs.push(("guest-client", verb, run, before, eng.stats));
+            }
+            // Guest as server: we connect when it listens, and drive.
+            for (i, verb) in [Verb::Write, Verb::Read].into_iter().enumerate() {
+                let deadline = Instant::now() + Duration::from_secs(60);
+                let mut c = loop {
+                    match std::net::TcpStream::connect((GUEST, 18515)) {
+                        Ok(c) => break c,
+                        Err(e) if Instant::now() < deadline => {
+                            let _ = e;
+                            std::thread::sleep(Duration::from_millis(200));
+                        }
+                        Err(e) => panic!("guest perftest server never listened: {e}"),
+                    }
+                };
+                let mr = eng.reg_mr(
+                    1 << 20,
+                    Access {
+                        remote_write: true,
+                        remote_read: true,
+                        local_write: true,
+                    },
+                );
+                let before = eng.stats;
+                let run = perftest_peer(&mut eng, &mut c, 0x51 + i as u32, mr, Some(verb));
+                let name = if verb == Verb::Write { "write" } else { "read" };
+                runs.push(("guest-server", name, run, before, eng.stats));
             }
             runs
         })
@@ -675,15 +791,29 @@ fn perftest_write_and_read_bandwidth_against_our_engine() {
     }
     assert!(!console.contains("SOFTCARD-FAIL"), "{console}");
     let runs = host.join().unwrap();
-    for t in ["write", "read"] {
-        assert!(
-            console.contains(&format!("SOFTCARD-PERF-{t} rc=0")),
-            "ib_{t}_bw failed:\n{console}"
-        );
+    for role in ["client", "server"] {
+        for t in ["write", "read"] {
+            assert!(
+                console.contains(&format!("SOFTCARD-PERF-{role}-{t} rc=0")),
+                "guest ib_{t}_bw as {role} failed:\n{console}"
+            );
+        }
     }
-    for (verb, run, before, after) in &runs {
-        eprintln!("ib_{verb}_bw reported {run:?}; engine {after:?}");
-        assert!(run.iters >= 100, "{verb}: {run:?}");
+    for (role, verb, run, before, after) in &runs {
+        eprintln!("{role} ib_{verb}_bw: peer reported {run:?}; engine {after:?}");
+        if *role == "guest-server" {
+            // The server answers with zeros, as perftest servers do; the
+            // guest printed our figures (see its log above).
+            assert_eq!(after.dropped, before.dropped, "{verb}");
+            if *verb == "read" {
+                assert!(
+                    after.fast_bytes - before.fast_bytes >= 100 * 65536,
+                    "READ responses placed: {before:?} -> {after:?}"
+                );
+            }
+            continue;
+        }
+        assert!(run.iters >= PERFTEST_ITERS, "{verb}: {run:?}");
         assert!(run.bw_avg > 0.0, "{verb}: {run:?}");
         assert_eq!(after.dropped, before.dropped, "{verb}");
         let payload = 100 * 65536;
