@@ -695,7 +695,7 @@ mod rdma_bench {
     use std::time::{Duration, Instant};
 
     use anyhow::{Context, Result};
-    use softcard_rdma::rc::{Access, Engine, RecvWr, WcOpcode};
+    use softcard_rdma::rc::{Access, Engine, PathStats, RecvWr, WcOpcode};
 
     /// The two ends of a measured path, and the network namespace each end
     /// runs in (none: the caller's).
@@ -786,7 +786,7 @@ mod rdma_bench {
         mode: Mode,
         tx: mpsc::Sender<Target>,
         stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    ) -> Result<()> {
+    ) -> Result<PathStats> {
         enter(path.ns_b.as_deref())?;
         let (mut e, qp, mr) = engine(path.b, 0x200, path.a, 0x100)?;
         tx.send(prime(&mut e, qp, mr))?;
@@ -821,18 +821,26 @@ mod rdma_bench {
                 }
             }
         }
-        Ok(())
+        Ok(e.stats)
     }
 
     thread_local! {
         static PEER: std::cell::RefCell<Option<Target>> = const { std::cell::RefCell::new(None) };
     }
 
-    /// Results: one-way latency percentiles (µs) or bandwidth (Gbit/s).
+    /// Results: one-way latency percentiles (µs) or bandwidth (Gbit/s),
+    /// with each engine's path counters (active side, passive side).
     #[derive(Debug, Clone, Copy)]
     pub enum Figures {
-        Latency { p50: f64, p99: f64 },
-        Bandwidth { gbit: f64 },
+        Latency {
+            p50: f64,
+            p99: f64,
+        },
+        Bandwidth {
+            gbit: f64,
+            active: PathStats,
+            passive: PathStats,
+        },
     }
 
     /// Runs one measurement with each side in its own thread (and
@@ -854,7 +862,7 @@ mod rdma_bench {
         let passive = {
             let stop = stop.clone();
             let path = path.clone();
-            std::thread::spawn(move || -> Result<()> {
+            std::thread::spawn(move || -> Result<PathStats> {
                 if let Ok(t) = back_rx.recv() {
                     PEER.with(|p| *p.borrow_mut() = Some(t));
                 }
@@ -930,12 +938,14 @@ mod rdma_bench {
         }
         let elapsed = begin.elapsed().as_secs_f64();
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        passive
+        let passive = passive
             .join()
             .map_err(|_| anyhow::anyhow!("passive side panicked"))??;
         Ok(match mode {
             Mode::WriteBandwidth(_) => Figures::Bandwidth {
                 gbit: bytes as f64 * 8.0 / elapsed / 1e9,
+                active: e.stats,
+                passive,
             },
             _ => {
                 rtts.sort_unstable();
@@ -1142,14 +1152,41 @@ fn rdma_path(path: &rdma_bench::Path, seconds: f64) -> Result<()> {
     println!("| bandwidth | Gbit/s | / iperf3 |");
     println!("|---|---:|---:|");
     println!("| iperf3 TCP, one stream | {ip:.2} | 1.00 |");
+    let mut counters = Vec::new();
     for size in [64 << 10, 256 << 10, 1 << 20] {
-        if let Figures::Bandwidth { gbit } = run(path, Mode::WriteBandwidth(size), seconds)? {
+        if let Figures::Bandwidth {
+            gbit,
+            active,
+            passive,
+        } = run(path, Mode::WriteBandwidth(size), seconds)?
+        {
             println!(
                 "| softcard WRITE {} KiB, 8 in flight | {gbit:.2} | {:.3} |",
                 size >> 10,
                 gbit / ip
             );
+            counters.push((size, active, passive));
         }
+    }
+    // Which path the traffic took (the patent's two datapaths), and how
+    // it travelled.
+    println!();
+    println!("| WRITE cell | target: fast-path packets | fast-path MiB | software-path packets | dropped | GSO datagrams in (oversize) | initiator: packets sent in GSO datagrams | ACKs handled in software | retransmits |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for (size, a, p) in counters {
+        println!(
+            "| {} KiB | {} | {} | {} | {} | {} ({}) | {} | {} | {} |",
+            size >> 10,
+            p.fast_packets,
+            p.fast_bytes >> 20,
+            p.slow_packets,
+            p.dropped,
+            p.gso_datagrams_received,
+            p.spilled,
+            a.gso_segments_sent,
+            a.slow_packets,
+            a.retransmits
+        );
     }
     Ok(())
 }
