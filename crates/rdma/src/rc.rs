@@ -1217,19 +1217,21 @@ impl Engine {
         self.io.send_burst(q.remote_ip, q.src_port, &mut burst)
     }
 
-    /// Acknowledges `psn`, coalescing: the ACK goes out when it covers
+    /// Acknowledges `psn`, coalescing: the ACK goes out (at the start of a
+    /// poll) once it covers
     /// [`ACK_BATCH`] requests or [`ACK_DELAY`] after the first, whichever
     /// comes first (a later ACK covers every earlier PSN).
     fn schedule_ack(&mut self, qi: usize, psn: u32) -> io::Result<()> {
         let q = &mut self.qps[qi];
+        let now = Instant::now();
         let (n, at) = match q.ack_due {
             Some((_, n, at)) => (n + 1, at),
-            None => (1, Instant::now() + ACK_DELAY),
+            None => (1, now + ACK_DELAY),
         };
-        if n >= ACK_BATCH {
-            q.ack_due = None;
-            return self.send_ack(qi, psn, ACK_UNLIMITED);
-        }
+        // A full batch is due now, but goes out at the start of the next
+        // poll, not here: the application first gets its completions and
+        // can answer (a ping-pong's reply leaves before the ACK does).
+        let at = if n >= ACK_BATCH { now } else { at };
         q.ack_due = Some((psn, n, at));
         Ok(())
     }
