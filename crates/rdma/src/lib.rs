@@ -8,5 +8,6 @@
 //! the software path) builds on it.
 
 pub mod net;
+pub mod progress;
 pub mod rc;
 pub mod wire;

@@ -447,6 +447,12 @@ impl RawIo {
         Ok(io)
     }
 
+    /// The receive ring's descriptor (readable when a datagram waits).
+    pub fn wait_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.rx.fd.as_fd()
+    }
+
     /// Whether runs of packets go out as UDP GSO sends.
     pub fn gso(&self) -> bool {
         self.gso

@@ -907,6 +907,26 @@ impl Engine {
         Ok(self.cq_event.as_ref().expect("just set").as_fd())
     }
 
+    /// The receive ring's descriptor: readable when a datagram waits.
+    /// With [`Engine::next_wakeup`], what a thread that drives the engine
+    /// needs to sleep instead of spinning (see [`crate::progress`]).
+    pub fn wait_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.io.wait_fd()
+    }
+
+    /// How long until the engine has timed work to do (a coalesced ACK, an
+    /// RNR wait, a retransmission timer), if it has any.
+    pub fn next_wakeup(&self) -> Option<Duration> {
+        let now = Instant::now();
+        self.qps
+            .iter()
+            .filter(|q| q.state != QpState::Error)
+            .flat_map(|q| [q.ack_due.map(|(_, _, at)| at), q.rnr_at, q.rto_at])
+            .flatten()
+            .min()
+            .map(|t| t.saturating_duration_since(now))
+    }
+
     /// Signals the CQ eventfd if there are completions to read.
     fn notify_cq(&self) {
         use std::os::fd::AsRawFd;

@@ -449,3 +449,65 @@ fn protection_domains_sgl_unsignaled_and_the_cq_eventfd() {
     });
     t.join().unwrap();
 }
+
+/// With a progress thread each, neither engine is ever polled by the
+/// application: it posts work, then blocks on the completion eventfd
+/// (`Progress::wait_cq`) until the receive lands and the send is
+/// acknowledged, both driven in the background.
+#[test]
+fn progress_threads_let_applications_block_instead_of_polling() {
+    use softcard_rdma::progress::Progress;
+
+    let ns = softcard_testkit::Netns::new("lo");
+    let t = std::thread::spawn(move || {
+        ns.enter();
+        let mut a = Engine::open(A).expect("engine (needs CAP_NET_RAW)");
+        let mut b = Engine::open(B).unwrap();
+        let (qa, qb) = (a.create_qp(0x100), b.create_qp(0x200));
+        a.connect(qa, 0x200, B, 5000, 7000);
+        b.connect(qb, 0x100, A, 7000, 5000);
+        let access = Access {
+            remote_write: false,
+            remote_read: false,
+            local_write: true,
+        };
+        let (ma, mb) = (a.reg_mr(16384, access), b.reg_mr(16384, access));
+        let message: Vec<u8> = (0..9000u32).map(|i| (i % 253) as u8).collect();
+        a.fill(ma, 0, &message);
+        b.post_recv(
+            qb,
+            RecvWr {
+                wr_id: 5,
+                mr: mb,
+                offset: 0,
+                len: 16384,
+            },
+        );
+        let (a, b) = (Progress::spawn(a).unwrap(), Progress::spawn(b).unwrap());
+
+        // Nothing is there yet: the wait times out.
+        assert!(!b.wait_cq(Duration::from_millis(50)).unwrap());
+        a.lock().post_send(qa, 1, ma, 0, message.len()).unwrap();
+        assert!(b.wait_cq(Duration::from_secs(10)).unwrap(), "no receive");
+        let c = b.lock().cq.pop_front().unwrap();
+        assert_eq!(
+            (c.wr_id, c.opcode, c.status, c.byte_len),
+            (5, WcOpcode::Recv, WcStatus::Success, 9000)
+        );
+        assert_eq!(&b.lock().mr(mb).bytes()[..9000], &message[..]);
+        // The sender's completion needs the receiver's (coalesced) ACK,
+        // which its progress thread sends on its timer.
+        assert!(a.wait_cq(Duration::from_secs(10)).unwrap(), "no ACK");
+        let c = a.lock().cq.pop_front().unwrap();
+        assert_eq!(
+            (c.wr_id, c.opcode, c.status),
+            (1, WcOpcode::Send, WcStatus::Success)
+        );
+
+        // The engines come back whole.
+        let (a, b) = (a.stop().unwrap(), b.stop().unwrap());
+        assert_eq!(a.qp_state(qa), QpState::Rts);
+        assert_eq!(b.stats.dropped, 0);
+    });
+    t.join().unwrap();
+}
