@@ -1053,8 +1053,36 @@ impl Engine {
         self.qps[qp].mtu = mtu;
     }
 
-    /// Posts a receive buffer.
+    /// Posts a receive buffer. A buffer the QP may not use (an unknown
+    /// region, one of another protection domain, one without local write
+    /// access, or a range past its end) completes with
+    /// `LocalProtectionError` and moves the QP to ERROR, as verbs does
+    /// when such a receive is reached; nothing is ever written to it.
     pub fn post_recv(&mut self, qp: usize, wr: RecvWr) {
+        let pd = self.qps[qp].pd;
+        let usable = self.mrs.get(wr.mr).is_some_and(|m| {
+            m.pd == pd
+                && m.access.local_write
+                && wr
+                    .offset
+                    .checked_add(wr.len)
+                    .is_some_and(|end| end <= m.buf.len())
+        });
+        if !usable && !matches!(self.qps[qp].state, QpState::Reset | QpState::Error) {
+            let qpn = self.qps[qp].qpn;
+            self.cq.push_back(Completion {
+                wr_id: wr.wr_id,
+                opcode: WcOpcode::Recv,
+                status: WcStatus::LocalProtectionError,
+                byte_len: 0,
+                imm: None,
+                qpn,
+                path: PathKind::Software,
+            });
+            self.to_error(qp);
+            self.notify_cq();
+            return;
+        }
         let q = &mut self.qps[qp];
         if matches!(q.state, QpState::Reset | QpState::Error) {
             // Verbs: a receive posted to a QP in ERROR completes flushed.

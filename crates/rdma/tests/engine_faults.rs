@@ -68,7 +68,14 @@ fn traffic_arrives_intact_under_loss_reordering_duplication_and_corruption() {
                 local_write: true,
             },
         );
-        let ring = a.reg_mr(RECVS * SEND_MSG, Access::default());
+        // Receive buffers need local write access, as in verbs.
+        let ring = a.reg_mr(
+            RECVS * SEND_MSG,
+            Access {
+                local_write: true,
+                ..Access::default()
+            },
+        );
         let src = b.reg_mr(WRITE_MSG, Access::default());
         let (va, rkey) = (a.mr(target).va, a.mr(target).rkey);
         for i in 0..RECVS {

@@ -445,7 +445,47 @@ fn protection_domains_sgl_unsignaled_and_the_cq_eventfd() {
             b.poll(Duration::from_millis(2)).unwrap();
         }
         assert!(b.cq.is_empty(), "a refused work request reached the peer");
-        let _ = (qb2, qb3);
+
+        // A receive buffer in another domain's region, or past the end of
+        // its own: refused at post, the QP goes to ERROR, and a SEND that
+        // arrives then writes nothing.
+        let (qa4, qb4) = (a.create_qp_in(pa, 0xb00), b.create_qp_in(pb, 0xc00));
+        a.connect(qa4, 0xc00, B, 1, 2);
+        b.connect(qb4, 0xb00, A, 2, 1);
+        b.post_recv(
+            qb4,
+            RecvWr {
+                wr_id: 20,
+                mr: foreign,
+                offset: 0,
+                len: 64,
+            },
+        );
+        let c = b.cq.pop_front().expect("completed at post time");
+        assert_eq!((c.wr_id, c.status), (20, WcStatus::LocalProtectionError));
+        assert_eq!(b.qp_state(qb4), QpState::Error);
+        a.post_send(qa4, 21, m1, 0, 5).unwrap();
+        let until = Instant::now() + Duration::from_millis(50);
+        while Instant::now() < until {
+            a.poll(Duration::from_millis(1)).unwrap();
+            b.poll(Duration::from_millis(1)).unwrap();
+        }
+        assert!(b.mr(foreign).bytes().iter().all(|x| *x == 0));
+        let (qa5, qb5) = (a.create_qp_in(pa, 0xd00), b.create_qp_in(pb, 0xe00));
+        a.connect(qa5, 0xe00, B, 1, 2);
+        b.connect(qb5, 0xd00, A, 2, 1);
+        b.post_recv(
+            qb5,
+            RecvWr {
+                wr_id: 22,
+                mr: mb,
+                offset: 8000,
+                len: 500,
+            },
+        );
+        let c = b.cq.pop_front().expect("completed at post time");
+        assert_eq!((c.wr_id, c.status), (22, WcStatus::LocalProtectionError));
+        let _ = (qb2, qb3, qa5);
     });
     t.join().unwrap();
 }
