@@ -131,6 +131,64 @@ pub struct RecvWr {
     pub len: usize,
 }
 
+/// A posted receive: where an incoming message is scattered, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct PostedRecv {
+    wr_id: u64,
+    sges: Vec<Sge>,
+    /// Total bytes the entries hold.
+    len: usize,
+}
+
+impl From<RecvWr> for PostedRecv {
+    fn from(wr: RecvWr) -> Self {
+        PostedRecv {
+            wr_id: wr.wr_id,
+            sges: vec![Sge {
+                mr: wr.mr,
+                offset: wr.offset,
+                len: wr.len,
+            }],
+            len: wr.len,
+        }
+    }
+}
+
+/// Copies `data` into the scatter list `sges` starting `at` bytes into it,
+/// after checking that every piece lies inside its region (nothing is
+/// written otherwise).
+fn scatter(mrs: &mut [MemoryRegion], sges: &[Sge], at: usize, data: &[u8]) -> Result<(), Slow> {
+    let mut pieces = Vec::with_capacity(2);
+    let (mut skip, mut left) = (at, data.len());
+    for e in sges {
+        if left == 0 {
+            break;
+        }
+        if skip >= e.len {
+            skip -= e.len;
+            continue;
+        }
+        let n = (e.len - skip).min(left);
+        let start = e.offset.checked_add(skip).ok_or(Slow::Access)?;
+        let mr = mrs.get(e.mr).ok_or(Slow::Access)?;
+        if start.checked_add(n).is_none_or(|end| end > mr.buf.len()) {
+            return Err(Slow::Access);
+        }
+        pieces.push((e.mr, start, n));
+        skip = 0;
+        left -= n;
+    }
+    if left != 0 {
+        return Err(Slow::Access);
+    }
+    let mut from = 0;
+    for (mr, start, n) in pieces {
+        mrs[mr].buf[start..start + n].copy_from_slice(&data[from..from + n]);
+        from += n;
+    }
+    Ok(())
+}
+
 /// Work completion opcodes (as verbs names them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WcOpcode {
@@ -236,12 +294,12 @@ pub struct QueuePair {
     sq_psn: u32,
     /// Sent, not yet acknowledged.
     unacked: VecDeque<Outstanding>,
-    rq: VecDeque<RecvWr>,
+    rq: VecDeque<PostedRecv>,
     src_port: u16,
     /// Path MTU in bytes.
     mtu: usize,
     /// A multi-packet SEND being placed: its receive and bytes so far.
-    recv_msg: Option<(RecvWr, usize)>,
+    recv_msg: Option<(PostedRecv, usize)>,
     /// A multi-packet WRITE being placed: region, next offset, bytes left,
     /// total length.
     write_msg: Option<(usize, usize, usize, usize)>,
@@ -267,6 +325,28 @@ pub struct QueuePair {
 }
 
 impl QueuePair {
+    /// Takes every unfinished work request, for flushing: the receive a
+    /// message was arriving into, the other posted receives, then unsent
+    /// and unacknowledged requests and pending reads.
+    fn take_unfinished(&mut self) -> Vec<(u64, WcOpcode)> {
+        let mut out: Vec<(u64, WcOpcode)> = self
+            .recv_msg
+            .take()
+            .map(|(r, _)| r)
+            .into_iter()
+            .chain(self.rq.drain(..))
+            .map(|r| (r.wr_id, WcOpcode::Recv))
+            .collect();
+        out.extend(
+            self.unacked
+                .drain(..)
+                .chain(self.pending_tx.drain(..))
+                .filter_map(|o| o.completes.map(|w| (w, o.kind))),
+        );
+        out.extend(self.reads.drain(..).map(|r| (r.wr_id, WcOpcode::RdmaRead)));
+        out
+    }
+
     /// A QP in RESET with nothing posted.
     fn new(qpn: u32, mtu: usize) -> Self {
         QueuePair {
@@ -413,25 +493,28 @@ pub fn place(
     }
     let mut completion = None;
     if is_send {
-        let (wr, done) = if first {
+        let done = if first {
             if qp.recv_msg.is_some() {
                 return Err(Slow::OutOfSequence);
             }
-            (*qp.rq.front().ok_or(Slow::NoReceive)?, 0)
+            let wr = qp.rq.front().ok_or(Slow::NoReceive)?;
+            if len > wr.len {
+                return Err(Slow::Access);
+            }
+            scatter(mrs, &wr.sges, 0, pkt.payload)?;
+            let wr = qp.rq.pop_front().expect("checked above");
+            qp.recv_msg = Some((wr, 0));
+            0
         } else {
-            qp.recv_msg.ok_or(Slow::OutOfSequence)?
+            let (wr, done) = qp.recv_msg.as_ref().ok_or(Slow::OutOfSequence)?;
+            if done + len > wr.len {
+                return Err(Slow::Access);
+            }
+            scatter(mrs, &wr.sges, *done, pkt.payload)?;
+            *done
         };
-        let mr = mrs.get_mut(wr.mr).ok_or(Slow::Access)?;
-        let at = wr.offset + done;
-        if done + len > wr.len || at.checked_add(len).is_none_or(|e| e > mr.buf.len()) {
-            return Err(Slow::Access);
-        }
-        mr.buf[at..at + len].copy_from_slice(pkt.payload);
-        if first {
-            qp.rq.pop_front();
-        }
         if last {
-            qp.recv_msg = None;
+            let (wr, _) = qp.recv_msg.take().expect("set above");
             completion = Some(Completion {
                 wr_id: wr.wr_id,
                 opcode: WcOpcode::Recv,
@@ -441,8 +524,8 @@ pub fn place(
                 qpn: qp.qpn,
                 path: PathKind::Fast,
             });
-        } else {
-            qp.recv_msg = Some((wr, done + len));
+        } else if let Some((_, d)) = qp.recv_msg.as_mut() {
+            *d = done + len;
         }
     } else {
         let (mri, off, left, total) = if first {
@@ -584,12 +667,15 @@ pub fn fuzz_receive(data: &[u8]) {
     qp.state = QpState::Rts;
     qp.remote_qpn = 1;
     qp.epsn = pkt.bth.psn;
-    qp.rq.push_back(RecvWr {
-        wr_id: 1,
-        mr: 0,
-        offset: 16,
-        len: 64,
-    });
+    qp.rq.push_back(
+        RecvWr {
+            wr_id: 1,
+            mr: 0,
+            offset: 16,
+            len: 64,
+        }
+        .into(),
+    );
     let mut mrs = vec![MemoryRegion {
         buf: vec![0; 4096],
         lkey: 7,
@@ -999,15 +1085,7 @@ impl Engine {
         let q = &mut self.qps[qp];
         q.state = QpState::Error;
         let qpn = q.qpn;
-        let mut flushed: Vec<(u64, WcOpcode)> =
-            q.rq.drain(..).map(|r| (r.wr_id, WcOpcode::Recv)).collect();
-        flushed.extend(
-            q.unacked
-                .drain(..)
-                .chain(q.pending_tx.drain(..))
-                .filter_map(|o| o.completes.map(|w| (w, o.kind))),
-        );
-        flushed.extend(q.reads.drain(..).map(|r| (r.wr_id, WcOpcode::RdmaRead)));
+        let flushed = q.take_unfinished();
         q.rto_at = None;
         for (wr_id, opcode) in flushed {
             self.cq.push_back(Completion {
@@ -1059,16 +1137,37 @@ impl Engine {
     /// `LocalProtectionError` and moves the QP to ERROR, as verbs does
     /// when such a receive is reached; nothing is ever written to it.
     pub fn post_recv(&mut self, qp: usize, wr: RecvWr) {
+        self.post_recv_posted(qp, wr.into());
+    }
+
+    /// Posts a receive that scatters an incoming message over `sg_list`,
+    /// in order (verbs' `ibv_post_recv` with several entries); each entry
+    /// is checked as [`Engine::post_recv`] checks its buffer.
+    pub fn post_recv_sgl(&mut self, qp: usize, wr_id: u64, sg_list: Vec<Sge>) {
+        let len = sg_list.iter().map(|e| e.len).sum();
+        self.post_recv_posted(
+            qp,
+            PostedRecv {
+                wr_id,
+                sges: sg_list,
+                len,
+            },
+        );
+    }
+
+    fn post_recv_posted(&mut self, qp: usize, wr: PostedRecv) {
         let pd = self.qps[qp].pd;
-        let usable = self.mrs.get(wr.mr).is_some_and(|m| {
-            m.pd == pd
-                && m.access.local_write
-                && wr
-                    .offset
-                    .checked_add(wr.len)
-                    .is_some_and(|end| end <= m.buf.len())
+        let usable = wr.sges.iter().all(|e| {
+            self.mrs.get(e.mr).is_some_and(|m| {
+                m.pd == pd
+                    && m.access.local_write
+                    && e.offset
+                        .checked_add(e.len)
+                        .is_some_and(|end| end <= m.buf.len())
+            })
         });
-        if !usable && !matches!(self.qps[qp].state, QpState::Reset | QpState::Error) {
+        let state = self.qps[qp].state;
+        if !usable && !matches!(state, QpState::Reset | QpState::Error) {
             let qpn = self.qps[qp].qpn;
             self.cq.push_back(Completion {
                 wr_id: wr.wr_id,
@@ -1850,12 +1949,15 @@ mod tests {
     #[test]
     fn send_lands_in_the_posted_buffer_and_posts_amended_metadata() {
         let (mut q, mut mrs, mut cq) = (qp(), vec![mr(1, 64, false)], VecDeque::new());
-        q.rq.push_back(RecvWr {
-            wr_id: 42,
-            mr: 0,
-            offset: 8,
-            len: 32,
-        });
+        q.rq.push_back(
+            RecvWr {
+                wr_id: 42,
+                mr: 0,
+                offset: 8,
+                len: 32,
+            }
+            .into(),
+        );
         let r = place(
             &mut q,
             &mut mrs,
@@ -1944,14 +2046,140 @@ mod tests {
     }
 
     #[test]
+    fn a_send_scatters_over_a_receive_list_across_regions() {
+        let (mut q, mut mrs, mut cq) = (
+            qp(),
+            vec![mr(1, 1024, false), mr(2, 1024, false)],
+            VecDeque::new(),
+        );
+        // 100 + 300 + 200 bytes: the packet boundaries (256) fall inside
+        // entries, and the message (520) ends inside the last one.
+        q.rq.push_back(PostedRecv {
+            wr_id: 8,
+            sges: vec![
+                Sge {
+                    mr: 1,
+                    offset: 10,
+                    len: 100,
+                },
+                Sge {
+                    mr: 0,
+                    offset: 500,
+                    len: 300,
+                },
+                Sge {
+                    mr: 1,
+                    offset: 600,
+                    len: 200,
+                },
+            ],
+            len: 600,
+        });
+        let msg: Vec<u8> = (0..520u32).map(|i| (i % 251) as u8 + 1).collect();
+        for (i, (op, part)) in [
+            (opcode::SEND_FIRST, &msg[..256]),
+            (opcode::SEND_MIDDLE, &msg[256..512]),
+            (opcode::SEND_LAST, &msg[512..]),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            place(
+                &mut q,
+                &mut mrs,
+                &pkt(op, 100 + i as u32, part, None),
+                &mut cq,
+            )
+            .unwrap();
+        }
+        let c = cq.pop_front().expect("completed on the last packet");
+        assert_eq!((c.wr_id, c.byte_len, c.path), (8, 520, PathKind::Fast));
+        assert_eq!(&mrs[1].buf[10..110], &msg[..100]);
+        assert_eq!(&mrs[0].buf[500..800], &msg[100..400]);
+        assert_eq!(&mrs[1].buf[600..720], &msg[400..]);
+        // Nothing outside the entries moved.
+        let written = 100 + 300 + 120;
+        let nonzero = mrs
+            .iter()
+            .flat_map(|m| m.buf.iter())
+            .filter(|b| **b != 0)
+            .count();
+        assert_eq!(nonzero, written);
+    }
+
+    #[test]
+    fn a_receive_a_message_is_arriving_into_is_flushed_first() {
+        let (mut q, mut mrs, mut cq) = (qp(), vec![mr(1, 1024, false)], VecDeque::new());
+        for id in [1, 2] {
+            q.rq.push_back(
+                RecvWr {
+                    wr_id: id,
+                    mr: 0,
+                    offset: 0,
+                    len: 512,
+                }
+                .into(),
+            );
+        }
+        place(
+            &mut q,
+            &mut mrs,
+            &pkt(opcode::SEND_FIRST, 100, &[1; 256], None),
+            &mut cq,
+        )
+        .unwrap();
+        assert_eq!(
+            q.take_unfinished(),
+            vec![(1, WcOpcode::Recv), (2, WcOpcode::Recv)]
+        );
+        assert!(q.recv_msg.is_none() && q.rq.is_empty());
+    }
+
+    #[test]
+    fn a_receive_too_small_for_the_message_takes_nothing_of_it() {
+        let (mut q, mut mrs, mut cq) = (qp(), vec![mr(1, 1024, false)], VecDeque::new());
+        q.rq.push_back(PostedRecv {
+            wr_id: 3,
+            sges: vec![
+                Sge {
+                    mr: 0,
+                    offset: 0,
+                    len: 100,
+                },
+                Sge {
+                    mr: 0,
+                    offset: 200,
+                    len: 100,
+                },
+            ],
+            len: 200,
+        });
+        let big = [7u8; 256];
+        assert_eq!(
+            place(
+                &mut q,
+                &mut mrs,
+                &pkt(opcode::SEND_ONLY, 100, &big, None),
+                &mut cq
+            ),
+            Err(Slow::Access)
+        );
+        assert!(mrs[0].buf.iter().all(|b| *b == 0));
+        assert_eq!(q.rq.len(), 1, "the receive stays posted");
+    }
+
+    #[test]
     fn multi_packet_send_fills_one_receive_and_completes_on_last() {
         let (mut q, mut mrs, mut cq) = (qp(), vec![mr(1, 1024, false)], VecDeque::new());
-        q.rq.push_back(RecvWr {
-            wr_id: 5,
-            mr: 0,
-            offset: 0,
-            len: 1024,
-        });
+        q.rq.push_back(
+            RecvWr {
+                wr_id: 5,
+                mr: 0,
+                offset: 0,
+                len: 1024,
+            }
+            .into(),
+        );
         let a = vec![1u8; 256];
         let b = vec![2u8; 256];
         assert!(place(
@@ -2023,12 +2251,15 @@ mod tests {
             ),
             Err(Slow::NoReceive)
         );
-        q.rq.push_back(RecvWr {
-            wr_id: 1,
-            mr: 0,
-            offset: 0,
-            len: 64,
-        });
+        q.rq.push_back(
+            RecvWr {
+                wr_id: 1,
+                mr: 0,
+                offset: 0,
+                len: 64,
+            }
+            .into(),
+        );
         assert_eq!(
             place(
                 &mut q,

@@ -492,11 +492,12 @@ fn protection_domains_sgl_unsignaled_and_the_cq_eventfd() {
 
 /// With a progress thread each, neither engine is ever polled by the
 /// application: it posts work, then blocks on the completion eventfd
-/// (`Progress::wait_cq`) until the receive lands and the send is
-/// acknowledged, both driven in the background.
+/// (`Progress::wait_cq`) until the receive lands (scattered over two
+/// entries) and the send is acknowledged, both driven in the background.
 #[test]
 fn progress_threads_let_applications_block_instead_of_polling() {
     use softcard_rdma::progress::Progress;
+    use softcard_rdma::rc::Sge;
 
     let ns = softcard_testkit::Netns::new("lo");
     let t = std::thread::spawn(move || {
@@ -514,14 +515,22 @@ fn progress_threads_let_applications_block_instead_of_polling() {
         let (ma, mb) = (a.reg_mr(16384, access), b.reg_mr(16384, access));
         let message: Vec<u8> = (0..9000u32).map(|i| (i % 253) as u8).collect();
         a.fill(ma, 0, &message);
-        b.post_recv(
+        // The receive scatters the message over two pieces of the region.
+        b.post_recv_sgl(
             qb,
-            RecvWr {
-                wr_id: 5,
-                mr: mb,
-                offset: 0,
-                len: 16384,
-            },
+            5,
+            vec![
+                Sge {
+                    mr: mb,
+                    offset: 0,
+                    len: 4000,
+                },
+                Sge {
+                    mr: mb,
+                    offset: 8000,
+                    len: 8000,
+                },
+            ],
         );
         let (a, b) = (Progress::spawn(a).unwrap(), Progress::spawn(b).unwrap());
 
@@ -534,7 +543,13 @@ fn progress_threads_let_applications_block_instead_of_polling() {
             (c.wr_id, c.opcode, c.status, c.byte_len),
             (5, WcOpcode::Recv, WcStatus::Success, 9000)
         );
-        assert_eq!(&b.lock().mr(mb).bytes()[..9000], &message[..]);
+        {
+            let b = b.lock();
+            let got = b.mr(mb).bytes();
+            assert_eq!(&got[..4000], &message[..4000]);
+            assert!(got[4000..8000].iter().all(|x| *x == 0), "between entries");
+            assert_eq!(&got[8000..13000], &message[4000..]);
+        }
         // The sender's completion needs the receiver's (coalesced) ACK,
         // which its progress thread sends on its timer.
         assert!(a.wait_cq(Duration::from_secs(10)).unwrap(), "no ACK");
