@@ -390,14 +390,14 @@ struct Outstanding {
 }
 
 /// An RDMA READ of ours waiting for its responses.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct PendingRead {
     wr_id: u64,
     first_psn: u32,
     packets: u32,
     received: u32,
-    mr: usize,
-    offset: usize,
+    /// Where the data goes, in order.
+    sges: Vec<Sge>,
     len: usize,
     /// Unsignaled: success completes silently.
     quiet: bool,
@@ -601,7 +601,7 @@ fn place_read_response(
     cq: &mut VecDeque<Completion>,
 ) -> Result<Option<u32>, Slow> {
     use opcode::*;
-    let r = *qp.reads.front().ok_or(Slow::NotPlaceable)?;
+    let r = qp.reads.front().ok_or(Slow::NotPlaceable)?;
     let expect = psn_add(r.first_psn, r.received);
     if pkt.bth.psn != expect {
         return Err(if wire::psn_before(pkt.bth.psn, expect) {
@@ -622,23 +622,18 @@ fn place_read_response(
     if !ok_op {
         return Err(Slow::OutOfSequence);
     }
-    let at = r.offset + r.received as usize * qp.mtu;
+    let at = r.received as usize * qp.mtu;
     let len = pkt.payload.len();
-    let end = r.offset + r.len;
-    if at.checked_add(len).is_none_or(|e| e > end) || (!last && len != qp.mtu) {
+    if at.checked_add(len).is_none_or(|e| e > r.len) || (!last && len != qp.mtu) {
         return Err(Slow::Access);
     }
-    let mr = mrs.get_mut(r.mr).ok_or(Slow::Access)?;
-    mr.buf
-        .get_mut(at..at + len)
-        .ok_or(Slow::Access)?
-        .copy_from_slice(pkt.payload);
+    scatter(mrs, &r.sges, at, pkt.payload)?;
     let front = qp.reads.front_mut().expect("checked above");
     front.received += 1;
     if !last {
         return Ok(None);
     }
-    qp.reads.pop_front();
+    let r = qp.reads.pop_front().expect("checked above");
     if r.quiet {
         return Ok(Some(pkt.bth.psn));
     }
@@ -911,7 +906,7 @@ impl Engine {
 
     /// Posts a send-queue work request (verbs' `ibv_post_send`): SEND,
     /// WRITE (both with optional immediate data, gathered from the scatter
-    /// list) or READ (into its one scatter entry). A scatter entry the QP
+    /// list) or READ (scattered over it, in order). A scatter entry the QP
     /// may not use completes the request with `LocalProtectionError` and
     /// moves the QP to ERROR, as verbs does; nothing is sent.
     pub fn post(&mut self, qp: usize, wr: SendWr) -> io::Result<()> {
@@ -927,8 +922,7 @@ impl Engine {
             })
         };
         let is_read = matches!(wr.op, SendOp::Read { .. });
-        let ok = wr.sg_list.iter().all(|e| usable(e, &self.mrs, is_read))
-            && (!is_read || wr.sg_list.len() == 1);
+        let ok = wr.sg_list.iter().all(|e| usable(e, &self.mrs, is_read));
         let kind = match wr.op {
             SendOp::Send { .. } => WcOpcode::Send,
             SendOp::Write { .. } => WcOpcode::RdmaWrite,
@@ -952,8 +946,7 @@ impl Engine {
         let quiet = !wr.signaled;
         match wr.op {
             SendOp::Read { remote_va, rkey } => {
-                let e = wr.sg_list[0];
-                self.read(qp, wr.wr_id, e.mr, e.offset, e.len, remote_va, rkey, quiet)
+                self.read(qp, wr.wr_id, wr.sg_list, remote_va, rkey, quiet)
             }
             SendOp::Send { imm } | SendOp::Write { imm, .. } => {
                 let mut data = Vec::with_capacity(wr.sg_list.iter().map(|e| e.len).sum());
@@ -1286,18 +1279,16 @@ impl Engine {
         )
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn read(
         &mut self,
         qp: usize,
         wr_id: u64,
-        mr: usize,
-        offset: usize,
-        len: usize,
+        sges: Vec<Sge>,
         remote_va: u64,
         rkey: u32,
         quiet: bool,
     ) -> io::Result<()> {
+        let len: usize = sges.iter().map(|e| e.len).sum();
         let q = &mut self.qps[qp];
         let psn = q.sq_psn;
         let packets =
@@ -1330,8 +1321,7 @@ impl Engine {
             first_psn: psn,
             packets,
             received: 0,
-            mr,
-            offset,
+            sges,
             len,
             quiet,
         });

@@ -387,6 +387,39 @@ fn protection_domains_sgl_unsignaled_and_the_cq_eventfd() {
         assert_eq!(n, 8, "the CQ eventfd was not signalled");
         assert!(u64::from_ne_bytes(count) >= 1);
 
+        // A READ scattered over two entries in two regions.
+        a.post(
+            qa,
+            SendWr {
+                wr_id: 15,
+                op: SendOp::Read {
+                    remote_va: vb,
+                    rkey: kb,
+                },
+                sg_list: vec![
+                    Sge {
+                        mr: m1,
+                        offset: 1000,
+                        len: 10,
+                    },
+                    Sge {
+                        mr: m2,
+                        offset: 2000,
+                        len: 11,
+                    },
+                ],
+                signaled: true,
+            },
+        )
+        .unwrap();
+        let c = pump(&mut a, &mut b, 0);
+        assert_eq!(
+            (c.wr_id, c.opcode, c.status, c.byte_len),
+            (15, WcOpcode::RdmaRead, WcStatus::Success, 21)
+        );
+        assert_eq!(&a.mr(m1).bytes()[1000..1010], b"hello, gat");
+        assert_eq!(&a.mr(m2).bytes()[2000..2011], b"hered world");
+
         // The peer's rkey of a region in another protection domain: remote
         // access error, nothing written.
         let (vf, kf) = (b.mr(foreign).va, b.mr(foreign).rkey);
