@@ -63,7 +63,9 @@ pub struct RawIo {
     next_id: u16,
     faults: Faults,
     rng: u64,
-    held: Option<(Ipv4Addr, Vec<u8>)>,
+    /// A datagram the reorder fault holds back: destination, GSO segment
+    /// size (0 for a whole IPv4 datagram sent raw), bytes.
+    held: Option<(Ipv4Addr, usize, Vec<u8>)>,
     /// Datagrams the fault injector dropped, duplicated, reordered,
     /// corrupted.
     pub injected: [u64; 4],
@@ -579,10 +581,11 @@ impl RawIo {
 
     /// Sends a datagram held back by the reorder fault.
     fn release_held(&mut self) -> io::Result<()> {
-        if let Some((dst, d)) = self.held.take() {
-            self.transmit(dst, &d)?;
+        match self.held.take() {
+            Some((dst, 0, d)) => self.transmit(dst, &d),
+            Some((dst, seg, d)) => self.send_gso_bytes(dst, seg, &d),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// The local address.
@@ -637,7 +640,7 @@ impl RawIo {
         }
         if self.held.is_none() && self.roll(f.reorder_ppm) {
             self.injected[2] += 1;
-            self.held = Some((dst, d));
+            self.held = Some((dst, 0, d));
             return Ok(());
         }
         self.transmit(dst, &d)?;
@@ -670,7 +673,7 @@ impl RawIo {
             if j < packets.len() && j - i < most && packets[j].len() < seg {
                 j += 1;
             }
-            if !self.gso || faults || j - i == 1 {
+            if !self.gso || j - i == 1 {
                 for p in &mut packets[i..j] {
                     self.send(dst, src_port, p)?;
                 }
@@ -687,6 +690,18 @@ impl RawIo {
                 };
                 wire::seal(&flow, p);
             }
+            if faults {
+                // The injector works on the whole GSO datagram, on a copy
+                // (the packets are kept for retransmission).
+                let d: Vec<u8> = packets[i..j]
+                    .iter()
+                    .flat_map(|p| p.iter().copied())
+                    .collect();
+                self.inject_gso(dst, seg, d)?;
+                self.gso_counts.0 += (j - i) as u64;
+                i = j;
+                continue;
+            }
             // The packets go out from where they are, one iovec each.
             let iov: Vec<libc::iovec> = packets[i..j]
                 .iter()
@@ -700,6 +715,41 @@ impl RawIo {
             i = j;
         }
         Ok(())
+    }
+
+    /// A GSO datagram through the fault injector: dropped, corrupted (one
+    /// byte of one segment), held back behind the next datagram, or
+    /// duplicated, as a whole.
+    fn inject_gso(&mut self, dst: Ipv4Addr, seg: usize, mut d: Vec<u8>) -> io::Result<()> {
+        let f = self.faults;
+        if self.roll(f.drop_ppm) {
+            self.injected[0] += 1;
+            return self.release_held();
+        }
+        if self.roll(f.corrupt_ppm) && !d.is_empty() {
+            self.injected[3] += 1;
+            let i = (self.rng as usize) % d.len();
+            d[i] ^= 0x10;
+        }
+        if self.held.is_none() && self.roll(f.reorder_ppm) {
+            self.injected[2] += 1;
+            self.held = Some((dst, seg, d));
+            return Ok(());
+        }
+        self.send_gso_bytes(dst, seg, &d)?;
+        if self.roll(f.dup_ppm) {
+            self.injected[1] += 1;
+            self.send_gso_bytes(dst, seg, &d)?;
+        }
+        self.release_held()
+    }
+
+    fn send_gso_bytes(&self, dst: Ipv4Addr, seg: usize, d: &[u8]) -> io::Result<()> {
+        let iov = [libc::iovec {
+            iov_base: d.as_ptr() as *mut libc::c_void,
+            iov_len: d.len(),
+        }];
+        self.send_gso(dst, seg, &iov)
     }
 
     /// Sends the bytes `iov` points to, from the UDP socket to `dst`, as

@@ -41,20 +41,34 @@ fn faults(seed: u64) -> Faults {
 }
 
 #[test]
-fn traffic_arrives_intact_under_loss_reordering_duplication_and_corruption() {
+fn traffic_arrives_intact_under_faults_packet_by_packet() {
+    under_faults(false);
+}
+
+/// The same with runs of packets sent as UDP GSO datagrams, which the
+/// injector drops, duplicates, reorders and corrupts as a whole.
+#[test]
+fn traffic_arrives_intact_under_faults_in_gso_datagrams() {
+    under_faults(true);
+}
+
+fn under_faults(gso: bool) {
     let mib: usize = std::env::var("SOFTCARD_FAULT_MIB")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(256);
     let writes = mib / 2 * (1 << 20) / WRITE_MSG;
     let sends = mib / 2 * (1 << 20) / SEND_MSG;
-    let ns = softcard_testkit::Netns::new("flt");
+    let ns = softcard_testkit::Netns::new(if gso { "fltg" } else { "flt" });
     let t = std::thread::spawn(move || {
         ns.enter();
         let mut a = Engine::open(A).expect("engine (needs CAP_NET_RAW)");
         let mut b = Engine::open(B).unwrap();
         a.set_faults(faults(11));
         b.set_faults(faults(29));
+        a.set_gso(gso);
+        b.set_gso(gso);
+        assert_eq!(b.gso(), gso, "this kernel passed the GSO probe");
         let (qa, qb) = (a.create_qp(0x100), b.create_qp(0x200));
         a.set_mtu(qa, 4096);
         b.set_mtu(qb, 4096);
@@ -164,6 +178,14 @@ fn traffic_arrives_intact_under_loss_reordering_duplication_and_corruption() {
     // The faults really happened, and were recovered from.
     assert!(ib[0] > 0 && ib[1] > 0 && ib[2] > 0 && ib[3] > 0, "{ib:?}");
     assert!(sb.retransmits > 0, "{sb:?}");
+    if gso {
+        assert!(
+            sb.gso_segments_sent > 0 && sa.gso_datagrams_received > 0,
+            "{sb:?} {sa:?}"
+        );
+    } else {
+        assert_eq!(sb.gso_segments_sent, 0, "{sb:?}");
+    }
     assert!(
         sa.dropped > 0,
         "corrupted datagrams are dropped by the ICRC check: {sa:?}"
