@@ -949,21 +949,38 @@ impl Engine {
                 self.read(qp, wr.wr_id, wr.sg_list, remote_va, rkey, quiet)
             }
             SendOp::Send { imm } | SendOp::Write { imm, .. } => {
-                let mut data = Vec::with_capacity(wr.sg_list.iter().map(|e| e.len).sum());
-                for e in &wr.sg_list {
-                    data.extend_from_slice(&self.mrs[e.mr].buf[e.offset..e.offset + e.len]);
-                }
+                let total: usize = wr.sg_list.iter().map(|e| e.len).sum();
                 let reth = match wr.op {
                     SendOp::Write {
                         remote_va, rkey, ..
                     } => Some(Reth {
                         va: remote_va,
                         rkey,
-                        dma_len: u32::try_from(data.len())
-                            .map_err(|_| io::ErrorKind::InvalidInput)?,
+                        dma_len: u32::try_from(total).map_err(|_| io::ErrorKind::InvalidInput)?,
                     }),
                     _ => None,
                 };
+                if let [e] = wr.sg_list[..] {
+                    // One entry: packets are cut straight from the region
+                    // (lent out of the table meanwhile; building packets
+                    // touches no region).
+                    let buf = std::mem::take(&mut self.mrs[e.mr].buf);
+                    let r = self.message(
+                        qp,
+                        wr.wr_id,
+                        kind,
+                        &buf[e.offset..e.offset + e.len],
+                        reth,
+                        imm,
+                        quiet,
+                    );
+                    self.mrs[e.mr].buf = buf;
+                    return r;
+                }
+                let mut data = Vec::with_capacity(total);
+                for e in &wr.sg_list {
+                    data.extend_from_slice(&self.mrs[e.mr].buf[e.offset..e.offset + e.len]);
+                }
                 self.message(qp, wr.wr_id, kind, &data, reth, imm, quiet)
             }
         }
