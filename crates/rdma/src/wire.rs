@@ -424,12 +424,25 @@ pub struct Flow {
 /// IPv4 flags are those of a DF datagram (as RoCEv2 senders set); the
 /// identification comes from [`Flow::ip_id`].
 pub fn icrc(flow: &Flow, udp: &[u8]) -> u32 {
-    let body = &udp[..udp.len().saturating_sub(ICRC_BYTES)];
-    let udp_len = u16::try_from(udp.len() + 8).unwrap_or(u16::MAX);
+    icrc_parts(
+        flow,
+        &[&udp[..udp.len().saturating_sub(ICRC_BYTES)]],
+        udp.len(),
+    )
+}
+
+/// [`icrc`] of a packet given in pieces: `parts` are the UDP payload
+/// without the ICRC field, in order; `udp_len` is the whole UDP payload's
+/// length (the ICRC field included), which the IPv4 and UDP lengths in
+/// the covered headers come from.
+pub fn icrc_parts(flow: &Flow, parts: &[&[u8]], udp_len: usize) -> u32 {
+    let udp_len = u16::try_from(udp_len + 8).unwrap_or(u16::MAX);
     let ip_len = udp_len.saturating_add(20);
-    let mut h = crc32fast::Hasher::new();
-    h.update(&[0xff; 8]);
-    let mut ip = [0u8; 20];
+    // Ones, the masked IPv4 and UDP headers and the masked BTH, hashed in
+    // one piece.
+    let mut pre = [0u8; 8 + 20 + 8 + BTH_BYTES];
+    pre[..8].fill(0xff);
+    let ip = &mut pre[8..28];
     ip[0] = 0x45;
     ip[1] = 0xff; // TOS, masked
     ip[2..4].copy_from_slice(&ip_len.to_be_bytes());
@@ -440,21 +453,34 @@ pub fn icrc(flow: &Flow, udp: &[u8]) -> u32 {
     ip[10..12].copy_from_slice(&[0xff, 0xff]); // checksum, masked
     ip[12..16].copy_from_slice(&flow.src.octets());
     ip[16..20].copy_from_slice(&flow.dst.octets());
-    h.update(&ip);
-    let mut u = [0u8; 8];
+    let u = &mut pre[28..36];
     u[0..2].copy_from_slice(&flow.src_port.to_be_bytes());
     u[2..4].copy_from_slice(&flow.dst_port.to_be_bytes());
     u[4..6].copy_from_slice(&udp_len.to_be_bytes());
     u[6..8].copy_from_slice(&[0xff, 0xff]); // checksum, masked
-    h.update(&u);
-    if body.len() >= BTH_BYTES {
-        let mut bth = [0u8; BTH_BYTES];
-        bth.copy_from_slice(&body[..BTH_BYTES]);
-        bth[4] = 0xff; // FECN, BECN, reserved: masked
-        h.update(&bth);
-        h.update(&body[BTH_BYTES..]);
-    } else {
-        h.update(body);
+                                            // The BTH: the packet's first bytes, wherever the pieces split them.
+    let mut taken = 0;
+    for p in parts {
+        let n = (BTH_BYTES - taken).min(p.len());
+        pre[36 + taken..36 + taken + n].copy_from_slice(&p[..n]);
+        taken += n;
+        if taken == BTH_BYTES {
+            break;
+        }
+    }
+    if taken == BTH_BYTES {
+        pre[36 + 4] = 0xff; // FECN, BECN, reserved: masked
+    }
+    let mut h = crc32fast::Hasher::new();
+    h.update(&pre[..36 + taken]);
+    let mut skip = taken;
+    for p in parts {
+        if skip >= p.len() {
+            skip -= p.len();
+            continue;
+        }
+        h.update(&p[skip..]);
+        skip = 0;
     }
     h.finalize()
 }
@@ -612,6 +638,29 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn icrc_of_pieces_is_icrc_of_the_whole(
+            d in proptest::collection::vec(any::<u8>(), 4..300),
+            cut1 in 0usize..300,
+            cut2 in 0usize..300,
+            id in any::<u16>(),
+        ) {
+            let flow = Flow {
+                src: std::net::Ipv4Addr::new(10, 0, 0, 1),
+                dst: std::net::Ipv4Addr::new(10, 0, 0, 2),
+                src_port: 49152,
+                dst_port: ROCEV2_PORT,
+                ip_id: id,
+            };
+            let body = &d[..d.len() - ICRC_BYTES];
+            let (a, b) = (cut1.min(body.len()), cut2.min(body.len()));
+            let (a, b) = (a.min(b), a.max(b));
+            prop_assert_eq!(
+                icrc_parts(&flow, &[&body[..a], &body[a..b], &body[b..]], d.len()),
+                icrc(&flow, &d)
+            );
+        }
+
         #[test]
         fn parse_never_panics(d in proptest::collection::vec(any::<u8>(), 0..200)) {
             let _ = Packet::parse(&d);
