@@ -130,6 +130,71 @@ impl Frame {
     }
 }
 
+/// One packet to send, in up to three pieces that go out as they are
+/// (gathered by the kernel, not copied here): `head` (the headers, or a
+/// whole encoded packet), `body` (payload read straight from a registered
+/// region) and `tail` (padding, then the four ICRC bytes, which sealing
+/// writes).
+#[derive(Debug)]
+pub struct Piece<'a> {
+    /// Headers (or a whole packet without its ICRC).
+    pub head: &'a [u8],
+    /// Payload, possibly empty.
+    pub body: &'a [u8],
+    /// Padding and the ICRC field (at least four bytes).
+    pub tail: &'a mut [u8],
+}
+
+impl<'a> Piece<'a> {
+    /// A contiguous encoded packet (ICRC space included) as one piece.
+    pub fn whole(packet: &'a mut [u8]) -> Self {
+        let n = packet.len().saturating_sub(wire::ICRC_BYTES);
+        let (head, tail) = packet.split_at_mut(n);
+        Piece {
+            head,
+            body: &[],
+            tail,
+        }
+    }
+
+    /// Bytes on the wire (the UDP payload).
+    pub fn len(&self) -> usize {
+        self.head.len() + self.body.len() + self.tail.len()
+    }
+
+    /// Whether the packet is empty (never, for a real one).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Writes the ICRC for `flow` into the tail's last four bytes.
+    fn seal(&mut self, flow: &Flow) {
+        let len = self.len();
+        let t = self.tail.len().saturating_sub(wire::ICRC_BYTES);
+        let c = wire::icrc_parts(flow, &[self.head, self.body, &self.tail[..t]], len);
+        if self.tail.len() >= wire::ICRC_BYTES {
+            self.tail[t..].copy_from_slice(&c.to_le_bytes());
+        }
+    }
+
+    /// The packet in one buffer (for the fault injector, which alters
+    /// copies only).
+    fn to_vec(&self) -> Vec<u8> {
+        [self.head, self.body, &*self.tail].concat()
+    }
+
+    fn iovecs(&self, out: &mut Vec<libc::iovec>) {
+        for part in [self.head, self.body, &*self.tail] {
+            if !part.is_empty() {
+                out.push(libc::iovec {
+                    iov_base: part.as_ptr() as *mut libc::c_void,
+                    iov_len: part.len(),
+                });
+            }
+        }
+    }
+}
+
 /// `setsockopt` names this libc build may lack.
 const UDP_SEGMENT: libc::c_int = 103;
 const UDP_GRO: libc::c_int = 104;
@@ -543,8 +608,8 @@ impl RawIo {
         Ok(())
     }
 
-    /// Sends `head` and `body` as one datagram (sendmsg with two iovecs).
-    fn transmit_parts(&self, dst: Ipv4Addr, head: &[u8], body: &[u8]) -> io::Result<()> {
+    /// Sends the bytes `iov` points to as one datagram (sendmsg).
+    fn transmit_iov(&self, dst: Ipv4Addr, iov: &[libc::iovec]) -> io::Result<()> {
         let mut sa = libc::sockaddr_in {
             sin_family: libc::AF_INET as libc::sa_family_t,
             sin_port: 0,
@@ -553,26 +618,17 @@ impl RawIo {
             },
             sin_zero: [0; 8],
         };
-        let mut iov = [
-            libc::iovec {
-                iov_base: head.as_ptr() as *mut libc::c_void,
-                iov_len: head.len(),
-            },
-            libc::iovec {
-                iov_base: body.as_ptr() as *mut libc::c_void,
-                iov_len: body.len(),
-            },
-        ];
         // SAFETY: an all-zero msghdr is valid; the fields set below point
-        // at `sa` and `iov`, which outlive the call.
-        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        msg.msg_name = (&raw mut sa).cast();
-        msg.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-        msg.msg_iov = iov.as_mut_ptr();
-        msg.msg_iovlen = iov.len();
-        // SAFETY: `msg` describes valid memory for the kernel to read; the
-        // iovecs are only read (sendmsg does not write through them).
-        let n = unsafe { libc::sendmsg(self.send.as_raw_fd(), &msg, 0) };
+        // at `sa` and `iov` (whose entries point to live buffers the caller
+        // holds), all outliving the call; sendmsg only reads through them.
+        let n = unsafe {
+            let mut msg: libc::msghdr = std::mem::zeroed();
+            msg.msg_name = (&raw mut sa).cast();
+            msg.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            msg.msg_iov = iov.as_ptr().cast_mut();
+            msg.msg_iovlen = iov.len();
+            libc::sendmsg(self.send.as_raw_fd(), &msg, 0)
+        };
         if n < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -596,6 +652,12 @@ impl RawIo {
     /// Sends one RoCEv2 packet (already encoded, ICRC space included) to
     /// `dst`, sealing its ICRC for the header built here.
     pub fn send(&mut self, dst: Ipv4Addr, src_port: u16, packet: &mut [u8]) -> io::Result<()> {
+        self.send_piece(dst, src_port, &mut Piece::whole(packet))
+    }
+
+    /// Sends one packet as a whole IPv4 datagram built here (raw socket),
+    /// sealing its ICRC for that datagram's identification.
+    fn send_piece(&mut self, dst: Ipv4Addr, src_port: u16, p: &mut Piece<'_>) -> io::Result<()> {
         let id = self.next_id;
         self.next_id = self.next_id.wrapping_add(1);
         let flow = Flow {
@@ -605,8 +667,8 @@ impl RawIo {
             dst_port: ROCEV2_PORT,
             ip_id: id,
         };
-        wire::seal(&flow, packet);
-        let udp_len = u16::try_from(8 + packet.len()).map_err(|_| io::ErrorKind::InvalidInput)?;
+        p.seal(&flow);
+        let udp_len = u16::try_from(8 + p.len()).map_err(|_| io::ErrorKind::InvalidInput)?;
         let total = udp_len + 20;
         let mut d = Vec::with_capacity(28);
         d.extend_from_slice(&[0x45, 0]);
@@ -624,11 +686,16 @@ impl RawIo {
         d.extend_from_slice(&[0, 0]); // no UDP checksum (allowed on IPv4)
         let f = self.faults;
         if f.drop_ppm == 0 && f.dup_ppm == 0 && f.reorder_ppm == 0 && f.corrupt_ppm == 0 {
-            // No fault injection: the headers and the packet go out as two
-            // pieces of one datagram, without copying the packet.
-            return self.transmit_parts(dst, &d, packet);
+            // No fault injection: the headers and the packet's pieces go
+            // out as one datagram, without copying the packet.
+            let mut iov = vec![libc::iovec {
+                iov_base: d.as_ptr() as *mut libc::c_void,
+                iov_len: d.len(),
+            }];
+            p.iovecs(&mut iov);
+            return self.transmit_iov(dst, &iov);
         }
-        d.extend_from_slice(packet);
+        d.extend_from_slice(&p.to_vec());
         if self.roll(f.drop_ppm) {
             self.injected[0] += 1;
             return self.release_held();
@@ -651,14 +718,14 @@ impl RawIo {
         self.release_held()
     }
 
-    /// Sends a run of packets (encoded, ICRC space included) to `dst`
-    /// in order: equal-sized neighbours (and a shorter last one) as one
-    /// GSO datagram where the probe allowed it, the rest one by one.
+    /// Sends a run of packets to `dst` in order: equal-sized neighbours
+    /// (and a shorter last one) as one GSO datagram where the probe allowed
+    /// it, the rest one by one. Each packet's ICRC is sealed here.
     pub fn send_burst(
         &mut self,
         dst: Ipv4Addr,
         src_port: u16,
-        packets: &mut [&mut [u8]],
+        packets: &mut [Piece<'_>],
     ) -> io::Result<()> {
         let f = self.faults;
         let faults = f.drop_ppm | f.dup_ppm | f.reorder_ppm | f.corrupt_ppm != 0;
@@ -675,42 +742,34 @@ impl RawIo {
             }
             if !self.gso || j - i == 1 {
                 for p in &mut packets[i..j] {
-                    self.send(dst, src_port, p)?;
+                    self.send_piece(dst, src_port, p)?;
                 }
                 i = j;
                 continue;
             }
             for (k, p) in packets[i..j].iter_mut().enumerate() {
-                let flow = Flow {
+                p.seal(&Flow {
                     src: self.local,
                     dst,
                     src_port: ROCEV2_PORT,
                     dst_port: ROCEV2_PORT,
                     ip_id: k as u16,
-                };
-                wire::seal(&flow, p);
+                });
             }
             if faults {
                 // The injector works on the whole GSO datagram, on a copy
                 // (the packets are kept for retransmission).
-                let d: Vec<u8> = packets[i..j]
-                    .iter()
-                    .flat_map(|p| p.iter().copied())
-                    .collect();
+                let d: Vec<u8> = packets[i..j].iter().flat_map(Piece::to_vec).collect();
                 self.inject_gso(dst, seg, d)?;
-                self.gso_counts.0 += (j - i) as u64;
-                i = j;
-                continue;
+            } else {
+                // The pieces go out from where they are, gathered by the
+                // kernel.
+                let mut iov = Vec::with_capacity(3 * (j - i));
+                for p in &packets[i..j] {
+                    p.iovecs(&mut iov);
+                }
+                self.send_gso(dst, seg, &iov)?;
             }
-            // The packets go out from where they are, one iovec each.
-            let iov: Vec<libc::iovec> = packets[i..j]
-                .iter()
-                .map(|p| libc::iovec {
-                    iov_base: p.as_ptr() as *mut libc::c_void,
-                    iov_len: p.len(),
-                })
-                .collect();
-            self.send_gso(dst, seg, &iov)?;
             self.gso_counts.0 += (j - i) as u64;
             i = j;
         }

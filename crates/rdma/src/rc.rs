@@ -18,7 +18,7 @@ use std::io;
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
-use crate::net::RawIo;
+use crate::net::{Piece, RawIo};
 use crate::wire::{self, opcode, Aeth, Bth, Packet, Reth, DEFAULT_PKEY};
 
 /// A protection domain: QPs reach only memory regions of their own
@@ -386,7 +386,59 @@ struct Outstanding {
     kind: WcOpcode,
     /// Unsignaled: success completes silently (errors still report).
     quiet: bool,
+    /// The packet's bytes: its headers up to `split`, then its padding
+    /// and ICRC field; the payload between them is `body` when it is read
+    /// from a region at each send, or is stored with the headers.
     packet: Vec<u8>,
+    split: usize,
+    /// Region, offset and length of a payload not copied into `packet`.
+    body: Option<(usize, usize, usize)>,
+}
+
+/// Where a message's payload comes from.
+#[derive(Debug, Clone, Copy)]
+enum Payload<'a> {
+    /// Bytes gathered for it.
+    Bytes(&'a [u8]),
+    /// A range of a registered region, read at each send.
+    Region {
+        mr: usize,
+        offset: usize,
+        len: usize,
+    },
+}
+
+impl Outstanding {
+    /// A packet stored whole (ICRC field included).
+    fn whole(
+        psn: u32,
+        completes: Option<u64>,
+        kind: WcOpcode,
+        quiet: bool,
+        packet: Vec<u8>,
+    ) -> Self {
+        Outstanding {
+            psn,
+            completes,
+            kind,
+            quiet,
+            split: packet.len().saturating_sub(wire::ICRC_BYTES),
+            packet,
+            body: None,
+        }
+    }
+
+    /// The pieces to send: stored bytes, with the payload read from its
+    /// region (its range was checked when the work was posted, and
+    /// regions never shrink).
+    fn piece<'a>(&'a mut self, mrs: &'a [MemoryRegion]) -> Piece<'a> {
+        let (head, tail) = self.packet.split_at_mut(self.split);
+        let body = match self.body {
+            Some((mr, off, len)) => &mrs[mr].buf[off..off + len],
+            None => &[],
+        };
+        Piece { head, body, tail }
+    }
 }
 
 /// An RDMA READ of ours waiting for its responses.
@@ -961,27 +1013,21 @@ impl Engine {
                     _ => None,
                 };
                 if let [e] = wr.sg_list[..] {
-                    // One entry: packets are cut straight from the region
-                    // (lent out of the table meanwhile; building packets
-                    // touches no region).
-                    let buf = std::mem::take(&mut self.mrs[e.mr].buf);
-                    let r = self.message(
-                        qp,
-                        wr.wr_id,
-                        kind,
-                        &buf[e.offset..e.offset + e.len],
-                        reth,
-                        imm,
-                        quiet,
-                    );
-                    self.mrs[e.mr].buf = buf;
-                    return r;
+                    // One entry: packets keep only their headers; the
+                    // payload goes out from the region itself, at every
+                    // send (as a NIC would read it).
+                    let body = Payload::Region {
+                        mr: e.mr,
+                        offset: e.offset,
+                        len: e.len,
+                    };
+                    return self.message(qp, wr.wr_id, kind, body, reth, imm, quiet);
                 }
                 let mut data = Vec::with_capacity(total);
                 for e in &wr.sg_list {
                     data.extend_from_slice(&self.mrs[e.mr].buf[e.offset..e.offset + e.len]);
                 }
-                self.message(qp, wr.wr_id, kind, &data, reth, imm, quiet)
+                self.message(qp, wr.wr_id, kind, Payload::Bytes(&data), reth, imm, quiet)
             }
         }
     }
@@ -1326,13 +1372,13 @@ impl Engine {
             icrc: 0,
         };
         let buf = encode(&pkt)?;
-        q.pending_tx.push_back(Outstanding {
+        q.pending_tx.push_back(Outstanding::whole(
             psn,
-            completes: None,
-            kind: WcOpcode::RdmaRead,
+            None,
+            WcOpcode::RdmaRead,
             quiet,
-            packet: buf,
-        });
+            buf,
+        ));
         q.reads.push_back(PendingRead {
             wr_id,
             first_psn: psn,
@@ -1363,11 +1409,9 @@ impl Engine {
         if q.rto_at.is_none() {
             q.rto_at = Some(Instant::now() + rto);
         }
-        let mut burst: Vec<&mut [u8]> = q
-            .unacked
-            .range_mut(first..)
-            .map(|o| o.packet.as_mut_slice())
-            .collect();
+        let mrs = &self.mrs;
+        let mut burst: Vec<Piece<'_>> =
+            q.unacked.range_mut(first..).map(|o| o.piece(mrs)).collect();
         self.io.send_burst(q.remote_ip, q.src_port, &mut burst)
     }
 
@@ -1432,11 +1476,9 @@ impl Engine {
                 q.rto_at = Some(now + self.rto);
                 self.stats.retransmits += q.unacked.len() as u64;
                 let (ip, port) = (q.remote_ip, q.src_port);
-                let mut burst: Vec<&mut [u8]> = q
-                    .unacked
-                    .iter_mut()
-                    .map(|o| o.packet.as_mut_slice())
-                    .collect();
+                let mrs = &self.mrs;
+                let mut burst: Vec<Piece<'_>> =
+                    q.unacked.iter_mut().map(|o| o.piece(mrs)).collect();
                 self.io.send_burst(ip, port, &mut burst)?;
                 continue;
             }
@@ -1451,11 +1493,8 @@ impl Engine {
             self.stats.retransmits += q.unacked.len() as u64;
             q.rto_at = Some(now + self.rto);
             let (ip, port) = (q.remote_ip, q.src_port);
-            let mut burst: Vec<&mut [u8]> = q
-                .unacked
-                .iter_mut()
-                .map(|o| o.packet.as_mut_slice())
-                .collect();
+            let mrs = &self.mrs;
+            let mut burst: Vec<Piece<'_>> = q.unacked.iter_mut().map(|o| o.piece(mrs)).collect();
             self.io.send_burst(ip, port, &mut burst)?;
         }
         Ok(())
@@ -1500,21 +1539,20 @@ impl Engine {
         qp: usize,
         wr_id: u64,
         kind: WcOpcode,
-        data: &[u8],
+        payload: Payload<'_>,
         reth: Option<Reth>,
         imm: Option<u32>,
         quiet: bool,
     ) -> io::Result<()> {
         use opcode::*;
         let q = &mut self.qps[qp];
-        let chunks: Vec<&[u8]> = if data.is_empty() {
-            vec![data]
-        } else {
-            data.chunks(q.mtu).collect()
+        let len = match payload {
+            Payload::Bytes(d) => d.len(),
+            Payload::Region { len, .. } => len,
         };
-        let n = chunks.len();
+        let n = len.div_ceil(q.mtu).max(1);
         let write = kind == WcOpcode::RdmaWrite;
-        for (i, chunk) in chunks.into_iter().enumerate() {
+        for i in 0..n {
             let (first, last) = (i == 0, i + 1 == n);
             let op = match (write, first, last, imm.is_some()) {
                 (false, true, true, false) => SEND_ONLY,
@@ -1532,6 +1570,11 @@ impl Engine {
             };
             let psn = q.sq_psn;
             q.sq_psn = psn_add(psn, 1);
+            let (at, size) = (i * q.mtu, q.mtu.min(len - i * q.mtu));
+            let chunk = match payload {
+                Payload::Bytes(d) => &d[at..at + size],
+                Payload::Region { .. } => &[],
+            };
             let pkt = Packet {
                 bth: header(op, q.remote_qpn, psn, last || psn % 8 == 7),
                 reth: if first { reth } else { None },
@@ -1542,14 +1585,30 @@ impl Engine {
                 payload: chunk,
                 icrc: 0,
             };
-            let buf = encode(&pkt)?;
-            q.pending_tx.push_back(Outstanding {
-                psn,
-                completes: last.then_some(wr_id),
-                kind,
-                quiet,
-                packet: buf,
-            });
+            let mut buf = encode(&pkt)?;
+            let completes = last.then_some(wr_id);
+            let o = match payload {
+                Payload::Bytes(_) => Outstanding::whole(psn, completes, kind, quiet, buf),
+                Payload::Region { mr, offset, .. } => {
+                    // Headers only: the BTH's pad count is the payload's,
+                    // and the padding and ICRC field follow the payload.
+                    let pad = (4 - size % 4) % 4;
+                    let split = buf.len() - wire::ICRC_BYTES;
+                    buf[1] = (buf[1] & !0x30) | ((pad as u8) << 4);
+                    buf.truncate(split);
+                    buf.resize(split + pad + wire::ICRC_BYTES, 0);
+                    Outstanding {
+                        psn,
+                        completes,
+                        kind,
+                        quiet,
+                        packet: buf,
+                        split,
+                        body: Some((mr, offset + at, size)),
+                    }
+                }
+            };
+            q.pending_tx.push_back(o);
         }
         self.flush_tx(qp)
     }
@@ -1662,7 +1721,7 @@ impl Engine {
             q.nak_sent = false;
         }
         let (ip, port) = (q.remote_ip, q.src_port);
-        let mut burst: Vec<&mut [u8]> = out.iter_mut().map(Vec::as_mut_slice).collect();
+        let mut burst: Vec<Piece<'_>> = out.iter_mut().map(|b| Piece::whole(b)).collect();
         self.io.send_burst(ip, port, &mut burst)
     }
 
@@ -1812,11 +1871,9 @@ impl Engine {
                         // NAK: sequence error → go back N; others fail.
                         if aeth.syndrome == NAK_PSN_SEQ {
                             let (ip, port) = (q.remote_ip, q.src_port);
-                            let mut burst: Vec<&mut [u8]> = q
-                                .unacked
-                                .iter_mut()
-                                .map(|u| u.packet.as_mut_slice())
-                                .collect();
+                            let mrs = &self.mrs;
+                            let mut burst: Vec<Piece<'_>> =
+                                q.unacked.iter_mut().map(|o| o.piece(mrs)).collect();
                             self.io.send_burst(ip, port, &mut burst)?;
                         } else {
                             let status = if aeth.syndrome == NAK_REMOTE_ACCESS {

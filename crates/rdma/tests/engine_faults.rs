@@ -90,7 +90,10 @@ fn under_faults(gso: bool) {
                 ..Access::default()
             },
         );
-        let src = b.reg_mr(WRITE_MSG, Access::default());
+        // One source buffer per message in flight: as with verbs, a
+        // buffer stays untouched until its work completes (the engine reads
+        // it again for retransmissions).
+        let src = b.reg_mr(IN_FLIGHT * WRITE_MSG, Access::default());
         let (va, rkey) = (a.mr(target).va, a.mr(target).rkey);
         for i in 0..RECVS {
             a.post_recv(
@@ -111,13 +114,16 @@ fn under_faults(gso: bool) {
         while (completed.len() < total || received < sends) && Instant::now() < deadline {
             while posted < total && posted - completed.len() < IN_FLIGHT {
                 let k = posted as u64;
+                // Completions come in order, so the message that last used
+                // this slot has completed.
+                let slot = (posted % IN_FLIGHT) * WRITE_MSG;
                 if posted < writes {
-                    b.fill(src, 0, &fill(k, WRITE_MSG));
+                    b.fill(src, slot, &fill(k, WRITE_MSG));
                     b.post_write(
                         qb,
                         k,
                         src,
-                        0,
+                        slot,
                         WRITE_MSG,
                         va + (posted * WRITE_MSG) as u64,
                         rkey,
@@ -125,8 +131,8 @@ fn under_faults(gso: bool) {
                     )
                     .unwrap();
                 } else {
-                    b.fill(src, 0, &fill(k, SEND_MSG));
-                    b.post_send(qb, k, src, 0, SEND_MSG).unwrap();
+                    b.fill(src, slot, &fill(k, SEND_MSG));
+                    b.post_send(qb, k, src, slot, SEND_MSG).unwrap();
                 }
                 posted += 1;
             }
