@@ -448,15 +448,76 @@ fn attach_filter(fd: &OwnedFd, local: Ipv4Addr) -> io::Result<()> {
         ins(RET_K, 0, 0, 0xffff), // accept
         ins(RET_K, 0, 0, 0),      // drop
     ];
+    attach_prog(fd.as_raw_fd(), &prog)
+}
+
+/// An iovec for `d` (only read through: sendmsg does not write).
+fn one_iovec(d: &[u8]) -> libc::iovec {
+    libc::iovec {
+        iov_base: d.as_ptr() as *mut libc::c_void,
+        iov_len: d.len(),
+    }
+}
+
+/// `sendmsg` of the bytes `iov` points to, to `dst` (port `port`, 0 for
+/// a raw socket), as one UDP GSO datagram of `gso` -byte segments when
+/// given.
+fn send_msg(
+    fd: libc::c_int,
+    dst: Ipv4Addr,
+    port: u16,
+    iov: &[libc::iovec],
+    gso: Option<u16>,
+) -> io::Result<()> {
+    let mut sa = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(dst.octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    // Room for one cmsg carrying a u16, aligned as cmsghdr wants.
+    let mut space = [0u64; 4];
+    // SAFETY: an all-zero msghdr is valid; every pointer set below refers
+    // to a local or to `iov` (whose entries point to live buffers the
+    // caller holds), all outliving the sendmsg call, which only reads
+    // through them; the cmsg macros stay within `space` (CMSG_SPACE(2) is
+    // at most 32 bytes).
+    let n = unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_name = (&raw mut sa).cast();
+        msg.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        msg.msg_iov = iov.as_ptr().cast_mut();
+        msg.msg_iovlen = iov.len();
+        if let Some(seg) = gso {
+            msg.msg_control = space.as_mut_ptr().cast();
+            msg.msg_controllen = libc::CMSG_SPACE(2) as usize;
+            let c = libc::CMSG_FIRSTHDR(&msg);
+            (*c).cmsg_level = libc::SOL_UDP;
+            (*c).cmsg_type = UDP_SEGMENT;
+            (*c).cmsg_len = libc::CMSG_LEN(2) as usize;
+            std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), seg);
+        }
+        libc::sendmsg(fd, &msg, 0)
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Attaches a classic BPF program to a socket (the kernel copies it).
+fn attach_prog(fd: libc::c_int, prog: &[libc::sock_filter]) -> io::Result<()> {
     let fprog = libc::sock_fprog {
-        len: prog.len() as u16,
+        len: u16::try_from(prog.len()).map_err(|_| io::ErrorKind::InvalidInput)?,
         filter: prog.as_ptr().cast_mut(),
     };
     // SAFETY: `fprog` points to `prog`, alive for the call; the kernel
     // copies the program.
     check(unsafe {
         libc::setsockopt(
-            fd.as_raw_fd(),
+            fd,
             libc::SOL_SOCKET,
             libc::SO_ATTACH_FILTER,
             (&raw const fprog).cast(),
@@ -540,11 +601,7 @@ impl RawIo {
             probe.extend_from_slice(PROBE_MAGIC);
             probe.extend_from_slice(&[i; 8]);
         }
-        let iov = [libc::iovec {
-            iov_base: probe.as_ptr() as *mut libc::c_void,
-            iov_len: probe.len(),
-        }];
-        if self.send_gso(self.local, seg, &iov).is_err() {
+        if self.send_gso_bytes(self.local, seg, &probe).is_err() {
             return false;
         }
         let mut ids = Vec::new();
@@ -583,56 +640,12 @@ impl RawIo {
     }
 
     fn transmit(&self, dst: Ipv4Addr, d: &[u8]) -> io::Result<()> {
-        let sa = libc::sockaddr_in {
-            sin_family: libc::AF_INET as libc::sa_family_t,
-            sin_port: 0,
-            sin_addr: libc::in_addr {
-                s_addr: u32::from_ne_bytes(dst.octets()),
-            },
-            sin_zero: [0; 8],
-        };
-        // SAFETY: `d` and `sa` are valid for the lengths given.
-        let n = unsafe {
-            libc::sendto(
-                self.send.as_raw_fd(),
-                d.as_ptr().cast(),
-                d.len(),
-                0,
-                (&raw const sa).cast(),
-                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-            )
-        };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
+        self.transmit_iov(dst, &[one_iovec(d)])
     }
 
     /// Sends the bytes `iov` points to as one datagram (sendmsg).
     fn transmit_iov(&self, dst: Ipv4Addr, iov: &[libc::iovec]) -> io::Result<()> {
-        let mut sa = libc::sockaddr_in {
-            sin_family: libc::AF_INET as libc::sa_family_t,
-            sin_port: 0,
-            sin_addr: libc::in_addr {
-                s_addr: u32::from_ne_bytes(dst.octets()),
-            },
-            sin_zero: [0; 8],
-        };
-        // SAFETY: an all-zero msghdr is valid; the fields set below point
-        // at `sa` and `iov` (whose entries point to live buffers the caller
-        // holds), all outliving the call; sendmsg only reads through them.
-        let n = unsafe {
-            let mut msg: libc::msghdr = std::mem::zeroed();
-            msg.msg_name = (&raw mut sa).cast();
-            msg.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-            msg.msg_iov = iov.as_ptr().cast_mut();
-            msg.msg_iovlen = iov.len();
-            libc::sendmsg(self.send.as_raw_fd(), &msg, 0)
-        };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
+        send_msg(self.send.as_raw_fd(), dst, 0, iov, None)
     }
 
     /// Sends a datagram held back by the reorder fault.
@@ -804,52 +817,15 @@ impl RawIo {
     }
 
     fn send_gso_bytes(&self, dst: Ipv4Addr, seg: usize, d: &[u8]) -> io::Result<()> {
-        let iov = [libc::iovec {
-            iov_base: d.as_ptr() as *mut libc::c_void,
-            iov_len: d.len(),
-        }];
-        self.send_gso(dst, seg, &iov)
+        self.send_gso(dst, seg, &[one_iovec(d)])
     }
 
     /// Sends the bytes `iov` points to, from the UDP socket to `dst`, as
     /// one GSO datagram that the kernel splits into datagrams of `seg`
     /// bytes.
     fn send_gso(&self, dst: Ipv4Addr, seg: usize, iov: &[libc::iovec]) -> io::Result<()> {
-        let mut sa = libc::sockaddr_in {
-            sin_family: libc::AF_INET as libc::sa_family_t,
-            sin_port: ROCEV2_PORT.to_be(),
-            sin_addr: libc::in_addr {
-                s_addr: u32::from_ne_bytes(dst.octets()),
-            },
-            sin_zero: [0; 8],
-        };
-        // Room for one cmsg carrying a u16, aligned as cmsghdr wants.
-        let mut space = [0u64; 4];
         let seg = u16::try_from(seg).map_err(|_| io::ErrorKind::InvalidInput)?;
-        // SAFETY: an all-zero msghdr is valid; every pointer set below
-        // refers to a local or to `iov` (whose entries point to live
-        // buffers the caller holds), all outliving the sendmsg call, which
-        // only reads through the iovecs; the cmsg macros stay within
-        // `space` (CMSG_SPACE(2) <= 32 bytes).
-        let n = unsafe {
-            let mut msg: libc::msghdr = std::mem::zeroed();
-            msg.msg_name = (&raw mut sa).cast();
-            msg.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-            msg.msg_iov = iov.as_ptr().cast_mut();
-            msg.msg_iovlen = iov.len();
-            msg.msg_control = space.as_mut_ptr().cast();
-            msg.msg_controllen = libc::CMSG_SPACE(2) as usize;
-            let c = libc::CMSG_FIRSTHDR(&msg);
-            (*c).cmsg_level = libc::SOL_UDP;
-            (*c).cmsg_type = UDP_SEGMENT;
-            (*c).cmsg_len = libc::CMSG_LEN(2) as usize;
-            std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), seg);
-            libc::sendmsg(self.udp.as_raw_fd(), &msg, 0)
-        };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
+        send_msg(self.udp.as_raw_fd(), dst, ROCEV2_PORT, iov, Some(seg))
     }
 
     /// The next RoCEv2 datagram addressed to us, waiting up to
@@ -1040,22 +1016,7 @@ fn drop_all(sock: &UdpSocket) -> io::Result<()> {
         jf: 0,
         k: 0,
     }];
-    let fprog = libc::sock_fprog {
-        len: 1,
-        filter: prog.as_ptr().cast_mut(),
-    };
-    // SAFETY: `fprog` points to `prog`, alive for the call; the kernel
-    // copies the program.
-    check(unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_ATTACH_FILTER,
-            (&raw const fprog).cast(),
-            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
-        )
-    })?;
-    Ok(())
+    attach_prog(sock.as_raw_fd(), &prog)
 }
 
 #[cfg(test)]

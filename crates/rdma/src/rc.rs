@@ -956,6 +956,23 @@ impl Engine {
         self.qps.len() - 1
     }
 
+    /// Completes work request `wr_id` with `LocalProtectionError` and
+    /// moves the QP to ERROR (a scatter entry it may not use).
+    fn refuse(&mut self, qp: usize, wr_id: u64, opcode: WcOpcode) {
+        let qpn = self.qps[qp].qpn;
+        self.cq.push_back(Completion {
+            wr_id,
+            opcode,
+            status: WcStatus::LocalProtectionError,
+            byte_len: 0,
+            imm: None,
+            qpn,
+            path: PathKind::Software,
+        });
+        self.to_error(qp);
+        self.notify_cq();
+    }
+
     /// Posts a send-queue work request (verbs' `ibv_post_send`): SEND,
     /// WRITE (both with optional immediate data, gathered from the scatter
     /// list) or READ (scattered over it, in order). A scatter entry the QP
@@ -981,18 +998,7 @@ impl Engine {
             SendOp::Read { .. } => WcOpcode::RdmaRead,
         };
         if !ok {
-            let qpn = self.qps[qp].qpn;
-            self.cq.push_back(Completion {
-                wr_id: wr.wr_id,
-                opcode: kind,
-                status: WcStatus::LocalProtectionError,
-                byte_len: 0,
-                imm: None,
-                qpn,
-                path: PathKind::Software,
-            });
-            self.to_error(qp);
-            self.notify_cq();
+            self.refuse(qp, wr.wr_id, kind);
             return Ok(());
         }
         let quiet = !wr.signaled;
@@ -1224,18 +1230,7 @@ impl Engine {
         });
         let state = self.qps[qp].state;
         if !usable && !matches!(state, QpState::Reset | QpState::Error) {
-            let qpn = self.qps[qp].qpn;
-            self.cq.push_back(Completion {
-                wr_id: wr.wr_id,
-                opcode: WcOpcode::Recv,
-                status: WcStatus::LocalProtectionError,
-                byte_len: 0,
-                imm: None,
-                qpn,
-                path: PathKind::Software,
-            });
-            self.to_error(qp);
-            self.notify_cq();
+            self.refuse(qp, wr.wr_id, WcOpcode::Recv);
             return;
         }
         let q = &mut self.qps[qp];

@@ -12,6 +12,17 @@ use softcard_rdma::rc::{
 const A: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 1);
 const B: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
 
+/// Engines on A and B with one QP each (`qpn_a`, `qpn_b`), connected; A
+/// starts at PSN `psn_a`, B at `psn_b`.
+fn connected(qpn_a: u32, qpn_b: u32, psn_a: u32, psn_b: u32) -> (Engine, Engine, usize, usize) {
+    let mut a = Engine::open(A).expect("engine (needs CAP_NET_RAW)");
+    let mut b = Engine::open(B).unwrap();
+    let (qa, qb) = (a.create_qp(qpn_a), b.create_qp(qpn_b));
+    a.connect(qa, qpn_b, B, psn_b, psn_a);
+    b.connect(qb, qpn_a, A, psn_a, psn_b);
+    (a, b, qa, qb)
+}
+
 /// Polls both engines until `want` completions arrive at `which` (0: a,
 /// 1: b).
 fn pump(a: &mut Engine, b: &mut Engine, which: usize) -> Completion {
@@ -210,11 +221,7 @@ fn rnr_retry_waits_for_the_receive_and_gives_up_when_told() {
     let ns = softcard_testkit::Netns::new("lo");
     let t = std::thread::spawn(move || {
         ns.enter();
-        let mut a = Engine::open(A).expect("engine (needs CAP_NET_RAW)");
-        let mut b = Engine::open(B).unwrap();
-        let (qa, qb) = (a.create_qp(0x300), b.create_qp(0x400));
-        a.connect(qa, 0x400, B, 100, 200);
-        b.connect(qb, 0x300, A, 200, 100);
+        let (mut a, mut b, qa, qb) = connected(0x300, 0x400, 200, 100);
         let rw = Access {
             remote_write: true,
             remote_read: true,
@@ -535,11 +542,7 @@ fn progress_threads_let_applications_block_instead_of_polling() {
     let ns = softcard_testkit::Netns::new("lo");
     let t = std::thread::spawn(move || {
         ns.enter();
-        let mut a = Engine::open(A).expect("engine (needs CAP_NET_RAW)");
-        let mut b = Engine::open(B).unwrap();
-        let (qa, qb) = (a.create_qp(0x100), b.create_qp(0x200));
-        a.connect(qa, 0x200, B, 5000, 7000);
-        b.connect(qb, 0x100, A, 7000, 5000);
+        let (mut a, mut b, qa, qb) = connected(0x100, 0x200, 7000, 5000);
         let access = Access {
             remote_write: false,
             remote_read: false,

@@ -48,6 +48,24 @@ impl Drop for Kill {
     }
 }
 
+/// Boots the guest on `initrd` with its NIC on the namespace's tap device
+/// and returns its console output once it powers off.
+fn run_guest(ns: &Netns, kernel: &std::path::Path, initrd: &std::path::Path, mac: &str) -> String {
+    let mut qemu = Kill(
+        ns.command("qemu-system-x86_64")
+            .args(softcard_testkit::guest_args(kernel, initrd))
+            .args(["-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no"])
+            .args(["-device", &format!("virtio-net-pci,netdev=n0,mac={mac}")])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("qemu-system-x86_64"),
+    );
+    let mut console = String::new();
+    std::io::Read::read_to_string(&mut qemu.0.stdout.take().unwrap(), &mut console).unwrap();
+    console
+}
+
 const INIT: &str = r#"
 $B ip link set lo up
 $B ip link set eth0 up
@@ -99,6 +117,7 @@ fn rxe_initramfs(
     kernel: &std::path::Path,
     script: &str,
     dir: &std::path::Path,
+    tools: &[&str],
 ) -> std::path::PathBuf {
     let init = format!(
         "#!/bin/busybox sh\n{}{}",
@@ -113,11 +132,10 @@ fn rxe_initramfs(
         "rdma_rxe",
         "ib_uverbs",
     ]);
-    for p in [
-        "/usr/bin/ibv_rc_pingpong",
-        "/usr/bin/ibv_devinfo",
-        "/usr/bin/rdma",
-    ] {
+    for p in ["/usr/bin/ibv_devinfo", "/usr/bin/rdma"]
+        .iter()
+        .chain(tools)
+    {
         ir.program(p);
     }
     ir.host_file("/etc/libibverbs.d/rxe.driver");
@@ -131,7 +149,7 @@ fn rxe_initramfs(
 fn rdma_rxe_packets_validate_with_our_wire_format() {
     let kernel = softcard_testkit::kernel();
     let dir = tempfile::tempdir().unwrap();
-    let initrd = rxe_initramfs(&kernel, INIT, dir.path());
+    let initrd = rxe_initramfs(&kernel, INIT, dir.path(), &["/usr/bin/ibv_rc_pingpong"]);
 
     let ns = tap_netns("cap");
     let mut server = Kill(
@@ -321,6 +339,20 @@ fn pingpong(
     out
 }
 
+/// Connects to the guest's out-of-band port once its tool listens there.
+fn connect_when_listening() -> std::net::TcpStream {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match std::net::TcpStream::connect((GUEST, 18515)) {
+            Ok(c) => return c,
+            Err(_) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(e) => panic!("the guest's server never listened: {e}"),
+        }
+    }
+}
+
 fn parse_dest(msg: &[u8]) -> (u32, u32) {
     let text = String::from_utf8_lossy(msg)
         .trim_end_matches('\0')
@@ -344,7 +376,12 @@ fn ibv_rc_pingpong_both_directions_against_our_engine() {
 
     let kernel = softcard_testkit::kernel();
     let dir = tempfile::tempdir().unwrap();
-    let initrd = rxe_initramfs(&kernel, PINGPONG_INIT, dir.path());
+    let initrd = rxe_initramfs(
+        &kernel,
+        PINGPONG_INIT,
+        dir.path(),
+        &["/usr/bin/ibv_rc_pingpong"],
+    );
 
     let ns = std::sync::Arc::new(tap_netns("pp"));
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -375,17 +412,7 @@ fn ibv_rc_pingpong_both_directions_against_our_engine() {
             }
             // Guest as server: we connect (when it listens) and start.
             for (i, size) in [64usize, 4096].into_iter().enumerate() {
-                let deadline = Instant::now() + Duration::from_secs(60);
-                let mut c = loop {
-                    match std::net::TcpStream::connect((GUEST, 18515)) {
-                        Ok(c) => break c,
-                        Err(e) if Instant::now() < deadline => {
-                            let _ = e;
-                            std::thread::sleep(Duration::from_millis(200));
-                        }
-                        Err(e) => panic!("guest server never listened: {e}"),
-                    }
-                };
+                let mut c = connect_when_listening();
                 let qpn = 0x21 + i as u32;
                 c.write_all(format!("0000:{qpn:06x}:000022:{OUR_GID}\0").as_bytes())
                     .unwrap();
@@ -404,24 +431,7 @@ fn ibv_rc_pingpong_both_directions_against_our_engine() {
     };
     ready_rx.recv_timeout(Duration::from_secs(20)).unwrap();
 
-    let mut qemu = Kill(
-        ns.command("qemu-system-x86_64")
-            .args(softcard_testkit::guest_args(&kernel, &initrd))
-            .args(["-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no"])
-            .args(["-device", "virtio-net-pci,netdev=n0,mac=52:54:00:12:34:57"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("qemu-system-x86_64"),
-    );
-    let mut console = String::new();
-    qemu.0
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut console)
-        .unwrap();
-    drop(qemu);
+    let console = run_guest(&ns, &kernel, &initrd, "52:54:00:12:34:57");
     let (results, stats) = host.join().unwrap();
     for l in console.lines().filter(|l| l.starts_with("SOFTCARD-")) {
         eprintln!("guest: {l}");
@@ -694,30 +704,12 @@ fn perftest_write_and_read_bandwidth_against_our_engine() {
 
     let kernel = softcard_testkit::kernel();
     let dir = tempfile::tempdir().unwrap();
-    let init = format!(
-        "#!/bin/busybox sh\n{}{}",
-        softcard_testkit::INIT_PRELUDE,
-        PERFTEST_INIT
+    let initrd = rxe_initramfs(
+        &kernel,
+        PERFTEST_INIT,
+        dir.path(),
+        &["/usr/bin/ib_write_bw", "/usr/bin/ib_read_bw"],
     );
-    let mut ir = softcard_testkit::Initramfs::new(&kernel, &init);
-    ir.modules(&[
-        "virtio_pci",
-        "virtio_net",
-        "crc32_generic",
-        "rdma_rxe",
-        "ib_uverbs",
-    ]);
-    for p in [
-        "/usr/bin/ib_write_bw",
-        "/usr/bin/ib_read_bw",
-        "/usr/bin/rdma",
-    ] {
-        ir.program(p);
-    }
-    ir.host_file("/etc/libibverbs.d/rxe.driver");
-    ir.program("/usr/lib/x86_64-linux-gnu/libibverbs/librxe-rdmav34.so");
-    let initrd = dir.path().join("initrd.cpio");
-    std::fs::write(&initrd, ir.finish()).unwrap();
 
     let ns = std::sync::Arc::new(tap_netns("pf"));
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -745,17 +737,7 @@ fn perftest_write_and_read_bandwidth_against_our_engine() {
             }
             // Guest as server: we connect when it listens, and drive.
             for (i, verb) in [Verb::Write, Verb::Read].into_iter().enumerate() {
-                let deadline = Instant::now() + Duration::from_secs(60);
-                let mut c = loop {
-                    match std::net::TcpStream::connect((GUEST, 18515)) {
-                        Ok(c) => break c,
-                        Err(e) if Instant::now() < deadline => {
-                            let _ = e;
-                            std::thread::sleep(Duration::from_millis(200));
-                        }
-                        Err(e) => panic!("guest perftest server never listened: {e}"),
-                    }
-                };
+                let mut c = connect_when_listening();
                 let mr = eng.reg_mr(
                     1 << 20,
                     Access {
@@ -773,19 +755,7 @@ fn perftest_write_and_read_bandwidth_against_our_engine() {
         })
     };
     ready_rx.recv_timeout(Duration::from_secs(20)).unwrap();
-    let mut qemu = Kill(
-        ns.command("qemu-system-x86_64")
-            .args(softcard_testkit::guest_args(&kernel, &initrd))
-            .args(["-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no"])
-            .args(["-device", "virtio-net-pci,netdev=n0,mac=52:54:00:12:34:58"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("qemu-system-x86_64"),
-    );
-    let mut console = String::new();
-    std::io::Read::read_to_string(&mut qemu.0.stdout.take().unwrap(), &mut console).unwrap();
-    drop(qemu);
+    let console = run_guest(&ns, &kernel, &initrd, "52:54:00:12:34:58");
     for l in console.lines().filter(|l| l.starts_with("SOFTCARD-")) {
         eprintln!("guest: {l}");
     }
