@@ -1,11 +1,19 @@
-//! The hybrid RDMA function of the softcard (issue #4, in progress).
+//! The hybrid RDMA function of the softcard (issue #4): a user-space
+//! RoCEv2 engine that speaks to Linux Soft-RoCE and RoCE NICs.
 //!
-//! So far: the RoCEv2 wire format ([`wire`]): base transport header,
-//! extended headers, opcodes, and the invariant CRC computed exactly as
-//! Linux's Soft-RoCE (`rdma_rxe`) computes and checks it, including the
-//! IPv4 and UDP headers that a user-space engine never sees and must
-//! reconstruct. The transport (queue pairs, the placement fast path and
-//! the software path) builds on it.
+//! - [`wire`]: the RoCEv2 wire format (base transport header, extended
+//!   headers, opcodes) and the invariant CRC, computed exactly as
+//!   `rdma_rxe` computes and checks it, including the IPv4 and UDP headers
+//!   a user-space engine must reconstruct.
+//! - [`net`]: datagram I/O: a memory-mapped packet ring for receiving
+//!   (no system call per packet), whole IPv4 datagrams and UDP GSO runs
+//!   for sending, and a seeded fault injector for tests.
+//! - [`rc`]: the verbs-shaped engine: protection domains, memory regions,
+//!   RC queue pairs, work requests with scatter/gather lists, and the
+//!   patent's two receive datapaths (placement fast path, software path)
+//!   with their own counters.
+//! - [`progress`]: a thread that drives an engine so applications can
+//!   block on completions.
 
 pub mod net;
 pub mod progress;
