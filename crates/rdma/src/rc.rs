@@ -886,7 +886,7 @@ impl Engine {
     }
 
     /// Whether runs of packets go out as UDP GSO datagrams (this kernel
-    /// passed the probe at open, and no faults are being injected).
+    /// passed the probe at open, and `set_gso(false)` was not called).
     pub fn gso(&self) -> bool {
         self.io.gso()
     }
