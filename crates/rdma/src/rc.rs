@@ -802,6 +802,20 @@ fn header(opcode: u8, dest_qp: u32, psn: u32, ack_req: bool) -> Bth {
     }
 }
 
+/// Encodes `pkt`'s headers for a payload of `size` bytes sent from
+/// elsewhere: the bytes are the headers, then room for the padding and
+/// the ICRC; the second value is where the payload goes (the headers'
+/// length). The BTH's pad count is the payload's.
+fn headers_only(pkt: &Packet<'_>, size: usize) -> io::Result<(Vec<u8>, usize)> {
+    let mut buf = encode(pkt)?;
+    let pad = (4 - size % 4) % 4;
+    let split = buf.len() - wire::ICRC_BYTES;
+    buf[1] = (buf[1] & !0x30) | ((pad as u8) << 4);
+    buf.truncate(split);
+    buf.resize(split + pad + wire::ICRC_BYTES, 0);
+    Ok((buf, split))
+}
+
 /// Encodes a packet into a fresh buffer (ICRC sealed when sent).
 fn encode(pkt: &Packet<'_>) -> io::Result<Vec<u8>> {
     let mut buf = vec![0u8; pkt.wire_len()];
@@ -809,6 +823,9 @@ fn encode(pkt: &Packet<'_>) -> io::Result<Vec<u8>> {
         .map_err(|e| io::Error::other(e.to_string()))?;
     Ok(buf)
 }
+
+/// READ responses built and sent at a time.
+const READ_RESPONSE_BATCH: usize = 64;
 
 /// Longest an ACK is held back for coalescing.
 pub const ACK_DELAY: Duration = Duration::from_micros(50);
@@ -1580,18 +1597,11 @@ impl Engine {
                 payload: chunk,
                 icrc: 0,
             };
-            let mut buf = encode(&pkt)?;
             let completes = last.then_some(wr_id);
             let o = match payload {
-                Payload::Bytes(_) => Outstanding::whole(psn, completes, kind, quiet, buf),
+                Payload::Bytes(_) => Outstanding::whole(psn, completes, kind, quiet, encode(&pkt)?),
                 Payload::Region { mr, offset, .. } => {
-                    // Headers only: the BTH's pad count is the payload's,
-                    // and the padding and ICRC field follow the payload.
-                    let pad = (4 - size % 4) % 4;
-                    let split = buf.len() - wire::ICRC_BYTES;
-                    buf[1] = (buf[1] & !0x30) | ((pad as u8) << 4);
-                    buf.truncate(split);
-                    buf.resize(split + pad + wire::ICRC_BYTES, 0);
+                    let (buf, split) = headers_only(&pkt, size)?;
                     Outstanding {
                         psn,
                         completes,
@@ -1675,49 +1685,60 @@ impl Engine {
             self.qps[qi].state = QpState::Error;
             return self.send_ack(qi, e, NAK_REMOTE_ACCESS);
         };
-        let data = self.mrs[mi].buf[off..off + len].to_vec();
         let q = &mut self.qps[qi];
-        let chunks: Vec<&[u8]> = if data.is_empty() {
-            vec![&data[..]]
-        } else {
-            data.chunks(q.mtu).collect()
-        };
-        let n = chunks.len();
+        let n = len.div_ceil(q.mtu).max(1);
         if !duplicate {
             q.msn = psn_add(q.msn, 1);
-        }
-        let mut out = Vec::with_capacity(n);
-        for (i, chunk) in chunks.into_iter().enumerate() {
-            let (first, last) = (i == 0, i + 1 == n);
-            let op = match (first, last) {
-                (true, true) => READ_RESPONSE_ONLY,
-                (true, false) => READ_RESPONSE_FIRST,
-                (false, true) => READ_RESPONSE_LAST,
-                (false, false) => READ_RESPONSE_MIDDLE,
-            };
-            let pkt = Packet {
-                bth: header(op, q.remote_qpn, psn_add(pkt.bth.psn, i as u32), false),
-                reth: None,
-                aeth: (first || last).then_some(Aeth {
-                    syndrome: ACK_UNLIMITED,
-                    msn: q.msn,
-                }),
-                imm: None,
-                atomic: None,
-                atomic_ack: None,
-                payload: chunk,
-                icrc: 0,
-            };
-            let buf = encode(&pkt)?;
-            out.push(buf);
-        }
-        if !duplicate {
             q.epsn = psn_add(q.epsn, n as u32);
             q.nak_sent = false;
         }
+        let (mtu, remote_qpn, msn) = (q.mtu, q.remote_qpn, q.msn);
         let (ip, port) = (q.remote_ip, q.src_port);
-        let mut burst: Vec<Piece<'_>> = out.iter_mut().map(|b| Piece::whole(b)).collect();
-        self.io.send_burst(ip, port, &mut burst)
+        // The responses carry their payload straight from the region, a
+        // batch at a time: a large READ never holds more than a batch of
+        // headers.
+        for start in (0..n).step_by(READ_RESPONSE_BATCH) {
+            let mut heads = Vec::with_capacity(READ_RESPONSE_BATCH);
+            for i in start..(start + READ_RESPONSE_BATCH).min(n) {
+                let (first, last) = (i == 0, i + 1 == n);
+                let op = match (first, last) {
+                    (true, true) => READ_RESPONSE_ONLY,
+                    (true, false) => READ_RESPONSE_FIRST,
+                    (false, true) => READ_RESPONSE_LAST,
+                    (false, false) => READ_RESPONSE_MIDDLE,
+                };
+                let resp = Packet {
+                    bth: header(op, remote_qpn, psn_add(pkt.bth.psn, i as u32), false),
+                    reth: None,
+                    aeth: (first || last).then_some(Aeth {
+                        syndrome: ACK_UNLIMITED,
+                        msn,
+                    }),
+                    imm: None,
+                    atomic: None,
+                    atomic_ack: None,
+                    payload: &[],
+                    icrc: 0,
+                };
+                let (at, size) = (i * mtu, mtu.min(len - i * mtu));
+                let (buf, split) = headers_only(&resp, size)?;
+                heads.push((buf, split, off + at, size));
+            }
+            let mrs = &self.mrs;
+            let mut burst: Vec<Piece<'_>> = heads
+                .iter_mut()
+                .map(|(buf, split, at, size)| {
+                    let (head, tail) = buf.split_at_mut(*split);
+                    Piece {
+                        head,
+                        body: &mrs[mi].buf[*at..*at + *size],
+                        tail,
+                    }
+                })
+                .collect();
+            self.io.send_burst(ip, port, &mut burst)?;
+        }
+        Ok(())
     }
 
     fn send_ack(&mut self, qp: usize, psn: u32, syndrome: u8) -> io::Result<()> {
