@@ -783,6 +783,18 @@ pub struct PathStats {
     pub gso_datagrams_received: u64,
     /// Datagrams too big for a receive ring frame, read from the socket.
     pub spilled: u64,
+    /// Sends the kernel refused (no route, no buffer space): counted as
+    /// lost packets, which the protocol's timers recover or turn into
+    /// `RetryExceeded` for that queue pair alone.
+    pub send_errors: u64,
+}
+
+impl PathStats {
+    fn note_send(&mut self, r: io::Result<()>) {
+        if r.is_err() {
+            self.send_errors += 1;
+        }
+    }
 }
 
 /// A BTH as this engine sends it (migration state set, default partition).
@@ -1424,7 +1436,9 @@ impl Engine {
         let mrs = &self.mrs;
         let mut burst: Vec<Piece<'_>> =
             q.unacked.range_mut(first..).map(|o| o.piece(mrs)).collect();
-        self.io.send_burst(q.remote_ip, q.src_port, &mut burst)
+        let sent = self.io.send_burst(q.remote_ip, q.src_port, &mut burst);
+        self.stats.note_send(sent);
+        Ok(())
     }
 
     /// Acknowledges `psn`, coalescing: the ACK goes out (at the start of a
@@ -1491,7 +1505,8 @@ impl Engine {
                 let mrs = &self.mrs;
                 let mut burst: Vec<Piece<'_>> =
                     q.unacked.iter_mut().map(|o| o.piece(mrs)).collect();
-                self.io.send_burst(ip, port, &mut burst)?;
+                let sent = self.io.send_burst(ip, port, &mut burst);
+                self.stats.note_send(sent);
                 continue;
             }
             if q.rto_at.is_none_or(|t| t > now) {
@@ -1507,7 +1522,8 @@ impl Engine {
             let (ip, port) = (q.remote_ip, q.src_port);
             let mrs = &self.mrs;
             let mut burst: Vec<Piece<'_>> = q.unacked.iter_mut().map(|o| o.piece(mrs)).collect();
-            self.io.send_burst(ip, port, &mut burst)?;
+            let sent = self.io.send_burst(ip, port, &mut burst);
+            self.stats.note_send(sent);
         }
         Ok(())
     }
@@ -1736,7 +1752,8 @@ impl Engine {
                     }
                 })
                 .collect();
-            self.io.send_burst(ip, port, &mut burst)?;
+            let sent = self.io.send_burst(ip, port, &mut burst);
+            self.stats.note_send(sent);
         }
         Ok(())
     }
@@ -1758,7 +1775,9 @@ impl Engine {
         };
         let mut buf = encode(&pkt)?;
         let (ip, port) = (q.remote_ip, q.src_port);
-        self.io.send(ip, port, &mut buf)
+        let sent = self.io.send(ip, port, &mut buf);
+        self.stats.note_send(sent);
+        Ok(())
     }
 
     /// Runs the retransmission timers, then receives and handles packets:
@@ -1890,7 +1909,8 @@ impl Engine {
                             let mrs = &self.mrs;
                             let mut burst: Vec<Piece<'_>> =
                                 q.unacked.iter_mut().map(|o| o.piece(mrs)).collect();
-                            self.io.send_burst(ip, port, &mut burst)?;
+                            let sent = self.io.send_burst(ip, port, &mut burst);
+                            self.stats.note_send(sent);
                         } else {
                             let status = if aeth.syndrome == NAK_REMOTE_ACCESS {
                                 WcStatus::RemoteAccessError

@@ -636,3 +636,43 @@ fn a_large_read_arrives_whole() {
     });
     t.join().unwrap();
 }
+
+/// A peer with no route to it: the kernel refuses every send. Each refusal
+/// counts as a lost packet, the post itself succeeds, and the work request
+/// ends with `RetryExceeded` after the retries, the QP in ERROR; the
+/// engine itself keeps working.
+#[test]
+fn an_unreachable_peer_fails_its_queue_pair_not_the_engine() {
+    let ns = softcard_testkit::Netns::new("lo");
+    let t = std::thread::spawn(move || {
+        ns.enter();
+        let mut a = Engine::open(A).expect("engine (needs CAP_NET_RAW)");
+        a.rto = Duration::from_millis(5);
+        a.max_retries = 3;
+        let qa = a.create_qp(0x130);
+        a.connect(qa, 0x230, Ipv4Addr::new(10, 99, 0, 1), 1, 2);
+        let ma = a.reg_mr(
+            8192,
+            Access {
+                remote_write: false,
+                remote_read: false,
+                local_write: true,
+            },
+        );
+        a.post_send(qa, 41, ma, 0, 6000)
+            .expect("the post succeeds; the send is lost");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let c = loop {
+            a.poll(Duration::from_millis(2))
+                .expect("a refused send does not fail the engine");
+            if let Some(c) = a.cq.pop_front() {
+                break c;
+            }
+            assert!(Instant::now() < deadline, "no completion");
+        };
+        assert_eq!((c.wr_id, c.status), (41, WcStatus::RetryExceeded));
+        assert_eq!(a.qp_state(qa), QpState::Error);
+        assert!(a.stats.send_errors >= 4, "{:?}", a.stats);
+    });
+    t.join().unwrap();
+}
