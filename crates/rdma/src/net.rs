@@ -977,12 +977,15 @@ pub fn parse_datagram(local: Ipv4Addr, vnet: &[u8], d: &[u8]) -> Option<(Flow, u
     let len = total - 28;
     let seg = match vnet[1] & 0x7f {
         VNET_GSO_NONE => len,
-        VNET_GSO_UDP_L4 => usize::from(u16::from_le_bytes([vnet[4], vnet[5]])),
+        // Segments shorter than the smallest RoCEv2 packet (a BTH and the
+        // ICRC) cannot be valid: refusing them keeps a hostile sender from
+        // making one datagram cost tens of thousands of checks.
+        VNET_GSO_UDP_L4 => match usize::from(u16::from_le_bytes([vnet[4], vnet[5]])) {
+            s if s < wire::BTH_BYTES + wire::ICRC_BYTES => return None,
+            s => s,
+        },
         _ => return None,
     };
-    if seg == 0 {
-        return None;
-    }
     let flow = Flow {
         src: Ipv4Addr::new(d[12], d[13], d[14], d[15]),
         dst,
@@ -1111,9 +1114,12 @@ mod tests {
         let mut ulen = good.clone();
         ulen[25] ^= 1;
         assert!(parse_datagram(LOCAL, &v, &ulen).is_none());
-        // GSO of another kind, or with no segment size.
+        // GSO of another kind, with no segment size, or with segments too
+        // short to be RoCEv2 packets.
         assert!(parse_datagram(LOCAL, &vnet(1, 100), &good).is_none());
         assert!(parse_datagram(LOCAL, &vnet(VNET_GSO_UDP_L4, 0), &good).is_none());
+        assert!(parse_datagram(LOCAL, &vnet(VNET_GSO_UDP_L4, 15), &good).is_none());
+        assert!(parse_datagram(LOCAL, &vnet(VNET_GSO_UDP_L4, 16), &good).is_some());
     }
 
     proptest! {
@@ -1121,7 +1127,7 @@ mod tests {
         fn arbitrary_datagrams_never_panic_and_split_exactly(
             v in proptest::collection::vec(any::<u8>(), VNET_HDR),
             d in proptest::collection::vec(any::<u8>(), 0..400),
-            seg in 1u16..300,
+            seg in 16u16..300,
         ) {
             parse_datagram(LOCAL, &v, &d);
             let payload = vec![7u8; 28 + usize::from(seg) * 2];
