@@ -50,6 +50,9 @@ pub struct ApiServer {
     socket: PathBuf,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+    /// The listening socket, to wake the accept loop at shutdown even
+    /// when its path is gone.
+    listener: UnixListener,
 }
 
 impl ApiServer {
@@ -76,6 +79,7 @@ impl ApiServer {
             std::fs::remove_file(socket)?;
         }
         let listener = UnixListener::bind(socket)?;
+        let waker = listener.try_clone()?;
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
             let stop = stop.clone();
@@ -88,6 +92,7 @@ impl ApiServer {
             socket: socket.to_owned(),
             stop,
             thread: Some(thread),
+            listener: waker,
         })
     }
 
@@ -103,8 +108,15 @@ impl ApiServer {
 
     fn shutdown(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
-        // Wake the accept call.
-        let _ = UnixStream::connect(&self.socket);
+        // Wake the accept call: shutting the listening socket down makes
+        // accept fail at once, even when the socket's path was removed
+        // or replaced (connecting to the path would then wake nothing,
+        // and the join below would wait forever).
+        use std::os::fd::AsRawFd;
+        // SAFETY: shutdown(2) on a descriptor this server owns.
+        unsafe {
+            libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR);
+        }
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }

@@ -43,6 +43,12 @@ enum Command {
         /// $XDG_DATA_HOME/softcard or ~/.local/share/softcard).
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// Where the vGPU server takes clients.
+        #[arg(long, default_value = "127.0.0.1:7070")]
+        gpu_listen: String,
+        /// Where the vGPU viewer serves browsers.
+        #[arg(long, default_value = "127.0.0.1:7071")]
+        gpu_viewer: String,
     },
     /// Manage volumes (partitions of physical devices).
     #[command(subcommand)]
@@ -251,7 +257,11 @@ enum BenchCmd {
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Serve { config } => daemon::serve(&config),
-        Command::Up { data_dir } => daemon::up(data_dir),
+        Command::Up {
+            data_dir,
+            gpu_listen,
+            gpu_viewer,
+        } => daemon::up(data_dir, &gpu_listen, &gpu_viewer),
         Command::Volume(v) => volume(v),
         Command::Device(DeviceCmd::List { json, api }) => {
             let v = client(&api).call("GET", "/v1/devices", None)?;

@@ -17,6 +17,8 @@ const UP_VOLUME_BYTES: u64 = 4 << 30;
 const UP_DEVICE: &str = "disk0";
 /// Guest memory the printed QEMU command line gives the VM.
 const UP_GUEST_MEMORY: &str = "1G";
+/// Each vGPU session's memory quota under `softcard up`.
+const UP_GPU_QUOTA: u64 = 2 << 30;
 
 /// Blocks SIGINT and SIGTERM in this thread and every thread it starts
 /// later, so that [`wait_for_signal`] receives them.
@@ -111,7 +113,7 @@ fn default_data_dir() -> Result<PathBuf> {
 }
 
 /// `softcard up`.
-pub fn up(data_dir: Option<PathBuf>) -> Result<()> {
+pub fn up(data_dir: Option<PathBuf>, gpu_listen: &str, gpu_viewer: &str) -> Result<()> {
     let set = block_signals()?;
     let data = match data_dir {
         Some(d) => d,
@@ -160,6 +162,12 @@ pub fn up(data_dir: Option<PathBuf>) -> Result<()> {
         cfg.api_socket.display(),
         cfg.api_socket.display()
     );
+    // The GPU function, where the machine has a Vulkan adapter (lavapipe
+    // counts); the card works without it.
+    match crate::gpu::start_in_background(gpu_listen, gpu_viewer, UP_GPU_QUOTA) {
+        Ok(what) => println!("  vGPU     {what}"),
+        Err(e) => println!("  vGPU     not started: {e:#}"),
+    }
     println!();
     println!("Boot a VM on it (vhost-user needs guest memory shared with the card):");
     println!(

@@ -73,6 +73,30 @@ pub fn serve(a: &ServeArgs) -> Result<()> {
     Ok(())
 }
 
+/// Starts a vGPU server (and its viewer) on background threads, for
+/// `softcard up`: a description of what runs where, or why it could not
+/// start (no Vulkan adapter, a port in use).
+pub fn start_in_background(listen: &str, viewer: &str, quota: u64) -> Result<String> {
+    let server = GpuServer::new(ServerConfig { quota }).map_err(|e| anyhow!(e))?;
+    let info = server.adapter_info();
+    let vl = TcpListener::bind(viewer).with_context(|| format!("viewer on {viewer}"))?;
+    let bound = server
+        .listen(listen)
+        .with_context(|| format!("listen on {listen}"))?;
+    let viewer_at = vl.local_addr()?;
+    let frames = server.frames();
+    std::thread::Builder::new()
+        .name("vgpu-viewer".into())
+        .spawn(move || softcard_gpu::viewer::serve(vl, frames))?;
+    Ok(format!(
+        "{} ({:?}), {} per session: clients on {bound}, viewer on http://{viewer_at}/ \
+         (try: softcard gpu demo --server {bound})",
+        info.name,
+        info.backend,
+        format_size(quota)
+    ))
+}
+
 /// Lists the machine's GPUs.
 pub fn list() -> Result<()> {
     let adapters = softcard_gpu::server::list_adapters();

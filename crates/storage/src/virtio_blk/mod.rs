@@ -13,7 +13,6 @@ pub mod request;
 mod worker;
 
 use std::io;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -95,6 +94,9 @@ pub struct Attachment {
     throttle: Arc<SharedThrottle>,
     share_slot: Arc<crate::qos::ShareSlot>,
     thread: Option<JoinHandle<()>>,
+    /// A duplicate of the listening socket, to wake a waiting accept at
+    /// stop even when the socket's path is gone.
+    waker: std::os::fd::OwnedFd,
 }
 
 impl Attachment {
@@ -136,6 +138,17 @@ impl Attachment {
             std::fs::create_dir_all(dir).map_err(|e| listen_err(e.to_string()))?;
         }
         let mut listener = Listener::new(socket, true).map_err(|e| listen_err(e.to_string()))?;
+        let waker = {
+            use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+            // SAFETY: dup(2) of the listener's open descriptor; the result
+            // is checked and owned by exactly one OwnedFd.
+            let fd = unsafe { libc::dup(listener.as_raw_fd()) };
+            if fd < 0 {
+                return Err(listen_err(std::io::Error::last_os_error().to_string()));
+            }
+            // SAFETY: `fd` is a fresh descriptor nothing else owns.
+            unsafe { OwnedFd::from_raw_fd(fd) }
+        };
         let shared = Arc::new(Shared {
             stop: AtomicBool::new(false),
             state: Mutex::new(InterfaceState::Listening),
@@ -182,6 +195,7 @@ impl Attachment {
             throttle,
             share_slot,
             thread: Some(thread),
+            waker,
         })
     }
 
@@ -235,8 +249,16 @@ impl Attachment {
             .clone();
         match handle {
             Some(h) => h.shutdown(),
-            // Wake the accept() with a connection of our own.
-            None => drop(UnixStream::connect(&self.socket)),
+            // Wake the accept(): shutting the listening socket down makes
+            // it fail at once, even when the socket's path was removed (a
+            // connection to the path would then wake nothing).
+            None => {
+                use std::os::fd::AsRawFd;
+                // SAFETY: shutdown(2) on a descriptor this attachment owns.
+                unsafe {
+                    libc::shutdown(self.waker.as_raw_fd(), libc::SHUT_RDWR);
+                }
+            }
         }
         if let Some(t) = self.thread.take() {
             if t.join().is_err() {
