@@ -196,11 +196,13 @@ fn volumes_carve_attach_and_land_at_their_offsets() {
     d.stop();
 }
 
-#[test]
-fn up_serves_the_default_volume_and_vgpu_clients() {
-    let dir = tempfile::tempdir().unwrap();
-    // Free ports for the vGPU server and its viewer (the defaults, 7070
-    // and 7071, may be taken on a developer's machine).
+/// Starts `softcard up` on `dir`, its vGPU server and viewer on free
+/// ports (the defaults, 7070 and 7071, may be taken on a developer's
+/// machine); returns the child and the vGPU client address.
+fn spawn_up(
+    dir: &std::path::Path,
+    stdout: std::process::Stdio,
+) -> (std::process::Child, std::net::SocketAddr) {
     let free = || {
         std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -208,14 +210,21 @@ fn up_serves_the_default_volume_and_vgpu_clients() {
             .unwrap()
     };
     let (gpu, viewer) = (free(), free());
-    let mut child = std::process::Command::new(BIN)
+    let child = std::process::Command::new(BIN)
         .args(["up", "--data-dir"])
-        .arg(dir.path())
+        .arg(dir)
         .args(["--gpu-listen", &gpu.to_string()])
         .args(["--gpu-viewer", &viewer.to_string()])
-        .stdout(std::process::Stdio::piped())
+        .stdout(stdout)
         .spawn()
         .unwrap();
+    (child, gpu)
+}
+
+#[test]
+fn up_serves_the_default_volume_and_vgpu_clients() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, gpu) = spawn_up(dir.path(), std::process::Stdio::piped());
     let sock = dir.path().join("vm0.sock");
     common::wait_for_socket(&dir.path().join("api.sock"), Some(&mut child));
     // The GPU function starts beside the storage one: its client port
@@ -267,20 +276,7 @@ fn up_serves_the_default_volume_and_vgpu_clients() {
 #[test]
 fn up_stops_after_its_sockets_are_removed() {
     let dir = tempfile::tempdir().unwrap();
-    let free = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-    };
-    let mut child = std::process::Command::new(BIN)
-        .args(["up", "--data-dir"])
-        .arg(dir.path())
-        .args(["--gpu-listen", &free().to_string()])
-        .args(["--gpu-viewer", &free().to_string()])
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let (mut child, _) = spawn_up(dir.path(), std::process::Stdio::null());
     common::wait_for_socket(&dir.path().join("api.sock"), Some(&mut child));
     std::fs::remove_dir_all(dir.path()).unwrap();
     // SAFETY: signalling our own child.
