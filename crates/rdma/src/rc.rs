@@ -1433,12 +1433,26 @@ impl Engine {
         if q.rto_at.is_none() {
             q.rto_at = Some(Instant::now() + rto);
         }
+        self.send_unacked(qi, first);
+        Ok(())
+    }
+
+    /// Sends QP `qi`'s unacknowledged packets from index `first` on, in
+    /// bursts (a refused send counts as a lost packet).
+    fn send_unacked(&mut self, qi: usize, first: usize) {
+        let q = &mut self.qps[qi];
+        let (ip, port) = (q.remote_ip, q.src_port);
         let mrs = &self.mrs;
         let mut burst: Vec<Piece<'_>> =
             q.unacked.range_mut(first..).map(|o| o.piece(mrs)).collect();
-        let sent = self.io.send_burst(q.remote_ip, q.src_port, &mut burst);
+        let sent = self.io.send_burst(ip, port, &mut burst);
         self.stats.note_send(sent);
-        Ok(())
+    }
+
+    /// Go-back-N: sends every unacknowledged packet of QP `qi` again.
+    fn resend_unacked(&mut self, qi: usize) {
+        self.stats.retransmits += self.qps[qi].unacked.len() as u64;
+        self.send_unacked(qi, 0);
     }
 
     /// Acknowledges `psn`, coalescing: the ACK goes out (at the start of a
@@ -1500,13 +1514,7 @@ impl Engine {
                 // (and what followed) again.
                 q.rnr_at = None;
                 q.rto_at = Some(now + self.rto);
-                self.stats.retransmits += q.unacked.len() as u64;
-                let (ip, port) = (q.remote_ip, q.src_port);
-                let mrs = &self.mrs;
-                let mut burst: Vec<Piece<'_>> =
-                    q.unacked.iter_mut().map(|o| o.piece(mrs)).collect();
-                let sent = self.io.send_burst(ip, port, &mut burst);
-                self.stats.note_send(sent);
+                self.resend_unacked(qi);
                 continue;
             }
             if q.rto_at.is_none_or(|t| t > now) {
@@ -1517,13 +1525,8 @@ impl Engine {
                 continue;
             }
             q.retries += 1;
-            self.stats.retransmits += q.unacked.len() as u64;
             q.rto_at = Some(now + self.rto);
-            let (ip, port) = (q.remote_ip, q.src_port);
-            let mrs = &self.mrs;
-            let mut burst: Vec<Piece<'_>> = q.unacked.iter_mut().map(|o| o.piece(mrs)).collect();
-            let sent = self.io.send_burst(ip, port, &mut burst);
-            self.stats.note_send(sent);
+            self.resend_unacked(qi);
         }
         Ok(())
     }
@@ -1905,12 +1908,7 @@ impl Engine {
                     3 => {
                         // NAK: sequence error → go back N; others fail.
                         if aeth.syndrome == NAK_PSN_SEQ {
-                            let (ip, port) = (q.remote_ip, q.src_port);
-                            let mrs = &self.mrs;
-                            let mut burst: Vec<Piece<'_>> =
-                                q.unacked.iter_mut().map(|o| o.piece(mrs)).collect();
-                            let sent = self.io.send_burst(ip, port, &mut burst);
-                            self.stats.note_send(sent);
+                            self.resend_unacked(qi);
                         } else {
                             let status = if aeth.syndrome == NAK_REMOTE_ACCESS {
                                 WcStatus::RemoteAccessError

@@ -48,6 +48,28 @@ impl Drop for Kill {
     }
 }
 
+/// Runs `f` on a thread in the namespace, with an engine on the host's
+/// address and a listener on the out-of-band port (18515), both ready
+/// before this returns.
+fn on_host<T: Send + 'static>(
+    ns: &std::sync::Arc<Netns>,
+    f: impl FnOnce(softcard_rdma::rc::Engine, std::net::TcpListener) -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let ns = ns.clone();
+    let host = std::thread::spawn(move || {
+        ns.enter();
+        let eng = softcard_rdma::rc::Engine::open(HOST).expect("engine (needs CAP_NET_RAW)");
+        let tcp = std::net::TcpListener::bind((HOST, 18515)).unwrap();
+        ready_tx.send(()).unwrap();
+        f(eng, tcp)
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("host side ready");
+    host
+}
+
 /// Boots the guest on `initrd` with its NIC on the namespace's tap device
 /// and returns its console output once it powers off.
 fn run_guest(ns: &Netns, kernel: &std::path::Path, initrd: &std::path::Path, mac: &str) -> String {
@@ -371,7 +393,7 @@ fn parse_dest(msg: &[u8]) -> (u32, u32) {
 /// passes only when the guest tool reports success every time.
 #[test]
 fn ibv_rc_pingpong_both_directions_against_our_engine() {
-    use softcard_rdma::rc::{Engine, PathKind};
+    use softcard_rdma::rc::PathKind;
     use std::io::{Read, Write};
 
     let kernel = softcard_testkit::kernel();
@@ -384,52 +406,43 @@ fn ibv_rc_pingpong_both_directions_against_our_engine() {
     );
 
     let ns = std::sync::Arc::new(tap_netns("pp"));
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let host = {
-        let ns = ns.clone();
-        std::thread::spawn(move || {
-            ns.enter();
-            let mut eng = Engine::open(HOST).expect("engine (needs CAP_NET_RAW)");
-            let tcp = std::net::TcpListener::bind((HOST, 18515)).unwrap();
-            ready_tx.send(()).unwrap();
-            let mut results = Vec::new();
-            // Guest as client: we answer the exchange, then echo.
-            for (i, size) in [64usize, 4096].into_iter().enumerate() {
-                let (mut c, _) = tcp.accept().unwrap();
-                let mut msg = [0u8; 52];
-                c.read_exact(&mut msg).unwrap();
-                let peer = parse_dest(&msg);
-                let qpn = 0x11 + i as u32;
-                c.write_all(format!("0000:{qpn:06x}:000022:{OUR_GID}\0").as_bytes())
-                    .unwrap();
-                let mut done = [0u8; 5];
-                c.read_exact(&mut done).unwrap();
-                results.push((
-                    "host-server",
-                    size,
-                    pingpong(&mut eng, qpn, peer, size, false),
-                ));
-            }
-            // Guest as server: we connect (when it listens) and start.
-            for (i, size) in [64usize, 4096].into_iter().enumerate() {
-                let mut c = connect_when_listening();
-                let qpn = 0x21 + i as u32;
-                c.write_all(format!("0000:{qpn:06x}:000022:{OUR_GID}\0").as_bytes())
-                    .unwrap();
-                let mut msg = [0u8; 52];
-                c.read_exact(&mut msg).unwrap();
-                let peer = parse_dest(&msg);
-                c.write_all(b"done\0").unwrap();
-                results.push((
-                    "host-client",
-                    size,
-                    pingpong(&mut eng, qpn, peer, size, true),
-                ));
-            }
-            (results, eng.stats)
-        })
-    };
-    ready_rx.recv_timeout(Duration::from_secs(20)).unwrap();
+    let host = on_host(&ns, move |mut eng, tcp| {
+        let mut results = Vec::new();
+        // Guest as client: we answer the exchange, then echo.
+        for (i, size) in [64usize, 4096].into_iter().enumerate() {
+            let (mut c, _) = tcp.accept().unwrap();
+            let mut msg = [0u8; 52];
+            c.read_exact(&mut msg).unwrap();
+            let peer = parse_dest(&msg);
+            let qpn = 0x11 + i as u32;
+            c.write_all(format!("0000:{qpn:06x}:000022:{OUR_GID}\0").as_bytes())
+                .unwrap();
+            let mut done = [0u8; 5];
+            c.read_exact(&mut done).unwrap();
+            results.push((
+                "host-server",
+                size,
+                pingpong(&mut eng, qpn, peer, size, false),
+            ));
+        }
+        // Guest as server: we connect (when it listens) and start.
+        for (i, size) in [64usize, 4096].into_iter().enumerate() {
+            let mut c = connect_when_listening();
+            let qpn = 0x21 + i as u32;
+            c.write_all(format!("0000:{qpn:06x}:000022:{OUR_GID}\0").as_bytes())
+                .unwrap();
+            let mut msg = [0u8; 52];
+            c.read_exact(&mut msg).unwrap();
+            let peer = parse_dest(&msg);
+            c.write_all(b"done\0").unwrap();
+            results.push((
+                "host-client",
+                size,
+                pingpong(&mut eng, qpn, peer, size, true),
+            ));
+        }
+        (results, eng.stats)
+    });
 
     let console = run_guest(&ns, &kernel, &initrd, "52:54:00:12:34:57");
     let (results, stats) = host.join().unwrap();
@@ -700,7 +713,7 @@ fn perftest_run(
 /// served (READ requests) at least what was asked.
 #[test]
 fn perftest_write_and_read_bandwidth_against_our_engine() {
-    use softcard_rdma::rc::{Access, Engine};
+    use softcard_rdma::rc::Access;
 
     let kernel = softcard_testkit::kernel();
     let dir = tempfile::tempdir().unwrap();
@@ -712,49 +725,40 @@ fn perftest_write_and_read_bandwidth_against_our_engine() {
     );
 
     let ns = std::sync::Arc::new(tap_netns("pf"));
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let host = {
-        let ns = ns.clone();
-        std::thread::spawn(move || {
-            ns.enter();
-            let mut eng = Engine::open(HOST).expect("engine (needs CAP_NET_RAW)");
-            let tcp = std::net::TcpListener::bind((HOST, 18515)).unwrap();
-            ready_tx.send(()).unwrap();
-            let mut runs = Vec::new();
-            for (i, verb) in ["write", "read"].into_iter().enumerate() {
-                let (mut c, _) = tcp.accept().unwrap();
-                let mr = eng.reg_mr(
-                    1 << 20,
-                    Access {
-                        remote_write: true,
-                        remote_read: true,
-                        local_write: true,
-                    },
-                );
-                let before = eng.stats;
-                let run = perftest_peer(&mut eng, &mut c, 0x41 + i as u32, mr, None);
-                runs.push(("guest-client", verb, run, before, eng.stats));
-            }
-            // Guest as server: we connect when it listens, and drive.
-            for (i, verb) in [Verb::Write, Verb::Read].into_iter().enumerate() {
-                let mut c = connect_when_listening();
-                let mr = eng.reg_mr(
-                    1 << 20,
-                    Access {
-                        remote_write: true,
-                        remote_read: true,
-                        local_write: true,
-                    },
-                );
-                let before = eng.stats;
-                let run = perftest_peer(&mut eng, &mut c, 0x51 + i as u32, mr, Some(verb));
-                let name = if verb == Verb::Write { "write" } else { "read" };
-                runs.push(("guest-server", name, run, before, eng.stats));
-            }
-            runs
-        })
-    };
-    ready_rx.recv_timeout(Duration::from_secs(20)).unwrap();
+    let host = on_host(&ns, move |mut eng, tcp| {
+        let mut runs = Vec::new();
+        for (i, verb) in ["write", "read"].into_iter().enumerate() {
+            let (mut c, _) = tcp.accept().unwrap();
+            let mr = eng.reg_mr(
+                1 << 20,
+                Access {
+                    remote_write: true,
+                    remote_read: true,
+                    local_write: true,
+                },
+            );
+            let before = eng.stats;
+            let run = perftest_peer(&mut eng, &mut c, 0x41 + i as u32, mr, None);
+            runs.push(("guest-client", verb, run, before, eng.stats));
+        }
+        // Guest as server: we connect when it listens, and drive.
+        for (i, verb) in [Verb::Write, Verb::Read].into_iter().enumerate() {
+            let mut c = connect_when_listening();
+            let mr = eng.reg_mr(
+                1 << 20,
+                Access {
+                    remote_write: true,
+                    remote_read: true,
+                    local_write: true,
+                },
+            );
+            let before = eng.stats;
+            let run = perftest_peer(&mut eng, &mut c, 0x51 + i as u32, mr, Some(verb));
+            let name = if verb == Verb::Write { "write" } else { "read" };
+            runs.push(("guest-server", name, run, before, eng.stats));
+        }
+        runs
+    });
     let console = run_guest(&ns, &kernel, &initrd, "52:54:00:12:34:58");
     for l in console.lines().filter(|l| l.starts_with("SOFTCARD-")) {
         eprintln!("guest: {l}");
