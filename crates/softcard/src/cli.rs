@@ -243,6 +243,9 @@ enum BenchCmd {
     Storage(bench::StorageBenchArgs),
     /// AES-256-XTS throughput against `openssl speed`, same run.
     Crypto(bench::CryptoBenchArgs),
+    /// An encrypted `ram` volume against the same volume unencrypted,
+    /// measured in alternating slices.
+    Encryption(bench::EncryptionBenchArgs),
     /// A quiet volume's latency alone and next to a noisy one.
     Fairness(bench::FairnessBenchArgs),
     /// How exactly an IOPS limit holds under load.
@@ -293,6 +296,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Gpu(GpuCmd::Demo(a)) => gpu::demo(&a),
         Command::Bench(BenchCmd::Storage(a)) => bench::storage(&a),
         Command::Bench(BenchCmd::Crypto(a)) => bench::crypto(&a),
+        Command::Bench(BenchCmd::Encryption(a)) => bench::encryption(&a),
         Command::Bench(BenchCmd::Fairness(a)) => bench::fairness(&a),
         Command::Bench(BenchCmd::Qos(a)) => bench::qos(&a),
         Command::Bench(BenchCmd::Rdma(a)) => bench::rdma(&a),
