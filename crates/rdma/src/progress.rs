@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::rc::Engine;
+use crate::rc::{CqId, Engine};
 
 /// The longest the thread sleeps without a reason to wake: it bounds how
 /// late a timer armed by the application (a retransmission timer for new
@@ -64,23 +64,37 @@ impl Progress {
         unsafe { BorrowedFd::borrow_raw(self.cq_fd) }
     }
 
-    /// Blocks until the completion ring holds something or `timeout`
-    /// passes, sleeping on the completion eventfd; true if it does.
+    /// Blocks until the default completion ring holds something or
+    /// `timeout` passes, sleeping on the completion eventfd; true if it
+    /// does.
     pub fn wait_cq(&self, timeout: Duration) -> io::Result<bool> {
+        self.wait_on(CqId::DEFAULT, self.cq_fd, timeout)
+    }
+
+    /// Like [`Progress::wait_cq`], for completion queue `cq` (made with
+    /// [`Engine::create_cq`]).
+    pub fn wait_cq_of(&self, cq: CqId, timeout: Duration) -> io::Result<bool> {
+        // The queue's eventfd lives as long as the engine, which outlives
+        // this call (it is in `self.engine`).
+        let fd = self.lock().cq_eventfd_of(cq)?.as_raw_fd();
+        self.wait_on(cq, fd, timeout)
+    }
+
+    fn wait_on(&self, cq: CqId, fd: RawFd, timeout: Duration) -> io::Result<bool> {
         let end = Instant::now() + timeout;
         loop {
-            if !self.lock().cq.is_empty() {
+            if !self.lock().cq_of(cq).is_empty() {
                 return Ok(true);
             }
             let left = end.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Ok(false);
             }
-            if sleep_on(self.cq_fd, left)? {
+            if sleep_on(fd, left)? {
                 let mut count = [0u8; 8];
                 // SAFETY: reads 8 bytes into a live buffer from our
                 // non-blocking eventfd (resetting it); EAGAIN is harmless.
-                let _ = unsafe { libc::read(self.cq_fd, count.as_mut_ptr().cast(), 8) };
+                let _ = unsafe { libc::read(fd, count.as_mut_ptr().cast(), 8) };
             }
         }
     }

@@ -322,6 +322,10 @@ pub struct QueuePair {
     /// A coalesced ACK not sent yet: the PSN it covers, requests it
     /// covers, and when it must go.
     ack_due: Option<(u32, u32, Instant)>,
+    /// Where completions of this QP's send queue go.
+    send_cq: CqId,
+    /// Where completions of its receive queue go.
+    recv_cq: CqId,
 }
 
 impl QueuePair {
@@ -372,6 +376,8 @@ impl QueuePair {
             pd: Pd::DEFAULT,
             nak_sent: false,
             ack_due: None,
+            send_cq: CqId::DEFAULT,
+            recv_cq: CqId::DEFAULT,
         }
     }
 }
@@ -852,14 +858,62 @@ const NAK_REMOTE_ACCESS: u8 = 0x62;
 /// RNR NAK with a short timer.
 const RNR_NAK: u8 = 0x20 | 0x01;
 
+/// A completion queue of an [`Engine`]: [`CqId::DEFAULT`] is the ring in
+/// [`Engine::cq`]; [`Engine::create_cq`] makes more, so that a QP's send
+/// and receive completions, or different QPs' completions, can be read
+/// (and waited for) apart, as with verbs' `ibv_create_cq`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct CqId(u32);
+
+impl CqId {
+    /// The engine's own ring, [`Engine::cq`]; every QP's default.
+    pub const DEFAULT: CqId = CqId(0);
+}
+
+/// A completion queue made by [`Engine::create_cq`].
+#[derive(Debug, Default)]
+struct ExtraCq {
+    entries: VecDeque<Completion>,
+    event: Option<std::os::fd::OwnedFd>,
+}
+
+/// A fresh non-blocking eventfd.
+fn new_eventfd() -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    // SAFETY: eventfd(2) with valid flags; the result is checked and owned
+    // by exactly one OwnedFd.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Makes an eventfd readable (adds one to its counter).
+fn signal(fd: &std::os::fd::OwnedFd) {
+    use std::os::fd::AsRawFd;
+    let one: u64 = 1;
+    // SAFETY: writes 8 bytes from a live u64 to an eventfd we own; a full
+    // counter (EAGAIN) only means it is already readable.
+    let _ = unsafe { libc::write(fd.as_raw_fd(), (&raw const one).cast(), 8) };
+}
+
 /// A user-space RoCEv2 engine over raw sockets.
 #[derive(Debug)]
 pub struct Engine {
     io: RawIo,
     mrs: Vec<MemoryRegion>,
     qps: Vec<QueuePair>,
-    /// The completion ring software reads.
+    /// The completion ring software reads: [`CqId::DEFAULT`], where every
+    /// QP's completions go unless it was created with others
+    /// ([`Engine::create_qp_with`]).
     pub cq: VecDeque<Completion>,
+    /// Completions made while handling packets and work, not yet moved to
+    /// their QP's completion queue (see [`Engine::publish`]).
+    staged: VecDeque<Completion>,
+    /// Completion queues beyond the default (`CqId(i + 1)` is `cqs[i]`).
+    cqs: Vec<ExtraCq>,
     /// Per-path counters.
     pub stats: PathStats,
     next_key: u32,
@@ -898,6 +952,8 @@ impl Engine {
             mrs: Vec::new(),
             qps: Vec::new(),
             cq: VecDeque::new(),
+            staged: VecDeque::new(),
+            cqs: Vec::new(),
             stats: PathStats::default(),
             next_key: 0x100,
             window: 32,
@@ -979,17 +1035,58 @@ impl Engine {
 
     /// Creates a QP in RESET in protection domain `pd`.
     pub fn create_qp_in(&mut self, pd: Pd, qpn: u32) -> usize {
+        self.create_qp_with(pd, qpn, CqId::DEFAULT, CqId::DEFAULT)
+            .expect("the default completion queue exists")
+    }
+
+    /// Creates a QP in RESET in protection domain `pd` whose send-queue
+    /// completions (SEND, WRITE, READ) go to `send_cq` and receive-queue
+    /// completions (receives consumed by SEND or WRITE with immediate) to
+    /// `recv_cq`, as verbs' `ibv_create_qp` does. An unknown queue is an
+    /// `InvalidInput` error.
+    pub fn create_qp_with(
+        &mut self,
+        pd: Pd,
+        qpn: u32,
+        send_cq: CqId,
+        recv_cq: CqId,
+    ) -> io::Result<usize> {
+        for cq in [send_cq, recv_cq] {
+            if cq.0 as usize > self.cqs.len() {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("no completion queue {}", cq.0),
+                ));
+            }
+        }
         let mut q = QueuePair::new(qpn, 1024);
         q.pd = pd;
+        q.send_cq = send_cq;
+        q.recv_cq = recv_cq;
         self.qps.push(q);
-        self.qps.len() - 1
+        Ok(self.qps.len() - 1)
+    }
+
+    /// A new, empty completion queue.
+    pub fn create_cq(&mut self) -> CqId {
+        self.cqs.push(ExtraCq::default());
+        CqId(u32::try_from(self.cqs.len()).expect("fewer than 2^32 completion queues"))
+    }
+
+    /// The completions waiting in queue `cq`, oldest first (pop them to
+    /// consume them). Panics on a queue this engine did not create.
+    pub fn cq_of(&mut self, cq: CqId) -> &mut VecDeque<Completion> {
+        match cq.0 {
+            0 => &mut self.cq,
+            i => &mut self.cqs[i as usize - 1].entries,
+        }
     }
 
     /// Completes work request `wr_id` with `LocalProtectionError` and
     /// moves the QP to ERROR (a scatter entry it may not use).
     fn refuse(&mut self, qp: usize, wr_id: u64, opcode: WcOpcode) {
         let qpn = self.qps[qp].qpn;
-        self.cq.push_back(Completion {
+        self.staged.push_back(Completion {
             wr_id,
             opcode,
             status: WcStatus::LocalProtectionError,
@@ -1008,6 +1105,12 @@ impl Engine {
     /// may not use completes the request with `LocalProtectionError` and
     /// moves the QP to ERROR, as verbs does; nothing is sent.
     pub fn post(&mut self, qp: usize, wr: SendWr) -> io::Result<()> {
+        let r = self.post_work(qp, wr);
+        self.notify_cq();
+        r
+    }
+
+    fn post_work(&mut self, qp: usize, wr: SendWr) -> io::Result<()> {
         self.check_rts(qp)?;
         let pd = self.qps[qp].pd;
         let usable = |e: &Sge, mrs: &[MemoryRegion], write: bool| {
@@ -1068,20 +1171,34 @@ impl Engine {
     }
 
     /// An eventfd that becomes readable whenever completions are added to
-    /// the completion ring (for epoll-based waiting; read it to reset).
+    /// the default completion ring (for epoll-based waiting; read it to
+    /// reset).
     pub fn cq_eventfd(&mut self) -> io::Result<std::os::fd::BorrowedFd<'_>> {
-        use std::os::fd::{AsFd, FromRawFd, OwnedFd};
-        if self.cq_event.is_none() {
-            // SAFETY: eventfd(2) with valid flags; the result is checked
-            // and owned by exactly one OwnedFd.
-            let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-            if fd < 0 {
-                return Err(io::Error::last_os_error());
+        self.cq_eventfd_of(CqId::DEFAULT)
+    }
+
+    /// Like [`Engine::cq_eventfd`], for completion queue `cq`.
+    pub fn cq_eventfd_of(&mut self, cq: CqId) -> io::Result<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        let slot = match cq.0 {
+            0 => &mut self.cq_event,
+            i => {
+                &mut self
+                    .cqs
+                    .get_mut(i as usize - 1)
+                    .ok_or_else(|| {
+                        io::Error::new(
+                            io::ErrorKind::InvalidInput,
+                            format!("no completion queue {i}"),
+                        )
+                    })?
+                    .event
             }
-            // SAFETY: `fd` is a fresh descriptor nothing else owns.
-            self.cq_event = Some(unsafe { OwnedFd::from_raw_fd(fd) });
+        };
+        if slot.is_none() {
+            *slot = Some(new_eventfd()?);
         }
-        Ok(self.cq_event.as_ref().expect("just set").as_fd())
+        Ok(slot.as_ref().expect("just set").as_fd())
     }
 
     /// The receive ring's descriptor: readable when a datagram waits.
@@ -1104,29 +1221,71 @@ impl Engine {
             .map(|t| t.saturating_duration_since(now))
     }
 
-    /// Signals the CQ eventfd if there are completions to read.
-    fn notify_cq(&self) {
-        use std::os::fd::AsRawFd;
-        if let (Some(fd), false) = (&self.cq_event, self.cq.is_empty()) {
-            let one: u64 = 1;
-            // SAFETY: writes 8 bytes from a live u64 to our eventfd; a full
-            // counter (EAGAIN) only means it is already readable.
-            let _ = unsafe { libc::write(fd.as_raw_fd(), (&raw const one).cast(), 8) };
+    /// Moves staged completions to their QP's completion queues (send or
+    /// receive side by opcode) and signals the eventfd of every queue that
+    /// holds completions. Every public call that can complete work ends
+    /// here, so that the application never sees a completion in the wrong
+    /// queue.
+    fn notify_cq(&mut self) {
+        if self.staged.is_empty() {
+            return;
+        }
+        if self.cqs.is_empty() {
+            // One queue: the staged completions are all its own.
+            self.cq.append(&mut self.staged);
+            if let Some(fd) = &self.cq_event {
+                signal(fd);
+            }
+            return;
+        }
+        // Queues that got completions: bit i for CqId(i). Queues past the
+        // 64th (rare) are signalled per completion instead.
+        let mut got = 0u64;
+        while let Some(c) = self.staged.pop_front() {
+            let target =
+                self.qps
+                    .iter()
+                    .find(|q| q.qpn == c.qpn)
+                    .map_or(CqId::DEFAULT, |q| match c.opcode {
+                        WcOpcode::Recv | WcOpcode::RecvRdmaWithImm => q.recv_cq,
+                        _ => q.send_cq,
+                    });
+            self.cq_of(target).push_back(c);
+            match 1u64.checked_shl(target.0) {
+                Some(bit) => got |= bit,
+                None => {
+                    if let Some(fd) = &self.cqs[target.0 as usize - 1].event {
+                        signal(fd);
+                    }
+                }
+            }
+        }
+        let events = std::iter::once(&self.cq_event).chain(self.cqs.iter().map(|q| &q.event));
+        for (i, event) in events.enumerate().take(64) {
+            if let (Some(fd), true) = (event, got & (1 << i) != 0) {
+                signal(fd);
+            }
         }
     }
 
-    /// Drives the engine until a completion is in the ring or `timeout`
-    /// passes; true if there is one.
+    /// Drives the engine until a completion is in the default ring or
+    /// `timeout` passes; true if there is one.
     pub fn wait_cq(&mut self, timeout: Duration) -> io::Result<bool> {
+        self.wait_cq_of(CqId::DEFAULT, timeout)
+    }
+
+    /// Drives the engine until completion queue `cq` holds a completion or
+    /// `timeout` passes; true if it does.
+    pub fn wait_cq_of(&mut self, cq: CqId, timeout: Duration) -> io::Result<bool> {
         let end = Instant::now() + timeout;
-        while self.cq.is_empty() {
+        while self.cq_of(cq).is_empty() {
             let left = end.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 break;
             }
             self.poll(left.min(Duration::from_millis(5)))?;
         }
-        Ok(!self.cq.is_empty())
+        Ok(!self.cq_of(cq).is_empty())
     }
 
     /// RESET → INIT: the QP may take receive buffers.
@@ -1179,7 +1338,7 @@ impl Engine {
         let flushed = q.take_unfinished();
         q.rto_at = None;
         for (wr_id, opcode) in flushed {
-            self.cq.push_back(Completion {
+            self.staged.push_back(Completion {
                 wr_id,
                 opcode,
                 status: WcStatus::Flushed,
@@ -1266,7 +1425,7 @@ impl Engine {
         if matches!(q.state, QpState::Reset | QpState::Error) {
             // Verbs: a receive posted to a QP in ERROR completes flushed.
             let qpn = q.qpn;
-            self.cq.push_back(Completion {
+            self.staged.push_back(Completion {
                 wr_id: wr.wr_id,
                 opcode: WcOpcode::Recv,
                 status: WcStatus::Flushed,
@@ -1275,6 +1434,7 @@ impl Engine {
                 qpn,
                 path: PathKind::Software,
             });
+            self.notify_cq();
             return;
         }
         q.rq.push_back(wr);
@@ -1550,7 +1710,7 @@ impl Engine {
         q.reads.clear();
         let qpn = q.qpn;
         for (wr_id, opcode) in failed {
-            self.cq.push_back(Completion {
+            self.staged.push_back(Completion {
                 wr_id,
                 opcode,
                 status,
@@ -1647,7 +1807,7 @@ impl Engine {
             }
             let o = q.unacked.pop_front().expect("front exists");
             if let Some(wr_id) = o.completes.filter(|_| !o.quiet) {
-                self.cq.push_back(Completion {
+                self.staged.push_back(Completion {
                     wr_id,
                     opcode: o.kind,
                     status: WcStatus::Success,
@@ -1863,7 +2023,7 @@ impl Engine {
                 | opcode::READ_RESPONSE_LAST
                 | opcode::READ_RESPONSE_ONLY
         ) {
-            let (qps, mrs, cq) = (&mut self.qps, &mut self.mrs, &mut self.cq);
+            let (qps, mrs, cq) = (&mut self.qps, &mut self.mrs, &mut self.staged);
             match place_read_response(&mut qps[qi], mrs, &pkt, cq) {
                 Ok(last) => {
                     self.stats.fast_packets += 1;
@@ -1877,7 +2037,7 @@ impl Engine {
             }
             return Ok(());
         }
-        let (qps, mrs, cq) = (&mut self.qps, &mut self.mrs, &mut self.cq);
+        let (qps, mrs, cq) = (&mut self.qps, &mut self.mrs, &mut self.staged);
         match place(&mut qps[qi], mrs, &pkt, cq) {
             Ok(Placed::Done { psn, ack_req }) => {
                 self.stats.fast_packets += 1;
@@ -1924,7 +2084,7 @@ impl Engine {
                             q.unacked.clear();
                             q.reads.clear();
                             if let Some((wr_id, kind)) = failed {
-                                self.cq.push_back(Completion {
+                                self.staged.push_back(Completion {
                                     wr_id,
                                     opcode: kind,
                                     status,

@@ -676,3 +676,160 @@ fn an_unreachable_peer_fails_its_queue_pair_not_the_engine() {
     });
     t.join().unwrap();
 }
+
+/// Completion queues of their own: one QP's send and receive completions
+/// land in the queues it was created with, and signal their own eventfds;
+/// a second QP on the same engine keeps using the default ring; a
+/// progress thread's waiter blocks on one queue; an unknown queue is
+/// refused.
+#[test]
+fn queue_pairs_complete_into_the_queues_they_were_created_with() {
+    use softcard_rdma::progress::Progress;
+    use softcard_rdma::rc::{CqId, Pd};
+
+    let ns = softcard_testkit::Netns::new("lo");
+    let t = std::thread::spawn(move || {
+        ns.enter();
+        let mut a = Engine::open(A).expect("engine (needs CAP_NET_RAW)");
+        let mut b = Engine::open(B).unwrap();
+        let (send_cq, recv_cq) = (b.create_cq(), b.create_cq());
+        use std::os::fd::AsRawFd;
+        assert_ne!(send_cq, recv_cq);
+        // A queue b never made (a's third).
+        let foreign = (0..3).map(|_| a.create_cq()).last().unwrap();
+        let err = b
+            .create_qp_with(Pd::DEFAULT, 0x300, CqId::DEFAULT, foreign)
+            .unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput, "{err}");
+        assert!(b.cq_eventfd_of(foreign).is_err());
+
+        // b: QP 0x200 on its own queues, QP 0x201 on the default ring.
+        let own = b
+            .create_qp_with(Pd::DEFAULT, 0x200, send_cq, recv_cq)
+            .unwrap();
+        let plain = b.create_qp(0x201);
+        let (qa, qa2) = (a.create_qp(0x100), a.create_qp(0x101));
+        a.connect(qa, 0x200, B, 100, 900);
+        b.connect(own, 0x100, A, 900, 100);
+        a.connect(qa2, 0x201, B, 300, 700);
+        b.connect(plain, 0x101, A, 700, 300);
+        let access = Access {
+            remote_write: true,
+            remote_read: true,
+            local_write: true,
+        };
+        let (ma, mb) = (a.reg_mr(8192, access), b.reg_mr(8192, access));
+        let (va_a, rkey_a) = (a.mr(ma).va, a.mr(ma).rkey);
+        let (recv_fd, send_fd) = (
+            b.cq_eventfd_of(recv_cq).unwrap().as_raw_fd(),
+            b.cq_eventfd_of(send_cq).unwrap().as_raw_fd(),
+        );
+        let readable = |fd: i32| {
+            let mut p = libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd, zero timeout.
+            unsafe { libc::poll(&mut p, 1, 0) == 1 }
+        };
+        let drain = |fd: i32| {
+            let mut n = [0u8; 8];
+            // SAFETY: 8 bytes into a live buffer from a non-blocking eventfd.
+            unsafe { libc::read(fd, n.as_mut_ptr().cast(), 8) };
+        };
+
+        // A SEND from a to b's own QP: the receive completes in recv_cq.
+        b.post_recv(
+            own,
+            RecvWr {
+                wr_id: 7,
+                mr: mb,
+                offset: 0,
+                len: 4096,
+            },
+        );
+        a.fill(ma, 0, &[0x5a; 3000]);
+        a.post_send(qa, 1, ma, 0, 3000).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while b.cq_of(recv_cq).is_empty() {
+            a.poll(Duration::from_millis(1)).unwrap();
+            b.poll(Duration::from_millis(1)).unwrap();
+            assert!(Instant::now() < deadline, "no receive completion");
+        }
+        let c = b.cq_of(recv_cq).pop_front().unwrap();
+        assert_eq!(
+            (c.wr_id, c.opcode, c.status, c.byte_len, c.qpn),
+            (7, WcOpcode::Recv, WcStatus::Success, 3000, 0x200)
+        );
+        assert!(
+            readable(recv_fd),
+            "the receive queue's eventfd was not signalled"
+        );
+        drain(recv_fd);
+        assert!(b.cq.is_empty() && b.cq_of(send_cq).is_empty());
+        assert!(!readable(send_fd));
+
+        // A WRITE from b's own QP: its completion lands in send_cq.
+        b.fill(mb, 4096, &[0xa5; 2000]);
+        b.post_write(own, 8, mb, 4096, 2000, va_a, rkey_a, None)
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while b.cq_of(send_cq).is_empty() {
+            a.poll(Duration::from_millis(1)).unwrap();
+            b.poll(Duration::from_millis(1)).unwrap();
+            assert!(Instant::now() < deadline, "no send completion");
+        }
+        let c = b.cq_of(send_cq).pop_front().unwrap();
+        assert_eq!(
+            (c.wr_id, c.opcode, c.status),
+            (8, WcOpcode::RdmaWrite, WcStatus::Success)
+        );
+        assert!(readable(send_fd));
+        drain(send_fd);
+        assert_eq!(&a.mr(ma).bytes()[..2000], &[0xa5; 2000][..]);
+        assert!(b.cq.is_empty() && b.cq_of(recv_cq).is_empty());
+        // a's own completion (SEND acknowledged) is in a's default ring.
+        while a.cq.is_empty() {
+            a.poll(Duration::from_millis(1)).unwrap();
+            b.poll(Duration::from_millis(1)).unwrap();
+        }
+        assert_eq!(a.cq.pop_front().unwrap().wr_id, 1);
+
+        // The other QP still completes into b's default ring.
+        b.post_recv(
+            plain,
+            RecvWr {
+                wr_id: 9,
+                mr: mb,
+                offset: 0,
+                len: 4096,
+            },
+        );
+        a.post_send(qa2, 2, ma, 0, 100).unwrap();
+        let c = pump(&mut a, &mut b, 1);
+        assert_eq!((c.wr_id, c.opcode, c.qpn), (9, WcOpcode::Recv, 0x201));
+        assert!(b.cq_of(recv_cq).is_empty() && b.cq_of(send_cq).is_empty());
+
+        // A progress thread's waiter blocks on one queue. Moving b to
+        // ERROR flushes a posted receive into recv_cq.
+        b.post_recv(
+            own,
+            RecvWr {
+                wr_id: 10,
+                mr: mb,
+                offset: 0,
+                len: 64,
+            },
+        );
+        let b = Progress::spawn(b).unwrap();
+        assert!(!b.wait_cq_of(recv_cq, Duration::from_millis(20)).unwrap());
+        b.lock().to_error(own);
+        assert!(b.wait_cq_of(recv_cq, Duration::from_secs(5)).unwrap());
+        let c = b.lock().cq_of(recv_cq).pop_front().unwrap();
+        assert_eq!((c.wr_id, c.status), (10, WcStatus::Flushed));
+        assert!(b.lock().cq.is_empty());
+        b.stop().unwrap();
+    });
+    t.join().unwrap();
+}
