@@ -29,6 +29,9 @@ pub struct Progress {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<io::Result<()>>>,
     cq_fd: RawFd,
+    /// Why the thread stopped on its own, once it has: waiters get this
+    /// error instead of sleeping until their timeout.
+    failed: Arc<Mutex<Option<(io::ErrorKind, String)>>>,
 }
 
 impl Progress {
@@ -37,17 +40,30 @@ impl Progress {
         let cq_fd = engine.cq_eventfd()?.as_raw_fd();
         let engine = Arc::new(Mutex::new(engine));
         let stop = Arc::new(AtomicBool::new(false));
+        let failed = Arc::new(Mutex::new(None));
         let thread = {
-            let (engine, stop) = (engine.clone(), stop.clone());
+            let (engine, stop, failed) = (engine.clone(), stop.clone(), failed.clone());
             std::thread::Builder::new()
                 .name("rdma-progress".into())
-                .spawn(move || run(&engine, &stop))?
+                .spawn(move || {
+                    let r = run(&engine, &stop);
+                    if let Err(e) = &r {
+                        *failed
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+                            Some((e.kind(), e.to_string()));
+                        // Wake every waiter, whichever queue it sleeps on.
+                        lock(&engine).wake_all_cqs();
+                    }
+                    r
+                })?
         };
         Ok(Progress {
             engine,
             stop,
             thread: Some(thread),
             cq_fd,
+            failed,
         })
     }
 
@@ -66,7 +82,8 @@ impl Progress {
 
     /// Blocks until the default completion ring holds something or
     /// `timeout` passes, sleeping on the completion eventfd; true if it
-    /// does.
+    /// does. If the thread stops on an error meanwhile, the waiter wakes
+    /// and gets that error ([`Progress::error`]).
     pub fn wait_cq(&self, timeout: Duration) -> io::Result<bool> {
         self.wait_on(CqId::DEFAULT, self.cq_fd, timeout)
     }
@@ -80,6 +97,19 @@ impl Progress {
         self.wait_on(cq, fd, timeout)
     }
 
+    /// The error that stopped the thread on its own, if one did. Nothing
+    /// drives the engine after that: waits fail with this error once the
+    /// queue they wait on is empty.
+    pub fn error(&self) -> Option<io::Error> {
+        self.failed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+            .map(|(kind, msg)| {
+                io::Error::new(*kind, format!("rdma progress thread stopped: {msg}"))
+            })
+    }
+
     fn wait_on(&self, cq: CqId, fd: RawFd, timeout: Duration) -> io::Result<bool> {
         let end = Instant::now() + timeout;
         loop {
@@ -89,6 +119,9 @@ impl Progress {
             let left = end.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Ok(false);
+            }
+            if let Some(e) = self.error() {
+                return Err(e);
             }
             if sleep_on(fd, left)? {
                 let mut count = [0u8; 8];
@@ -178,4 +211,47 @@ fn sleep_on(fd: RawFd, timeout: Duration) -> io::Result<bool> {
         return Err(e);
     }
     Ok(n > 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    /// A thread that stops on an engine error wakes its waiters, on the
+    /// default queue and on one of their own, with that error, instead of
+    /// leaving them asleep until their timeouts; `stop` still reports it.
+    #[test]
+    fn a_failed_thread_wakes_its_waiters_with_the_error() {
+        let ns = softcard_testkit::Netns::new("lo");
+        let t = std::thread::spawn(move || {
+            ns.enter();
+            let mut e = Engine::open(Ipv4Addr::LOCALHOST).expect("engine (needs CAP_NET_RAW)");
+            let cq = e.create_cq();
+            let p = Arc::new(Progress::spawn(e).unwrap());
+            assert!(p.error().is_none());
+            assert!(!p.wait_cq(Duration::from_millis(10)).unwrap());
+            let waiter = {
+                let p = p.clone();
+                // Unwoken, this wait would end in Ok(false) at its
+                // timeout.
+                std::thread::spawn(move || p.wait_cq_of(cq, Duration::from_secs(5)))
+            };
+            std::thread::sleep(Duration::from_millis(50));
+            p.lock().fail_poll = Some(io::ErrorKind::BrokenPipe);
+            let err = waiter
+                .join()
+                .unwrap()
+                .expect_err("the waiter slept through the thread's end");
+            assert_eq!(err.kind(), io::ErrorKind::BrokenPipe, "{err}");
+            assert!(err.to_string().contains("injected poll failure"), "{err}");
+            assert_eq!(
+                p.wait_cq(Duration::from_secs(60)).unwrap_err().kind(),
+                io::ErrorKind::BrokenPipe
+            );
+            let p = Arc::try_unwrap(p).unwrap();
+            assert_eq!(p.stop().unwrap_err().kind(), io::ErrorKind::BrokenPipe);
+        });
+        t.join().unwrap();
+    }
 }

@@ -929,6 +929,10 @@ pub struct Engine {
     pub rnr_retry: u32,
     next_pd: u32,
     cq_event: Option<std::os::fd::OwnedFd>,
+    /// Makes the next `poll` fail with this error (unit tests of what
+    /// callers do when the engine fails).
+    #[cfg(test)]
+    pub(crate) fail_poll: Option<io::ErrorKind>,
 }
 
 /// The RNR NAK timer field (the low 5 bits of the AETH syndrome) in
@@ -962,6 +966,8 @@ impl Engine {
             rnr_retry: 7,
             next_pd: 0,
             cq_event: None,
+            #[cfg(test)]
+            fail_poll: None,
         })
     }
 
@@ -1265,6 +1271,15 @@ impl Engine {
             if let (Some(fd), true) = (event, got & (1 << i) != 0) {
                 signal(fd);
             }
+        }
+    }
+
+    /// Signals every completion queue's eventfd, so that whoever sleeps on
+    /// one wakes up and looks (a driver that stopped).
+    pub(crate) fn wake_all_cqs(&self) {
+        let events = std::iter::once(&self.cq_event).chain(self.cqs.iter().map(|q| &q.event));
+        for fd in events.flatten() {
+            signal(fd);
         }
     }
 
@@ -1947,6 +1962,10 @@ impl Engine {
     /// waits up to `timeout` for the first, then takes what is already
     /// queued (up to 64). Returns whether any packet was handled.
     pub fn poll(&mut self, timeout: Duration) -> io::Result<bool> {
+        #[cfg(test)]
+        if let Some(kind) = self.fail_poll.take() {
+            return Err(io::Error::new(kind, "injected poll failure"));
+        }
         self.check_timers()?;
         self.flush_acks()?;
         // Wait no longer than the next coalesced ACK is due.
