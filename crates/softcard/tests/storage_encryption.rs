@@ -107,6 +107,12 @@ kek_env = "SOFTCARD_TEST_GHOST_KEK_UNSET"
     assert_eq!(c.read(1, 0, p.len()).unwrap(), p);
     assert_eq!(c.read(0, 8 * MIB, 4096).unwrap(), same);
     assert_eq!(c.read(1, 16 * MIB - 4096, 4096).unwrap(), same);
+    // WRITE_ZEROES is not offered on an encrypted volume (zeroes on the
+    // device would read back as the decryption of zeroes): the request
+    // fails and the data stays.
+    let rc = c.write_zeroes(0, 8 * MIB, 4096);
+    assert!(rc < 0, "write-zeroes on an encrypted volume returned {rc}");
+    assert_eq!(c.read(0, 8 * MIB, 4096).unwrap(), same);
     drop(c);
     d.ok(&["volume", "detach", "e"]);
 

@@ -65,6 +65,10 @@ pub struct BlkTarget {
 
 struct Inner {
     num_queues: u16,
+    /// The volume is encrypted: WRITE_ZEROES is not offered (zeroes on the
+    /// device would read back as the decryption of zeroes; the guest
+    /// writes zeroed blocks instead, as over dm-crypt).
+    encrypted: bool,
     config: Vec<u8>,
     mem: Mem,
     workers: Vec<Mutex<QueueWorker>>,
@@ -164,6 +168,7 @@ impl BlkBackend {
         Ok(BlkBackend {
             inner: Arc::new(Inner {
                 num_queues,
+                encrypted: target.cipher.is_some(),
                 config: config_space(target.size, num_queues),
                 mem,
                 workers,
@@ -242,8 +247,10 @@ impl VhostUserBackend for BlkBackend {
             | 1 << VIRTIO_BLK_F_TOPOLOGY
             | 1 << VIRTIO_BLK_F_FLUSH
             | 1 << VIRTIO_BLK_F_DISCARD
-            | 1 << VIRTIO_BLK_F_WRITE_ZEROES
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        if !self.inner.encrypted {
+            f |= 1 << VIRTIO_BLK_F_WRITE_ZEROES;
+        }
         if self.inner.num_queues > 1 {
             f |= 1 << VIRTIO_BLK_F_MQ;
         }

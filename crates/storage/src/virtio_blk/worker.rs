@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use log::{debug, warn};
 use vhost_user_backend::VringState;
 use virtio_bindings::bindings::virtio_blk::{
-    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
+    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_WRITE_ZEROES,
 };
 use virtio_queue::QueueT;
 use vm_memory::{
@@ -690,6 +690,18 @@ impl QueueWorker {
             RequestKind::Write => IoOp::Write,
             RequestKind::Flush => IoOp::Flush,
             RequestKind::Discard => IoOp::Discard,
+            RequestKind::WriteZeroes if self.cipher.is_some() => {
+                // Not offered on encrypted volumes: raw zeroes would read
+                // back as the decryption of zeroes, not as zeroes.
+                let refused = Refused {
+                    head: req.head,
+                    status: Some(req.status),
+                    error: RequestError::Unsupported(VIRTIO_BLK_T_WRITE_ZEROES),
+                };
+                self.refuse(vring, mem, &refused);
+                self.share.done(&self.share_slot);
+                return true;
+            }
             RequestKind::WriteZeroes => IoOp::WriteZeroes,
         };
         // Translate guest segments to host iovecs (a segment may span
