@@ -16,6 +16,9 @@ command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 # what `softcard bench storage` compares against.
 command -v qemu-storage-daemon >/dev/null || need+=(qemu-system-common)
 command -v qemu-img >/dev/null || need+=(qemu-utils)
+# NBD clients of the host-side export: qemu-io (qemu-utils) and libnbd's
+# nbdinfo and nbdcopy.
+command -v nbdcopy >/dev/null || need+=(libnbd-bin)
 compgen -G '/boot/vmlinuz-*' >/dev/null || need+=(linux-image-amd64)
 [ -x /bin/busybox ] && /bin/busybox --list | grep -qx insmod || need+=(busybox-static)
 python3 -c 'import cryptography' 2>/dev/null || need+=(python3-cryptography)

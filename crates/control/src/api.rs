@@ -34,7 +34,7 @@ use softcard_storage::crypto::{Kek, KeyError};
 use softcard_storage::partition::PartitionError;
 use softcard_storage::qos::QosLimits;
 use softcard_storage::virtio_blk::BlkError;
-use softcard_storage::{AttachOptions, CardError, StorageCard};
+use softcard_storage::{AttachOptions, CardError, Interface, StorageCard};
 
 use crate::http::{self, HttpError, Request, Response};
 use crate::size::parse_size;
@@ -340,6 +340,9 @@ struct RotateKey {
 #[serde(deny_unknown_fields)]
 struct Attach {
     socket: PathBuf,
+    /// `vhost-user-blk` (the default) or `nbd`.
+    #[serde(default)]
+    interface: Interface,
     #[serde(default)]
     queues: Option<u16>,
     #[serde(default)]
@@ -414,10 +417,14 @@ pub fn handle(card: &StorageCard, req: &Request) -> Response {
             if !b.socket.is_absolute() {
                 return Err(error(400, "socket must be an absolute path"));
             }
+            if b.interface == Interface::Nbd && b.queues.is_some() {
+                return Err(error(400, "queues apply to vhost-user-blk, not to nbd"));
+            }
             let opts = AttachOptions {
                 socket: b.socket,
                 queues: b.queues.unwrap_or(DEFAULT_QUEUES),
                 qos: b.qos,
+                interface: b.interface,
             };
             card.attach(name, &opts)
                 .map(|v| json_response(200, &v))

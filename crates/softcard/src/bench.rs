@@ -397,6 +397,7 @@ pub fn storage(a: &StorageBenchArgs) -> Result<()> {
                 socket: ours.clone(),
                 queues: a.queues,
                 qos: Default::default(),
+                interface: Default::default(),
             },
         )?;
         // Same starting state for both: written once end to end is not
@@ -482,6 +483,7 @@ pub fn encryption(a: &EncryptionBenchArgs) -> Result<()> {
                 socket: socket.clone(),
                 queues: 1,
                 qos: Default::default(),
+                interface: Default::default(),
             },
         )?;
         sockets.push(socket);
@@ -633,6 +635,7 @@ pub fn fairness(a: &FairnessBenchArgs) -> Result<()> {
                 socket: s.clone(),
                 queues: 1,
                 qos: Default::default(),
+                interface: Default::default(),
             },
         )?;
         socks.push(s);
@@ -731,6 +734,7 @@ pub fn qos(a: &QosBenchArgs) -> Result<()> {
                 iops_burst: Some(a.burst),
                 ..Default::default()
             },
+            interface: Default::default(),
         },
     )?;
     let w = Workload {

@@ -131,16 +131,25 @@ enum VolumeCmd {
         #[command(flatten)]
         api: ApiArg,
     },
-    /// Present a volume to a VM as a virtio-blk disk over vhost-user.
+    /// Present a volume to a VM as a virtio-blk disk over vhost-user, or to
+    /// the host system as an NBD export.
     Attach {
         /// Volume name.
         name: String,
         /// Socket the VMM connects to.
-        #[arg(long = "vhost-user")]
-        socket: PathBuf,
-        /// Virtqueues.
-        #[arg(long, default_value_t = 1)]
-        queues: u16,
+        #[arg(
+            long = "vhost-user",
+            required_unless_present = "nbd",
+            conflicts_with = "nbd"
+        )]
+        socket: Option<PathBuf>,
+        /// Unix socket of an NBD export instead (for qemu-img, qemu-io,
+        /// nbdinfo, nbd-client: `nbd+unix:///NAME?socket=PATH`).
+        #[arg(long)]
+        nbd: Option<PathBuf>,
+        /// Virtqueues (vhost-user only).
+        #[arg(long, conflicts_with = "nbd")]
+        queues: Option<u16>,
         #[command(flatten)]
         qos: QosArgs,
         #[command(flatten)]
@@ -390,6 +399,12 @@ fn volume(cmd: VolumeCmd) -> Result<()> {
             );
             for vol in v.as_array().into_iter().flatten() {
                 let att = match vol.get("attachment") {
+                    Some(a) if !a.is_null() && s(a, "interface") == "nbd" => format!(
+                        "{} (nbd, {} client(s), {})",
+                        s(a, "socket"),
+                        u(a, "clients"),
+                        s(a, "state")
+                    ),
                     Some(a) if !a.is_null() => format!(
                         "{} ({} queue(s), {})",
                         s(a, "socket"),
@@ -475,23 +490,43 @@ fn volume(cmd: VolumeCmd) -> Result<()> {
         VolumeCmd::Attach {
             name,
             socket,
+            nbd,
             queues,
             qos,
             api,
         } => {
-            let socket = absolute(&socket)?;
-            let body = json!({ "socket": socket, "queues": queues, "qos": qos.to_json()? });
+            let body = match (socket, nbd) {
+                (Some(socket), _) => json!({
+                    "socket": absolute(&socket)?,
+                    "queues": queues.unwrap_or(1),
+                    "qos": qos.to_json()?,
+                }),
+                (None, Some(nbd)) => json!({
+                    "socket": absolute(&nbd)?,
+                    "interface": "nbd",
+                    "qos": qos.to_json()?,
+                }),
+                (None, None) => bail!("give --vhost-user PATH or --nbd PATH"),
+            };
             let v = client(&api).call(
                 "POST",
                 &format!("/v1/volumes/{}/attach", path_seg(&name)?),
                 Some(&body),
             )?;
             let a = v.get("attachment").cloned().unwrap_or(Value::Null);
-            println!(
-                "volume {name} attached on {} ({} queue(s))",
-                s(&a, "socket"),
-                u(&a, "queues")
-            );
+            if s(&a, "interface") == "nbd" {
+                println!(
+                    "volume {name} exported over NBD on {} (nbd+unix:///{name}?socket={})",
+                    s(&a, "socket"),
+                    s(&a, "socket")
+                );
+            } else {
+                println!(
+                    "volume {name} attached on {} ({} queue(s))",
+                    s(&a, "socket"),
+                    u(&a, "queues")
+                );
+            }
         }
         VolumeCmd::Detach { name, api } => {
             client(&api).call(

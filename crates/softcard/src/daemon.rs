@@ -144,6 +144,7 @@ pub fn up(data_dir: Option<PathBuf>, gpu_listen: &str, gpu_viewer: &str) -> Resu
             socket: socket.clone(),
             queues: 1,
             qos: Default::default(),
+            interface: Default::default(),
         },
     )?;
     let api = ApiServer::start(card.clone(), &cfg.api_socket)?;

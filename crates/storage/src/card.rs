@@ -10,6 +10,7 @@ use serde::Serialize;
 use crate::crypto::keys::validate_tenant;
 use crate::crypto::{DataKey, Kek, KeyError, KeyStore, WrappedKey, Xts256};
 use crate::device::{self, DeviceConfig, PhysicalDevice};
+use crate::nbd::NbdExport;
 use crate::partition::{PartitionError, PartitionMap, Volume};
 use crate::qos::{DeviceShare, QosLimits};
 use crate::virtio_blk::{
@@ -56,15 +57,81 @@ pub enum CardError {
     DuplicateDevice(String),
 }
 
+/// The kind of virtual interface a volume is presented through.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Interface {
+    /// vhost-user-blk, for a VM ([`crate::virtio_blk`]).
+    #[default]
+    VhostUserBlk,
+    /// An NBD export, for the host system ([`crate::nbd`]).
+    Nbd,
+}
+
 /// Options of an attachment.
 #[derive(Debug, Clone)]
 pub struct AttachOptions {
-    /// Socket path the frontend connects to.
+    /// Socket path the frontend (or NBD client) connects to.
     pub socket: PathBuf,
-    /// Virtqueues offered.
+    /// Virtqueues offered (vhost-user-blk only).
     pub queues: u16,
     /// Throttle limits.
     pub qos: QosLimits,
+    /// Which interface.
+    pub interface: Interface,
+}
+
+/// A running interface of either kind.
+#[derive(Debug)]
+enum Iface {
+    VhostUser(Attachment),
+    Nbd(NbdExport),
+}
+
+impl Iface {
+    fn socket(&self) -> &std::path::Path {
+        match self {
+            Iface::VhostUser(a) => a.socket(),
+            Iface::Nbd(e) => e.socket(),
+        }
+    }
+
+    fn info(&self) -> AttachmentInfo {
+        match self {
+            Iface::VhostUser(a) => AttachmentInfo {
+                interface: Interface::VhostUserBlk,
+                socket: a.socket().display().to_string(),
+                queues: a.queues(),
+                clients: None,
+                state: a.state(),
+                qos: a.qos(),
+                metrics: a.metrics(),
+            },
+            Iface::Nbd(e) => AttachmentInfo {
+                interface: Interface::Nbd,
+                socket: e.socket().display().to_string(),
+                queues: 0,
+                clients: Some(e.clients()),
+                state: e.state(),
+                qos: e.qos(),
+                metrics: e.metrics(),
+            },
+        }
+    }
+
+    fn set_qos(&self, qos: QosLimits) -> Result<(), BlkError> {
+        match self {
+            Iface::VhostUser(a) => a.set_qos(qos),
+            Iface::Nbd(e) => e.set_qos(qos),
+        }
+    }
+
+    fn stop(self) {
+        match self {
+            Iface::VhostUser(a) => a.stop(),
+            Iface::Nbd(e) => e.stop(),
+        }
+    }
 }
 
 /// A device as listed by the API.
@@ -89,10 +156,15 @@ pub struct DeviceInfo {
 /// An interface as listed by the API.
 #[derive(Debug, Clone, Serialize)]
 pub struct AttachmentInfo {
+    /// Which interface.
+    pub interface: Interface,
     /// Socket path.
     pub socket: String,
-    /// Virtqueues.
+    /// Virtqueues (vhost-user-blk; 0 for NBD).
     pub queues: u16,
+    /// Clients connected now (NBD).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub clients: Option<usize>,
     /// State.
     pub state: InterfaceState,
     /// Throttle limits.
@@ -158,7 +230,7 @@ pub const DEVICE_SHARE_DEPTH: u32 = 2;
 #[derive(Debug, Default)]
 struct State {
     devices: Vec<DeviceSlot>,
-    attachments: BTreeMap<String, Attachment>,
+    attachments: BTreeMap<String, Iface>,
     keys: KeyStore,
     /// Counters per volume; they outlive attachments (a volume's totals
     /// keep counting across detach and attach) and go with the volume.
@@ -276,13 +348,7 @@ impl StorageCard {
     }
 
     fn info(st: &State, device: &str, v: Volume) -> VolumeInfo {
-        let attachment = st.attachments.get(&v.name).map(|a| AttachmentInfo {
-            socket: a.socket().display().to_string(),
-            queues: a.queues(),
-            state: a.state(),
-            qos: a.qos(),
-            metrics: a.metrics(),
-        });
+        let attachment = st.attachments.get(&v.name).map(Iface::info);
         VolumeInfo {
             volume: v,
             device: device.to_owned(),
@@ -539,7 +605,18 @@ impl StorageCard {
             share_slot: st.devices[i].share.register(),
         };
         let metrics = st.metrics.entry(name.to_owned()).or_default().clone();
-        let a = Attachment::start(target, &opts.socket, opts.queues, opts.qos, metrics)?;
+        let a = match opts.interface {
+            Interface::VhostUserBlk => Iface::VhostUser(Attachment::start(
+                target,
+                &opts.socket,
+                opts.queues,
+                opts.qos,
+                metrics,
+            )?),
+            Interface::Nbd => {
+                Iface::Nbd(NbdExport::start(target, &opts.socket, opts.qos, metrics)?)
+            }
+        };
         st.attachments.insert(name.to_owned(), a);
         let device = st.devices[i].config.name.clone();
         Ok(Self::info(&st, &device, v))

@@ -26,7 +26,7 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
 use crate::qos::{QosError, QosLimits};
-use worker::SharedThrottle;
+pub(crate) use worker::SharedThrottle;
 
 pub use device::{BlkBackend, BlkTarget, MAX_QUEUES, MAX_QUEUE_SIZE};
 pub use metrics::{BlkMetrics, BlkMetricsSnapshot};

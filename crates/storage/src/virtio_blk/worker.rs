@@ -184,7 +184,7 @@ impl SharedThrottle {
 
     /// Admits a request of `bytes` data bytes or says how many nanoseconds
     /// to wait.
-    fn admit(&self, bytes: u64) -> Result<(), u64> {
+    pub(crate) fn admit(&self, bytes: u64) -> Result<(), u64> {
         if !self.limited.load(Ordering::Acquire) {
             return Ok(());
         }

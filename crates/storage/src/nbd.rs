@@ -1,0 +1,799 @@
+//! NBD: a volume presented to the host system itself (the first patent's
+//! "to the virtual machines or the host system"), as a Network Block Device
+//! export on a unix socket.
+//!
+//! The server speaks the NBD protocol's fixed newstyle negotiation
+//! (`NBD_OPT_GO`, `NBD_OPT_INFO`, `NBD_OPT_EXPORT_NAME`, `NBD_OPT_LIST`,
+//! `NBD_OPT_ABORT`; everything else is answered `NBD_REP_ERR_UNSUP`) and
+//! simple replies in transmission: READ, WRITE (with FUA), FLUSH, TRIM,
+//! WRITE_ZEROES and DISC. Clients: QEMU and qemu-img/qemu-io
+//! (`nbd+unix:///VOLUME?socket=PATH`), libnbd's nbdinfo/nbdcopy/nbdsh, and
+//! the kernel's nbd-client.
+//!
+//! Every request goes the way a vhost-user request goes: the volume's
+//! throttle, its fair share of the device, its cipher, and its counters.
+//! Each connection is served by its own thread, one request at a time,
+//! through its own device queue.
+//!
+//! Every byte from the client is untrusted: bad magic, an oversized write
+//! or option, or a malformed option closes that connection; a request out
+//! of the volume, unaligned, or with unknown flags gets an error reply.
+//! Nothing outside the volume is ever read or written.
+
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use log::{debug, info, warn};
+
+use crate::device::{AlignedBuf, Crypt, DeviceQueue, IoCompletion, IoOp, IoRequest};
+use crate::qos::{QosLimits, ShareSlot};
+use crate::virtio_blk::{
+    BlkError, BlkMetrics, BlkMetricsSnapshot, BlkTarget, InterfaceState, SharedThrottle,
+};
+
+/// Handshake magics.
+const NBDMAGIC: u64 = 0x4e42_444d_4147_4943; // "NBDMAGIC"
+const IHAVEOPT: u64 = 0x4948_4156_454f_5054; // "IHAVEOPT"
+const OPTION_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
+const REQUEST_MAGIC: u32 = 0x2560_9513;
+const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+
+/// Handshake flags (server) and client flags.
+const FLAG_FIXED_NEWSTYLE: u16 = 1;
+const FLAG_NO_ZEROES: u16 = 2;
+const CLIENT_FIXED_NEWSTYLE: u32 = 1;
+const CLIENT_NO_ZEROES: u32 = 2;
+
+/// Transmission flags.
+const TF_HAS_FLAGS: u16 = 1;
+const TF_SEND_FLUSH: u16 = 1 << 2;
+const TF_SEND_FUA: u16 = 1 << 3;
+const TF_SEND_TRIM: u16 = 1 << 5;
+const TF_SEND_WRITE_ZEROES: u16 = 1 << 6;
+/// FLUSH on any connection makes every completed write durable.
+const TF_CAN_MULTI_CONN: u16 = 1 << 8;
+
+/// Options.
+const OPT_EXPORT_NAME: u32 = 1;
+const OPT_ABORT: u32 = 2;
+const OPT_LIST: u32 = 3;
+const OPT_INFO: u32 = 6;
+const OPT_GO: u32 = 7;
+
+/// Option replies.
+const REP_ACK: u32 = 1;
+const REP_SERVER: u32 = 2;
+const REP_INFO: u32 = 3;
+const REP_ERR_UNSUP: u32 = (1 << 31) | 1;
+const REP_ERR_INVALID: u32 = (1 << 31) | 3;
+const REP_ERR_UNKNOWN: u32 = (1 << 31) | 6;
+
+/// Information types.
+const INFO_EXPORT: u16 = 0;
+const INFO_NAME: u16 = 1;
+const INFO_BLOCK_SIZE: u16 = 3;
+
+/// Commands and their flags.
+const CMD_READ: u16 = 0;
+const CMD_WRITE: u16 = 1;
+const CMD_DISC: u16 = 2;
+const CMD_FLUSH: u16 = 3;
+const CMD_TRIM: u16 = 4;
+const CMD_WRITE_ZEROES: u16 = 6;
+const CMD_FLAG_FUA: u16 = 1;
+const CMD_FLAG_NO_HOLE: u16 = 2;
+
+/// Errors in replies (errno values, as the protocol defines them).
+const EIO: u32 = 5;
+const EINVAL: u32 = 22;
+const ENOSPC: u32 = 28;
+
+/// Requests are whole 512-byte sectors (the cipher's unit, and O_DIRECT's).
+pub const NBD_BLOCK: u32 = 512;
+/// The largest READ or WRITE payload (the protocol's customary 32 MiB).
+pub const NBD_MAX_PAYLOAD: u32 = 32 << 20;
+/// Option data longer than this closes the connection.
+const MAX_OPTION_BYTES: u32 = 16 << 10;
+/// Options a client may send before transmission.
+const MAX_OPTIONS: usize = 256;
+/// Connections an export serves at once; more are closed at once.
+pub const NBD_MAX_CONNECTIONS: usize = 16;
+
+/// What the connection threads share with the export.
+#[derive(Debug)]
+struct Ctx {
+    target: BlkTarget,
+    metrics: Arc<BlkMetrics>,
+    throttle: Arc<SharedThrottle>,
+    stop: AtomicBool,
+    clients: AtomicUsize,
+    failed: AtomicBool,
+    /// Open connections (a duplicate of each, to shut it at stop).
+    conns: Mutex<Vec<(UnixStream, JoinHandle<()>)>>,
+}
+
+/// A running NBD export of one volume.
+#[derive(Debug)]
+pub struct NbdExport {
+    socket: PathBuf,
+    ctx: Arc<Ctx>,
+    share_slot: Arc<ShareSlot>,
+    thread: Option<JoinHandle<()>>,
+    /// A duplicate of the listening socket, to wake the accept at stop.
+    waker: OwnedFd,
+}
+
+impl NbdExport {
+    /// Listens on `socket` (replacing a stale socket file) and serves
+    /// `target` to every NBD client that connects.
+    pub fn start(
+        target: BlkTarget,
+        socket: &Path,
+        qos: QosLimits,
+        metrics: Arc<BlkMetrics>,
+    ) -> Result<NbdExport, BlkError> {
+        qos.validate()?;
+        let listen_err = |e: io::Error| BlkError::Listen {
+            path: socket.display().to_string(),
+            reason: e.to_string(),
+        };
+        if socket.exists() {
+            // A socket file nobody listens on is left over from an earlier
+            // run; anything else is not ours to replace.
+            let live = UnixStream::connect(socket).is_ok();
+            let is_socket = std::fs::symlink_metadata(socket).is_ok_and(|m| {
+                use std::os::unix::fs::FileTypeExt;
+                m.file_type().is_socket()
+            });
+            if live || !is_socket {
+                return Err(listen_err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    "path exists and is not a stale socket",
+                )));
+            }
+            std::fs::remove_file(socket).map_err(listen_err)?;
+        }
+        let listener = UnixListener::bind(socket).map_err(listen_err)?;
+        let waker: OwnedFd = listener.try_clone().map_err(listen_err)?.into();
+        let share_slot = target.share_slot.clone();
+        share_slot.set_weight(qos.weight.unwrap_or(1));
+        let ctx = Arc::new(Ctx {
+            target,
+            metrics,
+            throttle: Arc::new(SharedThrottle::new(qos)),
+            stop: AtomicBool::new(false),
+            clients: AtomicUsize::new(0),
+            failed: AtomicBool::new(false),
+            conns: Mutex::new(Vec::new()),
+        });
+        let thread = {
+            let ctx = ctx.clone();
+            let name = format!("nbd-{}", ctx.target.name);
+            std::thread::Builder::new()
+                .name(name)
+                .spawn(move || accept_loop(&listener, &ctx))?
+        };
+        info!(
+            "serving NBD export {:?} on {}",
+            ctx.target.name,
+            socket.display()
+        );
+        Ok(NbdExport {
+            socket: socket.to_owned(),
+            ctx,
+            share_slot,
+            thread: Some(thread),
+            waker,
+        })
+    }
+
+    /// Socket path.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Current state: connected while at least one client is.
+    pub fn state(&self) -> InterfaceState {
+        if self.thread.is_none() {
+            InterfaceState::Stopped
+        } else if self.ctx.failed.load(Ordering::Relaxed) {
+            InterfaceState::Failed
+        } else if self.ctx.clients.load(Ordering::Relaxed) > 0 {
+            InterfaceState::Connected
+        } else {
+            InterfaceState::Listening
+        }
+    }
+
+    /// Clients connected now.
+    pub fn clients(&self) -> usize {
+        self.ctx.clients.load(Ordering::Relaxed)
+    }
+
+    /// Counters.
+    pub fn metrics(&self) -> BlkMetricsSnapshot {
+        self.ctx.metrics.snapshot()
+    }
+
+    /// Current throttle limits.
+    pub fn qos(&self) -> QosLimits {
+        self.ctx.throttle.limits()
+    }
+
+    /// Changes the throttle limits live; the new buckets start full.
+    pub fn set_qos(&self, qos: QosLimits) -> Result<(), BlkError> {
+        qos.validate()?;
+        self.ctx.throttle.set(qos);
+        self.share_slot.set_weight(qos.weight.unwrap_or(1));
+        info!("{}: qos now {qos:?}", self.socket.display());
+        Ok(())
+    }
+
+    /// Closes every connection (each finishes the request it is serving),
+    /// stops the threads and removes the socket.
+    pub fn stop(mut self) {
+        self.stop_inner();
+    }
+
+    fn stop_inner(&mut self) {
+        self.ctx.stop.store(true, Ordering::SeqCst);
+        // SAFETY: shutdown(2) on a descriptor this export owns; it makes
+        // the accept fail at once, even when the socket's path is gone.
+        unsafe { libc::shutdown(self.waker.as_raw_fd(), libc::SHUT_RDWR) };
+        if let Some(t) = self.thread.take() {
+            if t.join().is_err() {
+                warn!("NBD accept thread for {} panicked", self.socket.display());
+            }
+        }
+        let conns = std::mem::take(&mut *lock(&self.ctx.conns));
+        for (s, t) in conns {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+            if t.join().is_err() {
+                warn!("an NBD connection thread panicked");
+            }
+        }
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+impl Drop for NbdExport {
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            self.stop_inner();
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn accept_loop(listener: &UnixListener, ctx: &Arc<Ctx>) {
+    loop {
+        let accepted = listener.accept();
+        if ctx.stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let stream = match accepted {
+            Ok((s, _)) => s,
+            Err(e) => {
+                warn!("NBD export {}: accept: {e}", ctx.target.name);
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+        };
+        let mut conns = lock(&ctx.conns);
+        conns.retain(|(_, t)| !t.is_finished());
+        if conns.len() >= NBD_MAX_CONNECTIONS {
+            warn!(
+                "NBD export {}: {NBD_MAX_CONNECTIONS} connections already; closing a new one",
+                ctx.target.name
+            );
+            continue;
+        }
+        let Ok(dup) = stream.try_clone() else {
+            continue;
+        };
+        let c = ctx.clone();
+        match std::thread::Builder::new()
+            .name(format!("nbd-{}-conn", ctx.target.name))
+            .spawn(move || {
+                c.clients.fetch_add(1, Ordering::Relaxed);
+                let end = stream.try_clone();
+                if let Err(e) = serve_connection(stream, &c) {
+                    debug!("NBD export {}: connection ended: {e}", c.target.name);
+                }
+                // Close it for the client now (the export keeps a duplicate
+                // until stop): after DISC a client waits for end of file.
+                if let Ok(s) = end {
+                    let _ = s.shutdown(std::net::Shutdown::Both);
+                }
+                c.clients.fetch_sub(1, Ordering::Relaxed);
+            }) {
+            Ok(t) => conns.push((dup, t)),
+            Err(e) => warn!("NBD export {}: no thread: {e}", ctx.target.name),
+        }
+    }
+}
+
+/// Why a connection ends before its client asked.
+fn violation(what: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, what.into())
+}
+
+fn read_u32(r: &mut impl Read) -> io::Result<u32> {
+    let mut b = [0u8; 4];
+    r.read_exact(&mut b)?;
+    Ok(u32::from_be_bytes(b))
+}
+
+fn read_u64(r: &mut impl Read) -> io::Result<u64> {
+    let mut b = [0u8; 8];
+    r.read_exact(&mut b)?;
+    Ok(u64::from_be_bytes(b))
+}
+
+fn option_reply(w: &mut impl Write, opt: u32, kind: u32, data: &[u8]) -> io::Result<()> {
+    let len = u32::try_from(data.len()).map_err(|_| violation("option reply too long"))?;
+    let mut head = Vec::with_capacity(20 + data.len());
+    head.extend_from_slice(&OPTION_REPLY_MAGIC.to_be_bytes());
+    head.extend_from_slice(&opt.to_be_bytes());
+    head.extend_from_slice(&kind.to_be_bytes());
+    head.extend_from_slice(&len.to_be_bytes());
+    head.extend_from_slice(data);
+    w.write_all(&head)
+}
+
+/// The export's transmission flags.
+fn transmission_flags() -> u16 {
+    TF_HAS_FLAGS
+        | TF_SEND_FLUSH
+        | TF_SEND_FUA
+        | TF_SEND_TRIM
+        | TF_SEND_WRITE_ZEROES
+        | TF_CAN_MULTI_CONN
+}
+
+/// Parsed `NBD_OPT_INFO`/`NBD_OPT_GO` data: export name and requested
+/// information types.
+fn parse_info_request(data: &[u8]) -> Option<(&[u8], Vec<u16>)> {
+    let nlen = usize::try_from(u32::from_be_bytes(data.get(..4)?.try_into().ok()?)).ok()?;
+    let name = data.get(4..4usize.checked_add(nlen)?)?;
+    let rest = &data[4 + nlen..];
+    let n = usize::from(u16::from_be_bytes(rest.get(..2)?.try_into().ok()?));
+    let reqs = rest.get(2..)?;
+    if reqs.len() != 2 * n {
+        return None;
+    }
+    Some((
+        name,
+        reqs.chunks_exact(2)
+            .map(|c| u16::from_be_bytes([c[0], c[1]]))
+            .collect(),
+    ))
+}
+
+/// Whether a client's export name means this volume: its name, or the
+/// empty default name.
+fn names_us(ctx: &Ctx, name: &[u8]) -> bool {
+    name.is_empty() || name == ctx.target.name.as_bytes()
+}
+
+/// Option haggling; returns whether to go on to transmission.
+fn negotiate(s: &mut UnixStream, ctx: &Ctx) -> io::Result<bool> {
+    let mut hello = Vec::with_capacity(18);
+    hello.extend_from_slice(&NBDMAGIC.to_be_bytes());
+    hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    hello.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+    s.write_all(&hello)?;
+    let client = read_u32(s)?;
+    if client & !(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES) != 0
+        || client & CLIENT_FIXED_NEWSTYLE == 0
+    {
+        return Err(violation(format!("client flags {client:#x}")));
+    }
+    let no_zeroes = client & CLIENT_NO_ZEROES != 0;
+    let size = ctx.target.size;
+    for _ in 0..MAX_OPTIONS {
+        if read_u64(s)? != IHAVEOPT {
+            return Err(violation("option without IHAVEOPT"));
+        }
+        let opt = read_u32(s)?;
+        let len = read_u32(s)?;
+        if len > MAX_OPTION_BYTES {
+            return Err(violation(format!("option {opt} of {len} bytes")));
+        }
+        let mut data = vec![0u8; len as usize];
+        s.read_exact(&mut data)?;
+        match opt {
+            OPT_EXPORT_NAME => {
+                if !names_us(ctx, &data) {
+                    // The protocol has no error reply here: close.
+                    return Err(violation("EXPORT_NAME of an unknown export"));
+                }
+                let mut out = Vec::with_capacity(10 + 124);
+                out.extend_from_slice(&size.to_be_bytes());
+                out.extend_from_slice(&transmission_flags().to_be_bytes());
+                if !no_zeroes {
+                    out.extend_from_slice(&[0u8; 124]);
+                }
+                s.write_all(&out)?;
+                return Ok(true);
+            }
+            OPT_ABORT => {
+                let _ = option_reply(s, opt, REP_ACK, &[]);
+                return Ok(false);
+            }
+            OPT_LIST => {
+                if !data.is_empty() {
+                    option_reply(s, opt, REP_ERR_INVALID, b"LIST takes no data")?;
+                    continue;
+                }
+                let name = ctx.target.name.as_bytes();
+                let mut d = Vec::with_capacity(4 + name.len());
+                d.extend_from_slice(&u32::try_from(name.len()).unwrap_or(0).to_be_bytes());
+                d.extend_from_slice(name);
+                option_reply(s, opt, REP_SERVER, &d)?;
+                option_reply(s, opt, REP_ACK, &[])?;
+            }
+            OPT_INFO | OPT_GO => {
+                let Some((name, wanted)) = parse_info_request(&data) else {
+                    option_reply(s, opt, REP_ERR_INVALID, b"malformed INFO/GO request")?;
+                    continue;
+                };
+                if !names_us(ctx, name) {
+                    option_reply(s, opt, REP_ERR_UNKNOWN, b"no such export")?;
+                    continue;
+                }
+                let mut export = Vec::with_capacity(12);
+                export.extend_from_slice(&INFO_EXPORT.to_be_bytes());
+                export.extend_from_slice(&size.to_be_bytes());
+                export.extend_from_slice(&transmission_flags().to_be_bytes());
+                option_reply(s, opt, REP_INFO, &export)?;
+                // Always sent: requests must be whole sectors.
+                let mut bs = Vec::with_capacity(14);
+                bs.extend_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
+                bs.extend_from_slice(&NBD_BLOCK.to_be_bytes());
+                bs.extend_from_slice(&4096u32.to_be_bytes());
+                bs.extend_from_slice(&NBD_MAX_PAYLOAD.to_be_bytes());
+                option_reply(s, opt, REP_INFO, &bs)?;
+                if wanted.contains(&INFO_NAME) {
+                    let mut n = INFO_NAME.to_be_bytes().to_vec();
+                    n.extend_from_slice(ctx.target.name.as_bytes());
+                    option_reply(s, opt, REP_INFO, &n)?;
+                }
+                option_reply(s, opt, REP_ACK, &[])?;
+                if opt == OPT_GO {
+                    return Ok(true);
+                }
+            }
+            _ => option_reply(s, opt, REP_ERR_UNSUP, b"option not supported")?,
+        }
+    }
+    Err(violation(format!("more than {MAX_OPTIONS} options")))
+}
+
+fn serve_connection(mut s: UnixStream, ctx: &Ctx) -> io::Result<()> {
+    if !negotiate(&mut s, ctx)? {
+        return Ok(());
+    }
+    let mut io = VolumeIo::new(ctx)?;
+    let mut reader = io::BufReader::with_capacity(64 << 10, s.try_clone()?);
+    let mut head = [0u8; 28];
+    loop {
+        match reader.read_exact(&mut head) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        if ctx.stop.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let field = |a: usize, b: usize| &head[a..b];
+        let magic = u32::from_be_bytes(field(0, 4).try_into().expect("4 bytes"));
+        let flags = u16::from_be_bytes(field(4, 6).try_into().expect("2 bytes"));
+        let kind = u16::from_be_bytes(field(6, 8).try_into().expect("2 bytes"));
+        let cookie = u64::from_be_bytes(field(8, 16).try_into().expect("8 bytes"));
+        let offset = u64::from_be_bytes(field(16, 24).try_into().expect("8 bytes"));
+        let len = u32::from_be_bytes(field(24, 28).try_into().expect("4 bytes"));
+        if magic != REQUEST_MAGIC {
+            BlkMetrics::inc(&ctx.metrics.invalid_requests);
+            return Err(violation(format!("request magic {magic:#x}")));
+        }
+        if kind == CMD_DISC {
+            return Ok(());
+        }
+        if kind == CMD_WRITE {
+            if len > NBD_MAX_PAYLOAD {
+                // The payload cannot be skipped safely: close.
+                BlkMetrics::inc(&ctx.metrics.invalid_requests);
+                return Err(violation(format!("WRITE of {len} bytes")));
+            }
+            reader.read_exact(&mut io.buf.as_mut_slice()[..len as usize])?;
+        }
+        let started = Instant::now();
+        let result = io.handle(kind, flags, offset, len);
+        let m = &ctx.metrics;
+        match result {
+            Ok(()) => {
+                let took = started.elapsed();
+                match kind {
+                    CMD_READ => {
+                        BlkMetrics::inc(&m.read_ops);
+                        BlkMetrics::add(&m.read_bytes, u64::from(len));
+                        m.read_latency.record(took);
+                    }
+                    CMD_WRITE => {
+                        BlkMetrics::inc(&m.write_ops);
+                        BlkMetrics::add(&m.write_bytes, u64::from(len));
+                        m.write_latency.record(took);
+                    }
+                    CMD_FLUSH => {
+                        BlkMetrics::inc(&m.flush_ops);
+                        m.flush_latency.record(took);
+                    }
+                    CMD_TRIM => {
+                        BlkMetrics::inc(&m.discard_ops);
+                        m.discard_latency.record(took);
+                    }
+                    _ => {
+                        BlkMetrics::inc(&m.write_zeroes_ops);
+                        m.discard_latency.record(took);
+                    }
+                }
+            }
+            Err(Refusal::Invalid(_) | Refusal::NoSpace) => BlkMetrics::inc(&m.invalid_requests),
+            Err(Refusal::Unsupported) => BlkMetrics::inc(&m.unsupported_requests),
+            Err(Refusal::Io(ref e)) => {
+                warn!("NBD export {}: {e}", ctx.target.name);
+                BlkMetrics::inc(&m.io_errors);
+            }
+        }
+        let error = match &result {
+            Ok(()) => 0,
+            Err(Refusal::Invalid(why)) => {
+                debug!("NBD export {}: refused: {why}", ctx.target.name);
+                EINVAL
+            }
+            Err(Refusal::Unsupported) => EINVAL,
+            Err(Refusal::NoSpace) => ENOSPC,
+            Err(Refusal::Io(_)) => EIO,
+        };
+        let mut reply = [0u8; 16];
+        reply[..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+        reply[4..8].copy_from_slice(&error.to_be_bytes());
+        reply[8..].copy_from_slice(&cookie.to_be_bytes());
+        if kind == CMD_READ && error == 0 {
+            let data = &io.buf.as_slice()[..len as usize];
+            let bufs = [io::IoSlice::new(&reply), io::IoSlice::new(data)];
+            write_all_vectored(&mut s, &bufs)?;
+        } else {
+            s.write_all(&reply)?;
+        }
+    }
+}
+
+fn write_all_vectored(s: &mut UnixStream, bufs: &[io::IoSlice<'_>]) -> io::Result<()> {
+    let total: usize = bufs.iter().map(|b| b.len()).sum();
+    let mut done = 0;
+    while done < total {
+        // Rebuild the slices past what was written.
+        let mut skip = done;
+        let rest: Vec<io::IoSlice<'_>> = bufs
+            .iter()
+            .filter_map(|b| {
+                if skip >= b.len() {
+                    skip -= b.len();
+                    None
+                } else {
+                    let s = io::IoSlice::new(&b[skip..]);
+                    skip = 0;
+                    Some(s)
+                }
+            })
+            .collect();
+        match s.write_vectored(&rest) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Why a request got an error reply.
+#[derive(Debug)]
+enum Refusal {
+    Invalid(String),
+    NoSpace,
+    Unsupported,
+    Io(io::Error),
+}
+
+/// One connection's way to the volume: a device queue of depth one and a
+/// buffer for payloads.
+struct VolumeIo<'a> {
+    ctx: &'a Ctx,
+    q: Box<dyn DeviceQueue>,
+    buf: AlignedBuf,
+    done: Vec<IoCompletion>,
+}
+
+impl<'a> VolumeIo<'a> {
+    fn new(ctx: &'a Ctx) -> io::Result<Self> {
+        Ok(VolumeIo {
+            ctx,
+            q: ctx.target.device.open_queue(1)?,
+            buf: AlignedBuf::new(NBD_MAX_PAYLOAD as usize, 4096),
+            done: Vec::new(),
+        })
+    }
+
+    fn handle(&mut self, kind: u16, flags: u16, offset: u64, len: u32) -> Result<(), Refusal> {
+        let known = match kind {
+            CMD_WRITE | CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE,
+            CMD_TRIM => CMD_FLAG_FUA,
+            CMD_READ | CMD_FLUSH => 0,
+            _ => return Err(Refusal::Unsupported),
+        };
+        if flags & !known != 0 {
+            return Err(Refusal::Invalid(format!(
+                "flags {flags:#x} on command {kind}"
+            )));
+        }
+        if kind == CMD_FLUSH {
+            return self.device(IoOp::Flush, 0, 0);
+        }
+        let size = self.ctx.target.size;
+        let end = offset.checked_add(u64::from(len));
+        if end.is_none_or(|e| e > size) {
+            return Err(if matches!(kind, CMD_WRITE | CMD_WRITE_ZEROES) {
+                Refusal::NoSpace
+            } else {
+                Refusal::Invalid(format!("{len} bytes at {offset} beyond {size}"))
+            });
+        }
+        if len == 0
+            || !offset.is_multiple_of(u64::from(NBD_BLOCK))
+            || !len.is_multiple_of(NBD_BLOCK)
+            || (kind == CMD_READ && len > NBD_MAX_PAYLOAD)
+        {
+            return Err(Refusal::Invalid(format!(
+                "{len} bytes at {offset}: not whole sectors"
+            )));
+        }
+        self.admit(if matches!(kind, CMD_READ | CMD_WRITE) {
+            u64::from(len)
+        } else {
+            0
+        });
+        match kind {
+            CMD_READ => self.device(IoOp::Read, offset, len),
+            CMD_WRITE => self.device(IoOp::Write, offset, len),
+            CMD_TRIM => self.device(IoOp::Discard, offset, len),
+            _ if self.ctx.target.cipher.is_some() => self.write_encrypted_zeroes(offset, len),
+            _ => self.device(IoOp::WriteZeroes, offset, len),
+        }?;
+        if flags & CMD_FLAG_FUA != 0 {
+            self.device(IoOp::Flush, 0, 0)?;
+        }
+        Ok(())
+    }
+
+    /// Waits for the volume's throttle.
+    fn admit(&self, bytes: u64) {
+        let mut waited = None;
+        while let Err(ns) = self.ctx.throttle.admit(bytes) {
+            waited.get_or_insert_with(Instant::now);
+            std::thread::sleep(Duration::from_nanos(ns));
+        }
+        if let Some(t) = waited {
+            BlkMetrics::inc(&self.ctx.metrics.throttled_requests);
+            let ns = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            BlkMetrics::add(&self.ctx.metrics.throttled_ns, ns);
+        }
+    }
+
+    /// Zeroes on an encrypted volume are the ciphertext of zeroes, written
+    /// a buffer at a time (raw zeroes would read back as garbage).
+    fn write_encrypted_zeroes(&mut self, offset: u64, len: u32) -> Result<(), Refusal> {
+        let mut done = 0u32;
+        while done < len {
+            let n = (len - done).min(NBD_MAX_PAYLOAD);
+            self.buf.as_mut_slice()[..n as usize].fill(0);
+            self.device(IoOp::Write, offset + u64::from(done), n)?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// One physical request for volume bytes `offset..offset + len` (the
+    /// payload in `buf` for reads and writes), through the volume's cipher
+    /// and its share of the device.
+    fn device(&mut self, op: IoOp, offset: u64, len: u32) -> Result<(), Refusal> {
+        let t = &self.ctx.target;
+        let data = matches!(op, IoOp::Read | IoOp::Write);
+        let inline = t.cipher.is_some() && self.q.inline_crypto();
+        let first_sector = offset / u64::from(NBD_BLOCK);
+        if let (Some(c), IoOp::Write, false) = (&t.cipher, op, inline) {
+            c.encrypt(&mut self.buf.as_mut_slice()[..len as usize], first_sector);
+        }
+        let iov = [libc::iovec {
+            iov_base: self.buf.as_mut_ptr().cast(),
+            iov_len: len as usize,
+        }];
+        let req = IoRequest {
+            op,
+            offset: t.offset + offset,
+            len: u64::from(len),
+            segments: if data { &iov } else { &[] },
+            tag: 0,
+            crypt: match (&t.cipher, inline, data) {
+                (Some(c), true, true) => Some(Crypt {
+                    cipher: c,
+                    first_sector,
+                }),
+                _ => None,
+            },
+        };
+        while !t.share.try_start(&t.share_slot) {
+            std::thread::sleep(Duration::from_micros(50));
+        }
+        // SAFETY: the one segment is `buf`, which this struct owns and does
+        // not touch until the completion is reaped below; the device range
+        // was checked to lie inside the volume.
+        unsafe { self.q.push(req) };
+        let r = self.complete();
+        t.share.done(&t.share_slot);
+        r.map_err(Refusal::Io)?;
+        if let (Some(c), IoOp::Read, false) = (&t.cipher, op, inline) {
+            c.decrypt(&mut self.buf.as_mut_slice()[..len as usize], first_sector);
+        }
+        Ok(())
+    }
+
+    fn complete(&mut self) -> io::Result<()> {
+        self.q.submit()?;
+        loop {
+            self.done.clear();
+            self.q.reap(&mut self.done);
+            if let Some(c) = self.done.pop() {
+                return c.result.map(|_| ());
+            }
+            self.q.wait()?;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn info_requests_parse_and_refuse_bad_lengths() {
+        let mut d = 3u32.to_be_bytes().to_vec();
+        d.extend_from_slice(b"vol");
+        d.extend_from_slice(&2u16.to_be_bytes());
+        d.extend_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
+        d.extend_from_slice(&INFO_NAME.to_be_bytes());
+        let (name, wanted) = parse_info_request(&d).unwrap();
+        assert_eq!(name, b"vol");
+        assert_eq!(wanted, vec![INFO_BLOCK_SIZE, INFO_NAME]);
+        // One request short, one byte long, a name past the end, empty.
+        assert!(parse_info_request(&d[..d.len() - 2]).is_none());
+        let mut long = d.clone();
+        long.push(0);
+        assert!(parse_info_request(&long).is_none());
+        let mut past = d.clone();
+        past[..4].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert!(parse_info_request(&past).is_none());
+        assert!(parse_info_request(&[]).is_none());
+    }
+}
