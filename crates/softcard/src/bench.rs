@@ -528,6 +528,114 @@ pub fn encryption(a: &EncryptionBenchArgs) -> Result<()> {
     Ok(())
 }
 
+/// Options of `softcard bench nbd`.
+#[derive(Debug, clap::Args)]
+pub struct NbdBenchArgs {
+    /// Requests per run of `qemu-img bench`.
+    #[arg(long, default_value_t = 50_000)]
+    count: u32,
+    /// The qemu-storage-daemon binary to compare with.
+    #[arg(long, default_value = "qemu-storage-daemon")]
+    qsd: PathBuf,
+    /// A tmpfs directory for both servers' image files.
+    #[arg(long, default_value = "/dev/shm")]
+    tmpfs: PathBuf,
+}
+
+/// `softcard bench nbd`: softcard's NBD export of a volume against
+/// qemu-storage-daemon's NBD export of a file, both on tmpfs, driven by the
+/// same client (`qemu-img bench`, QEMU's NBD client) in the same run.
+pub fn nbd(a: &NbdBenchArgs) -> Result<()> {
+    let shm = tempfile::Builder::new()
+        .prefix("softcard-bench-nbd")
+        .tempdir_in(&a.tmpfs)
+        .with_context(|| format!("tmpfs directory {}", a.tmpfs.display()))?;
+    let sockets = tempfile::Builder::new()
+        .prefix("softcard-bench-nbd")
+        .tempdir()?;
+    let ours_img = shm.path().join("softcard.img");
+    preallocate(&ours_img, VOLUME_BYTES + MAP_SLACK)?;
+    let theirs_img = shm.path().join("qsd.img");
+    preallocate(&theirs_img, VOLUME_BYTES)?;
+    let card = StorageCard::open(&[DeviceConfig {
+        name: "bench".into(),
+        kind: DeviceKind::File,
+        path: Some(ours_img),
+        size_bytes: None,
+        share_depth: None,
+    }])?;
+    card.create_volume("bench", "bench", VOLUME_BYTES)?;
+    let ours = sockets.path().join("softcard.nbd");
+    card.attach(
+        "bench",
+        &AttachOptions {
+            socket: ours.clone(),
+            queues: 1,
+            qos: Default::default(),
+            interface: softcard_storage::Interface::Nbd,
+        },
+    )?;
+    let theirs = sockets.path().join("qsd.nbd");
+    let mut child = Command::new(&a.qsd)
+        .arg("--blockdev")
+        .arg(format!(
+            "driver=file,node-name=disk0,filename={},aio=io_uring",
+            theirs_img.display()
+        ))
+        .arg("--nbd-server")
+        .arg(format!("addr.type=unix,addr.path={}", theirs.display()))
+        .args(["--export", "type=nbd,id=exp0,node-name=disk0,name=bench,writable=on"])
+        .stdin(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {} (package qemu-system-common)", a.qsd.display()))?;
+    wait_for_socket(&theirs, &mut child)?;
+    let qsd = Qsd(child);
+    println!(
+        "# softcard bench nbd: qemu-img bench ({} requests of 4 KiB per cell) against each NBD export over a unix socket; both images on tmpfs",
+        a.count
+    );
+    println!("| workload | softcard IOPS | qsd IOPS | softcard/qsd |");
+    println!("|---|---:|---:|---:|");
+    let bench = |socket: &Path, depth: u32, write: bool| -> Result<f64> {
+        let uri = format!("nbd+unix:///bench?socket={}", socket.display());
+        let mut cmd = Command::new("qemu-img");
+        cmd.args(["bench", "-f", "raw", "-s", "4096", "-S", "1048576"])
+            .args(["-c", &a.count.to_string(), "-d", &depth.to_string()]);
+        if write {
+            cmd.arg("-w");
+        }
+        let out = cmd
+            .arg(&uri)
+            .output()
+            .context("running qemu-img bench (package qemu-utils)")?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() {
+            bail!("qemu-img bench on {uri}: {text}{}", String::from_utf8_lossy(&out.stderr));
+        }
+        // "Run completed in 2.092 seconds."
+        let secs: f64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("Run completed in "))
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("no result in qemu-img bench output: {text}"))?;
+        Ok(f64::from(a.count) / secs)
+    };
+    for (name, depth, write) in [
+        ("4k-write-qd1", 1, true),
+        ("4k-read-qd1", 1, false),
+        ("4k-write-qd32", 32, true),
+        ("4k-read-qd32", 32, false),
+    ] {
+        let s = bench(&ours, depth, write)?;
+        let q = bench(&theirs, depth, write)?;
+        println!("| {name} | {s:.0} | {q:.0} | {:.2} |", s / q);
+    }
+    drop(qsd);
+    card.shutdown();
+    Ok(())
+}
+
 /// Options of `softcard bench crypto`.
 #[derive(Debug, clap::Args)]
 pub struct CryptoBenchArgs {

@@ -255,6 +255,8 @@ enum BenchCmd {
     /// An encrypted `ram` volume against the same volume unencrypted,
     /// measured in alternating slices.
     Encryption(bench::EncryptionBenchArgs),
+    /// The NBD export against qemu-storage-daemon's, same client.
+    Nbd(bench::NbdBenchArgs),
     /// A quiet volume's latency alone and next to a noisy one.
     Fairness(bench::FairnessBenchArgs),
     /// How exactly an IOPS limit holds under load.
@@ -306,6 +308,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Bench(BenchCmd::Storage(a)) => bench::storage(&a),
         Command::Bench(BenchCmd::Crypto(a)) => bench::crypto(&a),
         Command::Bench(BenchCmd::Encryption(a)) => bench::encryption(&a),
+        Command::Bench(BenchCmd::Nbd(a)) => bench::nbd(&a),
         Command::Bench(BenchCmd::Fairness(a)) => bench::fairness(&a),
         Command::Bench(BenchCmd::Qos(a)) => bench::qos(&a),
         Command::Bench(BenchCmd::Rdma(a)) => bench::rdma(&a),
