@@ -47,10 +47,16 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 log "tests"
 cargo test --workspace --locked
 
-log "fuzz (virtio-blk request parser, RoCEv2 receive path, vGPU session: ${FUZZ_SECONDS:=30} s each)"
+log "fuzz (virtio-blk request parser, RoCEv2 receive path, vGPU session, NBD connection: ${FUZZ_SECONDS:=30} s each)"
 if rustup toolchain list | grep -q '^nightly'; then
     command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
-    for target in request rdma_receive gpu_session; do
+    for target in request rdma_receive gpu_session nbd_session; do
+        # Hand-made seeds (fuzz/seeds/TARGET) get a target past magic
+        # numbers it would take long to guess.
+        if [ -d "fuzz/seeds/$target" ]; then
+            mkdir -p "fuzz/corpus/$target"
+            cp -n "fuzz/seeds/$target"/* "fuzz/corpus/$target/"
+        fi
         # gpu_session drives Mesa's lavapipe, whose own leaks are not ours.
         (cd fuzz && LSAN_OPTIONS="suppressions=$PWD/lsan-lavapipe.supp" \
             cargo +nightly fuzz run "$target" -- -max_total_time="$FUZZ_SECONDS")
