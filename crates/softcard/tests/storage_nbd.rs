@@ -197,6 +197,33 @@ kek_file = "@DIR@/acme.kek"
     // A hostile client, byte by byte.
     hostile(&sock_h);
 
+    // The volume's throttle holds NBD requests too (set live): 40 reads
+    // at 100 IOPS with a burst of 2 must wait for it.
+    d.ok(&[
+        "volume",
+        "set-qos",
+        "h",
+        "--iops",
+        "100",
+        "--iops-burst",
+        "2",
+    ]);
+    let throttled = |d: &Daemon| {
+        let v: serde_json::Value = serde_json::from_str(&d.ok(&["volume", "show", "h"])).unwrap();
+        v["attachment"]["metrics"]["throttled_requests"]
+            .as_u64()
+            .unwrap()
+    };
+    let before = throttled(&d);
+    let reads: Vec<String> = (0..40).map(|i| format!("read {} 4096", i * 4096)).collect();
+    let reads: Vec<&str> = reads.iter().map(String::as_str).collect();
+    qemu_io(&h, &reads);
+    assert!(
+        throttled(&d) > before,
+        "no NBD request waited for the throttle"
+    );
+    d.ok(&["volume", "set-qos", "h"]);
+
     // The daemon and the other exports carry on; nothing outside the
     // volumes moved.
     qemu_io(&h, &["read -P 0xc3 15M 1M"]);

@@ -93,11 +93,13 @@ const CMD_FLAG_NO_HOLE: u16 = 2;
 const EIO: u32 = 5;
 const EINVAL: u32 = 22;
 const ENOSPC: u32 = 28;
+const ESHUTDOWN: u32 = 108;
 
 /// Requests are whole 512-byte sectors (the cipher's unit, and O_DIRECT's).
 pub const NBD_BLOCK: u32 = 512;
-/// The largest READ or WRITE payload (the protocol's customary 32 MiB).
-pub const NBD_MAX_PAYLOAD: u32 = 32 << 20;
+/// The largest READ or WRITE payload (advertised as the maximum block
+/// size; it bounds what one request makes the server allocate).
+pub const NBD_MAX_PAYLOAD: u32 = 8 << 20;
 /// Option data longer than this closes the connection.
 const MAX_OPTION_BYTES: u32 = 16 << 10;
 /// Options a client may send before transmission.
@@ -483,9 +485,9 @@ fn negotiate(s: &mut UnixStream, ctx: &Ctx) -> io::Result<bool> {
 /// client has already sent by then (up to this many).
 const MAX_BATCH: usize = 32;
 /// Payload bytes one batch may hold.
-const MAX_BATCH_BYTES: u64 = 64 << 20;
+const MAX_BATCH_BYTES: u64 = 16 << 20;
 /// Payload buffers a connection keeps between batches, in bytes.
-const POOL_BYTES: usize = 64 << 20;
+const POOL_BYTES: usize = 16 << 20;
 
 fn serve_connection(mut s: UnixStream, ctx: &Ctx) -> io::Result<()> {
     if !negotiate(&mut s, ctx)? {
@@ -496,6 +498,11 @@ fn serve_connection(mut s: UnixStream, ctx: &Ctx) -> io::Result<()> {
         let more = c.read_batch()?;
         c.run_batch();
         c.reply_batch()?;
+        if c.broken {
+            return Err(io::Error::other(
+                "the device queue failed; connection closed",
+            ));
+        }
         if !more || ctx.stop.load(Ordering::SeqCst) {
             return Ok(());
         }
@@ -509,6 +516,8 @@ enum Refusal {
     NoSpace,
     Unsupported,
     Io(io::Error),
+    /// The export is stopping.
+    Shutdown,
 }
 
 impl Refusal {
@@ -517,6 +526,7 @@ impl Refusal {
             Refusal::Invalid(_) | Refusal::Unsupported => EINVAL,
             Refusal::NoSpace => ENOSPC,
             Refusal::Io(_) => EIO,
+            Refusal::Shutdown => ESHUTDOWN,
         }
     }
 }
@@ -545,6 +555,10 @@ struct Conn<'a> {
     pool: Vec<AlignedBuf>,
     batch: Vec<Req>,
     done: Vec<IoCompletion>,
+    /// The device queue failed with requests possibly still in flight:
+    /// their buffers were leaked (the device may still write them) and the
+    /// connection ends after this batch's replies.
+    broken: bool,
 }
 
 impl<'a> Conn<'a> {
@@ -557,6 +571,7 @@ impl<'a> Conn<'a> {
             pool: Vec::new(),
             batch: Vec::new(),
             done: Vec::new(),
+            broken: false,
         })
     }
 
@@ -685,18 +700,25 @@ impl<'a> Conn<'a> {
         Ok(())
     }
 
-    /// Waits for the volume's throttle.
-    fn admit(&self, bytes: u64) {
+    /// Waits for the volume's throttle; false if the export stops first.
+    fn admit(&self, bytes: u64) -> bool {
         let mut waited = None;
+        let mut admitted = true;
         while let Err(ns) = self.ctx.throttle.admit(bytes) {
             waited.get_or_insert_with(Instant::now);
-            std::thread::sleep(Duration::from_nanos(ns));
+            if self.ctx.stop.load(Ordering::SeqCst) {
+                admitted = false;
+                break;
+            }
+            // In slices, so that a stop is noticed.
+            std::thread::sleep(Duration::from_nanos(ns).min(Duration::from_millis(20)));
         }
         if let Some(t) = waited {
             BlkMetrics::inc(&self.ctx.metrics.throttled_requests);
             let ns = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
             BlkMetrics::add(&self.ctx.metrics.throttled_ns, ns);
         }
+        admitted
     }
 
     /// Carries the batch out: checks, throttle, the data requests all in
@@ -716,11 +738,14 @@ impl<'a> Conn<'a> {
                 self.batch[i].buf = Some(b);
             }
             let r = &self.batch[i];
-            self.admit(if matches!(r.kind, CMD_READ | CMD_WRITE) {
+            let bytes = if matches!(r.kind, CMD_READ | CMD_WRITE) {
                 u64::from(r.len)
             } else {
                 0
-            });
+            };
+            if !self.admit(bytes) {
+                self.batch[i].result = Some(Err(Refusal::Shutdown));
+            }
         }
         // Data requests, all in flight together.
         let mut inflight = 0usize;
@@ -741,10 +766,12 @@ impl<'a> Conn<'a> {
             while !t.share.try_start(&t.share_slot) {
                 // Over the volume's share: let ours finish first.
                 if inflight > 0 {
-                    let _ = self.q.submit();
                     let n = self.reap();
                     if n == 0 {
-                        let _ = self.q.wait();
+                        if let Err(e) = self.q.submit().and_then(|()| self.q.wait()) {
+                            self.fail_unfinished(&e);
+                            return;
+                        }
                     }
                     inflight -= n;
                 } else {
@@ -849,11 +876,17 @@ impl<'a> Conn<'a> {
         n
     }
 
-    /// Ends every request still without an outcome with `e`.
+    /// Ends every request still without an outcome with `e`, after a
+    /// device queue failure: their buffers are leaked, because a request
+    /// may still be in flight on them, and the connection is marked to end.
     fn fail_unfinished(&mut self, e: &io::Error) {
+        self.broken = true;
         for r in &mut self.batch {
             if r.result.is_none() {
                 r.result = Some(Err(Refusal::Io(io::Error::new(e.kind(), e.to_string()))));
+                if let Some(b) = r.buf.take() {
+                    std::mem::forget(b);
+                }
             }
         }
     }
@@ -967,6 +1000,7 @@ impl<'a> Conn<'a> {
                 }
                 Err(Refusal::NoSpace) => BlkMetrics::inc(&m.invalid_requests),
                 Err(Refusal::Unsupported) => BlkMetrics::inc(&m.unsupported_requests),
+                Err(Refusal::Shutdown) => {}
                 Err(Refusal::Io(e)) => {
                     warn!("NBD export {}: {e}", self.ctx.target.name);
                     BlkMetrics::inc(&m.io_errors);
