@@ -8,10 +8,12 @@
 //! receive buffers, protection faults.
 //!
 //! The requester side: SEND and WRITE (with and without immediate) and
-//! READ, split by path MTU; a send window; coalesced ACKs; go-back-N on a
-//! sequence NAK or a timeout with a retry limit; RNR retry after the timer
-//! the peer's RNR NAK names, with verbs' `rnr_retry` limit. Not yet:
-//! atomics.
+//! READ, split by path MTU; 64-bit atomics (compare-and-swap,
+//! fetch-and-add) as requester and responder, a responder replaying the
+//! original value of a duplicate atomic instead of executing it twice; a
+//! send window; coalesced ACKs; go-back-N on a sequence NAK or a timeout
+//! with a retry limit; RNR retry after the timer the peer's RNR NAK names,
+//! with verbs' `rnr_retry` limit.
 
 use std::collections::VecDeque;
 use std::io;
@@ -19,7 +21,7 @@ use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use crate::net::{Piece, RawIo};
-use crate::wire::{self, opcode, Aeth, Bth, Packet, Reth, DEFAULT_PKEY};
+use crate::wire::{self, opcode, Aeth, AtomicEth, Bth, Packet, Reth, DEFAULT_PKEY};
 
 /// A protection domain: QPs reach only memory regions of their own
 /// domain, for the peer's requests (rkeys) and for their own work requests
@@ -68,6 +70,31 @@ pub enum SendOp {
         /// Peer's remote key.
         rkey: u32,
     },
+    /// Atomic compare-and-swap of the 8 bytes at the peer's `remote_va`
+    /// (8-byte aligned): `swap` is stored if they equal `compare`. The
+    /// original value lands in the one 8-byte scatter entry, in host
+    /// byte order, as with verbs.
+    CompareSwap {
+        /// Peer virtual address.
+        remote_va: u64,
+        /// Peer's remote key.
+        rkey: u32,
+        /// Compared with the remote value.
+        compare: u64,
+        /// Stored when they are equal.
+        swap: u64,
+    },
+    /// Atomic fetch-and-add (wrapping) of the 8 bytes at the peer's
+    /// `remote_va` (8-byte aligned); the original value lands in the one
+    /// 8-byte scatter entry.
+    FetchAdd {
+        /// Peer virtual address.
+        remote_va: u64,
+        /// Peer's remote key.
+        rkey: u32,
+        /// Added to the remote value.
+        add: u64,
+    },
 }
 
 /// A send-queue work request, as verbs' `ibv_send_wr` has it.
@@ -94,6 +121,8 @@ pub struct Access {
     pub remote_write: bool,
     /// The remote side may read.
     pub remote_read: bool,
+    /// The remote side may run atomics on it.
+    pub remote_atomic: bool,
 }
 
 /// Registered memory, owned by the engine.
@@ -202,6 +231,10 @@ pub enum WcOpcode {
     RdmaWrite,
     /// An RDMA READ of ours has all its data.
     RdmaRead,
+    /// An atomic compare-and-swap of ours returned the original value.
+    CompSwap,
+    /// An atomic fetch-and-add of ours returned the original value.
+    FetchAdd,
 }
 
 /// Work completion status.
@@ -322,6 +355,10 @@ pub struct QueuePair {
     /// A coalesced ACK not sent yet: the PSN it covers, requests it
     /// covers, and when it must go.
     ack_due: Option<(u32, u32, Instant)>,
+    /// The original values of the latest atomics this QP executed as
+    /// responder, by PSN: a duplicate request (its ACK was lost) gets the
+    /// same answer again instead of running twice.
+    atomic_replies: VecDeque<(u32, u64)>,
     /// Where completions of this QP's send queue go.
     send_cq: CqId,
     /// Where completions of its receive queue go.
@@ -347,7 +384,7 @@ impl QueuePair {
                 .chain(self.pending_tx.drain(..))
                 .filter_map(|o| o.completes.map(|w| (w, o.kind))),
         );
-        out.extend(self.reads.drain(..).map(|r| (r.wr_id, WcOpcode::RdmaRead)));
+        out.extend(self.reads.drain(..).map(|r| (r.wr_id, r.kind)));
         out
     }
 
@@ -376,6 +413,7 @@ impl QueuePair {
             pd: Pd::DEFAULT,
             nak_sent: false,
             ack_due: None,
+            atomic_replies: VecDeque::new(),
             send_cq: CqId::DEFAULT,
             recv_cq: CqId::DEFAULT,
         }
@@ -451,6 +489,8 @@ impl Outstanding {
 #[derive(Debug, Clone)]
 struct PendingRead {
     wr_id: u64,
+    /// `RdmaRead`, or the atomic whose ACK carries the original value.
+    kind: WcOpcode,
     first_psn: u32,
     packets: u32,
     received: u32,
@@ -660,6 +700,9 @@ fn place_read_response(
 ) -> Result<Option<u32>, Slow> {
     use opcode::*;
     let r = qp.reads.front().ok_or(Slow::NotPlaceable)?;
+    if r.kind != WcOpcode::RdmaRead {
+        return Err(Slow::OutOfSequence);
+    }
     let expect = psn_add(r.first_psn, r.received);
     if pkt.bth.psn != expect {
         return Err(if wire::psn_before(pkt.bth.psn, expect) {
@@ -707,6 +750,44 @@ fn place_read_response(
     Ok(Some(pkt.bth.psn))
 }
 
+/// Places an ATOMIC ACKNOWLEDGE: the original value of the atomic at the
+/// front of the QP's outstanding READs and atomics (same PSN) goes to its
+/// scatter entry, in host byte order. Returns the PSN it acknowledges.
+fn place_atomic_ack(
+    qp: &mut QueuePair,
+    mrs: &mut [MemoryRegion],
+    pkt: &Packet<'_>,
+    cq: &mut VecDeque<Completion>,
+) -> Result<u32, Slow> {
+    let r = qp.reads.front().ok_or(Slow::NotPlaceable)?;
+    if pkt.bth.psn != r.first_psn {
+        return Err(if wire::psn_before(pkt.bth.psn, r.first_psn) {
+            Slow::Duplicate
+        } else {
+            Slow::OutOfSequence
+        });
+    }
+    if !matches!(r.kind, WcOpcode::CompSwap | WcOpcode::FetchAdd) {
+        return Err(Slow::OutOfSequence);
+    }
+    let orig = pkt.atomic_ack.ok_or(Slow::NotPlaceable)?;
+    let sges = r.sges.clone();
+    scatter(mrs, &sges, 0, &orig.to_ne_bytes())?;
+    let r = qp.reads.pop_front().expect("checked above");
+    if !r.quiet {
+        cq.push_back(Completion {
+            wr_id: r.wr_id,
+            opcode: r.kind,
+            status: WcStatus::Success,
+            byte_len: 8,
+            imm: None,
+            qpn: qp.qpn,
+            path: PathKind::Fast,
+        });
+    }
+    Ok(pkt.bth.psn)
+}
+
 /// Fuzzing entry: feeds arbitrary bytes to the parser and, when they
 /// parse, to the fast path of a connected QP with posted receives and a
 /// writable region, and checks that nothing lands outside the region or
@@ -737,6 +818,7 @@ pub fn fuzz_receive(data: &[u8]) {
             remote_write: true,
             remote_read: true,
             local_write: true,
+            remote_atomic: false,
         },
         va: 0x10000,
         pd: Pd::DEFAULT,
@@ -793,6 +875,11 @@ pub struct PathStats {
     /// lost packets, which the protocol's timers recover or turn into
     /// `RetryExceeded` for that queue pair alone.
     pub send_errors: u64,
+    /// Atomic requests executed as responder (duplicates answered from
+    /// the replay list are not counted).
+    pub atomics: u64,
+    /// Duplicate atomic requests answered from the replay list.
+    pub atomic_replays: u64,
 }
 
 impl PathStats {
@@ -855,6 +942,15 @@ const ACK_UNLIMITED: u8 = 0x1f;
 /// NAK syndromes.
 const NAK_PSN_SEQ: u8 = 0x60;
 const NAK_REMOTE_ACCESS: u8 = 0x62;
+const NAK_INVALID_REQUEST: u8 = 0x61;
+/// Atomics a QP remembers the answer of as responder, for duplicates: as
+/// many as a requester may have outstanding (rdma_rxe's perftest runs
+/// with 128).
+const ATOMIC_REPLAY: usize = 128;
+/// Atomics a QP has unacknowledged at most as requester (verbs'
+/// `max_rd_atomic`), so that a responder remembering as few as 16 answers
+/// can still replay any of them.
+const MAX_RD_ATOMIC: usize = 16;
 /// RNR NAK with a short timer.
 const RNR_NAK: u8 = 0x20 | 0x01;
 
@@ -1128,12 +1224,22 @@ impl Engine {
                     && (!write || m.access.local_write || m.access.remote_write)
             })
         };
-        let is_read = matches!(wr.op, SendOp::Read { .. });
-        let ok = wr.sg_list.iter().all(|e| usable(e, &self.mrs, is_read));
+        let atomic = matches!(wr.op, SendOp::CompareSwap { .. } | SendOp::FetchAdd { .. });
+        let writes_local = atomic || matches!(wr.op, SendOp::Read { .. });
+        let mut ok = wr
+            .sg_list
+            .iter()
+            .all(|e| usable(e, &self.mrs, writes_local));
+        if atomic {
+            // The original value: exactly one 8-byte entry.
+            ok &= matches!(wr.sg_list[..], [Sge { len: 8, .. }]);
+        }
         let kind = match wr.op {
             SendOp::Send { .. } => WcOpcode::Send,
             SendOp::Write { .. } => WcOpcode::RdmaWrite,
             SendOp::Read { .. } => WcOpcode::RdmaRead,
+            SendOp::CompareSwap { .. } => WcOpcode::CompSwap,
+            SendOp::FetchAdd { .. } => WcOpcode::FetchAdd,
         };
         if !ok {
             self.refuse(qp, wr.wr_id, kind);
@@ -1143,6 +1249,33 @@ impl Engine {
         match wr.op {
             SendOp::Read { remote_va, rkey } => {
                 self.read(qp, wr.wr_id, wr.sg_list, remote_va, rkey, quiet)
+            }
+            SendOp::CompareSwap {
+                remote_va,
+                rkey,
+                compare,
+                swap,
+            } => {
+                let eth = AtomicEth {
+                    va: remote_va,
+                    rkey,
+                    swap_add: swap,
+                    compare,
+                };
+                self.atomic(qp, wr.wr_id, kind, wr.sg_list, eth, quiet)
+            }
+            SendOp::FetchAdd {
+                remote_va,
+                rkey,
+                add,
+            } => {
+                let eth = AtomicEth {
+                    va: remote_va,
+                    rkey,
+                    swap_add: add,
+                    compare: 0,
+                };
+                self.atomic(qp, wr.wr_id, kind, wr.sg_list, eth, quiet)
             }
             SendOp::Send { imm } | SendOp::Write { imm, .. } => {
                 let total: usize = wr.sg_list.iter().map(|e| e.len).sum();
@@ -1541,6 +1674,66 @@ impl Engine {
         )
     }
 
+    /// Posts an atomic fetch-and-add of `add` to the 8 bytes at the peer's
+    /// `remote_va` (8-byte aligned); the original value lands at `offset`
+    /// in local region `mr`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn post_fetch_add(
+        &mut self,
+        qp: usize,
+        wr_id: u64,
+        mr: usize,
+        offset: usize,
+        remote_va: u64,
+        rkey: u32,
+        add: u64,
+    ) -> io::Result<()> {
+        self.post(
+            qp,
+            SendWr {
+                wr_id,
+                op: SendOp::FetchAdd {
+                    remote_va,
+                    rkey,
+                    add,
+                },
+                sg_list: vec![Sge { mr, offset, len: 8 }],
+                signaled: true,
+            },
+        )
+    }
+
+    /// Posts an atomic compare-and-swap of the 8 bytes at the peer's
+    /// `remote_va` (8-byte aligned); the original value lands at `offset`
+    /// in local region `mr`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn post_compare_swap(
+        &mut self,
+        qp: usize,
+        wr_id: u64,
+        mr: usize,
+        offset: usize,
+        remote_va: u64,
+        rkey: u32,
+        compare: u64,
+        swap: u64,
+    ) -> io::Result<()> {
+        self.post(
+            qp,
+            SendWr {
+                wr_id,
+                op: SendOp::CompareSwap {
+                    remote_va,
+                    rkey,
+                    compare,
+                    swap,
+                },
+                sg_list: vec![Sge { mr, offset, len: 8 }],
+                signaled: true,
+            },
+        )
+    }
+
     fn read(
         &mut self,
         qp: usize,
@@ -1580,11 +1773,57 @@ impl Engine {
         ));
         q.reads.push_back(PendingRead {
             wr_id,
+            kind: WcOpcode::RdmaRead,
             first_psn: psn,
             packets,
             received: 0,
             sges,
             len,
+            quiet,
+        });
+        self.flush_tx(qp)
+    }
+
+    /// Posts an atomic request (one packet); its ATOMIC ACKNOWLEDGE
+    /// carries the original value into `sges`.
+    fn atomic(
+        &mut self,
+        qp: usize,
+        wr_id: u64,
+        kind: WcOpcode,
+        sges: Vec<Sge>,
+        eth: AtomicEth,
+        quiet: bool,
+    ) -> io::Result<()> {
+        let q = &mut self.qps[qp];
+        let psn = q.sq_psn;
+        q.sq_psn = psn_add(psn, 1);
+        let op = if kind == WcOpcode::CompSwap {
+            opcode::COMPARE_SWAP
+        } else {
+            opcode::FETCH_ADD
+        };
+        let pkt = Packet {
+            bth: header(op, q.remote_qpn, psn, true),
+            reth: None,
+            aeth: None,
+            imm: None,
+            atomic: Some(eth),
+            atomic_ack: None,
+            payload: &[],
+            icrc: 0,
+        };
+        let buf = encode(&pkt)?;
+        q.pending_tx
+            .push_back(Outstanding::whole(psn, None, kind, quiet, buf));
+        q.reads.push_back(PendingRead {
+            wr_id,
+            kind,
+            first_psn: psn,
+            packets: 1,
+            received: 0,
+            sges,
+            len: 8,
             quiet,
         });
         self.flush_tx(qp)
@@ -1596,10 +1835,22 @@ impl Engine {
         let rto = self.rto;
         let q = &mut self.qps[qi];
         let first = q.unacked.len();
+        let is_atomic = |o: &Outstanding| matches!(o.kind, WcOpcode::CompSwap | WcOpcode::FetchAdd);
+        let mut atomics = q.unacked.iter().filter(|o| is_atomic(o)).count();
         while q.unacked.len() < window {
+            // At most MAX_RD_ATOMIC atomics unacknowledged, so that the
+            // responder still remembers the answer to any of them that
+            // must be sent again (verbs' max_rd_atomic).
+            if q.pending_tx
+                .front()
+                .is_some_and(|o| is_atomic(o) && atomics >= MAX_RD_ATOMIC)
+            {
+                break;
+            }
             let Some(o) = q.pending_tx.pop_front() else {
                 break;
             };
+            atomics += usize::from(is_atomic(&o));
             q.unacked.push_back(o);
         }
         if q.unacked.len() == first {
@@ -1718,7 +1969,7 @@ impl Engine {
             .iter()
             .chain(q.pending_tx.iter())
             .filter_map(|o| o.completes.map(|w| (w, o.kind)))
-            .chain(q.reads.iter().map(|r| (r.wr_id, WcOpcode::RdmaRead)))
+            .chain(q.reads.iter().map(|r| (r.wr_id, r.kind)))
             .collect();
         q.unacked.clear();
         q.pending_tx.clear();
@@ -1839,6 +2090,107 @@ impl Engine {
             q.rto_at = (!q.unacked.is_empty()).then(|| Instant::now() + self.rto);
         }
         self.flush_tx(qi)
+    }
+
+    /// Executes an atomic request (software path): checks the sequence,
+    /// the key, the right, the alignment and the bounds, runs it on the
+    /// region's 8 bytes (host byte order), and answers with an ATOMIC
+    /// ACKNOWLEDGE carrying the original value. A duplicate is answered
+    /// from the QP's replay list, never executed again.
+    fn respond_atomic(&mut self, qi: usize, pkt: &Packet<'_>) -> io::Result<()> {
+        let q = &self.qps[qi];
+        let psn = pkt.bth.psn;
+        if wire::psn_before(psn, q.epsn) {
+            let replay = q
+                .atomic_replies
+                .iter()
+                .find(|(p, _)| *p == psn)
+                .map(|(_, orig)| *orig);
+            return match replay {
+                Some(orig) => {
+                    self.stats.atomic_replays += 1;
+                    self.send_atomic_ack(qi, psn, orig)
+                }
+                // Too old to remember: the requester has moved on.
+                None => Ok(()),
+            };
+        }
+        if psn != q.epsn {
+            let e = q.epsn;
+            if self.qps[qi].nak_sent {
+                return Ok(());
+            }
+            self.qps[qi].nak_sent = true;
+            return self.send_ack(qi, psn_add(e, 0x00ff_ffff), NAK_PSN_SEQ);
+        }
+        let Some(eth) = pkt.atomic else {
+            return Ok(());
+        };
+        let pd = q.pd;
+        let region = self
+            .mrs
+            .iter()
+            .position(|m| m.rkey == eth.rkey && m.pd == pd && m.access.remote_atomic)
+            .and_then(|i| {
+                let m = &self.mrs[i];
+                let off = usize::try_from(eth.va.checked_sub(m.va)?).ok()?;
+                off.checked_add(8)
+                    .is_some_and(|e| e <= m.buf.len())
+                    .then_some((i, off))
+            });
+        let e = q.epsn;
+        let Some((mi, off)) = region else {
+            self.qps[qi].state = QpState::Error;
+            return self.send_ack(qi, e, NAK_REMOTE_ACCESS);
+        };
+        if eth.va % 8 != 0 {
+            self.qps[qi].state = QpState::Error;
+            return self.send_ack(qi, e, NAK_INVALID_REQUEST);
+        }
+        let cell = &mut self.mrs[mi].buf[off..off + 8];
+        let orig = u64::from_ne_bytes(cell.try_into().expect("8 bytes"));
+        let new = if pkt.bth.opcode == opcode::COMPARE_SWAP {
+            if orig == eth.compare {
+                eth.swap_add
+            } else {
+                orig
+            }
+        } else {
+            orig.wrapping_add(eth.swap_add)
+        };
+        cell.copy_from_slice(&new.to_ne_bytes());
+        let q = &mut self.qps[qi];
+        q.msn = psn_add(q.msn, 1);
+        q.epsn = psn_add(q.epsn, 1);
+        q.nak_sent = false;
+        if q.atomic_replies.len() == ATOMIC_REPLAY {
+            q.atomic_replies.pop_front();
+        }
+        q.atomic_replies.push_back((psn, orig));
+        self.stats.atomics += 1;
+        self.send_atomic_ack(qi, psn, orig)
+    }
+
+    fn send_atomic_ack(&mut self, qi: usize, psn: u32, orig: u64) -> io::Result<()> {
+        let q = &self.qps[qi];
+        let pkt = Packet {
+            bth: header(opcode::ATOMIC_ACKNOWLEDGE, q.remote_qpn, psn, false),
+            reth: None,
+            aeth: Some(Aeth {
+                syndrome: ACK_UNLIMITED,
+                msn: q.msn,
+            }),
+            imm: None,
+            atomic: None,
+            atomic_ack: Some(orig),
+            payload: &[],
+            icrc: 0,
+        };
+        let mut buf = encode(&pkt)?;
+        let (ip, port) = (q.remote_ip, q.src_port);
+        let sent = self.io.send(ip, port, &mut buf);
+        self.stats.note_send(sent);
+        Ok(())
     }
 
     /// Answers an RDMA READ request (software path): checks the key, the
@@ -2056,6 +2408,19 @@ impl Engine {
             }
             return Ok(());
         }
+        if pkt.bth.opcode == opcode::ATOMIC_ACKNOWLEDGE {
+            let (qps, mrs, cq) = (&mut self.qps, &mut self.mrs, &mut self.staged);
+            match place_atomic_ack(&mut qps[qi], mrs, &pkt, cq) {
+                Ok(psn) => {
+                    self.stats.fast_packets += 1;
+                    self.stats.fast_bytes += 8;
+                    // It acknowledges every earlier request too.
+                    self.acknowledge(qi, psn)?;
+                }
+                Err(_) => self.stats.slow_packets += 1,
+            }
+            return Ok(());
+        }
         let (qps, mrs, cq) = (&mut self.qps, &mut self.mrs, &mut self.staged);
         match place(&mut qps[qi], mrs, &pkt, cq) {
             Ok(Placed::Done { psn, ack_req }) => {
@@ -2099,7 +2464,7 @@ impl Engine {
                                 .unacked
                                 .iter()
                                 .find_map(|o| o.completes.map(|w| (w, o.kind)))
-                                .or_else(|| q.reads.front().map(|r| (r.wr_id, WcOpcode::RdmaRead)));
+                                .or_else(|| q.reads.front().map(|r| (r.wr_id, r.kind)));
                             q.unacked.clear();
                             q.reads.clear();
                             if let Some((wr_id, kind)) = failed {
@@ -2141,6 +2506,7 @@ impl Engine {
                 Ok(())
             }
             (opcode::READ_REQUEST, _) => self.respond_read(qi, pkt),
+            (opcode::COMPARE_SWAP | opcode::FETCH_ADD, _) => self.respond_atomic(qi, pkt),
             (_, Slow::Duplicate) => {
                 // Already placed: acknowledge everything received so far
                 // again, place nothing.
@@ -2192,6 +2558,7 @@ mod tests {
                 local_write: true,
                 remote_write: write,
                 remote_read: false,
+                remote_atomic: false,
             },
             va: 0x1000,
             pd: Pd::DEFAULT,

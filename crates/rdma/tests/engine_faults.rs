@@ -80,6 +80,7 @@ fn under_faults(gso: bool) {
                 remote_write: true,
                 remote_read: false,
                 local_write: true,
+                remote_atomic: false,
             },
         );
         // Receive buffers need local write access, as in verbs.

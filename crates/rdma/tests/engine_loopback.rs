@@ -56,6 +56,7 @@ fn write_read_and_protection_between_two_engines() {
                 remote_write: true,
                 remote_read: true,
                 local_write: true,
+                remote_atomic: false,
             },
         );
         let ro = a.reg_mr(
@@ -64,6 +65,7 @@ fn write_read_and_protection_between_two_engines() {
                 remote_write: false,
                 remote_read: true,
                 local_write: true,
+                remote_atomic: false,
             },
         );
         let mb = b.reg_mr(
@@ -72,6 +74,7 @@ fn write_read_and_protection_between_two_engines() {
                 remote_write: true,
                 remote_read: true,
                 local_write: true,
+                remote_atomic: false,
             },
         );
         let (va_a, rkey_a) = (a.mr(ma).va, a.mr(ma).rkey);
@@ -226,6 +229,7 @@ fn rnr_retry_waits_for_the_receive_and_gives_up_when_told() {
             remote_write: true,
             remote_read: true,
             local_write: true,
+            remote_atomic: false,
         };
         let (ma, mb) = (a.reg_mr(8192, rw), b.reg_mr(8192, rw));
         a.fill(ma, 0, b"not ready yet");
@@ -301,6 +305,7 @@ fn protection_domains_sgl_unsignaled_and_the_cq_eventfd() {
             local_write: true,
             remote_write: true,
             remote_read: true,
+            remote_atomic: false,
         };
         let (m1, m2) = (a.reg_mr_in(pa, 4096, rw), a.reg_mr_in(pa, 4096, rw));
         let mb = b.reg_mr_in(pb, 8192, rw);
@@ -547,6 +552,7 @@ fn progress_threads_let_applications_block_instead_of_polling() {
             remote_write: false,
             remote_read: false,
             local_write: true,
+            remote_atomic: false,
         };
         let (ma, mb) = (a.reg_mr(16384, access), b.reg_mr(16384, access));
         let message: Vec<u8> = (0..9000u32).map(|i| (i % 253) as u8).collect();
@@ -617,6 +623,7 @@ fn a_large_read_arrives_whole() {
             remote_write: false,
             remote_read: true,
             local_write: true,
+            remote_atomic: false,
         };
         let (ma, mb) = (a.reg_mr(256 << 10, rw), b.reg_mr(256 << 10, rw));
         let pattern: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
@@ -657,6 +664,7 @@ fn an_unreachable_peer_fails_its_queue_pair_not_the_engine() {
                 remote_write: false,
                 remote_read: false,
                 local_write: true,
+                remote_atomic: false,
             },
         );
         a.post_send(qa, 41, ma, 0, 6000)
@@ -717,6 +725,7 @@ fn queue_pairs_complete_into_the_queues_they_were_created_with() {
             remote_write: true,
             remote_read: true,
             local_write: true,
+            remote_atomic: false,
         };
         let (ma, mb) = (a.reg_mr(8192, access), b.reg_mr(8192, access));
         let (va_a, rkey_a) = (a.mr(ma).va, a.mr(ma).rkey);
@@ -830,6 +839,160 @@ fn queue_pairs_complete_into_the_queues_they_were_created_with() {
         assert_eq!((c.wr_id, c.status), (10, WcStatus::Flushed));
         assert!(b.lock().cq.is_empty());
         b.stop().unwrap();
+    });
+    t.join().unwrap();
+}
+
+/// Atomics between two engines: fetch-and-add and compare-and-swap return
+/// the original value into the requester's region and change the
+/// responder's 8 bytes; a region without the atomic right, and a
+/// misaligned address, fail the request and nothing changes; under
+/// dropped, duplicated and reordered packets every atomic runs exactly
+/// once (duplicates are answered from the replay list).
+#[test]
+fn atomics_run_once_and_return_the_original_value() {
+    use softcard_rdma::net::Faults;
+
+    let ns = softcard_testkit::Netns::new("lo");
+    let t = std::thread::spawn(move || {
+        ns.enter();
+        let (mut a, mut b, qa, _qb) = connected(0x100, 0x200, 1000, 2000);
+        let atomic = Access {
+            remote_write: false,
+            remote_read: false,
+            local_write: true,
+            remote_atomic: true,
+        };
+        let (ma, mb) = (a.reg_mr(4096, atomic), b.reg_mr(4096, atomic));
+        let (va, rkey) = (b.mr(mb).va, b.mr(mb).rkey);
+        b.fill(mb, 8, &40u64.to_ne_bytes());
+        let word = |e: &Engine, mr: usize, at: usize| {
+            u64::from_ne_bytes(e.mr(mr).bytes()[at..at + 8].try_into().unwrap())
+        };
+
+        a.post_fetch_add(qa, 1, ma, 0, va + 8, rkey, 2).unwrap();
+        let c = pump(&mut a, &mut b, 0);
+        assert_eq!(
+            (c.wr_id, c.opcode, c.status, c.byte_len),
+            (1, WcOpcode::FetchAdd, WcStatus::Success, 8)
+        );
+        assert_eq!(word(&a, ma, 0), 40, "original value");
+        assert_eq!(word(&b, mb, 8), 42);
+
+        // Compare-and-swap: equal swaps, unequal leaves it.
+        a.post_compare_swap(qa, 2, ma, 16, va + 8, rkey, 42, 7)
+            .unwrap();
+        let c = pump(&mut a, &mut b, 0);
+        assert_eq!(
+            (c.wr_id, c.opcode, c.status),
+            (2, WcOpcode::CompSwap, WcStatus::Success)
+        );
+        assert_eq!((word(&a, ma, 16), word(&b, mb, 8)), (42, 7));
+        a.post_compare_swap(qa, 3, ma, 24, va + 8, rkey, 42, 99)
+            .unwrap();
+        let c = pump(&mut a, &mut b, 0);
+        assert_eq!((c.wr_id, c.status), (3, WcStatus::Success));
+        assert_eq!((word(&a, ma, 24), word(&b, mb, 8)), (7, 7));
+
+        // Exactly once under faults on both sides: 200 fetch-adds of 3.
+        let faults = |seed| Faults {
+            seed,
+            drop_ppm: 100_000,
+            dup_ppm: 100_000,
+            reorder_ppm: 50_000,
+            corrupt_ppm: 20_000,
+        };
+        a.set_faults(faults(5));
+        b.set_faults(faults(9));
+        a.rto = Duration::from_millis(5);
+        let before = b.stats;
+        let mut got = Vec::new();
+        for i in 0..200u64 {
+            a.post_fetch_add(qa, 100 + i, ma, 64 + 8 * i as usize, va + 8, rkey, 3)
+                .unwrap();
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while got.len() < 200 {
+            a.poll(Duration::from_millis(1)).unwrap();
+            b.poll(Duration::from_millis(1)).unwrap();
+            while let Some(c) = a.cq.pop_front() {
+                assert_eq!(c.status, WcStatus::Success, "{c:?}");
+                got.push(c.wr_id);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} of 200 atomics done",
+                got.len()
+            );
+        }
+        assert_eq!(
+            word(&b, mb, 8),
+            7 + 600,
+            "an atomic ran twice or not at all"
+        );
+        // The originals are 7, 10, ..., each seen once, in posting order.
+        let originals: Vec<u64> = (0..200).map(|i| word(&a, ma, 64 + 8 * i)).collect();
+        assert_eq!(originals, (0..200).map(|i| 7 + 3 * i).collect::<Vec<u64>>());
+        assert_eq!(b.stats.atomics - before.atomics, 200);
+        assert!(
+            b.stats.atomic_replays > before.atomic_replays,
+            "no duplicate reached the replay list: {:?}",
+            b.stats
+        );
+        a.set_faults(Faults::default());
+        b.set_faults(Faults::default());
+
+        // No atomic right: a remote access error, nothing changed.
+        let plain = b.reg_mr(
+            64,
+            Access {
+                remote_write: true,
+                remote_read: true,
+                local_write: true,
+                remote_atomic: false,
+            },
+        );
+        let (pva, prkey) = (b.mr(plain).va, b.mr(plain).rkey);
+        a.post_fetch_add(qa, 9, ma, 0, pva, prkey, 1).unwrap();
+        let c = pump(&mut a, &mut b, 0);
+        assert_eq!((c.wr_id, c.status), (9, WcStatus::RemoteAccessError));
+        assert_eq!(word(&b, plain, 0), 0);
+        assert!(b.mr(plain).bytes().iter().all(|&x| x == 0));
+        assert_eq!(a.qp_state(qa), QpState::Error);
+
+        // Misaligned: an invalid request (on a fresh pair).
+        drop((a, b));
+        let (mut a, mut b, qa, _) = connected(0x101, 0x201, 5, 6);
+        let (ma, mb) = (a.reg_mr(64, atomic), b.reg_mr(64, atomic));
+        let (va, rkey) = (b.mr(mb).va, b.mr(mb).rkey);
+        a.post_fetch_add(qa, 10, ma, 0, va + 4, rkey, 1).unwrap();
+        let c = pump(&mut a, &mut b, 0);
+        assert_eq!((c.wr_id, c.status), (10, WcStatus::RemoteInvalidRequest));
+        assert!(b.mr(mb).bytes().iter().all(|&x| x == 0));
+        // A local entry that is not 8 bytes is refused before sending.
+        drop((a, b));
+        let (mut a, _b, qa, _) = connected(0x102, 0x202, 5, 6);
+        let ma = a.reg_mr(64, atomic);
+        a.post(
+            qa,
+            softcard_rdma::rc::SendWr {
+                wr_id: 11,
+                op: softcard_rdma::rc::SendOp::FetchAdd {
+                    remote_va: va,
+                    rkey,
+                    add: 1,
+                },
+                sg_list: vec![softcard_rdma::rc::Sge {
+                    mr: ma,
+                    offset: 0,
+                    len: 4,
+                }],
+                signaled: true,
+            },
+        )
+        .unwrap();
+        let c = a.cq.pop_front().unwrap();
+        assert_eq!((c.wr_id, c.status), (11, WcStatus::LocalProtectionError));
     });
     t.join().unwrap();
 }

@@ -319,6 +319,7 @@ fn pingpong(
             remote_write: true,
             remote_read: false,
             local_write: true,
+            remote_atomic: false,
         },
     );
     for i in 0..ITERS {
@@ -352,7 +353,11 @@ fn pingpong(
                     }
                 }
                 WcOpcode::Send => out.sends_acked += 1,
-                WcOpcode::RecvRdmaWithImm | WcOpcode::RdmaWrite | WcOpcode::RdmaRead => {}
+                WcOpcode::RecvRdmaWithImm
+                | WcOpcode::RdmaWrite
+                | WcOpcode::RdmaRead
+                | WcOpcode::CompSwap
+                | WcOpcode::FetchAdd => {}
             }
         }
     }
@@ -487,13 +492,15 @@ $B ip link set eth0 up
 $B ip addr add 10.77.0.2/24 dev eth0
 /usr/bin/rdma link add rxe0 type rxe netdev eth0 || echo "SOFTCARD-FAIL rdma link add"
 $B sleep 1
-for t in write read; do
-  /usr/bin/ib_${t}_bw -d rxe0 -x 1 -s 65536 -n 100 -F 10.77.0.1 > /tmp/$t.log 2>&1
+for t in write read atomic; do
+  size="-s 65536"; [ $t = atomic ] && size=""
+  /usr/bin/ib_${t}_bw -d rxe0 -x 1 $size -n 100 -F 10.77.0.1 > /tmp/$t.log 2>&1
   echo "SOFTCARD-PERF-client-$t rc=$?"
   $B sed "s/^/SOFTCARD-LOG-client-$t /" /tmp/$t.log
 done
-for t in write read; do
-  /usr/bin/ib_${t}_bw -d rxe0 -x 1 -s 65536 -n 100 -F > /tmp/$t.log 2>&1
+for t in write read atomic; do
+  size="-s 65536"; [ $t = atomic ] && size=""
+  /usr/bin/ib_${t}_bw -d rxe0 -x 1 $size -n 100 -F > /tmp/$t.log 2>&1
   echo "SOFTCARD-PERF-server-$t rc=$?"
   $B sed "s/^/SOFTCARD-LOG-server-$t /" /tmp/$t.log
 done
@@ -565,6 +572,8 @@ struct PerftestRun {
 enum Verb {
     Write,
     Read,
+    /// perftest's default atomic: FETCH_AND_ADD of 8 bytes.
+    Atomic,
 }
 
 const PERFTEST_ITERS: u64 = 100;
@@ -626,7 +635,11 @@ fn perftest_peer(
     if let Some(verb) = drive {
         let (bw, rate) = perftest_run(eng, qp, mr, verb, peer_va, peer_rkey as u32);
         ours = [
-            PERFTEST_SIZE as u64,
+            if verb == Verb::Atomic {
+                8
+            } else {
+                PERFTEST_SIZE as u64
+            },
             PERFTEST_ITERS,
             bw.to_bits(),
             bw.to_bits(),
@@ -683,6 +696,9 @@ fn perftest_run(
                 Verb::Read => eng
                     .post_read(qp, posted, mr, 0, PERFTEST_SIZE, peer_va, peer_rkey)
                     .unwrap(),
+                Verb::Atomic => eng
+                    .post_fetch_add(qp, posted, mr, 8 * posted as usize, peer_va, peer_rkey, 1)
+                    .unwrap(),
             }
             posted += 1;
             inflight += 1;
@@ -690,21 +706,30 @@ fn perftest_run(
         eng.poll(Duration::from_millis(1)).unwrap();
         while let Some(c) = eng.cq.pop_front() {
             assert_eq!(c.status, WcStatus::Success, "{c:?}");
-            assert!(matches!(c.opcode, WcOpcode::RdmaWrite | WcOpcode::RdmaRead));
+            assert!(matches!(
+                c.opcode,
+                WcOpcode::RdmaWrite | WcOpcode::RdmaRead | WcOpcode::FetchAdd
+            ));
             done += 1;
             inflight -= 1;
         }
     }
     let secs = start.elapsed().as_secs_f64();
-    let bytes = (PERFTEST_ITERS as usize * PERFTEST_SIZE) as f64;
+    let size = if verb == Verb::Atomic {
+        8
+    } else {
+        PERFTEST_SIZE
+    };
+    let bytes = (PERFTEST_ITERS as usize * size) as f64;
     (
         bytes / secs / f64::from(1 << 20),
         PERFTEST_ITERS as f64 / secs / 1e6,
     )
 }
 
-/// perftest against the engine, both directions: `ib_write_bw` and
-/// `ib_read_bw` (100 messages of 64 KiB, 1024-byte MTU) on rdma_rxe in the
+/// perftest against the engine, both directions: `ib_write_bw`,
+/// `ib_read_bw` (100 messages of 64 KiB, 1024-byte MTU) and `ib_atomic_bw`
+/// (100 fetch-and-adds of 8 bytes) on rdma_rxe in the
 /// guest, first as clients of a server built on this crate's engine (the
 /// guest's rxe writes into and reads from a region the engine registered),
 /// then as servers that the engine drives (it writes into and reads from
@@ -721,13 +746,17 @@ fn perftest_write_and_read_bandwidth_against_our_engine() {
         &kernel,
         PERFTEST_INIT,
         dir.path(),
-        &["/usr/bin/ib_write_bw", "/usr/bin/ib_read_bw"],
+        &[
+            "/usr/bin/ib_write_bw",
+            "/usr/bin/ib_read_bw",
+            "/usr/bin/ib_atomic_bw",
+        ],
     );
 
     let ns = std::sync::Arc::new(tap_netns("pf"));
     let host = on_host(&ns, move |mut eng, tcp| {
         let mut runs = Vec::new();
-        for (i, verb) in ["write", "read"].into_iter().enumerate() {
+        for (i, verb) in ["write", "read", "atomic"].into_iter().enumerate() {
             let (mut c, _) = tcp.accept().unwrap();
             let mr = eng.reg_mr(
                 1 << 20,
@@ -735,6 +764,7 @@ fn perftest_write_and_read_bandwidth_against_our_engine() {
                     remote_write: true,
                     remote_read: true,
                     local_write: true,
+                    remote_atomic: true,
                 },
             );
             let before = eng.stats;
@@ -742,7 +772,10 @@ fn perftest_write_and_read_bandwidth_against_our_engine() {
             runs.push(("guest-client", verb, run, before, eng.stats));
         }
         // Guest as server: we connect when it listens, and drive.
-        for (i, verb) in [Verb::Write, Verb::Read].into_iter().enumerate() {
+        for (i, verb) in [Verb::Write, Verb::Read, Verb::Atomic]
+            .into_iter()
+            .enumerate()
+        {
             let mut c = connect_when_listening();
             let mr = eng.reg_mr(
                 1 << 20,
@@ -750,11 +783,16 @@ fn perftest_write_and_read_bandwidth_against_our_engine() {
                     remote_write: true,
                     remote_read: true,
                     local_write: true,
+                    remote_atomic: true,
                 },
             );
             let before = eng.stats;
             let run = perftest_peer(&mut eng, &mut c, 0x51 + i as u32, mr, Some(verb));
-            let name = if verb == Verb::Write { "write" } else { "read" };
+            let name = match verb {
+                Verb::Write => "write",
+                Verb::Read => "read",
+                Verb::Atomic => "atomic",
+            };
             runs.push(("guest-server", name, run, before, eng.stats));
         }
         runs
@@ -766,7 +804,7 @@ fn perftest_write_and_read_bandwidth_against_our_engine() {
     assert!(!console.contains("SOFTCARD-FAIL"), "{console}");
     let runs = host.join().unwrap();
     for role in ["client", "server"] {
-        for t in ["write", "read"] {
+        for t in ["write", "read", "atomic"] {
             assert!(
                 console.contains(&format!("SOFTCARD-PERF-{role}-{t} rc=0")),
                 "guest ib_{t}_bw as {role} failed:\n{console}"
@@ -785,6 +823,13 @@ fn perftest_write_and_read_bandwidth_against_our_engine() {
                     "READ responses placed: {before:?} -> {after:?}"
                 );
             }
+            if *verb == "atomic" {
+                // Every fetch-and-add's original value came back placed.
+                assert!(
+                    after.fast_bytes - before.fast_bytes >= 100 * 8,
+                    "atomic ACKs placed: {before:?} -> {after:?}"
+                );
+            }
             continue;
         }
         assert!(run.iters >= PERFTEST_ITERS, "{verb}: {run:?}");
@@ -795,6 +840,12 @@ fn perftest_write_and_read_bandwidth_against_our_engine() {
             // Every WRITE packet went through the placement fast path.
             assert!(
                 after.fast_bytes - before.fast_bytes >= payload,
+                "{verb}: {before:?} -> {after:?}"
+            );
+        } else if *verb == "atomic" {
+            // rxe's fetch-and-adds ran here, each once.
+            assert!(
+                after.atomics - before.atomics >= PERFTEST_ITERS,
                 "{verb}: {before:?} -> {after:?}"
             );
         } else {

@@ -957,6 +957,7 @@ mod rdma_bench {
                 remote_write: true,
                 remote_read: true,
                 local_write: true,
+                remote_atomic: false,
             },
         );
         Ok((e, qp, mr))
