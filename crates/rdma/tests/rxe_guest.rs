@@ -558,6 +558,50 @@ fn xchg(
     }
 }
 
+/// The start of every perftest run (TCP, no rdma_cm): versions, page and
+/// cache-line sizes, the MTU, and the first exchange of QP keys (ours
+/// advertise `va`/`rkey`). Returns our key message and the peer's QP
+/// number, PSN, rkey and buffer address.
+fn perftest_hello(
+    eng: &mut softcard_rdma::rc::Engine,
+    c: &mut std::net::TcpStream,
+    client: bool,
+    qpn: u32,
+    va: u64,
+    rkey: u32,
+) -> (Vec<u8>, u64, u64, u64, u64) {
+    c.set_nonblocking(true).unwrap();
+    let mut version = [0u8; 16];
+    version[..PERFTEST_VERSION.len()].copy_from_slice(PERFTEST_VERSION);
+    let theirs = xchg(eng, c, &version, client);
+    assert!(theirs.starts_with(b"6."), "perftest version {theirs:?}");
+    xchg(eng, c, &4096u32.to_be_bytes(), client); // cycle buffer (page size)
+    xchg(eng, c, &64u32.to_be_bytes(), client); // cache line
+                                                // The MTU as an `enum ibv_mtu` digit: 3 is 1024, what rxe has on a
+                                                // 1500-byte Ethernet link; each side takes the smaller.
+    xchg(eng, c, b"3\0", client);
+    let gid: Vec<String> = [0u8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 77, 0, 1]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let mut keys = format!(
+        "{:04x}:{:04x}:{qpn:06x}:{:06x}:{rkey:08x}:{va:016x}:{}:{:08x}:",
+        0,
+        16,
+        0x33,
+        gid.join(":"),
+        0
+    )
+    .into_bytes();
+    assert_eq!(keys.len(), PERFTEST_KEYS - 1);
+    keys.push(0);
+    let theirs = xchg(eng, c, &keys, client);
+    let text = String::from_utf8_lossy(&theirs);
+    let f: Vec<&str> = text.split(':').collect();
+    let field = |i: usize| u64::from_str_radix(f[i], 16).unwrap();
+    (keys, field(2), field(3), field(4), field(5))
+}
+
 /// What a perftest peer reported (as the server, the client's figures).
 #[derive(Debug)]
 struct PerftestRun {
@@ -595,37 +639,9 @@ fn perftest_peer(
     drive: Option<Verb>,
 ) -> PerftestRun {
     let client = drive.is_some();
-    c.set_nonblocking(true).unwrap();
-    let mut version = [0u8; 16];
-    version[..PERFTEST_VERSION.len()].copy_from_slice(PERFTEST_VERSION);
-    let theirs = xchg(eng, c, &version, client);
-    assert!(theirs.starts_with(b"6."), "perftest version {theirs:?}");
-    xchg(eng, c, &4096u32.to_be_bytes(), client); // cycle buffer (page size)
-    xchg(eng, c, &64u32.to_be_bytes(), client); // cache line
-                                                // The MTU as an `enum ibv_mtu` digit: 3 is 1024, what rxe has on a
-                                                // 1500-byte Ethernet link; each side takes the smaller.
-    xchg(eng, c, b"3\0", client);
     let (va, rkey) = (eng.mr(mr).va, eng.mr(mr).rkey);
-    let gid: Vec<String> = [0u8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 77, 0, 1]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    let mut keys = format!(
-        "{:04x}:{:04x}:{qpn:06x}:{:06x}:{rkey:08x}:{va:016x}:{}:{:08x}:",
-        0,
-        16,
-        0x33,
-        gid.join(":"),
-        0
-    )
-    .into_bytes();
-    assert_eq!(keys.len(), PERFTEST_KEYS - 1);
-    keys.push(0);
-    let theirs = xchg(eng, c, &keys, client);
-    let text = String::from_utf8_lossy(&theirs);
-    let f: Vec<&str> = text.split(':').collect();
-    let field = |i: usize| u64::from_str_radix(f[i], 16).unwrap();
-    let (peer_qpn, peer_psn, peer_rkey, peer_va) = (field(2), field(3), field(4), field(5));
+    let (keys, peer_qpn, peer_psn, peer_rkey, peer_va) =
+        perftest_hello(eng, c, client, qpn, va, rkey);
     let qp = eng.create_qp(qpn);
     eng.set_mtu(qp, 1024);
     eng.connect(qp, peer_qpn as u32, GUEST, peer_psn as u32, 0x33);
@@ -856,4 +872,145 @@ fn perftest_write_and_read_bandwidth_against_our_engine() {
             );
         }
     }
+}
+
+const LAT_INIT: &str = r#"
+$B ip link set lo up
+$B ip link set eth0 up
+$B ip addr add 10.77.0.2/24 dev eth0
+/usr/bin/rdma link add rxe0 type rxe netdev eth0 || echo "SOFTCARD-FAIL rdma link add"
+$B sleep 1
+/usr/bin/ib_write_lat -d rxe0 -x 1 -s 64 -n 200 -F 10.77.0.1 > /tmp/lat.log 2>&1
+echo "SOFTCARD-LAT-client rc=$?"
+$B sed "s/^/SOFTCARD-LOG-client /" /tmp/lat.log
+/usr/bin/ib_write_lat -d rxe0 -x 1 -s 64 -n 200 -F > /tmp/lat.log 2>&1
+echo "SOFTCARD-LAT-server rc=$?"
+$B sed "s/^/SOFTCARD-LOG-server /" /tmp/lat.log
+$B poweroff -f
+"#;
+
+const LAT_ITERS: u64 = 200;
+const LAT_SIZE: usize = 64;
+/// Where in our region the peer's WRITEs land (the address we advertise).
+const LAT_RECV_OFF: usize = 4096;
+
+/// perftest's `ib_write_lat` ping-pong with the engine as the other side:
+/// the same start as the bandwidth tools, a fourth key exchange, then
+/// `LAT_ITERS` rounds in which each side WRITEs `LAT_SIZE` bytes into the
+/// other's buffer with an iteration count in the last byte, and waits for
+/// the other's count to appear in its own buffer (the server sends
+/// first). Returns how many rounds saw the peer's count arrive in order.
+fn perftest_write_lat(
+    eng: &mut softcard_rdma::rc::Engine,
+    c: &mut std::net::TcpStream,
+    qpn: u32,
+    mr: usize,
+    client: bool,
+) -> u64 {
+    use softcard_rdma::rc::{WcOpcode, WcStatus};
+    let (va, rkey) = (eng.mr(mr).va + LAT_RECV_OFF as u64, eng.mr(mr).rkey);
+    let (keys, peer_qpn, peer_psn, peer_rkey, peer_va) =
+        perftest_hello(eng, c, client, qpn, va, rkey);
+    xchg(eng, c, &keys, client); // per QP
+    let qp = eng.create_qp(qpn);
+    eng.set_mtu(qp, 1024);
+    eng.connect(qp, peer_qpn as u32, GUEST, peer_psn as u32, 0x33);
+    xchg(eng, c, &keys, client); // after both connected
+    xchg(eng, c, &keys, client); // after RTR
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let (mut scnt, mut rcnt, mut ccnt, mut in_order) = (0u64, 0u64, 0u64, 0u64);
+    while scnt < LAT_ITERS || rcnt < LAT_ITERS || ccnt < LAT_ITERS {
+        assert!(
+            Instant::now() < deadline,
+            "write_lat stalled: sent {scnt}, received {rcnt}, completed {ccnt}"
+        );
+        if rcnt < LAT_ITERS && (client || scnt != 0) {
+            rcnt += 1;
+            let want = rcnt as u8;
+            loop {
+                let got = eng.mr(mr).bytes()[LAT_RECV_OFF + LAT_SIZE - 1];
+                if got == want {
+                    in_order += 1;
+                    break;
+                }
+                assert!(Instant::now() < deadline, "round {rcnt}: last byte {got}");
+                eng.poll(Duration::from_micros(200)).unwrap();
+            }
+        }
+        if scnt < LAT_ITERS {
+            scnt += 1;
+            eng.fill(mr, LAT_SIZE - 1, &[scnt as u8]);
+            eng.post_write(qp, scnt, mr, 0, LAT_SIZE, peer_va, peer_rkey as u32, None)
+                .unwrap();
+        }
+        if ccnt < LAT_ITERS {
+            loop {
+                if let Some(c) = eng.cq.pop_front() {
+                    assert_eq!(
+                        (c.opcode, c.status),
+                        (WcOpcode::RdmaWrite, WcStatus::Success),
+                        "{c:?}"
+                    );
+                    ccnt += 1;
+                    break;
+                }
+                assert!(Instant::now() < deadline, "no completion for write {scnt}");
+                eng.poll(Duration::from_micros(200)).unwrap();
+            }
+        }
+    }
+    // The peer's last WRITE is acknowledged before we stop.
+    eng.flush().unwrap();
+    in_order
+}
+
+/// perftest's `ib_write_lat` on rdma_rxe in the guest against the engine,
+/// the guest as client (the engine sends first) and as server: 200 rounds
+/// of 64-byte WRITEs each way, every count arriving in order, both runs
+/// of the tool exiting 0 with a latency report.
+#[test]
+fn perftest_write_latency_against_our_engine() {
+    use softcard_rdma::rc::Access;
+
+    let kernel = softcard_testkit::kernel();
+    let dir = tempfile::tempdir().unwrap();
+    let initrd = rxe_initramfs(&kernel, LAT_INIT, dir.path(), &["/usr/bin/ib_write_lat"]);
+    let ns = std::sync::Arc::new(tap_netns("lat"));
+    let host = on_host(&ns, move |mut eng, tcp| {
+        let access = Access {
+            remote_write: true,
+            remote_read: false,
+            local_write: true,
+            remote_atomic: false,
+        };
+        let (mut c, _) = tcp.accept().unwrap();
+        let mr = eng.reg_mr(2 * LAT_RECV_OFF, access);
+        let as_server = perftest_write_lat(&mut eng, &mut c, 0x61, mr, false);
+        let mut c = connect_when_listening();
+        let mr = eng.reg_mr(2 * LAT_RECV_OFF, access);
+        let as_client = perftest_write_lat(&mut eng, &mut c, 0x62, mr, true);
+        (as_server, as_client, eng.stats)
+    });
+    let console = run_guest(&ns, &kernel, &initrd, "52:54:00:12:34:59");
+    for l in console.lines().filter(|l| l.starts_with("SOFTCARD-")) {
+        eprintln!("guest: {l}");
+    }
+    assert!(!console.contains("SOFTCARD-FAIL"), "{console}");
+    let (as_server, as_client, stats) = host.join().unwrap();
+    eprintln!("engine: {stats:?}");
+    assert_eq!((as_server, as_client), (LAT_ITERS, LAT_ITERS));
+    for role in ["client", "server"] {
+        assert!(
+            console.contains(&format!("SOFTCARD-LAT-{role} rc=0")),
+            "guest ib_write_lat as {role} failed:\n{console}"
+        );
+        // The report line: size, iterations, then latency figures.
+        assert!(
+            console
+                .lines()
+                .any(|l| l.starts_with(&format!("SOFTCARD-LOG-{role}  64 ")) && l.contains("200")),
+            "no latency report from the guest as {role}:\n{console}"
+        );
+    }
+    assert_eq!(stats.dropped, 0);
 }
