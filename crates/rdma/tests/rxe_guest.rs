@@ -880,12 +880,14 @@ $B ip link set eth0 up
 $B ip addr add 10.77.0.2/24 dev eth0
 /usr/bin/rdma link add rxe0 type rxe netdev eth0 || echo "SOFTCARD-FAIL rdma link add"
 $B sleep 1
-/usr/bin/ib_write_lat -d rxe0 -x 1 -s 64 -n 200 -F 10.77.0.1 > /tmp/lat.log 2>&1
-echo "SOFTCARD-LAT-client rc=$?"
-$B sed "s/^/SOFTCARD-LOG-client /" /tmp/lat.log
-/usr/bin/ib_write_lat -d rxe0 -x 1 -s 64 -n 200 -F > /tmp/lat.log 2>&1
-echo "SOFTCARD-LAT-server rc=$?"
-$B sed "s/^/SOFTCARD-LOG-server /" /tmp/lat.log
+for t in write send; do
+  /usr/bin/ib_${t}_lat -d rxe0 -x 1 -s 64 -n 200 -F 10.77.0.1 > /tmp/lat.log 2>&1
+  echo "SOFTCARD-LAT-client-$t rc=$?"
+  $B sed "s/^/SOFTCARD-LOG-client-$t /" /tmp/lat.log
+  /usr/bin/ib_${t}_lat -d rxe0 -x 1 -s 64 -n 200 -F > /tmp/lat.log 2>&1
+  echo "SOFTCARD-LAT-server-$t rc=$?"
+  $B sed "s/^/SOFTCARD-LOG-server-$t /" /tmp/lat.log
+done
 $B poweroff -f
 "#;
 
@@ -964,17 +966,105 @@ fn perftest_write_lat(
     in_order
 }
 
-/// perftest's `ib_write_lat` on rdma_rxe in the guest against the engine,
-/// the guest as client (the engine sends first) and as server: 200 rounds
-/// of 64-byte WRITEs each way, every count arriving in order, both runs
-/// of the tool exiting 0 with a latency report.
+/// perftest's `ib_send_lat` ping-pong with the engine as the other side:
+/// receives posted for every round before the fourth key exchange, then
+/// `LAT_ITERS` rounds of a `LAT_SIZE`-byte SEND each way (the client sends
+/// first), then `ctx_close_connection` (a fifth exchange and "done",
+/// which `ib_write_lat` does not do). Returns how many receives completed
+/// with the full message.
+fn perftest_send_lat(
+    eng: &mut softcard_rdma::rc::Engine,
+    c: &mut std::net::TcpStream,
+    qpn: u32,
+    mr: usize,
+    client: bool,
+) -> u64 {
+    use softcard_rdma::rc::{RecvWr, WcOpcode, WcStatus};
+    let (va, rkey) = (eng.mr(mr).va, eng.mr(mr).rkey);
+    let (keys, peer_qpn, peer_psn, _, _) = perftest_hello(eng, c, client, qpn, va, rkey);
+    let qp = eng.create_qp(qpn);
+    eng.set_mtu(qp, 1024);
+    eng.connect(qp, peer_qpn as u32, GUEST, peer_psn as u32, 0x33);
+    xchg(eng, c, &keys, client); // after both connected
+    xchg(eng, c, &keys, client); // per QP, after RTR
+    for i in 0..LAT_ITERS {
+        eng.post_recv(
+            qp,
+            RecvWr {
+                wr_id: 1000 + i,
+                mr,
+                offset: LAT_RECV_OFF,
+                len: LAT_SIZE,
+            },
+        );
+    }
+    xchg(eng, c, &keys, client); // receives posted on both sides
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let (mut scnt, mut rcnt, mut acked, mut full) = (0u64, 0u64, 0u64, 0u64);
+    let mut take = |eng: &mut softcard_rdma::rc::Engine, rcnt: &mut u64, acked: &mut u64| {
+        while let Some(c) = eng.cq.pop_front() {
+            assert_eq!(c.status, WcStatus::Success, "{c:?}");
+            match c.opcode {
+                WcOpcode::Recv => {
+                    *rcnt += 1;
+                    full += u64::from(c.byte_len as usize == LAT_SIZE);
+                }
+                WcOpcode::Send => *acked += 1,
+                other => panic!("unexpected completion {other:?}"),
+            }
+        }
+    };
+    while scnt < LAT_ITERS || rcnt < LAT_ITERS {
+        if rcnt < LAT_ITERS && (scnt != 0 || !client) {
+            let want = rcnt + 1;
+            while rcnt < want {
+                assert!(
+                    Instant::now() < deadline,
+                    "send_lat stalled: sent {scnt}, received {rcnt}"
+                );
+                eng.poll(Duration::from_micros(200)).unwrap();
+                take(eng, &mut rcnt, &mut acked);
+            }
+        }
+        if scnt < LAT_ITERS {
+            scnt += 1;
+            eng.post_send(qp, scnt, mr, 0, LAT_SIZE).unwrap();
+            take(eng, &mut rcnt, &mut acked);
+        }
+    }
+    while acked < LAT_ITERS {
+        assert!(
+            Instant::now() < deadline,
+            "{acked} of {LAT_ITERS} SENDs acknowledged"
+        );
+        eng.poll(Duration::from_micros(200)).unwrap();
+        take(eng, &mut rcnt, &mut acked);
+    }
+    // `ctx_close_connection`: a last key exchange and "done".
+    xchg(eng, c, &keys, client);
+    use std::io::Write;
+    c.write_all(b"done\0").unwrap();
+    eng.flush().unwrap();
+    full
+}
+
+/// perftest's `ib_write_lat` and `ib_send_lat` on rdma_rxe in the guest
+/// against the engine, the guest as client and as server: 200 rounds of
+/// 64-byte WRITEs (every count arriving in order) or SENDs (every receive
+/// complete) each way, all four runs of the tools exiting 0 with a
+/// latency report.
 #[test]
-fn perftest_write_latency_against_our_engine() {
+fn perftest_write_and_send_latency_against_our_engine() {
     use softcard_rdma::rc::Access;
 
     let kernel = softcard_testkit::kernel();
     let dir = tempfile::tempdir().unwrap();
-    let initrd = rxe_initramfs(&kernel, LAT_INIT, dir.path(), &["/usr/bin/ib_write_lat"]);
+    let initrd = rxe_initramfs(
+        &kernel,
+        LAT_INIT,
+        dir.path(),
+        &["/usr/bin/ib_write_lat", "/usr/bin/ib_send_lat"],
+    );
     let ns = std::sync::Arc::new(tap_netns("lat"));
     let host = on_host(&ns, move |mut eng, tcp| {
         let access = Access {
@@ -985,32 +1075,44 @@ fn perftest_write_latency_against_our_engine() {
         };
         let (mut c, _) = tcp.accept().unwrap();
         let mr = eng.reg_mr(2 * LAT_RECV_OFF, access);
-        let as_server = perftest_write_lat(&mut eng, &mut c, 0x61, mr, false);
+        let write_server = perftest_write_lat(&mut eng, &mut c, 0x61, mr, false);
         let mut c = connect_when_listening();
         let mr = eng.reg_mr(2 * LAT_RECV_OFF, access);
-        let as_client = perftest_write_lat(&mut eng, &mut c, 0x62, mr, true);
-        (as_server, as_client, eng.stats)
+        let write_client = perftest_write_lat(&mut eng, &mut c, 0x62, mr, true);
+        let (mut c, _) = tcp.accept().unwrap();
+        let mr = eng.reg_mr(2 * LAT_RECV_OFF, access);
+        let send_server = perftest_send_lat(&mut eng, &mut c, 0x63, mr, false);
+        let mut c = connect_when_listening();
+        let mr = eng.reg_mr(2 * LAT_RECV_OFF, access);
+        let send_client = perftest_send_lat(&mut eng, &mut c, 0x64, mr, true);
+        (
+            [write_server, write_client, send_server, send_client],
+            eng.stats,
+        )
     });
     let console = run_guest(&ns, &kernel, &initrd, "52:54:00:12:34:59");
     for l in console.lines().filter(|l| l.starts_with("SOFTCARD-")) {
         eprintln!("guest: {l}");
     }
     assert!(!console.contains("SOFTCARD-FAIL"), "{console}");
-    let (as_server, as_client, stats) = host.join().unwrap();
+    let (rounds, stats) = host.join().unwrap();
     eprintln!("engine: {stats:?}");
-    assert_eq!((as_server, as_client), (LAT_ITERS, LAT_ITERS));
-    for role in ["client", "server"] {
-        assert!(
-            console.contains(&format!("SOFTCARD-LAT-{role} rc=0")),
-            "guest ib_write_lat as {role} failed:\n{console}"
-        );
-        // The report line: size, iterations, then latency figures.
-        assert!(
-            console
-                .lines()
-                .any(|l| l.starts_with(&format!("SOFTCARD-LOG-{role}  64 ")) && l.contains("200")),
-            "no latency report from the guest as {role}:\n{console}"
-        );
+    assert_eq!(rounds, [LAT_ITERS; 4]);
+    for t in ["write", "send"] {
+        for role in ["client", "server"] {
+            assert!(
+                console.contains(&format!("SOFTCARD-LAT-{role}-{t} rc=0")),
+                "guest ib_{t}_lat as {role} failed:\n{console}"
+            );
+            // The report line: size, iterations, then latency figures.
+            let prefix = format!("SOFTCARD-LOG-{role}-{t}  64 ");
+            assert!(
+                console
+                    .lines()
+                    .any(|l| l.starts_with(&prefix) && l.contains("200")),
+                "no latency report from ib_{t}_lat as {role}:\n{console}"
+            );
+        }
     }
     assert_eq!(stats.dropped, 0);
 }
