@@ -2186,7 +2186,14 @@ impl Engine {
             payload: &[],
             icrc: 0,
         };
-        let mut buf = encode(&pkt)?;
+        self.send_control(qi, &pkt)
+    }
+
+    /// Sends one header-only packet (an ACK, NAK or atomic ACK) to the
+    /// QP's peer; a refused send counts as a lost packet.
+    fn send_control(&mut self, qi: usize, pkt: &Packet<'_>) -> io::Result<()> {
+        let mut buf = encode(pkt)?;
+        let q = &self.qps[qi];
         let (ip, port) = (q.remote_ip, q.src_port);
         let sent = self.io.send(ip, port, &mut buf);
         self.stats.note_send(sent);
@@ -2303,11 +2310,7 @@ impl Engine {
             payload: &[],
             icrc: 0,
         };
-        let mut buf = encode(&pkt)?;
-        let (ip, port) = (q.remote_ip, q.src_port);
-        let sent = self.io.send(ip, port, &mut buf);
-        self.stats.note_send(sent);
-        Ok(())
+        self.send_control(qp, &pkt)
     }
 
     /// Runs the retransmission timers, then receives and handles packets:
