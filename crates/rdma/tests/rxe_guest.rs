@@ -880,7 +880,7 @@ $B ip link set eth0 up
 $B ip addr add 10.77.0.2/24 dev eth0
 /usr/bin/rdma link add rxe0 type rxe netdev eth0 || echo "SOFTCARD-FAIL rdma link add"
 $B sleep 1
-for t in write send; do
+for t in write send read; do
   /usr/bin/ib_${t}_lat -d rxe0 -x 1 -s 64 -n 200 -F 10.77.0.1 > /tmp/lat.log 2>&1
   echo "SOFTCARD-LAT-client-$t rc=$?"
   $B sed "s/^/SOFTCARD-LOG-client-$t /" /tmp/lat.log
@@ -1048,13 +1048,70 @@ fn perftest_send_lat(
     full
 }
 
-/// perftest's `ib_write_lat` and `ib_send_lat` on rdma_rxe in the guest
-/// against the engine, the guest as client and as server: 200 rounds of
-/// 64-byte WRITEs (every count arriving in order) or SENDs (every receive
-/// complete) each way, all four runs of the tools exiting 0 with a
-/// latency report.
+/// perftest's `ib_read_lat` with the engine as the other side: four key
+/// exchanges, then the client READs `LAT_SIZE` bytes `LAT_ITERS` times,
+/// one at a time, while the server only answers; both end with
+/// `ctx_close_connection`. As the client, returns the READs completed;
+/// as the server, the READ requests answered.
+fn perftest_read_lat(
+    eng: &mut softcard_rdma::rc::Engine,
+    c: &mut std::net::TcpStream,
+    qpn: u32,
+    mr: usize,
+    client: bool,
+) -> u64 {
+    use softcard_rdma::rc::{WcOpcode, WcStatus};
+    let (va, rkey) = (eng.mr(mr).va, eng.mr(mr).rkey);
+    let (keys, peer_qpn, peer_psn, peer_rkey, peer_va) =
+        perftest_hello(eng, c, client, qpn, va, rkey);
+    xchg(eng, c, &keys, client); // per QP
+    let qp = eng.create_qp(qpn);
+    eng.set_mtu(qp, 1024);
+    eng.connect(qp, peer_qpn as u32, GUEST, peer_psn as u32, 0x33);
+    xchg(eng, c, &keys, client); // after both connected
+    xchg(eng, c, &keys, client); // after RTR
+    let before = eng.stats.slow_packets;
+    let mut done = 0;
+    if client {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        for i in 0..LAT_ITERS {
+            eng.post_read(qp, i, mr, 0, LAT_SIZE, peer_va, peer_rkey as u32)
+                .unwrap();
+            loop {
+                if let Some(c) = eng.cq.pop_front() {
+                    assert_eq!(
+                        (c.opcode, c.status, c.byte_len as usize),
+                        (WcOpcode::RdmaRead, WcStatus::Success, LAT_SIZE),
+                        "{c:?}"
+                    );
+                    done += 1;
+                    break;
+                }
+                assert!(Instant::now() < deadline, "READ {i} never completed");
+                eng.poll(Duration::from_micros(200)).unwrap();
+            }
+        }
+    }
+    // `ctx_close_connection`: the server waits here (answering READs
+    // meanwhile) until the client has finished.
+    xchg(eng, c, &keys, client);
+    use std::io::Write;
+    c.write_all(b"done\0").unwrap();
+    eng.flush().unwrap();
+    if client {
+        done
+    } else {
+        eng.stats.slow_packets - before
+    }
+}
+
+/// perftest's `ib_write_lat`, `ib_send_lat` and `ib_read_lat` on rdma_rxe
+/// in the guest against the engine, the guest as client and as server:
+/// 200 rounds of 64-byte WRITEs (every count arriving in order), SENDs
+/// (every receive complete) or READs (each answered, or completed whole),
+/// all six runs of the tools exiting 0 with a latency report.
 #[test]
-fn perftest_write_and_send_latency_against_our_engine() {
+fn perftest_latency_tools_against_our_engine() {
     use softcard_rdma::rc::Access;
 
     let kernel = softcard_testkit::kernel();
@@ -1063,7 +1120,11 @@ fn perftest_write_and_send_latency_against_our_engine() {
         &kernel,
         LAT_INIT,
         dir.path(),
-        &["/usr/bin/ib_write_lat", "/usr/bin/ib_send_lat"],
+        &[
+            "/usr/bin/ib_write_lat",
+            "/usr/bin/ib_send_lat",
+            "/usr/bin/ib_read_lat",
+        ],
     );
     let ns = std::sync::Arc::new(tap_netns("lat"));
     let host = on_host(&ns, move |mut eng, tcp| {
@@ -1072,6 +1133,10 @@ fn perftest_write_and_send_latency_against_our_engine() {
             remote_read: false,
             local_write: true,
             remote_atomic: false,
+        };
+        let read_access = Access {
+            remote_read: true,
+            ..access
         };
         let (mut c, _) = tcp.accept().unwrap();
         let mr = eng.reg_mr(2 * LAT_RECV_OFF, access);
@@ -1085,8 +1150,21 @@ fn perftest_write_and_send_latency_against_our_engine() {
         let mut c = connect_when_listening();
         let mr = eng.reg_mr(2 * LAT_RECV_OFF, access);
         let send_client = perftest_send_lat(&mut eng, &mut c, 0x64, mr, true);
+        let (mut c, _) = tcp.accept().unwrap();
+        let mr = eng.reg_mr(2 * LAT_RECV_OFF, read_access);
+        let read_server = perftest_read_lat(&mut eng, &mut c, 0x65, mr, false);
+        let mut c = connect_when_listening();
+        let mr = eng.reg_mr(2 * LAT_RECV_OFF, read_access);
+        let read_client = perftest_read_lat(&mut eng, &mut c, 0x66, mr, true);
         (
-            [write_server, write_client, send_server, send_client],
+            [
+                write_server,
+                write_client,
+                send_server,
+                send_client,
+                read_server,
+                read_client,
+            ],
             eng.stats,
         )
     });
@@ -1097,14 +1175,26 @@ fn perftest_write_and_send_latency_against_our_engine() {
     assert!(!console.contains("SOFTCARD-FAIL"), "{console}");
     let (rounds, stats) = host.join().unwrap();
     eprintln!("engine: {stats:?}");
-    assert_eq!(rounds, [LAT_ITERS; 4]);
-    for t in ["write", "send"] {
+    // As the READ server, the engine answered each of the guest's READ
+    // requests (at least one packet each, in software).
+    assert_eq!(rounds[..4], [LAT_ITERS; 4]);
+    assert!(
+        rounds[4] >= LAT_ITERS,
+        "READ requests answered: {}",
+        rounds[4]
+    );
+    assert_eq!(rounds[5], LAT_ITERS);
+    for t in ["write", "send", "read"] {
         for role in ["client", "server"] {
             assert!(
                 console.contains(&format!("SOFTCARD-LAT-{role}-{t} rc=0")),
                 "guest ib_{t}_lat as {role} failed:\n{console}"
             );
-            // The report line: size, iterations, then latency figures.
+            // The report line: size, iterations, then latency figures
+            // (an `ib_read_lat` server only answers, and reports nothing).
+            if t == "read" && role == "server" {
+                continue;
+            }
             let prefix = format!("SOFTCARD-LOG-{role}-{t}  64 ");
             assert!(
                 console
