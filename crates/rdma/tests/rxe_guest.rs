@@ -818,7 +818,8 @@ fn perftest_write_and_read_bandwidth_against_our_engine() {
         eprintln!("guest: {l}");
     }
     assert!(!console.contains("SOFTCARD-FAIL"), "{console}");
-    let runs = host.join().unwrap();
+    // Checked before joining the host side, which would wait forever for
+    // a tool that never ran.
     for role in ["client", "server"] {
         for t in ["write", "read", "atomic"] {
             assert!(
@@ -827,6 +828,7 @@ fn perftest_write_and_read_bandwidth_against_our_engine() {
             );
         }
     }
+    let runs = host.join().unwrap();
     for (role, verb, run, before, after) in &runs {
         eprintln!("{role} ib_{verb}_bw: peer reported {run:?}; engine {after:?}");
         if *role == "guest-server" {
@@ -880,11 +882,12 @@ $B ip link set eth0 up
 $B ip addr add 10.77.0.2/24 dev eth0
 /usr/bin/rdma link add rxe0 type rxe netdev eth0 || echo "SOFTCARD-FAIL rdma link add"
 $B sleep 1
-for t in write send read; do
-  /usr/bin/ib_${t}_lat -d rxe0 -x 1 -s 64 -n 200 -F 10.77.0.1 > /tmp/lat.log 2>&1
+for t in write send read atomic; do
+  size="-s 64"; [ $t = atomic ] && size=""
+  /usr/bin/ib_${t}_lat -d rxe0 -x 1 $size -n 200 -F 10.77.0.1 > /tmp/lat.log 2>&1
   echo "SOFTCARD-LAT-client-$t rc=$?"
   $B sed "s/^/SOFTCARD-LOG-client-$t /" /tmp/lat.log
-  /usr/bin/ib_${t}_lat -d rxe0 -x 1 -s 64 -n 200 -F > /tmp/lat.log 2>&1
+  /usr/bin/ib_${t}_lat -d rxe0 -x 1 $size -n 200 -F > /tmp/lat.log 2>&1
   echo "SOFTCARD-LAT-server-$t rc=$?"
   $B sed "s/^/SOFTCARD-LOG-server-$t /" /tmp/lat.log
 done
@@ -1048,17 +1051,19 @@ fn perftest_send_lat(
     full
 }
 
-/// perftest's `ib_read_lat` with the engine as the other side: four key
-/// exchanges, then the client READs `LAT_SIZE` bytes `LAT_ITERS` times,
+/// perftest's `ib_read_lat` (or, with `atomic`, `ib_atomic_lat`) with the
+/// engine as the other side: four key exchanges, then the client READs
+/// `LAT_SIZE` bytes (or runs an 8-byte fetch-and-add) `LAT_ITERS` times,
 /// one at a time, while the server only answers; both end with
-/// `ctx_close_connection`. As the client, returns the READs completed;
-/// as the server, the READ requests answered.
+/// `ctx_close_connection`. As the client, returns the operations
+/// completed; as the server, the requests answered.
 fn perftest_read_lat(
     eng: &mut softcard_rdma::rc::Engine,
     c: &mut std::net::TcpStream,
     qpn: u32,
     mr: usize,
     client: bool,
+    atomic: bool,
 ) -> u64 {
     use softcard_rdma::rc::{WcOpcode, WcStatus};
     let (va, rkey) = (eng.mr(mr).va, eng.mr(mr).rkey);
@@ -1074,16 +1079,22 @@ fn perftest_read_lat(
     let mut done = 0;
     if client {
         let deadline = Instant::now() + Duration::from_secs(120);
+        let want = if atomic {
+            (WcOpcode::FetchAdd, WcStatus::Success, 8)
+        } else {
+            (WcOpcode::RdmaRead, WcStatus::Success, LAT_SIZE)
+        };
         for i in 0..LAT_ITERS {
-            eng.post_read(qp, i, mr, 0, LAT_SIZE, peer_va, peer_rkey as u32)
-                .unwrap();
+            let rkey = peer_rkey as u32;
+            if atomic {
+                eng.post_fetch_add(qp, i, mr, 0, peer_va, rkey, 1).unwrap();
+            } else {
+                eng.post_read(qp, i, mr, 0, LAT_SIZE, peer_va, rkey)
+                    .unwrap();
+            }
             loop {
                 if let Some(c) = eng.cq.pop_front() {
-                    assert_eq!(
-                        (c.opcode, c.status, c.byte_len as usize),
-                        (WcOpcode::RdmaRead, WcStatus::Success, LAT_SIZE),
-                        "{c:?}"
-                    );
+                    assert_eq!((c.opcode, c.status, c.byte_len as usize), want, "{c:?}");
                     done += 1;
                     break;
                 }
@@ -1105,11 +1116,13 @@ fn perftest_read_lat(
     }
 }
 
-/// perftest's `ib_write_lat`, `ib_send_lat` and `ib_read_lat` on rdma_rxe
-/// in the guest against the engine, the guest as client and as server:
-/// 200 rounds of 64-byte WRITEs (every count arriving in order), SENDs
-/// (every receive complete) or READs (each answered, or completed whole),
-/// all six runs of the tools exiting 0 with a latency report.
+/// perftest's `ib_write_lat`, `ib_send_lat`, `ib_read_lat` and
+/// `ib_atomic_lat` on rdma_rxe in the guest against the engine, the guest
+/// as client and as server: 200 rounds of 64-byte WRITEs (every count
+/// arriving in order), SENDs (every receive complete), READs (each
+/// answered, or completed whole) or fetch-and-adds (each run once, or
+/// completed), all eight runs of the tools exiting 0 with a latency
+/// report from each side that measures.
 #[test]
 fn perftest_latency_tools_against_our_engine() {
     use softcard_rdma::rc::Access;
@@ -1124,6 +1137,7 @@ fn perftest_latency_tools_against_our_engine() {
             "/usr/bin/ib_write_lat",
             "/usr/bin/ib_send_lat",
             "/usr/bin/ib_read_lat",
+            "/usr/bin/ib_atomic_lat",
         ],
     );
     let ns = std::sync::Arc::new(tap_netns("lat"));
@@ -1136,6 +1150,10 @@ fn perftest_latency_tools_against_our_engine() {
         };
         let read_access = Access {
             remote_read: true,
+            ..access
+        };
+        let atomic_access = Access {
+            remote_atomic: true,
             ..access
         };
         let (mut c, _) = tcp.accept().unwrap();
@@ -1152,10 +1170,18 @@ fn perftest_latency_tools_against_our_engine() {
         let send_client = perftest_send_lat(&mut eng, &mut c, 0x64, mr, true);
         let (mut c, _) = tcp.accept().unwrap();
         let mr = eng.reg_mr(2 * LAT_RECV_OFF, read_access);
-        let read_server = perftest_read_lat(&mut eng, &mut c, 0x65, mr, false);
+        let read_server = perftest_read_lat(&mut eng, &mut c, 0x65, mr, false, false);
         let mut c = connect_when_listening();
         let mr = eng.reg_mr(2 * LAT_RECV_OFF, read_access);
-        let read_client = perftest_read_lat(&mut eng, &mut c, 0x66, mr, true);
+        let read_client = perftest_read_lat(&mut eng, &mut c, 0x66, mr, true, false);
+        let (mut c, _) = tcp.accept().unwrap();
+        let mr = eng.reg_mr(2 * LAT_RECV_OFF, atomic_access);
+        let before = eng.stats.atomics;
+        perftest_read_lat(&mut eng, &mut c, 0x67, mr, false, true);
+        let atomic_server = eng.stats.atomics - before;
+        let mut c = connect_when_listening();
+        let mr = eng.reg_mr(2 * LAT_RECV_OFF, atomic_access);
+        let atomic_client = perftest_read_lat(&mut eng, &mut c, 0x68, mr, true, true);
         (
             [
                 write_server,
@@ -1164,6 +1190,8 @@ fn perftest_latency_tools_against_our_engine() {
                 send_client,
                 read_server,
                 read_client,
+                atomic_server,
+                atomic_client,
             ],
             eng.stats,
         )
@@ -1173,6 +1201,16 @@ fn perftest_latency_tools_against_our_engine() {
         eprintln!("guest: {l}");
     }
     assert!(!console.contains("SOFTCARD-FAIL"), "{console}");
+    // Checked before joining the host side, which would wait forever for
+    // a tool that never ran.
+    for t in ["write", "send", "read", "atomic"] {
+        for role in ["client", "server"] {
+            assert!(
+                console.contains(&format!("SOFTCARD-LAT-{role}-{t} rc=0")),
+                "guest ib_{t}_lat as {role} failed:\n{console}"
+            );
+        }
+    }
     let (rounds, stats) = host.join().unwrap();
     eprintln!("engine: {stats:?}");
     // As the READ server, the engine answered each of the guest's READ
@@ -1184,18 +1222,18 @@ fn perftest_latency_tools_against_our_engine() {
         rounds[4]
     );
     assert_eq!(rounds[5], LAT_ITERS);
-    for t in ["write", "send", "read"] {
+    // The guest's fetch-and-adds ran here exactly once each; ours all
+    // completed.
+    assert_eq!(rounds[6..], [LAT_ITERS; 2]);
+    for t in ["write", "send", "read", "atomic"] {
         for role in ["client", "server"] {
-            assert!(
-                console.contains(&format!("SOFTCARD-LAT-{role}-{t} rc=0")),
-                "guest ib_{t}_lat as {role} failed:\n{console}"
-            );
             // The report line: size, iterations, then latency figures
             // (an `ib_read_lat` server only answers, and reports nothing).
-            if t == "read" && role == "server" {
+            if matches!(t, "read" | "atomic") && role == "server" {
                 continue;
             }
-            let prefix = format!("SOFTCARD-LOG-{role}-{t}  64 ");
+            let size = if t == "atomic" { 8 } else { 64 };
+            let prefix = format!("SOFTCARD-LOG-{role}-{t}  {size} ");
             assert!(
                 console
                     .lines()
