@@ -602,6 +602,43 @@ fn perftest_hello(
     (keys, field(2), field(3), field(4), field(5))
 }
 
+/// A perftest peer's QP, connected: the common start
+/// ([`perftest_hello`]), `early` more key exchanges (the latency tools
+/// have one before connecting), our QP connected to the peer's, and the
+/// two exchanges after connecting and after RTR.
+struct PerftestQp {
+    keys: Vec<u8>,
+    qp: usize,
+    peer_rkey: u32,
+    peer_va: u64,
+}
+
+fn perftest_connect(
+    eng: &mut softcard_rdma::rc::Engine,
+    c: &mut std::net::TcpStream,
+    client: bool,
+    qpn: u32,
+    (va, rkey): (u64, u32),
+    early: usize,
+) -> PerftestQp {
+    let (keys, peer_qpn, peer_psn, peer_rkey, peer_va) =
+        perftest_hello(eng, c, client, qpn, va, rkey);
+    for _ in 0..early {
+        xchg(eng, c, &keys, client);
+    }
+    let qp = eng.create_qp(qpn);
+    eng.set_mtu(qp, 1024);
+    eng.connect(qp, peer_qpn as u32, GUEST, peer_psn as u32, 0x33);
+    xchg(eng, c, &keys, client); // after both connected their QPs
+    xchg(eng, c, &keys, client); // after RTR
+    PerftestQp {
+        keys,
+        qp,
+        peer_rkey: u32::try_from(peer_rkey).expect("a 32-bit rkey"),
+        peer_va,
+    }
+}
+
 /// What a perftest peer reported (as the server, the client's figures).
 #[derive(Debug)]
 struct PerftestRun {
@@ -639,17 +676,16 @@ fn perftest_peer(
     drive: Option<Verb>,
 ) -> PerftestRun {
     let client = drive.is_some();
-    let (va, rkey) = (eng.mr(mr).va, eng.mr(mr).rkey);
-    let (keys, peer_qpn, peer_psn, peer_rkey, peer_va) =
-        perftest_hello(eng, c, client, qpn, va, rkey);
-    let qp = eng.create_qp(qpn);
-    eng.set_mtu(qp, 1024);
-    eng.connect(qp, peer_qpn as u32, GUEST, peer_psn as u32, 0x33);
-    xchg(eng, c, &keys, client); // after both connected their QPs
-    xchg(eng, c, &keys, client); // after RTR
+    let at = (eng.mr(mr).va, eng.mr(mr).rkey);
+    let PerftestQp {
+        keys,
+        qp,
+        peer_rkey,
+        peer_va,
+    } = perftest_connect(eng, c, client, qpn, at, 0);
     let mut ours = [0u64; 5];
     if let Some(verb) = drive {
-        let (bw, rate) = perftest_run(eng, qp, mr, verb, peer_va, peer_rkey as u32);
+        let (bw, rate) = perftest_run(eng, qp, mr, verb, peer_va, peer_rkey);
         ours = [
             if verb == Verb::Atomic {
                 8
@@ -913,15 +949,13 @@ fn perftest_write_lat(
     client: bool,
 ) -> u64 {
     use softcard_rdma::rc::{WcOpcode, WcStatus};
-    let (va, rkey) = (eng.mr(mr).va + LAT_RECV_OFF as u64, eng.mr(mr).rkey);
-    let (keys, peer_qpn, peer_psn, peer_rkey, peer_va) =
-        perftest_hello(eng, c, client, qpn, va, rkey);
-    xchg(eng, c, &keys, client); // per QP
-    let qp = eng.create_qp(qpn);
-    eng.set_mtu(qp, 1024);
-    eng.connect(qp, peer_qpn as u32, GUEST, peer_psn as u32, 0x33);
-    xchg(eng, c, &keys, client); // after both connected
-    xchg(eng, c, &keys, client); // after RTR
+    let at = (eng.mr(mr).va + LAT_RECV_OFF as u64, eng.mr(mr).rkey);
+    let PerftestQp {
+        qp,
+        peer_rkey,
+        peer_va,
+        ..
+    } = perftest_connect(eng, c, client, qpn, at, 1);
     let deadline = Instant::now() + Duration::from_secs(120);
     let (mut scnt, mut rcnt, mut ccnt, mut in_order) = (0u64, 0u64, 0u64, 0u64);
     while scnt < LAT_ITERS || rcnt < LAT_ITERS || ccnt < LAT_ITERS {
@@ -945,7 +979,7 @@ fn perftest_write_lat(
         if scnt < LAT_ITERS {
             scnt += 1;
             eng.fill(mr, LAT_SIZE - 1, &[scnt as u8]);
-            eng.post_write(qp, scnt, mr, 0, LAT_SIZE, peer_va, peer_rkey as u32, None)
+            eng.post_write(qp, scnt, mr, 0, LAT_SIZE, peer_va, peer_rkey, None)
                 .unwrap();
         }
         if ccnt < LAT_ITERS {
@@ -983,13 +1017,8 @@ fn perftest_send_lat(
     client: bool,
 ) -> u64 {
     use softcard_rdma::rc::{RecvWr, WcOpcode, WcStatus};
-    let (va, rkey) = (eng.mr(mr).va, eng.mr(mr).rkey);
-    let (keys, peer_qpn, peer_psn, _, _) = perftest_hello(eng, c, client, qpn, va, rkey);
-    let qp = eng.create_qp(qpn);
-    eng.set_mtu(qp, 1024);
-    eng.connect(qp, peer_qpn as u32, GUEST, peer_psn as u32, 0x33);
-    xchg(eng, c, &keys, client); // after both connected
-    xchg(eng, c, &keys, client); // per QP, after RTR
+    let at = (eng.mr(mr).va, eng.mr(mr).rkey);
+    let PerftestQp { keys, qp, .. } = perftest_connect(eng, c, client, qpn, at, 0);
     for i in 0..LAT_ITERS {
         eng.post_recv(
             qp,
@@ -1066,15 +1095,13 @@ fn perftest_read_lat(
     atomic: bool,
 ) -> u64 {
     use softcard_rdma::rc::{WcOpcode, WcStatus};
-    let (va, rkey) = (eng.mr(mr).va, eng.mr(mr).rkey);
-    let (keys, peer_qpn, peer_psn, peer_rkey, peer_va) =
-        perftest_hello(eng, c, client, qpn, va, rkey);
-    xchg(eng, c, &keys, client); // per QP
-    let qp = eng.create_qp(qpn);
-    eng.set_mtu(qp, 1024);
-    eng.connect(qp, peer_qpn as u32, GUEST, peer_psn as u32, 0x33);
-    xchg(eng, c, &keys, client); // after both connected
-    xchg(eng, c, &keys, client); // after RTR
+    let at = (eng.mr(mr).va, eng.mr(mr).rkey);
+    let PerftestQp {
+        keys,
+        qp,
+        peer_rkey,
+        peer_va,
+    } = perftest_connect(eng, c, client, qpn, at, 1);
     let before = eng.stats.slow_packets;
     let mut done = 0;
     if client {
@@ -1085,7 +1112,7 @@ fn perftest_read_lat(
             (WcOpcode::RdmaRead, WcStatus::Success, LAT_SIZE)
         };
         for i in 0..LAT_ITERS {
-            let rkey = peer_rkey as u32;
+            let rkey = peer_rkey;
             if atomic {
                 eng.post_fetch_add(qp, i, mr, 0, peer_va, rkey, 1).unwrap();
             } else {
