@@ -115,6 +115,7 @@ struct Ctx {
     throttle: Arc<SharedThrottle>,
     stop: AtomicBool,
     clients: AtomicUsize,
+    /// A connection's device queue failed (state `Failed`).
     failed: AtomicBool,
     /// Open connections (a duplicate of each, to shut it at stop).
     conns: Mutex<Vec<(UnixStream, JoinHandle<()>)>>,
@@ -230,9 +231,7 @@ impl NbdExport {
 
     /// Changes the throttle limits live; the new buckets start full.
     pub fn set_qos(&self, qos: QosLimits) -> Result<(), BlkError> {
-        qos.validate()?;
-        self.ctx.throttle.set(qos);
-        self.share_slot.set_weight(qos.weight.unwrap_or(1));
+        self.ctx.throttle.apply(&self.share_slot, qos)?;
         info!("{}: qos now {qos:?}", self.socket.display());
         Ok(())
     }
@@ -499,6 +498,8 @@ fn serve_connection(mut s: UnixStream, ctx: &Ctx) -> io::Result<()> {
         c.run_batch();
         c.reply_batch()?;
         if c.broken {
+            // The interface reports Failed from now on.
+            ctx.failed.store(true, Ordering::Relaxed);
             return Err(io::Error::other(
                 "the device queue failed; connection closed",
             ));

@@ -226,9 +226,7 @@ impl Attachment {
 
     /// Changes the throttle limits live; the new buckets start full.
     pub fn set_qos(&self, qos: QosLimits) -> Result<(), BlkError> {
-        qos.validate()?;
-        self.throttle.set(qos);
-        self.share_slot.set_weight(qos.weight.unwrap_or(1));
+        self.throttle.apply(&self.share_slot, qos)?;
         info!("{}: qos now {qos:?}", self.socket.display());
         Ok(())
     }

@@ -26,7 +26,7 @@ use super::metrics::BlkMetrics;
 use super::request::{self, Refused, Request, RequestError, RequestKind, Segment, ID_BYTES};
 use crate::crypto::Xts256;
 use crate::device::{AlignedBuf, Crypt, DeviceQueue, IoCompletion, IoOp, IoRequest, MAX_SEGMENTS};
-use crate::qos::{DeviceShare, QosLimits, ShareSlot, Throttle};
+use crate::qos::{DeviceShare, QosError, QosLimits, ShareSlot, Throttle};
 
 type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
 
@@ -166,6 +166,15 @@ impl SharedThrottle {
 
     fn now_ns(&self) -> u64 {
         u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// Validates and applies an interface's new limits: the buckets (which
+    /// start full) and the volume's weight in its device share.
+    pub(crate) fn apply(&self, slot: &ShareSlot, qos: QosLimits) -> Result<(), QosError> {
+        qos.validate()?;
+        self.set(qos);
+        slot.set_weight(qos.weight.unwrap_or(1));
+        Ok(())
     }
 
     /// Replaces the limits; the new buckets start full.
