@@ -4,52 +4,47 @@
 # vhost-user frontend, QEMU guests, Soft-RoCE, wgpu on lavapipe, headless
 # Chromium), and a short fuzzing run.
 #
-# System packages the tests need are installed with apt-get when missing.
-set -euo pipefail
+# The system packages every test needs are installed by scripts/deps.sh,
+# which checks each program the tests start by its own name. Every test
+# runs even when an earlier one fails; the last line counts them.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 
 log() { printf '\n== %s\n' "$*"; }
+failed_steps=()
+step() {
+    local name=$1
+    shift
+    log "$name"
+    "$@" || failed_steps+=("$name")
+}
 
-need=()
-command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
-# qemu-storage-daemon (qemu-system-common) and qemu-img (qemu-utils) are
-# what `softcard bench storage` compares against.
-command -v qemu-storage-daemon >/dev/null || need+=(qemu-system-common)
-command -v qemu-img >/dev/null || need+=(qemu-utils)
-# NBD clients of the host-side export: qemu-io (qemu-utils) and libnbd's
-# nbdinfo and nbdcopy.
-command -v nbdcopy >/dev/null || need+=(libnbd-bin)
-compgen -G '/boot/vmlinuz-*' >/dev/null || need+=(linux-image-amd64)
-[ -x /bin/busybox ] && /bin/busybox --list | grep -qx insmod || need+=(busybox-static)
-python3 -c 'import cryptography' 2>/dev/null || need+=(python3-cryptography)
-command -v losetup >/dev/null || need+=(mount)
-# Soft-RoCE peer in a guest: rdma-core tools, perftest and the rxe provider.
-command -v ibv_rc_pingpong >/dev/null || need+=(ibverbs-utils)
-command -v ib_write_bw >/dev/null || need+=(perftest)
-[ -e /usr/lib/x86_64-linux-gnu/libibverbs/librxe-rdmav34.so ] || need+=(ibverbs-providers)
-command -v rdma >/dev/null || need+=(iproute2)
-command -v python3 >/dev/null || need+=(python3)
-# vGPU: Mesa's lavapipe gives wgpu a Vulkan device on the CPU; headless
-# Chromium is the viewer the browser test drives.
-compgen -G '/usr/share/vulkan/icd.d/lvp_icd*.json' >/dev/null || need+=(mesa-vulkan-drivers)
-command -v chromium >/dev/null || need+=(chromium)
-if [ ${#need[@]} -gt 0 ]; then
-    log "installing ${need[*]}"
-    sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
-    $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}"
-fi
+log "system packages"
+./scripts/deps.sh test || { echo "test.sh: the tests' programs could not be installed" >&2; exit 1; }
 
-log "rustfmt"
-cargo fmt --all -- --check
-log "clippy"
-cargo clippy --workspace --all-targets --locked -- -D warnings
+step rustfmt cargo fmt --all -- --check
+step clippy cargo clippy --workspace --all-targets --locked -- -D warnings
+
 log "tests"
-cargo test --workspace --locked
+out=$(mktemp)
+cargo test --workspace --locked --no-fail-fast 2>&1 | tee "$out"
+[ "${PIPESTATUS[0]}" -eq 0 ] || failed_steps+=(tests)
+passed=$(awk '/^test result:/ {for (i = 1; i < NF; i++) if ($(i+1) ~ /^passed/) s += $i} END {print s + 0}' "$out")
+failed=$(awk '/^test result:/ {for (i = 1; i < NF; i++) if ($(i+1) ~ /^failed/) s += $i} END {print s + 0}' "$out")
+failures=$(grep -E '^    [A-Za-z0-9_:]+$' "$out" | sort -u || true)
+# A test binary that does not build or dies before its summary (a crash)
+# counts no test: cargo names it among the failed targets.
+targets=$(grep -E '^    `-p ' "$out" || true)
+if [ -n "$targets" ] && [ "$failed" -eq 0 ]; then failed=$(grep -cE '^    `-p ' "$out"); fi
+rm -f "$out"
 
-log "fuzz (virtio-blk request parser, RoCEv2 receive path, vGPU session, NBD connection: ${FUZZ_SECONDS:=30} s each)"
-if rustup toolchain list | grep -q '^nightly'; then
-    command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+fuzz() {
+    if ! rustup toolchain list | grep -q '^nightly'; then
+        echo "no nightly toolchain: cargo fuzz cannot build here."
+        return 1
+    fi
+    command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked || return 1
+    local target
     for target in request rdma_receive gpu_session nbd_session; do
         # Hand-made seeds (fuzz/seeds/TARGET) get a target past magic
         # numbers it would take long to guess.
@@ -59,11 +54,23 @@ if rustup toolchain list | grep -q '^nightly'; then
         fi
         # gpu_session drives Mesa's lavapipe, whose own leaks are not ours.
         (cd fuzz && LSAN_OPTIONS="suppressions=$PWD/lsan-lavapipe.supp" \
-            cargo +nightly fuzz run "$target" -- -max_total_time="$FUZZ_SECONDS")
+            cargo +nightly fuzz run "$target" -- -max_total_time="$FUZZ_SECONDS") || return 1
     done
-else
-    echo "no nightly toolchain: cargo fuzz cannot build here. The parser's"
-    echo "invariants were still checked by the proptest in the tests above."
-    exit 1
+}
+: "${FUZZ_SECONDS:=30}"
+step "fuzz (virtio-blk request parser, RoCEv2 receive path, vGPU session, NBD connection: $FUZZ_SECONDS s each)" fuzz
+
+echo
+if [ -n "$failures" ]; then
+    echo "failing tests:"
+    echo "$failures"
 fi
-log "all tests passed"
+if [ -n "$targets" ]; then
+    echo "failing test binaries:"
+    echo "$targets"
+fi
+if [ ${#failed_steps[@]} -gt 0 ]; then
+    echo "failed steps: ${failed_steps[*]}"
+fi
+echo "tests: $passed passed, $failed failed"
+[ ${#failed_steps[@]} -eq 0 ]

@@ -209,6 +209,27 @@ fn wait_for_socket(path: &Path, child: &mut Child) -> Result<()> {
     }
 }
 
+/// Stops a benchmark before it starts when a peer it compares with is not
+/// installed, naming the program and the command that installs it.
+fn require_peers(programs: &[&str]) -> Result<()> {
+    let on_path = |p: &str| {
+        let p = Path::new(p);
+        if p.components().count() > 1 {
+            return p.is_file();
+        }
+        std::env::var_os("PATH")
+            .is_some_and(|path| std::env::split_paths(&path).any(|d| d.join(p).is_file()))
+    };
+    let missing: Vec<&str> = programs.iter().copied().filter(|p| !on_path(p)).collect();
+    if !missing.is_empty() {
+        bail!(
+            "{} not installed: ./scripts/deps.sh bench installs the benchmarks' peers",
+            missing.join(", ")
+        );
+    }
+    Ok(())
+}
+
 struct Qsd(Child);
 
 impl Drop for Qsd {
@@ -299,6 +320,9 @@ const BACKINGS: [(&str, &str); 4] = [
 
 /// `softcard bench storage`.
 pub fn storage(a: &StorageBenchArgs) -> Result<()> {
+    if !a.softcard_only {
+        require_peers(&[&a.qsd.to_string_lossy(), "qemu-img"])?;
+    }
     let dir = tempfile::Builder::new()
         .prefix("softcard-bench")
         .tempdir()?;
@@ -547,6 +571,7 @@ pub struct NbdBenchArgs {
 /// qemu-storage-daemon's NBD export of a file, both on tmpfs, driven by the
 /// same client (`qemu-img bench`, QEMU's NBD client) in the same run.
 pub fn nbd(a: &NbdBenchArgs) -> Result<()> {
+    require_peers(&[&a.qsd.to_string_lossy(), "qemu-img"])?;
     let shm = tempfile::Builder::new()
         .prefix("softcard-bench-nbd")
         .tempdir_in(&a.tmpfs)
@@ -658,6 +683,7 @@ pub struct CryptoBenchArgs {
 /// `softcard bench crypto`: AES-256-XTS on one core at 4 KiB units, ours
 /// against `openssl speed -evp aes-256-xts` in the same run.
 pub fn crypto(a: &CryptoBenchArgs) -> Result<()> {
+    require_peers(&[&a.openssl.to_string_lossy()])?;
     use softcard_storage::crypto::{DataKey, Xts256};
     const UNIT: usize = 4096;
     let x = Xts256::new(&DataKey::generate());
@@ -1247,6 +1273,7 @@ fn iperf3_gbit(path: &rdma_bench::Path, seconds: f64) -> Result<f64> {
 /// against sockperf (UDP ping-pong latency) and iperf3 (TCP single stream)
 /// on the same path, in the same run.
 pub fn rdma(a: &RdmaBenchArgs) -> Result<()> {
+    require_peers(&["sockperf", "iperf3", "ip"])?;
     use rdma_bench::Path;
     for name in &a.path {
         match name.as_str() {

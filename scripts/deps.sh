@@ -1,0 +1,132 @@
+#!/usr/bin/env bash
+# Installs the system packages a softcard job needs on a fresh Debian 12
+# machine, checked by the name of every program that job starts, then checks
+# again and stops naming whatever is still missing.
+#
+#   scripts/deps.sh test    what ./scripts/test.sh's tests start
+#   scripts/deps.sh bench   the benchmarks' peers (softcard bench ...)
+#   scripts/deps.sh up      what softcard up starts
+#
+# Several names may be given at once. Runs apt-get (one update) only when
+# something is missing. Needs root, or sudo.
+set -euo pipefail
+
+# Each entry is "CHECK PACKAGE": CHECK is a program looked up on PATH, or a
+# path (starting with /) or glob that must exist, or py:MODULE for a Python
+# module.
+common=(
+    "qemu-system-x86_64 qemu-system-x86"
+    "qemu-img qemu-utils"
+    "qemu-io qemu-utils"
+    "/boot/vmlinuz-* linux-image-amd64"
+    "busybox busybox-static"
+    "ip iproute2"
+)
+test_deps=(
+    "${common[@]}"
+    "qemu-storage-daemon QEMU"
+    "nbdcopy libnbd-bin"
+    "nbdinfo libnbd-bin"
+    "losetup mount"
+    "mount mount"
+    "umount mount"
+    "ldd libc-bin"
+    "python3 python3"
+    "py:cryptography python3-cryptography"
+    "rdma iproute2"
+    # Soft-RoCE peers in guests: rdma-core's tools, perftest, the rxe provider.
+    "ibv_rc_pingpong ibverbs-utils"
+    "ibv_devinfo ibverbs-utils"
+    "ib_write_bw perftest"
+    "ib_read_bw perftest"
+    "ib_atomic_bw perftest"
+    "ib_write_lat perftest"
+    "ib_send_lat perftest"
+    "ib_read_lat perftest"
+    "ib_atomic_lat perftest"
+    "/usr/lib/x86_64-linux-gnu/libibverbs/librxe-rdmav34.so ibverbs-providers"
+    # vGPU: Mesa's lavapipe gives wgpu a Vulkan device on the CPU.
+    "/usr/share/vulkan/icd.d/lvp_icd*.json mesa-vulkan-drivers"
+    "chromium chromium"
+)
+bench_deps=(
+    "qemu-storage-daemon QEMU"
+    "qemu-img qemu-utils"
+    "sockperf sockperf"
+    "iperf3 iperf3"
+    "openssl openssl"
+    "ip iproute2"
+)
+up_deps=(
+    "${common[@]}"
+    "/usr/share/vulkan/icd.d/lvp_icd*.json mesa-vulkan-drivers"
+)
+
+present() {
+    local check=$1
+    case "$check" in
+        py:*) python3 -c "import ${check#py:}" 2>/dev/null ;;
+        /*) compgen -G "$check" >/dev/null ;;
+        busybox) [ -x /bin/busybox ] && /bin/busybox --list | grep -qx insmod ;;
+        *) command -v "$check" >/dev/null ;;
+    esac
+}
+
+entries=()
+for job in "${@:-test}"; do
+    case "$job" in
+        test) entries+=("${test_deps[@]}") ;;
+        bench) entries+=("${bench_deps[@]}") ;;
+        up) entries+=("${up_deps[@]}") ;;
+        *) echo "deps.sh: unknown job '$job' (test, bench, up)" >&2; exit 2 ;;
+    esac
+done
+
+missing() {
+    local e
+    for e in "${entries[@]}"; do
+        present "${e%% *}" || echo "$e"
+    done
+}
+
+mapfile -t absent < <(missing)
+if [ ${#absent[@]} -gt 0 ]; then
+    pkgs=()
+    qemu=0
+    for e in "${absent[@]}"; do
+        pkg=${e#* }
+        case "$pkg" in
+            QEMU | qemu-*) qemu=1 ;;
+            *) pkgs+=("$pkg") ;;
+        esac
+    done
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    if [ $qemu -eq 1 ]; then
+        # QEMU's packages must come from one release: installing the
+        # distribution's qemu-system-x86 next to a newer qemu-utils (the
+        # machine image ships one from backports) removes qemu-utils, and
+        # qemu-img and qemu-io with it. So all of them are asked for at the
+        # version of qemu-system-x86 the archive offers, downgrading
+        # qemu-utils where needed. qemu-storage-daemon lives in
+        # qemu-system-common at that version.
+        v=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ {print $2}')
+        [ -n "$v" ] && [ "$v" != "(none)" ] || { echo "deps.sh: apt offers no qemu-system-x86" >&2; exit 1; }
+        pkgs+=("qemu-system-x86=$v" "qemu-system-common=$v" "qemu-utils=$v" "qemu-system-data")
+    fi
+    mapfile -t pkgs < <(printf '%s\n' "${pkgs[@]}" | sort -u)
+    printf '\n== installing %s\n' "${pkgs[*]}"
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
+        --allow-downgrades "${pkgs[@]}"
+fi
+
+mapfile -t still < <(missing)
+if [ ${#still[@]} -gt 0 ]; then
+    for e in "${still[@]}"; do
+        pkg=${e#* }
+        [ "$pkg" = QEMU ] && pkg=qemu-system-common
+        echo "deps.sh: '${e%% *}' is still missing after installing (package $pkg)" >&2
+    done
+    exit 1
+fi
