@@ -21,6 +21,10 @@ common=(
     "/boot/vmlinuz-* linux-image-amd64"
     "busybox busybox-static"
     "ip iproute2"
+    # The region's etcd store is built on etcd-client, whose build compiles
+    # etcd's protocol files with protoc and protobuf's own .proto files.
+    "protoc protobuf-compiler"
+    "/usr/include/google/protobuf/descriptor.proto libprotobuf-dev"
 )
 test_deps=(
     "${common[@]}"
@@ -48,8 +52,11 @@ test_deps=(
     # vGPU: Mesa's lavapipe gives wgpu a Vulkan device on the CPU.
     "/usr/share/vulkan/icd.d/lvp_icd*.json mesa-vulkan-drivers"
     "chromium chromium"
+    # The region's tests start a throwaway etcd on loopback.
+    "etcd etcd-server"
 )
 bench_deps=(
+    "etcd etcd-server"
     "qemu-storage-daemon QEMU"
     "qemu-img qemu-utils"
     "sockperf sockperf"
