@@ -6,3 +6,12 @@
 
 pub mod store;
 pub mod throwaway_etcd;
+pub mod error;
+pub mod model;
+pub mod placement;
+pub mod service;
+pub mod api;
+pub mod console;
+pub mod leader;
+pub mod server;
+pub mod client;

@@ -1,0 +1,353 @@
+//! The region's JSON API over HTTP (axum), described in
+//! `docs/api/region.yaml`. Every call under `/v1/` carries a credential
+//! (`Authorization: Bearer sc_...`, or the console's cookie); tenants see
+//! only their own instances and volumes, admin-only calls refuse tenants,
+//! and a host's card daemon reaches only the agent calls for itself.
+
+use std::sync::Arc;
+
+use axum::extract::{FromRequest, Path, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Extension, Json, Router};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::error::{RegionError, Result};
+use crate::leader::Election;
+use crate::model::{HostRegistration, InstanceState, Principal, IMAGES, INSTANCE_TYPES};
+use crate::service::instances::CreateInstance;
+use crate::service::volumes::{CreateVolume, VolumeReport};
+use crate::service::Region;
+
+/// Largest request body.
+const MAX_BODY_BYTES: usize = 256 << 10;
+
+/// What every handler gets.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    /// The region.
+    pub region: Arc<Region>,
+    /// The election, for `/v1/region`.
+    pub election: Arc<Election>,
+}
+
+/// A JSON body whose errors are the API's own (400 with a message).
+#[derive(Debug)]
+pub struct Body<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
+    type Rejection = RegionError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self> {
+        let bytes = axum::body::Bytes::from_request(req, state)
+            .await
+            .map_err(|e| RegionError::Invalid(format!("request body: {e}")))?;
+        serde_json::from_slice(&bytes)
+            .map(Body)
+            .map_err(|e| RegionError::Invalid(format!("request body: {e}")))
+    }
+}
+
+/// The router.
+pub fn router(state: AppState) -> Router {
+    let v1 = Router::new()
+        .route("/whoami", get(whoami))
+        .route("/region", get(region_info))
+        .route("/instance-types", get(|| async { Json(json!(INSTANCE_TYPES)) }))
+        .route("/images", get(|| async { Json(json!(IMAGES)) }))
+        .route("/tenants", get(tenants).post(create_tenant))
+        .route("/tenants/{name}/credentials", post(tenant_credential))
+        .route("/hosts", get(hosts))
+        .route("/hosts/{name}/credentials", post(host_credential))
+        .route("/instances", get(instances).post(create_instance))
+        .route("/instances/{id}", get(instance))
+        .route("/instances/{id}/console", get(console))
+        .route("/instances/{id}/{action}", post(instance_action))
+        .route("/volumes", get(volumes).post(create_volume))
+        .route("/volumes/{id}", get(volume).delete(delete_volume))
+        .route("/volumes/{id}/attach", post(attach_volume))
+        .route("/volumes/{id}/detach", post(detach_volume))
+        .route("/agent/register", put(agent_register))
+        .route("/agent/heartbeat", post(agent_heartbeat))
+        .route("/agent/work", get(agent_work))
+        .route("/agent/instances/{id}/status", post(agent_instance_status))
+        .route("/agent/instances/{id}/console", put(agent_console))
+        .route("/agent/volumes/{id}/status", post(agent_volume_status))
+        .fallback(|| async { RegionError::NotFound("no such API call".into()) })
+        .layer(middleware::from_fn_with_state(state.clone(), authenticate));
+    Router::new()
+        .nest("/v1", v1)
+        .route("/healthz", get(|| async { "ok" }))
+        .merge(crate::console::routes())
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+/// The credential in `Authorization: Bearer ...` or the console's cookie.
+fn credential(req: &Request) -> Option<String> {
+    if let Some(v) = req.headers().get(header::AUTHORIZATION) {
+        return v
+            .to_str()
+            .ok()
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(|s| s.trim().to_owned());
+    }
+    req.headers()
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|c| c.trim().strip_prefix("sc_credential="))
+        .map(str::to_owned)
+}
+
+async fn authenticate(
+    State(st): State<AppState>,
+    mut req: Request,
+    next: Next,
+) -> Result<Response> {
+    let secret = credential(&req).ok_or(RegionError::Unauthenticated)?;
+    let who = st.region.authenticate(&secret).await?;
+    req.extensions_mut().insert(who);
+    Ok(next.run(req).await)
+}
+
+fn admin(p: &Principal) -> Result<()> {
+    match p {
+        Principal::Admin => Ok(()),
+        _ => Err(RegionError::Forbidden("this call is for the admin".into())),
+    }
+}
+
+/// The tenant a tenant-facing call acts for: `Some(t)` for a tenant, `None`
+/// (everything) for the admin; hosts are refused.
+fn scope(p: &Principal) -> Result<Option<&str>> {
+    match p {
+        Principal::Admin => Ok(None),
+        Principal::Tenant(t) => Ok(Some(t)),
+        Principal::Host(_) => Err(RegionError::Forbidden(
+            "a host credential reaches only the agent calls".into(),
+        )),
+    }
+}
+
+fn tenant(p: &Principal) -> Result<&str> {
+    match p {
+        Principal::Tenant(t) => Ok(t),
+        _ => Err(RegionError::Forbidden(
+            "instances and volumes are created with a tenant's credential".into(),
+        )),
+    }
+}
+
+fn host(p: &Principal) -> Result<&str> {
+    match p {
+        Principal::Host(h) => Ok(h),
+        _ => Err(RegionError::Forbidden("this call is for hosts' card daemons".into())),
+    }
+}
+
+type P = Extension<Principal>;
+type S = State<AppState>;
+
+async fn whoami(Extension(p): P) -> Json<Principal> {
+    Json(p)
+}
+
+async fn region_info(State(st): S, Extension(p): P) -> Result<Json<Value>> {
+    admin(&p)?;
+    let leader = st
+        .region
+        .store()
+        .get(&crate::model::keys::leader())
+        .await?
+        .map(|kv| String::from_utf8_lossy(&kv.value).into_owned());
+    Ok(Json(json!({
+        "me": st.election.me,
+        "leading": st.election.leading(),
+        "leader": leader,
+        "placement_conflicts": st.region.placement.conflicts.load(std::sync::atomic::Ordering::Relaxed),
+    })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Named {
+    name: String,
+}
+
+async fn tenants(State(st): S, Extension(p): P) -> Result<Json<Value>> {
+    admin(&p)?;
+    Ok(Json(json!(st.region.tenants().await?)))
+}
+
+async fn create_tenant(State(st): S, Extension(p): P, Body(b): Body<Named>) -> Result<Response> {
+    admin(&p)?;
+    let t = st.region.create_tenant(&b.name).await?;
+    Ok((StatusCode::CREATED, Json(json!(t))).into_response())
+}
+
+async fn tenant_credential(State(st): S, Extension(p): P, Path(name): Path<String>) -> Result<Response> {
+    admin(&p)?;
+    let secret = st.region.create_credential(Principal::Tenant(name.clone())).await?;
+    Ok((StatusCode::CREATED, Json(json!({"tenant": name, "credential": secret}))).into_response())
+}
+
+async fn host_credential(State(st): S, Extension(p): P, Path(name): Path<String>) -> Result<Response> {
+    admin(&p)?;
+    let secret = st.region.create_credential(Principal::Host(name.clone())).await?;
+    Ok((StatusCode::CREATED, Json(json!({"host": name, "credential": secret}))).into_response())
+}
+
+async fn hosts(State(st): S, Extension(p): P) -> Result<Json<Value>> {
+    admin(&p)?;
+    Ok(Json(json!(st.region.hosts().await?)))
+}
+
+async fn instances(State(st): S, Extension(p): P) -> Result<Json<Value>> {
+    Ok(Json(json!(st.region.instances(scope(&p)?).await?)))
+}
+
+async fn create_instance(State(st): S, Extension(p): P, Body(b): Body<CreateInstance>) -> Result<Response> {
+    let t = tenant(&p)?;
+    let i = st.region.create_instance(t, &b).await?;
+    let v = st.region.instance_view(Some(t), &i.id).await?;
+    Ok((StatusCode::CREATED, Json(v)).into_response())
+}
+
+async fn instance(State(st): S, Extension(p): P, Path(id): Path<String>) -> Result<Json<Value>> {
+    Ok(Json(st.region.instance_view(scope(&p)?, &id).await?))
+}
+
+async fn console(State(st): S, Extension(p): P, Path(id): Path<String>) -> Result<Json<Value>> {
+    let out = st.region.console_output(scope(&p)?, &id).await?;
+    Ok(Json(json!({"instance": id, "output": out})))
+}
+
+async fn instance_action(
+    State(st): S,
+    Extension(p): P,
+    Path((id, action)): Path<(String, String)>,
+) -> Result<Json<Value>> {
+    let t = scope(&p)?;
+    let r = &st.region;
+    let i = match action.as_str() {
+        "stop" => r.stop_instance(t, &id).await?,
+        "start" => r.start_instance(t, &id).await?,
+        "reboot" => r.reboot_instance(t, &id).await?,
+        "terminate" => r.terminate_instance(t, &id).await?,
+        _ => {
+            return Err(RegionError::NotFound(format!(
+                "no action {action:?} (stop, start, reboot, terminate)"
+            )))
+        }
+    };
+    Ok(Json(r.instance_view(t, &i.id).await?))
+}
+
+async fn volumes(State(st): S, Extension(p): P) -> Result<Json<Value>> {
+    Ok(Json(json!(st.region.volumes(scope(&p)?).await?)))
+}
+
+async fn create_volume(State(st): S, Extension(p): P, Body(b): Body<CreateVolume>) -> Result<Response> {
+    let v = st.region.create_volume(tenant(&p)?, &b).await?;
+    Ok((StatusCode::CREATED, Json(json!(v))).into_response())
+}
+
+async fn volume(State(st): S, Extension(p): P, Path(id): Path<String>) -> Result<Json<Value>> {
+    Ok(Json(json!(st.region.volume(scope(&p)?, &id).await?.value)))
+}
+
+async fn delete_volume(State(st): S, Extension(p): P, Path(id): Path<String>) -> Result<Json<Value>> {
+    Ok(Json(json!(st.region.delete_volume(scope(&p)?, &id).await?)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AttachBody {
+    instance: String,
+}
+
+async fn attach_volume(
+    State(st): S,
+    Extension(p): P,
+    Path(id): Path<String>,
+    Body(b): Body<AttachBody>,
+) -> Result<Json<Value>> {
+    Ok(Json(json!(st.region.attach_volume(scope(&p)?, &id, &b.instance).await?)))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct DetachBody {
+    #[serde(default)]
+    force: bool,
+}
+
+async fn detach_volume(
+    State(st): S,
+    Extension(p): P,
+    Path(id): Path<String>,
+    Body(b): Body<DetachBody>,
+) -> Result<Json<Value>> {
+    Ok(Json(json!(st.region.detach_volume(scope(&p)?, &id, b.force).await?)))
+}
+
+async fn agent_register(State(st): S, Extension(p): P, Body(b): Body<HostRegistration>) -> Result<Json<Value>> {
+    let h = host(&p)?;
+    let ttl = st.region.register_host(h, b).await?;
+    Ok(Json(json!({"host": h, "lease_seconds": ttl.as_secs()})))
+}
+
+async fn agent_heartbeat(State(st): S, Extension(p): P) -> Result<Json<Value>> {
+    st.region.heartbeat(host(&p)?).await?;
+    Ok(Json(json!({})))
+}
+
+async fn agent_work(State(st): S, Extension(p): P) -> Result<Json<Value>> {
+    Ok(Json(st.region.host_work(host(&p)?).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InstanceReport {
+    state: InstanceState,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+async fn agent_instance_status(
+    State(st): S,
+    Extension(p): P,
+    Path(id): Path<String>,
+    Body(b): Body<InstanceReport>,
+) -> Result<Json<Value>> {
+    st.region
+        .report_instance(host(&p)?, &id, b.state, b.reason)
+        .await?;
+    Ok(Json(json!({})))
+}
+
+async fn agent_console(
+    State(st): S,
+    Extension(p): P,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Json<Value>> {
+    st.region.put_console(host(&p)?, &id, &body).await?;
+    Ok(Json(json!({})))
+}
+
+async fn agent_volume_status(
+    State(st): S,
+    Extension(p): P,
+    Path(id): Path<String>,
+    Body(b): Body<VolumeReport>,
+) -> Result<Json<Value>> {
+    st.region.report_volume(host(&p)?, &id, &b).await?;
+    Ok(Json(json!({})))
+}

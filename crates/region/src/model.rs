@@ -1,0 +1,450 @@
+//! The region's records, as stored (JSON under `/sc/v1/`) and as served,
+//! with the names and states users know from EC2 and OpenStack.
+
+use serde::{Deserialize, Serialize};
+
+/// Root of every key the region writes.
+pub const ROOT: &str = "/sc/v1/";
+
+/// Store keys, one function per kind of record.
+pub mod keys {
+    use super::ROOT;
+
+    /// A tenant.
+    pub fn tenant(t: &str) -> String {
+        format!("{ROOT}tenants/{t}")
+    }
+    /// A credential, by the SHA-256 of its secret.
+    pub fn credential(hash: &str) -> String {
+        format!("{ROOT}credentials/{hash}")
+    }
+    /// A host's registration.
+    pub fn host(h: &str) -> String {
+        format!("{ROOT}hosts/{h}")
+    }
+    /// Prefix of every host.
+    pub fn hosts() -> String {
+        format!("{ROOT}hosts/")
+    }
+    /// A host's liveness key, attached to its lease.
+    pub fn alive(h: &str) -> String {
+        format!("{ROOT}alive/{h}")
+    }
+    /// Prefix of the liveness keys.
+    pub fn alives() -> String {
+        format!("{ROOT}alive/")
+    }
+    /// What is allocated on a host: the compare-and-swap target of a claim
+    /// (its `mod_revision` is Placement's provider generation).
+    pub fn usage(h: &str) -> String {
+        format!("{ROOT}usage/{h}")
+    }
+    /// Prefix of the usage records.
+    pub fn usages() -> String {
+        format!("{ROOT}usage/")
+    }
+    /// An instance.
+    pub fn instance(id: &str) -> String {
+        format!("{ROOT}instances/{id}")
+    }
+    /// Prefix of every instance.
+    pub fn instances() -> String {
+        format!("{ROOT}instances/")
+    }
+    /// An instance's captured serial console (the tail).
+    pub fn console(id: &str) -> String {
+        format!("{ROOT}console/{id}")
+    }
+    /// A volume.
+    pub fn volume(id: &str) -> String {
+        format!("{ROOT}volumes/{id}")
+    }
+    /// Prefix of every volume.
+    pub fn volumes() -> String {
+        format!("{ROOT}volumes/")
+    }
+    /// A tenant's name for a live resource (`instance` or `volume`).
+    pub fn name(tenant: &str, kind: &str, name: &str) -> String {
+        format!("{ROOT}names/{tenant}/{kind}/{name}")
+    }
+    /// A tenant's client token.
+    pub fn client_token(tenant: &str, token: &str) -> String {
+        format!("{ROOT}tokens/{tenant}/{token}")
+    }
+    /// The leader's key, attached to the leader's lease.
+    pub fn leader() -> String {
+        format!("{ROOT}leader")
+    }
+}
+
+/// Who a credential speaks for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "name", rename_all = "lowercase")]
+pub enum Principal {
+    /// The operator.
+    Admin,
+    /// A tenant.
+    Tenant(String),
+    /// A host's card daemon.
+    Host(String),
+}
+
+/// A stored credential (the secret itself is never stored).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Credential {
+    /// Who it speaks for.
+    pub principal: Principal,
+    /// When it was made (Unix seconds).
+    pub created: u64,
+}
+
+/// A tenant.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Tenant {
+    /// Its name.
+    pub name: String,
+    /// When it was made (Unix seconds).
+    pub created: u64,
+}
+
+/// A device a host offers volumes on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostDevice {
+    /// The card's name for it.
+    pub name: String,
+    /// Bytes the region may place volumes in.
+    pub capacity_bytes: u64,
+}
+
+/// What a host's card daemon reports when it registers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostRegistration {
+    /// vCPUs it offers to instances.
+    pub vcpus: u32,
+    /// Memory it offers to instances, MiB.
+    pub memory_mib: u64,
+    /// Its devices.
+    pub devices: Vec<HostDevice>,
+}
+
+/// A host as stored.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Host {
+    /// Its name.
+    pub name: String,
+    /// What it offers.
+    #[serde(flatten)]
+    pub offer: HostRegistration,
+    /// When it last registered (Unix seconds).
+    pub registered: u64,
+    /// When the region last knew it alive, set when its lease expired.
+    #[serde(default)]
+    pub last_seen: Option<u64>,
+}
+
+/// What is allocated on a host.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    /// vCPUs allocated to instances.
+    pub vcpus: u32,
+    /// Memory allocated to instances, MiB.
+    pub memory_mib: u64,
+    /// Bytes allocated to volumes, per device.
+    #[serde(default)]
+    pub device_bytes: std::collections::BTreeMap<String, u64>,
+}
+
+/// An instance type: vCPUs and memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct InstanceType {
+    /// Its name (`sc1.small`).
+    pub name: &'static str,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Memory, MiB.
+    pub memory_mib: u64,
+}
+
+/// The instance types the region offers.
+pub const INSTANCE_TYPES: &[InstanceType] = &[
+    InstanceType {
+        name: "sc1.micro",
+        vcpus: 1,
+        memory_mib: 256,
+    },
+    InstanceType {
+        name: "sc1.small",
+        vcpus: 1,
+        memory_mib: 512,
+    },
+    InstanceType {
+        name: "sc1.medium",
+        vcpus: 2,
+        memory_mib: 1024,
+    },
+    InstanceType {
+        name: "sc1.large",
+        vcpus: 2,
+        memory_mib: 2048,
+    },
+];
+
+/// An instance type by name.
+pub fn instance_type(name: &str) -> Option<InstanceType> {
+    INSTANCE_TYPES.iter().copied().find(|t| t.name == name)
+}
+
+/// An image instances boot from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Image {
+    /// Its name.
+    pub name: &'static str,
+    /// What it is.
+    pub description: &'static str,
+}
+
+/// The built-in images: hosts build them from their own kernel.
+pub const IMAGES: &[Image] = &[Image {
+    name: "default",
+    description: "the host's Debian kernel and a busybox initramfs built by softcard; \
+                  its init reports every virtio disk it sees on the console and stamps \
+                  blank ones (docs/region.md)",
+}];
+
+/// EC2's instance states.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum InstanceState {
+    /// Placed; the host is starting it.
+    Pending,
+    /// Its VM runs.
+    Running,
+    /// Being terminated.
+    ShuttingDown,
+    /// Gone (the record stays visible).
+    Terminated,
+    /// Being stopped.
+    Stopping,
+    /// Its VM is off; it keeps its host and volumes.
+    Stopped,
+}
+
+impl InstanceState {
+    /// EC2's code for the state.
+    pub fn code(self) -> u16 {
+        match self {
+            InstanceState::Pending => 0,
+            InstanceState::Running => 16,
+            InstanceState::ShuttingDown => 32,
+            InstanceState::Terminated => 48,
+            InstanceState::Stopping => 64,
+            InstanceState::Stopped => 80,
+        }
+    }
+
+    /// The state's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            InstanceState::Pending => "pending",
+            InstanceState::Running => "running",
+            InstanceState::ShuttingDown => "shutting-down",
+            InstanceState::Terminated => "terminated",
+            InstanceState::Stopping => "stopping",
+            InstanceState::Stopped => "stopped",
+        }
+    }
+
+    /// Whether the state is on its way to another.
+    pub fn transitional(self) -> bool {
+        matches!(
+            self,
+            InstanceState::Pending | InstanceState::ShuttingDown | InstanceState::Stopping
+        )
+    }
+}
+
+/// An instance as stored.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Instance {
+    /// `i-` and 16 hex digits.
+    pub id: String,
+    /// The tenant's name for it.
+    pub name: String,
+    /// Owner.
+    pub tenant: String,
+    /// Instance type.
+    pub instance_type: String,
+    /// vCPUs (from the type).
+    pub vcpus: u32,
+    /// Memory, MiB (from the type).
+    pub memory_mib: u64,
+    /// Image name.
+    pub image: String,
+    /// The host it was placed on.
+    pub host: String,
+    /// Lifecycle state.
+    pub state: InstanceState,
+    /// Why it is in that state, when not by request (EC2's StateReason).
+    #[serde(default)]
+    pub state_reason: Option<String>,
+    /// Its boot volume's id.
+    pub boot_volume: String,
+    /// Keep the boot volume when terminated.
+    #[serde(default)]
+    pub keep_boot_volume: bool,
+    /// Encrypt the boot volume under the tenant's key.
+    #[serde(default)]
+    pub encrypted: bool,
+    /// Reboots asked for; the host applies each once.
+    #[serde(default)]
+    pub reboots: u32,
+    /// When it was made (Unix seconds).
+    pub created: u64,
+    /// The client token it was made with.
+    #[serde(default)]
+    pub client_token: Option<String>,
+}
+
+/// EBS's volume states.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VolumeState {
+    /// The host is making it.
+    Creating,
+    /// Made, attached to nothing.
+    Available,
+    /// Attached to an instance.
+    InUse,
+    /// The host is removing it.
+    Deleting,
+    /// Gone.
+    Deleted,
+    /// The host could not make it.
+    Error,
+}
+
+/// EBS's attachment states (and `busy`: the guest holds the disk).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AttachmentState {
+    /// Being plugged in.
+    Attaching,
+    /// Plugged in; the guest sees it.
+    Attached,
+    /// Being unplugged.
+    Detaching,
+    /// The guest did not release it; a forced detach removes it.
+    Busy,
+}
+
+/// A volume's attachment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attachment {
+    /// The instance.
+    pub instance: String,
+    /// Its state.
+    pub state: AttachmentState,
+    /// Unplug even if the guest does not release it.
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// A volume as stored.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Volume {
+    /// `vol-` and 16 hex digits; also its name on the card.
+    pub id: String,
+    /// The tenant's name for it.
+    pub name: String,
+    /// Owner.
+    pub tenant: String,
+    /// Host it lives on.
+    pub host: String,
+    /// Device of that host.
+    pub device: String,
+    /// Size in bytes.
+    pub size_bytes: u64,
+    /// Encrypted under the tenant's key.
+    #[serde(default)]
+    pub encrypted: bool,
+    /// State.
+    pub state: VolumeState,
+    /// Why it is in `error`.
+    #[serde(default)]
+    pub state_reason: Option<String>,
+    /// The instance it is attached to.
+    #[serde(default)]
+    pub attachment: Option<Attachment>,
+    /// The boot volume of this instance.
+    #[serde(default)]
+    pub boot_of: Option<String>,
+    /// When it was made (Unix seconds).
+    pub created: u64,
+}
+
+/// Names users give: 1 to 63 of `a-z 0-9 -`, starting with a letter or
+/// digit (a DNS label).
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+}
+
+/// Now, in Unix seconds.
+pub fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// A new id: `prefix-` and 16 random hex digits.
+pub fn new_id(prefix: &str) -> String {
+    format!("{prefix}-{:016x}", rand::random::<u64>())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert!(valid_name("web1"));
+        assert!(valid_name("a-b-c"));
+        for bad in ["", "-x", "Web", "a_b", "a b", "../x", &"x".repeat(64)] {
+            assert!(!valid_name(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn ec2_codes() {
+        let s: Vec<(u16, &str)> = [
+            InstanceState::Pending,
+            InstanceState::Running,
+            InstanceState::ShuttingDown,
+            InstanceState::Terminated,
+            InstanceState::Stopping,
+            InstanceState::Stopped,
+        ]
+        .iter()
+        .map(|s| (s.code(), s.name()))
+        .collect();
+        assert_eq!(
+            s,
+            [
+                (0, "pending"),
+                (16, "running"),
+                (32, "shutting-down"),
+                (48, "terminated"),
+                (64, "stopping"),
+                (80, "stopped")
+            ]
+        );
+        assert_eq!(
+            serde_json::to_string(&InstanceState::ShuttingDown).unwrap(),
+            "\"shutting-down\""
+        );
+    }
+}

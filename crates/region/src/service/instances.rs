@@ -1,0 +1,556 @@
+//! Instances: placement and claim, the EC2 lifecycle, and what hosts report.
+
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::{decode, encode, Region};
+use crate::error::{RegionError, Result};
+use crate::model::{
+    instance_type, keys, new_id, now, valid_name, Instance, InstanceState, Usage, Volume,
+    VolumeState, IMAGES,
+};
+use crate::placement::Request;
+use crate::store::{Compare, Op};
+
+/// Claims tried before a create gives up (each failed claim refreshes the
+/// view of the host it raced for).
+const MAX_CLAIM_ATTEMPTS: usize = 64;
+/// Largest boot volume.
+pub const MAX_VOLUME_BYTES: u64 = 1 << 40;
+/// Smallest boot volume.
+pub const MIN_BOOT_VOLUME_BYTES: u64 = 64 << 20;
+/// Longest client token (EC2's).
+const MAX_CLIENT_TOKEN: usize = 64;
+/// Largest console tail kept.
+pub const CONSOLE_BYTES: usize = 64 << 10;
+
+/// `POST /v1/instances`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateInstance {
+    /// The tenant's name for it.
+    pub name: String,
+    /// Instance type.
+    #[serde(rename = "type")]
+    pub instance_type: String,
+    /// Image (default: `default`).
+    #[serde(default = "default_image")]
+    pub image: String,
+    /// Boot volume size (`4GiB`).
+    pub volume_size: String,
+    /// Idempotency token.
+    #[serde(default)]
+    pub client_token: Option<String>,
+    /// Encrypt the boot volume under the tenant's key.
+    #[serde(default)]
+    pub encrypted: bool,
+    /// Keep the boot volume at terminate.
+    #[serde(default)]
+    pub keep_boot_volume: bool,
+}
+
+fn default_image() -> String {
+    "default".into()
+}
+
+/// A record read with its revision, for a compare-and-swap.
+#[derive(Debug, Clone)]
+pub struct Versioned<T> {
+    /// The record.
+    pub value: T,
+    /// Its `mod_revision`.
+    pub revision: i64,
+}
+
+pub(crate) async fn read<T: serde::de::DeserializeOwned>(
+    region: &Region,
+    key: &str,
+) -> Result<Option<Versioned<T>>> {
+    Ok(match region.store.get(key).await? {
+        Some(kv) => Some(Versioned {
+            value: decode(&kv)?,
+            revision: kv.mod_revision,
+        }),
+        None => None,
+    })
+}
+
+/// The tenant owns the record (admin owns everything); otherwise it is
+/// "not found", so existence is not revealed.
+pub(crate) fn visible(tenant: Option<&str>, owner: &str) -> bool {
+    tenant.is_none_or(|t| t == owner)
+}
+
+impl Region {
+    /// Places and claims an instance for `tenant`: the host's vCPUs,
+    /// memory and the boot volume's bytes in one transaction with the
+    /// instance, its boot volume and its name. The same client token
+    /// returns the same instance.
+    pub async fn create_instance(&self, tenant: &str, req: &CreateInstance) -> Result<Instance> {
+        if !valid_name(&req.name) {
+            return Err(RegionError::Invalid(format!(
+                "invalid instance name {:?}: 1-63 of a-z, 0-9 and -",
+                req.name
+            )));
+        }
+        let ty = instance_type(&req.instance_type).ok_or_else(|| {
+            RegionError::Invalid(format!(
+                "unknown instance type {:?} (softcard instance types)",
+                req.instance_type
+            ))
+        })?;
+        if !IMAGES.iter().any(|i| i.name == req.image) {
+            return Err(RegionError::Invalid(format!("unknown image {:?}", req.image)));
+        }
+        let bytes = softcard_control::size::parse_size(&req.volume_size)
+            .map_err(|e| RegionError::Invalid(format!("volume size: {e}")))?;
+        if !(MIN_BOOT_VOLUME_BYTES..=MAX_VOLUME_BYTES).contains(&bytes) || bytes % 4096 != 0 {
+            return Err(RegionError::Invalid(format!(
+                "volume size must be a multiple of 4 KiB from 64 MiB to 1 TiB, not {bytes} bytes"
+            )));
+        }
+        if let Some(t) = &req.client_token {
+            if t.is_empty() || t.len() > MAX_CLIENT_TOKEN || !t.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(RegionError::Invalid(
+                    "client token: 1-64 printable ASCII characters".into(),
+                ));
+            }
+            if let Some(i) = self.by_client_token(tenant, t).await? {
+                return Ok(i);
+            }
+        }
+        let name_key = keys::name(tenant, "instance", &req.name);
+        let want = Request {
+            vcpus: ty.vcpus,
+            memory_mib: ty.memory_mib,
+            disk_bytes: bytes,
+            host: None,
+        };
+        for _ in 0..MAX_CLAIM_ATTEMPTS {
+            let Some(choice) = self.placement.candidates(&want).into_iter().next() else {
+                return Err(RegionError::NoCapacity(format!(
+                    "no capacity: no host that is up has {} vCPU, {} MiB and {} free bytes on one device",
+                    ty.vcpus, ty.memory_mib, bytes
+                )));
+            };
+            let id = new_id("i");
+            let vol_id = new_id("vol");
+            let created = now();
+            let inst = Instance {
+                id: id.clone(),
+                name: req.name.clone(),
+                tenant: tenant.to_owned(),
+                instance_type: ty.name.to_owned(),
+                vcpus: ty.vcpus,
+                memory_mib: ty.memory_mib,
+                image: req.image.clone(),
+                host: choice.host.clone(),
+                state: InstanceState::Pending,
+                state_reason: None,
+                boot_volume: vol_id.clone(),
+                keep_boot_volume: req.keep_boot_volume,
+                encrypted: req.encrypted,
+                reboots: 0,
+                created,
+                client_token: req.client_token.clone(),
+            };
+            let vol = Volume {
+                id: vol_id.clone(),
+                name: format!("{}-boot", req.name),
+                tenant: tenant.to_owned(),
+                host: choice.host.clone(),
+                device: choice.device.clone(),
+                size_bytes: bytes,
+                encrypted: req.encrypted,
+                state: VolumeState::Creating,
+                state_reason: None,
+                attachment: None,
+                boot_of: Some(id.clone()),
+                created,
+            };
+            let usage_key = keys::usage(&choice.host);
+            let mut when = vec![
+                Compare::ModRevision(usage_key.clone(), choice.usage_revision),
+                Compare::Absent(name_key.clone()),
+            ];
+            let mut then = vec![
+                Op::put(usage_key.clone(), encode(&choice.usage)),
+                Op::put(keys::instance(&id), encode(&inst)),
+                Op::put(keys::volume(&vol_id), encode(&vol)),
+                Op::put(name_key.clone(), id.clone()),
+            ];
+            if let Some(t) = &req.client_token {
+                let k = keys::client_token(tenant, t);
+                when.push(Compare::Absent(k.clone()));
+                then.push(Op::put(k, id.clone()));
+            }
+            let r = self
+                .store
+                .txn(
+                    when,
+                    then,
+                    vec![Op::Get(usage_key), Op::Get(name_key.clone())],
+                )
+                .await?;
+            if r.succeeded {
+                log::info!("instance {id} ({}) placed on {}", req.name, choice.host);
+                return Ok(inst);
+            }
+            if let Some(t) = &req.client_token {
+                if let Some(i) = self.by_client_token(tenant, t).await? {
+                    return Ok(i);
+                }
+            }
+            if r.reads.get(1).is_some_and(Option::is_some) {
+                return Err(RegionError::Conflict(format!(
+                    "an instance named {} exists",
+                    req.name
+                )));
+            }
+            self.placement
+                .conflicts
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if let Some(Some(kv)) = r.reads.first() {
+                self.placement.refresh_usage(kv);
+            }
+        }
+        Err(RegionError::NoCapacity(
+            "no capacity: every claim lost its race; try again".into(),
+        ))
+    }
+
+    async fn by_client_token(&self, tenant: &str, token: &str) -> Result<Option<Instance>> {
+        let Some(kv) = self.store.get(&keys::client_token(tenant, token)).await? else {
+            return Ok(None);
+        };
+        let id = String::from_utf8_lossy(&kv.value).into_owned();
+        Ok(read::<Instance>(self, &keys::instance(&id))
+            .await?
+            .map(|v| v.value))
+    }
+
+    /// One instance, by id or by its tenant's name for it.
+    pub async fn instance(&self, tenant: Option<&str>, id_or_name: &str) -> Result<Versioned<Instance>> {
+        let not_found = || RegionError::NotFound(format!("no instance {id_or_name}"));
+        let id = if id_or_name.starts_with("i-") {
+            id_or_name.to_owned()
+        } else {
+            let t = tenant.ok_or_else(|| {
+                RegionError::Invalid("the admin names instances by id".into())
+            })?;
+            if !valid_name(id_or_name) {
+                return Err(not_found());
+            }
+            let kv = self
+                .store
+                .get(&keys::name(t, "instance", id_or_name))
+                .await?
+                .ok_or_else(not_found)?;
+            String::from_utf8_lossy(&kv.value).into_owned()
+        };
+        if id.len() > 40 || id.contains('/') {
+            return Err(not_found());
+        }
+        let v = read::<Instance>(self, &keys::instance(&id))
+            .await?
+            .ok_or_else(not_found)?;
+        if !visible(tenant, &v.value.tenant) {
+            return Err(not_found());
+        }
+        Ok(v)
+    }
+
+    /// Instances the caller may see, as served (with health and volumes).
+    pub async fn instances(&self, tenant: Option<&str>) -> Result<Vec<Value>> {
+        let (kvs, _) = self.store.range(&keys::instances()).await?;
+        let alive = self.alive_hosts().await?;
+        let (vols, _) = self.store.range(&keys::volumes()).await?;
+        let vols: Vec<Volume> = vols.iter().map(decode).collect::<Result<_>>()?;
+        let mut out = Vec::new();
+        for kv in &kvs {
+            let i: Instance = decode(kv)?;
+            if visible(tenant, &i.tenant) {
+                out.push(served(&i, &alive, &vols));
+            }
+        }
+        Ok(out)
+    }
+
+    /// One instance as served.
+    pub async fn instance_view(&self, tenant: Option<&str>, id_or_name: &str) -> Result<Value> {
+        let i = self.instance(tenant, id_or_name).await?.value;
+        let alive = self.alive_hosts().await?;
+        let (vols, _) = self.store.range(&keys::volumes()).await?;
+        let vols: Vec<Volume> = vols.iter().map(decode).collect::<Result<_>>()?;
+        Ok(served(&i, &alive, &vols))
+    }
+
+    /// Changes an instance by compare-and-swap on its record, retrying when
+    /// another change came first.
+    async fn update_instance(
+        &self,
+        tenant: Option<&str>,
+        id_or_name: &str,
+        change: impl Fn(&mut Instance) -> Result<bool>,
+    ) -> Result<Instance> {
+        loop {
+            let v = self.instance(tenant, id_or_name).await?;
+            let mut i = v.value;
+            if !change(&mut i)? {
+                return Ok(i);
+            }
+            let key = keys::instance(&i.id);
+            let r = self
+                .store
+                .txn(
+                    vec![Compare::ModRevision(key.clone(), v.revision)],
+                    vec![Op::put(key, encode(&i))],
+                    vec![],
+                )
+                .await?;
+            if r.succeeded {
+                return Ok(i);
+            }
+        }
+    }
+
+    /// EC2's StopInstances.
+    pub async fn stop_instance(&self, tenant: Option<&str>, id: &str) -> Result<Instance> {
+        self.update_instance(tenant, id, |i| match i.state {
+            InstanceState::Running | InstanceState::Pending => {
+                i.state = InstanceState::Stopping;
+                i.state_reason = Some("User initiated".into());
+                Ok(true)
+            }
+            InstanceState::Stopping | InstanceState::Stopped => Ok(false),
+            s => Err(RegionError::Conflict(format!(
+                "instance {} is {} and cannot be stopped",
+                i.id,
+                s.name()
+            ))),
+        })
+        .await
+    }
+
+    /// EC2's StartInstances.
+    pub async fn start_instance(&self, tenant: Option<&str>, id: &str) -> Result<Instance> {
+        self.update_instance(tenant, id, |i| match i.state {
+            InstanceState::Stopped => {
+                i.state = InstanceState::Pending;
+                i.state_reason = None;
+                Ok(true)
+            }
+            InstanceState::Pending | InstanceState::Running => Ok(false),
+            s => Err(RegionError::Conflict(format!(
+                "instance {} is {} and cannot be started",
+                i.id,
+                s.name()
+            ))),
+        })
+        .await
+    }
+
+    /// EC2's RebootInstances: the host resets the VM once per request.
+    pub async fn reboot_instance(&self, tenant: Option<&str>, id: &str) -> Result<Instance> {
+        self.update_instance(tenant, id, |i| match i.state {
+            InstanceState::Running => {
+                i.reboots += 1;
+                Ok(true)
+            }
+            s => Err(RegionError::Conflict(format!(
+                "instance {} is {}; only a running instance reboots",
+                i.id,
+                s.name()
+            ))),
+        })
+        .await
+    }
+
+    /// EC2's TerminateInstances (idempotent).
+    pub async fn terminate_instance(&self, tenant: Option<&str>, id: &str) -> Result<Instance> {
+        self.update_instance(tenant, id, |i| match i.state {
+            InstanceState::ShuttingDown | InstanceState::Terminated => Ok(false),
+            _ => {
+                i.state = InstanceState::ShuttingDown;
+                i.state_reason = Some("User initiated".into());
+                Ok(true)
+            }
+        })
+        .await
+    }
+
+    /// The captured serial console's tail.
+    pub async fn console_output(&self, tenant: Option<&str>, id: &str) -> Result<String> {
+        let i = self.instance(tenant, id).await?.value;
+        Ok(self
+            .store
+            .get(&keys::console(&i.id))
+            .await?
+            .map(|kv| String::from_utf8_lossy(&kv.value).into_owned())
+            .unwrap_or_default())
+    }
+
+    /// A host reports an instance's state. Allowed: pending -> running,
+    /// stopping -> stopped, running or pending -> stopped (its VM died or
+    /// could not start: `reason` says why), shutting-down -> terminated
+    /// (which releases what the instance held on the host).
+    pub async fn report_instance(
+        &self,
+        host: &str,
+        id: &str,
+        state: InstanceState,
+        reason: Option<String>,
+    ) -> Result<()> {
+        loop {
+            let v = self.instance(None, id).await?;
+            let mut i = v.value;
+            if i.host != host {
+                return Err(RegionError::NotFound(format!("no instance {id} on {host}")));
+            }
+            use InstanceState as S;
+            let ok = matches!(
+                (i.state, state),
+                (S::Pending, S::Running)
+                    | (S::Stopping | S::Running | S::Pending, S::Stopped)
+                    | (S::ShuttingDown, S::Terminated)
+            );
+            if i.state == state {
+                return Ok(());
+            }
+            if !ok {
+                return Err(RegionError::Conflict(format!(
+                    "instance {id} is {}; a host cannot report it {}",
+                    i.state.name(),
+                    state.name()
+                )));
+            }
+            i.state = state;
+            if reason.is_some() || state != S::Stopped {
+                i.state_reason = reason.clone();
+            }
+            let key = keys::instance(&i.id);
+            let mut when = vec![Compare::ModRevision(key.clone(), v.revision)];
+            let mut then = vec![Op::put(key, encode(&i))];
+            if state == S::Terminated {
+                self.release_instance(&i, &mut when, &mut then).await?;
+            }
+            if self.store.txn(when, then, vec![]).await?.succeeded {
+                return Ok(());
+            }
+        }
+    }
+
+    /// The changes that give back what a terminated instance held: its
+    /// vCPUs and memory, its boot volume (deleted, with its bytes, unless
+    /// kept), its name; its other volumes become available.
+    async fn release_instance(
+        &self,
+        i: &Instance,
+        when: &mut Vec<Compare>,
+        then: &mut Vec<Op>,
+    ) -> Result<()> {
+        let usage_key = keys::usage(&i.host);
+        let u = read::<Usage>(self, &usage_key).await?;
+        let (mut usage, rev) = u.map_or((Usage::default(), 0), |u| (u.value, u.revision));
+        usage.vcpus = usage.vcpus.saturating_sub(i.vcpus);
+        usage.memory_mib = usage.memory_mib.saturating_sub(i.memory_mib);
+        let (vols, _) = self.store.range(&keys::volumes()).await?;
+        for kv in &vols {
+            let mut vol: Volume = decode(kv)?;
+            let boot = vol.boot_of.as_deref() == Some(&i.id);
+            let attached = vol.attachment.as_ref().is_some_and(|a| a.instance == i.id);
+            if !boot && !attached {
+                continue;
+            }
+            vol.attachment = None;
+            if boot && !i.keep_boot_volume {
+                vol.state = VolumeState::Deleted;
+                if let Some(b) = usage.device_bytes.get_mut(&vol.device) {
+                    *b = b.saturating_sub(vol.size_bytes);
+                }
+            } else {
+                vol.state = VolumeState::Available;
+                if boot {
+                    // A kept boot volume becomes an ordinary volume.
+                    vol.boot_of = None;
+                    then.push(Op::put(
+                        keys::name(&vol.tenant, "volume", &vol.name),
+                        vol.id.clone(),
+                    ));
+                }
+            }
+            when.push(Compare::ModRevision(kv.key.clone(), kv.mod_revision));
+            then.push(Op::put(kv.key.clone(), encode(&vol)));
+        }
+        when.push(Compare::ModRevision(usage_key.clone(), rev));
+        then.push(Op::put(usage_key, encode(&usage)));
+        then.push(Op::Delete(keys::name(&i.tenant, "instance", &i.name)));
+        Ok(())
+    }
+
+    /// A host stores an instance's console tail.
+    pub async fn put_console(&self, host: &str, id: &str, text: &[u8]) -> Result<()> {
+        let i = self.instance(None, id).await?.value;
+        if i.host != host {
+            return Err(RegionError::NotFound(format!("no instance {id} on {host}")));
+        }
+        let tail = &text[text.len().saturating_sub(CONSOLE_BYTES)..];
+        self.store.put(&keys::console(&i.id), tail.to_vec()).await?;
+        Ok(())
+    }
+
+    /// What a host must run: its instances that are not terminated and
+    /// its volumes that are not deleted.
+    pub async fn host_work(&self, host: &str) -> Result<Value> {
+        let (kvs, _) = self.store.range(&keys::instances()).await?;
+        let mut instances = Vec::new();
+        for kv in &kvs {
+            let i: Instance = decode(kv)?;
+            if i.host == host && i.state != InstanceState::Terminated {
+                instances.push(i);
+            }
+        }
+        let (kvs, _) = self.store.range(&keys::volumes()).await?;
+        let mut volumes = Vec::new();
+        for kv in &kvs {
+            let v: Volume = decode(kv)?;
+            if v.host == host && v.state != VolumeState::Deleted {
+                volumes.push(v);
+            }
+        }
+        Ok(json!({"instances": instances, "volumes": volumes}))
+    }
+}
+
+/// An instance as the API serves it: the record, EC2's state object, its
+/// health (impaired when its host's lease expired) and its volumes.
+fn served(i: &Instance, alive: &std::collections::BTreeSet<String>, vols: &[Volume]) -> Value {
+    let mut v = serde_json::to_value(i).unwrap_or_default();
+    let host_up = alive.contains(&i.host);
+    let health = if i.state == InstanceState::Terminated || host_up {
+        "ok"
+    } else {
+        "impaired"
+    };
+    v["state"] = json!({"code": i.state.code(), "name": i.state.name()});
+    v["health"] = json!(health);
+    if !host_up && i.state != InstanceState::Terminated {
+        v["health_reason"] = json!(format!("host {} is down (lease expired)", i.host));
+    }
+    v["volumes"] = json!(vols
+        .iter()
+        .filter(|x| {
+            x.state != VolumeState::Deleted
+                && (x.boot_of.as_deref() == Some(&i.id)
+                    || x.attachment.as_ref().is_some_and(|a| a.instance == i.id))
+        })
+        .map(|x| json!({
+            "id": x.id,
+            "name": x.name,
+            "boot": x.boot_of.is_some(),
+            "attachment": x.attachment.as_ref().map(|a| a.state),
+        }))
+        .collect::<Vec<_>>());
+    v
+}
+
