@@ -35,18 +35,26 @@ pub struct AppState {
     pub election: Arc<Election>,
 }
 
-/// A JSON body whose errors are the API's own (400 with a message).
+/// A request body, read but not yet parsed: a handler checks who may make
+/// the call first, then parses (so a refused caller learns nothing about
+/// the body's form).
 #[derive(Debug)]
-pub struct Body<T>(pub T);
+pub struct Body(pub axum::body::Bytes);
 
-impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
+impl Body {
+    /// The body as JSON, or the API's 400 with a message.
+    pub fn json<T: DeserializeOwned>(&self) -> Result<T> {
+        serde_json::from_slice(&self.0)
+            .map_err(|e| RegionError::Invalid(format!("request body: {e}")))
+    }
+}
+
+impl<S: Send + Sync> FromRequest<S> for Body {
     type Rejection = RegionError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self> {
-        let bytes = axum::body::Bytes::from_request(req, state)
+        axum::body::Bytes::from_request(req, state)
             .await
-            .map_err(|e| RegionError::Invalid(format!("request body: {e}")))?;
-        serde_json::from_slice(&bytes)
             .map(Body)
             .map_err(|e| RegionError::Invalid(format!("request body: {e}")))
     }
@@ -57,7 +65,10 @@ pub fn router(state: AppState) -> Router {
     let v1 = Router::new()
         .route("/whoami", get(whoami))
         .route("/region", get(region_info))
-        .route("/instance-types", get(|| async { Json(json!(INSTANCE_TYPES)) }))
+        .route(
+            "/instance-types",
+            get(|| async { Json(json!(INSTANCE_TYPES)) }),
+        )
         .route("/images", get(|| async { Json(json!(IMAGES)) }))
         .route("/tenants", get(tenants).post(create_tenant))
         .route("/tenants/{name}/credentials", post(tenant_credential))
@@ -147,7 +158,9 @@ fn tenant(p: &Principal) -> Result<&str> {
 fn host(p: &Principal) -> Result<&str> {
     match p {
         Principal::Host(h) => Ok(h),
-        _ => Err(RegionError::Forbidden("this call is for hosts' card daemons".into())),
+        _ => Err(RegionError::Forbidden(
+            "this call is for hosts' card daemons".into(),
+        )),
     }
 }
 
@@ -185,22 +198,45 @@ async fn tenants(State(st): S, Extension(p): P) -> Result<Json<Value>> {
     Ok(Json(json!(st.region.tenants().await?)))
 }
 
-async fn create_tenant(State(st): S, Extension(p): P, Body(b): Body<Named>) -> Result<Response> {
+async fn create_tenant(State(st): S, Extension(p): P, body: Body) -> Result<Response> {
     admin(&p)?;
+    let b: Named = body.json()?;
     let t = st.region.create_tenant(&b.name).await?;
     Ok((StatusCode::CREATED, Json(json!(t))).into_response())
 }
 
-async fn tenant_credential(State(st): S, Extension(p): P, Path(name): Path<String>) -> Result<Response> {
+async fn tenant_credential(
+    State(st): S,
+    Extension(p): P,
+    Path(name): Path<String>,
+) -> Result<Response> {
     admin(&p)?;
-    let secret = st.region.create_credential(Principal::Tenant(name.clone())).await?;
-    Ok((StatusCode::CREATED, Json(json!({"tenant": name, "credential": secret}))).into_response())
+    let secret = st
+        .region
+        .create_credential(Principal::Tenant(name.clone()))
+        .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"tenant": name, "credential": secret})),
+    )
+        .into_response())
 }
 
-async fn host_credential(State(st): S, Extension(p): P, Path(name): Path<String>) -> Result<Response> {
+async fn host_credential(
+    State(st): S,
+    Extension(p): P,
+    Path(name): Path<String>,
+) -> Result<Response> {
     admin(&p)?;
-    let secret = st.region.create_credential(Principal::Host(name.clone())).await?;
-    Ok((StatusCode::CREATED, Json(json!({"host": name, "credential": secret}))).into_response())
+    let secret = st
+        .region
+        .create_credential(Principal::Host(name.clone()))
+        .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"host": name, "credential": secret})),
+    )
+        .into_response())
 }
 
 async fn hosts(State(st): S, Extension(p): P) -> Result<Json<Value>> {
@@ -212,8 +248,9 @@ async fn instances(State(st): S, Extension(p): P) -> Result<Json<Value>> {
     Ok(Json(json!(st.region.instances(scope(&p)?).await?)))
 }
 
-async fn create_instance(State(st): S, Extension(p): P, Body(b): Body<CreateInstance>) -> Result<Response> {
+async fn create_instance(State(st): S, Extension(p): P, body: Body) -> Result<Response> {
     let t = tenant(&p)?;
+    let b: CreateInstance = body.json()?;
     let i = st.region.create_instance(t, &b).await?;
     let v = st.region.instance_view(Some(t), &i.id).await?;
     Ok((StatusCode::CREATED, Json(v)).into_response())
@@ -253,8 +290,10 @@ async fn volumes(State(st): S, Extension(p): P) -> Result<Json<Value>> {
     Ok(Json(json!(st.region.volumes(scope(&p)?).await?)))
 }
 
-async fn create_volume(State(st): S, Extension(p): P, Body(b): Body<CreateVolume>) -> Result<Response> {
-    let v = st.region.create_volume(tenant(&p)?, &b).await?;
+async fn create_volume(State(st): S, Extension(p): P, body: Body) -> Result<Response> {
+    let t = tenant(&p)?;
+    let b: CreateVolume = body.json()?;
+    let v = st.region.create_volume(t, &b).await?;
     Ok((StatusCode::CREATED, Json(json!(v))).into_response())
 }
 
@@ -262,7 +301,11 @@ async fn volume(State(st): S, Extension(p): P, Path(id): Path<String>) -> Result
     Ok(Json(json!(st.region.volume(scope(&p)?, &id).await?.value)))
 }
 
-async fn delete_volume(State(st): S, Extension(p): P, Path(id): Path<String>) -> Result<Json<Value>> {
+async fn delete_volume(
+    State(st): S,
+    Extension(p): P,
+    Path(id): Path<String>,
+) -> Result<Json<Value>> {
     Ok(Json(json!(st.region.delete_volume(scope(&p)?, &id).await?)))
 }
 
@@ -276,9 +319,13 @@ async fn attach_volume(
     State(st): S,
     Extension(p): P,
     Path(id): Path<String>,
-    Body(b): Body<AttachBody>,
+    body: Body,
 ) -> Result<Json<Value>> {
-    Ok(Json(json!(st.region.attach_volume(scope(&p)?, &id, &b.instance).await?)))
+    let t = scope(&p)?;
+    let b: AttachBody = body.json()?;
+    Ok(Json(json!(
+        st.region.attach_volume(t, &id, &b.instance).await?
+    )))
 }
 
 #[derive(Deserialize, Default)]
@@ -292,13 +339,16 @@ async fn detach_volume(
     State(st): S,
     Extension(p): P,
     Path(id): Path<String>,
-    Body(b): Body<DetachBody>,
+    body: Body,
 ) -> Result<Json<Value>> {
-    Ok(Json(json!(st.region.detach_volume(scope(&p)?, &id, b.force).await?)))
+    let t = scope(&p)?;
+    let b: DetachBody = body.json()?;
+    Ok(Json(json!(st.region.detach_volume(t, &id, b.force).await?)))
 }
 
-async fn agent_register(State(st): S, Extension(p): P, Body(b): Body<HostRegistration>) -> Result<Json<Value>> {
+async fn agent_register(State(st): S, Extension(p): P, body: Body) -> Result<Json<Value>> {
     let h = host(&p)?;
+    let b: HostRegistration = body.json()?;
     let ttl = st.region.register_host(h, b).await?;
     Ok(Json(json!({"host": h, "lease_seconds": ttl.as_secs()})))
 }
@@ -324,11 +374,11 @@ async fn agent_instance_status(
     State(st): S,
     Extension(p): P,
     Path(id): Path<String>,
-    Body(b): Body<InstanceReport>,
+    body: Body,
 ) -> Result<Json<Value>> {
-    st.region
-        .report_instance(host(&p)?, &id, b.state, b.reason)
-        .await?;
+    let h = host(&p)?;
+    let b: InstanceReport = body.json()?;
+    st.region.report_instance(h, &id, b.state, b.reason).await?;
     Ok(Json(json!({})))
 }
 
@@ -346,8 +396,10 @@ async fn agent_volume_status(
     State(st): S,
     Extension(p): P,
     Path(id): Path<String>,
-    Body(b): Body<VolumeReport>,
+    body: Body,
 ) -> Result<Json<Value>> {
-    st.region.report_volume(host(&p)?, &id, &b).await?;
+    let h = host(&p)?;
+    let b: VolumeReport = body.json()?;
+    st.region.report_volume(h, &id, &b).await?;
     Ok(Json(json!({})))
 }

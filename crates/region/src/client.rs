@@ -72,13 +72,22 @@ impl RegionClient {
     }
 
     /// One call: `method` on `path` (under the base URL) with a JSON body.
-    pub fn call(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Value, ClientError> {
+    pub fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Value, ClientError> {
         let url = format!("{}{path}", self.base);
-        let method = reqwest::Method::from_bytes(method.as_bytes()).map_err(|e| ClientError::Transport {
-            url: url.clone(),
-            error: e.to_string(),
-        })?;
-        let mut req = self.http.request(method, &url).bearer_auth(&self.credential);
+        let method =
+            reqwest::Method::from_bytes(method.as_bytes()).map_err(|e| ClientError::Transport {
+                url: url.clone(),
+                error: e.to_string(),
+            })?;
+        let mut req = self
+            .http
+            .request(method, &url)
+            .bearer_auth(&self.credential);
         if let Some(b) = body {
             req = req.json(b);
         }
@@ -92,7 +101,11 @@ impl RegionClient {
         self.finish(&url, req)
     }
 
-    fn finish(&self, url: &str, req: reqwest::blocking::RequestBuilder) -> Result<Value, ClientError> {
+    fn finish(
+        &self,
+        url: &str,
+        req: reqwest::blocking::RequestBuilder,
+    ) -> Result<Value, ClientError> {
         let transport = |e: reqwest::Error| ClientError::Transport {
             url: url.to_owned(),
             error: e.to_string(),

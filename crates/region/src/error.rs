@@ -41,9 +41,7 @@ impl RegionError {
             RegionError::NotFound(_) => (StatusCode::NOT_FOUND, "NotFound"),
             RegionError::Invalid(_) => (StatusCode::BAD_REQUEST, "InvalidParameterValue"),
             RegionError::Conflict(_) => (StatusCode::CONFLICT, "IncorrectState"),
-            RegionError::NoCapacity(_) => {
-                (StatusCode::SERVICE_UNAVAILABLE, "InsufficientCapacity")
-            }
+            RegionError::NoCapacity(_) => (StatusCode::SERVICE_UNAVAILABLE, "InsufficientCapacity"),
             RegionError::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "InternalError"),
         }
     }

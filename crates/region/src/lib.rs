@@ -4,14 +4,14 @@
 //! daemons) and volumes, served as a JSON API and a web console, with all
 //! state in a [`store::Store`]: an embedded redb file or etcd.
 
-pub mod store;
-pub mod throwaway_etcd;
+pub mod api;
+pub mod client;
+pub mod console;
 pub mod error;
+pub mod leader;
 pub mod model;
 pub mod placement;
-pub mod service;
-pub mod api;
-pub mod console;
-pub mod leader;
 pub mod server;
-pub mod client;
+pub mod service;
+pub mod store;
+pub mod throwaway_etcd;

@@ -76,13 +76,28 @@ impl Placement {
     /// The view as the store has it now.
     pub async fn load(store: &dyn Store) -> Result<Self> {
         let p = Placement::default();
-        for prefix in [keys::hosts(), keys::alives(), keys::usages()] {
+        p.reload(store).await?;
+        Ok(p)
+    }
+
+    /// Reads the whole view again from the store (when a request found no
+    /// candidate: the watches may not have delivered a host that just
+    /// registered).
+    pub async fn reload(&self, store: &dyn Store) -> Result<()> {
+        let (alive, _) = store.range(&keys::alives()).await?;
+        for v in self.lock().values_mut() {
+            v.alive = false;
+        }
+        for kv in alive {
+            self.apply(&Event::Put(kv));
+        }
+        for prefix in [keys::hosts(), keys::usages()] {
             let (kvs, _) = store.range(&prefix).await?;
             for kv in kvs {
-                p.apply(&Event::Put(kv));
+                self.apply(&Event::Put(kv));
             }
         }
-        Ok(p)
+        Ok(())
     }
 
     /// Keeps the region's view current from store watches, for as long as

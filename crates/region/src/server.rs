@@ -77,7 +77,9 @@ impl Started {
 pub async fn start(opts: &ServeOptions) -> Result<Started, ServeError> {
     let store = store::open(&opts.store).await?;
     let region = Region::new(store, opts.host_lease).await?;
-    let admin = region.ensure_admin_credential(&opts.admin_credential).await?;
+    let admin = region
+        .ensure_admin_credential(&opts.admin_credential)
+        .await?;
     let election = Arc::new(Election::new(format!(
         "region-{:08x}",
         rand::random::<u32>()
@@ -119,4 +121,76 @@ pub async fn start(opts: &ServeOptions) -> Result<Started, ServeError> {
         admin,
         handle,
     })
+}
+
+/// A region served from a thread of its own (for tests, benchmarks and
+/// `softcard up`, whose other parts are not async); stopped when dropped.
+#[derive(Debug)]
+pub struct Background {
+    /// The address it listens on.
+    pub addr: SocketAddr,
+    /// The admin credential.
+    pub admin: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Background {
+    /// Starts a region on a runtime of `threads` worker threads.
+    pub fn start(opts: ServeOptions, threads: usize) -> Result<Self, ServeError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("region".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(threads.max(1))
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = tx.send(Err(ServeError::Io(e)));
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    match start(&opts).await {
+                        Ok(s) => {
+                            let _ = tx.send(Ok((s.addr, s.admin.clone())));
+                            let _ = stop_rx.await;
+                            s.shutdown();
+                        }
+                        Err(e) => {
+                            let _ = tx.send(Err(e));
+                        }
+                    }
+                });
+            })?;
+        let (addr, admin) = rx
+            .recv()
+            .map_err(|_| std::io::Error::other("region thread died"))??;
+        Ok(Background {
+            addr,
+            admin,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        })
+    }
+
+    /// The region's URL.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }

@@ -33,7 +33,8 @@ struct Login {
     credential: String,
 }
 
-async fn login(State(st): State<AppState>, Body(b): Body<Login>) -> Result<Response> {
+async fn login(State(st): State<AppState>, body: Body) -> Result<Response> {
+    let b: Login = body.json()?;
     let who = st.region.authenticate(b.credential.trim()).await?;
     let cookie = format!(
         "sc_credential={}; HttpOnly; SameSite=Strict; Path=/",

@@ -100,7 +100,10 @@ impl Region {
             ))
         })?;
         if !IMAGES.iter().any(|i| i.name == req.image) {
-            return Err(RegionError::Invalid(format!("unknown image {:?}", req.image)));
+            return Err(RegionError::Invalid(format!(
+                "unknown image {:?}",
+                req.image
+            )));
         }
         let bytes = softcard_control::size::parse_size(&req.volume_size)
             .map_err(|e| RegionError::Invalid(format!("volume size: {e}")))?;
@@ -110,7 +113,10 @@ impl Region {
             )));
         }
         if let Some(t) = &req.client_token {
-            if t.is_empty() || t.len() > MAX_CLIENT_TOKEN || !t.bytes().all(|b| b.is_ascii_graphic()) {
+            if t.is_empty()
+                || t.len() > MAX_CLIENT_TOKEN
+                || !t.bytes().all(|b| b.is_ascii_graphic())
+            {
                 return Err(RegionError::Invalid(
                     "client token: 1-64 printable ASCII characters".into(),
                 ));
@@ -126,8 +132,15 @@ impl Region {
             disk_bytes: bytes,
             host: None,
         };
+        let mut reloaded = false;
         for _ in 0..MAX_CLAIM_ATTEMPTS {
-            let Some(choice) = self.placement.candidates(&want).into_iter().next() else {
+            let mut best = self.placement.candidates(&want).into_iter().next();
+            if best.is_none() && !reloaded {
+                reloaded = true;
+                self.placement.reload(&*self.store).await?;
+                best = self.placement.candidates(&want).into_iter().next();
+            }
+            let Some(choice) = best else {
                 return Err(RegionError::NoCapacity(format!(
                     "no capacity: no host that is up has {} vCPU, {} MiB and {} free bytes on one device",
                     ty.vcpus, ty.memory_mib, bytes
@@ -230,14 +243,17 @@ impl Region {
     }
 
     /// One instance, by id or by its tenant's name for it.
-    pub async fn instance(&self, tenant: Option<&str>, id_or_name: &str) -> Result<Versioned<Instance>> {
+    pub async fn instance(
+        &self,
+        tenant: Option<&str>,
+        id_or_name: &str,
+    ) -> Result<Versioned<Instance>> {
         let not_found = || RegionError::NotFound(format!("no instance {id_or_name}"));
         let id = if id_or_name.starts_with("i-") {
             id_or_name.to_owned()
         } else {
-            let t = tenant.ok_or_else(|| {
-                RegionError::Invalid("the admin names instances by id".into())
-            })?;
+            let t = tenant
+                .ok_or_else(|| RegionError::Invalid("the admin names instances by id".into()))?;
             if !valid_name(id_or_name) {
                 return Err(not_found());
             }
@@ -553,4 +569,3 @@ fn served(i: &Instance, alive: &std::collections::BTreeSet<String>, vols: &[Volu
         .collect::<Vec<_>>());
     v
 }
-

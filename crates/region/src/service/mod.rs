@@ -16,7 +16,9 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use crate::error::{RegionError, Result};
-use crate::model::{keys, now, valid_name, Credential, Host, HostRegistration, Principal, Tenant, Usage};
+use crate::model::{
+    keys, now, valid_name, Credential, Host, HostRegistration, Principal, Tenant, Usage,
+};
 use crate::placement::Placement;
 use crate::store::{Compare, KeyValue, Op, Store};
 
@@ -34,8 +36,12 @@ pub struct Region {
 
 /// Decodes a stored record.
 pub(crate) fn decode<T: DeserializeOwned>(kv: &KeyValue) -> Result<T> {
-    serde_json::from_slice(&kv.value)
-        .map_err(|e| RegionError::Store(crate::store::StoreError::Backend(format!("record {}: {e}", kv.key))))
+    serde_json::from_slice(&kv.value).map_err(|e| {
+        RegionError::Store(crate::store::StoreError::Backend(format!(
+            "record {}: {e}",
+            kv.key
+        )))
+    })
 }
 
 /// Encodes a record.
@@ -147,7 +153,11 @@ impl Region {
             created: now(),
         };
         self.store
-            .txn(vec![Compare::Absent(key.clone())], vec![Op::put(key, encode(&c))], vec![])
+            .txn(
+                vec![Compare::Absent(key.clone())],
+                vec![Op::put(key, encode(&c))],
+                vec![],
+            )
             .await?;
         Ok(secret)
     }
@@ -168,7 +178,11 @@ impl Region {
         let key = keys::tenant(name);
         let r = self
             .store
-            .txn(vec![Compare::Absent(key.clone())], vec![Op::put(key, encode(&t))], vec![])
+            .txn(
+                vec![Compare::Absent(key.clone())],
+                vec![Op::put(key, encode(&t))],
+                vec![],
+            )
             .await?;
         if !r.succeeded {
             return Err(RegionError::Conflict(format!("tenant {name} exists")));
@@ -191,7 +205,11 @@ impl Region {
         if !valid_name(name) {
             return Err(RegionError::Invalid(format!("invalid host name {name:?}")));
         }
-        if offer.devices.iter().any(|d| d.name.is_empty() || d.name.len() > 64) {
+        if offer
+            .devices
+            .iter()
+            .any(|d| d.name.is_empty() || d.name.len() > 64)
+        {
             return Err(RegionError::Invalid("invalid device name".into()));
         }
         let lease = self.store.grant(self.host_lease).await?;
@@ -223,11 +241,11 @@ impl Region {
     /// A host's heartbeat: renews its lease. NotFound when the lease is
     /// gone (the host must register again).
     pub async fn heartbeat(&self, name: &str) -> Result<()> {
-        let kv = self
-            .store
-            .get(&keys::alive(name))
-            .await?
-            .ok_or_else(|| RegionError::NotFound(format!("host {name} is not registered (lease expired): register again")))?;
+        let kv = self.store.get(&keys::alive(name)).await?.ok_or_else(|| {
+            RegionError::NotFound(format!(
+                "host {name} is not registered (lease expired): register again"
+            ))
+        })?;
         self.store.keep_alive(kv.lease).await.map_err(|_| {
             RegionError::NotFound(format!("host {name}'s lease expired: register again"))
         })

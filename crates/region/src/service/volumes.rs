@@ -44,9 +44,12 @@ pub struct VolumeReport {
     /// `available` (made), `error` (could not be made), `deleted`.
     #[serde(default)]
     pub state: Option<VolumeState>,
-    /// `attached`, `busy`, or null for "detached".
+    /// `attached` or `busy`.
     #[serde(default)]
-    pub attachment: Option<Option<AttachmentState>>,
+    pub attachment: Option<AttachmentState>,
+    /// The volume was unplugged from its instance.
+    #[serde(default)]
+    pub detached: bool,
     /// Why.
     #[serde(default)]
     pub reason: Option<String>,
@@ -70,7 +73,9 @@ impl Region {
         }
         let host = match (&req.host, &req.near) {
             (Some(_), Some(_)) => {
-                return Err(RegionError::Invalid("give --host or --near, not both".into()))
+                return Err(RegionError::Invalid(
+                    "give --host or --near, not both".into(),
+                ))
             }
             (Some(h), None) => Some(h.clone()),
             (None, Some(i)) => Some(self.instance(Some(tenant), i).await?.value.host),
@@ -82,8 +87,15 @@ impl Region {
             host: host.clone(),
             ..Request::default()
         };
+        let mut reloaded = false;
         for _ in 0..MAX_CLAIM_ATTEMPTS {
-            let Some(choice) = self.placement.candidates(&want).into_iter().next() else {
+            let mut best = self.placement.candidates(&want).into_iter().next();
+            if best.is_none() && !reloaded {
+                reloaded = true;
+                self.placement.reload(&*self.store).await?;
+                best = self.placement.candidates(&want).into_iter().next();
+            }
+            let Some(choice) = best else {
                 return Err(RegionError::NoCapacity(match &host {
                     Some(h) => format!("no capacity: host {h} is down, unknown or has no device with {bytes} free bytes"),
                     None => format!("no capacity: no host that is up has a device with {bytes} free bytes"),
@@ -138,12 +150,17 @@ impl Region {
     }
 
     /// One volume, by id or name.
-    pub async fn volume(&self, tenant: Option<&str>, id_or_name: &str) -> Result<Versioned<Volume>> {
+    pub async fn volume(
+        &self,
+        tenant: Option<&str>,
+        id_or_name: &str,
+    ) -> Result<Versioned<Volume>> {
         let not_found = || RegionError::NotFound(format!("no volume {id_or_name}"));
         let id = if id_or_name.starts_with("vol-") {
             id_or_name.to_owned()
         } else {
-            let t = tenant.ok_or_else(|| RegionError::Invalid("the admin names volumes by id".into()))?;
+            let t = tenant
+                .ok_or_else(|| RegionError::Invalid("the admin names volumes by id".into()))?;
             if !valid_name(id_or_name) {
                 return Err(not_found());
             }
@@ -207,7 +224,12 @@ impl Region {
     }
 
     /// EC2's AttachVolume: the instance must run on the volume's host.
-    pub async fn attach_volume(&self, tenant: Option<&str>, vol: &str, instance: &str) -> Result<Volume> {
+    pub async fn attach_volume(
+        &self,
+        tenant: Option<&str>,
+        vol: &str,
+        instance: &str,
+    ) -> Result<Volume> {
         loop {
             let i = self.instance(tenant, instance).await?;
             let iv = i.value;
@@ -262,7 +284,12 @@ impl Region {
     }
 
     /// EC2's DetachVolume; `force` unplugs even a disk the guest holds.
-    pub async fn detach_volume(&self, tenant: Option<&str>, vol: &str, force: bool) -> Result<Volume> {
+    pub async fn detach_volume(
+        &self,
+        tenant: Option<&str>,
+        vol: &str,
+        force: bool,
+    ) -> Result<Volume> {
         self.update_volume(tenant, vol, |v| {
             if v.boot_of.is_some() {
                 return Err(RegionError::Invalid(format!(
@@ -271,7 +298,10 @@ impl Region {
                 )));
             }
             let Some(a) = &mut v.attachment else {
-                return Err(RegionError::Conflict(format!("volume {} is not attached", v.id)));
+                return Err(RegionError::Conflict(format!(
+                    "volume {} is not attached",
+                    v.id
+                )));
             };
             if a.state == AttachmentState::Attaching && !force {
                 return Err(RegionError::Conflict(format!(
@@ -327,7 +357,8 @@ impl Region {
                         vol.state = state;
                         let usage_key = keys::usage(&vol.host);
                         let u = read::<Usage>(self, &usage_key).await?;
-                        let (mut usage, rev) = u.map_or((Usage::default(), 0), |u| (u.value, u.revision));
+                        let (mut usage, rev) =
+                            u.map_or((Usage::default(), 0), |u| (u.value, u.revision));
                         if let Some(b) = usage.device_bytes.get_mut(&vol.device) {
                             *b = b.saturating_sub(vol.size_bytes);
                         }
@@ -343,16 +374,15 @@ impl Region {
                     }
                 }
             }
-            if let Some(att) = rep.attachment {
+            if rep.detached {
+                if vol.attachment.take().is_some() {
+                    vol.state = VolumeState::Available;
+                }
+            } else if let Some(att) = rep.attachment {
                 match (&mut vol.attachment, att) {
-                    (Some(a), Some(s @ (AttachmentState::Attached | AttachmentState::Busy))) => {
+                    (Some(a), s @ (AttachmentState::Attached | AttachmentState::Busy)) => {
                         a.state = s;
                     }
-                    (Some(_), None) => {
-                        vol.attachment = None;
-                        vol.state = VolumeState::Available;
-                    }
-                    (None, None) => {}
                     (cur, s) => {
                         return Err(RegionError::Conflict(format!(
                             "volume {id} attachment is {cur:?}; a host cannot report it {s:?}"
