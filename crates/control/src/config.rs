@@ -13,6 +13,12 @@
 //! kind = "file"
 //! path = "/var/lib/softcard/scratch.img"
 //! size = "64GiB"      # creates the file when missing
+//!
+//! [host]                # how this card runs a region's instances
+//! name = "host-a"       # default: the machine's host name
+//! vcpus = 8             # default: the machine's CPUs
+//! memory = "16GiB"      # default: half the machine's memory
+//! accel = "tcg"         # or "kvm"
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -76,9 +82,46 @@ struct RawTenant {
     kek_env: Option<String>,
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHost {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    vcpus: Option<u32>,
+    #[serde(default)]
+    memory: Option<SizeValue>,
+    #[serde(default)]
+    data_dir: Option<PathBuf>,
+    #[serde(default)]
+    qemu: Option<PathBuf>,
+    #[serde(default)]
+    accel: Option<String>,
+}
+
+/// How the card runs a region's instances (`[host]`); unset fields take
+/// the machine's defaults when the daemon joins a region.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostSettings {
+    /// The host's name in the region.
+    pub name: Option<String>,
+    /// vCPUs offered to instances.
+    pub vcpus: Option<u32>,
+    /// Memory offered to instances, bytes.
+    pub memory_bytes: Option<u64>,
+    /// Directory of instances and images.
+    pub data_dir: Option<PathBuf>,
+    /// QEMU's system emulator.
+    pub qemu: Option<PathBuf>,
+    /// `tcg` or `kvm`.
+    pub accel: Option<String>,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
+    #[serde(default)]
+    host: Option<RawHost>,
     #[serde(default)]
     api_socket: Option<PathBuf>,
     #[serde(default, rename = "device")]
@@ -100,6 +143,8 @@ pub struct CardConfig {
     pub tenants: Vec<(String, KekSource)>,
     /// Address of the Prometheus endpoint, if any.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// How instances run here.
+    pub host: HostSettings,
 }
 
 impl CardConfig {
@@ -160,7 +205,31 @@ impl CardConfig {
             };
             tenants.push((t.name, src));
         }
+        let h = raw.host.unwrap_or_default();
+        if let Some(a) = &h.accel {
+            if a != "tcg" && a != "kvm" {
+                return Err(ConfigError::Invalid(format!(
+                    "host accel {a:?}: tcg or kvm"
+                )));
+            }
+        }
+        let host = HostSettings {
+            memory_bytes: match h.memory {
+                None => None,
+                Some(SizeValue::Bytes(n)) => Some(n),
+                Some(SizeValue::Text(t)) => Some(
+                    parse_size(&t)
+                        .map_err(|e| ConfigError::Invalid(format!("host memory: {e}")))?,
+                ),
+            },
+            name: h.name,
+            vcpus: h.vcpus,
+            data_dir: h.data_dir,
+            qemu: h.qemu,
+            accel: h.accel,
+        };
         Ok(CardConfig {
+            host,
             tenants,
             metrics_listen: raw.metrics_listen,
             api_socket: raw
@@ -214,6 +283,9 @@ mod tests {
             "[[tenant]]\nname='t'",
             "[[tenant]]\nname='t'\nkek_file='/a'\nkek_env='B'",
             "[[tenant]]\nname='bad/name'\nkek_env='B'",
+            "[host]\naccel='hvf'",
+            "[host]\nmemory='lots'",
+            "[host]\nsurprise=1",
         ] {
             assert!(CardConfig::parse(bad).is_err(), "accepted {bad:?}");
         }

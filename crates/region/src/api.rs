@@ -358,8 +358,25 @@ async fn agent_heartbeat(State(st): S, Extension(p): P) -> Result<Json<Value>> {
     Ok(Json(json!({})))
 }
 
-async fn agent_work(State(st): S, Extension(p): P) -> Result<Json<Value>> {
-    Ok(Json(st.region.host_work(host(&p)?).await?))
+#[derive(Deserialize)]
+struct WorkQuery {
+    /// Answer when something changed after this revision (at most 2 s).
+    wait: Option<i64>,
+}
+
+/// Longest a host's long poll waits.
+const WORK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+async fn agent_work(
+    State(st): S,
+    Extension(p): P,
+    axum::extract::Query(q): axum::extract::Query<WorkQuery>,
+) -> Result<Json<Value>> {
+    let h = host(&p)?;
+    if let Some(rev) = q.wait {
+        st.region.wait_for_change(rev, WORK_WAIT).await?;
+    }
+    Ok(Json(st.region.host_work(h).await?))
 }
 
 #[derive(Deserialize)]

@@ -9,7 +9,7 @@ use softcard_control::config::DEFAULT_API_SOCKET;
 use softcard_control::size::{format_size, parse_size};
 use softcard_control::ApiClient;
 
-use crate::{bench, daemon, gpu};
+use crate::{bench, daemon, gpu, region_cli};
 
 /// A software peripheral card for cloud hosts: carves physical devices into
 /// volumes and presents each one to a VM through its own interface.
@@ -34,6 +34,8 @@ enum Command {
         /// TOML configuration (see docs/configuration.md).
         #[arg(long)]
         config: PathBuf,
+        #[command(flatten)]
+        region: daemon::RegionArgs,
     },
     /// Set up and run a card with the embedded default configuration: a
     /// file-backed device in the data directory, one volume, attached on a
@@ -50,6 +52,38 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:7071")]
         gpu_viewer: String,
     },
+    /// One card's own management API (a card run without a region):
+    /// devices, volumes carved from them, tenants' keys.
+    #[command(subcommand)]
+    Card(CardCmd),
+    /// The provider network's control plane.
+    #[command(subcommand)]
+    Region(region_cli::RegionCmd),
+    /// Tenants of the region and their credentials (admin).
+    #[command(subcommand)]
+    Tenant(region_cli::TenantCmd),
+    /// Hosts of the region (admin).
+    #[command(subcommand)]
+    Host(region_cli::HostCmd),
+    /// Instances: VMs the region places on its hosts.
+    #[command(subcommand)]
+    Instance(region_cli::InstanceCmd),
+    /// Volumes of the region's tenants, on its hosts' devices.
+    #[command(subcommand)]
+    Volume(region_cli::VolumeCmd),
+    /// Images instances boot from.
+    #[command(subcommand)]
+    Image(region_cli::ImageCmd),
+    /// Virtual GPUs: the GPU server and a demo application.
+    #[command(subcommand)]
+    Gpu(GpuCmd),
+    /// Benchmarks against the peers users run today.
+    #[command(subcommand)]
+    Bench(BenchCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum CardCmd {
     /// Manage volumes (partitions of physical devices).
     #[command(subcommand)]
     Volume(VolumeCmd),
@@ -59,12 +93,6 @@ enum Command {
     /// Tenants and their key-encryption keys.
     #[command(subcommand)]
     Tenant(TenantCmd),
-    /// Virtual GPUs: the GPU server and a demo application.
-    #[command(subcommand)]
-    Gpu(GpuCmd),
-    /// Benchmarks against the peers users run today.
-    #[command(subcommand)]
-    Bench(BenchCmd),
 }
 
 #[derive(Debug, Subcommand)]
@@ -270,14 +298,20 @@ enum BenchCmd {
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Serve { config } => daemon::serve(&config),
+        Command::Serve { config, region } => daemon::serve(&config, &region),
         Command::Up {
             data_dir,
             gpu_listen,
             gpu_viewer,
         } => daemon::up(data_dir, &gpu_listen, &gpu_viewer),
-        Command::Volume(v) => volume(v),
-        Command::Device(DeviceCmd::List { json, api }) => {
+        Command::Region(c) => region_cli::region(c),
+        Command::Tenant(c) => region_cli::tenant(c),
+        Command::Host(c) => region_cli::host(c),
+        Command::Instance(c) => region_cli::instance(c),
+        Command::Volume(c) => region_cli::volume(c),
+        Command::Image(c) => region_cli::image(c),
+        Command::Card(CardCmd::Volume(v)) => volume(v),
+        Command::Card(CardCmd::Device(DeviceCmd::List { json, api })) => {
             let v = client(&api).call("GET", "/v1/devices", None)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
@@ -313,7 +347,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Bench(BenchCmd::Qos(a)) => bench::qos(&a),
         Command::Bench(BenchCmd::Rdma(a)) => bench::rdma(&a),
         Command::Bench(BenchCmd::Gpu(a)) => crate::gpu_bench::gpu(&a),
-        Command::Tenant(TenantCmd::List { api }) => {
+        Command::Card(CardCmd::Tenant(TenantCmd::List { api })) => {
             let v = client(&api).call("GET", "/v1/tenants", None)?;
             for t in v.as_array().into_iter().flatten() {
                 let state = t
@@ -324,11 +358,11 @@ pub fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Tenant(TenantCmd::RotateKey {
+        Command::Card(CardCmd::Tenant(TenantCmd::RotateKey {
             name,
             new_kek_file,
             api,
-        }) => {
+        })) => {
             let file = absolute(&new_kek_file)?;
             let v = client(&api).call(
                 "POST",

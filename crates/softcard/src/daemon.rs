@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use softcard_control::{ApiServer, CardConfig, MetricsServer};
+use softcard_host::HostConfig;
 use softcard_storage::crypto::KeyStore;
 use softcard_storage::{AttachOptions, CardError, StorageCard};
 
@@ -70,8 +71,110 @@ fn keep_keys_out_of_core_dumps() {
     }
 }
 
-/// `softcard serve --config FILE`.
-pub fn serve(config: &Path) -> Result<()> {
+/// How a card daemon joins a region as a host.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RegionArgs {
+    /// Join the region at this URL as a host: register, heartbeat, run the
+    /// instances it places here.
+    #[arg(long)]
+    pub region: Option<String>,
+    /// The host's credential (`softcard host credential NAME`).
+    #[arg(long, requires = "region", env = "SOFTCARD_HOST_CREDENTIAL_FILE")]
+    pub region_credential: Option<PathBuf>,
+    /// A PEM certificate to trust for an https region.
+    #[arg(long, requires = "region")]
+    pub region_ca: Option<PathBuf>,
+}
+
+fn machine_memory_bytes() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(4 << 30, |kb| kb * 1024)
+}
+
+/// The host agent's settings from the configuration, with the machine's
+/// defaults.
+fn host_config(cfg: &CardConfig, default_dir: &Path, stop_vms_on_exit: bool) -> HostConfig {
+    let h = &cfg.host;
+    HostConfig {
+        name: h.name.clone().unwrap_or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|n| n.trim().to_lowercase())
+                .unwrap_or_else(|_| "host".into())
+        }),
+        vcpus: h.vcpus.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, |n| u32::try_from(n.get()).unwrap_or(1))
+        }),
+        memory_mib: h.memory_bytes.unwrap_or_else(|| machine_memory_bytes() / 2) >> 20,
+        data_dir: h.data_dir.clone().unwrap_or_else(|| default_dir.to_owned()),
+        qemu: h
+            .qemu
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("qemu-system-x86_64")),
+        accel: h.accel.clone().unwrap_or_else(|| "tcg".into()),
+        stop_vms_on_exit,
+    }
+}
+
+fn join_region(
+    cfg: &CardConfig,
+    card: &Arc<StorageCard>,
+    args: &RegionArgs,
+) -> Result<Option<softcard_host::Agent>> {
+    let Some(url) = &args.region else {
+        return Ok(None);
+    };
+    let cred_file = args
+        .region_credential
+        .as_ref()
+        .context("--region needs --region-credential FILE (softcard host credential NAME)")?;
+    let secret = std::fs::read_to_string(cred_file)
+        .with_context(|| format!("host credential {}", cred_file.display()))?;
+    let ca = args
+        .region_ca
+        .as_ref()
+        .map(std::fs::read)
+        .transpose()
+        .context("region CA file")?;
+    let client = softcard_region::client::RegionClient::new(url, secret.trim(), ca.as_deref())?;
+    let who = client.get("/v1/whoami")?;
+    anyhow::ensure!(
+        who["kind"] == "host",
+        "the credential in {} is not a host's",
+        cred_file.display()
+    );
+    let mut host = host_config(
+        cfg,
+        &cfg.api_socket
+            .parent()
+            .unwrap_or(Path::new("/var/lib/softcard"))
+            .join("host"),
+        false,
+    );
+    if let Some(n) = who["name"].as_str() {
+        n.clone_into(&mut host.name);
+    }
+    log::info!(
+        "joining region {url} as host {} ({} vCPU, {} MiB, accel {})",
+        host.name,
+        host.vcpus,
+        host.memory_mib,
+        host.accel
+    );
+    Ok(Some(softcard_host::Agent::start(
+        host,
+        card.clone(),
+        client,
+    )?))
+}
+
+/// `softcard serve --config FILE [--region URL ...]`.
+pub fn serve(config: &Path, region: &RegionArgs) -> Result<()> {
     let set = block_signals()?;
     keep_keys_out_of_core_dumps();
     let cfg = CardConfig::load(config)?;
@@ -99,7 +202,14 @@ pub fn serve(config: &Path) -> Result<()> {
         ),
         None => None,
     };
-    run_until_signal(&card, api, &set);
+    let agent = join_region(&cfg, &card, region)?;
+    let sig = wait_for_signal(&set);
+    log::info!("signal {sig}: stopping");
+    // The agent first: it stops using the card (its VMs keep running, to
+    // be adopted by the next start).
+    drop(agent);
+    api.stop();
+    card.shutdown();
     Ok(())
 }
 

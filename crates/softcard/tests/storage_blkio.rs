@@ -30,10 +30,10 @@ fn volumes_carve_attach_and_land_at_their_offsets() {
     let mut d = file_card();
     let dev = d.path("nvme0.img");
     d.ok(&[
-        "volume", "create", "a", "--device", "nvme0", "--size", "64MiB",
+        "card", "volume", "create", "a", "--device", "nvme0", "--size", "64MiB",
     ]);
     d.ok(&[
-        "volume", "create", "b", "--device", "nvme0", "--size", "32MiB",
+        "card", "volume", "create", "b", "--device", "nvme0", "--size", "32MiB",
     ]);
     let (off_a, off_b) = (d.offset_of("a"), d.offset_of("b"));
     assert!(
@@ -44,6 +44,7 @@ fn volumes_carve_attach_and_land_at_their_offsets() {
     let sock_a = d.path("a.sock");
     let sock_b = d.path("b.sock");
     d.ok(&[
+        "card",
         "volume",
         "attach",
         "a",
@@ -53,6 +54,7 @@ fn volumes_carve_attach_and_land_at_their_offsets() {
         "2",
     ]);
     d.ok(&[
+        "card",
         "volume",
         "attach",
         "b",
@@ -102,21 +104,22 @@ fn volumes_carve_attach_and_land_at_their_offsets() {
     drop(b);
 
     // The CLI refuses what would lose data.
-    let err = d.fails(&["volume", "delete", "a"]);
+    let err = d.fails(&["card", "volume", "delete", "a"]);
     assert!(err.contains("attached"), "{err}");
     let err = d.fails(&[
-        "volume", "create", "huge", "--device", "nvme0", "--size", "1GiB",
+        "card", "volume", "create", "huge", "--device", "nvme0", "--size", "1GiB",
     ]);
     assert!(err.contains("space") || err.contains("free"), "{err}");
     let err = d.fails(&[
-        "volume", "create", "bad/name", "--device", "nvme0", "--size", "1MiB",
+        "card", "volume", "create", "bad/name", "--device", "nvme0", "--size", "1MiB",
     ]);
     assert!(err.contains("invalid volume name"), "{err}");
     let err = d.fails(&[
-        "volume", "create", "c", "--device", "nope", "--size", "1MiB",
+        "card", "volume", "create", "c", "--device", "nope", "--size", "1MiB",
     ]);
     assert!(err.contains("unknown device"), "{err}");
     let err = d.fails(&[
+        "card",
         "volume",
         "create",
         "c",
@@ -127,10 +130,11 @@ fn volumes_carve_attach_and_land_at_their_offsets() {
     ]);
     assert!(err.contains("unit"), "{err}");
     let err = d.fails(&[
-        "volume", "create", "a", "--device", "scratch", "--size", "1MiB",
+        "card", "volume", "create", "a", "--device", "scratch", "--size", "1MiB",
     ]);
     assert!(err.contains("already exists"), "{err}");
     let err = d.fails(&[
+        "card",
         "volume",
         "attach",
         "b",
@@ -139,9 +143,10 @@ fn volumes_carve_attach_and_land_at_their_offsets() {
     ]);
     assert!(err.contains("is attached"), "{err}");
     d.ok(&[
-        "volume", "create", "c", "--device", "scratch", "--size", "4MiB",
+        "card", "volume", "create", "c", "--device", "scratch", "--size", "4MiB",
     ]);
     let err = d.fails(&[
+        "card",
         "volume",
         "attach",
         "c",
@@ -152,8 +157,9 @@ fn volumes_carve_attach_and_land_at_their_offsets() {
     // An attach aimed at an existing regular file must not replace it.
     let victim = d.path("precious.txt");
     std::fs::write(&victim, b"keep me").unwrap();
-    d.ok(&["volume", "detach", "b"]);
+    d.ok(&["card", "volume", "detach", "b"]);
     let err = d.fails(&[
+        "card",
         "volume",
         "attach",
         "b",
@@ -163,6 +169,7 @@ fn volumes_carve_attach_and_land_at_their_offsets() {
     assert!(err.contains("not a socket"), "{err}");
     assert_eq!(std::fs::read(&victim).unwrap(), b"keep me");
     let err = d.fails(&[
+        "card",
         "volume",
         "attach",
         "b",
@@ -174,8 +181,8 @@ fn volumes_carve_attach_and_land_at_their_offsets() {
     assert!(err.contains("queue count"), "{err}");
 
     // Delete frees space; a restart finds the same map on the device.
-    d.ok(&["volume", "delete", "b"]);
-    let err = d.fails(&["volume", "show", "b"]);
+    d.ok(&["card", "volume", "delete", "b"]);
+    let err = d.fails(&["card", "volume", "show", "b"]);
     assert!(err.contains("unknown volume"), "{err}");
     drop(a);
     d.restart();
@@ -190,7 +197,7 @@ fn volumes_carve_attach_and_land_at_their_offsets() {
     assert_eq!(names, ["a"]);
     assert_eq!(d.offset_of("a"), off_a);
     d.ok(&[
-        "volume", "create", "b2", "--device", "nvme0", "--size", "128MiB",
+        "card", "volume", "create", "b2", "--device", "nvme0", "--size", "128MiB",
     ]);
     assert_eq!(file_bytes(&dev, off_a + 64 * MIB - 4096, 4096), last);
     d.stop();

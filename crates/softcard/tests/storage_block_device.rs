@@ -41,7 +41,7 @@ fn volumes_on_a_block_device() {
         lo.0
     ));
     let devs: serde_json::Value =
-        serde_json::from_str(&d.ok(&["device", "list", "--json"])).unwrap();
+        serde_json::from_str(&d.ok(&["card", "device", "list", "--json"])).unwrap();
     let dev = &devs[0];
     assert_eq!(dev["capacity_bytes"], 128 << 20, "{dev}");
     assert!(
@@ -50,14 +50,15 @@ fn volumes_on_a_block_device() {
     );
 
     d.ok(&[
-        "volume", "create", "a", "--device", "nvme0", "--size", "32MiB",
+        "card", "volume", "create", "a", "--device", "nvme0", "--size", "32MiB",
     ]);
     d.ok(&[
-        "volume", "create", "b", "--device", "nvme0", "--size", "32MiB",
+        "card", "volume", "create", "b", "--device", "nvme0", "--size", "32MiB",
     ]);
     let (off_a, off_b) = (d.offset_of("a"), d.offset_of("b"));
     let sock = d.path("b.sock");
     d.ok(&[
+        "card",
         "volume",
         "attach",
         "b",

@@ -38,7 +38,7 @@ path = "@DIR@/bad.img"
 
     // The corrupt device is listed as unavailable with its reason.
     let devs: serde_json::Value =
-        serde_json::from_str(&d.ok(&["device", "list", "--json"])).unwrap();
+        serde_json::from_str(&d.ok(&["card", "device", "list", "--json"])).unwrap();
     let bad_dev = devs
         .as_array()
         .unwrap()
@@ -49,7 +49,9 @@ path = "@DIR@/bad.img"
         bad_dev["error"].as_str().unwrap().contains("corrupt"),
         "{bad_dev}"
     );
-    let err = d.fails(&["volume", "create", "v", "--device", "bad", "--size", "1MiB"]);
+    let err = d.fails(&[
+        "card", "volume", "create", "v", "--device", "bad", "--size", "1MiB",
+    ]);
     assert!(
         err.contains("corrupt") && err.contains("unavailable"),
         "{err}"
@@ -61,46 +63,48 @@ path = "@DIR@/bad.img"
 
     // The good device works, and refused requests change nothing on it.
     d.ok(&[
-        "volume", "create", "v", "--device", "good", "--size", "16MiB",
+        "card", "volume", "create", "v", "--device", "good", "--size", "16MiB",
     ]);
     let map_before = file_bytes(&good, 0, MAP_AREA);
     for (args, want) in [
         (
             vec![
-                "volume", "create", "big", "--device", "good", "--size", "60MiB",
+                "card", "volume", "create", "big", "--device", "good", "--size", "60MiB",
             ],
             "space",
         ),
         (
             vec![
-                "volume", "create", "v", "--device", "good", "--size", "1MiB",
+                "card", "volume", "create", "v", "--device", "good", "--size", "1MiB",
             ],
             "already exists",
         ),
         (
             vec![
-                "volume", "create", "w", "--device", "nope", "--size", "1MiB",
+                "card", "volume", "create", "w", "--device", "nope", "--size", "1MiB",
             ],
             "unknown device",
         ),
         (
             vec![
-                "volume", "create", "w", "--device", "good", "--size", "1000",
+                "card", "volume", "create", "w", "--device", "good", "--size", "1000",
             ],
-            "multiple of 4096",
-        ),
-        (
-            vec!["volume", "create", "w", "--device", "good", "--size", "0"],
             "multiple of 4096",
         ),
         (
             vec![
-                "volume", "create", "-w", "--device", "good", "--size", "1MiB",
+                "card", "volume", "create", "w", "--device", "good", "--size", "0",
+            ],
+            "multiple of 4096",
+        ),
+        (
+            vec![
+                "card", "volume", "create", "-w", "--device", "good", "--size", "1MiB",
             ],
             "unexpected argument",
         ),
-        (vec!["volume", "delete", "nope"], "unknown volume"),
-        (vec!["volume", "detach", "v"], "not attached"),
+        (vec!["card", "volume", "delete", "nope"], "unknown volume"),
+        (vec!["card", "volume", "detach", "v"], "not attached"),
     ] {
         let err = d.fails(&args);
         assert!(err.contains(want), "{args:?}: {err}");
@@ -112,7 +116,7 @@ path = "@DIR@/bad.img"
 
     // No daemon: a clear message.
     let out = std::process::Command::new(common::BIN)
-        .args(["volume", "list", "--api", "/nonexistent/api.sock"])
+        .args(["card", "volume", "list", "--api", "/nonexistent/api.sock"])
         .output()
         .unwrap();
     assert!(!out.status.success());
@@ -172,7 +176,9 @@ size = "32MiB"
         "400"
     );
     let body = b"{\"socket\":\"relative.sock\"}";
-    d.ok(&["volume", "create", "x", "--device", "r", "--size", "1MiB"]);
+    d.ok(&[
+        "card", "volume", "create", "x", "--device", "r", "--size", "1MiB",
+    ]);
     let req = format!(
         "POST /v1/volumes/x/attach HTTP/1.1\r\nContent-Length: {}\r\n\r\n",
         body.len()

@@ -35,10 +35,11 @@ fn device_errors_reach_the_guest_as_io_errors() {
         mnt.display()
     ));
     d.ok(&[
-        "volume", "create", "v", "--device", "small", "--size", "32MiB",
+        "card", "volume", "create", "v", "--device", "small", "--size", "32MiB",
     ]);
     let sock = d.path("v.sock");
     d.ok(&[
+        "card",
         "volume",
         "attach",
         "v",
@@ -68,7 +69,7 @@ fn device_errors_reach_the_guest_as_io_errors() {
     drop(c);
     assert!(d.alive());
     let s: serde_json::Value =
-        serde_json::from_str(&d.ok(&["volume", "stats", "v", "--json"])).unwrap();
+        serde_json::from_str(&d.ok(&["card", "volume", "stats", "v", "--json"])).unwrap();
     assert!(s["counters"]["io_errors"].as_u64().unwrap() >= 1, "{s}");
     assert_eq!(s["counters"]["invalid_requests"], 0, "{s}");
     d.stop();

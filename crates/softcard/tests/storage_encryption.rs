@@ -34,6 +34,7 @@ kek_env = "SOFTCARD_TEST_GHOST_KEK_UNSET"
     );
     let dev = d.path("nvme0.img");
     d.ok(&[
+        "card",
         "volume",
         "create",
         "e",
@@ -45,7 +46,8 @@ kek_env = "SOFTCARD_TEST_GHOST_KEK_UNSET"
         "--tenant",
         "acme",
     ]);
-    let v: serde_json::Value = serde_json::from_str(&d.ok(&["volume", "show", "e"])).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&d.ok(&["card", "volume", "show", "e"])).unwrap();
     assert_eq!(v["encrypted"], true, "{v}");
     assert_eq!(v["tenant"], "acme", "{v}");
     let off = d.offset_of("e");
@@ -53,6 +55,7 @@ kek_env = "SOFTCARD_TEST_GHOST_KEK_UNSET"
     // A tenant without a key cannot get an encrypted volume.
     let before = std::fs::read(&dev).unwrap();
     let err = d.fails(&[
+        "card",
         "volume",
         "create",
         "g",
@@ -69,6 +72,7 @@ kek_env = "SOFTCARD_TEST_GHOST_KEK_UNSET"
         "{err}"
     );
     let err = d.fails(&[
+        "card",
         "volume",
         "create",
         "g",
@@ -89,6 +93,7 @@ kek_env = "SOFTCARD_TEST_GHOST_KEK_UNSET"
     // Write known data: a pattern, and repeated identical sectors.
     let sock = d.path("e.sock");
     d.ok(&[
+        "card",
         "volume",
         "attach",
         "e",
@@ -114,7 +119,7 @@ kek_env = "SOFTCARD_TEST_GHOST_KEK_UNSET"
     assert!(rc < 0, "write-zeroes on an encrypted volume returned {rc}");
     assert_eq!(c.read(0, 8 * MIB, 4096).unwrap(), same);
     drop(c);
-    d.ok(&["volume", "detach", "e"]);
+    d.ok(&["card", "volume", "detach", "e"]);
 
     // No plaintext sector on the device, and no two equal ciphertext
     // sectors where the plaintext repeats.
@@ -154,6 +159,7 @@ kek_env = "SOFTCARD_TEST_GHOST_KEK_UNSET"
     d.restart();
     let before = std::fs::read(&dev).unwrap();
     let err = d.fails(&[
+        "card",
         "volume",
         "attach",
         "e",
@@ -178,6 +184,7 @@ kek_env = "SOFTCARD_TEST_GHOST_KEK_UNSET"
     let new_kek = d.path("acme.kek.new");
     std::fs::write(&new_kek, &kek2).unwrap();
     let out = d.ok(&[
+        "card",
         "tenant",
         "rotate-key",
         "acme",
@@ -199,7 +206,7 @@ kek_env = "SOFTCARD_TEST_GHOST_KEK_UNSET"
     d.stop();
     std::fs::rename(&new_kek, d.path("acme.kek")).unwrap();
     d.restart();
-    let tenants = d.ok(&["tenant", "list"]);
+    let tenants = d.ok(&["card", "tenant", "list"]);
     assert!(
         tenants.contains("acme") && tenants.contains("key available"),
         "{tenants}"
@@ -209,6 +216,7 @@ kek_env = "SOFTCARD_TEST_GHOST_KEK_UNSET"
         "{tenants}"
     );
     d.ok(&[
+        "card",
         "volume",
         "attach",
         "e",

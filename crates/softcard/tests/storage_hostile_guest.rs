@@ -269,14 +269,15 @@ size = "64MiB"
     );
     let dev = d.path("nvme0.img");
     d.ok(&[
-        "volume", "create", "a", "--device", "nvme0", "--size", "8MiB",
+        "card", "volume", "create", "a", "--device", "nvme0", "--size", "8MiB",
     ]);
     d.ok(&[
-        "volume", "create", "b", "--device", "nvme0", "--size", "8MiB",
+        "card", "volume", "create", "b", "--device", "nvme0", "--size", "8MiB",
     ]);
     let (off_a, off_b) = (d.offset_of("a"), d.offset_of("b"));
     let (sock_a, sock_b) = (d.path("a.sock"), d.path("b.sock"));
     d.ok(&[
+        "card",
         "volume",
         "attach",
         "a",
@@ -284,6 +285,7 @@ size = "64MiB"
         sock_a.to_str().unwrap(),
     ]);
     d.ok(&[
+        "card",
         "volume",
         "attach",
         "b",
@@ -588,7 +590,8 @@ size = "64MiB"
     assert_eq!(b.read(0, 0, 4096).unwrap(), b_data[..4096]);
     let mut a = Client::connect(&sock_a, 1).unwrap();
     assert_eq!(a.read(0, 4096, 4096).unwrap(), pattern(5, 4096));
-    let v: serde_json::Value = serde_json::from_str(&d.ok(&["volume", "show", "a"])).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&d.ok(&["card", "volume", "show", "a"])).unwrap();
     assert!(
         v["attachment"]["metrics"]["invalid_requests"]
             .as_u64()

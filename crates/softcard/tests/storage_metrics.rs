@@ -42,12 +42,15 @@ fn counters_move_on_every_surface() {
     let d = Daemon::start(&format!(
         "metrics_listen = \"{addr}\"\n[[device]]\nname = \"r\"\nkind = \"ram\"\nsize = \"64MiB\"\n"
     ));
-    d.ok(&["volume", "create", "v", "--device", "r", "--size", "16MiB"]);
     d.ok(&[
-        "volume", "create", "idle", "--device", "r", "--size", "4MiB",
+        "card", "volume", "create", "v", "--device", "r", "--size", "16MiB",
+    ]);
+    d.ok(&[
+        "card", "volume", "create", "idle", "--device", "r", "--size", "4MiB",
     ]);
     let sock = d.path("v.sock");
     d.ok(&[
+        "card",
         "volume",
         "attach",
         "v",
@@ -177,13 +180,13 @@ fn counters_move_on_every_surface() {
     );
 
     // Error counters are exercised by the hostile-guest test.
-    let stats = d.ok(&["volume", "stats", "v"]);
+    let stats = d.ok(&["card", "volume", "stats", "v"]);
     assert!(
         stats.contains("write") && stats.contains("327680"),
         "{stats}"
     );
     let j: serde_json::Value =
-        serde_json::from_str(&d.ok(&["volume", "stats", "v", "--json"])).unwrap();
+        serde_json::from_str(&d.ok(&["card", "volume", "stats", "v", "--json"])).unwrap();
     assert_eq!(j["latency"]["write"]["count"], 5, "{j}");
     assert!(
         j["latency"]["write"]["p99_us_at_most"].as_u64().unwrap() >= 1,
@@ -191,8 +194,8 @@ fn counters_move_on_every_surface() {
     );
 
     // Counters outlive detach and attach.
-    d.ok(&["volume", "detach", "v"]);
-    let api_text = d.ok(&["volume", "stats", "v", "--json"]);
+    d.ok(&["card", "volume", "detach", "v"]);
+    let api_text = d.ok(&["card", "volume", "stats", "v", "--json"]);
     assert!(api_text.contains("\"write_ops\": 5"), "{api_text}");
 
     // The endpoint refuses anything but GET /metrics.

@@ -66,9 +66,10 @@ kek_file = "@DIR@/acme.kek"
     );
     let dev = d.path("nvme0.img");
     d.ok(&[
-        "volume", "create", "h", "--device", "nvme0", "--size", "16MiB",
+        "card", "volume", "create", "h", "--device", "nvme0", "--size", "16MiB",
     ]);
     d.ok(&[
+        "card",
         "volume",
         "create",
         "e",
@@ -81,15 +82,36 @@ kek_file = "@DIR@/acme.kek"
         "acme",
     ]);
     d.ok(&[
-        "volume", "create", "n", "--device", "nvme0", "--size", "4MiB",
+        "card", "volume", "create", "n", "--device", "nvme0", "--size", "4MiB",
     ]);
     let (off_h, off_e, off_n) = (d.offset_of("h"), d.offset_of("e"), d.offset_of("n"));
     let (sock_h, sock_e, sock_n) = (d.path("h.nbd"), d.path("e.nbd"), d.path("n.nbd"));
-    let out = d.ok(&["volume", "attach", "h", "--nbd", sock_h.to_str().unwrap()]);
+    let out = d.ok(&[
+        "card",
+        "volume",
+        "attach",
+        "h",
+        "--nbd",
+        sock_h.to_str().unwrap(),
+    ]);
     assert!(out.contains("exported over NBD"), "{out}");
-    d.ok(&["volume", "attach", "e", "--nbd", sock_e.to_str().unwrap()]);
+    d.ok(&[
+        "card",
+        "volume",
+        "attach",
+        "e",
+        "--nbd",
+        sock_e.to_str().unwrap(),
+    ]);
     // The neighbour, written once and checked at the end.
-    d.ok(&["volume", "attach", "n", "--nbd", sock_n.to_str().unwrap()]);
+    d.ok(&[
+        "card",
+        "volume",
+        "attach",
+        "n",
+        "--nbd",
+        sock_n.to_str().unwrap(),
+    ]);
     let neighbour = pattern(77, 4 * MIB as usize);
     std::fs::write(d.path("n.in"), &neighbour).unwrap();
     run(
@@ -200,6 +222,7 @@ kek_file = "@DIR@/acme.kek"
     // The volume's throttle holds NBD requests too (set live): 40 reads
     // at 100 IOPS with a burst of 2 must wait for it.
     d.ok(&[
+        "card",
         "volume",
         "set-qos",
         "h",
@@ -209,7 +232,8 @@ kek_file = "@DIR@/acme.kek"
         "2",
     ]);
     let throttled = |d: &Daemon| {
-        let v: serde_json::Value = serde_json::from_str(&d.ok(&["volume", "show", "h"])).unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&d.ok(&["card", "volume", "show", "h"])).unwrap();
         v["attachment"]["metrics"]["throttled_requests"]
             .as_u64()
             .unwrap()
@@ -222,13 +246,14 @@ kek_file = "@DIR@/acme.kek"
         throttled(&d) > before,
         "no NBD request waited for the throttle"
     );
-    d.ok(&["volume", "set-qos", "h"]);
+    d.ok(&["card", "volume", "set-qos", "h"]);
 
     // The daemon and the other exports carry on; nothing outside the
     // volumes moved.
     qemu_io(&h, &["read -P 0xc3 15M 1M"]);
     assert_eq!(file_bytes(&dev, off_n, neighbour.len()), neighbour);
-    let stats: serde_json::Value = serde_json::from_str(&d.ok(&["volume", "show", "h"])).unwrap();
+    let stats: serde_json::Value =
+        serde_json::from_str(&d.ok(&["card", "volume", "show", "h"])).unwrap();
     let m = &stats["attachment"]["metrics"];
     assert_eq!(stats["attachment"]["interface"], "nbd", "{stats}");
     assert!(m["write_ops"].as_u64().unwrap() >= 3, "{m}");
@@ -240,7 +265,7 @@ kek_file = "@DIR@/acme.kek"
     let mut idle = UnixStream::connect(&sock_h).unwrap();
     let mut hello = [0u8; 18];
     idle.read_exact(&mut hello).unwrap();
-    d.ok(&["volume", "detach", "h"]);
+    d.ok(&["card", "volume", "detach", "h"]);
     assert!(!sock_h.exists());
     let mut rest = Vec::new();
     let _ = idle.read_to_end(&mut rest);

@@ -95,13 +95,14 @@ kek_file = "@DIR@/acme.kek"
     });
     let dev = d.path("nvme0.img");
     d.ok(&[
-        "volume", "create", "a", "--device", "nvme0", "--size", "16MiB",
+        "card", "volume", "create", "a", "--device", "nvme0", "--size", "16MiB",
     ]);
     d.ok(&[
-        "volume", "create", "gap", "--device", "nvme0", "--size", "4MiB",
+        "card", "volume", "create", "gap", "--device", "nvme0", "--size", "4MiB",
     ]);
     // b is encrypted: the guest sees plaintext, the device ciphertext.
     d.ok(&[
+        "card",
         "volume",
         "create",
         "b",
@@ -113,10 +114,11 @@ kek_file = "@DIR@/acme.kek"
         "--tenant",
         "acme",
     ]);
-    d.ok(&["volume", "delete", "gap"]);
+    d.ok(&["card", "volume", "delete", "gap"]);
     let (off_a, off_b) = (d.offset_of("a"), d.offset_of("b"));
     let (sa, sb) = (d.path("a.sock"), d.path("b.sock"));
     d.ok(&[
+        "card",
         "volume",
         "attach",
         "a",
@@ -126,6 +128,7 @@ kek_file = "@DIR@/acme.kek"
         "2",
     ]);
     d.ok(&[
+        "card",
         "volume",
         "attach",
         "b",

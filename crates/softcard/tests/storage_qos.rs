@@ -12,15 +12,18 @@ use std::time::Duration;
 use common::{Client, Daemon};
 
 fn volume_json(d: &Daemon, name: &str) -> serde_json::Value {
-    serde_json::from_str(&d.ok(&["volume", "show", name])).unwrap()
+    serde_json::from_str(&d.ok(&["card", "volume", "show", name])).unwrap()
 }
 
 #[test]
 fn limits_hold_over_time_and_change_live() {
     let d = Daemon::start("[[device]]\nname = \"r\"\nkind = \"ram\"\nsize = \"64MiB\"\n");
-    d.ok(&["volume", "create", "v", "--device", "r", "--size", "32MiB"]);
+    d.ok(&[
+        "card", "volume", "create", "v", "--device", "r", "--size", "32MiB",
+    ]);
     let sock = d.path("v.sock");
     d.ok(&[
+        "card",
         "volume",
         "attach",
         "v",
@@ -49,6 +52,7 @@ fn limits_hold_over_time_and_change_live() {
 
     // Bytes per second, changed live on the connected interface.
     d.ok(&[
+        "card",
         "volume",
         "set-qos",
         "v",
@@ -72,7 +76,7 @@ fn limits_hold_over_time_and_change_live() {
     let before = volume_json(&d, "v")["attachment"]["metrics"]["throttled_requests"]
         .as_u64()
         .unwrap();
-    d.ok(&["volume", "set-qos", "v"]);
+    d.ok(&["card", "volume", "set-qos", "v"]);
     let _ = c.load(0, 32, 4096, Duration::from_millis(300));
     let after = volume_json(&d, "v")["attachment"]["metrics"]["throttled_requests"]
         .as_u64()
@@ -83,27 +87,30 @@ fn limits_hold_over_time_and_change_live() {
     // Bad limits are refused and change nothing.
     for (args, want) in [
         (
-            vec!["volume", "set-qos", "v", "--iops", "0"],
+            vec!["card", "volume", "set-qos", "v", "--iops", "0"],
             "must be positive",
         ),
         (
-            vec!["volume", "set-qos", "v", "--iops-burst", "5"],
+            vec!["card", "volume", "set-qos", "v", "--iops-burst", "5"],
             "without its limit",
         ),
-        (vec!["volume", "set-qos", "v", "--bps", "lots"], "size"),
         (
-            vec!["volume", "set-qos", "v", "--weight", "0"],
+            vec!["card", "volume", "set-qos", "v", "--bps", "lots"],
+            "size",
+        ),
+        (
+            vec!["card", "volume", "set-qos", "v", "--weight", "0"],
             "must be positive",
         ),
         (
-            vec!["volume", "set-qos", "nope", "--iops", "5"],
+            vec!["card", "volume", "set-qos", "nope", "--iops", "5"],
             "unknown volume",
         ),
     ] {
         let err = d.fails(&args);
         assert!(err.contains(want), "{args:?}: {err}");
     }
-    d.ok(&["volume", "detach", "v"]);
-    let err = d.fails(&["volume", "set-qos", "v", "--iops", "5"]);
+    d.ok(&["card", "volume", "detach", "v"]);
+    let err = d.fails(&["card", "volume", "set-qos", "v", "--iops", "5"]);
     assert!(err.contains("not attached"), "{err}");
 }

@@ -518,7 +518,7 @@ impl Region {
     /// What a host must run: its instances that are not terminated and
     /// its volumes that are not deleted.
     pub async fn host_work(&self, host: &str) -> Result<Value> {
-        let (kvs, _) = self.store.range(&keys::instances()).await?;
+        let (kvs, rev) = self.store.range(&keys::instances()).await?;
         let mut instances = Vec::new();
         for kv in &kvs {
             let i: Instance = decode(kv)?;
@@ -526,7 +526,7 @@ impl Region {
                 instances.push(i);
             }
         }
-        let (kvs, _) = self.store.range(&keys::volumes()).await?;
+        let (kvs, rev2) = self.store.range(&keys::volumes()).await?;
         let mut volumes = Vec::new();
         for kv in &kvs {
             let v: Volume = decode(kv)?;
@@ -534,7 +534,30 @@ impl Region {
                 volumes.push(v);
             }
         }
-        Ok(json!({"instances": instances, "volumes": volumes}))
+        Ok(json!({"instances": instances, "volumes": volumes, "revision": rev.min(rev2)}))
+    }
+
+    /// Waits (at most `timeout`) until an instance or volume changes after
+    /// `revision`: a host's long poll, so it acts on a change at once
+    /// without polling the store.
+    pub async fn wait_for_change(&self, revision: i64, timeout: std::time::Duration) -> Result<()> {
+        let mut w = self.store.watch(crate::model::ROOT, revision + 1).await;
+        if let Err(crate::store::StoreError::Compacted(_)) = w {
+            return Ok(());
+        }
+        let w = w
+            .as_mut()
+            .map_err(|e| RegionError::Store(crate::store::StoreError::Backend(e.to_string())))?;
+        let wanted = |k: &str| k.starts_with(&keys::instances()) || k.starts_with(&keys::volumes());
+        let _ = tokio::time::timeout(timeout, async {
+            while let Some(e) = w.recv().await {
+                if wanted(e.key()) {
+                    return;
+                }
+            }
+        })
+        .await;
+        Ok(())
     }
 }
 

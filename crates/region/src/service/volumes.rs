@@ -352,6 +352,15 @@ impl Region {
                     (VolumeState::Creating, VolumeState::Available | VolumeState::Error) => {
                         vol.state = state;
                         vol.state_reason.clone_from(&rep.reason);
+                        // A boot volume is its instance's from the start.
+                        if let (VolumeState::Available, Some(i)) = (state, &vol.boot_of) {
+                            vol.state = VolumeState::InUse;
+                            vol.attachment = Some(Attachment {
+                                instance: i.clone(),
+                                state: AttachmentState::Attached,
+                                force: false,
+                            });
+                        }
                     }
                     (VolumeState::Deleting, VolumeState::Deleted) => {
                         vol.state = state;

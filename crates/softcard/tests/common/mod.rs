@@ -124,13 +124,13 @@ impl Daemon {
 
     /// `volume list --json` parsed.
     pub fn volumes(&self) -> serde_json::Value {
-        serde_json::from_str(&self.ok(&["volume", "list", "--json"])).unwrap()
+        serde_json::from_str(&self.ok(&["card", "volume", "list", "--json"])).unwrap()
     }
 
     /// Offset of a volume on its device.
     pub fn offset_of(&self, name: &str) -> u64 {
         let v: serde_json::Value =
-            serde_json::from_str(&self.ok(&["volume", "show", name])).unwrap();
+            serde_json::from_str(&self.ok(&["card", "volume", "show", name])).unwrap();
         v["offset_bytes"].as_u64().unwrap()
     }
 }
