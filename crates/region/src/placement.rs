@@ -22,9 +22,11 @@ use crate::model::{keys, Host, HostRegistration, Usage};
 use crate::service::{decode, Region};
 use crate::store::{Event, KeyValue, Revision, Store};
 
-/// Candidates a request picks among at random (spreading concurrent
-/// requests over hosts of about the same weight).
-const SPREAD_AMONG: usize = 4;
+/// A request picks at random among the candidates whose weight is within
+/// this fraction of the best (hosts about as free as the freest), so that
+/// concurrent requests rarely race for one host while instances still
+/// spread.
+const SPREAD_TOLERANCE: f64 = 0.05;
 
 /// What a request needs from one host.
 #[derive(Debug, Clone, Default)]
@@ -187,8 +189,12 @@ impl Placement {
             .collect();
         drop(hosts);
         scored.sort_by(|a, b| b.0.total_cmp(&a.0));
+        let best = scored.first().map_or(0.0, |s| s.0);
+        let head = scored
+            .iter()
+            .take_while(|s| s.0 >= best - SPREAD_TOLERANCE * 2.0)
+            .count();
         let mut out: Vec<Choice> = scored.into_iter().map(|(_, c)| c).collect();
-        let head = out.len().min(SPREAD_AMONG);
         out[..head].shuffle(&mut rand::thread_rng());
         out
     }

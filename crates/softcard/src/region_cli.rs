@@ -90,6 +90,9 @@ pub enum RegionCmd {
         /// PEM private key for HTTPS.
         #[arg(long, requires = "tls_cert")]
         tls_key: Option<PathBuf>,
+        /// Seconds a host stays up without a heartbeat.
+        #[arg(long, default_value_t = 10)]
+        host_lease_seconds: u64,
     },
 }
 
@@ -320,6 +323,7 @@ pub fn region(c: RegionCmd) -> Result<()> {
         admin_credential,
         tls_cert,
         tls_key,
+        host_lease_seconds,
     } = c;
     let dir = default_region_dir();
     let store = store.unwrap_or_else(|| format!("redb:{}", dir.join("region.redb").display()));
@@ -329,6 +333,7 @@ pub fn region(c: RegionCmd) -> Result<()> {
         admin_credential.unwrap_or_else(|| dir.join("admin.credential")),
     );
     opts.tls = tls_cert.zip(tls_key);
+    opts.host_lease = std::time::Duration::from_secs(host_lease_seconds.max(1));
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         let started = softcard_region::server::start(&opts).await?;
