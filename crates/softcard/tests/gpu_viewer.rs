@@ -9,9 +9,9 @@ use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use base64::Engine as _;
 use serde_json::{json, Value};
 use softcard_gpu::workloads::{self, Scene};
+use softcard_testkit::browser::Browser;
 
 struct Kill(Child);
 impl Drop for Kill {
@@ -57,70 +57,6 @@ fn http_get_status(port: u16, path: &str) -> (u16, String) {
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
     (status, body)
-}
-
-fn http_get(port: u16, path: &str) -> String {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    // Chromium's DevTools server may keep the connection open: read the
-    // head, then exactly Content-Length bytes.
-    let mut r = BufReader::new(s);
-    let mut len = 0usize;
-    loop {
-        let mut line = String::new();
-        r.read_line(&mut line).unwrap();
-        let l = line.trim_end();
-        if l.is_empty() {
-            break;
-        }
-        if let Some((k, v)) = l.split_once(':') {
-            if k.eq_ignore_ascii_case("content-length") {
-                len = v.trim().parse().unwrap();
-            }
-        }
-    }
-    let mut body = vec![0; len];
-    r.read_exact(&mut body).unwrap();
-    String::from_utf8(body).unwrap()
-}
-
-struct Cdp {
-    ws: tungstenite::WebSocket<tungstenite::stream::MaybeTlsStream<TcpStream>>,
-    next: u64,
-}
-
-impl Cdp {
-    fn call(&mut self, method: &str, params: Value) -> Value {
-        self.next += 1;
-        let id = self.next;
-        let msg = json!({ "id": id, "method": method, "params": params }).to_string();
-        self.ws
-            .send(tungstenite::Message::Text(msg.into()))
-            .unwrap();
-        loop {
-            let m = self.ws.read().unwrap();
-            if let tungstenite::Message::Text(t) = m {
-                let v: Value = serde_json::from_str(&t).unwrap();
-                if v["id"] == id {
-                    assert!(v.get("error").is_none(), "{method}: {v}");
-                    return v["result"].clone();
-                }
-            }
-        }
-    }
-
-    fn eval(&mut self, expr: &str) -> Value {
-        let r = self.call(
-            "Runtime.evaluate",
-            json!({ "expression": expr, "returnByValue": true }),
-        );
-        r["result"]["value"].clone()
-    }
 }
 
 #[test]
@@ -178,46 +114,7 @@ fn chromium_shows_the_remote_frames() {
     assert_eq!(status, 200);
     assert!(body.contains("softcard vGPU"));
 
-    let profile = tempfile::tempdir().unwrap();
-    let mut chromium = Kill(
-        Command::new("chromium")
-            .args([
-                "--headless=new",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--no-first-run",
-                "--remote-debugging-port=0",
-                "--window-size=800,500",
-            ])
-            .arg(format!("--user-data-dir={}", profile.path().display()))
-            .arg(format!("http://127.0.0.1:{vport}{viewer_path}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("chromium (Debian package chromium)"),
-    );
-    let mut lines = BufReader::new(chromium.0.stderr.take().unwrap()).lines();
-    let dev_port: u16 = loop {
-        let line = lines.next().expect("chromium exited").unwrap();
-        if let Some(rest) = line.strip_prefix("DevTools listening on ws://127.0.0.1:") {
-            break rest.split('/').next().unwrap().parse().unwrap();
-        }
-    };
-    // Keep draining chromium's stderr so it never blocks.
-    std::thread::spawn(move || for _ in lines {});
-
-    let targets: Value = serde_json::from_str(&http_get(dev_port, "/json/list")).unwrap();
-    let page = targets
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|t| t["type"] == "page")
-        .expect("a page target");
-    let (ws, _) = tungstenite::connect(page["webSocketDebuggerUrl"].as_str().unwrap()).unwrap();
-    if let tungstenite::stream::MaybeTlsStream::Plain(s) = ws.get_ref() {
-        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    }
-    let mut cdp = Cdp { ws, next: 0 };
+    let mut cdp = Browser::open(&format!("http://127.0.0.1:{vport}{viewer_path}"), 800, 500);
     // A viewport that holds the whole canvas, at one device pixel per pixel.
     cdp.call(
         "Emulation.setDeviceMetricsOverride",
@@ -259,10 +156,7 @@ fn chromium_shows_the_remote_frames() {
         .map(|x| u32::try_from(x.as_f64().unwrap().round() as i64).unwrap())
         .collect();
     assert_eq!(&rect[2..], &[w, h], "canvas size");
-    let shot = cdp.call("Page.captureScreenshot", json!({ "format": "png" }));
-    let png_bytes = base64::engine::general_purpose::STANDARD
-        .decode(shot["data"].as_str().unwrap())
-        .unwrap();
+    let png_bytes = cdp.screenshot();
     let decoder = png::Decoder::new(std::io::Cursor::new(png_bytes));
     let mut reader = decoder.read_info().unwrap();
     let mut buf = vec![0; reader.output_buffer_size()];

@@ -3,6 +3,8 @@
 //! modules (with their dependencies, in load order) and host binaries
 //! (with the shared libraries they need).
 
+pub mod browser;
+
 use std::path::Path;
 use std::process::Command;
 

@@ -2,6 +2,8 @@
 //! process, its CLI, and a libblkio client.
 #![allow(dead_code)]
 
+pub mod net;
+
 use std::io::Write;
 use std::mem::MaybeUninit;
 use std::os::unix::net::UnixStream;
