@@ -37,21 +37,11 @@ enum Command {
         #[command(flatten)]
         region: daemon::RegionArgs,
     },
-    /// Set up and run a card with the embedded default configuration: a
-    /// file-backed device in the data directory, one volume, attached on a
-    /// vhost-user socket. Prints the QEMU command line to boot a VM on it.
-    Up {
-        /// Where the device file and sockets live (default:
-        /// $XDG_DATA_HOME/softcard or ~/.local/share/softcard).
-        #[arg(long)]
-        data_dir: Option<PathBuf>,
-        /// Where the vGPU server takes clients.
-        #[arg(long, default_value = "127.0.0.1:7070")]
-        gpu_listen: String,
-        /// Where the vGPU viewer serves browsers.
-        #[arg(long, default_value = "127.0.0.1:7071")]
-        gpu_viewer: String,
-    },
+    /// The whole provider network on this machine: a region on the
+    /// embedded store with its console, this machine's card as a host, the
+    /// vGPU server, and one instance booted. Prints the console's address
+    /// and a tenant's credential.
+    Up(crate::up::UpArgs),
     /// One card's own management API (a card run without a region):
     /// devices, volumes carved from them, tenants' keys.
     #[command(subcommand)]
@@ -299,11 +289,7 @@ enum BenchCmd {
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Serve { config, region } => daemon::serve(&config, &region),
-        Command::Up {
-            data_dir,
-            gpu_listen,
-            gpu_viewer,
-        } => daemon::up(data_dir, &gpu_listen, &gpu_viewer),
+        Command::Up(a) => crate::up::up(&a),
         Command::Region(c) => region_cli::region(c),
         Command::Tenant(c) => region_cli::tenant(c),
         Command::Host(c) => region_cli::host(c),

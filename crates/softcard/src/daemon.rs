@@ -1,5 +1,5 @@
-//! The daemon: `serve` (from a configuration file) and `up` (embedded
-//! default configuration, ready-to-boot volume).
+//! The card daemon: `softcard serve` from a configuration file, joining a
+//! region as a host when asked.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -8,22 +8,12 @@ use anyhow::{Context, Result};
 use softcard_control::{ApiServer, CardConfig, MetricsServer};
 use softcard_host::HostConfig;
 use softcard_storage::crypto::KeyStore;
-use softcard_storage::{AttachOptions, CardError, StorageCard};
+use softcard_storage::StorageCard;
 
-/// The configuration `softcard up` runs with.
-const DEFAULT_CONFIG: &str = include_str!("../default-card.toml");
-/// Volume `softcard up` creates and attaches.
-const UP_VOLUME: &str = "vm0";
-const UP_VOLUME_BYTES: u64 = 4 << 30;
-const UP_DEVICE: &str = "disk0";
-/// Guest memory the printed QEMU command line gives the VM.
-const UP_GUEST_MEMORY: &str = "1G";
-/// Each vGPU session's memory quota under `softcard up`.
-const UP_GPU_QUOTA: u64 = 2 << 30;
 
 /// Blocks SIGINT and SIGTERM in this thread and every thread it starts
 /// later, so that [`wait_for_signal`] receives them.
-fn block_signals() -> Result<libc::sigset_t> {
+pub(crate) fn block_signals() -> Result<libc::sigset_t> {
     // SAFETY: the sigset is initialised by sigemptyset before use, and
     // pthread_sigmask only reads it.
     unsafe {
@@ -39,7 +29,7 @@ fn block_signals() -> Result<libc::sigset_t> {
     }
 }
 
-fn wait_for_signal(set: &libc::sigset_t) -> i32 {
+pub(crate) fn wait_for_signal(set: &libc::sigset_t) -> i32 {
     let mut sig = 0;
     // SAFETY: `set` is a valid, initialised sigset and `sig` a valid out
     // pointer.
@@ -48,13 +38,6 @@ fn wait_for_signal(set: &libc::sigset_t) -> i32 {
         return libc::SIGTERM;
     }
     sig
-}
-
-fn run_until_signal(card: &Arc<StorageCard>, api: ApiServer, set: &libc::sigset_t) {
-    let sig = wait_for_signal(set);
-    log::info!("signal {sig}: stopping");
-    api.stop();
-    card.shutdown();
 }
 
 /// Plaintext keys live in this process's memory: no core dumps of it (and
@@ -99,7 +82,7 @@ fn machine_memory_bytes() -> u64 {
 
 /// The host agent's settings from the configuration, with the machine's
 /// defaults.
-fn host_config(cfg: &CardConfig, default_dir: &Path, stop_vms_on_exit: bool) -> HostConfig {
+pub(crate) fn host_config(cfg: &CardConfig, default_dir: &Path, stop_vms_on_exit: bool) -> HostConfig {
     let h = &cfg.host;
     HostConfig {
         name: h.name.clone().unwrap_or_else(|| {
@@ -210,87 +193,5 @@ pub fn serve(config: &Path, region: &RegionArgs) -> Result<()> {
     drop(agent);
     api.stop();
     card.shutdown();
-    Ok(())
-}
-
-fn default_data_dir() -> Result<PathBuf> {
-    if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|x| !x.is_empty()) {
-        return Ok(PathBuf::from(x).join("softcard"));
-    }
-    let home = std::env::var_os("HOME")
-        .context("neither XDG_DATA_HOME nor HOME is set; pass --data-dir")?;
-    Ok(PathBuf::from(home).join(".local/share/softcard"))
-}
-
-/// `softcard up`.
-pub fn up(data_dir: Option<PathBuf>, gpu_listen: &str, gpu_viewer: &str) -> Result<()> {
-    let set = block_signals()?;
-    let data = match data_dir {
-        Some(d) => d,
-        None => default_data_dir()?,
-    };
-    std::fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;
-    let data = data.canonicalize()?;
-    let data_str = data
-        .to_str()
-        .context("the data directory path is not UTF-8")?;
-    let cfg = CardConfig::parse(&DEFAULT_CONFIG.replace("@DATA@", data_str))
-        .context("embedded default configuration")?;
-    let card = Arc::new(StorageCard::open(&cfg.devices)?);
-    if let Some(e) = card.devices().into_iter().find_map(|d| d.error) {
-        anyhow::bail!("device {UP_DEVICE} unavailable: {e}");
-    }
-    match card.volume(UP_VOLUME) {
-        Ok(_) => log::info!("found volume {UP_VOLUME}"),
-        Err(CardError::UnknownVolume(_)) => {
-            card.create_volume(UP_VOLUME, UP_DEVICE, UP_VOLUME_BYTES)?;
-        }
-        Err(e) => return Err(e.into()),
-    }
-    let socket = data.join(format!("{UP_VOLUME}.sock"));
-    card.attach(
-        UP_VOLUME,
-        &AttachOptions {
-            socket: socket.clone(),
-            queues: 1,
-            qos: Default::default(),
-            interface: Default::default(),
-        },
-    )?;
-    let api = ApiServer::start(card.clone(), &cfg.api_socket)?;
-    println!("softcard is up.");
-    println!(
-        "  device   {UP_DEVICE}: {}",
-        data.join("disk0.img").display()
-    );
-    println!(
-        "  volume   {UP_VOLUME}: {} GiB, vhost-user-blk on {}",
-        UP_VOLUME_BYTES >> 30,
-        socket.display()
-    );
-    println!(
-        "  API      {} (softcard volume list --api {})",
-        cfg.api_socket.display(),
-        cfg.api_socket.display()
-    );
-    // The GPU function, where the machine has a Vulkan adapter (lavapipe
-    // counts); the card works without it.
-    match crate::gpu::start_in_background(gpu_listen, gpu_viewer, UP_GPU_QUOTA) {
-        Ok(what) => println!("  vGPU     {what}"),
-        Err(e) => println!("  vGPU     not started: {e:#}"),
-    }
-    println!();
-    println!("Boot a VM on it (vhost-user needs guest memory shared with the card):");
-    println!(
-        "  qemu-system-x86_64 -machine q35 -m {UP_GUEST_MEMORY} \\\n    \
-         -object memory-backend-memfd,id=mem,size={UP_GUEST_MEMORY},share=on -numa node,memdev=mem \\\n    \
-         -chardev socket,id=vol0,path={} \\\n    \
-         -device vhost-user-blk-pci,chardev=vol0,num-queues=1 \\\n    \
-         -kernel <bzImage> -initrd <initrd> -append 'console=ttyS0' -nographic",
-        socket.display()
-    );
-    println!();
-    println!("Press Ctrl-C to stop.");
-    run_until_signal(&card, api, &set);
     Ok(())
 }

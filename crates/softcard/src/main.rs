@@ -8,6 +8,7 @@ mod daemon;
 mod gpu;
 mod gpu_bench;
 mod region_cli;
+mod up;
 
 use std::process::ExitCode;
 

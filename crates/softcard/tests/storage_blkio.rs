@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{file_bytes, pattern, Client, Daemon, BIN};
+use common::{file_bytes, pattern, Client, Daemon};
 
 const MIB: u64 = 1 << 20;
 
@@ -203,101 +203,3 @@ fn volumes_carve_attach_and_land_at_their_offsets() {
     d.stop();
 }
 
-/// Starts `softcard up` on `dir`, its vGPU server and viewer on free
-/// ports (the defaults, 7070 and 7071, may be taken on a developer's
-/// machine); returns the child and the vGPU client address.
-fn spawn_up(
-    dir: &std::path::Path,
-    stdout: std::process::Stdio,
-) -> (std::process::Child, std::net::SocketAddr) {
-    let free = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-    };
-    let (gpu, viewer) = (free(), free());
-    let child = std::process::Command::new(BIN)
-        .args(["up", "--data-dir"])
-        .arg(dir)
-        .args(["--gpu-listen", &gpu.to_string()])
-        .args(["--gpu-viewer", &viewer.to_string()])
-        .stdout(stdout)
-        .spawn()
-        .unwrap();
-    (child, gpu)
-}
-
-#[test]
-fn up_serves_the_default_volume_and_vgpu_clients() {
-    let dir = tempfile::tempdir().unwrap();
-    let (mut child, gpu) = spawn_up(dir.path(), std::process::Stdio::piped());
-    let sock = dir.path().join("vm0.sock");
-    common::wait_for_socket(&dir.path().join("api.sock"), Some(&mut child));
-    // The GPU function starts beside the storage one: its client port
-    // answers (the test command installs lavapipe, so there is an
-    // adapter).
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while std::net::TcpStream::connect(gpu).is_err() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "softcard up serves no vGPU clients on {gpu}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    let mut c = Client::connect(&sock, 1).unwrap();
-    assert_eq!(c.capacity, 4 << 30);
-    let p = pattern(11, 8192);
-    assert_eq!(c.write(0, 1 << 30, &p), 0);
-    assert_eq!(c.flush(0), 0);
-    drop(c);
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(i32::try_from(child.id()).unwrap(), libc::SIGTERM) };
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success());
-    let stdout = String::from_utf8(out.stdout).unwrap();
-    assert!(
-        stdout.contains("vhost-user-blk-pci,chardev=vol0"),
-        "{stdout}"
-    );
-    assert!(stdout.contains(&sock.display().to_string()), "{stdout}");
-    assert!(
-        stdout.contains("vGPU") && stdout.contains(&format!("clients on {gpu}")),
-        "{stdout}"
-    );
-    // The volume starts after the 2 MiB partition-map area.
-    assert_eq!(
-        file_bytes(
-            &dir.path().join("disk0.img"),
-            (2 << 20) + (1 << 30),
-            p.len()
-        ),
-        p
-    );
-}
-
-/// `softcard up` stops on SIGTERM even after its data directory (with the
-/// API and vhost-user sockets in it) was removed: stopping used to wake
-/// the accepting threads by connecting to their socket paths, which then
-/// woke nothing, and the daemon waited forever.
-#[test]
-fn up_stops_after_its_sockets_are_removed() {
-    let dir = tempfile::tempdir().unwrap();
-    let (mut child, _) = spawn_up(dir.path(), std::process::Stdio::null());
-    common::wait_for_socket(&dir.path().join("api.sock"), Some(&mut child));
-    std::fs::remove_dir_all(dir.path()).unwrap();
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(i32::try_from(child.id()).unwrap(), libc::SIGTERM) };
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("softcard up did not stop after SIGTERM");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    };
-    assert!(status.success(), "{status:?}");
-}
