@@ -561,7 +561,7 @@ impl Reconciler {
 }
 
 /// How often instances' consoles are looked at.
-const CONSOLE_INTERVAL: Duration = Duration::from_millis(200);
+const CONSOLE_INTERVAL: Duration = Duration::from_millis(50);
 
 /// Sends the region the tail of every instance console that grew.
 fn console_loop(dir: &Path, client: &RegionClient, stop: &AtomicBool) {

@@ -45,7 +45,7 @@ while true; do
         esac
     done
     seen="$now"
-    usleep 200000
+    usleep 100000
 done
 "#;
 

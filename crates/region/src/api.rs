@@ -252,7 +252,7 @@ async fn create_instance(State(st): S, Extension(p): P, body: Body) -> Result<Re
     let t = tenant(&p)?;
     let b: CreateInstance = body.json()?;
     let i = st.region.create_instance(t, &b).await?;
-    let v = st.region.instance_view(Some(t), &i.id).await?;
+    let v = st.region.created_view(&i).await?;
     Ok((StatusCode::CREATED, Json(v)).into_response())
 }
 

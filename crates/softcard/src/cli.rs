@@ -283,6 +283,10 @@ enum BenchCmd {
     Rdma(bench::RdmaBenchArgs),
     /// The vGPU against local wgpu on the same adapter.
     Gpu(crate::gpu_bench::GpuBenchArgs),
+    /// The region: placements per second and API latency on etcd and on
+    /// the embedded store; create-to-running and attach times on a real
+    /// host.
+    Region(crate::region_bench::RegionBenchArgs),
 }
 
 /// Runs a parsed command line.
@@ -333,6 +337,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Bench(BenchCmd::Qos(a)) => bench::qos(&a),
         Command::Bench(BenchCmd::Rdma(a)) => bench::rdma(&a),
         Command::Bench(BenchCmd::Gpu(a)) => crate::gpu_bench::gpu(&a),
+        Command::Bench(BenchCmd::Region(a)) => crate::region_bench::region(&a),
         Command::Card(CardCmd::Tenant(TenantCmd::List { api })) => {
             let v = client(&api).call("GET", "/v1/tenants", None)?;
             for t in v.as_array().into_iter().flatten() {

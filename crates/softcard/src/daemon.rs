@@ -10,7 +10,6 @@ use softcard_host::HostConfig;
 use softcard_storage::crypto::KeyStore;
 use softcard_storage::StorageCard;
 
-
 /// Blocks SIGINT and SIGTERM in this thread and every thread it starts
 /// later, so that [`wait_for_signal`] receives them.
 pub(crate) fn block_signals() -> Result<libc::sigset_t> {
@@ -82,7 +81,11 @@ fn machine_memory_bytes() -> u64 {
 
 /// The host agent's settings from the configuration, with the machine's
 /// defaults.
-pub(crate) fn host_config(cfg: &CardConfig, default_dir: &Path, stop_vms_on_exit: bool) -> HostConfig {
+pub(crate) fn host_config(
+    cfg: &CardConfig,
+    default_dir: &Path,
+    stop_vms_on_exit: bool,
+) -> HostConfig {
     let h = &cfg.host;
     HostConfig {
         name: h.name.clone().unwrap_or_else(|| {

@@ -7,6 +7,7 @@ mod cli;
 mod daemon;
 mod gpu;
 mod gpu_bench;
+mod region_bench;
 mod region_cli;
 mod up;
 

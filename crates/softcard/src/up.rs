@@ -160,12 +160,14 @@ pub fn up(a: &UpArgs) -> Result<()> {
     })?;
     let t = RegionClient::new(&url, &tenant_cred, None)?;
     let begin = Instant::now();
-    while !admin
-        .get("/v1/hosts")?
-        .as_array()
-        .is_some_and(|h| h.iter().any(|h| h["name"] == host.name.as_str() && h["state"] == "up"))
-    {
-        anyhow::ensure!(begin.elapsed() < INSTANCE_WAIT, "this host never registered");
+    while !admin.get("/v1/hosts")?.as_array().is_some_and(|h| {
+        h.iter()
+            .any(|h| h["name"] == host.name.as_str() && h["state"] == "up")
+    }) {
+        anyhow::ensure!(
+            begin.elapsed() < INSTANCE_WAIT,
+            "this host never registered"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     match t.get(&format!("/v1/instances/{INSTANCE}")) {
@@ -186,7 +188,10 @@ pub fn up(a: &UpArgs) -> Result<()> {
     println!("softcard is up: a provider network on this machine.");
     println!("  console  {url}/  (log in with the credential below)");
     println!("  tenant   {TENANT}: credential {tenant_cred}");
-    println!("  admin    credential in {}", rdir.join("admin.credential").display());
+    println!(
+        "  admin    credential in {}",
+        rdir.join("admin.credential").display()
+    );
     println!(
         "  host     {}: {} vCPU, {} MiB, card API {}",
         host.name,
@@ -219,7 +224,9 @@ pub fn up(a: &UpArgs) -> Result<()> {
     log::info!("signal {sig}: stopping");
     // The instance stops cleanly (its record says stopped, so the next
     // `up` starts it); the agent, the region and the card follow.
-    if t.post(&format!("/v1/instances/{INSTANCE}/stop"), &json!({})).is_ok() {
+    if t.post(&format!("/v1/instances/{INSTANCE}/stop"), &json!({}))
+        .is_ok()
+    {
         let _ = wait_state(&t, "stopped");
     }
     drop(agent);

@@ -202,4 +202,3 @@ fn volumes_carve_attach_and_land_at_their_offsets() {
     assert_eq!(file_bytes(&dev, off_a + 64 * MIB - 4096, 4096), last);
     d.stop();
 }
-

@@ -17,7 +17,10 @@ use common::BIN;
 use softcard_region::client::RegionClient;
 
 fn free() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
 }
 
 /// Starts `softcard up` on `dir` with every port free (the defaults may be
@@ -92,7 +95,11 @@ fn up_runs_a_provider_network_and_starts_it_again() {
     for round in 0..2 {
         let (mut child, gpu) = spawn_up(dir.path());
         let lines = report(&mut child);
-        let url = field(&lines, "console").split_whitespace().next().unwrap().trim_end_matches('/');
+        let url = field(&lines, "console")
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .trim_end_matches('/');
         let cred = field(&lines, "tenant   demo: credential");
         let t = RegionClient::new(url, cred, None).unwrap();
         let i = t.get("/v1/instances/demo1").unwrap();
@@ -104,12 +111,16 @@ fn up_runs_a_provider_network_and_starts_it_again() {
             assert_eq!(id, first_id, "the second up made another instance");
         }
         // The guest boots and writes its boot volume.
-        wait_until("the guest stamps its boot disk", Duration::from_secs(90), || {
-            t.get("/v1/instances/demo1/console").unwrap()["output"]
-                .as_str()
-                .unwrap()
-                .contains("disk vda stamped")
-        });
+        wait_until(
+            "the guest stamps its boot disk",
+            Duration::from_secs(90),
+            || {
+                t.get("/v1/instances/demo1/console").unwrap()["output"]
+                    .as_str()
+                    .unwrap()
+                    .contains("disk vda stamped")
+            },
+        );
         // The vGPU server takes clients (the test command installs
         // lavapipe, so there is an adapter).
         assert!(TcpStream::connect(gpu).is_ok(), "no vGPU server on {gpu}");

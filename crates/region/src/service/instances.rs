@@ -286,7 +286,7 @@ impl Region {
         for kv in &kvs {
             let i: Instance = decode(kv)?;
             if visible(tenant, &i.tenant) {
-                out.push(served(&i, &alive, &vols));
+                out.push(served(&i, alive.contains(&i.host), &vols));
             }
         }
         Ok(out)
@@ -295,10 +295,19 @@ impl Region {
     /// One instance as served.
     pub async fn instance_view(&self, tenant: Option<&str>, id_or_name: &str) -> Result<Value> {
         let i = self.instance(tenant, id_or_name).await?.value;
-        let alive = self.alive_hosts().await?;
+        let up = self.store.get(&keys::alive(&i.host)).await?.is_some();
         let (vols, _) = self.store.range(&keys::volumes()).await?;
         let vols: Vec<Volume> = vols.iter().map(decode).collect::<Result<_>>()?;
-        Ok(served(&i, &alive, &vols))
+        Ok(served(&i, up, &vols))
+    }
+
+    /// A just-created instance as served (its only volume is its boot
+    /// volume: no scan of the others).
+    pub async fn created_view(&self, i: &Instance) -> Result<Value> {
+        let up = self.store.get(&keys::alive(&i.host)).await?.is_some();
+        let boot = read::<Volume>(self, &keys::volume(&i.boot_volume)).await?;
+        let vols: Vec<Volume> = boot.into_iter().map(|v| v.value).collect();
+        Ok(served(i, up, &vols))
     }
 
     /// Changes an instance by compare-and-swap on its record, retrying when
@@ -563,9 +572,8 @@ impl Region {
 
 /// An instance as the API serves it: the record, EC2's state object, its
 /// health (impaired when its host's lease expired) and its volumes.
-fn served(i: &Instance, alive: &std::collections::BTreeSet<String>, vols: &[Volume]) -> Value {
+fn served(i: &Instance, host_up: bool, vols: &[Volume]) -> Value {
     let mut v = serde_json::to_value(i).unwrap_or_default();
-    let host_up = alive.contains(&i.host);
     let health = if i.state == InstanceState::Terminated || host_up {
         "ok"
     } else {
