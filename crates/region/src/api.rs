@@ -251,8 +251,7 @@ async fn instances(State(st): S, Extension(p): P) -> Result<Json<Value>> {
 async fn create_instance(State(st): S, Extension(p): P, body: Body) -> Result<Response> {
     let t = tenant(&p)?;
     let b: CreateInstance = body.json()?;
-    let i = st.region.create_instance(t, &b).await?;
-    let v = st.region.created_view(&i).await?;
+    let (_, v) = st.region.create_instance_served(t, &b).await?;
     Ok((StatusCode::CREATED, Json(v)).into_response())
 }
 

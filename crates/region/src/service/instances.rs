@@ -87,6 +87,16 @@ impl Region {
     /// instance, its boot volume and its name. The same client token
     /// returns the same instance.
     pub async fn create_instance(&self, tenant: &str, req: &CreateInstance) -> Result<Instance> {
+        Ok(self.create_instance_served(tenant, req).await?.0)
+    }
+
+    /// [`Region::create_instance`], with the instance as the API serves
+    /// it (built from what the claim wrote: no further read).
+    pub async fn create_instance_served(
+        &self,
+        tenant: &str,
+        req: &CreateInstance,
+    ) -> Result<(Instance, Value)> {
         if !valid_name(&req.name) {
             return Err(RegionError::Invalid(format!(
                 "invalid instance name {:?}: 1-63 of a-z, 0-9 and -",
@@ -122,7 +132,8 @@ impl Region {
                 ));
             }
             if let Some(i) = self.by_client_token(tenant, t).await? {
-                return Ok(i);
+                let v = self.created_view(&i).await?;
+                return Ok((i, v));
             }
         }
         let name_key = keys::name(tenant, "instance", &req.name);
@@ -206,12 +217,15 @@ impl Region {
                 )
                 .await?;
             if r.succeeded {
-                log::info!("instance {id} ({}) placed on {}", req.name, choice.host);
-                return Ok(inst);
+                log::debug!("instance {id} ({}) placed on {}", req.name, choice.host);
+                // Placed on a host the view had up, with this boot volume.
+                let v = served(&inst, true, std::slice::from_ref(&vol));
+                return Ok((inst, v));
             }
             if let Some(t) = &req.client_token {
                 if let Some(i) = self.by_client_token(tenant, t).await? {
-                    return Ok(i);
+                    let v = self.created_view(&i).await?;
+                    return Ok((i, v));
                 }
             }
             if r.reads.get(1).is_some_and(Option::is_some) {

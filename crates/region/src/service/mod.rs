@@ -32,7 +32,15 @@ pub struct Region {
     pub(crate) store: Arc<dyn Store>,
     pub(crate) placement: Placement,
     host_lease: Duration,
+    /// Credentials checked recently: hash -> (principal, when checked).
+    credentials: std::sync::Mutex<std::collections::HashMap<String, (Principal, std::time::Instant)>>,
 }
+
+/// How long a checked credential is trusted without asking the store
+/// again (a tenant removed from the store loses access within this).
+const CREDENTIAL_CACHE: Duration = Duration::from_secs(5);
+/// Most credentials remembered.
+const CREDENTIAL_CACHE_ENTRIES: usize = 4096;
 
 /// Decodes a stored record.
 pub(crate) fn decode<T: DeserializeOwned>(kv: &KeyValue) -> Result<T> {
@@ -67,6 +75,7 @@ impl Region {
             store,
             placement,
             host_lease,
+            credentials: std::sync::Mutex::default(),
         });
         Placement::follow(&region);
         Ok(region)
@@ -84,9 +93,20 @@ impl Region {
         if !secret.starts_with("sc_") || secret.len() != 67 {
             return Err(RegionError::Unauthenticated);
         }
+        let hash = secret_hash(secret);
+        let cached = {
+            let cache = self.credentials.lock().unwrap_or_else(|p| p.into_inner());
+            cache
+                .get(&hash)
+                .filter(|(_, at)| at.elapsed() < CREDENTIAL_CACHE)
+                .map(|(p, _)| p.clone())
+        };
+        if let Some(p) = cached {
+            return Ok(p);
+        }
         let kv = self
             .store
-            .get(&keys::credential(&secret_hash(secret)))
+            .get(&keys::credential(&hash))
             .await?
             .ok_or(RegionError::Unauthenticated)?;
         let c: Credential = decode(&kv)?;
@@ -96,6 +116,14 @@ impl Region {
                 return Err(RegionError::Unauthenticated);
             }
         }
+        let mut cache = self.credentials.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= CREDENTIAL_CACHE_ENTRIES {
+            cache.retain(|_, (_, at)| at.elapsed() < CREDENTIAL_CACHE);
+            if cache.len() >= CREDENTIAL_CACHE_ENTRIES {
+                cache.clear();
+            }
+        }
+        cache.insert(hash, (c.principal.clone(), std::time::Instant::now()));
         Ok(c.principal)
     }
 
