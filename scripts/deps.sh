@@ -52,8 +52,10 @@ test_deps=(
     # vGPU: Mesa's lavapipe gives wgpu a Vulkan device on the CPU.
     "/usr/share/vulkan/icd.d/lvp_icd*.json mesa-vulkan-drivers"
     "chromium chromium"
-    # The region's tests start a throwaway etcd on loopback.
+    # The region's tests start a throwaway etcd on loopback, and make a
+    # certificate for its HTTPS listener.
     "etcd etcd-server"
+    "openssl openssl"
 )
 bench_deps=(
     "etcd etcd-server"

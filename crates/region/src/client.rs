@@ -108,7 +108,7 @@ impl RegionClient {
     ) -> Result<Value, ClientError> {
         let transport = |e: reqwest::Error| ClientError::Transport {
             url: url.to_owned(),
-            error: e.to_string(),
+            error: chain(&e),
         };
         let r = req.send().map_err(transport)?;
         let status = r.status().as_u16();
@@ -140,4 +140,17 @@ impl RegionClient {
     pub fn post(&self, path: &str, body: &Value) -> Result<Value, ClientError> {
         self.call("POST", path, Some(body))
     }
+}
+
+/// An error with its causes ("sending the request: connecting: invalid
+/// peer certificate: UnknownIssuer").
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cur = c.source();
+    }
+    out
 }

@@ -131,6 +131,7 @@ pub struct Background {
     pub addr: SocketAddr,
     /// The admin credential.
     pub admin: String,
+    tls: bool,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -138,6 +139,7 @@ pub struct Background {
 impl Background {
     /// Starts a region on a runtime of `threads` worker threads.
     pub fn start(opts: ServeOptions, threads: usize) -> Result<Self, ServeError> {
+        let tls = opts.tls.is_some();
         let (tx, rx) = std::sync::mpsc::channel();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::Builder::new()
@@ -173,6 +175,7 @@ impl Background {
         Ok(Background {
             addr,
             admin,
+            tls,
             stop: Some(stop_tx),
             thread: Some(thread),
         })
@@ -180,7 +183,8 @@ impl Background {
 
     /// The region's URL.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 }
 

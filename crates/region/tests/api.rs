@@ -638,3 +638,102 @@ fn region_api_on_redb() {
 fn region_api_on_etcd() {
     all(true);
 }
+
+/// HTTPS: a client that trusts the region's certificate gets answers; one
+/// that does not, or that speaks plain HTTP, gets none.
+#[test]
+fn region_api_over_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    // A certificate authority, and the region's certificate signed by it
+    // (webpki accepts no self-signed end-entity certificate).
+    let p = |n: &str| dir.path().join(n);
+    let openssl = |args: &[&str]| {
+        let st = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir.path())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("openssl (package openssl)");
+        assert!(st.success(), "openssl {args:?}");
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    openssl(
+        &[
+            &["req", "-x509"][..],
+            &ec,
+            &["-days", "1", "-subj", "/CN=softcard test CA"],
+            &[
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+            ],
+        ]
+        .concat(),
+    );
+    openssl(
+        &[
+            &["req"][..],
+            &ec,
+            &[
+                "-subj",
+                "/CN=127.0.0.1",
+                "-keyout",
+                "key.pem",
+                "-out",
+                "req.csr",
+            ],
+        ]
+        .concat(),
+    );
+    std::fs::write(
+        p("ext"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "req.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        "ext",
+        "-out",
+        "cert.pem",
+    ]);
+    let (cert, key) = (p("cert.pem"), p("key.pem"));
+    let mut opts = ServeOptions::new(
+        "127.0.0.1:0".parse().unwrap(),
+        format!("redb:{}", dir.path().join("r.redb").display()),
+        dir.path().join("admin.credential"),
+    );
+    opts.tls = Some((cert.clone(), key));
+    let bg = Background::start(opts, 2).unwrap();
+    assert!(bg.url().starts_with("https://"));
+    let pem = std::fs::read(p("ca.pem")).unwrap();
+    let trusted = RegionClient::new(&bg.url(), &bg.admin, Some(&pem)).unwrap();
+    assert_eq!(trusted.get("/v1/whoami").unwrap()["kind"], "admin");
+    let untrusted = RegionClient::new(&bg.url(), &bg.admin, None).unwrap();
+    let e = untrusted.get("/v1/whoami").unwrap_err();
+    assert!(
+        e.status().is_none(),
+        "answered without a trusted certificate: {e}"
+    );
+    let plain = RegionClient::new(&bg.url().replace("https", "http"), &bg.admin, None).unwrap();
+    assert!(plain.get("/v1/whoami").is_err());
+}

@@ -27,7 +27,11 @@ fn routes_in(src: &str, prefix: &str, from: &str, to: &str) -> BTreeSet<(String,
                 continue;
             }
             let path = pending.split('"').nth(1).unwrap().to_owned();
-            let path = if inside { format!("{prefix}{path}") } else { path };
+            let path = if inside {
+                format!("{prefix}{path}")
+            } else {
+                path
+            };
             for m in ["get", "post", "put", "delete"] {
                 if pending.contains(&format!("{m}(")) {
                     out.insert((m.to_owned(), path.clone()));
@@ -40,7 +44,11 @@ fn routes_in(src: &str, prefix: &str, from: &str, to: &str) -> BTreeSet<(String,
 }
 
 fn documented() -> BTreeSet<(String, String)> {
-    let yaml = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/api/region.yaml")).unwrap();
+    let yaml = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../docs/api/region.yaml"
+    ))
+    .unwrap();
     let mut out = BTreeSet::new();
     let mut path = None;
     let mut in_paths = false;
@@ -73,6 +81,12 @@ fn openapi_file_matches_the_routes() {
     assert!(code.len() > 25, "found only {code:?}");
     let undocumented: Vec<_> = code.difference(&doc).collect();
     let phantom: Vec<_> = doc.difference(&code).collect();
-    assert!(undocumented.is_empty(), "routes missing from region.yaml: {undocumented:?}");
-    assert!(phantom.is_empty(), "region.yaml documents routes the code lacks: {phantom:?}");
+    assert!(
+        undocumented.is_empty(),
+        "routes missing from region.yaml: {undocumented:?}"
+    );
+    assert!(
+        phantom.is_empty(),
+        "region.yaml documents routes the code lacks: {phantom:?}"
+    );
 }

@@ -35,6 +35,40 @@ fn stamp(dev: &str, id: &str) -> Vec<u8> {
     format!("SOFTCARD-DEMO {dev} {id}\n").into_bytes()
 }
 
+/// The guest does not release a disk (its vCPUs are paused, as a hung
+/// guest's would be): the detach is reported `busy`; a forced detach cuts
+/// it; once the guest runs again it lets the disk go.
+fn busy_then_forced_detach(net: &Net, host: usize, id: &str) {
+    use serde_json::json;
+    use softcard_host::qmp::Qmp;
+    net.t(&["volume", "attach", "d1", "--instance", "web1"]);
+    net.wait_console("web1", "disk vdb stamped");
+    let qmp = net
+        .card_dir(host)
+        .join(format!("host/instances/{id}/qmp.sock"));
+    Qmp::connect(&qmp)
+        .unwrap()
+        .execute("stop", json!({}))
+        .unwrap();
+    net.t(&["volume", "detach", "d1"]);
+    wait_until("d1 busy", Duration::from_secs(60), || {
+        net.volume("d1")["attachment"]["state"] == "busy"
+    });
+    let e = net.t_fails(&["volume", "attach", "d1", "--instance", "web1"]);
+    assert!(e.contains("only an available volume attaches"), "{e}");
+    net.t(&["volume", "detach", "d1", "--force"]);
+    wait_until(
+        "d1 available after a forced detach",
+        Duration::from_secs(60),
+        || net.volume("d1")["state"] == "available",
+    );
+    Qmp::connect(&qmp)
+        .unwrap()
+        .execute("cont", json!({}))
+        .unwrap();
+    net.wait_console("web1", "disk vdb gone");
+}
+
 fn provider_network(etcd: bool) {
     let mut net = Net::start(etcd);
     // Two instances spread over the two hosts.
@@ -129,6 +163,29 @@ fn provider_network(etcd: bool) {
     net.wait_state("web1", "running");
     assert!(qemu_running(&web1_id));
 
+    // QEMU dies under the instance: the instance says so, and starts again.
+    let st = Command::new("pkill")
+        .args(["-9", "-f", &format!("qemu-system-x86_64 -name {web1_id}")])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    net.wait_state("web1", "stopped");
+    let reason = net.instance("web1")["state_reason"]
+        .as_str()
+        .unwrap_or("")
+        .to_owned();
+    assert!(reason.contains("QEMU is not running"), "{reason}");
+    net.t(&["instance", "start", "web1"]);
+    net.wait_state("web1", "running");
+    wait_until("a fresh console", Duration::from_secs(90), || {
+        let c = net.console("web1");
+        c.contains("disk vda stamped") && !c.contains("vdb")
+    });
+
+    if !etcd {
+        busy_then_forced_detach(&net, h1, &web1_id);
+    }
+
     // The card daemon of web2's host dies: web2 is impaired after the
     // lease; the daemon comes back, adopts its VM, and web2 is healthy.
     net.cards[h2].as_mut().unwrap().kill();
@@ -151,6 +208,28 @@ fn provider_network(etcd: bool) {
     net.wait_console("web2", "disk vdb gone");
 
     if etcd {
+        // Both region processes serve the same state.
+        let via = |url: &str| {
+            let out = Command::new(common::BIN)
+                .args(["instance", "list", "--json"])
+                .env("SOFTCARD_REGION", url)
+                .env("SOFTCARD_CREDENTIAL_FILE", &net.tenant)
+                .output()
+                .unwrap();
+            assert!(out.status.success());
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            let mut ids: Vec<String> = v
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|i| format!("{} {}", i["id"], i["state"]["name"]))
+                .collect();
+            ids.sort();
+            ids
+        };
+        let first = via(&net.regions[0].1);
+        assert_eq!(first.len(), 2);
+        assert_eq!(first, via(&net.regions[1].1));
         // One of the two region processes dies: the other serves and
         // takes over the leader's duties.
         let (mut first, _) = net.regions.remove(0);

@@ -33,7 +33,8 @@ pub struct Region {
     pub(crate) placement: Placement,
     host_lease: Duration,
     /// Credentials checked recently: hash -> (principal, when checked).
-    credentials: std::sync::Mutex<std::collections::HashMap<String, (Principal, std::time::Instant)>>,
+    credentials:
+        std::sync::Mutex<std::collections::HashMap<String, (Principal, std::time::Instant)>>,
 }
 
 /// How long a checked credential is trusted without asking the store
