@@ -1,13 +1,15 @@
-//! The API client the CLI uses.
+//! The API client the CLI uses: HTTP/1.1 over the daemon's unix socket,
+//! with hyper (the stack the daemon serves with).
 
-use std::io::Write;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
 use serde_json::Value;
 
-use crate::api::error_message;
-use crate::http;
+/// How long one call may take.
+const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Errors calling the API.
 #[derive(Debug, thiserror::Error)]
@@ -24,7 +26,7 @@ pub enum ClientError {
     },
     /// The exchange broke off.
     #[error("API exchange failed: {0}")]
-    Io(#[from] std::io::Error),
+    Io(String),
     /// The daemon refused the request.
     #[error("{message}")]
     Api {
@@ -36,6 +38,10 @@ pub enum ClientError {
     /// The answer was not JSON.
     #[error("daemon answered something that is not JSON: {0}")]
     Json(#[from] serde_json::Error),
+}
+
+fn io(e: impl std::fmt::Display) -> ClientError {
+    ClientError::Io(e.to_string())
 }
 
 /// A client of one daemon.
@@ -59,29 +65,60 @@ impl ApiClient {
         path: &str,
         body: Option<&Value>,
     ) -> Result<Value, ClientError> {
-        let mut s = UnixStream::connect(&self.socket).map_err(|source| ClientError::Connect {
-            socket: self.socket.clone(),
-            source,
-        })?;
         let body = body
             .map(serde_json::to_vec)
             .transpose()?
             .unwrap_or_default();
-        let head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: softcard\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-            body.len()
-        );
-        s.write_all(head.as_bytes())?;
-        s.write_all(&body)?;
-        let resp = http::read_response(&s)?;
-        if !(200..300).contains(&resp.status) {
-            let message = error_message(&resp.body)
-                .unwrap_or_else(|| String::from_utf8_lossy(&resp.body).into_owned());
-            return Err(ClientError::Api {
-                status: resp.status,
-                message,
-            });
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(io)?;
+        let (status, answer) = rt.block_on(async {
+            tokio::time::timeout(CALL_TIMEOUT, self.exchange(method, path, body))
+                .await
+                .map_err(|_| io("the daemon did not answer in time"))?
+        })?;
+        if !(200..300).contains(&status) {
+            let message = error_message(&answer)
+                .unwrap_or_else(|| String::from_utf8_lossy(&answer).into_owned());
+            return Err(ClientError::Api { status, message });
         }
-        Ok(serde_json::from_slice(&resp.body)?)
+        Ok(serde_json::from_slice(&answer)?)
     }
+
+    async fn exchange(
+        &self,
+        method: &str,
+        path: &str,
+        body: Vec<u8>,
+    ) -> Result<(u16, Bytes), ClientError> {
+        let stream = tokio::net::UnixStream::connect(&self.socket)
+            .await
+            .map_err(|source| ClientError::Connect {
+                socket: self.socket.clone(),
+                source,
+            })?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .map_err(io)?;
+        tokio::spawn(conn);
+        let req = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header(hyper::header::HOST, "softcard")
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .map_err(io)?;
+        let resp = sender.send_request(req).await.map_err(io)?;
+        let status = resp.status().as_u16();
+        let answer = resp.into_body().collect().await.map_err(io)?.to_bytes();
+        Ok((status, answer))
+    }
+}
+
+/// The error message of an error response body.
+pub fn error_message(body: &[u8]) -> Option<String> {
+    let v: Value = serde_json::from_slice(body).ok()?;
+    v.get("error")?.as_str().map(str::to_owned)
 }

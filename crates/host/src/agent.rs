@@ -58,7 +58,12 @@ pub struct HostConfig {
 pub struct Agent {
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
+    local: Local,
 }
+
+/// What this host runs, as of the reconciler's last pass (for the card's
+/// API).
+type Local = Arc<std::sync::Mutex<Value>>;
 
 impl Agent {
     /// Starts registering, heartbeating and reconciling.
@@ -89,8 +94,10 @@ impl Agent {
                 .name("host-consoles".into())
                 .spawn(move || console_loop(&dir, &client, &stop))?
         };
+        let local: Local = Arc::default();
         let rec = {
             let stop = stop.clone();
+            let local = local.clone();
             std::thread::Builder::new()
                 .name("host-reconcile".into())
                 .spawn(move || {
@@ -100,6 +107,7 @@ impl Agent {
                         client,
                         vms: HashMap::new(),
                         revision: None,
+                        local,
                     };
                     while !stop.load(Ordering::SeqCst) {
                         if registered.load(Ordering::SeqCst) {
@@ -120,7 +128,25 @@ impl Agent {
         Ok(Agent {
             stop,
             threads: vec![beat, consoles, rec],
+            local,
         })
+    }
+
+    /// The card API's routes for what this host runs: `GET /v1/instances`
+    /// (each instance the region placed here, with its VM's process, and
+    /// the volumes plugged into it).
+    pub fn router(&self) -> axum::Router {
+        let local = self.local.clone();
+        axum::Router::new().route(
+            "/v1/instances",
+            axum::routing::get(move || {
+                let local = local.clone();
+                async move {
+                    let v = local.lock().map(|v| v.clone()).unwrap_or_default();
+                    axum::Json(if v.is_null() { json!([]) } else { v })
+                }
+            }),
+        )
     }
 }
 
@@ -206,6 +232,7 @@ struct Reconciler {
     /// The store revision of the last work seen (the next long poll waits
     /// for a change after it).
     revision: Option<i64>,
+    local: Local,
 }
 
 type Outcome = Result<(), String>;
@@ -261,7 +288,42 @@ impl Reconciler {
             self.instance(i, &volumes, &attached)?;
         }
         self.forget_others(&instances);
+        self.publish_local(&instances);
         Ok(())
+    }
+
+    fn publish_local(&mut self, instances: &[Instance]) {
+        let list: Vec<Value> = instances
+            .iter()
+            .map(|i| {
+                let dir = self.dir(&i.id);
+                let pid = std::fs::read_to_string(dir.join("qemu.pid"))
+                    .ok()
+                    .and_then(|p| p.trim().parse::<i64>().ok());
+                let plugged: Vec<String> = std::fs::read(dir.join("ports.json"))
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<BTreeMap<String, usize>>(&b).ok())
+                    .map(|m| m.into_keys().collect())
+                    .unwrap_or_default();
+                json!({
+                    "id": i.id,
+                    "name": i.name,
+                    "tenant": i.tenant,
+                    "state": i.state,
+                    "vm_running": self.vms.get(&i.id).is_some_and(Vm::alive),
+                    "qemu_pid": pid,
+                    "vcpus": i.vcpus,
+                    "memory_mib": i.memory_mib,
+                    "boot_volume": i.boot_volume,
+                    "hotplugged_volumes": plugged,
+                    "console": Vm::console_path(&dir),
+                    "qmp": dir.join("qmp.sock"),
+                })
+            })
+            .collect();
+        if let Ok(mut l) = self.local.lock() {
+            *l = Value::Array(list);
+        }
     }
 
     /// Creates and deletes volumes on the card.

@@ -83,6 +83,19 @@ enum CardCmd {
     /// Tenants and their key-encryption keys.
     #[command(subcommand)]
     Tenant(TenantCmd),
+    /// The instances this card runs for a region (JSON).
+    #[command(subcommand)]
+    Instance(CardInstanceCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum CardInstanceCmd {
+    /// Each instance the region placed here, with its VM's process and
+    /// the volumes plugged into it.
+    List {
+        #[command(flatten)]
+        api: ApiArg,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -301,6 +314,11 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Volume(c) => region_cli::volume(c),
         Command::Image(c) => region_cli::image(c),
         Command::Card(CardCmd::Volume(v)) => volume(v),
+        Command::Card(CardCmd::Instance(CardInstanceCmd::List { api })) => {
+            let v = client(&api).call("GET", "/v1/instances", None)?;
+            println!("{}", serde_json::to_string_pretty(&v)?);
+            Ok(())
+        }
         Command::Card(CardCmd::Device(DeviceCmd::List { json, api })) => {
             let v = client(&api).call("GET", "/v1/devices", None)?;
             if json {

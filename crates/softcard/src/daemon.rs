@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
+use softcard_control::api::card_router;
 use softcard_control::{ApiServer, CardConfig, MetricsServer};
 use softcard_host::HostConfig;
 use softcard_storage::crypto::KeyStore;
@@ -179,7 +180,14 @@ pub fn serve(config: &Path, region: &RegionArgs) -> Result<()> {
             ),
         }
     }
-    let api = ApiServer::start(card.clone(), &cfg.api_socket)
+    let agent = join_region(&cfg, &card, region)?;
+    // One management API for everything the card runs: the storage
+    // function's routes, and the instances when the card is a host.
+    let mut routes = card_router(card.clone());
+    if let Some(a) = &agent {
+        routes = routes.merge(a.router());
+    }
+    let api = ApiServer::start(routes, &cfg.api_socket)
         .with_context(|| format!("starting the API on {}", cfg.api_socket.display()))?;
     let _metrics = match cfg.metrics_listen {
         Some(addr) => Some(
@@ -188,7 +196,6 @@ pub fn serve(config: &Path, region: &RegionArgs) -> Result<()> {
         ),
         None => None,
     };
-    let agent = join_region(&cfg, &card, region)?;
     let sig = wait_for_signal(&set);
     log::info!("signal {sig}: stopping");
     // The agent first: it stops using the card (its VMs keep running, to

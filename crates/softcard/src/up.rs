@@ -120,7 +120,6 @@ pub fn up(a: &UpArgs) -> Result<()> {
     if let Some(e) = card.devices().into_iter().find_map(|d| d.error) {
         anyhow::bail!("the card's device is unavailable: {e}");
     }
-    let api = ApiServer::start(card.clone(), &cfg.api_socket)?;
 
     // The region, on the embedded store.
     let rdir = data.join("region");
@@ -146,6 +145,10 @@ pub fn up(a: &UpArgs) -> Result<()> {
         host.clone(),
         card.clone(),
         RegionClient::new(&url, &host_cred, None)?,
+    )?;
+    let api = ApiServer::start(
+        softcard_control::api::card_router(card.clone()).merge(agent.router()),
+        &cfg.api_socket,
     )?;
 
     // The demo tenant and its instance.

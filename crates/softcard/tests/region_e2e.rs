@@ -115,6 +115,24 @@ fn provider_network(etcd: bool) {
             "{name}'s boot volume"
         );
     }
+    // Each card's own API lists the instance it runs.
+    for (name, host) in [("web1", h1), ("web2", h2)] {
+        let out = Command::new(common::BIN)
+            .args(["card", "instance", "list", "--api"])
+            .arg(net.card_dir(host).join("api.sock"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let here = v.as_array().unwrap();
+        assert_eq!(here.len(), 1, "{v}");
+        assert_eq!(here[0]["name"], name);
+        assert_eq!(here[0]["vm_running"], true);
+    }
     // A data volume per instance, hot-plugged; the guest sees and writes it.
     net.t(&[
         "volume", "create", "d1", "--size", "32MiB", "--near", "web1",

@@ -185,6 +185,13 @@ size = "32MiB"
     );
     let resp = raw_api(&d, &[req.as_bytes(), body].concat());
     assert_eq!(status(&resp), "400", "{resp}");
+    // A client that sends half a request and keeps the connection open
+    // holds nothing up.
+    let mut slow = UnixStream::connect(&d.api).unwrap();
+    slow.write_all(b"POST /v1/volumes HTTP/1.1\r\nContent-Le")
+        .unwrap();
+    assert_eq!(d.volumes().as_array().unwrap().len(), 1);
+    drop(slow);
     // A client that sends half a request and hangs up.
     {
         let mut s = UnixStream::connect(&d.api).unwrap();

@@ -10,13 +10,15 @@ use common::{pattern, Client, Daemon};
 
 fn scrape(addr: &str) -> String {
     let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         .unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    // Header names are case-insensitive.
     assert!(
-        out.contains("Content-Type: text/plain; version=0.0.4"),
+        out.to_ascii_lowercase()
+            .contains("content-type: text/plain; version=0.0.4"),
         "{out}"
     );
     out
@@ -200,7 +202,8 @@ fn counters_move_on_every_surface() {
 
     // The endpoint refuses anything but GET /metrics.
     let mut s = std::net::TcpStream::connect(&addr).unwrap();
-    s.write_all(b"GET /secret HTTP/1.1\r\n\r\n").unwrap();
+    s.write_all(b"GET /secret HTTP/1.1\r\nConnection: close\r\n\r\n")
+        .unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
     assert!(out.starts_with("HTTP/1.1 404"), "{out}");
