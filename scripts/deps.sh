@@ -76,7 +76,9 @@ present() {
     case "$check" in
         py:*) python3 -c "import ${check#py:}" 2>/dev/null ;;
         /*) compgen -G "$check" >/dev/null ;;
-        busybox) [ -x /bin/busybox ] && /bin/busybox --list | grep -qx insmod ;;
+        # grep reads the whole list: with -q it would stop early, busybox
+        # would die of SIGPIPE, and pipefail would call the check failed.
+        busybox) [ -x /bin/busybox ] && /bin/busybox --list | grep -x insmod >/dev/null ;;
         *) command -v "$check" >/dev/null ;;
     esac
 }

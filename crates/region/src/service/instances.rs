@@ -262,18 +262,41 @@ impl Region {
         tenant: Option<&str>,
         id_or_name: &str,
     ) -> Result<Versioned<Instance>> {
-        let not_found = || RegionError::NotFound(format!("no instance {id_or_name}"));
-        let id = if id_or_name.starts_with("i-") {
+        self.owned(
+            tenant,
+            id_or_name,
+            "instance",
+            "i-",
+            keys::instance,
+            |i: &Instance| &i.tenant,
+        )
+        .await
+    }
+
+    /// A tenant's record of `kind` by id (`id_prefix...`) or by the
+    /// tenant's name for it; another tenant's is "not found", as an
+    /// unknown one is.
+    pub(crate) async fn owned<T: serde::de::DeserializeOwned>(
+        &self,
+        tenant: Option<&str>,
+        id_or_name: &str,
+        kind: &str,
+        id_prefix: &str,
+        key: fn(&str) -> String,
+        owner: fn(&T) -> &str,
+    ) -> Result<Versioned<T>> {
+        let not_found = || RegionError::NotFound(format!("no {kind} {id_or_name}"));
+        let id = if id_or_name.starts_with(id_prefix) {
             id_or_name.to_owned()
         } else {
             let t = tenant
-                .ok_or_else(|| RegionError::Invalid("the admin names instances by id".into()))?;
+                .ok_or_else(|| RegionError::Invalid(format!("the admin names {kind}s by id")))?;
             if !valid_name(id_or_name) {
                 return Err(not_found());
             }
             let kv = self
                 .store
-                .get(&keys::name(t, "instance", id_or_name))
+                .get(&keys::name(t, kind, id_or_name))
                 .await?
                 .ok_or_else(not_found)?;
             String::from_utf8_lossy(&kv.value).into_owned()
@@ -281,10 +304,8 @@ impl Region {
         if id.len() > 40 || id.contains('/') {
             return Err(not_found());
         }
-        let v = read::<Instance>(self, &keys::instance(&id))
-            .await?
-            .ok_or_else(not_found)?;
-        if !visible(tenant, &v.value.tenant) {
+        let v = read::<T>(self, &key(&id)).await?.ok_or_else(not_found)?;
+        if !visible(tenant, owner(&v.value)) {
             return Err(not_found());
         }
         Ok(v)

@@ -155,32 +155,15 @@ impl Region {
         tenant: Option<&str>,
         id_or_name: &str,
     ) -> Result<Versioned<Volume>> {
-        let not_found = || RegionError::NotFound(format!("no volume {id_or_name}"));
-        let id = if id_or_name.starts_with("vol-") {
-            id_or_name.to_owned()
-        } else {
-            let t = tenant
-                .ok_or_else(|| RegionError::Invalid("the admin names volumes by id".into()))?;
-            if !valid_name(id_or_name) {
-                return Err(not_found());
-            }
-            let kv = self
-                .store
-                .get(&keys::name(t, "volume", id_or_name))
-                .await?
-                .ok_or_else(not_found)?;
-            String::from_utf8_lossy(&kv.value).into_owned()
-        };
-        if id.len() > 40 || id.contains('/') {
-            return Err(not_found());
-        }
-        let v = read::<Volume>(self, &keys::volume(&id))
-            .await?
-            .ok_or_else(not_found)?;
-        if !visible(tenant, &v.value.tenant) {
-            return Err(not_found());
-        }
-        Ok(v)
+        self.owned(
+            tenant,
+            id_or_name,
+            "volume",
+            "vol-",
+            keys::volume,
+            |v: &Volume| &v.tenant,
+        )
+        .await
     }
 
     /// Volumes the caller may see.

@@ -35,6 +35,14 @@ fn backend(e: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(e.to_string())
 }
 
+/// The store's revision as the `meta` table has it.
+fn stored_revision(meta: &impl ReadableTable<&'static str, i64>) -> Result<Revision, StoreError> {
+    Ok(meta
+        .get("revision")
+        .map_err(backend)?
+        .map_or(0, |v| v.value()))
+}
+
 fn encode(kv: &KeyValue) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER + kv.value.len());
     for n in [kv.create_revision, kv.mod_revision, kv.version, kv.lease] {
@@ -186,11 +194,7 @@ impl Inner {
 
     fn revision(&self) -> Result<Revision, StoreError> {
         let r = self.db.begin_read().map_err(backend)?;
-        let meta = r.open_table(META).map_err(backend)?;
-        Ok(meta
-            .get("revision")
-            .map_err(backend)?
-            .map_or(0, |v| v.value()))
+        stored_revision(&r.open_table(META).map_err(backend)?)
     }
 
     fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
@@ -204,11 +208,7 @@ impl Inner {
 
     fn range(&self, prefix: &str) -> Result<(Vec<KeyValue>, Revision), StoreError> {
         let r = self.db.begin_read().map_err(backend)?;
-        let meta = r.open_table(META).map_err(backend)?;
-        let rev = meta
-            .get("revision")
-            .map_err(backend)?
-            .map_or(0, |v| v.value());
+        let rev = stored_revision(&r.open_table(META).map_err(backend)?)?;
         let kv = r.open_table(KV).map_err(backend)?;
         let mut out = Vec::new();
         for entry in kv.range(prefix..).map_err(backend)? {
@@ -234,10 +234,7 @@ impl Inner {
         let (succeeded, revision, reads) = {
             let mut kv = w.open_table(KV).map_err(backend)?;
             let mut meta = w.open_table(META).map_err(backend)?;
-            let rev = meta
-                .get("revision")
-                .map_err(backend)?
-                .map_or(0, |v| v.value());
+            let rev = stored_revision(&meta)?;
             let read = |kv: &::redb::Table<&str, &[u8]>, key: &str| {
                 kv.get(key)
                     .map_err(backend)?
@@ -364,10 +361,7 @@ impl Inner {
         {
             let mut kv = w.open_table(KV).map_err(backend)?;
             let mut meta = w.open_table(META).map_err(backend)?;
-            let rev = meta
-                .get("revision")
-                .map_err(backend)?
-                .map_or(0, |v| v.value());
+            let rev = stored_revision(&meta)?;
             for key in &lease.keys {
                 if kv.remove(key.as_str()).map_err(backend)?.is_some() {
                     events.push(Event::Delete {
