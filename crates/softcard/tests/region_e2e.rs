@@ -202,6 +202,16 @@ fn provider_network(etcd: bool) {
 
     if !etcd {
         busy_then_forced_detach(&net, h1, &web1_id);
+        // The region restarts on its file: nothing is lost, and the hosts
+        // carry on with it.
+        let before = net.t(&["instance", "list"]);
+        net.restart_region();
+        assert_eq!(net.t(&["instance", "list"]), before);
+        assert!(
+            net.hosts().iter().all(|h| h["state"] == "up"),
+            "{:?}",
+            net.hosts()
+        );
     }
 
     // The card daemon of web2's host dies: web2 is impaired after the

@@ -54,6 +54,7 @@ pub struct Net {
     pub cards: Vec<Option<Proc>>,
     pub admin: PathBuf,
     pub tenant: PathBuf,
+    pub store: String,
     _etcd: Option<ThrowawayEtcd>,
 }
 
@@ -78,9 +79,12 @@ impl Drop for Net {
 }
 
 impl Net {
-    fn region_proc(dir: &Path, store: &str, admin: &Path, n: usize) -> (Proc, String) {
-        let port = free_port();
-        let log = std::fs::File::create(dir.join(format!("region{n}.log"))).unwrap();
+    fn region_proc(dir: &Path, store: &str, admin: &Path, n: usize, port: u16) -> (Proc, String) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join(format!("region{n}.log")))
+            .unwrap();
         let child = Command::new(BIN)
             .args(["region", "serve", "--listen", &format!("127.0.0.1:{port}")])
             .args(["--store", store, "--admin-credential"])
@@ -116,11 +120,12 @@ impl Net {
             cards: Vec::new(),
             admin: admin.clone(),
             tenant: dir.path().join("acme.credential"),
+            store: store.clone(),
             dir,
             _etcd: etcd,
         };
         for n in 0..regions {
-            let r = Self::region_proc(net.dir.path(), &store, &admin, n);
+            let r = Self::region_proc(net.dir.path(), &store, &admin, n, free_port());
             net.regions.push(r);
         }
         net.cli_ok(&net.admin, &["tenant", "create", "acme"]);
@@ -144,6 +149,17 @@ impl Net {
         net.start_card(0);
         net.start_card(1);
         net
+    }
+
+    /// Kills the last region process and starts a new one on the same
+    /// address and store.
+    pub fn restart_region(&mut self) {
+        let (mut p, url) = self.regions.pop().unwrap();
+        p.kill();
+        let port: u16 = url.rsplit(':').next().unwrap().parse().unwrap();
+        let n = self.regions.len();
+        let r = Self::region_proc(self.dir.path(), &self.store, &self.admin, n, port);
+        self.regions.push(r);
     }
 
     pub fn url(&self) -> &str {
