@@ -205,21 +205,28 @@ async fn create_tenant(State(st): S, Extension(p): P, body: Body) -> Result<Resp
     Ok((StatusCode::CREATED, Json(json!(t))).into_response())
 }
 
+/// (admin) A new credential for `who`; the secret is in the answer once.
+async fn issue(st: &AppState, p: &Principal, who: Principal) -> Result<Response> {
+    admin(p)?;
+    let secret = st.region.create_credential(who.clone()).await?;
+    let (kind, name) = match who {
+        Principal::Tenant(n) => ("tenant", n),
+        Principal::Host(n) => ("host", n),
+        Principal::Admin => ("admin", String::new()),
+    };
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({kind: name, "credential": secret})),
+    )
+        .into_response())
+}
+
 async fn tenant_credential(
     State(st): S,
     Extension(p): P,
     Path(name): Path<String>,
 ) -> Result<Response> {
-    admin(&p)?;
-    let secret = st
-        .region
-        .create_credential(Principal::Tenant(name.clone()))
-        .await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(json!({"tenant": name, "credential": secret})),
-    )
-        .into_response())
+    issue(&st, &p, Principal::Tenant(name)).await
 }
 
 async fn host_credential(
@@ -227,16 +234,7 @@ async fn host_credential(
     Extension(p): P,
     Path(name): Path<String>,
 ) -> Result<Response> {
-    admin(&p)?;
-    let secret = st
-        .region
-        .create_credential(Principal::Host(name.clone()))
-        .await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(json!({"host": name, "credential": secret})),
-    )
-        .into_response())
+    issue(&st, &p, Principal::Host(name)).await
 }
 
 async fn hosts(State(st): S, Extension(p): P) -> Result<Json<Value>> {

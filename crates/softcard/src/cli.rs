@@ -293,7 +293,7 @@ enum BenchCmd {
     /// How exactly an IOPS limit holds under load.
     Qos(bench::QosBenchArgs),
     /// The RDMA engine against sockperf and iperf3 (needs root).
-    Rdma(bench::RdmaBenchArgs),
+    Rdma(crate::bench_rdma::RdmaBenchArgs),
     /// The vGPU against local wgpu on the same adapter.
     Gpu(crate::gpu_bench::GpuBenchArgs),
     /// The region: placements per second and API latency on etcd and on
@@ -353,7 +353,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Bench(BenchCmd::Nbd(a)) => bench::nbd(&a),
         Command::Bench(BenchCmd::Fairness(a)) => bench::fairness(&a),
         Command::Bench(BenchCmd::Qos(a)) => bench::qos(&a),
-        Command::Bench(BenchCmd::Rdma(a)) => bench::rdma(&a),
+        Command::Bench(BenchCmd::Rdma(a)) => crate::bench_rdma::rdma(&a),
         Command::Bench(BenchCmd::Gpu(a)) => crate::gpu_bench::gpu(&a),
         Command::Bench(BenchCmd::Region(a)) => crate::region_bench::region(&a),
         Command::Card(CardCmd::Tenant(TenantCmd::List { api })) => {

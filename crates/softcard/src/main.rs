@@ -3,6 +3,7 @@
 //! (configuration and management API).
 
 mod bench;
+mod bench_rdma;
 mod cli;
 mod daemon;
 mod gpu;

@@ -262,53 +262,7 @@ impl Region {
         tenant: Option<&str>,
         id_or_name: &str,
     ) -> Result<Versioned<Instance>> {
-        self.owned(
-            tenant,
-            id_or_name,
-            "instance",
-            "i-",
-            keys::instance,
-            |i: &Instance| &i.tenant,
-        )
-        .await
-    }
-
-    /// A tenant's record of `kind` by id (`id_prefix...`) or by the
-    /// tenant's name for it; another tenant's is "not found", as an
-    /// unknown one is.
-    pub(crate) async fn owned<T: serde::de::DeserializeOwned>(
-        &self,
-        tenant: Option<&str>,
-        id_or_name: &str,
-        kind: &str,
-        id_prefix: &str,
-        key: fn(&str) -> String,
-        owner: fn(&T) -> &str,
-    ) -> Result<Versioned<T>> {
-        let not_found = || RegionError::NotFound(format!("no {kind} {id_or_name}"));
-        let id = if id_or_name.starts_with(id_prefix) {
-            id_or_name.to_owned()
-        } else {
-            let t = tenant
-                .ok_or_else(|| RegionError::Invalid(format!("the admin names {kind}s by id")))?;
-            if !valid_name(id_or_name) {
-                return Err(not_found());
-            }
-            let kv = self
-                .store
-                .get(&keys::name(t, kind, id_or_name))
-                .await?
-                .ok_or_else(not_found)?;
-            String::from_utf8_lossy(&kv.value).into_owned()
-        };
-        if id.len() > 40 || id.contains('/') {
-            return Err(not_found());
-        }
-        let v = read::<T>(self, &key(&id)).await?.ok_or_else(not_found)?;
-        if !visible(tenant, owner(&v.value)) {
-            return Err(not_found());
-        }
-        Ok(v)
+        self.owned(tenant, id_or_name).await
     }
 
     /// Instances the caller may see, as served (with health and volumes).
@@ -345,38 +299,9 @@ impl Region {
         Ok(served(i, up, &vols))
     }
 
-    /// Changes an instance by compare-and-swap on its record, retrying when
-    /// another change came first.
-    async fn update_instance(
-        &self,
-        tenant: Option<&str>,
-        id_or_name: &str,
-        change: impl Fn(&mut Instance) -> Result<bool>,
-    ) -> Result<Instance> {
-        loop {
-            let v = self.instance(tenant, id_or_name).await?;
-            let mut i = v.value;
-            if !change(&mut i)? {
-                return Ok(i);
-            }
-            let key = keys::instance(&i.id);
-            let r = self
-                .store
-                .txn(
-                    vec![Compare::ModRevision(key.clone(), v.revision)],
-                    vec![Op::put(key, encode(&i))],
-                    vec![],
-                )
-                .await?;
-            if r.succeeded {
-                return Ok(i);
-            }
-        }
-    }
-
     /// EC2's StopInstances.
     pub async fn stop_instance(&self, tenant: Option<&str>, id: &str) -> Result<Instance> {
-        self.update_instance(tenant, id, |i| match i.state {
+        self.update(tenant, id, |i: &mut Instance| match i.state {
             InstanceState::Running | InstanceState::Pending => {
                 i.state = InstanceState::Stopping;
                 i.state_reason = Some("User initiated".into());
@@ -394,7 +319,7 @@ impl Region {
 
     /// EC2's StartInstances.
     pub async fn start_instance(&self, tenant: Option<&str>, id: &str) -> Result<Instance> {
-        self.update_instance(tenant, id, |i| match i.state {
+        self.update(tenant, id, |i: &mut Instance| match i.state {
             InstanceState::Stopped => {
                 i.state = InstanceState::Pending;
                 i.state_reason = None;
@@ -412,7 +337,7 @@ impl Region {
 
     /// EC2's RebootInstances: the host resets the VM once per request.
     pub async fn reboot_instance(&self, tenant: Option<&str>, id: &str) -> Result<Instance> {
-        self.update_instance(tenant, id, |i| match i.state {
+        self.update(tenant, id, |i: &mut Instance| match i.state {
             InstanceState::Running => {
                 i.reboots += 1;
                 Ok(true)
@@ -428,7 +353,7 @@ impl Region {
 
     /// EC2's TerminateInstances (idempotent).
     pub async fn terminate_instance(&self, tenant: Option<&str>, id: &str) -> Result<Instance> {
-        self.update_instance(tenant, id, |i| match i.state {
+        self.update(tenant, id, |i: &mut Instance| match i.state {
             InstanceState::ShuttingDown | InstanceState::Terminated => Ok(false),
             _ => {
                 i.state = InstanceState::ShuttingDown;

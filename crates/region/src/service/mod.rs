@@ -43,6 +43,48 @@ const CREDENTIAL_CACHE: Duration = Duration::from_secs(5);
 /// Most credentials remembered.
 const CREDENTIAL_CACHE_ENTRIES: usize = 4096;
 
+/// A tenant's record that callers name by id or by the tenant's name.
+pub(crate) trait Owned: Serialize + DeserializeOwned {
+    /// What it is called in messages and name keys (`instance`).
+    const KIND: &'static str;
+    /// Its ids' prefix (`i-`).
+    const ID_PREFIX: &'static str;
+    /// Its store key.
+    fn key(id: &str) -> String;
+    /// Its id.
+    fn id(&self) -> &str;
+    /// Its tenant.
+    fn tenant(&self) -> &str;
+}
+
+impl Owned for crate::model::Instance {
+    const KIND: &'static str = "instance";
+    const ID_PREFIX: &'static str = "i-";
+    fn key(id: &str) -> String {
+        keys::instance(id)
+    }
+    fn id(&self) -> &str {
+        &self.id
+    }
+    fn tenant(&self) -> &str {
+        &self.tenant
+    }
+}
+
+impl Owned for crate::model::Volume {
+    const KIND: &'static str = "volume";
+    const ID_PREFIX: &'static str = "vol-";
+    fn key(id: &str) -> String {
+        keys::volume(id)
+    }
+    fn id(&self) -> &str {
+        &self.id
+    }
+    fn tenant(&self) -> &str {
+        &self.tenant
+    }
+}
+
 /// Decodes a stored record.
 pub(crate) fn decode<T: DeserializeOwned>(kv: &KeyValue) -> Result<T> {
     serde_json::from_slice(&kv.value).map_err(|e| {
@@ -69,6 +111,71 @@ fn new_secret() -> String {
 }
 
 impl Region {
+    /// A tenant's record by id or by the tenant's name for it; another
+    /// tenant's is "not found", as an unknown one is.
+    pub(crate) async fn owned<T: Owned>(
+        &self,
+        tenant: Option<&str>,
+        id_or_name: &str,
+    ) -> Result<instances::Versioned<T>> {
+        let kind = T::KIND;
+        let not_found = || RegionError::NotFound(format!("no {kind} {id_or_name}"));
+        let id = if id_or_name.starts_with(T::ID_PREFIX) {
+            id_or_name.to_owned()
+        } else {
+            let t = tenant
+                .ok_or_else(|| RegionError::Invalid(format!("the admin names {kind}s by id")))?;
+            if !valid_name(id_or_name) {
+                return Err(not_found());
+            }
+            let kv = self
+                .store
+                .get(&keys::name(t, kind, id_or_name))
+                .await?
+                .ok_or_else(not_found)?;
+            String::from_utf8_lossy(&kv.value).into_owned()
+        };
+        if id.len() > 40 || id.contains('/') {
+            return Err(not_found());
+        }
+        let v = instances::read::<T>(self, &T::key(&id))
+            .await?
+            .ok_or_else(not_found)?;
+        if !instances::visible(tenant, v.value.tenant()) {
+            return Err(not_found());
+        }
+        Ok(v)
+    }
+
+    /// Changes a tenant's record by compare-and-swap, retrying when
+    /// another change came first; `change` says whether it changed it.
+    pub(crate) async fn update<T: Owned>(
+        &self,
+        tenant: Option<&str>,
+        id_or_name: &str,
+        change: impl Fn(&mut T) -> Result<bool>,
+    ) -> Result<T> {
+        loop {
+            let v = self.owned::<T>(tenant, id_or_name).await?;
+            let mut x = v.value;
+            if !change(&mut x)? {
+                return Ok(x);
+            }
+            let key = T::key(x.id());
+            let r = self
+                .store
+                .txn(
+                    vec![Compare::ModRevision(key.clone(), v.revision)],
+                    vec![Op::put(key, encode(&x))],
+                    vec![],
+                )
+                .await?;
+            if r.succeeded {
+                return Ok(x);
+            }
+        }
+    }
+
     /// The region over `store`, with its placement view loaded.
     pub async fn new(store: Arc<dyn Store>, host_lease: Duration) -> Result<Arc<Self>> {
         let placement = Placement::load(&*store).await?;

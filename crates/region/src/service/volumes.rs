@@ -155,15 +155,7 @@ impl Region {
         tenant: Option<&str>,
         id_or_name: &str,
     ) -> Result<Versioned<Volume>> {
-        self.owned(
-            tenant,
-            id_or_name,
-            "volume",
-            "vol-",
-            keys::volume,
-            |v: &Volume| &v.tenant,
-        )
-        .await
+        self.owned(tenant, id_or_name).await
     }
 
     /// Volumes the caller may see.
@@ -177,33 +169,6 @@ impl Region {
             }
         }
         Ok(out)
-    }
-
-    async fn update_volume(
-        &self,
-        tenant: Option<&str>,
-        id: &str,
-        change: impl Fn(&mut Volume) -> Result<bool>,
-    ) -> Result<Volume> {
-        loop {
-            let v = self.volume(tenant, id).await?;
-            let mut vol = v.value;
-            if !change(&mut vol)? {
-                return Ok(vol);
-            }
-            let key = keys::volume(&vol.id);
-            let r = self
-                .store
-                .txn(
-                    vec![Compare::ModRevision(key.clone(), v.revision)],
-                    vec![Op::put(key, encode(&vol))],
-                    vec![],
-                )
-                .await?;
-            if r.succeeded {
-                return Ok(vol);
-            }
-        }
     }
 
     /// EC2's AttachVolume: the instance must run on the volume's host.
@@ -273,7 +238,7 @@ impl Region {
         vol: &str,
         force: bool,
     ) -> Result<Volume> {
-        self.update_volume(tenant, vol, |v| {
+        self.update(tenant, vol, |v: &mut Volume| {
             if v.boot_of.is_some() {
                 return Err(RegionError::Invalid(format!(
                     "volume {} is its instance's boot volume",
@@ -304,7 +269,7 @@ impl Region {
 
     /// EC2's DeleteVolume: only an available volume.
     pub async fn delete_volume(&self, tenant: Option<&str>, vol: &str) -> Result<Volume> {
-        self.update_volume(tenant, vol, |v| match v.state {
+        self.update(tenant, vol, |v: &mut Volume| match v.state {
             VolumeState::Available | VolumeState::Error => {
                 v.state = VolumeState::Deleting;
                 Ok(true)
