@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{json, Value};
 use softcard_region::client::{ClientError, RegionClient};
@@ -59,6 +59,7 @@ pub struct Agent {
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
     local: Local,
+    _lease: softcard_region::client::Registration,
 }
 
 /// What this host runs, as of the reconciler's last pass (for the card's
@@ -74,19 +75,16 @@ impl Agent {
     ) -> std::io::Result<Self> {
         std::fs::create_dir_all(cfg.data_dir.join("instances"))?;
         let stop = Arc::new(AtomicBool::new(false));
-        let registered = Arc::new(AtomicBool::new(false));
-        let beat = {
-            let (cfg, card, client, stop, registered) = (
-                cfg.clone(),
-                card.clone(),
+        let lease = {
+            let (cfg, card) = (cfg.clone(), card.clone());
+            softcard_region::client::Registration::start(
                 client.clone(),
-                stop.clone(),
-                registered.clone(),
-            );
-            std::thread::Builder::new()
-                .name("host-heartbeat".into())
-                .spawn(move || heartbeat_loop(&cfg, &card, &client, &stop, &registered))?
+                "/v1/agent/register",
+                "/v1/agent/heartbeat",
+                move || json!(registration(&cfg, &card)),
+            )?
         };
+        let registered = lease.registered();
         let consoles = {
             let (dir, client, stop) =
                 (cfg.data_dir.join("instances"), client.clone(), stop.clone());
@@ -127,8 +125,9 @@ impl Agent {
         };
         Ok(Agent {
             stop,
-            threads: vec![beat, consoles, rec],
+            threads: vec![consoles, rec],
             local,
+            _lease: lease,
         })
     }
 
@@ -182,45 +181,6 @@ pub fn registration(cfg: &HostConfig, card: &StorageCard) -> HostRegistration {
                 name: d.name,
             })
             .collect(),
-    }
-}
-
-fn heartbeat_loop(
-    cfg: &HostConfig,
-    card: &StorageCard,
-    client: &RegionClient,
-    stop: &AtomicBool,
-    registered: &AtomicBool,
-) {
-    let mut every = Duration::from_secs(1);
-    let mut next = Instant::now();
-    while !stop.load(Ordering::SeqCst) {
-        if Instant::now() >= next {
-            if registered.load(Ordering::SeqCst) {
-                match client.post("/v1/agent/heartbeat", &json!({})) {
-                    Ok(_) => {}
-                    Err(e) if e.status() == Some(404) => {
-                        log::warn!("region: {e}");
-                        registered.store(false, Ordering::SeqCst);
-                    }
-                    Err(e) => log::warn!("heartbeat: {e}"),
-                }
-            }
-            if !registered.load(Ordering::SeqCst) {
-                let reg = registration(cfg, card);
-                match client.call("PUT", "/v1/agent/register", Some(&json!(reg))) {
-                    Ok(r) => {
-                        let lease = r["lease_seconds"].as_u64().unwrap_or(10).max(1);
-                        every = Duration::from_millis(lease * 1000 / 3);
-                        registered.store(true, Ordering::SeqCst);
-                        log::info!("registered as host {} with {}", cfg.name, client.base());
-                    }
-                    Err(e) => log::warn!("registering with the region: {e}"),
-                }
-            }
-            next = Instant::now() + every;
-        }
-        std::thread::sleep(Duration::from_millis(100));
     }
 }
 

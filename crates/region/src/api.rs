@@ -18,7 +18,9 @@ use serde_json::{json, Value};
 
 use crate::error::{RegionError, Result};
 use crate::leader::Election;
-use crate::model::{HostRegistration, InstanceState, Principal, IMAGES, INSTANCE_TYPES};
+use crate::model::{
+    GpuServerRegistration, HostRegistration, InstanceState, Principal, IMAGES, INSTANCE_TYPES,
+};
 use crate::service::instances::CreateInstance;
 use crate::service::volumes::{CreateVolume, VolumeReport};
 use crate::service::Region;
@@ -74,6 +76,8 @@ pub fn router(state: AppState) -> Router {
         .route("/tenants/{name}/credentials", post(tenant_credential))
         .route("/hosts", get(hosts))
         .route("/hosts/{name}/credentials", post(host_credential))
+        .route("/gpu-servers", get(gpu_servers))
+        .route("/gpu-servers/{name}/credentials", post(gpu_credential))
         .route("/instances", get(instances).post(create_instance))
         .route("/instances/{id}", get(instance))
         .route("/instances/{id}/console", get(console))
@@ -88,6 +92,8 @@ pub fn router(state: AppState) -> Router {
         .route("/agent/instances/{id}/status", post(agent_instance_status))
         .route("/agent/instances/{id}/console", put(agent_console))
         .route("/agent/volumes/{id}/status", post(agent_volume_status))
+        .route("/agent/gpu/register", put(gpu_register))
+        .route("/agent/gpu/heartbeat", post(gpu_heartbeat))
         .fallback(|| async { RegionError::NotFound("no such API call".into()) })
         .layer(middleware::from_fn_with_state(state.clone(), authenticate));
     Router::new()
@@ -140,8 +146,8 @@ fn scope(p: &Principal) -> Result<Option<&str>> {
     match p {
         Principal::Admin => Ok(None),
         Principal::Tenant(t) => Ok(Some(t)),
-        Principal::Host(_) => Err(RegionError::Forbidden(
-            "a host credential reaches only the agent calls".into(),
+        Principal::Host(_) | Principal::GpuServer(_) => Err(RegionError::Forbidden(
+            "a host's or GPU server's credential reaches only the agent calls".into(),
         )),
     }
 }
@@ -212,6 +218,7 @@ async fn issue(st: &AppState, p: &Principal, who: Principal) -> Result<Response>
     let (kind, name) = match who {
         Principal::Tenant(n) => ("tenant", n),
         Principal::Host(n) => ("host", n),
+        Principal::GpuServer(n) => ("gpu_server", n),
         Principal::Admin => ("admin", String::new()),
     };
     Ok((
@@ -235,6 +242,42 @@ async fn host_credential(
     Path(name): Path<String>,
 ) -> Result<Response> {
     issue(&st, &p, Principal::Host(name)).await
+}
+
+async fn gpu_credential(
+    State(st): S,
+    Extension(p): P,
+    Path(name): Path<String>,
+) -> Result<Response> {
+    issue(&st, &p, Principal::GpuServer(name)).await
+}
+
+async fn gpu_servers(State(st): S, Extension(p): P) -> Result<Json<Value>> {
+    admin(&p)?;
+    Ok(Json(json!(st.region.gpu_servers().await?)))
+}
+
+fn gpu_server(p: &Principal) -> Result<&str> {
+    match p {
+        Principal::GpuServer(g) => Ok(g),
+        _ => Err(RegionError::Forbidden(
+            "this call is for GPU servers".into(),
+        )),
+    }
+}
+
+async fn gpu_register(State(st): S, Extension(p): P, body: Body) -> Result<Json<Value>> {
+    let g = gpu_server(&p)?;
+    let b: GpuServerRegistration = body.json()?;
+    let ttl = st.region.register_gpu_server(g, b).await?;
+    Ok(Json(
+        json!({"gpu_server": g, "lease_seconds": ttl.as_secs()}),
+    ))
+}
+
+async fn gpu_heartbeat(State(st): S, Extension(p): P) -> Result<Json<Value>> {
+    st.region.gpu_heartbeat(gpu_server(&p)?).await?;
+    Ok(Json(json!({})))
 }
 
 async fn hosts(State(st): S, Extension(p): P) -> Result<Json<Value>> {

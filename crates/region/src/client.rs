@@ -154,3 +154,88 @@ fn chain(e: &dyn std::error::Error) -> String {
     }
     out
 }
+
+/// Keeps a provider (a host, a GPU server) registered with the region:
+/// registers with the body `offer` makes, heartbeats every third of the
+/// lease the region grants, and registers again when the region says the
+/// lease is gone. Stops when dropped.
+#[derive(Debug)]
+pub struct Registration {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    registered: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Registration {
+    /// Starts registering with `PUT register` and renewing with `POST
+    /// heartbeat`.
+    pub fn start(
+        client: RegionClient,
+        register: &'static str,
+        heartbeat: &'static str,
+        offer: impl Fn() -> Value + Send + 'static,
+    ) -> std::io::Result<Self> {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let registered = std::sync::Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (stop, registered) = (stop.clone(), registered.clone());
+            std::thread::Builder::new()
+                .name("region-lease".into())
+                .spawn(move || {
+                    let mut every = Duration::from_secs(1);
+                    let mut next = std::time::Instant::now();
+                    while !stop.load(Ordering::SeqCst) {
+                        if std::time::Instant::now() >= next {
+                            if registered.load(Ordering::SeqCst) {
+                                match client.post(heartbeat, &serde_json::json!({})) {
+                                    Ok(_) => {}
+                                    Err(e) if e.status() == Some(404) => {
+                                        log::warn!("region: {e}");
+                                        registered.store(false, Ordering::SeqCst);
+                                    }
+                                    Err(e) => log::warn!("heartbeat: {e}"),
+                                }
+                            }
+                            if !registered.load(Ordering::SeqCst) {
+                                match client.call("PUT", register, Some(&offer())) {
+                                    Ok(r) => {
+                                        let lease =
+                                            r["lease_seconds"].as_u64().unwrap_or(10).max(1);
+                                        every = Duration::from_millis(lease * 1000 / 3);
+                                        registered.store(true, Ordering::SeqCst);
+                                        log::info!(
+                                            "registered with the region at {}",
+                                            client.base()
+                                        );
+                                    }
+                                    Err(e) => log::warn!("registering with the region: {e}"),
+                                }
+                            }
+                            next = std::time::Instant::now() + every;
+                        }
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                })?
+        };
+        Ok(Registration {
+            stop,
+            registered,
+            thread: Some(thread),
+        })
+    }
+
+    /// Whether the provider holds a lease now.
+    pub fn registered(&self) -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+        self.registered.clone()
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

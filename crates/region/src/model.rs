@@ -71,6 +71,22 @@ pub mod keys {
     pub fn client_token(tenant: &str, token: &str) -> String {
         format!("{ROOT}tokens/{tenant}/{token}")
     }
+    /// A GPU server's registration.
+    pub fn gpu_server(g: &str) -> String {
+        format!("{ROOT}gpu-servers/{g}")
+    }
+    /// Prefix of every GPU server.
+    pub fn gpu_servers() -> String {
+        format!("{ROOT}gpu-servers/")
+    }
+    /// A GPU server's liveness key, attached to its lease.
+    pub fn gpu_alive(g: &str) -> String {
+        format!("{ROOT}gpu-alive/{g}")
+    }
+    /// Prefix of the GPU servers' liveness keys.
+    pub fn gpu_alives() -> String {
+        format!("{ROOT}gpu-alive/")
+    }
     /// The leader's key, attached to the leader's lease.
     pub fn leader() -> String {
         format!("{ROOT}leader")
@@ -87,6 +103,9 @@ pub enum Principal {
     Tenant(String),
     /// A host's card daemon.
     Host(String),
+    /// A GPU server.
+    #[serde(rename = "gpu-server")]
+    GpuServer(String),
 }
 
 /// A stored credential (the secret itself is never stored).
@@ -140,6 +159,45 @@ pub struct Host {
     /// When the region last knew it alive, set when its lease expired.
     #[serde(default)]
     pub last_seen: Option<u64>,
+}
+
+/// A physical GPU a GPU server offers as a resource provider.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GpuAdapter {
+    /// The adapter's name (`llvmpipe (LLVM 15.0.6, 256 bits)`).
+    pub name: String,
+    /// wgpu's backend (`Vulkan`).
+    pub backend: String,
+    /// Kind of device (`Cpu`, `DiscreteGpu`, ...).
+    pub device_type: String,
+    /// GPU memory it offers to vGPUs, bytes.
+    pub memory_bytes: u64,
+    /// Its class: traits placement may ask for (`CUSTOM_LAVAPIPE`, ...).
+    #[serde(default)]
+    pub traits: Vec<String>,
+}
+
+/// What a GPU server reports when it registers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GpuServerRegistration {
+    /// Where vGPU clients connect (`host:port`).
+    pub endpoint: String,
+    /// Its adapters.
+    pub adapters: Vec<GpuAdapter>,
+}
+
+/// A GPU server as stored.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GpuServer {
+    /// Its name.
+    pub name: String,
+    /// What it offers.
+    #[serde(flatten)]
+    pub offer: GpuServerRegistration,
+    /// When it last registered (Unix seconds).
+    pub registered: u64,
 }
 
 /// What is allocated on a host.

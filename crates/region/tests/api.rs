@@ -202,6 +202,10 @@ fn credentials_and_isolation(r: &Region) {
         ("POST", format!("/v1/agent/instances/{id}/status")),
         ("PUT", format!("/v1/agent/instances/{id}/console")),
         ("POST", format!("/v1/agent/volumes/{vid}/status")),
+        ("GET", "/v1/gpu-servers".into()),
+        ("POST", "/v1/gpu-servers/g1/credentials".into()),
+        ("PUT", "/v1/agent/gpu/register".into()),
+        ("POST", "/v1/agent/gpu/heartbeat".into()),
     ];
     for (m, p) in &calls {
         let body = (*m != "GET").then(|| json!({}));
@@ -300,6 +304,55 @@ fn credentials_and_isolation(r: &Region) {
         h1.get("/v1/agent/work").unwrap()["instances"][0]["id"],
         id.as_str()
     );
+}
+
+/// GPU servers register their adapters as resource providers under a
+/// lease; only the admin lists them; only a GPU server's credential
+/// registers one.
+fn gpu_servers(r: &Region) {
+    let c = r
+        .admin
+        .post("/v1/gpu-servers/g1/credentials", &json!({}))
+        .unwrap();
+    let g = r.client(c["credential"].as_str().unwrap());
+    let offer = |endpoint: &str| {
+        json!({"endpoint": endpoint, "adapters": [{"name": "llvmpipe", "backend": "Vulkan",
+            "device_type": "Cpu", "memory_bytes": 8u64 << 30, "traits": ["CUSTOM_CPU"]}]})
+    };
+    assert_eq!(
+        status(g.call("PUT", "/v1/agent/gpu/register", Some(&offer("nonsense")))),
+        400
+    );
+    let no_adapters = json!({"endpoint": "127.0.0.1:7070", "adapters": []});
+    assert_eq!(
+        status(g.call("PUT", "/v1/agent/gpu/register", Some(&no_adapters))),
+        400
+    );
+    g.call(
+        "PUT",
+        "/v1/agent/gpu/register",
+        Some(&offer("127.0.0.1:7070")),
+    )
+    .unwrap();
+    g.post("/v1/agent/gpu/heartbeat", &json!({})).unwrap();
+    let list = r.admin.get("/v1/gpu-servers").unwrap();
+    let g1 = &list.as_array().unwrap()[0];
+    assert_eq!(
+        (g1["name"].as_str(), g1["state"].as_str()),
+        (Some("g1"), Some("up"))
+    );
+    assert_eq!(g1["adapters"][0]["free_bytes"], 8u64 << 30);
+    // Hosts and tenants cannot register GPUs, nor list them; a GPU server
+    // reaches nothing else.
+    let t = r.tenant("gputenant");
+    assert_eq!(status(t.get("/v1/gpu-servers")), 403);
+    assert_eq!(
+        status(t.call("PUT", "/v1/agent/gpu/register", Some(&offer("127.0.0.1:1")))),
+        403
+    );
+    assert_eq!(status(g.get("/v1/instances")), 403);
+    assert_eq!(status(g.get("/v1/agent/work")), 403);
+    assert_eq!(status(g.get("/v1/gpu-servers")), 403);
 }
 
 fn bad_input(r: &Region) {
@@ -619,6 +672,7 @@ fn lease_expiry(r: &Region) {
 fn all(etcd: bool) {
     let r = region(etcd, Duration::from_secs(2));
     credentials_and_isolation(&r);
+    gpu_servers(&r);
     bad_input(&r);
     drop(r);
     let r = region(etcd, Duration::from_secs(2));

@@ -100,10 +100,27 @@ enum CardInstanceCmd {
 
 #[derive(Debug, Subcommand)]
 enum GpuCmd {
-    /// Own this machine's GPU and serve vGPU sessions to remote clients.
+    /// Own this machine's GPU and serve vGPU sessions to remote clients
+    /// (`--region`: registered with a region as a resource provider).
     Serve(gpu::ServeArgs),
-    /// List the machine's GPUs and their limits.
-    List,
+    /// The region's GPU servers, their adapters, free GPU memory and
+    /// attachments (admin).
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        region: region_cli::RegionArg,
+    },
+    /// A new credential for a GPU server (admin; printed once).
+    Credential {
+        /// The GPU server's name.
+        name: String,
+        #[command(flatten)]
+        region: region_cli::RegionArg,
+    },
+    /// This machine's GPUs and their limits.
+    Adapters,
     /// Render a textured 3D scene on a GPU server and present it to the
     /// server's viewer (an ordinary wgpu render loop).
     Demo(gpu::DemoArgs),
@@ -345,7 +362,11 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Gpu(GpuCmd::Serve(a)) => gpu::serve(&a),
-        Command::Gpu(GpuCmd::List) => gpu::list(),
+        Command::Gpu(GpuCmd::List { json, region }) => region_cli::gpu_servers(json, &region),
+        Command::Gpu(GpuCmd::Credential { name, region }) => {
+            region_cli::gpu_credential(&name, &region)
+        }
+        Command::Gpu(GpuCmd::Adapters) => gpu::adapters(),
         Command::Gpu(GpuCmd::Demo(a)) => gpu::demo(&a),
         Command::Bench(BenchCmd::Storage(a)) => bench::storage(&a),
         Command::Bench(BenchCmd::Crypto(a)) => bench::crypto(&a),

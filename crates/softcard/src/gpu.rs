@@ -21,6 +21,60 @@ pub struct ServeArgs {
     /// GPU memory (buffers and textures) one session may hold.
     #[arg(long, default_value = "1GiB")]
     quota: String,
+    /// Register the adapter with the region at this URL as a resource
+    /// provider, and keep it registered.
+    #[arg(long, requires = "region_credential")]
+    region: Option<String>,
+    /// The GPU server's credential (`softcard gpu credential NAME`).
+    #[arg(long)]
+    region_credential: Option<std::path::PathBuf>,
+    /// A PEM certificate to trust for an https region.
+    #[arg(long)]
+    region_ca: Option<std::path::PathBuf>,
+    /// GPU memory the adapter offers to vGPUs (a CPU adapter such as
+    /// lavapipe has none of its own: it uses the machine's).
+    #[arg(long, default_value = "8GiB")]
+    gpu_memory: String,
+    /// The address clients reach this server at, as registered (default:
+    /// the listening address).
+    #[arg(long)]
+    endpoint: Option<String>,
+}
+
+/// What the region learns of an adapter: name, backend, kind, the GPU
+/// memory offered, and traits (`CUSTOM_<KIND>`, `CUSTOM_<BACKEND>`).
+pub fn registration(info: &wgpu::AdapterInfo, endpoint: &str, memory: u64) -> serde_json::Value {
+    let kind = format!("{:?}", info.device_type);
+    let backend = format!("{:?}", info.backend);
+    serde_json::json!({
+        "endpoint": endpoint,
+        "adapters": [{
+            "name": info.name,
+            "backend": backend,
+            "device_type": kind,
+            "memory_bytes": memory,
+            "traits": [
+                format!("CUSTOM_{}", kind.to_uppercase()),
+                format!("CUSTOM_{}", backend.to_uppercase()),
+            ],
+        }],
+    })
+}
+
+/// Keeps the GPU server registered with a region.
+pub fn join_region(
+    client: softcard_region::client::RegionClient,
+    info: &wgpu::AdapterInfo,
+    endpoint: &str,
+    memory: u64,
+) -> Result<softcard_region::client::Registration> {
+    let offer = registration(info, endpoint, memory);
+    Ok(softcard_region::client::Registration::start(
+        client,
+        "/v1/agent/gpu/register",
+        "/v1/agent/gpu/heartbeat",
+        move || offer.clone(),
+    )?)
 }
 
 /// Options of `softcard gpu demo`.
@@ -69,14 +123,50 @@ pub fn serve(a: &ServeArgs) -> Result<()> {
             .name("vgpu-viewer".into())
             .spawn(move || softcard_gpu::viewer::serve(vl, frames))?;
     }
+    let _lease = match &a.region {
+        Some(url) => {
+            let file = a
+                .region_credential
+                .as_ref()
+                .context("--region-credential")?;
+            let secret = std::fs::read_to_string(file)
+                .with_context(|| format!("GPU server credential {}", file.display()))?;
+            let ca = a
+                .region_ca
+                .as_ref()
+                .map(std::fs::read)
+                .transpose()
+                .context("region CA")?;
+            let client =
+                softcard_region::client::RegionClient::new(url, secret.trim(), ca.as_deref())?;
+            let memory = parse_size(&a.gpu_memory).map_err(|e| anyhow!("--gpu-memory: {e}"))?;
+            let endpoint = a
+                .endpoint
+                .clone()
+                .unwrap_or(listener.local_addr()?.to_string());
+            Some(join_region(client, &info, &endpoint, memory)?)
+        }
+        None => None,
+    };
     server.serve(listener)?;
     Ok(())
 }
 
+/// A vGPU server started by `softcard up`.
+#[derive(Debug)]
+pub struct Background {
+    /// What runs where.
+    pub description: String,
+    /// Where clients connect.
+    pub endpoint: std::net::SocketAddr,
+    /// Its adapter.
+    pub info: wgpu::AdapterInfo,
+}
+
 /// Starts a vGPU server (and its viewer) on background threads, for
-/// `softcard up`: a description of what runs where, or why it could not
-/// start (no Vulkan adapter, a port in use).
-pub fn start_in_background(listen: &str, viewer: &str, quota: u64) -> Result<String> {
+/// `softcard up`, or says why it could not start (no Vulkan adapter, a
+/// port in use).
+pub fn start_in_background(listen: &str, viewer: &str, quota: u64) -> Result<Background> {
     let server = GpuServer::new(ServerConfig { quota }).map_err(|e| anyhow!(e))?;
     let info = server.adapter_info();
     let vl = TcpListener::bind(viewer).with_context(|| format!("viewer on {viewer}"))?;
@@ -88,17 +178,21 @@ pub fn start_in_background(listen: &str, viewer: &str, quota: u64) -> Result<Str
     std::thread::Builder::new()
         .name("vgpu-viewer".into())
         .spawn(move || softcard_gpu::viewer::serve(vl, frames))?;
-    Ok(format!(
-        "{} ({:?}), {} per session: clients on {bound}, viewer on http://{viewer_at}/ \
-         (try: softcard gpu demo --server {bound})",
-        info.name,
-        info.backend,
-        format_size(quota)
-    ))
+    Ok(Background {
+        description: format!(
+            "{} ({:?}), {} per session: clients on {bound}, viewer on http://{viewer_at}/ \
+             (try: softcard gpu demo --server {bound})",
+            info.name,
+            info.backend,
+            format_size(quota)
+        ),
+        endpoint: bound,
+        info,
+    })
 }
 
 /// Lists the machine's GPUs.
-pub fn list() -> Result<()> {
+pub fn adapters() -> Result<()> {
     let adapters = softcard_gpu::server::list_adapters();
     if adapters.is_empty() {
         anyhow::bail!("no Vulkan adapter (install a driver, or mesa-vulkan-drivers for lavapipe)");

@@ -635,3 +635,40 @@ pub fn image(c: ImageCmd) -> Result<()> {
     }
     Ok(())
 }
+
+/// `softcard gpu list`: the region's GPU servers.
+pub fn gpu_servers(json: bool, region: &RegionArg) -> Result<()> {
+    let v = region.client()?.get("/v1/gpu-servers")?;
+    if json {
+        return print_json(&v);
+    }
+    println!(
+        "{:<16} {:<6} {:<22} {:<40} {:>10} {:>10}  ATTACHMENTS",
+        "SERVER", "STATE", "ENDPOINT", "ADAPTER", "MEMORY", "FREE"
+    );
+    for g in v.as_array().into_iter().flatten() {
+        for a in g["adapters"].as_array().into_iter().flatten() {
+            println!(
+                "{:<16} {:<6} {:<22} {:<40} {:>10} {:>10}  {}",
+                s(g, "name"),
+                s(g, "state"),
+                s(g, "endpoint"),
+                s(a, "name"),
+                format_size(a["memory_bytes"].as_u64().unwrap_or(0)),
+                format_size(a["free_bytes"].as_u64().unwrap_or(0)),
+                a["attachments"].as_array().map_or(0, Vec::len)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `softcard gpu credential NAME`.
+pub fn gpu_credential(name: &str, region: &RegionArg) -> Result<()> {
+    let v = region.client()?.post(
+        &format!("/v1/gpu-servers/{}/credentials", seg(name)?),
+        &json!({}),
+    )?;
+    println!("{}", s(&v, "credential"));
+    Ok(())
+}

@@ -1,7 +1,8 @@
 //! `softcard up`: the whole provider network on one machine. A region on
 //! the embedded store with its console; this machine's card (a file-backed
 //! device in the data directory) joined to it as a host; the vGPU server
-//! and its viewer where there is a Vulkan adapter; a tenant `demo` with one
+//! and its viewer where there is a Vulkan adapter, registered with the
+//! region as a GPU server; a tenant `demo` with one
 //! instance booted from the default image on a boot volume of the card.
 //! It prints the console's address and the tenant's credential. Ctrl-C
 //! stops the instance and everything else; the next `up` starts it again.
@@ -23,6 +24,8 @@ use crate::daemon::{block_signals, host_config, wait_for_signal};
 const DEFAULT_CONFIG: &str = include_str!("../default-card.toml");
 /// Each vGPU session's memory quota under `softcard up`.
 const UP_GPU_QUOTA: u64 = 2 << 30;
+/// GPU memory the GPU server of `softcard up` offers to vGPUs.
+const UP_GPU_MEMORY: u64 = 8 << 30;
 /// The demo tenant and its instance.
 const TENANT: &str = "demo";
 const INSTANCE: &str = "demo1";
@@ -212,10 +215,35 @@ pub fn up(a: &UpArgs) -> Result<()> {
     }
     // The GPU function, where the machine has a Vulkan adapter (lavapipe
     // counts); the rest works without it.
-    match crate::gpu::start_in_background(&a.gpu_listen, &a.gpu_viewer, UP_GPU_QUOTA) {
-        Ok(what) => println!("  vGPU     {what}"),
-        Err(e) => println!("  vGPU     not started: {e:#}"),
-    }
+    // Registered with the region as this machine's GPU server.
+    let gpu_lease =
+        match crate::gpu::start_in_background(&a.gpu_listen, &a.gpu_viewer, UP_GPU_QUOTA) {
+            Ok(g) => {
+                println!("  vGPU     {}", g.description);
+                let cred = kept_credential(&rdir.join("gpu.credential"), &url, || {
+                    let v = admin.post(
+                        &format!("/v1/gpu-servers/{}/credentials", host.name),
+                        &json!({}),
+                    )?;
+                    Ok(v["credential"].as_str().unwrap_or_default().to_owned())
+                })?;
+                let lease = crate::gpu::join_region(
+                    RegionClient::new(&url, &cred, None)?,
+                    &g.info,
+                    &g.endpoint.to_string(),
+                    UP_GPU_MEMORY,
+                )?;
+                println!(
+                    "           registered with the region as GPU server {} (softcard gpu list)",
+                    host.name
+                );
+                Some(lease)
+            }
+            Err(e) => {
+                println!("  vGPU     not started: {e:#}");
+                None
+            }
+        };
     println!();
     println!("The CLI as the tenant:");
     println!("  export SOFTCARD_REGION={url} SOFTCARD_CREDENTIAL={tenant_cred}");
@@ -232,6 +260,7 @@ pub fn up(a: &UpArgs) -> Result<()> {
     {
         let _ = wait_state(&t, "stopped");
     }
+    drop(gpu_lease);
     drop(agent);
     drop(region);
     api.stop();

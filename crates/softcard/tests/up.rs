@@ -122,8 +122,25 @@ fn up_runs_a_provider_network_and_starts_it_again() {
             },
         );
         // The vGPU server takes clients (the test command installs
-        // lavapipe, so there is an adapter).
+        // lavapipe, so there is an adapter), and the region lists it.
         assert!(TcpStream::connect(gpu).is_ok(), "no vGPU server on {gpu}");
+        let admin_file = field(&lines, "admin    credential in");
+        let admin = RegionClient::new(
+            url,
+            std::fs::read_to_string(admin_file).unwrap().trim(),
+            None,
+        )
+        .unwrap();
+        wait_until("the GPU server registered", Duration::from_secs(20), || {
+            admin
+                .get("/v1/gpu-servers")
+                .unwrap()
+                .as_array()
+                .is_some_and(|g| {
+                    g.iter()
+                        .any(|g| g["state"] == "up" && g["endpoint"] == gpu.to_string().as_str())
+                })
+        });
         assert!(qemu_of(dir.path()));
         stop(child);
         assert!(!qemu_of(dir.path()), "a QEMU outlived softcard up");

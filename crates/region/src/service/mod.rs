@@ -4,6 +4,7 @@
 //! the revisions it read, so concurrent regions and racing requests can
 //! never both win.
 
+pub mod gpus;
 pub mod instances;
 pub mod volumes;
 
@@ -31,7 +32,7 @@ pub const HOST_LEASE: Duration = Duration::from_secs(10);
 pub struct Region {
     pub(crate) store: Arc<dyn Store>,
     pub(crate) placement: Placement,
-    host_lease: Duration,
+    pub(crate) host_lease: Duration,
     /// Credentials checked recently: hash -> (principal, when checked).
     credentials:
         std::sync::Mutex<std::collections::HashMap<String, (Principal, std::time::Instant)>>,
@@ -242,7 +243,9 @@ impl Region {
             Principal::Tenant(t) if self.store.get(&keys::tenant(t)).await?.is_none() => {
                 return Err(RegionError::NotFound(format!("no tenant {t}")));
             }
-            Principal::Host(h) | Principal::Tenant(h) if !valid_name(h) => {
+            Principal::Host(h) | Principal::Tenant(h) | Principal::GpuServer(h)
+                if !valid_name(h) =>
+            {
                 return Err(RegionError::Invalid(format!("invalid name {h:?}")));
             }
             _ => {}
