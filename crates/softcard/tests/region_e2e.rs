@@ -133,6 +133,32 @@ fn provider_network(etcd: bool) {
         assert_eq!(here[0]["name"], name);
         assert_eq!(here[0]["vm_running"], true);
     }
+    // An instance on a boot volume encrypted under the tenant's key: the
+    // card holds it encrypted, the guest boots and reads its disk.
+    net.t(&[
+        "instance",
+        "create",
+        "enc1",
+        "--type",
+        "sc1.micro",
+        "--volume-size",
+        "64MiB",
+        "--encrypted",
+    ]);
+    net.wait_state("enc1", "running");
+    net.wait_console("enc1", "disk vda appeared");
+    let enc = net.instance("enc1");
+    let eh = host_of(&net, "enc1");
+    let boot = net
+        .card_volume_list(eh)
+        .into_iter()
+        .find(|v| v["name"] == enc["boot_volume"])
+        .unwrap();
+    assert_eq!(boot["encrypted"], true, "{boot}");
+    assert_eq!(boot["tenant"], "acme", "{boot}");
+    net.t(&["instance", "terminate", "enc1"]);
+    net.wait_state(enc["id"].as_str().unwrap(), "terminated");
+
     // A data volume per instance, hot-plugged; the guest sees and writes it.
     net.t(&[
         "volume", "create", "d1", "--size", "32MiB", "--near", "web1",
@@ -236,6 +262,12 @@ fn provider_network(etcd: bool) {
     net.wait_console("web2", "disk vdb gone");
 
     if etcd {
+        // A reboot resets the guest once: it boots again.
+        net.t(&["instance", "reboot", "web2"]);
+        wait_until("web2 booted twice", Duration::from_secs(90), || {
+            net.console("web2").matches("softcard: instance").count() >= 2
+        });
+        assert_eq!(net.state("web2"), "running");
         // Both region processes serve the same state.
         let via = |url: &str| {
             let out = Command::new(common::BIN)
@@ -256,7 +288,8 @@ fn provider_network(etcd: bool) {
             ids
         };
         let first = via(&net.regions[0].1);
-        assert_eq!(first.len(), 2);
+        // web1, web2 and the terminated enc1 (its record stays visible).
+        assert_eq!(first.len(), 3, "{first:?}");
         assert_eq!(first, via(&net.regions[1].1));
         // One of the two region processes dies: the other serves and
         // takes over the leader's duties.
