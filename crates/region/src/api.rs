@@ -414,7 +414,7 @@ async fn agent_work(
 ) -> Result<Json<Value>> {
     let h = host(&p)?;
     if let Some(rev) = q.wait {
-        st.region.wait_for_change(rev, WORK_WAIT).await?;
+        st.region.wait_for_change(h, rev, WORK_WAIT).await?;
     }
     Ok(Json(st.region.host_work(h).await?))
 }

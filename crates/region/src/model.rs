@@ -87,6 +87,15 @@ pub mod keys {
     pub fn gpu_alives() -> String {
         format!("{ROOT}gpu-alive/")
     }
+    /// An index entry: a `kind` (`instance`, `volume`) with `id` lives on
+    /// `host` (what a host's work is read from, without a scan).
+    pub fn placed(host: &str, kind: &str, id: &str) -> String {
+        format!("{ROOT}placed/{host}/{kind}/{id}")
+    }
+    /// Prefix of a host's index entries.
+    pub fn placed_on(host: &str) -> String {
+        format!("{ROOT}placed/{host}/")
+    }
     /// The leader's key, attached to the leader's lease.
     pub fn leader() -> String {
         format!("{ROOT}leader")

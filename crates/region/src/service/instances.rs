@@ -201,6 +201,8 @@ impl Region {
                 Op::put(usage_key.clone(), encode(&choice.usage)),
                 Op::put(keys::instance(&id), encode(&inst)),
                 Op::put(keys::volume(&vol_id), encode(&vol)),
+                Op::put(keys::placed(&choice.host, "instance", &id), ""),
+                Op::put(keys::placed(&choice.host, "volume", &vol_id), ""),
                 Op::put(name_key.clone(), id.clone()),
             ];
             if let Some(t) = &req.client_token {
@@ -439,8 +441,7 @@ impl Region {
         let (mut usage, rev) = u.map_or((Usage::default(), 0), |u| (u.value, u.revision));
         usage.vcpus = usage.vcpus.saturating_sub(i.vcpus);
         usage.memory_mib = usage.memory_mib.saturating_sub(i.memory_mib);
-        let (vols, _) = self.store.range(&keys::volumes()).await?;
-        for kv in &vols {
+        for kv in &self.placed_records(&i.host, "volume").await? {
             let mut vol: Volume = decode(kv)?;
             let boot = vol.boot_of.as_deref() == Some(&i.id);
             let attached = vol.attachment.as_ref().is_some_and(|a| a.instance == i.id);
@@ -450,6 +451,7 @@ impl Region {
             vol.attachment = None;
             if boot && !i.keep_boot_volume {
                 vol.state = VolumeState::Deleted;
+                then.push(Op::Delete(keys::placed(&i.host, "volume", &vol.id)));
                 if let Some(b) = usage.device_bytes.get_mut(&vol.device) {
                     *b = b.saturating_sub(vol.size_bytes);
                 }
@@ -470,7 +472,27 @@ impl Region {
         when.push(Compare::ModRevision(usage_key.clone(), rev));
         then.push(Op::put(usage_key, encode(&usage)));
         then.push(Op::Delete(keys::name(&i.tenant, "instance", &i.name)));
+        then.push(Op::Delete(keys::placed(&i.host, "instance", &i.id)));
         Ok(())
+    }
+
+    /// The records of `kind` on `host`, through the host's index.
+    async fn placed_records(&self, host: &str, kind: &str) -> Result<Vec<crate::store::KeyValue>> {
+        let prefix = format!("{}{kind}/", keys::placed_on(host));
+        let (index, _) = self.store.range(&prefix).await?;
+        let mut out = Vec::with_capacity(index.len());
+        for e in index {
+            let id = &e.key[prefix.len()..];
+            let key = if kind == "instance" {
+                keys::instance(id)
+            } else {
+                keys::volume(id)
+            };
+            if let Some(kv) = self.store.get(&key).await? {
+                out.push(kv);
+            }
+        }
+        Ok(out)
     }
 
     /// A host stores an instance's console tail.
@@ -487,29 +509,35 @@ impl Region {
     /// What a host must run: its instances that are not terminated and
     /// its volumes that are not deleted.
     pub async fn host_work(&self, host: &str) -> Result<Value> {
-        let (kvs, rev) = self.store.range(&keys::instances()).await?;
+        // The revision first: every record read after it is at least that
+        // new, so a long poll from it misses no change.
+        let (_, revision) = self.store.range(&keys::placed_on(host)).await?;
         let mut instances = Vec::new();
-        for kv in &kvs {
+        for kv in &self.placed_records(host, "instance").await? {
             let i: Instance = decode(kv)?;
             if i.host == host && i.state != InstanceState::Terminated {
                 instances.push(i);
             }
         }
-        let (kvs, rev2) = self.store.range(&keys::volumes()).await?;
         let mut volumes = Vec::new();
-        for kv in &kvs {
+        for kv in &self.placed_records(host, "volume").await? {
             let v: Volume = decode(kv)?;
             if v.host == host && v.state != VolumeState::Deleted {
                 volumes.push(v);
             }
         }
-        Ok(json!({"instances": instances, "volumes": volumes, "revision": rev.min(rev2)}))
+        Ok(json!({"instances": instances, "volumes": volumes, "revision": revision}))
     }
 
-    /// Waits (at most `timeout`) until an instance or volume changes after
-    /// `revision`: a host's long poll, so it acts on a change at once
-    /// without polling the store.
-    pub async fn wait_for_change(&self, revision: i64, timeout: std::time::Duration) -> Result<()> {
+    /// Waits (at most `timeout`) until one of `host`'s instances or
+    /// volumes changes after `revision`: a host's long poll, so that it acts
+    /// on a change at once, and only changes on this host wake it.
+    pub async fn wait_for_change(
+        &self,
+        host: &str,
+        revision: i64,
+        timeout: std::time::Duration,
+    ) -> Result<()> {
         let mut w = self.store.watch(crate::model::ROOT, revision + 1).await;
         if let Err(crate::store::StoreError::Compacted(_)) = w {
             return Ok(());
@@ -517,10 +545,25 @@ impl Region {
         let w = w
             .as_mut()
             .map_err(|e| RegionError::Store(crate::store::StoreError::Backend(e.to_string())))?;
-        let wanted = |k: &str| k.starts_with(&keys::instances()) || k.starts_with(&keys::volumes());
+        let index = keys::placed_on(host);
+        let mine = |e: &crate::store::Event| {
+            let k = e.key();
+            if k.starts_with(&index) {
+                return true;
+            }
+            if !(k.starts_with(&keys::instances()) || k.starts_with(&keys::volumes())) {
+                return false;
+            }
+            match e {
+                crate::store::Event::Put(kv) => {
+                    serde_json::from_slice::<Value>(&kv.value).is_ok_and(|v| v["host"] == host)
+                }
+                crate::store::Event::Delete { .. } => true,
+            }
+        };
         let _ = tokio::time::timeout(timeout, async {
             while let Some(e) = w.recv().await {
-                if wanted(e.key()) {
+                if mine(&e) {
                     return;
                 }
             }

@@ -126,6 +126,7 @@ impl Region {
                     vec![
                         Op::put(usage_key.clone(), encode(&choice.usage)),
                         Op::put(keys::volume(&vol.id), encode(&vol)),
+                        Op::put(keys::placed(&vol.host, "volume", &vol.id), ""),
                         Op::put(name_key.clone(), vol.id.clone()),
                     ],
                     vec![Op::Get(usage_key), Op::Get(name_key.clone())],
@@ -322,6 +323,7 @@ impl Region {
                         when.push(Compare::ModRevision(usage_key.clone(), rev));
                         then.push(Op::put(usage_key, encode(&usage)));
                         then.push(Op::Delete(keys::name(&vol.tenant, "volume", &vol.name)));
+                        then.push(Op::Delete(keys::placed(&vol.host, "volume", &vol.id)));
                     }
                     (a, b) if a == b => {}
                     (a, b) => {
