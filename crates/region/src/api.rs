@@ -20,6 +20,7 @@ use crate::error::{RegionError, Result};
 use crate::leader::Election;
 use crate::model::{
     GpuServerRegistration, HostRegistration, InstanceState, Principal, IMAGES, INSTANCE_TYPES,
+    VGPU_TYPES,
 };
 use crate::service::instances::CreateInstance;
 use crate::service::volumes::{CreateVolume, VolumeReport};
@@ -81,6 +82,12 @@ pub fn router(state: AppState) -> Router {
         .route("/instances", get(instances).post(create_instance))
         .route("/instances/{id}", get(instance))
         .route("/instances/{id}/console", get(console))
+        .route(
+            "/instances/{id}/vgpu",
+            post(attach_vgpu).delete(detach_vgpu),
+        )
+        .route("/vgpus", get(vgpus))
+        .route("/vgpu-types", get(|| async { Json(json!(VGPU_TYPES)) }))
         .route("/instances/{id}/{action}", post(instance_action))
         .route("/volumes", get(volumes).post(create_volume))
         .route("/volumes/{id}", get(volume).delete(delete_volume))
@@ -324,6 +331,33 @@ async fn instance_action(
         }
     };
     Ok(Json(r.instance_view(t, &i.id).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AttachVgpu {
+    #[serde(rename = "type")]
+    vgpu_type: String,
+}
+
+async fn attach_vgpu(
+    State(st): S,
+    Extension(p): P,
+    Path(id): Path<String>,
+    body: Body,
+) -> Result<Response> {
+    let t = tenant(&p)?;
+    let b: AttachVgpu = body.json()?;
+    let v = st.region.attach_vgpu(t, &id, &b.vgpu_type).await?;
+    Ok((StatusCode::CREATED, Json(json!(v))).into_response())
+}
+
+async fn detach_vgpu(State(st): S, Extension(p): P, Path(id): Path<String>) -> Result<Json<Value>> {
+    Ok(Json(json!(st.region.detach_vgpu(scope(&p)?, &id).await?)))
+}
+
+async fn vgpus(State(st): S, Extension(p): P) -> Result<Json<Value>> {
+    Ok(Json(json!(st.region.vgpus(scope(&p)?).await?)))
 }
 
 async fn volumes(State(st): S, Extension(p): P) -> Result<Json<Value>> {

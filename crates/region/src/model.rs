@@ -87,6 +87,23 @@ pub mod keys {
     pub fn gpu_alives() -> String {
         format!("{ROOT}gpu-alive/")
     }
+    /// What is allocated on a GPU server's adapters (the claim's
+    /// compare-and-swap target, as a host's usage).
+    pub fn gpu_usage(g: &str) -> String {
+        format!("{ROOT}gpu-usage/{g}")
+    }
+    /// Prefix of the GPU usage records.
+    pub fn gpu_usages() -> String {
+        format!("{ROOT}gpu-usage/")
+    }
+    /// A vGPU attachment.
+    pub fn vgpu(id: &str) -> String {
+        format!("{ROOT}vgpus/{id}")
+    }
+    /// Prefix of the vGPU attachments.
+    pub fn vgpus() -> String {
+        format!("{ROOT}vgpus/")
+    }
     /// An index entry: a `kind` (`instance`, `volume`) with `id` lives on
     /// `host` (what a host's work is read from, without a scan).
     pub fn placed(host: &str, kind: &str, id: &str) -> String {
@@ -207,6 +224,87 @@ pub struct GpuServer {
     pub offer: GpuServerRegistration,
     /// When it last registered (Unix seconds).
     pub registered: u64,
+}
+
+/// GPU memory allocated on a GPU server, per adapter name.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuUsage {
+    /// Bytes allocated to vGPUs, per adapter.
+    #[serde(default)]
+    pub adapter_bytes: std::collections::BTreeMap<String, u64>,
+}
+
+/// A vGPU type: GPU memory, in the manner of Elastic GPUs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct VgpuType {
+    /// Its name (`eg1.medium`).
+    pub name: &'static str,
+    /// GPU memory, bytes.
+    pub memory_bytes: u64,
+}
+
+/// The vGPU types the region offers.
+pub const VGPU_TYPES: &[VgpuType] = &[
+    VgpuType {
+        name: "eg1.medium",
+        memory_bytes: 1 << 30,
+    },
+    VgpuType {
+        name: "eg1.large",
+        memory_bytes: 2 << 30,
+    },
+    VgpuType {
+        name: "eg1.xlarge",
+        memory_bytes: 4 << 30,
+    },
+    VgpuType {
+        name: "eg1.2xlarge",
+        memory_bytes: 8 << 30,
+    },
+];
+
+/// A vGPU type by name.
+pub fn vgpu_type(name: &str) -> Option<VgpuType> {
+    VGPU_TYPES.iter().copied().find(|t| t.name == name)
+}
+
+/// A vGPU attachment's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VgpuState {
+    /// Being attached.
+    Attaching,
+    /// Attached: its GPU memory is claimed on an adapter.
+    Attached,
+    /// Being detached.
+    Detaching,
+    /// Gone (its memory given back).
+    Detached,
+}
+
+/// A vGPU attached to an instance, backed by an adapter of a GPU server.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Vgpu {
+    /// `egpu-` and 16 hex digits.
+    pub id: String,
+    /// Owner.
+    pub tenant: String,
+    /// The instance.
+    pub instance: String,
+    /// The vGPU type.
+    pub vgpu_type: String,
+    /// Its GPU memory, bytes.
+    pub memory_bytes: u64,
+    /// The GPU server.
+    pub server: String,
+    /// The adapter of that server.
+    pub adapter: String,
+    /// Where the instance's application connects.
+    pub endpoint: String,
+    /// State.
+    pub state: VgpuState,
+    /// When it was attached (Unix seconds).
+    pub created: u64,
 }
 
 /// What is allocated on a host.
@@ -370,6 +468,9 @@ pub struct Instance {
     /// The client token it was made with.
     #[serde(default)]
     pub client_token: Option<String>,
+    /// Its vGPU attachment's id.
+    #[serde(default)]
+    pub vgpu: Option<String>,
 }
 
 /// EBS's volume states.

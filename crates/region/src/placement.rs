@@ -18,7 +18,9 @@ use std::time::Duration;
 use rand::seq::SliceRandom;
 
 use crate::error::Result;
-use crate::model::{keys, Host, HostRegistration, Usage};
+use crate::model::{
+    keys, GpuServer, GpuServerRegistration, GpuUsage, Host, HostRegistration, Usage,
+};
 use crate::service::{decode, Region};
 use crate::store::{Event, KeyValue, Revision, Store};
 
@@ -62,10 +64,34 @@ struct HostView {
     usage_revision: Revision,
 }
 
+#[derive(Debug, Default, Clone)]
+struct GpuView {
+    offer: Option<GpuServerRegistration>,
+    alive: bool,
+    usage: GpuUsage,
+    usage_revision: Revision,
+}
+
+/// An adapter that can take a vGPU, with the claim to make.
+#[derive(Debug, Clone)]
+pub struct GpuChoice {
+    /// The GPU server.
+    pub server: String,
+    /// Its adapter.
+    pub adapter: String,
+    /// Where clients connect.
+    pub endpoint: String,
+    /// The server's usage after the claim.
+    pub usage: GpuUsage,
+    /// The usage record's revision the claim compares (0: no record yet).
+    pub usage_revision: Revision,
+}
+
 /// The placement view.
 #[derive(Debug, Default)]
 pub struct Placement {
     hosts: Mutex<BTreeMap<String, HostView>>,
+    gpus: Mutex<BTreeMap<String, GpuView>>,
     /// Claims that lost a race and were retried.
     pub conflicts: std::sync::atomic::AtomicU64,
 }
@@ -93,7 +119,19 @@ impl Placement {
         for kv in alive {
             self.apply(&Event::Put(kv));
         }
-        for prefix in [keys::hosts(), keys::usages()] {
+        let (alive, _) = store.range(&keys::gpu_alives()).await?;
+        for v in self.gpus().values_mut() {
+            v.alive = false;
+        }
+        for kv in alive {
+            self.apply(&Event::Put(kv));
+        }
+        for prefix in [
+            keys::hosts(),
+            keys::usages(),
+            keys::gpu_servers(),
+            keys::gpu_usages(),
+        ] {
             let (kvs, _) = store.range(&prefix).await?;
             for kv in kvs {
                 self.apply(&Event::Put(kv));
@@ -105,7 +143,14 @@ impl Placement {
     /// Keeps the region's view current from store watches, for as long as
     /// the region lives.
     pub fn follow(region: &Arc<Region>) {
-        for prefix in [keys::hosts(), keys::alives(), keys::usages()] {
+        for prefix in [
+            keys::hosts(),
+            keys::alives(),
+            keys::usages(),
+            keys::gpu_servers(),
+            keys::gpu_alives(),
+            keys::gpu_usages(),
+        ] {
             let weak = Arc::downgrade(region);
             tokio::spawn(async move { follow_prefix(weak, prefix).await });
         }
@@ -113,6 +158,9 @@ impl Placement {
 
     fn apply(&self, e: &Event) {
         let key = e.key();
+        if self.apply_gpu(e) {
+            return;
+        }
         let mut hosts = self.lock();
         if let Some(h) = key.strip_prefix(&keys::hosts()) {
             let v = hosts.entry(h.to_owned()).or_default();
@@ -135,6 +183,88 @@ impl Placement {
                 }
             }
         }
+    }
+
+    fn gpus(&self) -> MutexGuard<'_, BTreeMap<String, GpuView>> {
+        self.gpus.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Applies an event about GPU servers; false when it is about
+    /// something else.
+    fn apply_gpu(&self, e: &Event) -> bool {
+        let key = e.key();
+        let mut gpus = self.gpus();
+        if let Some(g) = key.strip_prefix(&keys::gpu_servers()) {
+            gpus.entry(g.to_owned()).or_default().offer = match e {
+                Event::Put(kv) => decode::<GpuServer>(kv).ok().map(|g| g.offer),
+                Event::Delete { .. } => None,
+            };
+        } else if let Some(g) = key.strip_prefix(&keys::gpu_alives()) {
+            gpus.entry(g.to_owned()).or_default().alive = matches!(e, Event::Put(_));
+        } else if let Some(g) = key.strip_prefix(&keys::gpu_usages()) {
+            if let Event::Put(kv) = e {
+                let v = gpus.entry(g.to_owned()).or_default();
+                if kv.mod_revision >= v.usage_revision {
+                    if let Ok(u) = decode(kv) {
+                        v.usage = u;
+                        v.usage_revision = kv.mod_revision;
+                    }
+                }
+            }
+        } else {
+            return false;
+        }
+        true
+    }
+
+    /// The adapters that can take a vGPU of `memory_bytes`, best first:
+    /// vGPUs pack (the adapter with the least free memory that fits
+    /// first, so that whole GPUs stay free for large requests), at random
+    /// among equals.
+    pub fn gpu_candidates(&self, memory_bytes: u64) -> Vec<GpuChoice> {
+        let gpus = self.gpus();
+        let mut out: Vec<(u64, GpuChoice)> = Vec::new();
+        for (name, v) in gpus.iter().filter(|(_, v)| v.alive) {
+            let Some(offer) = &v.offer else { continue };
+            for a in &offer.adapters {
+                let used = v.usage.adapter_bytes.get(&a.name).copied().unwrap_or(0);
+                let free = a.memory_bytes.saturating_sub(used);
+                if free < memory_bytes {
+                    continue;
+                }
+                let mut usage = v.usage.clone();
+                *usage.adapter_bytes.entry(a.name.clone()).or_default() += memory_bytes;
+                out.push((
+                    free,
+                    GpuChoice {
+                        server: name.clone(),
+                        adapter: a.name.clone(),
+                        endpoint: offer.endpoint.clone(),
+                        usage,
+                        usage_revision: v.usage_revision,
+                    },
+                ));
+            }
+        }
+        drop(gpus);
+        out.shuffle(&mut rand::thread_rng());
+        out.sort_by_key(|(free, _)| *free);
+        out.into_iter().map(|(_, c)| c).collect()
+    }
+
+    /// Takes a claim this process just made into the view at once (the
+    /// watch would bring it a moment later), so that the next request
+    /// sees it: vGPUs pack and instances spread even when requests follow
+    /// each other closely.
+    pub fn claimed(&self, key: &str, usage: Vec<u8>, revision: Revision) {
+        self.apply(&Event::Put(KeyValue {
+            key: key.to_owned(),
+            value: usage,
+            create_revision: 0,
+            mod_revision: revision,
+            version: 0,
+            lease: 0,
+        }));
     }
 
     /// Updates a host's usage from a fresh read (after a failed claim).
@@ -210,6 +340,11 @@ async fn follow_prefix(region: Weak<Region>, prefix: String) {
                     // A re-list after a lost watch: keys absent now are
                     // hosts that went down meanwhile.
                     for v in r.placement.lock().values_mut() {
+                        v.alive = false;
+                    }
+                }
+                if prefix == keys::gpu_alives() {
+                    for v in r.placement.gpus().values_mut() {
                         v.alive = false;
                     }
                 }

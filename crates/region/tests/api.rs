@@ -669,6 +669,156 @@ fn lease_expiry(r: &Region) {
     h.post("/v1/agent/heartbeat", &json!({})).unwrap();
 }
 
+fn gpu_server(r: &Region, name: &str) -> RegionClient {
+    let c = r
+        .admin
+        .post(&format!("/v1/gpu-servers/{name}/credentials"), &json!({}))
+        .unwrap();
+    let g = r.client(c["credential"].as_str().unwrap());
+    g.call(
+        "PUT",
+        "/v1/agent/gpu/register",
+        Some(
+            &json!({"endpoint": "127.0.0.1:7070", "adapters": [{"name": "gpu0", "backend": "Vulkan",
+            "device_type": "DiscreteGpu", "memory_bytes": 8u64 << 30}]}),
+        ),
+    )
+    .unwrap();
+    // Keep it alive for the test (2 s lease).
+    let beat = g.clone();
+    std::thread::spawn(move || {
+        while beat.post("/v1/agent/gpu/heartbeat", &json!({})).is_ok() {
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    });
+    g
+}
+
+fn free_gpu_bytes(r: &Region) -> Vec<u64> {
+    let mut v: Vec<u64> = r
+        .admin
+        .get("/v1/gpu-servers")
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["adapters"][0]["free_bytes"].as_u64().unwrap())
+        .collect();
+    v.sort_unstable();
+    v
+}
+
+/// vGPUs: claimed with the host in one transaction (both or neither),
+/// packed onto the fewest GPUs, given back at detach and terminate, and
+/// never over-committed by racing clients.
+fn vgpus(r: &Region) {
+    let t = r.tenant("gfx");
+    let other = r.tenant("other");
+    r.host("hg", 64);
+    gpu_server(r, "ga");
+    gpu_server(r, "gb");
+    let with_vgpu = |name: &str, ty: &str| {
+        t.post(
+            "/v1/instances",
+            &json!({"name": name, "type": "sc1.micro", "volume_size": "64MiB", "vgpu": ty}),
+        )
+    };
+    assert_eq!(status(with_vgpu("bad", "eg9.huge")), 400);
+    // Packing: two 1 GiB vGPUs share one GPU.
+    let a = with_vgpu("a", "eg1.medium").unwrap();
+    let b = with_vgpu("b", "eg1.medium").unwrap();
+    assert_eq!(free_gpu_bytes(r), [6u64 << 30, 8u64 << 30], "not packed");
+    let vg = t.get("/v1/vgpus").unwrap();
+    assert_eq!(vg.as_array().unwrap().len(), 2);
+    assert!(other
+        .get("/v1/vgpus")
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        status(other.call(
+            "DELETE",
+            &format!("/v1/instances/{}/vgpu", a["id"].as_str().unwrap()),
+            None
+        )),
+        404
+    );
+    // Detach and terminate give the memory back.
+    t.call("DELETE", "/v1/instances/a/vgpu", None).unwrap();
+    assert_eq!(status(t.call("DELETE", "/v1/instances/a/vgpu", None)), 409);
+    t.post(
+        &format!("/v1/instances/{}/terminate", b["id"].as_str().unwrap()),
+        &json!({}),
+    )
+    .unwrap();
+    // b is shutting down, its 1 GiB held until its host reports it
+    // terminated (no host agent runs here).
+    assert_eq!(free_gpu_bytes(r), [7u64 << 30, 8u64 << 30]);
+    // Attach to an existing instance (our extension): 8 GiB fits only the
+    // empty GPU.
+    t.post("/v1/instances/a/vgpu", &json!({"type": "eg1.2xlarge"}))
+        .unwrap();
+    assert_eq!(free_gpu_bytes(r), [0, 7u64 << 30]);
+    assert_eq!(
+        status(t.post("/v1/instances/a/vgpu", &json!({"type": "eg1.medium"}))),
+        409
+    );
+    // Both or neither: no GPU has 8 GiB free, so the host's room is not
+    // claimed either.
+    let used_before = r.admin.get("/v1/hosts").unwrap()[0]["vcpus_used"].clone();
+    let e = with_vgpu("c", "eg1.2xlarge").unwrap_err();
+    assert_eq!(e.status(), Some(503));
+    assert!(e.to_string().contains("GPU"), "{e}");
+    assert_eq!(
+        r.admin.get("/v1/hosts").unwrap()[0]["vcpus_used"],
+        used_before
+    );
+    assert_eq!(free_gpu_bytes(r), [0, 7u64 << 30]);
+    assert!(t.get("/v1/instances/c").is_err());
+    // Terminating a gives its vGPU's memory back once its host reports it.
+    let h = r.client(
+        r.admin
+            .post("/v1/hosts/hg/credentials", &json!({}))
+            .unwrap()["credential"]
+            .as_str()
+            .unwrap(),
+    );
+    t.post("/v1/instances/a/terminate", &json!({})).unwrap();
+    agent_pass(&h);
+    agent_pass(&h);
+    assert_eq!(free_gpu_bytes(r), [8u64 << 30, 8u64 << 30]);
+}
+
+/// 16 clients race for two whole GPUs: exactly two win.
+fn vgpu_race(r: &Region) {
+    let t = r.tenant("gpurace");
+    r.host("hgr", 64);
+    gpu_server(r, "gr1");
+    gpu_server(r, "gr2");
+    let wins = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for n in 0..16 {
+            let (t, wins) = (&t, &wins);
+            s.spawn(move || {
+                match t.post(
+                    "/v1/instances",
+                    &json!({"name": format!("g{n}"), "type": "sc1.micro", "volume_size": "64MiB", "vgpu": "eg1.2xlarge"}),
+                ) {
+                    Ok(_) => {
+                        wins.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    }
+                    Err(e) => assert_eq!(e.status(), Some(503), "{e}"),
+                }
+            });
+        }
+    });
+    assert_eq!(wins.into_inner(), 2);
+    assert_eq!(free_gpu_bytes(r), [0, 0]);
+    // No instance without its vGPU was left behind.
+    assert_eq!(t.get("/v1/instances").unwrap().as_array().unwrap().len(), 2);
+}
+
 fn all(etcd: bool) {
     let r = region(etcd, Duration::from_secs(2));
     credentials_and_isolation(&r);
@@ -681,6 +831,12 @@ fn all(etcd: bool) {
     let r = region(etcd, Duration::from_secs(2));
     race_for_the_last_room(&r);
     lease_expiry(&r);
+    drop(r);
+    let r = region(etcd, Duration::from_secs(2));
+    vgpus(&r);
+    drop(r);
+    let r = region(etcd, Duration::from_secs(2));
+    vgpu_race(&r);
 }
 
 #[test]

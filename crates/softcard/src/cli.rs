@@ -64,6 +64,9 @@ enum Command {
     /// Images instances boot from.
     #[command(subcommand)]
     Image(region_cli::ImageCmd),
+    /// vGPUs: GPU memory on the region's GPU servers, attached to instances.
+    #[command(subcommand)]
+    Vgpu(region_cli::VgpuCmd),
     /// Virtual GPUs: the GPU server and a demo application.
     #[command(subcommand)]
     Gpu(GpuCmd),
@@ -330,6 +333,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Instance(c) => region_cli::instance(c),
         Command::Volume(c) => region_cli::volume(c),
         Command::Image(c) => region_cli::image(c),
+        Command::Vgpu(c) => region_cli::vgpu(c),
         Command::Card(CardCmd::Volume(v)) => volume(v),
         Command::Card(CardCmd::Instance(CardInstanceCmd::List { api })) => {
             let v = client(&api).call("GET", "/v1/instances", None)?;

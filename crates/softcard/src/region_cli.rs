@@ -163,6 +163,10 @@ pub enum InstanceCmd {
         /// Keep the boot volume when the instance is terminated.
         #[arg(long)]
         keep_boot_volume: bool,
+        /// A vGPU of this type (eg1.medium 1 GiB, eg1.large 2 GiB,
+        /// eg1.xlarge 4 GiB, eg1.2xlarge 8 GiB), placed with the instance.
+        #[arg(long)]
+        vgpu: Option<String>,
         #[command(flatten)]
         region: RegionArg,
     },
@@ -281,6 +285,93 @@ pub enum VolumeCmd {
         #[command(flatten)]
         region: RegionArg,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VgpuCmd {
+    /// Attach a vGPU to an instance (a softcard extension: Elastic GPUs
+    /// attach only at launch).
+    Attach {
+        /// Instance id or name.
+        #[arg(long)]
+        instance: String,
+        /// vGPU type.
+        #[arg(long = "type")]
+        vgpu_type: String,
+        #[command(flatten)]
+        region: RegionArg,
+    },
+    /// Detach an instance's vGPU.
+    Detach {
+        /// Instance id or name.
+        #[arg(long)]
+        instance: String,
+        #[command(flatten)]
+        region: RegionArg,
+    },
+    /// vGPU attachments with their state and health.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        region: RegionArg,
+    },
+}
+
+/// `softcard vgpu ...`.
+pub fn vgpu(c: VgpuCmd) -> Result<()> {
+    match c {
+        VgpuCmd::Attach {
+            instance,
+            vgpu_type,
+            region,
+        } => {
+            let v = region.client()?.post(
+                &format!("/v1/instances/{}/vgpu", seg(&instance)?),
+                &json!({"type": vgpu_type}),
+            )?;
+            println!(
+                "{} {} on {}/{}: {}",
+                s(&v, "id"),
+                s(&v, "vgpu_type"),
+                s(&v, "server"),
+                s(&v, "adapter"),
+                s(&v, "state")
+            );
+        }
+        VgpuCmd::Detach { instance, region } => {
+            let v = region.client()?.call(
+                "DELETE",
+                &format!("/v1/instances/{}/vgpu", seg(&instance)?),
+                None,
+            )?;
+            println!("{}: {}", s(&v, "id"), s(&v, "state"));
+        }
+        VgpuCmd::List { json, region } => {
+            let v = region.client()?.get("/v1/vgpus")?;
+            if json {
+                return print_json(&v);
+            }
+            println!(
+                "{:<22} {:<20} {:<12} {:<10} {:<9} {:<16} ENDPOINT",
+                "VGPU", "INSTANCE", "TYPE", "STATE", "HEALTH", "SERVER/ADAPTER"
+            );
+            for x in v.as_array().into_iter().flatten() {
+                println!(
+                    "{:<22} {:<20} {:<12} {:<10} {:<9} {:<16} {}",
+                    s(x, "id"),
+                    s(x, "instance"),
+                    s(x, "vgpu_type"),
+                    s(x, "state"),
+                    s(x, "health"),
+                    format!("{}/{}", s(x, "server"), s(x, "adapter")),
+                    s(x, "endpoint")
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 #[derive(Debug, Subcommand)]
@@ -478,13 +569,15 @@ pub fn instance(c: InstanceCmd) -> Result<()> {
             client_token,
             encrypted,
             keep_boot_volume,
+            vgpu,
             region,
         } => {
             let v = region.client()?.post(
                 "/v1/instances",
                 &json!({"name": name, "type": instance_type, "image": image,
                         "volume_size": volume_size, "client_token": client_token,
-                        "encrypted": encrypted, "keep_boot_volume": keep_boot_volume}),
+                        "encrypted": encrypted, "keep_boot_volume": keep_boot_volume,
+                        "vgpu": vgpu}),
             )?;
             println!(
                 "{} {}: {} on host {}",

@@ -5,7 +5,9 @@ use serde_json::{json, Value};
 
 use super::{decode, encode, Region};
 use crate::error::{RegionError, Result};
-use crate::model::{keys, now, valid_name, GpuServer, GpuServerRegistration};
+use crate::model::{
+    keys, now, valid_name, GpuServer, GpuServerRegistration, GpuUsage, Vgpu, VgpuState,
+};
 use crate::store::Op;
 
 /// Most adapters one server registers.
@@ -85,16 +87,23 @@ impl Region {
         })
     }
 
-    /// Every GPU server with its state and adapters (with their free GPU
-    /// memory: no vGPU is attached yet).
+    /// Every GPU server with its state and adapters, their free GPU memory
+    /// and the vGPUs attached on them.
     pub async fn gpu_servers(&self) -> Result<Vec<Value>> {
         let (servers, _) = self.store.range(&keys::gpu_servers()).await?;
         let (alive, _) = self.store.range(&keys::gpu_alives()).await?;
+        let (usages, _) = self.store.range(&keys::gpu_usages()).await?;
+        let (vgpus, _) = self.store.range(&keys::vgpus()).await?;
+        let vgpus: Vec<Vgpu> = vgpus.iter().map(decode).collect::<Result<_>>()?;
         servers
             .iter()
             .map(|kv| {
                 let g: GpuServer = decode(kv)?;
                 let up = alive.iter().any(|a| a.key == keys::gpu_alive(&g.name));
+                let usage: GpuUsage = usages
+                    .iter()
+                    .find(|u| u.key == keys::gpu_usage(&g.name))
+                    .map_or(Ok(GpuUsage::default()), decode)?;
                 Ok(json!({
                     "name": g.name,
                     "state": if up { "up" } else { "down" },
@@ -106,8 +115,12 @@ impl Region {
                         "device_type": a.device_type,
                         "traits": a.traits,
                         "memory_bytes": a.memory_bytes,
-                        "free_bytes": a.memory_bytes,
-                        "attachments": [],
+                        "free_bytes": a.memory_bytes.saturating_sub(
+                            usage.adapter_bytes.get(&a.name).copied().unwrap_or(0)),
+                        "attachments": vgpus.iter()
+                            .filter(|v| v.server == g.name && v.adapter == a.name && v.state != VgpuState::Detached)
+                            .map(|v| json!({"id": v.id, "instance": v.instance, "type": v.vgpu_type, "state": v.state}))
+                            .collect::<Vec<_>>(),
                     })).collect::<Vec<_>>(),
                 }))
             })

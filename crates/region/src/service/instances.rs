@@ -47,6 +47,9 @@ pub struct CreateInstance {
     /// Keep the boot volume at terminate.
     #[serde(default)]
     pub keep_boot_volume: bool,
+    /// A vGPU of this type, claimed with the host (both or neither).
+    #[serde(default)]
+    pub vgpu: Option<String>,
 }
 
 fn default_image() -> String {
@@ -160,6 +163,10 @@ impl Region {
             let id = new_id("i");
             let vol_id = new_id("vol");
             let created = now();
+            let gpu = match &req.vgpu {
+                Some(t) => Some(self.vgpu_choice(tenant, &id, t).await?),
+                None => None,
+            };
             let inst = Instance {
                 id: id.clone(),
                 name: req.name.clone(),
@@ -177,6 +184,7 @@ impl Region {
                 reboots: 0,
                 created,
                 client_token: req.client_token.clone(),
+                vgpu: gpu.as_ref().map(|(_, v)| v.id.clone()),
             };
             let vol = Volume {
                 id: vol_id.clone(),
@@ -210,16 +218,29 @@ impl Region {
                 when.push(Compare::Absent(k.clone()));
                 then.push(Op::put(k, id.clone()));
             }
-            let r = self
-                .store
-                .txn(
-                    when,
-                    then,
-                    vec![Op::Get(usage_key), Op::Get(name_key.clone())],
-                )
-                .await?;
+            let mut reads = vec![Op::Get(usage_key), Op::Get(name_key.clone())];
+            if let Some((c, v)) = &gpu {
+                // The vGPU's memory in the same transaction: both or neither.
+                let (cmp, ops, get) = Self::vgpu_claim_ops(c, v);
+                when.push(cmp);
+                then.extend(ops);
+                reads.push(get);
+            }
+            let r = self.store.txn(when, then, reads).await?;
             if r.succeeded {
                 log::debug!("instance {id} ({}) placed on {}", req.name, choice.host);
+                self.placement.claimed(
+                    &keys::usage(&choice.host),
+                    encode(&choice.usage),
+                    r.revision,
+                );
+                if let Some((c, _)) = &gpu {
+                    self.placement.claimed(
+                        &keys::gpu_usage(&c.server),
+                        encode(&c.usage),
+                        r.revision,
+                    );
+                }
                 // Placed on a host the view had up, with this boot volume.
                 let v = served(&inst, true, std::slice::from_ref(&vol));
                 return Ok((inst, v));
@@ -242,6 +263,7 @@ impl Region {
             if let Some(Some(kv)) = r.reads.first() {
                 self.placement.refresh_usage(kv);
             }
+            self.refresh_gpu(r.reads.get(2));
         }
         Err(RegionError::NoCapacity(
             "no capacity: every claim lost its race; try again".into(),
@@ -473,6 +495,9 @@ impl Region {
         then.push(Op::put(usage_key, encode(&usage)));
         then.push(Op::Delete(keys::name(&i.tenant, "instance", &i.name)));
         then.push(Op::Delete(keys::placed(&i.host, "instance", &i.id)));
+        if let Some(v) = &i.vgpu {
+            self.vgpu_release_ops(v, when, then).await?;
+        }
         Ok(())
     }
 

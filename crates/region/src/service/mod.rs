@@ -6,6 +6,7 @@
 
 pub mod gpus;
 pub mod instances;
+pub mod vgpus;
 pub mod volumes;
 
 use std::sync::Arc;

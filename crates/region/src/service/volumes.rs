@@ -133,6 +133,11 @@ impl Region {
                 )
                 .await?;
             if r.succeeded {
+                self.placement.claimed(
+                    &keys::usage(&choice.host),
+                    encode(&choice.usage),
+                    r.revision,
+                );
                 return Ok(vol);
             }
             if r.reads.get(1).is_some_and(Option::is_some) {
