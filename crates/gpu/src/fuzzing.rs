@@ -8,7 +8,11 @@ use crate::server::{GpuServer, ServerConfig};
 fn server() -> &'static Arc<GpuServer> {
     static SERVER: OnceLock<Arc<GpuServer>> = OnceLock::new();
     SERVER.get_or_init(|| {
-        GpuServer::new(ServerConfig { quota: 64 << 20 }).expect("a Vulkan adapter for fuzzing")
+        GpuServer::new(ServerConfig {
+            quota: 64 << 20,
+            admission: None,
+        })
+        .expect("a Vulkan adapter for fuzzing")
     })
 }
 
@@ -18,6 +22,7 @@ pub fn preamble() -> Vec<u8> {
     let mut out = Vec::new();
     let hello = Request::Hello {
         version: proto::VERSION,
+        credential: None,
     };
     proto::write_frame(&mut out, &hello, &[]).expect("vec write");
     out

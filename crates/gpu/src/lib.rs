@@ -18,5 +18,8 @@ pub mod workloads;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 
-pub use client::{remote_instance, remote_surface, round_trips, usage, viewer_path};
+pub use client::{
+    remote_instance, remote_instance_with_credential, remote_surface, round_trips, usage,
+    viewer_path,
+};
 pub use server::{GpuServer, ServerConfig};

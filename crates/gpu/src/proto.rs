@@ -18,8 +18,9 @@ use std::ops::Range;
 use serde::{Deserialize, Serialize};
 use wgpu::wgt;
 
-/// Protocol version; a server refuses any other.
-pub const VERSION: u32 = 2;
+/// Protocol version; a server refuses any other (3: the hello carries a
+/// credential).
+pub const VERSION: u32 = 3;
 /// Largest header a peer may send.
 pub const MAX_HEADER: usize = 16 << 20;
 /// Largest payload a peer may send (one upload or readback).
@@ -35,9 +36,12 @@ pub type Label = Option<String>;
 /// [`Message::Reply`]; all others are fire-and-forget.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Request {
-    /// First request of a session. *Answered* with [`Reply::Hello`].
+    /// First request of a session. *Answered* with [`Reply::Hello`]. A
+    /// server that admits only credentialed sessions (a region's GPU
+    /// server) refuses one without a valid `credential`.
     Hello {
         version: u32,
+        credential: Option<String>,
     },
     /// *Answered* with [`Reply::Adapter`].
     RequestAdapter,

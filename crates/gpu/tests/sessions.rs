@@ -14,8 +14,11 @@ use softcard_gpu::{remote_instance, GpuServer, ServerConfig};
 
 fn server(quota: u64) -> (Arc<GpuServer>, String) {
     let _ = env_logger::builder().is_test(true).try_init();
-    let server =
-        GpuServer::new(ServerConfig { quota }).expect("a Vulkan adapter (mesa-vulkan-drivers)");
+    let server = GpuServer::new(ServerConfig {
+        quota,
+        admission: None,
+    })
+    .expect("a Vulkan adapter (mesa-vulkan-drivers)");
     let addr = server.listen("127.0.0.1:0").unwrap().to_string();
     (server, addr)
 }
@@ -39,6 +42,7 @@ impl Raw {
         match r.call(
             &Request::Hello {
                 version: proto::VERSION,
+                credential: None,
             },
             &[],
         ) {
@@ -274,7 +278,15 @@ fn hostile_messages_cost_only_their_sender() {
         seq: 0,
         uncaptured: Vec::new(),
     };
-    let why = r.call(&Request::Hello { version: 999 }, &[]).unwrap_err();
+    let why = r
+        .call(
+            &Request::Hello {
+                version: 999,
+                credential: None,
+            },
+            &[],
+        )
+        .unwrap_err();
     assert!(why.contains("version"), "{why}");
 
     let mut r = Raw::connect(&addr);
@@ -581,6 +593,7 @@ fn error_scopes_left_open_are_popped_in_order() {
         &mut input,
         &Request::Hello {
             version: proto::VERSION,
+            credential: None,
         },
         &[],
     )
@@ -611,6 +624,7 @@ fn error_scopes_left_open_are_popped_in_order() {
         &mut shared,
         &Request::Hello {
             version: proto::VERSION,
+            credential: None,
         },
         &[],
     )

@@ -101,6 +101,7 @@ pub fn router(state: AppState) -> Router {
         .route("/agent/volumes/{id}/status", post(agent_volume_status))
         .route("/agent/gpu/register", put(gpu_register))
         .route("/agent/gpu/heartbeat", post(gpu_heartbeat))
+        .route("/agent/gpu/work", get(gpu_work))
         .fallback(|| async { RegionError::NotFound("no such API call".into()) })
         .layer(middleware::from_fn_with_state(state.clone(), authenticate));
     Router::new()
@@ -280,6 +281,10 @@ async fn gpu_register(State(st): S, Extension(p): P, body: Body) -> Result<Json<
     Ok(Json(
         json!({"gpu_server": g, "lease_seconds": ttl.as_secs()}),
     ))
+}
+
+async fn gpu_work(State(st): S, Extension(p): P) -> Result<Json<Value>> {
+    Ok(Json(st.region.gpu_work(gpu_server(&p)?).await?))
 }
 
 async fn gpu_heartbeat(State(st): S, Extension(p): P) -> Result<Json<Value>> {

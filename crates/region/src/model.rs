@@ -104,6 +104,11 @@ pub mod keys {
     pub fn vgpus() -> String {
         format!("{ROOT}vgpus/")
     }
+    /// A vGPU attachment's credential, for its instance (removed when the
+    /// attachment is revoked).
+    pub fn vgpu_secret(id: &str) -> String {
+        format!("{ROOT}vgpu-secrets/{id}")
+    }
     /// An index entry: a `kind` (`instance`, `volume`) with `id` lives on
     /// `host` (what a host's work is read from, without a scan).
     pub fn placed(host: &str, kind: &str, id: &str) -> String {
@@ -305,6 +310,10 @@ pub struct Vgpu {
     pub state: VgpuState,
     /// When it was attached (Unix seconds).
     pub created: u64,
+    /// SHA-256 of its credential (the GPU server admits a session that
+    /// presents the credential; the secret is kept apart, for the instance).
+    #[serde(default)]
+    pub credential_hash: String,
 }
 
 /// What is allocated on a host.

@@ -99,10 +99,105 @@ pub struct DemoArgs {
     still: bool,
 }
 
+/// A region GPU server's admission: the credentials of the vGPUs attached
+/// on it, by hash, as the region lists them (read every
+/// [`GRANTS_REFRESH`]); a revoked one's sessions are ended.
+#[derive(Debug, Default)]
+pub struct RegionGrants {
+    grants: std::sync::RwLock<std::collections::HashMap<String, softcard_gpu::server::Grant>>,
+}
+
+/// How often a region GPU server reads its attachments.
+const GRANTS_REFRESH: Duration = Duration::from_millis(500);
+
+impl softcard_gpu::server::Admission for RegionGrants {
+    fn admit(&self, credential: Option<&str>) -> Result<softcard_gpu::server::Grant, String> {
+        use sha2::Digest;
+        let c = credential.ok_or("this GPU server admits only a vGPU attachment's credential")?;
+        let hash = hex::encode(sha2::Sha256::digest(c.as_bytes()));
+        self.grants
+            .read()
+            .map_err(|_| "grants unavailable".to_owned())?
+            .get(&hash)
+            .cloned()
+            .ok_or_else(|| "unknown or revoked credential".to_owned())
+    }
+}
+
+impl RegionGrants {
+    /// Keeps the grants in step with the region for as long as `server`
+    /// lives, ending the sessions of attachments the region revoked.
+    pub fn follow(
+        self: &std::sync::Arc<Self>,
+        client: softcard_region::client::RegionClient,
+        server: &std::sync::Arc<GpuServer>,
+    ) -> Result<()> {
+        let (me, server) = (self.clone(), std::sync::Arc::downgrade(server));
+        std::thread::Builder::new()
+            .name("vgpu-grants".into())
+            .spawn(move || loop {
+                let Some(server) = server.upgrade() else {
+                    return;
+                };
+                match client.get("/v1/agent/gpu/work") {
+                    Ok(w) => {
+                        let next: std::collections::HashMap<String, softcard_gpu::server::Grant> =
+                            w["attachments"]
+                                .as_array()
+                                .into_iter()
+                                .flatten()
+                                .filter_map(|a| {
+                                    Some((
+                                        a["credential_hash"].as_str()?.to_owned(),
+                                        softcard_gpu::server::Grant {
+                                            attachment: a["id"].as_str()?.to_owned(),
+                                            quota: a["memory_bytes"].as_u64()?,
+                                        },
+                                    ))
+                                })
+                                .collect();
+                        let gone: Vec<String> = match me.grants.write() {
+                            Ok(mut g) => {
+                                let gone = g
+                                    .values()
+                                    .filter(|old| {
+                                        !next.values().any(|n| n.attachment == old.attachment)
+                                    })
+                                    .map(|old| old.attachment.clone())
+                                    .collect();
+                                *g = next;
+                                gone
+                            }
+                            Err(_) => Vec::new(),
+                        };
+                        for a in gone {
+                            server.revoke(&a);
+                        }
+                    }
+                    Err(e) => log::warn!("reading this GPU server's attachments: {e}"),
+                }
+                drop(server);
+                std::thread::sleep(GRANTS_REFRESH);
+            })?;
+        Ok(())
+    }
+}
+
 /// Runs the GPU server until killed.
 pub fn serve(a: &ServeArgs) -> Result<()> {
     let quota = parse_size(&a.quota).map_err(|e| anyhow!("--quota: {e}"))?;
-    let server = GpuServer::new(ServerConfig { quota }).map_err(|e| anyhow!(e))?;
+    // In a region, only the region's credentials open sessions.
+    let grants = a
+        .region
+        .as_ref()
+        .map(|_| std::sync::Arc::new(RegionGrants::default()));
+    let server = GpuServer::new(ServerConfig {
+        quota,
+        admission: grants
+            .clone()
+            .map(|g| g as std::sync::Arc<dyn softcard_gpu::server::Admission>),
+    })
+    .map_err(|e| anyhow!(e))?;
     let info = server.adapter_info();
     let listener =
         TcpListener::bind(&a.listen).with_context(|| format!("listen on {}", a.listen))?;
@@ -144,6 +239,9 @@ pub fn serve(a: &ServeArgs) -> Result<()> {
                 .endpoint
                 .clone()
                 .unwrap_or(listener.local_addr()?.to_string());
+            if let Some(g) = &grants {
+                g.follow(client.clone(), &server)?;
+            }
             Some(join_region(client, &info, &endpoint, memory)?)
         }
         None => None,
@@ -167,7 +265,11 @@ pub struct Background {
 /// `softcard up`, or says why it could not start (no Vulkan adapter, a
 /// port in use).
 pub fn start_in_background(listen: &str, viewer: &str, quota: u64) -> Result<Background> {
-    let server = GpuServer::new(ServerConfig { quota }).map_err(|e| anyhow!(e))?;
+    let server = GpuServer::new(ServerConfig {
+        quota,
+        admission: None,
+    })
+    .map_err(|e| anyhow!(e))?;
     let info = server.adapter_info();
     let vl = TcpListener::bind(viewer).with_context(|| format!("viewer on {viewer}"))?;
     let bound = server

@@ -107,7 +107,11 @@ fn tcp_rate() -> Result<f64> {
 
 /// Runs the benchmark and prints a table.
 pub fn gpu(a: &GpuBenchArgs) -> Result<()> {
-    let server = GpuServer::new(ServerConfig { quota: 2 << 30 }).map_err(|e| anyhow!(e))?;
+    let server = GpuServer::new(ServerConfig {
+        quota: 2 << 30,
+        admission: None,
+    })
+    .map_err(|e| anyhow!(e))?;
     let addr = server.listen("127.0.0.1:0")?.to_string();
     let vl = TcpListener::bind("127.0.0.1:0")?;
     let vport = vl.local_addr()?.port();

@@ -150,7 +150,10 @@ impl Drop for Conn {
 
 impl Conn {
     /// Connects and says hello.
-    pub(crate) fn connect(addr: impl ToSocketAddrs) -> std::io::Result<Arc<Self>> {
+    pub(crate) fn connect(
+        addr: impl ToSocketAddrs,
+        credential: Option<String>,
+    ) -> std::io::Result<Arc<Self>> {
         let stream = TcpStream::connect(addr)?;
         proto::tune_socket(&stream);
         let shared = Arc::new(Shared::default());
@@ -175,6 +178,7 @@ impl Conn {
                 &mut o.w,
                 &Request::Hello {
                     version: proto::VERSION,
+                    credential,
                 },
                 &[],
             )?;

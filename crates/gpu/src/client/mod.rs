@@ -33,9 +33,23 @@ fn unsupported(what: &str) -> ! {
 
 /// Connects to a GPU server (`softcard gpu serve`) and returns a wgpu
 /// [`Instance`](wgpu::Instance) whose adapters, devices and every object
-/// live there. This is the one line an application changes.
+/// live there. This is the one line an application changes. The
+/// credential a region's GPU server asks for is taken from
+/// `SOFTCARD_VGPU_CREDENTIAL` when set.
 pub fn remote_instance(addr: &str) -> std::io::Result<wgpu::Instance> {
-    let conn = Conn::connect(addr)?;
+    let credential = std::env::var("SOFTCARD_VGPU_CREDENTIAL")
+        .ok()
+        .filter(|c| !c.is_empty());
+    remote_instance_with_credential(addr, credential.as_deref())
+}
+
+/// As [`remote_instance`], presenting `credential` (a vGPU attachment's,
+/// issued by the region) to the server.
+pub fn remote_instance_with_credential(
+    addr: &str,
+    credential: Option<&str>,
+) -> std::io::Result<wgpu::Instance> {
+    let conn = Conn::connect(addr, credential.map(str::to_owned))?;
     Ok(wgpu::Instance::from_custom(RInstance { c: conn }))
 }
 
@@ -213,7 +227,10 @@ impl InstanceInterface for RInstance {
     /// completeness.
     fn new(_desc: wgpu::InstanceDescriptor) -> Self {
         let addr = std::env::var("SOFTCARD_GPU").unwrap_or_else(|_| "127.0.0.1:7070".into());
-        let c = Conn::connect(addr.as_str())
+        let credential = std::env::var("SOFTCARD_VGPU_CREDENTIAL")
+            .ok()
+            .filter(|c| !c.is_empty());
+        let c = Conn::connect(addr.as_str(), credential)
             .unwrap_or_else(|e| panic!("cannot reach the GPU server at {addr}: {e}"));
         Self { c }
     }

@@ -12,9 +12,10 @@ mod replay;
 mod sched;
 mod session;
 
+use std::collections::HashMap;
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 pub use sched::Scheduler;
 pub use session::SessionStats;
@@ -24,13 +25,19 @@ use crate::viewer::FrameHub;
 /// Server settings.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
-    /// Bytes of buffers and textures one session may hold.
+    /// Bytes of buffers and textures one session may hold (without an
+    /// admission policy; with one, each grant says).
     pub quota: u64,
+    /// Who may open a session: everyone when `None`.
+    pub admission: Option<Arc<dyn Admission>>,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        Self { quota: 1 << 30 }
+        Self {
+            quota: 1 << 30,
+            admission: None,
+        }
     }
 }
 
@@ -43,8 +50,48 @@ pub struct GpuServer {
     next_session: AtomicU64,
     frames: Arc<FrameHub>,
     live: session::Registry,
+    admitted: Admitted,
     /// One device that `run_bytes_shared` sessions start with.
     shared_device: std::sync::OnceLock<Result<(wgpu::Device, wgpu::Queue), String>>,
+}
+
+/// What a credential admits a session to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    /// The attachment the credential belongs to (its sessions end when it
+    /// is revoked).
+    pub attachment: String,
+    /// GPU memory the session may hold.
+    pub quota: u64,
+}
+
+/// Decides which sessions a server admits.
+pub trait Admission: Send + Sync + std::fmt::Debug {
+    /// The grant of `credential`, or why it is refused.
+    fn admit(&self, credential: Option<&str>) -> Result<Grant, String>;
+}
+
+/// Live sessions' connections, by attachment: what a revocation ends.
+#[derive(Debug, Default)]
+pub(crate) struct Admitted(Mutex<HashMap<String, Vec<(u64, TcpStream)>>>);
+
+impl Admitted {
+    pub(crate) fn add(&self, attachment: &str, session: u64, conn: TcpStream) {
+        self.0
+            .lock()
+            .expect("admitted")
+            .entry(attachment.to_owned())
+            .or_default()
+            .push((session, conn));
+    }
+
+    fn remove(&self, session: u64) {
+        let mut m = self.0.lock().expect("admitted");
+        for v in m.values_mut() {
+            v.retain(|(s, _)| *s != session);
+        }
+        m.retain(|_, v| !v.is_empty());
+    }
 }
 
 /// A description of one adapter, for `softcard gpu list`.
@@ -100,6 +147,7 @@ impl GpuServer {
             next_session: AtomicU64::new(1),
             frames: Arc::new(FrameHub::default()),
             live: session::Registry::default(),
+            admitted: Admitted::default(),
             shared_device: std::sync::OnceLock::new(),
         }))
     }
@@ -181,6 +229,20 @@ impl GpuServer {
         r.map_err(|e| e.to_string())
     }
 
+    /// Ends every live session of `attachment` (its credential was
+    /// revoked): their connections are shut, and the sessions end.
+    pub fn revoke(&self, attachment: &str) -> usize {
+        let conns = self.admitted.0.lock().expect("admitted").remove(attachment);
+        let n = conns.as_ref().map_or(0, Vec::len);
+        for (_, c) in conns.into_iter().flatten() {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+        if n > 0 {
+            log::info!("vgpu attachment {attachment} revoked: {n} session(s) ended");
+        }
+        n
+    }
+
     /// Runs one session on the calling thread until the client leaves.
     pub fn run_session(self: &Arc<Self>, conn: TcpStream) {
         let id = self.next_session.fetch_add(1, Ordering::Relaxed);
@@ -190,6 +252,7 @@ impl GpuServer {
         let result = session::Session::new(id, self.clone()).run(conn);
         self.sched.leave(id);
         self.live.remove(id);
+        self.admitted.remove(id);
         match result {
             Ok(()) => log::info!("vgpu session {id} ended"),
             Err(e) => log::warn!("vgpu session {id} closed: {e}"),

@@ -212,6 +212,11 @@ pub(super) struct Session {
     seq: u64,
     /// Names this session's frames on the viewer.
     viewer_token: String,
+    /// GPU memory this session may hold.
+    quota: u64,
+    /// Its connection, registered under its attachment when admitted (a
+    /// revocation shuts it).
+    conn: Option<TcpStream>,
 }
 
 fn from_wgpu(e: &wgpu::Error) -> GpuError {
@@ -255,7 +260,6 @@ impl Session {
     pub(super) fn new(id: u64, server: Arc<GpuServer>) -> Self {
         Self {
             id,
-            server,
             device: None,
             objects: Objects::default(),
             used: 0,
@@ -263,6 +267,9 @@ impl Session {
             uncaptured: Arc::default(),
             seq: 0,
             viewer_token: format!("{:032x}", rand::random::<u128>()),
+            quota: server.config.quota,
+            conn: None,
+            server,
         }
     }
 
@@ -270,13 +277,14 @@ impl Session {
         SessionStats {
             session: self.id,
             used: self.used,
-            quota: self.server.config.quota,
+            quota: self.quota,
             objects: self.objects.0.len() as u64,
         }
     }
 
     pub(super) fn run(mut self, conn: TcpStream) -> Result<(), SessionError> {
         proto::tune_socket(&conn);
+        self.conn = conn.try_clone().ok();
         let mut rd = BufReader::with_capacity(1 << 16, conn.try_clone()?);
         let mut wr = BufWriter::with_capacity(1 << 16, conn);
         let result = self.serve(&mut rd, &mut wr);
@@ -479,7 +487,7 @@ impl Session {
     }
 
     fn charge(&mut self, bytes: u64, what: &str) -> Result<(), GpuError> {
-        let quota = self.server.config.quota;
+        let quota = self.quota;
         if self.used.saturating_add(bytes) > quota {
             return Err(GpuError {
                 kind: ErrorFilter::OutOfMemory,
@@ -509,18 +517,30 @@ impl Session {
 
     fn handle(&mut self, req: Request, payload: &[u8]) -> Result<Answer, SessionError> {
         match req {
-            Request::Hello { version } => {
+            Request::Hello {
+                version,
+                credential,
+            } => {
                 if version != proto::VERSION {
                     return Err(SessionError::Violation(format!(
                         "protocol version {version}, server speaks {}",
                         proto::VERSION
                     )));
                 }
+                if let Some(policy) = &self.server.config.admission {
+                    let grant = policy
+                        .admit(credential.as_deref())
+                        .map_err(|why| SessionError::Violation(format!("not admitted: {why}")))?;
+                    self.quota = grant.quota;
+                    if let Some(c) = self.conn.as_ref().and_then(|c| c.try_clone().ok()) {
+                        self.server.admitted.add(&grant.attachment, self.id, c);
+                    }
+                }
                 Ok(Some((
                     Reply::Hello {
                         version: proto::VERSION,
                         session: self.id,
-                        quota: self.server.config.quota,
+                        quota: self.quota,
                         viewer_token: self.viewer_token.clone(),
                     },
                     Payload::Bytes(Vec::new()),
@@ -968,7 +988,7 @@ impl Session {
             Request::Usage => Ok(Some((
                 Reply::Usage {
                     used: self.used,
-                    quota: self.server.config.quota,
+                    quota: self.quota,
                     objects: self.objects.0.len() as u64,
                 },
                 Payload::Bytes(Vec::new()),

@@ -184,7 +184,7 @@ impl Region {
                 reboots: 0,
                 created,
                 client_token: req.client_token.clone(),
-                vgpu: gpu.as_ref().map(|(_, v)| v.id.clone()),
+                vgpu: gpu.as_ref().map(|(_, v, _)| v.id.clone()),
             };
             let vol = Volume {
                 id: vol_id.clone(),
@@ -219,9 +219,9 @@ impl Region {
                 then.push(Op::put(k, id.clone()));
             }
             let mut reads = vec![Op::Get(usage_key), Op::Get(name_key.clone())];
-            if let Some((c, v)) = &gpu {
+            if let Some((c, v, secret)) = &gpu {
                 // The vGPU's memory in the same transaction: both or neither.
-                let (cmp, ops, get) = Self::vgpu_claim_ops(c, v);
+                let (cmp, ops, get) = Self::vgpu_claim_ops(c, v, secret);
                 when.push(cmp);
                 then.extend(ops);
                 reads.push(get);
@@ -234,7 +234,7 @@ impl Region {
                     encode(&choice.usage),
                     r.revision,
                 );
-                if let Some((c, _)) = &gpu {
+                if let Some((c, _, _)) = &gpu {
                     self.placement.claimed(
                         &keys::gpu_usage(&c.server),
                         encode(&c.usage),
@@ -541,7 +541,12 @@ impl Region {
         for kv in &self.placed_records(host, "instance").await? {
             let i: Instance = decode(kv)?;
             if i.host == host && i.state != InstanceState::Terminated {
-                instances.push(i);
+                let mut v = serde_json::to_value(&i).unwrap_or_default();
+                // The vGPU's endpoint and credential, for the instance.
+                if let Some(g) = &i.vgpu {
+                    v["vgpu_access"] = self.vgpu_for_instance(g).await?.unwrap_or_default();
+                }
+                instances.push(v);
             }
         }
         let mut volumes = Vec::new();

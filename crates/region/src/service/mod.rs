@@ -103,12 +103,12 @@ pub(crate) fn encode<T: Serialize>(v: &T) -> Vec<u8> {
 }
 
 /// The SHA-256 of a credential's secret: the key it is stored under.
-fn secret_hash(secret: &str) -> String {
+pub(crate) fn secret_hash(secret: &str) -> String {
     hex::encode(Sha256::digest(secret.as_bytes()))
 }
 
 /// A new credential secret: `sc_` and 64 hex digits (256 random bits).
-fn new_secret() -> String {
+pub(crate) fn new_secret() -> String {
     format!("sc_{}", hex::encode(rand::random::<[u8; 32]>()))
 }
 

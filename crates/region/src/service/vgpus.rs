@@ -26,7 +26,7 @@ impl Region {
         tenant: &str,
         instance: &str,
         name: &str,
-    ) -> Result<(GpuChoice, Vgpu)> {
+    ) -> Result<(GpuChoice, Vgpu, String)> {
         let ty = vgpu_type(name).ok_or_else(|| {
             RegionError::Invalid(format!(
                 "unknown vGPU type {name:?} (eg1.medium, eg1.large, eg1.xlarge, eg1.2xlarge)"
@@ -51,7 +51,9 @@ impl Region {
                 ty.memory_bytes
             ))
         })?;
+        let secret = super::new_secret();
         let v = Vgpu {
+            credential_hash: super::secret_hash(&secret),
             id: new_id("egpu"),
             tenant: tenant.to_owned(),
             instance: instance.to_owned(),
@@ -63,12 +65,12 @@ impl Region {
             state: VgpuState::Attached,
             created: now(),
         };
-        Ok((c, v))
+        Ok((c, v, secret))
     }
 
     /// The compares and writes of a vGPU claim (its server's usage, the
     /// record), and the read that refreshes the view when it fails.
-    pub(crate) fn vgpu_claim_ops(c: &GpuChoice, v: &Vgpu) -> (Compare, Vec<Op>, Op) {
+    pub(crate) fn vgpu_claim_ops(c: &GpuChoice, v: &Vgpu, secret: &str) -> (Compare, Vec<Op>, Op) {
         let key = keys::gpu_usage(&c.server);
         let cmp = if c.usage_revision == 0 {
             Compare::Absent(key.clone())
@@ -80,6 +82,7 @@ impl Region {
             vec![
                 Op::put(key.clone(), encode(&c.usage)),
                 Op::put(keys::vgpu(&v.id), encode(v)),
+                Op::put(keys::vgpu_secret(&v.id), secret),
             ],
             Op::Get(key),
         )
@@ -113,8 +116,8 @@ impl Region {
                     i.value.state.name()
                 )));
             }
-            let (c, v) = self.vgpu_choice(tenant, &i.value.id, name).await?;
-            let (cmp, mut then, get) = Self::vgpu_claim_ops(&c, &v);
+            let (c, v, secret) = self.vgpu_choice(tenant, &i.value.id, name).await?;
+            let (cmp, mut then, get) = Self::vgpu_claim_ops(&c, &v, &secret);
             let mut inst = i.value.clone();
             inst.vgpu = Some(v.id.clone());
             then.push(Op::put(keys::instance(&inst.id), encode(&inst)));
@@ -170,6 +173,9 @@ impl Region {
         vg.state = VgpuState::Detached;
         then.push(Op::put(key, encode(&usage)));
         then.push(Op::put(keys::vgpu(&vg.id), encode(&vg)));
+        // Revoked: the GPU server no longer admits it, and ends its
+        // sessions.
+        then.push(Op::Delete(keys::vgpu_secret(&vg.id)));
         Ok(())
     }
 
@@ -199,6 +205,42 @@ impl Region {
                     .ok_or_else(|| RegionError::NotFound(format!("no vGPU {id}")));
             }
         }
+    }
+
+    /// What a GPU server must admit: the attached vGPUs on its adapters,
+    /// each with its credential's hash and its GPU memory.
+    pub async fn gpu_work(&self, server: &str) -> Result<Value> {
+        let (kvs, revision) = self.store.range(&keys::vgpus()).await?;
+        let mut out = Vec::new();
+        for kv in &kvs {
+            let v: Vgpu = decode(kv)?;
+            if v.server == server && v.state == VgpuState::Attached {
+                out.push(json!({
+                    "id": v.id,
+                    "adapter": v.adapter,
+                    "memory_bytes": v.memory_bytes,
+                    "credential_hash": v.credential_hash,
+                }));
+            }
+        }
+        Ok(json!({"attachments": out, "revision": revision}))
+    }
+
+    /// An instance's vGPU as its host hands it to the instance: endpoint
+    /// and credential.
+    pub(crate) async fn vgpu_for_instance(&self, id: &str) -> Result<Option<Value>> {
+        let Some(v) = read::<Vgpu>(self, &keys::vgpu(id)).await? else {
+            return Ok(None);
+        };
+        let Some(secret) = self.store.get(&keys::vgpu_secret(id)).await? else {
+            return Ok(None);
+        };
+        Ok(Some(json!({
+            "id": v.value.id,
+            "type": v.value.vgpu_type,
+            "endpoint": v.value.endpoint,
+            "credential": String::from_utf8_lossy(&secret.value),
+        })))
     }
 
     /// vGPUs the caller may see, with their health (impaired when their
