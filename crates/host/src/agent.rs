@@ -233,6 +233,21 @@ impl Reconciler {
         self.revision = work["revision"].as_i64();
         let instances: Vec<Instance> =
             serde_json::from_value(work["instances"].clone()).unwrap_or_default();
+        // What each instance learns from its metadata service.
+        for raw in work["instances"].as_array().into_iter().flatten() {
+            let Some(id) = raw["id"].as_str() else {
+                continue;
+            };
+            let dir = self.dir(id);
+            if dir.is_dir() || matches!(raw["state"].as_str(), Some("pending")) {
+                let access = raw.get("vgpu_access").filter(|v| !v.is_null());
+                let doc = crate::metadata::document(id, access);
+                let _ = std::fs::create_dir_all(&dir);
+                if std::fs::read(dir.join("metadata.json")).ok() != serde_json::to_vec(&doc).ok() {
+                    let _ = crate::metadata::write(&dir, &doc);
+                }
+            }
+        }
         let volumes: Vec<Volume> =
             serde_json::from_value(work["volumes"].clone()).unwrap_or_default();
         for v in &volumes {
@@ -372,6 +387,13 @@ impl Reconciler {
             vcpus: i.vcpus,
             memory_mib: i.memory_mib,
             boot_socket: boot,
+            metadata_cmd: std::env::current_exe().ok().map(|exe| {
+                format!(
+                    "{} metadata --file {}",
+                    exe.display(),
+                    dir.join("metadata.json").display()
+                )
+            }),
         };
         let vm = Vm::start(&spec, &dir).map_err(|e| e.to_string())?;
         let _ = std::fs::write(dir.join("reboots"), i.reboots.to_string());

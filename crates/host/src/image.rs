@@ -14,6 +14,20 @@ use crate::initramfs::{host_kernel, Initramfs, INIT_PRELUDE};
 const INIT: &str = r#"$B --install -s /bin
 ID=$(sed -n 's/.*softcard\.instance=\([^ ]*\).*/\1/p' /proc/cmdline)
 echo "softcard: instance $ID booted"
+# The metadata service: the NIC reaches 169.254.169.254:80 and nothing else.
+if [ -e /sys/class/net/eth0 ]; then
+    ip link set lo up
+    ip addr add 169.254.169.15/24 dev eth0
+    ip link set eth0 up
+    # One GET with busybox's nc (its wget crashes in this static build);
+    # the body follows the blank line.
+    md() { printf 'GET /latest/meta-data/%s HTTP/1.0\r\n\r\n' "$1" | timeout 5 nc 169.254.169.254 80 | tr -d '\r' | sed '1,/^$/d'; }
+    echo "softcard: metadata instance-id $(md instance-id)"
+    v=$(md vgpu)
+    case "$v" in
+        "{"*) echo "softcard: metadata vgpu $(echo "$v" | sed 's/"credential":"[^"]*"/"credential":"(given)"/')" ;;
+    esac
+fi
 stamp() {
     first=$(dd if=/dev/$1 bs=512 count=1 2>/dev/null | tr -d '\000' | head -c 13)
     if [ -z "$first" ] || [ "$first" = "SOFTCARD-DEMO" ]; then
@@ -74,7 +88,7 @@ pub fn default_image(dir: &Path) -> io::Result<Image> {
     if !initrd.exists() {
         std::fs::create_dir_all(dir)?;
         let mut i = Initramfs::new(&kernel, &format!("#!/bin/busybox sh\n{INIT_PRELUDE}{INIT}"))?;
-        i.modules(&["virtio_pci", "virtio_blk"])?;
+        i.modules(&["virtio_pci", "virtio_blk", "virtio_net"])?;
         let tmp = dir.join(format!(".default-{tag}.{}", std::process::id()));
         std::fs::write(&tmp, i.finish()?)?;
         std::fs::rename(&tmp, &initrd)?;

@@ -7,6 +7,7 @@
 pub mod agent;
 pub mod image;
 pub mod initramfs;
+pub mod metadata;
 pub mod qmp;
 pub mod vm;
 

@@ -60,6 +60,9 @@ pub struct VmSpec {
     pub memory_mib: u64,
     /// The boot volume's vhost-user socket.
     pub boot_socket: PathBuf,
+    /// The command that answers one metadata connection (QEMU runs it for
+    /// each guest connection to 169.254.169.254:80); none: no metadata NIC.
+    pub metadata_cmd: Option<String>,
 }
 
 /// A running (or adopted) VM.
@@ -127,6 +130,16 @@ impl Vm {
             cmd.args([
                 "-device",
                 &format!("pcie-root-port,id=rp{n},chassis={}", n + 1),
+            ]);
+        }
+        if let Some(md) = spec.metadata_cmd.as_deref().filter(|c| !c.contains(',')) {
+            // User networking restricted to the metadata forward: the guest
+            // reaches 169.254.169.254:80 and nothing else.
+            cmd.args([
+                "-netdev",
+                &format!("user,id=md,restrict=on,net=169.254.169.0/24,host=169.254.169.2,guestfwd=tcp:169.254.169.254:80-cmd:{md}"),
+                "-device",
+                "virtio-net-pci,netdev=md",
             ]);
         }
         cmd.arg("-chardev")

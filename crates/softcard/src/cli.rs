@@ -70,6 +70,15 @@ enum Command {
     /// Virtual GPUs: the GPU server and a demo application.
     #[command(subcommand)]
     Gpu(GpuCmd),
+    /// Answers one instance-metadata connection on standard input and
+    /// output from an instance's metadata file (QEMU runs this for each
+    /// guest connection to 169.254.169.254:80).
+    #[command(hide = true)]
+    Metadata {
+        /// The instance's metadata file.
+        #[arg(long)]
+        file: PathBuf,
+    },
     /// Benchmarks against the peers users run today.
     #[command(subcommand)]
     Bench(BenchCmd),
@@ -327,6 +336,7 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Serve { config, region } => daemon::serve(&config, &region),
         Command::Up(a) => crate::up::up(&a),
+        Command::Metadata { file } => Ok(softcard_host::metadata::serve_stdio(&file)?),
         Command::Region(c) => region_cli::region(c),
         Command::Tenant(c) => region_cli::tenant(c),
         Command::Host(c) => region_cli::host(c),

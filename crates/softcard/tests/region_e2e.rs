@@ -69,6 +69,60 @@ fn busy_then_forced_detach(net: &Net, host: usize, id: &str) {
     net.wait_console("web1", "disk vdb gone");
 }
 
+/// An instance with a vGPU learns its endpoint and credential from the
+/// metadata service, inside its guest (a registered GPU server, simulated:
+/// no session is opened here; tests/region_vgpu.rs opens them).
+fn vgpu_metadata(net: &Net) {
+    use serde_json::json;
+    use softcard_region::client::RegionClient;
+    let admin = RegionClient::new(
+        net.url(),
+        std::fs::read_to_string(&net.admin).unwrap().trim(),
+        None,
+    )
+    .unwrap();
+    let c = admin
+        .post("/v1/gpu-servers/gpu-a/credentials", &json!({}))
+        .unwrap();
+    let g = RegionClient::new(net.url(), c["credential"].as_str().unwrap(), None).unwrap();
+    g.call(
+        "PUT",
+        "/v1/agent/gpu/register",
+        Some(
+            &json!({"endpoint": "127.0.0.1:7070", "adapters": [{"name": "gpu0",
+            "backend": "Vulkan", "device_type": "DiscreteGpu", "memory_bytes": 4u64 << 30}]}),
+        ),
+    )
+    .unwrap();
+    net.t(&[
+        "instance",
+        "create",
+        "gfx",
+        "--type",
+        "sc1.micro",
+        "--volume-size",
+        "64MiB",
+        "--vgpu",
+        "eg1.medium",
+    ]);
+    net.wait_state("gfx", "running");
+    net.wait_console("gfx", "softcard: metadata vgpu {");
+    let line = net
+        .console("gfx")
+        .lines()
+        .find(|l| l.starts_with("softcard: metadata vgpu"))
+        .unwrap()
+        .to_owned();
+    let v: serde_json::Value =
+        serde_json::from_str(line.trim_start_matches("softcard: metadata vgpu ")).unwrap();
+    assert_eq!(v["endpoint"], "127.0.0.1:7070");
+    assert_eq!(v["type"], "eg1.medium");
+    assert_eq!(v["credential"], "(given)", "the guest got a credential");
+    let id = net.instance("gfx")["id"].as_str().unwrap().to_owned();
+    net.t(&["instance", "terminate", "gfx"]);
+    net.wait_state(&id, "terminated");
+}
+
 fn provider_network(etcd: bool) {
     let mut net = Net::start(etcd);
     // Two instances spread over the two hosts.
@@ -158,6 +212,15 @@ fn provider_network(etcd: bool) {
     assert_eq!(boot["tenant"], "acme", "{boot}");
     net.t(&["instance", "terminate", "enc1"]);
     net.wait_state(enc["id"].as_str().unwrap(), "terminated");
+
+    // Each guest asks its metadata service who it is.
+    for name in ["web1", "web2"] {
+        let id = net.instance(name)["id"].as_str().unwrap().to_owned();
+        net.wait_console(name, &format!("softcard: metadata instance-id {id}"));
+    }
+    if !etcd {
+        vgpu_metadata(&net);
+    }
 
     // A data volume per instance, hot-plugged; the guest sees and writes it.
     net.t(&[
