@@ -42,35 +42,6 @@ pub fn answer(doc: &Value, path: &str) -> (u16, String) {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn answers_from_the_document() {
-        let v =
-            serde_json::json!({"id": "egpu-1", "endpoint": "127.0.0.1:7070", "credential": "sc_x"});
-        let d = document("i-1", Some(&v));
-        assert_eq!(
-            answer(&d, "/latest/meta-data/instance-id"),
-            (200, "i-1".into())
-        );
-        assert_eq!(
-            answer(&d, "/latest/meta-data/"),
-            (200, "instance-id\nvgpu\n".into())
-        );
-        let (s, body) = answer(&d, "/latest/meta-data/vgpu");
-        assert_eq!(s, 200);
-        assert_eq!(serde_json::from_str::<Value>(&body).unwrap(), v);
-        assert_eq!(
-            answer(&document("i-1", None), "/latest/meta-data/vgpu").0,
-            404
-        );
-        assert_eq!(answer(&d, "/etc/passwd").0, 404);
-        assert_eq!(answer(&d, "/latest/meta-data/../../x").0, 404);
-    }
-}
-
 /// Serves one connection on standard input and output (QEMU's guestfwd
 /// `cmd:` gives each guest connection to a process this way), answering
 /// from the file at `file` as it is when each request arrives.
@@ -107,4 +78,33 @@ pub fn serve_stdio(file: &Path) -> std::io::Result<()> {
         .await;
     });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_from_the_document() {
+        let v =
+            serde_json::json!({"id": "egpu-1", "endpoint": "127.0.0.1:7070", "credential": "sc_x"});
+        let d = document("i-1", Some(&v));
+        assert_eq!(
+            answer(&d, "/latest/meta-data/instance-id"),
+            (200, "i-1".into())
+        );
+        assert_eq!(
+            answer(&d, "/latest/meta-data/"),
+            (200, "instance-id\nvgpu\n".into())
+        );
+        let (s, body) = answer(&d, "/latest/meta-data/vgpu");
+        assert_eq!(s, 200);
+        assert_eq!(serde_json::from_str::<Value>(&body).unwrap(), v);
+        assert_eq!(
+            answer(&document("i-1", None), "/latest/meta-data/vgpu").0,
+            404
+        );
+        assert_eq!(answer(&d, "/etc/passwd").0, 404);
+        assert_eq!(answer(&d, "/latest/meta-data/../../x").0, 404);
+    }
 }
