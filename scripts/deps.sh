@@ -24,6 +24,9 @@ common=(
     # The region's etcd store is built on etcd-client, whose build compiles
     # etcd's protocol files with protoc and protobuf's own .proto files.
     "protoc protobuf-compiler"
+    # The gpu-demo image carries softcard with its debug information
+    # stripped.
+    "objcopy binutils"
     "/usr/include/google/protobuf/descriptor.proto libprotobuf-dev"
 )
 test_deps=(

@@ -387,13 +387,9 @@ impl Reconciler {
             vcpus: i.vcpus,
             memory_mib: i.memory_mib,
             boot_socket: boot,
-            metadata_cmd: std::env::current_exe().ok().map(|exe| {
-                format!(
-                    "{} metadata --file {}",
-                    exe.display(),
-                    dir.join("metadata.json").display()
-                )
-            }),
+            metadata: std::env::current_exe()
+                .ok()
+                .map(|exe| (exe, dir.join("metadata.json"))),
         };
         let vm = Vm::start(&spec, &dir).map_err(|e| e.to_string())?;
         let _ = std::fs::write(dir.join("reboots"), i.reboots.to_string());

@@ -10,8 +10,10 @@ use std::path::{Path, PathBuf};
 
 use crate::initramfs::{host_kernel, Initramfs, INIT_PRELUDE};
 
-/// The default image's init, after the prelude.
-const INIT: &str = r#"$B --install -s /bin
+/// The default image's init: network and metadata.
+macro_rules! INIT_NET {
+    () => {
+        r#"$B --install -s /bin
 ID=$(sed -n 's/.*softcard\.instance=\([^ ]*\).*/\1/p' /proc/cmdline)
 echo "softcard: instance $ID booted"
 # The metadata service: the NIC reaches 169.254.169.254:80 and nothing else.
@@ -28,7 +30,14 @@ if [ -e /sys/class/net/eth0 ]; then
         "{"*) echo "softcard: metadata vgpu $(echo "$v" | sed 's/"credential":"[^"]*"/"credential":"(given)"/')" ;;
     esac
 fi
-stamp() {
+"#
+    };
+}
+
+/// The default image's init: report and stamp disks, forever.
+macro_rules! INIT_DISKS {
+    () => {
+        r#"stamp() {
     first=$(dd if=/dev/$1 bs=512 count=1 2>/dev/null | tr -d '\000' | head -c 13)
     if [ -z "$first" ] || [ "$first" = "SOFTCARD-DEMO" ]; then
         if printf 'SOFTCARD-DEMO %s %s\n' "$1" "$ID" | dd of=/dev/$1 bs=512 count=1 conv=sync,fsync 2>/dev/null; then
@@ -61,7 +70,30 @@ while true; do
     seen="$now"
     usleep 100000
 done
-"#;
+"#
+    };
+}
+
+/// The default image's init, after the prelude.
+const INIT: &str = concat!(INIT_NET!(), INIT_DISKS!());
+
+/// The `gpu-demo` image's init: the network and metadata, then the
+/// project's wgpu render loop on the instance's vGPU (its endpoint and
+/// credential from the metadata service), then it idles.
+const GPU_DEMO_INIT: &str = concat!(
+    INIT_NET!(),
+    r#"cred=$(echo "$v" | sed -n 's/.*"credential":"\([^"]*\)".*/\1/p')
+at=$(echo "$v" | sed -n 's/.*"guest_endpoint":"\([^"]*\)".*/\1/p')
+if [ -n "$cred" ] && [ -n "$at" ]; then
+    echo "softcard: running the wgpu demo on the vGPU at $at"
+    SOFTCARD_VGPU_CREDENTIAL="$cred" RUST_LOG=warn /bin/softcard gpu demo --server "$at" --frames 30 --width 320 --height 240 --fps 0 2>&1
+    echo "softcard: demo exited with $?"
+else
+    echo "softcard: no vGPU in the metadata"
+fi
+while true; do sleep 3600; done
+"#
+);
 
 /// A built image: what QEMU boots.
 #[derive(Debug, Clone)]
@@ -72,34 +104,72 @@ pub struct Image {
     pub initrd: PathBuf,
 }
 
-/// Builds (once per kernel) the `default` image under `dir`.
-pub fn default_image(dir: &Path) -> io::Result<Image> {
+/// Builds (once per kernel, init script and program) an image under
+/// `dir`: busybox, the virtio modules, the init, and `program` as
+/// `/bin/softcard` with the libraries it needs (its debug information
+/// stripped: it would not fit a small instance's memory).
+fn build(dir: &Path, name: &str, init: &str, program: Option<&Path>) -> io::Result<Image> {
     let kernel = host_kernel()?;
     let tag = kernel
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    // The name changes with the init script, so an image built by an older
+    let mut key = crc32fast::Hasher::new();
+    key.update(init.as_bytes());
+    if let Some(p) = program {
+        let m = std::fs::metadata(p)?;
+        key.update(&m.len().to_le_bytes());
+        key.update(&format!("{:?}", m.modified().ok()).into_bytes());
+    }
+    // The name changes with what goes in, so an image built by an older
     // release is not reused.
-    let initrd = dir.join(format!(
-        "default-{tag}-{:08x}.cpio",
-        crc32fast::hash(INIT.as_bytes())
-    ));
+    let initrd = dir.join(format!("{name}-{tag}-{:08x}.cpio", key.finalize()));
     if !initrd.exists() {
         std::fs::create_dir_all(dir)?;
-        let mut i = Initramfs::new(&kernel, &format!("#!/bin/busybox sh\n{INIT_PRELUDE}{INIT}"))?;
+        let mut i = Initramfs::new(&kernel, &format!("#!/bin/busybox sh\n{INIT_PRELUDE}{init}"))?;
         i.modules(&["virtio_pci", "virtio_blk", "virtio_net"])?;
-        let tmp = dir.join(format!(".default-{tag}.{}", std::process::id()));
+        if let Some(p) = program {
+            let stripped = dir.join(format!(".softcard.{}", std::process::id()));
+            let st = std::process::Command::new("objcopy")
+                .arg("--strip-debug")
+                .arg(p)
+                .arg(&stripped)
+                .status()
+                .map_err(|e| io::Error::other(format!("objcopy (package binutils): {e}")))?;
+            if !st.success() {
+                return Err(io::Error::other(format!(
+                    "objcopy --strip-debug {}: {st}",
+                    p.display()
+                )));
+            }
+            let data = std::fs::read(&stripped)?;
+            let _ = std::fs::remove_file(&stripped);
+            i.file("bin/softcard", &data, 0o755)?;
+            i.libraries_of(&p.to_string_lossy())?;
+        }
+        let tmp = dir.join(format!(".{name}-{tag}.{}", std::process::id()));
         std::fs::write(&tmp, i.finish()?)?;
         std::fs::rename(&tmp, &initrd)?;
     }
     Ok(Image { kernel, initrd })
 }
 
+/// Builds (once per kernel) the `default` image under `dir`.
+pub fn default_image(dir: &Path) -> io::Result<Image> {
+    build(dir, "default", INIT, None)
+}
+
 /// The image named `name`.
 pub fn image(name: &str, dir: &Path) -> io::Result<Image> {
     match name {
         "default" => default_image(dir),
+        // The program the card daemon runs is the one the guest runs.
+        "gpu-demo" => build(
+            dir,
+            "gpu-demo",
+            GPU_DEMO_INIT,
+            Some(&std::env::current_exe()?),
+        ),
         _ => Err(io::Error::other(format!("unknown image {name:?}"))),
     }
 }

@@ -16,8 +16,14 @@ use std::path::Path;
 
 use serde_json::Value;
 
-/// The document an instance's metadata is answered from.
+/// The document an instance's metadata is answered from. The vGPU gains
+/// `guest_endpoint`: where the guest reaches it (relayed by the host).
 pub fn document(id: &str, vgpu: Option<&Value>) -> Value {
+    let vgpu = vgpu.map(|v| {
+        let mut v = v.clone();
+        v["guest_endpoint"] = Value::from(format!("169.254.169.254:{GUEST_VGPU_PORT}"));
+        v
+    });
     serde_json::json!({"instance-id": id, "vgpu": vgpu})
 }
 
@@ -80,6 +86,43 @@ pub fn serve_stdio(file: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The port of 169.254.169.254 at which a guest reaches its vGPU: each
+/// connection is relayed to the endpoint in the instance's metadata file
+/// as it is at that moment (so a vGPU attached after boot is reachable).
+pub const GUEST_VGPU_PORT: u16 = 7070;
+
+/// Relays one guest connection (on standard input and output) to the
+/// instance's vGPU endpoint, both ways, until either side closes.
+pub fn relay_stdio(file: &Path) -> std::io::Result<()> {
+    let doc: Value = serde_json::from_slice(&std::fs::read(file)?).unwrap_or_default();
+    let endpoint = doc["vgpu"]["endpoint"]
+        .as_str()
+        .ok_or_else(|| std::io::Error::other("this instance has no vGPU"))?;
+    let up = std::net::TcpStream::connect(endpoint)?;
+    let mut down = up.try_clone()?;
+    let to_gpu = std::thread::spawn(move || {
+        let mut up = up;
+        let _ = std::io::copy(&mut std::io::stdin().lock(), &mut up);
+        let _ = up.shutdown(std::net::Shutdown::Write);
+    });
+    // Standard output is line-buffered: every chunk is flushed, or a frame
+    // without a newline byte would wait in the buffer forever.
+    let mut out = std::io::stdout().lock();
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        use std::io::{Read, Write};
+        let n = match down.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if out.write_all(&buf[..n]).and_then(|()| out.flush()).is_err() {
+            break;
+        }
+    }
+    let _ = to_gpu.join();
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -99,7 +142,10 @@ mod tests {
         );
         let (s, body) = answer(&d, "/latest/meta-data/vgpu");
         assert_eq!(s, 200);
-        assert_eq!(serde_json::from_str::<Value>(&body).unwrap(), v);
+        let got: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(got["endpoint"], v["endpoint"]);
+        assert_eq!(got["credential"], v["credential"]);
+        assert_eq!(got["guest_endpoint"], "169.254.169.254:7070");
         assert_eq!(
             answer(&document("i-1", None), "/latest/meta-data/vgpu").0,
             404

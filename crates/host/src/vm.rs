@@ -60,9 +60,11 @@ pub struct VmSpec {
     pub memory_mib: u64,
     /// The boot volume's vhost-user socket.
     pub boot_socket: PathBuf,
-    /// The command that answers one metadata connection (QEMU runs it for
-    /// each guest connection to 169.254.169.254:80); none: no metadata NIC.
-    pub metadata_cmd: Option<String>,
+    /// This program and the instance's metadata file: QEMU runs `PROGRAM
+    /// metadata --file FILE` for each guest connection to
+    /// 169.254.169.254:80 and `PROGRAM relay --metadata FILE` for each to
+    /// 169.254.169.254:7070 (its vGPU); none: no metadata NIC.
+    pub metadata: Option<(PathBuf, PathBuf)>,
 }
 
 /// A running (or adopted) VM.
@@ -132,15 +134,24 @@ impl Vm {
                 &format!("pcie-root-port,id=rp{n},chassis={}", n + 1),
             ]);
         }
-        if let Some(md) = spec.metadata_cmd.as_deref().filter(|c| !c.contains(',')) {
-            // User networking restricted to the metadata forward: the guest
-            // reaches 169.254.169.254:80 and nothing else.
-            cmd.args([
-                "-netdev",
-                &format!("user,id=md,restrict=on,net=169.254.169.0/24,host=169.254.169.2,guestfwd=tcp:169.254.169.254:80-cmd:{md}"),
-                "-device",
-                "virtio-net-pci,netdev=md",
-            ]);
+        if let Some((exe, file)) = &spec.metadata {
+            let (exe, file) = (exe.display().to_string(), file.display().to_string());
+            // Commas separate QEMU's options: such paths get no metadata.
+            if !exe.contains(',') && !file.contains(',') {
+                // User networking restricted to two forwards: the guest
+                // reaches the metadata service and its vGPU, nothing else.
+                let port = crate::metadata::GUEST_VGPU_PORT;
+                cmd.args([
+                    "-netdev",
+                    &format!(
+                        "user,id=md,restrict=on,net=169.254.169.0/24,host=169.254.169.2,\
+                         guestfwd=tcp:169.254.169.254:80-cmd:{exe} metadata --file {file},\
+                         guestfwd=tcp:169.254.169.254:{port}-cmd:{exe} relay --metadata {file}"
+                    ),
+                    "-device",
+                    "virtio-net-pci,netdev=md",
+                ]);
+            }
         }
         cmd.arg("-chardev")
             .arg(format!(

@@ -378,12 +378,20 @@ pub struct Image {
 }
 
 /// The built-in images: hosts build them from their own kernel.
-pub const IMAGES: &[Image] = &[Image {
-    name: "default",
-    description: "the host's Debian kernel and a busybox initramfs built by softcard; \
-                  its init reports every virtio disk it sees on the console and stamps \
-                  blank ones (docs/region.md)",
-}];
+pub const IMAGES: &[Image] = &[
+    Image {
+        name: "default",
+        description: "the host's Debian kernel and a busybox initramfs built by softcard; \
+                      its init reports every virtio disk it sees on the console and stamps \
+                      blank ones (docs/region.md)",
+    },
+    Image {
+        name: "gpu-demo",
+        description: "as default, with softcard inside: at boot it runs the wgpu demo render \
+                      loop on the instance's vGPU, with the endpoint and credential from the \
+                      metadata service (give the instance a vGPU)",
+    },
+];
 
 /// EC2's instance states.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

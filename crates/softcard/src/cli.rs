@@ -79,6 +79,15 @@ enum Command {
         #[arg(long)]
         file: PathBuf,
     },
+    /// Relays one guest connection on standard input and output to the
+    /// instance's vGPU (QEMU runs this for each guest connection to
+    /// 169.254.169.254:7070).
+    #[command(hide = true)]
+    Relay {
+        /// The instance's metadata file.
+        #[arg(long)]
+        metadata: PathBuf,
+    },
     /// Benchmarks against the peers users run today.
     #[command(subcommand)]
     Bench(BenchCmd),
@@ -337,6 +346,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Serve { config, region } => daemon::serve(&config, &region),
         Command::Up(a) => crate::up::up(&a),
         Command::Metadata { file } => Ok(softcard_host::metadata::serve_stdio(&file)?),
+        Command::Relay { metadata } => Ok(softcard_host::metadata::relay_stdio(&metadata)?),
         Command::Region(c) => region_cli::region(c),
         Command::Tenant(c) => region_cli::tenant(c),
         Command::Host(c) => region_cli::host(c),

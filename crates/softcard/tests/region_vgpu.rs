@@ -136,3 +136,80 @@ fn gpu_server_admits_only_the_regions_credentials() {
     let e = open(Some(&secret)).unwrap_err();
     assert!(e.contains("unknown or revoked"), "{e}");
 }
+
+/// The patent's chain, but for the client device: an instance provisioned
+/// by the region gets a vGPU backed by a separate GPU server process, and
+/// an ordinary wgpu program inside the instance's QEMU guest (the
+/// `gpu-demo` image: no GPU, no Vulkan driver, no display) renders and
+/// presents 30 frames on it, with the endpoint and credential the metadata
+/// service gave it.
+#[test]
+fn a_wgpu_program_in_an_instance_renders_on_its_vgpu() {
+    let net = common::net::Net::start(false);
+    let admin = RegionClient::new(
+        net.url(),
+        std::fs::read_to_string(&net.admin).unwrap().trim(),
+        None,
+    )
+    .unwrap();
+    let gfile = net.dir.path().join("gpu.credential");
+    std::fs::write(
+        &gfile,
+        credential(&admin, "/v1/gpu-servers/gpu-a/credentials"),
+    )
+    .unwrap();
+    let gport = free_port();
+    let _gpu = Proc(
+        Command::new(BIN)
+            .args(["gpu", "serve", "--listen", &format!("127.0.0.1:{gport}")])
+            .args(["--region", net.url(), "--region-credential"])
+            .arg(&gfile)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_until("the GPU server registers", SLOW, || {
+        admin
+            .get("/v1/gpu-servers")
+            .unwrap()
+            .as_array()
+            .is_some_and(|g| g.iter().any(|g| g["state"] == "up"))
+    });
+    net.t(&[
+        "instance",
+        "create",
+        "art",
+        "--type",
+        "sc1.small",
+        "--volume-size",
+        "64MiB",
+        "--image",
+        "gpu-demo",
+        "--vgpu",
+        "eg1.medium",
+    ]);
+    net.wait_state("art", "running");
+    net.wait_console("art", "softcard: demo exited with");
+    let console = net.console("art");
+    assert!(
+        console.contains("softcard: demo exited with 0"),
+        "{console}"
+    );
+    assert!(
+        console.contains("rendered 30 frames of 320x240"),
+        "{console}"
+    );
+    // The GPU server lists the attachment it served.
+    let servers = admin.get("/v1/gpu-servers").unwrap();
+    let att = &servers[0]["adapters"][0]["attachments"];
+    assert_eq!(att.as_array().map(Vec::len), Some(1), "{servers}");
+    assert_eq!(att[0]["type"], "eg1.medium");
+    let id = net.instance("art")["id"].as_str().unwrap().to_owned();
+    net.t(&["instance", "terminate", "art"]);
+    net.wait_state(&id, "terminated");
+    let servers = admin.get("/v1/gpu-servers").unwrap();
+    assert!(servers[0]["adapters"][0]["attachments"]
+        .as_array()
+        .unwrap()
+        .is_empty());
+}
