@@ -8,6 +8,7 @@
 //! panics on bad ranges) sees them, and a panic that still escapes closes
 //! only that session.
 
+mod objects;
 mod replay;
 mod sched;
 mod session;

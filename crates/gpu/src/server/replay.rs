@@ -7,7 +7,7 @@
 
 use std::num::NonZeroU64;
 
-use super::session::{validation, Objects};
+use super::objects::{validation, Objects};
 use crate::proto::{
     BufferCopy, ColorAttachment, Command, DepthAttachment, GpuError, Id, LoadOp, Ops, TextureCopy,
 };
