@@ -82,11 +82,9 @@ const INIT: &str = concat!(INIT_NET!(), INIT_DISKS!());
 /// credential from the metadata service), then it idles.
 const GPU_DEMO_INIT: &str = concat!(
     INIT_NET!(),
-    r#"cred=$(echo "$v" | sed -n 's/.*"credential":"\([^"]*\)".*/\1/p')
-at=$(echo "$v" | sed -n 's/.*"guest_endpoint":"\([^"]*\)".*/\1/p')
-if [ -n "$cred" ] && [ -n "$at" ]; then
-    echo "softcard: running the wgpu demo on the vGPU at $at"
-    SOFTCARD_VGPU_CREDENTIAL="$cred" RUST_LOG=warn /bin/softcard gpu demo --server "$at" --frames 30 --width 320 --height 240 --fps 0 2>&1
+    r#"if [ -n "$v" ]; then
+    echo "softcard: running the wgpu demo on the vGPU the metadata names"
+    RUST_LOG=warn /bin/softcard gpu demo --server metadata --frames 30 --width 320 --height 240 --fps 0 2>&1
     echo "softcard: demo exited with $?"
 else
     echo "softcard: no vGPU in the metadata"

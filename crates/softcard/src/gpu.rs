@@ -80,7 +80,8 @@ pub fn join_region(
 /// Options of `softcard gpu demo`.
 #[derive(Debug, clap::Args)]
 pub struct DemoArgs {
-    /// The GPU server (host:port).
+    /// The GPU server (host:port), or `metadata`: the vGPU the instance
+    /// metadata service names (inside a region's instance).
     #[arg(long, default_value = "127.0.0.1:7070")]
     server: String,
     /// Frames to render; 0 renders until killed.
@@ -320,8 +321,14 @@ pub fn adapters() -> Result<()> {
 /// An ordinary wgpu render loop whose only vGPU-specific lines are the
 /// instance and the surface.
 pub fn demo(a: &DemoArgs) -> Result<()> {
-    let instance = softcard_gpu::remote_instance(&a.server)
-        .with_context(|| format!("connect to the GPU server at {}", a.server))?;
+    // `--server metadata`: the vGPU the provider attached to this instance.
+    let instance = if a.server == "metadata" {
+        softcard_gpu::remote_instance_from_metadata()
+            .context("connect to the vGPU named by the instance metadata")?
+    } else {
+        softcard_gpu::remote_instance(&a.server)
+            .with_context(|| format!("connect to the GPU server at {}", a.server))?
+    };
     let surface = softcard_gpu::remote_surface(&instance);
     if let Some(path) = softcard_gpu::viewer_path(&instance) {
         // The secret part of the URL: who has it sees these frames.

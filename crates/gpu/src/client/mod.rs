@@ -11,10 +11,12 @@
 mod buffer;
 mod conn;
 mod encoder;
+mod metadata;
 mod surface;
 
 pub use buffer::*;
 pub use encoder::*;
+pub use metadata::{remote_instance_from_metadata, vgpu_from_metadata};
 pub use surface::*;
 
 use std::future::ready;
