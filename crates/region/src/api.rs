@@ -304,7 +304,7 @@ async fn instances(State(st): S, Extension(p): P) -> Result<Json<Value>> {
 async fn create_instance(State(st): S, Extension(p): P, body: Body) -> Result<Response> {
     let t = tenant(&p)?;
     let b: CreateInstance = body.json()?;
-    let (_, v) = st.region.create_instance_served(t, &b).await?;
+    let (_, v) = st.region.create_instance(t, &b).await?;
     Ok((StatusCode::CREATED, Json(v)).into_response())
 }
 

@@ -24,6 +24,41 @@ fn credential(admin: &RegionClient, path: &str) -> String {
         .to_owned()
 }
 
+/// A `softcard gpu serve --region` process (killed when dropped) and its
+/// port, once the region lists it up.
+fn gpu_server(
+    url: &str,
+    admin: &RegionClient,
+    dir: &std::path::Path,
+    extra: &[&str],
+) -> (Proc, u16) {
+    let gfile = dir.join("gpu.credential");
+    std::fs::write(
+        &gfile,
+        credential(admin, "/v1/gpu-servers/gpu-a/credentials"),
+    )
+    .unwrap();
+    let gport = free_port();
+    let p = Proc(
+        Command::new(BIN)
+            .args(["gpu", "serve", "--listen", &format!("127.0.0.1:{gport}")])
+            .args(["--region", url, "--region-credential"])
+            .arg(&gfile)
+            .args(extra)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_until("the GPU server registers", SLOW, || {
+        admin
+            .get("/v1/gpu-servers")
+            .unwrap()
+            .as_array()
+            .is_some_and(|g| g.iter().any(|g| g["state"] == "up"))
+    });
+    (p, gport)
+}
+
 #[test]
 fn gpu_server_admits_only_the_regions_credentials() {
     let dir = tempfile::tempdir().unwrap();
@@ -58,30 +93,8 @@ fn gpu_server_admits_only_the_regions_credentials() {
         None,
     )
     .unwrap();
-    let gfile = dir.path().join("gpu.credential");
-    std::fs::write(
-        &gfile,
-        credential(&admin, "/v1/gpu-servers/gpu-a/credentials"),
-    )
-    .unwrap();
-    let gport = free_port();
-    let _gpu = Proc(
-        Command::new(BIN)
-            .args(["gpu", "serve", "--listen", &format!("127.0.0.1:{gport}")])
-            .args(["--region", &url, "--region-credential"])
-            .arg(&gfile)
-            .args(["--gpu-memory", "4GiB"])
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    wait_until("the GPU server registers", SLOW, || {
-        admin
-            .get("/v1/gpu-servers")
-            .unwrap()
-            .as_array()
-            .is_some_and(|g| g.iter().any(|g| g["state"] == "up"))
-    });
+    let _gpu = gpu_server(&url, &admin, dir.path(), &["--gpu-memory", "4GiB"]);
+    let gport = _gpu.1;
     // A simulated host (no QEMU): it receives the instance's vGPU access.
     let h = RegionClient::new(&url, &credential(&admin, "/v1/hosts/h1/credentials"), None).unwrap();
     h.call(
@@ -152,29 +165,7 @@ fn a_wgpu_program_in_an_instance_renders_on_its_vgpu() {
         None,
     )
     .unwrap();
-    let gfile = net.dir.path().join("gpu.credential");
-    std::fs::write(
-        &gfile,
-        credential(&admin, "/v1/gpu-servers/gpu-a/credentials"),
-    )
-    .unwrap();
-    let gport = free_port();
-    let _gpu = Proc(
-        Command::new(BIN)
-            .args(["gpu", "serve", "--listen", &format!("127.0.0.1:{gport}")])
-            .args(["--region", net.url(), "--region-credential"])
-            .arg(&gfile)
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    wait_until("the GPU server registers", SLOW, || {
-        admin
-            .get("/v1/gpu-servers")
-            .unwrap()
-            .as_array()
-            .is_some_and(|g| g.iter().any(|g| g["state"] == "up"))
-    });
+    let _gpu = gpu_server(net.url(), &admin, net.dir.path(), &[]);
     net.t(&[
         "instance",
         "create",

@@ -89,13 +89,9 @@ impl Region {
     /// memory and the boot volume's bytes in one transaction with the
     /// instance, its boot volume and its name. The same client token
     /// returns the same instance.
-    pub async fn create_instance(&self, tenant: &str, req: &CreateInstance) -> Result<Instance> {
-        Ok(self.create_instance_served(tenant, req).await?.0)
-    }
-
-    /// [`Region::create_instance`], with the instance as the API serves
-    /// it (built from what the claim wrote: no further read).
-    pub async fn create_instance_served(
+    /// Returns the instance and its view as the API serves it (built from
+    /// what the claim wrote: no further read).
+    pub async fn create_instance(
         &self,
         tenant: &str,
         req: &CreateInstance,
@@ -309,8 +305,13 @@ impl Region {
     pub async fn instance_view(&self, tenant: Option<&str>, id_or_name: &str) -> Result<Value> {
         let i = self.instance(tenant, id_or_name).await?.value;
         let up = self.store.get(&keys::alive(&i.host)).await?.is_some();
-        let (vols, _) = self.store.range(&keys::volumes()).await?;
-        let vols: Vec<Volume> = vols.iter().map(decode).collect::<Result<_>>()?;
+        // Its volumes are on its host: read them through the host's index.
+        let vols: Vec<Volume> = self
+            .placed_records(&i.host, "volume")
+            .await?
+            .iter()
+            .map(decode)
+            .collect::<Result<_>>()?;
         Ok(served(&i, up, &vols))
     }
 
