@@ -10,7 +10,7 @@ fn server() -> &'static Arc<GpuServer> {
     SERVER.get_or_init(|| {
         GpuServer::new(ServerConfig {
             quota: 64 << 20,
-            admission: None,
+            ..Default::default()
         })
         .expect("a Vulkan adapter for fuzzing")
     })

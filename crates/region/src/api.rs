@@ -87,6 +87,7 @@ pub fn router(state: AppState) -> Router {
             post(attach_vgpu).delete(detach_vgpu),
         )
         .route("/vgpus", get(vgpus))
+        .route("/vgpus/{id}/frame", get(vgpu_frame))
         .route("/vgpu-types", get(|| async { Json(json!(VGPU_TYPES)) }))
         .route("/instances/{id}/{action}", post(instance_action))
         .route("/volumes", get(volumes).post(create_volume))
@@ -102,6 +103,7 @@ pub fn router(state: AppState) -> Router {
         .route("/agent/gpu/register", put(gpu_register))
         .route("/agent/gpu/heartbeat", post(gpu_heartbeat))
         .route("/agent/gpu/work", get(gpu_work))
+        .route("/agent/gpu/certificate", post(gpu_certificate))
         .fallback(|| async { RegionError::NotFound("no such API call".into()) })
         .layer(middleware::from_fn_with_state(state.clone(), authenticate));
     Router::new()
@@ -283,6 +285,16 @@ async fn gpu_register(State(st): S, Extension(p): P, body: Body) -> Result<Json<
     ))
 }
 
+async fn gpu_certificate(State(st): S, Extension(p): P, body: Body) -> Result<Json<Value>> {
+    let g = gpu_server(&p)?;
+    #[derive(serde::Deserialize)]
+    struct Csr {
+        csr: String,
+    }
+    let b: Csr = body.json()?;
+    Ok(Json(st.region.sign_gpu_server(g, &b.csr)?))
+}
+
 async fn gpu_work(State(st): S, Extension(p): P) -> Result<Json<Value>> {
     Ok(Json(st.region.gpu_work(gpu_server(&p)?).await?))
 }
@@ -363,6 +375,35 @@ async fn detach_vgpu(State(st): S, Extension(p): P, Path(id): Path<String>) -> R
 
 async fn vgpus(State(st): S, Extension(p): P) -> Result<Json<Value>> {
     Ok(Json(json!(st.region.vgpus(scope(&p)?).await?)))
+}
+
+#[derive(serde::Deserialize)]
+struct After {
+    #[serde(default)]
+    after: u64,
+}
+
+/// A vGPU's newest frame after `?after=SEQ` (JPEG; `X-Frame-Seq` numbers
+/// it), or 204 when none came within a couple of seconds.
+async fn vgpu_frame(
+    State(st): S,
+    Extension(p): P,
+    Path(id): Path<String>,
+    axum::extract::Query(q): axum::extract::Query<After>,
+) -> Result<Response> {
+    match st.region.vgpu_frame(scope(&p)?, &id, q.after).await? {
+        None => Ok(StatusCode::NO_CONTENT.into_response()),
+        Some(f) => Ok((
+            [
+                (header::CONTENT_TYPE, "image/jpeg".to_owned()),
+                (header::CACHE_CONTROL, "no-store".to_owned()),
+                (header::HeaderName::from_static("x-frame-seq"), f.seq.to_string()),
+                (header::HeaderName::from_static("x-frame-size"), f.size),
+            ],
+            f.jpeg,
+        )
+            .into_response()),
+    }
 }
 
 async fn volumes(State(st): S, Extension(p): P) -> Result<Json<Value>> {

@@ -5,6 +5,7 @@
 //! state in a [`store::Store`]: an embedded redb file or etcd.
 
 pub mod api;
+pub mod ca;
 pub mod client;
 pub mod console;
 pub mod error;

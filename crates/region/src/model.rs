@@ -118,6 +118,10 @@ pub mod keys {
     pub fn placed_on(host: &str) -> String {
         format!("{ROOT}placed/{host}/")
     }
+    /// The region's certificate authority (certificate and key).
+    pub fn ca() -> String {
+        format!("{ROOT}ca")
+    }
     /// The leader's key, attached to the leader's lease.
     pub fn leader() -> String {
         format!("{ROOT}leader")
@@ -215,6 +219,10 @@ pub struct GpuAdapter {
 pub struct GpuServerRegistration {
     /// Where vGPU clients connect (`host:port`).
     pub endpoint: String,
+    /// Where the region reads attachments' frames (`host:port`, HTTPS),
+    /// for the console.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frames_endpoint: Option<String>,
     /// Its adapters.
     pub adapters: Vec<GpuAdapter>,
 }

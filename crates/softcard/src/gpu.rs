@@ -39,42 +39,10 @@ pub struct ServeArgs {
     /// the listening address).
     #[arg(long)]
     endpoint: Option<String>,
-}
-
-/// What the region learns of an adapter: name, backend, kind, the GPU
-/// memory offered, and traits (`CUSTOM_<KIND>`, `CUSTOM_<BACKEND>`).
-pub fn registration(info: &wgpu::AdapterInfo, endpoint: &str, memory: u64) -> serde_json::Value {
-    let kind = format!("{:?}", info.device_type);
-    let backend = format!("{:?}", info.backend);
-    serde_json::json!({
-        "endpoint": endpoint,
-        "adapters": [{
-            "name": info.name,
-            "backend": backend,
-            "device_type": kind,
-            "memory_bytes": memory,
-            "traits": [
-                format!("CUSTOM_{}", kind.to_uppercase()),
-                format!("CUSTOM_{}", backend.to_uppercase()),
-            ],
-        }],
-    })
-}
-
-/// Keeps the GPU server registered with a region.
-pub fn join_region(
-    client: softcard_region::client::RegionClient,
-    info: &wgpu::AdapterInfo,
-    endpoint: &str,
-    memory: u64,
-) -> Result<softcard_region::client::Registration> {
-    let offer = registration(info, endpoint, memory);
-    Ok(softcard_region::client::Registration::start(
-        client,
-        "/v1/agent/gpu/register",
-        "/v1/agent/gpu/heartbeat",
-        move || offer.clone(),
-    )?)
+    /// In a region: where the region's console reads attachments' frames
+    /// (HTTPS, host:port).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    frames: String,
 }
 
 /// Options of `softcard gpu demo`.
@@ -100,103 +68,15 @@ pub struct DemoArgs {
     still: bool,
 }
 
-/// A region GPU server's admission: the credentials of the vGPUs attached
-/// on it, by hash, as the region lists them (read every
-/// [`GRANTS_REFRESH`]); a revoked one's sessions are ended.
-#[derive(Debug, Default)]
-pub struct RegionGrants {
-    grants: std::sync::RwLock<std::collections::HashMap<String, softcard_gpu::server::Grant>>,
-}
-
-/// How often a region GPU server reads its attachments.
-const GRANTS_REFRESH: Duration = Duration::from_millis(500);
-
-impl softcard_gpu::server::Admission for RegionGrants {
-    fn admit(&self, credential: Option<&str>) -> Result<softcard_gpu::server::Grant, String> {
-        use sha2::Digest;
-        let c = credential.ok_or("this GPU server admits only a vGPU attachment's credential")?;
-        let hash = hex::encode(sha2::Sha256::digest(c.as_bytes()));
-        self.grants
-            .read()
-            .map_err(|_| "grants unavailable".to_owned())?
-            .get(&hash)
-            .cloned()
-            .ok_or_else(|| "unknown or revoked credential".to_owned())
-    }
-}
-
-impl RegionGrants {
-    /// Keeps the grants in step with the region for as long as `server`
-    /// lives, ending the sessions of attachments the region revoked.
-    pub fn follow(
-        self: &std::sync::Arc<Self>,
-        client: softcard_region::client::RegionClient,
-        server: &std::sync::Arc<GpuServer>,
-    ) -> Result<()> {
-        let (me, server) = (self.clone(), std::sync::Arc::downgrade(server));
-        std::thread::Builder::new()
-            .name("vgpu-grants".into())
-            .spawn(move || loop {
-                let Some(server) = server.upgrade() else {
-                    return;
-                };
-                match client.get("/v1/agent/gpu/work") {
-                    Ok(w) => {
-                        let next: std::collections::HashMap<String, softcard_gpu::server::Grant> =
-                            w["attachments"]
-                                .as_array()
-                                .into_iter()
-                                .flatten()
-                                .filter_map(|a| {
-                                    Some((
-                                        a["credential_hash"].as_str()?.to_owned(),
-                                        softcard_gpu::server::Grant {
-                                            attachment: a["id"].as_str()?.to_owned(),
-                                            quota: a["memory_bytes"].as_u64()?,
-                                        },
-                                    ))
-                                })
-                                .collect();
-                        let gone: Vec<String> = match me.grants.write() {
-                            Ok(mut g) => {
-                                let gone = g
-                                    .values()
-                                    .filter(|old| {
-                                        !next.values().any(|n| n.attachment == old.attachment)
-                                    })
-                                    .map(|old| old.attachment.clone())
-                                    .collect();
-                                *g = next;
-                                gone
-                            }
-                            Err(_) => Vec::new(),
-                        };
-                        for a in gone {
-                            server.revoke(&a);
-                        }
-                    }
-                    Err(e) => log::warn!("reading this GPU server's attachments: {e}"),
-                }
-                drop(server);
-                std::thread::sleep(GRANTS_REFRESH);
-            })?;
-        Ok(())
-    }
-}
-
 /// Runs the GPU server until killed.
 pub fn serve(a: &ServeArgs) -> Result<()> {
+    if let Some(url) = &a.region {
+        return serve_in_region(a, url);
+    }
     let quota = parse_size(&a.quota).map_err(|e| anyhow!("--quota: {e}"))?;
-    // In a region, only the region's credentials open sessions.
-    let grants = a
-        .region
-        .as_ref()
-        .map(|_| std::sync::Arc::new(RegionGrants::default()));
     let server = GpuServer::new(ServerConfig {
         quota,
-        admission: grants
-            .clone()
-            .map(|g| g as std::sync::Arc<dyn softcard_gpu::server::Admission>),
+        ..Default::default()
     })
     .map_err(|e| anyhow!(e))?;
     let info = server.adapter_info();
@@ -219,78 +99,91 @@ pub fn serve(a: &ServeArgs) -> Result<()> {
             .name("vgpu-viewer".into())
             .spawn(move || softcard_gpu::viewer::serve(vl, frames))?;
     }
-    let _lease = match &a.region {
-        Some(url) => {
-            let file = a
-                .region_credential
-                .as_ref()
-                .context("--region-credential")?;
-            let secret = std::fs::read_to_string(file)
-                .with_context(|| format!("GPU server credential {}", file.display()))?;
-            let ca = a
-                .region_ca
-                .as_ref()
-                .map(std::fs::read)
-                .transpose()
-                .context("region CA")?;
-            let client =
-                softcard_region::client::RegionClient::new(url, secret.trim(), ca.as_deref())?;
-            let memory = parse_size(&a.gpu_memory).map_err(|e| anyhow!("--gpu-memory: {e}"))?;
-            let endpoint = a
-                .endpoint
-                .clone()
-                .unwrap_or(listener.local_addr()?.to_string());
-            if let Some(g) = &grants {
-                g.follow(client.clone(), &server)?;
-            }
-            Some(join_region(client, &info, &endpoint, memory)?)
-        }
-        None => None,
-    };
     server.serve(listener)?;
     Ok(())
 }
 
-/// A vGPU server started by `softcard up`.
+/// `gpu serve --region`: TLS with the region's certificate, the region's
+/// credentials only, frames to the region's console only.
+fn serve_in_region(a: &ServeArgs, url: &str) -> Result<()> {
+    if a.viewer.is_some() {
+        anyhow::bail!(
+            "--viewer is for a GPU server outside a region; in a region, frames go to the \
+             region's console (--frames sets where the region reads them)"
+        );
+    }
+    let file = a
+        .region_credential
+        .as_ref()
+        .context("--region-credential")?;
+    let secret = std::fs::read_to_string(file)
+        .with_context(|| format!("GPU server credential {}", file.display()))?;
+    let ca = a
+        .region_ca
+        .as_ref()
+        .map(std::fs::read)
+        .transpose()
+        .context("region CA")?;
+    let client = softcard_region::client::RegionClient::new(url, secret.trim(), ca.as_deref())?;
+    let g = crate::gpu_region::start(
+        client,
+        &crate::gpu_region::Options {
+            listen: a.listen.clone(),
+            frames_listen: a.frames.clone(),
+            endpoint: a.endpoint.clone(),
+            memory: parse_size(&a.gpu_memory).map_err(|e| anyhow!("--gpu-memory: {e}"))?,
+        },
+    )?;
+    let info = g.server.adapter_info();
+    println!(
+        "softcard gpu: {} ({:?}, {} {}) in the region at {url} as GPU server {}: \
+         vGPUs (TLS) on {}, frames for the console on {}",
+        info.name, info.backend, info.driver, info.driver_info, g.name, g.endpoint, g.frames
+    );
+    loop {
+        std::thread::park();
+    }
+}
+
+/// A vGPU server started by `softcard up`, in its region.
 #[derive(Debug)]
 pub struct Background {
     /// What runs where.
     pub description: String,
-    /// Where clients connect.
-    pub endpoint: std::net::SocketAddr,
-    /// Its adapter.
-    pub info: wgpu::AdapterInfo,
+    /// The server, registered while this lives.
+    _gpu: crate::gpu_region::RegionGpu,
 }
 
-/// Starts a vGPU server (and its viewer) on background threads, for
-/// `softcard up`, or says why it could not start (no Vulkan adapter, a
-/// port in use).
-pub fn start_in_background(listen: &str, viewer: &str, quota: u64) -> Result<Background> {
-    let server = GpuServer::new(ServerConfig {
-        quota,
-        admission: None,
-    })
-    .map_err(|e| anyhow!(e))?;
-    let info = server.adapter_info();
-    let vl = TcpListener::bind(viewer).with_context(|| format!("viewer on {viewer}"))?;
-    let bound = server
-        .listen(listen)
-        .with_context(|| format!("listen on {listen}"))?;
-    let viewer_at = vl.local_addr()?;
-    let frames = server.frames();
-    std::thread::Builder::new()
-        .name("vgpu-viewer".into())
-        .spawn(move || softcard_gpu::viewer::serve(vl, frames))?;
+/// Starts `softcard up`'s GPU server in its region, or says why it could
+/// not start (no Vulkan adapter, a port in use).
+pub fn start_in_background(
+    client: softcard_region::client::RegionClient,
+    listen: &str,
+    frames: &str,
+    memory: u64,
+) -> Result<Background> {
+    let gpu = crate::gpu_region::start(
+        client,
+        &crate::gpu_region::Options {
+            listen: listen.to_owned(),
+            frames_listen: frames.to_owned(),
+            endpoint: None,
+            memory,
+        },
+    )?;
+    let info = gpu.server.adapter_info();
     Ok(Background {
         description: format!(
-            "{} ({:?}), {} per session: clients on {bound}, viewer on http://{viewer_at}/ \
-             (try: softcard gpu demo --server {bound})",
+            "{} ({:?}), {} of GPU memory for vGPUs: GPU server {}, vGPUs (TLS) on {}, \
+             frames for the console on {}",
             info.name,
             info.backend,
-            format_size(quota)
+            format_size(memory),
+            gpu.name,
+            gpu.endpoint,
+            gpu.frames
         ),
-        endpoint: bound,
-        info,
+        _gpu: gpu,
     })
 }
 

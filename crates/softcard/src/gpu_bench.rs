@@ -109,7 +109,7 @@ fn tcp_rate() -> Result<f64> {
 pub fn gpu(a: &GpuBenchArgs) -> Result<()> {
     let server = GpuServer::new(ServerConfig {
         quota: 2 << 30,
-        admission: None,
+        ..Default::default()
     })
     .map_err(|e| anyhow!(e))?;
     let addr = server.listen("127.0.0.1:0")?.to_string();

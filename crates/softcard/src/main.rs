@@ -8,6 +8,7 @@ mod cli;
 mod daemon;
 mod gpu;
 mod gpu_bench;
+mod gpu_region;
 mod region_bench;
 mod region_cli;
 mod up;

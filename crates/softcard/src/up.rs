@@ -22,8 +22,6 @@ use crate::daemon::{block_signals, host_config, wait_for_signal};
 
 /// The configuration `softcard up` runs with.
 const DEFAULT_CONFIG: &str = include_str!("../default-card.toml");
-/// Each vGPU session's memory quota under `softcard up`.
-const UP_GPU_QUOTA: u64 = 2 << 30;
 /// GPU memory the GPU server of `softcard up` offers to vGPUs.
 const UP_GPU_MEMORY: u64 = 8 << 30;
 /// The demo tenant and its instance.
@@ -45,9 +43,9 @@ pub struct UpArgs {
     /// Where the vGPU server takes clients.
     #[arg(long, default_value = "127.0.0.1:7070")]
     gpu_listen: String,
-    /// Where the vGPU viewer serves browsers.
+    /// Where the region's console reads vGPU frames from the GPU server.
     #[arg(long, default_value = "127.0.0.1:7071")]
-    gpu_viewer: String,
+    gpu_frames: String,
 }
 
 fn default_data_dir() -> Result<PathBuf> {
@@ -216,34 +214,38 @@ pub fn up(a: &UpArgs) -> Result<()> {
     // The GPU function, where the machine has a Vulkan adapter (lavapipe
     // counts); the rest works without it.
     // Registered with the region as this machine's GPU server.
-    let gpu_lease =
-        match crate::gpu::start_in_background(&a.gpu_listen, &a.gpu_viewer, UP_GPU_QUOTA) {
-            Ok(g) => {
-                println!("  vGPU     {}", g.description);
-                let cred = kept_credential(&rdir.join("gpu.credential"), &url, || {
-                    let v = admin.post(
-                        &format!("/v1/gpu-servers/{}/credentials", host.name),
-                        &json!({}),
-                    )?;
-                    Ok(v["credential"].as_str().unwrap_or_default().to_owned())
-                })?;
-                let lease = crate::gpu::join_region(
-                    RegionClient::new(&url, &cred, None)?,
-                    &g.info,
-                    &g.endpoint.to_string(),
-                    UP_GPU_MEMORY,
-                )?;
-                println!(
-                    "           registered with the region as GPU server {} (softcard gpu list)",
-                    host.name
-                );
-                Some(lease)
-            }
-            Err(e) => {
-                println!("  vGPU     not started: {e:#}");
-                None
-            }
-        };
+    // The GPU function, where the machine has a Vulkan adapter (lavapipe
+    // counts): this machine's GPU server in the region, speaking TLS with
+    // the region's certificate and admitting only the region's vGPUs.
+    let gpu = (|| {
+        let cred = kept_credential(&rdir.join("gpu.credential"), &url, || {
+            let v = admin.post(
+                &format!("/v1/gpu-servers/{}/credentials", host.name),
+                &json!({}),
+            )?;
+            Ok(v["credential"].as_str().unwrap_or_default().to_owned())
+        })?;
+        crate::gpu::start_in_background(
+            RegionClient::new(&url, &cred, None)?,
+            &a.gpu_listen,
+            &a.gpu_frames,
+            UP_GPU_MEMORY,
+        )
+    })();
+    let gpu = match gpu {
+        Ok(g) => {
+            println!("  vGPU     {}", g.description);
+            println!(
+                "           try: softcard instance create gfx1 --image gpu-demo --vgpu eg1.medium \
+                 (its frames are on the console)"
+            );
+            Some(g)
+        }
+        Err(e) => {
+            println!("  vGPU     not started: {e:#}");
+            None
+        }
+    };
     println!();
     println!("The CLI as the tenant:");
     println!("  export SOFTCARD_REGION={url} SOFTCARD_CREDENTIAL={tenant_cred}");
@@ -260,7 +262,7 @@ pub fn up(a: &UpArgs) -> Result<()> {
     {
         let _ = wait_state(&t, "stopped");
     }
-    drop(gpu_lease);
+    drop(gpu);
     drop(agent);
     drop(region);
     api.stop();

@@ -32,7 +32,7 @@ fn spawn_up(dir: &Path) -> (Child, SocketAddr) {
         .arg(dir)
         .args(["--region-listen", &free().to_string()])
         .args(["--gpu-listen", &gpu.to_string()])
-        .args(["--gpu-viewer", &free().to_string()])
+        .args(["--gpu-frames", &free().to_string()])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();

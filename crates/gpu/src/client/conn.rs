@@ -113,7 +113,7 @@ pub(crate) fn to_wgpu_error(e: GpuError) -> wgpu::Error {
 }
 
 struct Out {
-    w: BufWriter<TcpStream>,
+    w: BufWriter<Box<dyn Write + Send>>,
     seq: u64,
     /// Sequence number of the last answered request sent, if any.
     last_answered: Option<u64>,
@@ -149,18 +149,24 @@ impl Drop for Conn {
 }
 
 impl Conn {
-    /// Connects and says hello.
+    /// Connects (through TLS when `tls` says whom to trust) and says
+    /// hello.
     pub(crate) fn connect(
         addr: impl ToSocketAddrs,
         credential: Option<String>,
+        tls: Option<&crate::tls::ClientTls>,
     ) -> std::io::Result<Arc<Self>> {
         let stream = TcpStream::connect(addr)?;
         proto::tune_socket(&stream);
+        let (rx, tx) = match tls {
+            None => crate::tls::plain_halves(&stream)?,
+            Some(t) => t.connect(&stream)?.boxed(),
+        };
         let shared = Arc::new(Shared::default());
-        let mut reader = BufReader::with_capacity(1 << 16, stream.try_clone()?);
+        let mut reader = BufReader::with_capacity(1 << 16, rx);
         let mut conn = Self {
             out: Mutex::new(Out {
-                w: BufWriter::with_capacity(1 << 16, stream.try_clone()?),
+                w: BufWriter::with_capacity(1 << 16, tx),
                 seq: 0,
                 last_answered: None,
             }),
@@ -368,7 +374,7 @@ impl Future for ReplyFuture {
     }
 }
 
-fn read_loop(mut r: BufReader<TcpStream>, shared: Arc<Shared>) {
+fn read_loop(mut r: BufReader<Box<dyn std::io::Read + Send>>, shared: Arc<Shared>) {
     use std::io::Read;
     let why = loop {
         let (h, plen) = match proto::read_head(&mut r) {

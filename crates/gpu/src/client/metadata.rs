@@ -14,8 +14,9 @@ fn err(e: impl std::fmt::Display) -> std::io::Error {
 }
 
 /// The instance's vGPU: where to connect (the address the guest reaches
-/// it at) and the credential.
-pub fn vgpu_from_metadata() -> std::io::Result<(String, String)> {
+/// it at), the credential, and whom to trust (TLS when the metadata names
+/// an authority).
+pub fn vgpu_from_metadata() -> std::io::Result<super::Endpoint> {
     let base = std::env::var("SOFTCARD_METADATA_URL").unwrap_or_else(|_| METADATA_URL.into());
     let uri: hyper::Uri = format!("{}/latest/meta-data/vgpu", base.trim_end_matches('/'))
         .parse()
@@ -61,12 +62,23 @@ pub fn vgpu_from_metadata() -> std::io::Result<(String, String)> {
     let credential = v["credential"]
         .as_str()
         .ok_or_else(|| err("no vGPU credential in the metadata"))?;
-    Ok((at.to_owned(), credential.to_owned()))
+    let tls = match (v["ca"].as_str(), v["server_name"].as_str()) {
+        (Some(ca), Some(name)) => Some(crate::tls::ClientTls {
+            server_name: name.to_owned(),
+            ca_pem: ca.to_owned(),
+        }),
+        (None, None) => None,
+        _ => return Err(err("the metadata names a vGPU authority without a server name")),
+    };
+    Ok(super::Endpoint {
+        addr: at.to_owned(),
+        credential: Some(credential.to_owned()),
+        tls,
+    })
 }
 
 /// A wgpu instance on the vGPU the provider attached to this instance:
 /// endpoint and credential from the metadata service.
 pub fn remote_instance_from_metadata() -> std::io::Result<wgpu::Instance> {
-    let (at, credential) = vgpu_from_metadata()?;
-    super::remote_instance_with_credential(&at, Some(&credential))
+    super::remote_instance_at(&vgpu_from_metadata()?)
 }

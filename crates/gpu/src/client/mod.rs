@@ -40,25 +40,71 @@ fn unsupported(what: &str) -> ! {
     panic!("softcard vGPU does not support {what}")
 }
 
+/// Where a vGPU is and how to prove the right to it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Endpoint {
+    /// host:port of the GPU server (or of a relay to it).
+    pub addr: String,
+    /// The vGPU attachment's credential, issued by the region.
+    pub credential: Option<String>,
+    /// Speak TLS, trusting this authority for this server name.
+    pub tls: Option<crate::tls::ClientTls>,
+}
+
+impl Endpoint {
+    /// `addr`, with the settings of the environment:
+    /// `SOFTCARD_VGPU_CREDENTIAL` (the credential),
+    /// `SOFTCARD_VGPU_CA` (a PEM file: speak TLS, trusting it) and
+    /// `SOFTCARD_VGPU_SERVER_NAME` (the name the server's certificate
+    /// carries).
+    pub fn from_env(addr: &str) -> std::io::Result<Self> {
+        let var = |k: &str| std::env::var(k).ok().filter(|c| !c.is_empty());
+        let tls = match var("SOFTCARD_VGPU_CA") {
+            None => None,
+            Some(path) => Some(crate::tls::ClientTls {
+                ca_pem: std::fs::read_to_string(&path)
+                    .map_err(|e| std::io::Error::new(e.kind(), format!("{path}: {e}")))?,
+                server_name: var("SOFTCARD_VGPU_SERVER_NAME").ok_or_else(|| {
+                    std::io::Error::other("SOFTCARD_VGPU_CA needs SOFTCARD_VGPU_SERVER_NAME")
+                })?,
+            }),
+        };
+        Ok(Self {
+            addr: addr.to_owned(),
+            credential: var("SOFTCARD_VGPU_CREDENTIAL"),
+            tls,
+        })
+    }
+}
+
 /// Connects to a GPU server (`softcard gpu serve`) and returns a wgpu
 /// [`Instance`](wgpu::Instance) whose adapters, devices and every object
-/// live there. This is the one line an application changes. The
-/// credential a region's GPU server asks for is taken from
-/// `SOFTCARD_VGPU_CREDENTIAL` when set.
+/// live there. This is the one line an application changes. Credential
+/// and TLS come from the environment ([`Endpoint::from_env`]).
 pub fn remote_instance(addr: &str) -> std::io::Result<wgpu::Instance> {
-    let credential = std::env::var("SOFTCARD_VGPU_CREDENTIAL")
-        .ok()
-        .filter(|c| !c.is_empty());
-    remote_instance_with_credential(addr, credential.as_deref())
+    remote_instance_at(&Endpoint::from_env(addr)?)
 }
 
 /// As [`remote_instance`], presenting `credential` (a vGPU attachment's,
-/// issued by the region) to the server.
+/// issued by the region) to the server, over plain TCP.
 pub fn remote_instance_with_credential(
     addr: &str,
     credential: Option<&str>,
 ) -> std::io::Result<wgpu::Instance> {
-    let conn = Conn::connect(addr, credential.map(str::to_owned))?;
+    remote_instance_at(&Endpoint {
+        addr: addr.to_owned(),
+        credential: credential.map(str::to_owned),
+        tls: None,
+    })
+}
+
+/// A wgpu instance on the vGPU at `endpoint`.
+pub fn remote_instance_at(endpoint: &Endpoint) -> std::io::Result<wgpu::Instance> {
+    let conn = Conn::connect(
+        endpoint.addr.as_str(),
+        endpoint.credential.clone(),
+        endpoint.tls.as_ref(),
+    )?;
     Ok(wgpu::Instance::from_custom(RInstance { c: conn }))
 }
 
@@ -83,10 +129,11 @@ pub fn remote_surface(instance: &wgpu::Instance) -> wgpu::Surface<'static> {
 
 /// The path of this instance's frames on the server's viewer
 /// (`/?s=TOKEN`): the secret token names the session, and only who holds it
-/// sees its frames.
+/// sees its frames. `None` for a vGPU in a region: its frames are on the
+/// region's console, for the tenant who owns it.
 pub fn viewer_path(instance: &wgpu::Instance) -> Option<String> {
     let ri = instance.as_custom::<RInstance>()?;
-    Some(format!("/?s={}", ri.c.viewer_token))
+    (!ri.c.viewer_token.is_empty()).then(|| format!("/?s={}", ri.c.viewer_token))
 }
 
 /// Round trips to GPU servers this process has made so far (requests that
@@ -236,10 +283,8 @@ impl InstanceInterface for RInstance {
     /// completeness.
     fn new(_desc: wgpu::InstanceDescriptor) -> Self {
         let addr = std::env::var("SOFTCARD_GPU").unwrap_or_else(|_| "127.0.0.1:7070".into());
-        let credential = std::env::var("SOFTCARD_VGPU_CREDENTIAL")
-            .ok()
-            .filter(|c| !c.is_empty());
-        let c = Conn::connect(addr.as_str(), credential)
+        let c = Endpoint::from_env(&addr)
+            .and_then(|e| Conn::connect(addr.as_str(), e.credential, e.tls.as_ref()))
             .unwrap_or_else(|e| panic!("cannot reach the GPU server at {addr}: {e}"));
         Self { c }
     }

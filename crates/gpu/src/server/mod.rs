@@ -8,6 +8,7 @@
 //! panics on bad ranges) sees them, and a panic that still escapes closes
 //! only that session.
 
+pub mod grants;
 mod objects;
 mod replay;
 mod sched;
@@ -31,6 +32,8 @@ pub struct ServerConfig {
     pub quota: u64,
     /// Who may open a session: everyone when `None`.
     pub admission: Option<Arc<dyn Admission>>,
+    /// The port speaks TLS with this identity; plain TCP when `None`.
+    pub tls: Option<Arc<crate::tls::ServerTls>>,
 }
 
 impl Default for ServerConfig {
@@ -38,6 +41,7 @@ impl Default for ServerConfig {
         Self {
             quota: 1 << 30,
             admission: None,
+            tls: None,
         }
     }
 }
@@ -72,13 +76,17 @@ pub trait Admission: Send + Sync + std::fmt::Debug {
     fn admit(&self, credential: Option<&str>) -> Result<Grant, String>;
 }
 
-/// Live sessions' connections, by attachment: what a revocation ends.
+/// Live sessions' connections, by attachment: what a revocation ends;
+/// and the GPU memory each attachment's sessions hold together.
 #[derive(Debug, Default)]
-pub(crate) struct Admitted(Mutex<HashMap<String, Vec<(u64, TcpStream)>>>);
+pub(crate) struct Admitted {
+    conns: Mutex<HashMap<String, Vec<(u64, TcpStream)>>>,
+    pools: Mutex<HashMap<String, std::sync::Weak<AtomicU64>>>,
+}
 
 impl Admitted {
     pub(crate) fn add(&self, attachment: &str, session: u64, conn: TcpStream) {
-        self.0
+        self.conns
             .lock()
             .expect("admitted")
             .entry(attachment.to_owned())
@@ -86,8 +94,31 @@ impl Admitted {
             .push((session, conn));
     }
 
+    /// The memory counter `attachment`'s sessions share (alive while one
+    /// of them is).
+    pub(crate) fn pool(&self, attachment: &str) -> Arc<AtomicU64> {
+        let mut m = self.pools.lock().expect("pools");
+        m.retain(|_, w| w.strong_count() > 0);
+        if let Some(p) = m.get(attachment).and_then(std::sync::Weak::upgrade) {
+            return p;
+        }
+        let p = Arc::new(AtomicU64::new(0));
+        m.insert(attachment.to_owned(), Arc::downgrade(&p));
+        p
+    }
+
+    /// Bytes the sessions of each attachment hold.
+    fn usage(&self) -> HashMap<String, u64> {
+        self.pools
+            .lock()
+            .expect("pools")
+            .iter()
+            .filter_map(|(a, w)| Some((a.clone(), w.upgrade()?.load(Ordering::Acquire))))
+            .collect()
+    }
+
     fn remove(&self, session: u64) {
-        let mut m = self.0.lock().expect("admitted");
+        let mut m = self.conns.lock().expect("admitted");
         for v in m.values_mut() {
             v.retain(|(s, _)| *s != session);
         }
@@ -168,6 +199,11 @@ impl GpuServer {
         self.live.snapshot()
     }
 
+    /// GPU memory held by each attachment's live sessions.
+    pub fn attachment_usage(&self) -> HashMap<String, u64> {
+        self.admitted.usage()
+    }
+
     /// Binds `addr` and serves it on a background thread; returns the
     /// address actually bound (for `127.0.0.1:0`).
     pub fn listen(self: &Arc<Self>, addr: &str) -> std::io::Result<std::net::SocketAddr> {
@@ -233,7 +269,12 @@ impl GpuServer {
     /// Ends every live session of `attachment` (its credential was
     /// revoked): their connections are shut, and the sessions end.
     pub fn revoke(&self, attachment: &str) -> usize {
-        let conns = self.admitted.0.lock().expect("admitted").remove(attachment);
+        let conns = self
+            .admitted
+            .conns
+            .lock()
+            .expect("admitted")
+            .remove(attachment);
         let n = conns.as_ref().map_or(0, Vec::len);
         for (_, c) in conns.into_iter().flatten() {
             let _ = c.shutdown(std::net::Shutdown::Both);
@@ -246,11 +287,26 @@ impl GpuServer {
 
     /// Runs one session on the calling thread until the client leaves.
     pub fn run_session(self: &Arc<Self>, conn: TcpStream) {
-        let id = self.next_session.fetch_add(1, Ordering::Relaxed);
         let peer = conn.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+        crate::proto::tune_socket(&conn);
+        let halves = match &self.config.tls {
+            None => crate::tls::plain_halves(&conn),
+            Some(tls) => tls.accept(&conn).map(crate::tls::Split::boxed),
+        };
+        let halves = match halves {
+            Ok(h) => h,
+            Err(e) => {
+                log::warn!(
+                    "vgpu connection from {peer} refused: {}",
+                    crate::tls::handshake_failure(&e)
+                );
+                return;
+            }
+        };
+        let id = self.next_session.fetch_add(1, Ordering::Relaxed);
         log::info!("vgpu session {id} from {peer}");
         self.sched.join(id);
-        let result = session::Session::new(id, self.clone()).run(conn);
+        let result = session::Session::new(id, self.clone()).run(&conn, halves);
         self.sched.leave(id);
         self.live.remove(id);
         self.admitted.remove(id);

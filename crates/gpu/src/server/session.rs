@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::net::TcpStream;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use wgpu::wgt;
@@ -92,13 +93,20 @@ pub(super) struct Session {
     scopes: Vec<Scope>,
     uncaptured: Arc<Mutex<Vec<GpuError>>>,
     seq: u64,
-    /// Names this session's frames on the viewer.
+    /// Names this session's frames on the viewer (its attachment, once
+    /// admitted).
     viewer_token: String,
+    /// Admitted with a credential.
+    admitted: bool,
+    /// GPU memory in use by all sessions of its vGPU, when admitted.
+    pool: Option<Arc<AtomicU64>>,
     /// GPU memory this session may hold.
     quota: u64,
     /// Its connection, registered under its attachment when admitted (a
     /// revocation shuts it).
     conn: Option<TcpStream>,
+    /// Whether the hello (and its admission) is done.
+    greeted: bool,
 }
 
 fn from_wgpu(e: &wgpu::Error) -> GpuError {
@@ -151,6 +159,9 @@ impl Session {
             viewer_token: format!("{:032x}", rand::random::<u128>()),
             quota: server.config.quota,
             conn: None,
+            greeted: false,
+            admitted: false,
+            pool: None,
             server,
         }
     }
@@ -164,11 +175,15 @@ impl Session {
         }
     }
 
-    pub(super) fn run(mut self, conn: TcpStream) -> Result<(), SessionError> {
-        proto::tune_socket(&conn);
+    /// Serves a client over `halves` (plain or TLS) of `conn`.
+    pub(super) fn run(
+        mut self,
+        conn: &TcpStream,
+        halves: crate::tls::Halves,
+    ) -> Result<(), SessionError> {
         self.conn = conn.try_clone().ok();
-        let mut rd = BufReader::with_capacity(1 << 16, conn.try_clone()?);
-        let mut wr = BufWriter::with_capacity(1 << 16, conn);
+        let mut rd = BufReader::with_capacity(1 << 16, halves.0);
+        let mut wr = BufWriter::with_capacity(1 << 16, halves.1);
         let result = self.serve(&mut rd, &mut wr);
         if let Err(e) = &result {
             let _ = proto::write_frame(&mut wr, &Message::Lost(e.to_string()), &[]);
@@ -178,6 +193,7 @@ impl Session {
         self.server.frames.forget(&self.viewer_token);
         self.drop_scopes();
         self.objects.0.clear();
+        self.release_all();
         if let Some((device, _)) = self.device.take() {
             device.destroy();
         }
@@ -196,12 +212,15 @@ impl Session {
         shared: Option<(wgpu::Device, wgpu::Queue)>,
     ) -> Result<(), SessionError> {
         let keep = shared.is_some();
+        // A shared device stands for a session past its hello.
+        self.greeted = keep;
         self.device = shared;
         let mut rd = BufReader::new(input);
         let mut wr = BufWriter::new(std::io::sink());
         let r = self.serve(&mut rd, &mut wr);
         self.drop_scopes();
         self.objects.0.clear();
+        self.release_all();
         if let Some((device, _)) = self.device.take() {
             if keep {
                 let _ = device.poll(wgpu::PollType::wait_indefinitely());
@@ -222,6 +241,18 @@ impl Session {
                 return Ok(());
             };
             let req: Request = proto::decode(&header)?;
+            let hello = matches!(req, Request::Hello { .. });
+            if hello == self.greeted {
+                return Err(SessionError::Violation(
+                    if hello {
+                        "a second hello"
+                    } else {
+                        "the first message must be the hello"
+                    }
+                    .into(),
+                ));
+            }
+            self.greeted = true;
             let seq = self.seq;
             self.seq += 1;
             let answer = if self.write_in_place(&req, plen, rd)? {
@@ -379,8 +410,34 @@ impl Session {
                 ),
             });
         }
+        if let Some(pool) = &self.pool {
+            // All sessions of one vGPU share its memory.
+            pool.fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                u.checked_add(bytes).filter(|n| *n <= quota)
+            })
+            .map_err(|in_use| GpuError {
+                kind: ErrorFilter::OutOfMemory,
+                description: format!(
+                    "vGPU memory quota exceeded: {what} of {bytes} bytes, {in_use} of {quota} bytes in use by this vGPU's sessions"
+                ),
+            })?;
+        }
         self.used += bytes;
         Ok(())
+    }
+
+    /// Gives back `bytes` of GPU memory.
+    fn release(&mut self, bytes: u64) {
+        self.used -= bytes;
+        if let Some(pool) = &self.pool {
+            pool.fetch_sub(bytes, Ordering::AcqRel);
+        }
+    }
+
+    /// Gives back everything (the session's objects are gone).
+    fn release_all(&mut self) {
+        let all = self.used;
+        self.release(all);
     }
 
     fn stage<'a>(
@@ -414,16 +471,26 @@ impl Session {
                         .admit(credential.as_deref())
                         .map_err(|why| SessionError::Violation(format!("not admitted: {why}")))?;
                     self.quota = grant.quota;
+                    self.pool = Some(self.server.admitted.pool(&grant.attachment));
                     if let Some(c) = self.conn.as_ref().and_then(|c| c.try_clone().ok()) {
                         self.server.admitted.add(&grant.attachment, self.id, c);
                     }
+                    // An admitted session's frames are its attachment's:
+                    // the region's console reads them with the
+                    // attachment's credential, and no viewer URL shows them.
+                    self.viewer_token = grant.attachment;
+                    self.admitted = true;
                 }
                 Ok(Some((
                     Reply::Hello {
                         version: proto::VERSION,
                         session: self.id,
                         quota: self.quota,
-                        viewer_token: self.viewer_token.clone(),
+                        viewer_token: if self.admitted {
+                            String::new()
+                        } else {
+                            self.viewer_token.clone()
+                        },
                     },
                     Payload::Bytes(Vec::new()),
                 )))
@@ -831,11 +898,13 @@ impl Session {
                 match self.objects.0.get_mut(&id) {
                     Some(Obj::Buffer { buffer, bytes, .. }) => {
                         buffer.destroy();
-                        self.used -= std::mem::take(bytes);
+                        let b = std::mem::take(bytes);
+                        self.release(b);
                     }
                     Some(Obj::Texture { texture, bytes }) => {
                         texture.destroy();
-                        self.used -= std::mem::take(bytes);
+                        let b = std::mem::take(bytes);
+                        self.release(b);
                     }
                     _ => {}
                 }
@@ -844,7 +913,7 @@ impl Session {
             Request::Drop { id } => {
                 match self.objects.0.remove(&id) {
                     Some(Obj::Buffer { bytes, .. }) | Some(Obj::Texture { bytes, .. }) => {
-                        self.used -= bytes;
+                        self.release(bytes);
                     }
                     Some(_) => {}
                     None => {

@@ -108,6 +108,7 @@ impl Region {
                     "name": g.name,
                     "state": if up { "up" } else { "down" },
                     "endpoint": g.offer.endpoint,
+                    "frames_endpoint": g.offer.frames_endpoint,
                     "registered": g.registered,
                     "adapters": g.offer.adapters.iter().map(|a| json!({
                         "name": a.name,

@@ -4,6 +4,7 @@
 //! the revisions it read, so concurrent regions and racing requests can
 //! never both win.
 
+pub mod frames;
 pub mod gpus;
 pub mod instances;
 pub mod vgpus;
@@ -37,6 +38,10 @@ pub struct Region {
     /// Credentials checked recently: hash -> (principal, when checked).
     credentials:
         std::sync::Mutex<std::collections::HashMap<String, (Principal, std::time::Instant)>>,
+    /// The authority GPU servers' certificates are signed by.
+    pub(crate) ca: crate::ca::Authority,
+    /// Clients of GPU servers' frames endpoints.
+    frame_clients: frames::FrameClients,
 }
 
 /// How long a checked credential is trusted without asking the store
@@ -181,14 +186,60 @@ impl Region {
     /// The region over `store`, with its placement view loaded.
     pub async fn new(store: Arc<dyn Store>, host_lease: Duration) -> Result<Arc<Self>> {
         let placement = Placement::load(&*store).await?;
+        let ca = Self::load_ca(&*store).await?;
         let region = Arc::new(Region {
             store,
             placement,
             host_lease,
             credentials: std::sync::Mutex::default(),
+            ca,
+            frame_clients: frames::FrameClients::default(),
         });
         Placement::follow(&region);
         Ok(region)
+    }
+
+    /// The region's certificate authority from the store; the first
+    /// region to start makes it (one transaction: concurrent first starts
+    /// agree on one).
+    async fn load_ca(store: &dyn Store) -> Result<crate::ca::Authority> {
+        let key = keys::ca();
+        loop {
+            if let Some(kv) = store.get(&key).await? {
+                return decode(&kv);
+            }
+            let ca = crate::ca::Authority::generate()
+                .map_err(|e| RegionError::Store(crate::store::StoreError::Backend(e)))?;
+            store
+                .txn(
+                    vec![Compare::Absent(key.clone())],
+                    vec![Op::put(key.clone(), encode(&ca))],
+                    vec![],
+                )
+                .await?;
+        }
+    }
+
+    /// The PEM certificate instances trust for their vGPUs.
+    pub fn ca_certificate(&self) -> &str {
+        &self.ca.cert_pem
+    }
+
+    /// Signs GPU server `name`'s certificate signing request: a server
+    /// certificate for [`crate::ca::gpu_server_name`]`(name)`.
+    pub fn sign_gpu_server(&self, name: &str, csr_pem: &str) -> Result<Value> {
+        let server_name = crate::ca::gpu_server_name(name);
+        let cert = self
+            .ca
+            .sign_server(csr_pem, &server_name, crate::ca::SERVER_CERT_LIFETIME)
+            .map_err(RegionError::Invalid)?;
+        Ok(json!({
+            "certificate": cert,
+            "ca": self.ca.cert_pem,
+            "server_name": server_name,
+            "gpu_server": name,
+            "lifetime_seconds": crate::ca::SERVER_CERT_LIFETIME.as_secs(),
+        }))
     }
 
     /// The store.

@@ -51,10 +51,11 @@ impl Region {
                 ty.memory_bytes
             ))
         })?;
-        let secret = super::new_secret();
+        let id = new_id("egpu");
+        let secret = vgpu_credential(&c.server, &id);
         let v = Vgpu {
             credential_hash: super::secret_hash(&secret),
-            id: new_id("egpu"),
+            id,
             tenant: tenant.to_owned(),
             instance: instance.to_owned(),
             vgpu_type: ty.name.to_owned(),
@@ -239,6 +240,8 @@ impl Region {
             "id": v.value.id,
             "type": v.value.vgpu_type,
             "endpoint": v.value.endpoint,
+            "server_name": crate::ca::gpu_server_name(&v.value.server),
+            "ca": self.ca.cert_pem,
             "credential": String::from_utf8_lossy(&secret.value),
         })))
     }
@@ -266,3 +269,15 @@ impl Region {
         Ok(out)
     }
 }
+
+/// A new vGPU attachment credential: `vg1_SERVER_ATTACHMENT_` and 64 hex
+/// digits (256 random bits). The names in it let a GPU server say why it
+/// refuses one meant for another server; only the whole string, by its
+/// hash, admits anything.
+pub fn vgpu_credential(server: &str, attachment: &str) -> String {
+    format!(
+        "vg1_{server}_{attachment}_{}",
+        hex::encode(rand::random::<[u8; 32]>())
+    )
+}
+
