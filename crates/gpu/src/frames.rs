@@ -93,8 +93,14 @@ async fn handle(ep: FramesEndpoint, req: Request<Incoming>) -> Response<Full<Byt
         Ok(Some(Ok((seq, w, h, jpeg)))) => {
             let mut r = reply(StatusCode::OK, jpeg);
             let hd = r.headers_mut();
-            hd.insert(hyper::header::CONTENT_TYPE, "image/jpeg".parse().expect("static"));
-            hd.insert(hyper::header::CACHE_CONTROL, "no-store".parse().expect("static"));
+            hd.insert(
+                hyper::header::CONTENT_TYPE,
+                "image/jpeg".parse().expect("static"),
+            );
+            hd.insert(
+                hyper::header::CACHE_CONTROL,
+                "no-store".parse().expect("static"),
+            );
             hd.insert("x-frame-seq", seq.into());
             hd.insert("x-frame-size", format!("{w}x{h}").parse().expect("digits"));
             r

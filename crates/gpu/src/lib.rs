@@ -21,7 +21,7 @@ pub mod workloads;
 pub mod fuzzing;
 
 pub use client::{
-    remote_instance, remote_instance_at, remote_instance_from_metadata, remote_instance_with_credential,
-    remote_surface, round_trips, usage, viewer_path, Endpoint,
+    remote_instance, remote_instance_at, remote_instance_from_metadata,
+    remote_instance_with_credential, remote_surface, round_trips, usage, viewer_path, Endpoint,
 };
 pub use server::{GpuServer, ServerConfig};

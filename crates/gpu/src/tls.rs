@@ -76,12 +76,20 @@ impl ServerTls {
 
     /// The current configuration.
     pub(crate) fn config(&self) -> io::Result<Arc<rustls::ServerConfig>> {
-        Ok(self.0.read().map_err(|_| invalid("tls config lock"))?.clone())
+        Ok(self
+            .0
+            .read()
+            .map_err(|_| invalid("tls config lock"))?
+            .clone())
     }
 
     /// Runs the handshake on an accepted connection.
     pub(crate) fn accept(&self, sock: &TcpStream) -> io::Result<Split> {
-        let config = self.0.read().map_err(|_| invalid("tls config lock"))?.clone();
+        let config = self
+            .0
+            .read()
+            .map_err(|_| invalid("tls config lock"))?
+            .clone();
         let conn = rustls::ServerConnection::new(config).map_err(invalid)?;
         Split::handshake(rustls::Connection::Server(conn), sock)
     }

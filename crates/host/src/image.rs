@@ -79,13 +79,17 @@ const INIT: &str = concat!(INIT_NET!(), INIT_DISKS!());
 
 /// The `gpu-demo` image's init: the network and metadata, then the
 /// project's wgpu render loop on the instance's vGPU (its endpoint and
-/// credential from the metadata service), then it idles.
+/// credential from the metadata service): a compute workload whose digest
+/// it prints, 60 frames as fast as the vGPU goes, then the still scene at
+/// 30 fps for the console's viewer.
 const GPU_DEMO_INIT: &str = concat!(
     INIT_NET!(),
     r#"if [ -n "$v" ]; then
     echo "softcard: running the wgpu demo on the vGPU the metadata names"
-    RUST_LOG=warn /bin/softcard gpu demo --server metadata --frames 30 --width 320 --height 240 --fps 0 2>&1
+    RUST_LOG=warn /bin/softcard gpu demo --server metadata --compute 65536 --frames 60 --width 320 --height 240 --fps 0 2>&1
     echo "softcard: demo exited with $?"
+    echo "softcard: rendering at 30 fps for the console"
+    RUST_LOG=warn /bin/softcard gpu demo --server metadata --frames 0 --still --width 320 --height 240 --fps 30 >/dev/null 2>&1 &
 else
     echo "softcard: no vGPU in the metadata"
 fi

@@ -397,7 +397,10 @@ async fn vgpu_frame(
             [
                 (header::CONTENT_TYPE, "image/jpeg".to_owned()),
                 (header::CACHE_CONTROL, "no-store".to_owned()),
-                (header::HeaderName::from_static("x-frame-seq"), f.seq.to_string()),
+                (
+                    header::HeaderName::from_static("x-frame-seq"),
+                    f.seq.to_string(),
+                ),
                 (header::HeaderName::from_static("x-frame-size"), f.size),
             ],
             f.jpeg,

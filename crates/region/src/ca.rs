@@ -128,7 +128,9 @@ mod tests {
             .collect();
         assert_eq!(sans, vec!["DNSName(gpu1.vgpu.softcard.internal)"]);
         assert!(!cert.is_ca());
-        assert!(ca.sign_server("garbage", "x", SERVER_CERT_LIFETIME).is_err());
+        assert!(ca
+            .sign_server("garbage", "x", SERVER_CERT_LIFETIME)
+            .is_err());
         let mut tampered = csr.into_bytes();
         let n = tampered.len() / 2;
         tampered[n] = if tampered[n] == b'A' { b'B' } else { b'A' };

@@ -66,6 +66,22 @@ pub struct DemoArgs {
     /// viewer shows can be compared with a local rendering.
     #[arg(long)]
     still: bool,
+    /// First run a compute workload (Collatz step counts of 1..=N) and
+    /// print a digest of its result, to compare with a local run.
+    #[arg(long, default_value_t = 0)]
+    compute: u32,
+    /// Print the frame rate every this many frames (0: only at the end).
+    #[arg(long, default_value_t = 0)]
+    report: u32,
+}
+
+/// The digest `gpu demo --compute N` prints: SHA-256 of the Collatz step
+/// counts of 1..=N.
+pub fn compute_digest(device: &wgpu::Device, queue: &wgpu::Queue, n: u32) -> Result<String> {
+    use sha2::Digest;
+    let input: Vec<u32> = (1..=n).collect();
+    let out = workloads::collatz(device, queue, &input).map_err(|e| anyhow!(e))?;
+    Ok(hex::encode(sha2::Sha256::digest(&out)))
 }
 
 /// Runs the GPU server until killed.
@@ -230,6 +246,15 @@ pub fn demo(a: &DemoArgs) -> Result<()> {
         let _ = std::io::stdout().flush();
     }
     let (device, queue) = workloads::open(&instance).map_err(|e| anyhow!(e))?;
+    if a.compute > 0 {
+        let t = Instant::now();
+        let digest = compute_digest(&device, &queue, a.compute)?;
+        println!(
+            "compute: collatz 1..={} sha256 {digest} ({:.1} ms)",
+            a.compute,
+            t.elapsed().as_secs_f64() * 1e3
+        );
+    }
     let config = wgpu::SurfaceConfiguration {
         usage: wgpu::TextureUsages::RENDER_ATTACHMENT,
         format: wgpu::TextureFormat::Rgba8Unorm,
@@ -262,7 +287,20 @@ pub fn demo(a: &DemoArgs) -> Result<()> {
                 std::thread::sleep(wait);
             }
         }
-        if t.is_multiple_of(100) {
+        if a.report > 0 && t.is_multiple_of(a.report) {
+            device
+                .poll(wgpu::PollType::wait_indefinitely())
+                .map_err(|e| anyhow!("GPU server: {e}"))?;
+            let secs = start.elapsed().as_secs_f64();
+            println!(
+                "rendered {t} frames of {}x{} in {secs:.2} s ({:.1} fps)",
+                a.width,
+                a.height,
+                f64::from(t) / secs
+            );
+            use std::io::Write as _;
+            let _ = std::io::stdout().flush();
+        } else if t.is_multiple_of(100) {
             device
                 .poll(wgpu::PollType::wait_indefinitely())
                 .map_err(|e| anyhow!("GPU server: {e}"))?;

@@ -179,9 +179,7 @@ fn follow(
                     Err(e) => log::warn!("reading this GPU server's attachments: {e}"),
                 }
                 if renewed.elapsed() >= softcard_region::ca::RENEW_AFTER {
-                    match certificate(&client)
-                        .and_then(|(c, k, _)| Ok(tls.replace(&c, &k)?))
-                    {
+                    match certificate(&client).and_then(|(c, k, _)| Ok(tls.replace(&c, &k)?)) {
                         Ok(()) => {
                             renewed = Instant::now();
                             log::info!("vGPU certificate renewed");

@@ -4,13 +4,15 @@
 //! screenshot must show the frame a local lavapipe rendering of the same
 //! scene produces, and the page must count frames arriving.
 
+#[path = "common/screen.rs"]
+mod screen;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use softcard_gpu::workloads::{self, Scene};
 use softcard_testkit::browser::Browser;
 
 struct Kill(Child);
@@ -157,45 +159,7 @@ fn chromium_shows_the_remote_frames() {
         .collect();
     assert_eq!(&rect[2..], &[w, h], "canvas size");
     let png_bytes = cdp.screenshot();
-    let decoder = png::Decoder::new(std::io::Cursor::new(png_bytes));
-    let mut reader = decoder.read_info().unwrap();
-    let mut buf = vec![0; reader.output_buffer_size()];
-    let info = reader.next_frame(&mut buf).unwrap();
-    let bpp = match info.color_type {
-        png::ColorType::Rgb => 3,
-        png::ColorType::Rgba => 4,
-        other => panic!("screenshot in {other:?}"),
-    };
-    let stride = info.line_size;
-    println!(
-        "screenshot {}x{}, canvas at {:?}",
-        info.width, info.height, rect
-    );
-    assert!(
-        rect[0] + w <= info.width && rect[1] + h <= info.height,
-        "the canvas is not inside the screenshot"
-    );
-
-    // The same scene, rendered locally on lavapipe.
-    let (device, queue) = workloads::open(&workloads::local_instance()).unwrap();
-    let expect = Scene::new(&device, &queue, w, h)
-        .render_pixels(&device, &queue, 0)
-        .unwrap();
-
-    let (x0, y0) = (rect[0] as usize, rect[1] as usize);
-    let mut diff: u64 = 0;
-    let mut n: u64 = 0;
-    for y in 0..h as usize {
-        for x in 0..w as usize {
-            let s = &buf[(y0 + y) * stride + (x0 + x) * bpp..][..3];
-            let e = &expect[(y * w as usize + x) * 4..][..3];
-            for k in 0..3 {
-                diff += u64::from(s[k].abs_diff(e[k]));
-                n += 1;
-            }
-        }
-    }
-    let mean = diff as f64 / n as f64;
+    let mean = screen::diff_from_scene(&png_bytes, rect[0], rect[1], w, h);
     println!("screenshot vs local rendering: mean abs difference {mean:.2} per channel");
     // JPEG at quality 80 on this scene differs by a few levels on average;
     // a blank, stale or shifted picture differs by tens.

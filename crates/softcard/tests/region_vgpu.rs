@@ -218,8 +218,12 @@ fn two_tenants_share_a_gpu_server_and_nothing_else() {
     // Refused, each with its reason.
     let refused = |e: &softcard_gpu::Endpoint| open(e).unwrap_err();
     assert!(refused(&endpoint(&a_acc, None)).contains("no credential"));
-    assert!(refused(&endpoint(&a_acc, Some(&format!("sc_{}", "1".repeat(64))))).contains("malformed"));
-    assert!(refused(&endpoint(&a_acc, Some(&a_secret[..a_secret.len() - 3]))).contains("truncated"));
+    assert!(
+        refused(&endpoint(&a_acc, Some(&format!("sc_{}", "1".repeat(64))))).contains("malformed")
+    );
+    assert!(
+        refused(&endpoint(&a_acc, Some(&a_secret[..a_secret.len() - 3]))).contains("truncated")
+    );
     let a_id = a_acc["id"].as_str().unwrap();
     let forged = format!("vg1_gpu-a_{a_id}_{}", "f".repeat(64));
     assert!(refused(&endpoint(&a_acc, Some(&forged))).contains("unknown or revoked"));
@@ -231,9 +235,8 @@ fn two_tenants_share_a_gpu_server_and_nothing_else() {
     plain.tls = None;
     assert!(open(&plain).is_err());
     let mut other_ca = endpoint(&a_acc, Some(&a_secret));
-    other_ca.tls.as_mut().unwrap().ca_pem = softcard_region::ca::Authority::generate()
-        .unwrap()
-        .cert_pem;
+    other_ca.tls.as_mut().unwrap().ca_pem =
+        softcard_region::ca::Authority::generate().unwrap().cert_pem;
     let e = refused(&other_ca);
     assert!(e.to_lowercase().contains("certificate"), "{e}");
     wait_until("the server logs why", SLOW, || {
@@ -251,7 +254,11 @@ fn two_tenants_share_a_gpu_server_and_nothing_else() {
     let (a1, _) = a1.unwrap();
     let (b1, bq) = open(&endpoint(&b_acc, Some(&b_secret))).unwrap();
     let (_, quota, _) = softcard_gpu::usage(&a1).expect("a live session");
-    assert_eq!(quota, 1 << 30, "the session's quota is the vGPU type's memory");
+    assert_eq!(
+        quota,
+        1 << 30,
+        "the session's quota is the vGPU type's memory"
+    );
     // acme's two sessions share its 1 GiB: 3 + 2 buffers of 200 MiB fit,
     // a sixth does not; beta carries on.
     let (_a1_bufs, e) = allocate(&a1, 3, 200 * MIB);
@@ -264,10 +271,14 @@ fn two_tenants_share_a_gpu_server_and_nothing_else() {
     assert_eq!(e, None, "beta's vGPU is not acme's");
     let input: Vec<u32> = (1..=4096).collect();
     let local = {
-        let (d, q) = softcard_gpu::workloads::open(&softcard_gpu::workloads::local_instance()).unwrap();
+        let (d, q) =
+            softcard_gpu::workloads::open(&softcard_gpu::workloads::local_instance()).unwrap();
         softcard_gpu::workloads::collatz(&d, &q, &input).unwrap()
     };
-    assert_eq!(softcard_gpu::workloads::collatz(&b1, &bq, &input).unwrap(), local);
+    assert_eq!(
+        softcard_gpu::workloads::collatz(&b1, &bq, &input).unwrap(),
+        local
+    );
 
     // Frames: only through the region, only to the owner.
     let b_vgpu = b_acc["id"].as_str().unwrap();
@@ -295,7 +306,11 @@ fn two_tenants_share_a_gpu_server_and_nothing_else() {
         r.send().unwrap().status().as_u16()
     };
     assert_eq!(status(None), 401, "a URL alone shows nothing");
-    assert_eq!(status(Some(&a_secret)), 403, "acme's credential is not beta's");
+    assert_eq!(
+        status(Some(&a_secret)),
+        403,
+        "acme's credential is not beta's"
+    );
     assert_eq!(status(Some(&b_secret)), 204, "beta's, with no frame yet");
 
     // Terminate acme's instance: its sessions end, its memory is free.
@@ -305,9 +320,13 @@ fn two_tenants_share_a_gpu_server_and_nothing_else() {
             .unwrap()
     };
     assert_eq!(used(&admin), 2 << 30);
-    acme.post("/v1/instances/gfx/terminate", &json!({})).unwrap();
+    acme.post("/v1/instances/gfx/terminate", &json!({}))
+        .unwrap();
     // The simulated host stops it.
-    let gfx = acme.get("/v1/instances/gfx").unwrap()["id"].as_str().unwrap().to_owned();
+    let gfx = acme.get("/v1/instances/gfx").unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     h.post(
         &format!("/v1/agent/instances/{gfx}/status"),
         &json!({"state": "terminated"}),
@@ -317,7 +336,10 @@ fn two_tenants_share_a_gpu_server_and_nothing_else() {
         softcard_gpu::usage(&a1).is_none() && softcard_gpu::usage(&a2).is_none()
     });
     assert_eq!(used(&admin), 3 << 30);
-    assert!(softcard_gpu::usage(&b1).is_some(), "beta's session lives on");
+    assert!(
+        softcard_gpu::usage(&b1).is_some(),
+        "beta's session lives on"
+    );
     drop((a1, a2, _a1_bufs, _a2_bufs));
 
     // The GPU server dies: beta's vGPU is impaired until it returns.
@@ -339,17 +361,24 @@ fn two_tenants_share_a_gpu_server_and_nothing_else() {
         again.is_some()
     });
     let (d, q) = again.unwrap();
-    assert_eq!(softcard_gpu::workloads::collatz(&d, &q, &input).unwrap(), local);
+    assert_eq!(
+        softcard_gpu::workloads::collatz(&d, &q, &input).unwrap(),
+        local
+    );
 }
 
-/// The patent's chain, but for the client device: an instance provisioned
-/// by the region gets a vGPU backed by a separate GPU server process, and
-/// an ordinary wgpu program inside the instance's QEMU guest (the
-/// `gpu-demo` image: no GPU, no Vulkan driver, no display) renders and
-/// presents 30 frames on it, with the endpoint and credential the metadata
-/// service gave it.
+/// The patent's chain, to the client device: an instance provisioned by
+/// the region gets a vGPU backed by a separate GPU server process; an
+/// ordinary wgpu program inside the instance's QEMU guest (the `gpu-demo`
+/// image: no GPU, no Vulkan driver, no display), told its vGPU by the
+/// metadata service and verifying the server's TLS certificate against
+/// the region's authority, runs a compute workload whose result equals a
+/// local lavapipe run, then renders; headless Chromium logs into the
+/// region's console as the tenant and shows the instance's frames (the
+/// screenshot matches a local rendering) with their rate, and another
+/// tenant sees nothing of them.
 #[test]
-fn a_wgpu_program_in_an_instance_renders_on_its_vgpu() {
+fn a_wgpu_program_in_an_instance_renders_on_its_vgpu_to_the_console() {
     let net = common::net::Net::start(false);
     let admin = RegionClient::new(
         net.url(),
@@ -379,14 +408,100 @@ fn a_wgpu_program_in_an_instance_renders_on_its_vgpu() {
         "{console}"
     );
     assert!(
-        console.contains("rendered 30 frames of 320x240"),
+        console.contains("rendered 60 frames of 320x240"),
         "{console}"
     );
-    // The GPU server lists the attachment it served.
+    // The instance's compute result is lavapipe's.
+    let local = {
+        let (d, q) =
+            softcard_gpu::workloads::open(&softcard_gpu::workloads::local_instance()).unwrap();
+        let input: Vec<u32> = (1..=65536).collect();
+        let out = softcard_gpu::workloads::collatz(&d, &q, &input).unwrap();
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(&out))
+    };
+    assert!(
+        console.contains(&format!("compute: collatz 1..=65536 sha256 {local}")),
+        "{console}"
+    );
+    for l in console.lines().filter(|l| l.contains("rendered 60 frames")) {
+        println!("inside the TCG instance: {l}");
+    }
+    // The GPU server lists the attachment it serves.
     let servers = admin.get("/v1/gpu-servers").unwrap();
     let att = &servers[0]["adapters"][0]["attachments"];
     assert_eq!(att.as_array().map(Vec::len), Some(1), "{servers}");
     assert_eq!(att[0]["type"], "eg1.medium");
+    let vgpu = att[0]["id"].as_str().unwrap().to_owned();
+
+    // The owner's console shows the frames, after login.
+    let mut b = softcard_testkit::browser::Browser::open(&format!("{}/", net.url()), 1280, 1200);
+    b.wait_for(
+        "the login form",
+        "!!document.getElementById('credential')",
+        SLOW,
+    );
+    let status = b.eval(&format!(
+        "fetch('/v1/vgpus/{vgpu}/frame').then(r => r.status)"
+    ));
+    assert_eq!(status, 401, "no frames without a login");
+    let cred = std::fs::read_to_string(&net.tenant).unwrap();
+    b.type_into("#credential", cred.trim());
+    b.click("#login-button");
+    let fig = format!("document.querySelector('figure.vgpu-viewer[data-vgpu=\"{vgpu}\"]')");
+    b.wait_for(
+        "frames in the console, and their rate",
+        &format!(
+            "(() => {{ const f = {fig}; return !!f && Number(f.dataset.frames || 0) >= 30 \
+             && Number(f.querySelector('.fps').textContent) > 0; }})()"
+        ),
+        Duration::from_secs(120),
+    );
+    let fps = b.eval(&format!("{fig}.querySelector('.fps').textContent"));
+    println!("console viewer: {fps} fps");
+    let rect = b.eval(&format!(
+        "(() => {{ const r = {fig}.querySelector('img').getBoundingClientRect(); \
+         return [r.left, r.top, r.width, r.height]; }})()"
+    ));
+    let rect: Vec<u32> = rect
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap().round() as u32)
+        .collect();
+    assert_eq!(&rect[2..], &[320, 240], "the frame is shown at its size");
+    let mean = common::screen::diff_from_scene(&b.screenshot(), rect[0], rect[1], 320, 240);
+    println!("console screenshot vs local rendering: mean abs difference {mean:.2} per channel");
+    assert!(
+        mean < 6.0,
+        "the console does not show the instance's frame ({mean:.2})"
+    );
+
+    // Another tenant sees no viewer and cannot fetch the frames.
+    net.cli_ok(&net.admin, &["tenant", "create", "other"]);
+    let other = net.cli_ok(&net.admin, &["tenant", "credential", "other"]);
+    let mut o = softcard_testkit::browser::Browser::open(&format!("{}/", net.url()), 1280, 900);
+    o.wait_for(
+        "the login form",
+        "!!document.getElementById('credential')",
+        SLOW,
+    );
+    o.type_into("#credential", other.trim());
+    o.click("#login-button");
+    o.wait_for(
+        "the other tenant's tables",
+        "!document.getElementById('main').classList.contains('hidden')",
+        SLOW,
+    );
+    let status = o.eval(&format!(
+        "fetch('/v1/vgpus/{vgpu}/frame').then(r => r.status)"
+    ));
+    assert_eq!(status, 404, "another tenant's vGPU does not exist for it");
+    assert_eq!(
+        o.eval("document.querySelectorAll('figure.vgpu-viewer').length"),
+        0
+    );
+
     let id = net.instance("art")["id"].as_str().unwrap().to_owned();
     net.t(&["instance", "terminate", "art"]);
     net.wait_state(&id, "terminated");

@@ -68,7 +68,11 @@ pub fn vgpu_from_metadata() -> std::io::Result<super::Endpoint> {
             ca_pem: ca.to_owned(),
         }),
         (None, None) => None,
-        _ => return Err(err("the metadata names a vGPU authority without a server name")),
+        _ => {
+            return Err(err(
+                "the metadata names a vGPU authority without a server name",
+            ))
+        }
     };
     Ok(super::Endpoint {
         addr: at.to_owned(),

@@ -83,7 +83,8 @@ impl Grants {
 
 impl Admission for Grants {
     fn admit(&self, credential: Option<&str>) -> Result<Grant, String> {
-        let c = credential.ok_or("no credential: this GPU server admits only a vGPU attachment's credential")?;
+        let c = credential
+            .ok_or("no credential: this GPU server admits only a vGPU attachment's credential")?;
         let (server, attachment) = parse_credential(c)?;
         if server != self.server {
             return Err(format!(

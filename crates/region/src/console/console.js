@@ -57,11 +57,89 @@ async function showConsole(id, name) {
   $("console-section").classList.remove("hidden");
 }
 
+// One live viewer per attached vGPU the caller may see: frames come
+// through the region (which checks ownership and holds the vGPU's
+// credential), never from the GPU server straight to the browser.
+const viewers = new Map();
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+function startViewer(v) {
+  const fig = document.createElement("figure");
+  fig.className = "vgpu-viewer";
+  fig.dataset.vgpu = v.id;
+  fig.dataset.instance = v.instance;
+  const img = document.createElement("img");
+  img.alt = "vGPU " + v.id + " output";
+  const cap = document.createElement("figcaption");
+  cap.innerHTML = '<b class="label"></b>: <span class="fps">0.0</span> fps, <span class="frames">0</span> frames <span class="size"></span> <span class="status">waiting for frames</span>';
+  cap.querySelector(".label").textContent = v.instance + " / " + v.id;
+  fig.append(img, cap);
+  $("viewers").appendChild(fig);
+  const st = { stop: false, seq: 0, frames: 0, winStart: performance.now(), winFrames: 0, fig };
+  (async () => {
+    while (!st.stop) {
+      try {
+        const r = await fetch("/v1/vgpus/" + v.id + "/frame?after=" + st.seq, { credentials: "same-origin" });
+        if (r.status === 204) continue;
+        if (!r.ok) {
+          cap.querySelector(".status").textContent = "(" + r.status + ")";
+          await sleep(1000);
+          continue;
+        }
+        st.seq = Number(r.headers.get("x-frame-seq")) || st.seq;
+        cap.querySelector(".size").textContent = r.headers.get("x-frame-size") || "";
+        const url = URL.createObjectURL(await r.blob());
+        const old = img.src;
+        await new Promise((ok) => { img.onload = ok; img.onerror = ok; img.src = url; });
+        if (old) URL.revokeObjectURL(old);
+        st.frames++;
+        st.winFrames++;
+        const now = performance.now();
+        if (now - st.winStart >= 1000) {
+          cap.querySelector(".fps").textContent = ((st.winFrames * 1000) / (now - st.winStart)).toFixed(1);
+          st.winStart = now;
+          st.winFrames = 0;
+        }
+        cap.querySelector(".frames").textContent = st.frames;
+        cap.querySelector(".status").textContent = "";
+        fig.dataset.frames = st.frames;
+      } catch (e) {
+        cap.querySelector(".status").textContent = "(" + (e.message || e) + ")";
+        await sleep(1000);
+      }
+    }
+  })();
+  viewers.set(v.id, st);
+}
+
+function syncViewers(vgpus) {
+  const live = new Set(vgpus.filter((v) => v.state === "attached").map((v) => v.id));
+  for (const [id, st] of viewers) {
+    if (!live.has(id)) { st.stop = true; st.fig.remove(); viewers.delete(id); }
+  }
+  for (const v of vgpus) if (live.has(v.id) && !viewers.has(v.id)) startViewer(v);
+}
+
 async function refresh() {
   clearTimeout(timer);
   let busy = false;
   try {
-    const [instances, volumes] = await Promise.all([api("GET", "/v1/instances"), api("GET", "/v1/volumes")]);
+    const [instances, volumes, vgpus] = await Promise.all([api("GET", "/v1/instances"), api("GET", "/v1/volumes"), api("GET", "/v1/vgpus")]);
+    const gb = $("vgpus").querySelector("tbody");
+    gb.replaceChildren();
+    for (const v of vgpus) {
+      const tr = document.createElement("tr");
+      tr.dataset.vgpu = v.id;
+      busy = busy || TRANSITIONAL.has(v.state);
+      cell(tr, v.id);
+      cell(tr, v.instance);
+      cell(tr, v.vgpu_type);
+      cell(tr, v.server);
+      cell(tr, v.state, "state state-" + v.state);
+      cell(tr, v.health, "health-" + v.health);
+      gb.appendChild(tr);
+    }
+    syncViewers(vgpus);
     const running = instances.filter((i) => i.state.name === "running");
     const ib = $("instances").querySelector("tbody");
     ib.replaceChildren();
@@ -148,7 +226,8 @@ async function start() {
   const tenant = who.kind === "tenant";
   for (const f of document.querySelectorAll(".tenant-only")) f.classList.toggle("hidden", !tenant);
   $("hosts-section").classList.toggle("hidden", who.kind !== "admin");
-  const [types, images] = await Promise.all([api("GET", "/v1/instance-types"), api("GET", "/v1/images")]);
+  const [types, images, vtypes] = await Promise.all([api("GET", "/v1/instance-types"), api("GET", "/v1/images"), api("GET", "/v1/vgpu-types")]);
+  $("ci-vgpu").replaceChildren(new Option("no vGPU", ""), ...vtypes.map((t) => new Option(t.name + " (" + gib(t.memory_bytes) + ")", t.name)));
   $("ci-type").replaceChildren(...types.map((t) => new Option(t.name + " (" + t.vcpus + " vCPU, " + t.memory_mib + " MiB)", t.name)));
   $("ci-image").replaceChildren(...images.map((i) => new Option(i.name, i.name)));
   refresh();
@@ -169,7 +248,9 @@ $("create-instance").onsubmit = async (ev) => {
   ev.preventDefault();
   try {
     showError(null);
-    await api("POST", "/v1/instances", { name: $("ci-name").value, type: $("ci-type").value, image: $("ci-image").value, volume_size: $("ci-size").value });
+    const body = { name: $("ci-name").value, type: $("ci-type").value, image: $("ci-image").value, volume_size: $("ci-size").value };
+    if ($("ci-vgpu").value) body.vgpu = $("ci-vgpu").value;
+    await api("POST", "/v1/instances", body);
   } catch (e) { showError(e); }
   refresh();
 };

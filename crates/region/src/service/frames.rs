@@ -36,7 +36,8 @@ impl FrameClients {
         let sock: std::net::SocketAddr = addr
             .parse()
             .map_err(|e| bad(format!("frames endpoint {addr:?}: {e}")))?;
-        let ca = reqwest::Certificate::from_pem(ca_pem.as_bytes()).map_err(|e| bad(e.to_string()))?;
+        let ca =
+            reqwest::Certificate::from_pem(ca_pem.as_bytes()).map_err(|e| bad(e.to_string()))?;
         let c = reqwest::Client::builder()
             .use_rustls_tls()
             .tls_built_in_root_certs(false)
@@ -84,7 +85,9 @@ impl Region {
             .get(&keys::vgpu_secret(id))
             .await?
             .ok_or_else(|| RegionError::Conflict(format!("vGPU {id} has no credential")))?;
-        let client = self.frame_clients.get(&v.server, &addr, &self.ca.cert_pem)?;
+        let client = self
+            .frame_clients
+            .get(&v.server, &addr, &self.ca.cert_pem)?;
         let url = format!(
             "https://{}:{}/v1/attachments/{id}/frame?after={after}",
             crate::ca::gpu_server_name(&v.server),

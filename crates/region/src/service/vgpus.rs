@@ -280,4 +280,3 @@ pub fn vgpu_credential(server: &str, attachment: &str) -> String {
         hex::encode(rand::random::<[u8; 32]>())
     )
 }
-

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod net;
+pub mod screen;
 
 use std::io::Write;
 use std::mem::MaybeUninit;
