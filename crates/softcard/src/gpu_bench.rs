@@ -113,6 +113,9 @@ pub fn gpu(a: &GpuBenchArgs) -> Result<()> {
     })
     .map_err(|e| anyhow!(e))?;
     let addr = server.listen("127.0.0.1:0")?.to_string();
+    // The same server's twin speaking TLS, with a certificate from a
+    // throwaway region authority, as a region's GPU server does.
+    let (tls_server, tls_endpoint) = tls_twin()?;
     let vl = TcpListener::bind("127.0.0.1:0")?;
     let vport = vl.local_addr()?.port();
     let frames = server.frames();
@@ -139,6 +142,17 @@ pub fn gpu(a: &GpuBenchArgs) -> Result<()> {
     println!("|---|---:|---:|");
     println!("| local wgpu | {lt:.2} | 1.00 |");
     println!("| vGPU over loopback | {rt:.2} | {:.2} |", rt / lt);
+    let (tls_d, tls_q) = workloads::open(&softcard_gpu::remote_instance_at(&tls_endpoint)?)
+        .map_err(|e| anyhow!(e))?;
+    let (tt, tout) = time_offload(&tls_d, &tls_q, len, a.iterations)?;
+    if tout != lout {
+        bail!("the vGPU's offload result over TLS differs from the local one");
+    }
+    println!(
+        "| vGPU over loopback, TLS 1.3 (AES-GCM, rustls) | {tt:.2} | {:.2} (TLS / plain: {:.2}) |",
+        tt / lt,
+        tt / rt
+    );
     let rate = tcp_rate()?;
     let floor = lt + 2.0 * len as f64 / rate * 1e3;
     println!(
@@ -163,6 +177,33 @@ pub fn gpu(a: &GpuBenchArgs) -> Result<()> {
         rt * 1e3,
         rt / lt,
         trips as f64 / runs as f64
+    );
+    let (tt, _) = time_offload(&tls_d, &tls_q, small, a.iterations * 5)?;
+    println!(
+        "| vGPU over loopback, TLS | {:.0} | {:.2} | 1.00 |",
+        tt * 1e3,
+        tt / lt
+    );
+    // Where the added time goes: one empty round trip through the session
+    // (submit nothing, wait for the queue), and a bare loopback TCP
+    // ping-pong between two threads (the floor of any round trip here).
+    let empty = |d: &wgpu::Device, q: &wgpu::Queue| -> Result<f64> {
+        let mut times = Vec::new();
+        for _ in 0..a.iterations * 5 {
+            let t = Instant::now();
+            q.submit([]);
+            d.poll(wgpu::PollType::wait_indefinitely())
+                .map_err(|e| anyhow!("{e}"))?;
+            times.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+        Ok(median(times))
+    };
+    let (le, re) = (empty(&ld, &lq)?, empty(&rd, &rq)?);
+    println!("| breakdown: empty submit + wait, local | {le:.0} | | |");
+    println!("| breakdown: empty submit + wait, vGPU (one round trip) | {re:.0} | | 1.00 |");
+    println!(
+        "| breakdown: loopback TCP ping-pong, 64 B, two blocking threads | {:.0} | | |",
+        tcp_ping_pong(a.iterations * 25)?
     );
 
     // (d) two sessions at once, each running the 4 MiB offload loop: how
@@ -271,6 +312,25 @@ pub fn gpu(a: &GpuBenchArgs) -> Result<()> {
     stop.store(true, Ordering::Relaxed);
     let _ = watcher.join();
     let published = server.frames().published() - published0;
+    // What one viewer costs the server: a 1280x720 frame's JPEG encoding
+    // (one thread) and its size.
+    let (encode_ms, jpeg_bytes) = {
+        let rgba = scene_pixels(&ld, &lq, w, h)?;
+        let frame = softcard_gpu::viewer::Frame {
+            width: w,
+            height: h,
+            rgba,
+            presented: Instant::now(),
+        };
+        let mut times = Vec::new();
+        let mut bytes = 0;
+        for _ in 0..20 {
+            let t = Instant::now();
+            bytes = frame.jpeg(80).map_err(|e| anyhow!(e))?.len();
+            times.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        (median(times), bytes)
+    };
     let got = received.load(Ordering::Relaxed) - got0;
     println!();
     println!("| (b) render loop, {w}x{h}, textured depth-tested scene | frames/s |");
@@ -288,5 +348,82 @@ pub fn gpu(a: &GpuBenchArgs) -> Result<()> {
         "| vGPU: JPEG frames received by a viewer over WebSocket | {:.1} |",
         got as f64 / secs
     );
+    println!(
+        "| per viewer frame: JPEG encoding on one server thread | {encode_ms:.2} ms ({:.0} frames/s per core) |",
+        1e3 / encode_ms
+    );
+    println!(
+        "| per viewer frame: bytes (JPEG quality 80) | {jpeg_bytes} ({:.1} MB/s at 60 fps) |",
+        jpeg_bytes as f64 * 60.0 / 1e6
+    );
+    drop(tls_server);
     Ok(())
+}
+
+/// The scene at t=0 rendered locally, RGBA.
+fn scene_pixels(d: &wgpu::Device, q: &wgpu::Queue, w: u32, h: u32) -> Result<Vec<u8>> {
+    Scene::new(d, q, w, h)
+        .render_pixels(d, q, 0)
+        .map_err(|e| anyhow!(e))
+}
+
+/// A GPU server speaking TLS with a certificate a throwaway authority
+/// signed, and the endpoint a client trusting that authority uses.
+fn tls_twin() -> Result<(std::sync::Arc<GpuServer>, softcard_gpu::Endpoint)> {
+    let ca = softcard_region::ca::Authority::generate().map_err(|e| anyhow!(e))?;
+    let (key, csr) = softcard_region::ca::new_key_and_csr().map_err(|e| anyhow!(e))?;
+    let name = softcard_region::ca::gpu_server_name("bench");
+    let cert = ca
+        .sign_server(&csr, &name, softcard_region::ca::SERVER_CERT_LIFETIME)
+        .map_err(|e| anyhow!(e))?;
+    let server = GpuServer::new(ServerConfig {
+        quota: 2 << 30,
+        tls: Some(softcard_gpu::tls::ServerTls::from_pem(&cert, &key)?),
+        ..Default::default()
+    })
+    .map_err(|e| anyhow!(e))?;
+    let addr = server.listen("127.0.0.1:0")?.to_string();
+    Ok((
+        server,
+        softcard_gpu::Endpoint {
+            addr,
+            credential: None,
+            tls: Some(softcard_gpu::tls::ClientTls {
+                server_name: name,
+                ca_pem: ca.cert_pem.clone(),
+            }),
+        },
+    ))
+}
+
+/// Median microseconds of a 64-byte ping-pong over loopback TCP between
+/// two threads that block in read.
+fn tcp_ping_pong(n: u32) -> Result<f64> {
+    use std::io::{Read, Write};
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    let addr = l.local_addr()?;
+    let echo = std::thread::spawn(move || -> std::io::Result<()> {
+        let (mut s, _) = l.accept()?;
+        softcard_gpu::proto::tune_socket(&s);
+        let mut b = [0u8; 64];
+        loop {
+            if s.read_exact(&mut b).is_err() {
+                return Ok(());
+            }
+            s.write_all(&b)?;
+        }
+    });
+    let mut c = TcpStream::connect(addr)?;
+    softcard_gpu::proto::tune_socket(&c);
+    let mut b = [0u8; 64];
+    let mut times = Vec::new();
+    for _ in 0..n {
+        let t = Instant::now();
+        c.write_all(&b)?;
+        c.read_exact(&mut b)?;
+        times.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    drop(c);
+    let _ = echo.join();
+    Ok(median(times))
 }
