@@ -35,6 +35,9 @@ pub(crate) struct Shared {
     /// run; answers come in request order.
     done: Mutex<u64>,
     done_cv: Condvar,
+    /// `done`, readable without the lock (for a short spin before a
+    /// waiter sleeps).
+    done_fast: AtomicU64,
     lost: Mutex<Option<String>>,
     pub(crate) on_error: Mutex<Option<Arc<dyn wgpu::UncapturedErrorHandler>>>,
     pub(crate) on_lost: Mutex<Option<wgpu::custom::BoxDeviceLostCallback>>,
@@ -69,6 +72,7 @@ impl Shared {
             cb(Err(why.clone()));
         }
         *self.done.lock().expect("done") = u64::MAX;
+        self.done_fast.store(u64::MAX, Ordering::Release);
         self.done_cv.notify_all();
         if first {
             if let Some(cb) = self.on_lost.lock().expect("on_lost").take() {
@@ -314,6 +318,9 @@ impl Conn {
                 _ => return false,
             }
         };
+        if spin_until(|| self.shared.done_fast.load(Ordering::Acquire) >= target) {
+            return true;
+        }
         let mut done = self.shared.done.lock().expect("done");
         while *done < target {
             done = self.shared.done_cv.wait(done).expect("done");
@@ -327,8 +334,19 @@ impl Conn {
         self.call_async(req, payload, move |r| {
             let _ = tx.send(r);
         });
-        rx.recv()
-            .unwrap_or_else(|_| Err("GPU server connection lost".into()))
+        let mut early = None;
+        spin_until(|| match rx.try_recv() {
+            Ok(r) => {
+                early = Some(r);
+                true
+            }
+            Err(mpsc::TryRecvError::Empty) => false,
+            Err(mpsc::TryRecvError::Disconnected) => true,
+        });
+        early.unwrap_or_else(|| {
+            rx.recv()
+                .unwrap_or_else(|_| Err("GPU server connection lost".into()))
+        })
     }
 
     /// Sends an answered request; the future resolves with the answer.
@@ -346,6 +364,36 @@ impl Conn {
             }
         });
         ReplyFuture { slot }
+    }
+}
+
+/// How long a thread waiting for an answer spins before it sleeps
+/// (`SOFTCARD_VGPU_SPIN_US` overrides; 0 never spins). A small dispatch's
+/// round trip on loopback fits in it, and a waiter that slept pays a
+/// wake-up on top of the round trip (on the 2-core bench machine the
+/// 256-byte dispatch loop went from about 1.9x local to 0.9x); a longer
+/// wait costs at most this much CPU before the thread sleeps.
+const SPIN: std::time::Duration = std::time::Duration::from_micros(200);
+
+/// Spins until `ready` or the spin time has passed; whether it became
+/// ready.
+fn spin_until(mut ready: impl FnMut() -> bool) -> bool {
+    static SPIN_US: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let spin = std::time::Duration::from_micros(*SPIN_US.get_or_init(|| {
+        std::env::var("SOFTCARD_VGPU_SPIN_US")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(SPIN.as_micros() as u64)
+    }));
+    let start = std::time::Instant::now();
+    loop {
+        if ready() {
+            return true;
+        }
+        if start.elapsed() >= spin {
+            return false;
+        }
+        std::hint::spin_loop();
     }
 }
 
@@ -414,6 +462,7 @@ fn read_loop(mut r: BufReader<Box<dyn std::io::Read + Send>>, shared: Arc<Shared
                 }
                 let mut done = shared.done.lock().expect("done");
                 *done = (*done).max(seq + 1);
+                shared.done_fast.store(*done, Ordering::Release);
                 drop(done);
                 shared.done_cv.notify_all();
             }
