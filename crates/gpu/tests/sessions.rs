@@ -16,7 +16,7 @@ fn server(quota: u64) -> (Arc<GpuServer>, String) {
     let _ = env_logger::builder().is_test(true).try_init();
     let server = GpuServer::new(ServerConfig {
         quota,
-        admission: None,
+        ..Default::default()
     })
     .expect("a Vulkan adapter (mesa-vulkan-drivers)");
     let addr = server.listen("127.0.0.1:0").unwrap().to_string();
@@ -618,6 +618,15 @@ fn error_scopes_left_open_are_popped_in_order() {
     }
     input.extend_from_slice(&scopes);
     assert_eq!(server.run_bytes(&input), Ok(()));
+    // Nothing runs before the hello (admission happens there), and there
+    // is one hello.
+    let e = server.run_bytes(&scopes).unwrap_err();
+    assert!(e.contains("first message must be the hello"), "{e}");
+    let mut twice = input[..input.len() - scopes.len()].to_vec();
+    let hello_len = twice.len();
+    twice.extend_from_slice(&input[..hello_len]);
+    let e = server.run_bytes(&twice).unwrap_err();
+    assert!(e.contains("second hello"), "{e}");
     // The fuzz target's way in: a hello, then the session has a device.
     let mut shared = Vec::new();
     proto::write_frame(

@@ -10,7 +10,7 @@ fn server(quota: u64) -> (Arc<GpuServer>, String) {
     let _ = env_logger::builder().is_test(true).try_init();
     let server = GpuServer::new(ServerConfig {
         quota,
-        admission: None,
+        ..Default::default()
     })
     .expect("a Vulkan adapter (mesa-vulkan-drivers)");
     let addr = server.listen("127.0.0.1:0").unwrap().to_string();

@@ -467,7 +467,7 @@ fn a_wgpu_program_in_an_instance_renders_on_its_vgpu_to_the_console() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|x| x.as_f64().unwrap().round() as u32)
+        .map(|x| u32::try_from(x.as_f64().unwrap().round() as i64).unwrap())
         .collect();
     assert_eq!(&rect[2..], &[320, 240], "the frame is shown at its size");
     let mean = common::screen::diff_from_scene(&b.screenshot(), rect[0], rect[1], 320, 240);

@@ -38,9 +38,9 @@ pub fn parse_credential(c: &str) -> Result<(&str, &str), String> {
         return Err(format!("malformed credential: bad names ({SHAPE})"));
     }
     if secret.len() != 64 || !secret.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(format!(
-            "malformed credential: the secret is not 64 hex digits (truncated?)"
-        ));
+        return Err(
+            "malformed credential: the secret is not 64 hex digits (truncated?)".to_string(),
+        );
     }
     Ok((server, attachment))
 }

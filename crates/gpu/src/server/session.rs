@@ -212,8 +212,6 @@ impl Session {
         shared: Option<(wgpu::Device, wgpu::Queue)>,
     ) -> Result<(), SessionError> {
         let keep = shared.is_some();
-        // A shared device stands for a session past its hello.
-        self.greeted = keep;
         self.device = shared;
         let mut rd = BufReader::new(input);
         let mut wr = BufWriter::new(std::io::sink());
