@@ -84,7 +84,16 @@ const INIT: &str = concat!(INIT_NET!(), INIT_DISKS!());
 /// 30 fps for the console's viewer.
 const GPU_DEMO_INIT: &str = concat!(
     INIT_NET!(),
-    r#"if [ -n "$v" ]; then
+    r#"# A vGPU reaches the metadata once its GPU server admits it.
+case "$v" in "{"*) ;; *) v="" ;; esac
+n=0
+while [ -z "$v" ] && [ $n -lt 60 ] && [ -e /sys/class/net/eth0 ]; do
+    usleep 500000
+    n=$((n + 1))
+    v=$(md vgpu)
+    case "$v" in "{"*) ;; *) v="" ;; esac
+done
+if [ -n "$v" ]; then
     echo "softcard: running the wgpu demo on the vGPU the metadata names"
     RUST_LOG=warn /bin/softcard gpu demo --server metadata --compute 65536 --frames 60 --width 320 --height 240 --fps 0 2>&1
     echo "softcard: demo exited with $?"

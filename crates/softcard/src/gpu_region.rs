@@ -175,6 +175,22 @@ fn follow(
                         for a in grants.set(grants_of(&w)) {
                             server.revoke(&a);
                         }
+                        // The grants are in place: attaching ones are
+                        // attached now.
+                        let new: Vec<&str> = w["attachments"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .filter(|a| a["state"] == "attaching")
+                            .filter_map(|a| a["id"].as_str())
+                            .collect();
+                        if !new.is_empty() {
+                            if let Err(e) = client
+                                .post("/v1/agent/gpu/attached", &json!({ "attachments": new }))
+                            {
+                                log::warn!("acknowledging attachments: {e}");
+                            }
+                        }
                     }
                     Err(e) => log::warn!("reading this GPU server's attachments: {e}"),
                 }

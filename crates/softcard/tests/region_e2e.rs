@@ -105,6 +105,31 @@ fn vgpu_metadata(net: &Net) {
         "--vgpu",
         "eg1.medium",
     ]);
+    // Attaching until the GPU server says it admits the credential; then
+    // attached, and in the instance's metadata.
+    let vgpus = |c: &RegionClient| c.get("/v1/vgpus").unwrap()[0]["state"].clone();
+    assert_eq!(vgpus(&admin), "attaching");
+    let work = g.get("/v1/agent/gpu/work").unwrap();
+    let ids: Vec<&str> = work["attachments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["state"] == "attaching")
+        .map(|a| a["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 1, "{work}");
+    let other = admin
+        .post("/v1/gpu-servers/gpu-b/credentials", &json!({}))
+        .unwrap();
+    let gb = RegionClient::new(net.url(), other["credential"].as_str().unwrap(), None).unwrap();
+    let n = gb
+        .post("/v1/agent/gpu/attached", &json!({"attachments": ids}))
+        .unwrap();
+    assert_eq!(n["attached"], 0, "another GPU server cannot attach it");
+    assert_eq!(vgpus(&admin), "attaching");
+    g.post("/v1/agent/gpu/attached", &json!({"attachments": ids}))
+        .unwrap();
+    assert_eq!(vgpus(&admin), "attached");
     net.wait_state("gfx", "running");
     net.wait_console("gfx", "softcard: metadata vgpu {");
     let line = net

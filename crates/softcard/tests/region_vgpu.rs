@@ -193,6 +193,14 @@ fn two_tenants_share_a_gpu_server_and_nothing_else() {
         )
         .unwrap();
     }
+    // Attaching, until the GPU server admits their credentials.
+    wait_until("both vGPUs are attached", SLOW, || {
+        admin
+            .get("/v1/vgpus")
+            .unwrap()
+            .as_array()
+            .is_some_and(|v| v.len() == 2 && v.iter().all(|v| v["state"] == "attached"))
+    });
     let work = h.get("/v1/agent/work").unwrap();
     let access_of = |t: &RegionClient, name: &str| {
         let id = t.get(&format!("/v1/instances/{name}")).unwrap()["id"].clone();
@@ -340,6 +348,8 @@ fn two_tenants_share_a_gpu_server_and_nothing_else() {
         softcard_gpu::usage(&b1).is_some(),
         "beta's session lives on"
     );
+    // Replayed after the revocation: refused.
+    assert!(refused(&endpoint(&a_acc, Some(&a_secret))).contains("unknown or revoked"));
     drop((a1, a2, _a1_bufs, _a2_bufs));
 
     // The GPU server dies: beta's vGPU is impaired until it returns.

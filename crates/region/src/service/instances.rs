@@ -579,7 +579,9 @@ impl Region {
         let index = keys::placed_on(host);
         let mine = |e: &crate::store::Event| {
             let k = e.key();
-            if k.starts_with(&index) {
+            // A vGPU attached or detached changes an instance's metadata
+            // (rare: every host reads its work again).
+            if k.starts_with(&index) || k.starts_with(&keys::vgpus()) {
                 return true;
             }
             if !(k.starts_with(&keys::instances()) || k.starts_with(&keys::volumes())) {

@@ -14,6 +14,9 @@ use crate::model::{
 use crate::placement::GpuChoice;
 use crate::store::{Compare, Op};
 
+/// Most attachments one acknowledgement names.
+const MAX_ACKS: usize = 4096;
+
 /// Claims tried before an attach gives up.
 const MAX_CLAIM_ATTEMPTS: usize = 64;
 
@@ -63,7 +66,8 @@ impl Region {
             server: c.server.clone(),
             adapter: c.adapter.clone(),
             endpoint: c.endpoint.clone(),
-            state: VgpuState::Attached,
+            // Attached once its GPU server says it admits the credential.
+            state: VgpuState::Attaching,
             created: now(),
         };
         Ok((c, v, secret))
@@ -215,9 +219,10 @@ impl Region {
         let mut out = Vec::new();
         for kv in &kvs {
             let v: Vgpu = decode(kv)?;
-            if v.server == server && v.state == VgpuState::Attached {
+            if v.server == server && matches!(v.state, VgpuState::Attaching | VgpuState::Attached) {
                 out.push(json!({
                     "id": v.id,
+                    "state": v.state,
                     "adapter": v.adapter,
                     "memory_bytes": v.memory_bytes,
                     "credential_hash": v.credential_hash,
@@ -227,12 +232,47 @@ impl Region {
         Ok(json!({"attachments": out, "revision": revision}))
     }
 
-    /// An instance's vGPU as its host hands it to the instance: endpoint
-    /// and credential.
+    /// GPU server `server` admits the credentials of `ids` now: those of
+    /// them still attaching are attached. Returns how many changed.
+    pub async fn gpu_attached(&self, server: &str, ids: &[String]) -> Result<usize> {
+        let mut n = 0;
+        for id in ids.iter().take(MAX_ACKS) {
+            loop {
+                let Some(v) = read::<Vgpu>(self, &keys::vgpu(id)).await? else {
+                    break;
+                };
+                if v.value.server != server || v.value.state != VgpuState::Attaching {
+                    break;
+                }
+                let mut vg = v.value;
+                vg.state = VgpuState::Attached;
+                let key = keys::vgpu(id);
+                let r = self
+                    .store
+                    .txn(
+                        vec![Compare::ModRevision(key.clone(), v.revision)],
+                        vec![Op::put(key, encode(&vg))],
+                        vec![],
+                    )
+                    .await?;
+                if r.succeeded {
+                    n += 1;
+                    break;
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    /// An instance's vGPU as its host hands it to the instance: endpoint,
+    /// credential and whom to trust; only once its GPU server admits it.
     pub(crate) async fn vgpu_for_instance(&self, id: &str) -> Result<Option<Value>> {
         let Some(v) = read::<Vgpu>(self, &keys::vgpu(id)).await? else {
             return Ok(None);
         };
+        if v.value.state != VgpuState::Attached {
+            return Ok(None);
+        }
         let Some(secret) = self.store.get(&keys::vgpu_secret(id)).await? else {
             return Ok(None);
         };
