@@ -105,6 +105,7 @@ pub fn router(state: AppState) -> Router {
         .route("/agent/gpu/work", get(gpu_work))
         .route("/agent/gpu/certificate", post(gpu_certificate))
         .route("/agent/gpu/attached", post(gpu_attached))
+        .route("/agent/gpu/released", post(gpu_released))
         .fallback(|| async { RegionError::NotFound("no such API call".into()) })
         .layer(middleware::from_fn_with_state(state.clone(), authenticate));
     Router::new()
@@ -305,6 +306,17 @@ async fn gpu_attached(State(st): S, Extension(p): P, body: Body) -> Result<Json<
     let b: Ack = body.json()?;
     let n = st.region.gpu_attached(g, &b.attachments).await?;
     Ok(Json(json!({"attached": n})))
+}
+
+async fn gpu_released(State(st): S, Extension(p): P, body: Body) -> Result<Json<Value>> {
+    let g = gpu_server(&p)?;
+    #[derive(serde::Deserialize)]
+    struct Ack {
+        attachments: Vec<String>,
+    }
+    let b: Ack = body.json()?;
+    let n = st.region.gpu_released(g, &b.attachments).await?;
+    Ok(Json(json!({"released": n})))
 }
 
 async fn gpu_work(State(st): S, Extension(p): P) -> Result<Json<Value>> {

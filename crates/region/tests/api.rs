@@ -715,8 +715,22 @@ fn vgpus(r: &Region) {
     let t = r.tenant("gfx");
     let other = r.tenant("other");
     r.host("hg", 64);
-    gpu_server(r, "ga");
-    gpu_server(r, "gb");
+    let gpus = [gpu_server(r, "ga"), gpu_server(r, "gb")];
+    // The GPU servers end the sessions of detaching vGPUs and say so.
+    let gpu_pass = || {
+        let mut n = 0;
+        for g in &gpus {
+            let w = g.get("/v1/agent/gpu/work").unwrap();
+            let r = g
+                .post(
+                    "/v1/agent/gpu/released",
+                    &json!({"attachments": w["releasing"]}),
+                )
+                .unwrap();
+            n += r["released"].as_u64().unwrap();
+        }
+        n
+    };
     let with_vgpu = |name: &str, ty: &str| {
         t.post(
             "/v1/instances",
@@ -744,9 +758,18 @@ fn vgpus(r: &Region) {
         )),
         404
     );
-    // Detach and terminate give the memory back.
-    t.call("DELETE", "/v1/instances/a/vgpu", None).unwrap();
+    // Detach and terminate give the memory back, once the GPU server has
+    // ended the vGPU's sessions.
+    let d = t.call("DELETE", "/v1/instances/a/vgpu", None).unwrap();
+    assert_eq!(d["state"], "detaching");
     assert_eq!(status(t.call("DELETE", "/v1/instances/a/vgpu", None)), 409);
+    assert_eq!(
+        free_gpu_bytes(r),
+        [6u64 << 30, 8u64 << 30],
+        "held while detaching"
+    );
+    assert_eq!(gpu_pass(), 1);
+    assert_eq!(gpu_pass(), 0);
     t.post(
         &format!("/v1/instances/{}/terminate", b["id"].as_str().unwrap()),
         &json!({}),
@@ -787,6 +810,7 @@ fn vgpus(r: &Region) {
     t.post("/v1/instances/a/terminate", &json!({})).unwrap();
     agent_pass(&h);
     agent_pass(&h);
+    assert_eq!(gpu_pass(), 2, "a's and b's vGPUs");
     assert_eq!(free_gpu_bytes(r), [8u64 << 30, 8u64 << 30]);
 }
 

@@ -184,6 +184,32 @@ fn follow(
                             .filter(|a| a["state"] == "attaching")
                             .filter_map(|a| a["id"].as_str())
                             .collect();
+                        // Detached ones: their sessions are ended (just
+                        // above, or earlier); their memory can go back.
+                        let released: Vec<&str> = w["releasing"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .filter_map(Value::as_str)
+                            .inspect(|a| {
+                                server.revoke(a);
+                            })
+                            .collect();
+                        // Only once their sessions have let go of the
+                        // memory (else at the next read).
+                        let held = server.attachment_usage();
+                        let released: Vec<&str> = released
+                            .into_iter()
+                            .filter(|a| held.get(*a).copied().unwrap_or(0) == 0)
+                            .collect();
+                        if !released.is_empty() {
+                            if let Err(e) = client.post(
+                                "/v1/agent/gpu/released",
+                                &json!({ "attachments": released }),
+                            ) {
+                                log::warn!("reporting ended attachments: {e}");
+                            }
+                        }
                         if !new.is_empty() {
                             if let Err(e) = client
                                 .post("/v1/agent/gpu/attached", &json!({ "attachments": new }))

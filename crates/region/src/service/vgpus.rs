@@ -160,9 +160,37 @@ impl Region {
             return Ok(());
         };
         let mut vg = v.value;
-        if vg.state == VgpuState::Detached {
+        if matches!(vg.state, VgpuState::Detached | VgpuState::Detaching) {
             return Ok(());
         }
+        // Revoked now: the GPU server no longer admits it, and ends its
+        // sessions.
+        then.push(Op::Delete(keys::vgpu_secret(&vg.id)));
+        when.push(Compare::ModRevision(keys::vgpu(&vg.id), v.revision));
+        if self
+            .store
+            .get(&keys::gpu_alive(&vg.server))
+            .await?
+            .is_some()
+        {
+            // Its memory stays claimed until the GPU server says the
+            // sessions are gone.
+            vg.state = VgpuState::Detaching;
+            then.push(Op::put(keys::vgpu(&vg.id), encode(&vg)));
+            return Ok(());
+        }
+        // Its GPU server is down: nothing runs there to wait for.
+        self.release_gpu_memory_ops(vg, when, then).await
+    }
+
+    /// The writes that give a vGPU's memory back and mark it detached
+    /// (`vg` read at a revision already compared in `when`).
+    async fn release_gpu_memory_ops(
+        &self,
+        mut vg: Vgpu,
+        when: &mut Vec<Compare>,
+        then: &mut Vec<Op>,
+    ) -> Result<()> {
         let key = keys::gpu_usage(&vg.server);
         let u = read::<GpuUsage>(self, &key).await?;
         let (mut usage, rev) = u.map_or((GpuUsage::default(), 0), |u| (u.value, u.revision));
@@ -174,14 +202,37 @@ impl Region {
         } else {
             Compare::ModRevision(key.clone(), rev)
         });
-        when.push(Compare::ModRevision(keys::vgpu(&vg.id), v.revision));
         vg.state = VgpuState::Detached;
         then.push(Op::put(key, encode(&usage)));
         then.push(Op::put(keys::vgpu(&vg.id), encode(&vg)));
-        // Revoked: the GPU server no longer admits it, and ends its
-        // sessions.
-        then.push(Op::Delete(keys::vgpu_secret(&vg.id)));
         Ok(())
+    }
+
+    /// GPU server `server` has ended the sessions of `ids`: those of them
+    /// detaching are detached and their memory is given back. Returns
+    /// how many changed.
+    pub async fn gpu_released(&self, server: &str, ids: &[String]) -> Result<usize> {
+        let mut n = 0;
+        for id in ids.iter().take(MAX_ACKS) {
+            loop {
+                let Some(v) = read::<Vgpu>(self, &keys::vgpu(id)).await? else {
+                    break;
+                };
+                if v.value.server != server || v.value.state != VgpuState::Detaching {
+                    break;
+                }
+                let mut when = vec![Compare::ModRevision(keys::vgpu(id), v.revision)];
+                let mut then = Vec::new();
+                self.release_gpu_memory_ops(v.value, &mut when, &mut then)
+                    .await?;
+                let r = self.store.txn(when, then, vec![]).await?;
+                if r.succeeded {
+                    n += 1;
+                    break;
+                }
+            }
+        }
+        Ok(n)
     }
 
     /// Detaches an instance's vGPU: its memory is given back.
@@ -216,9 +267,9 @@ impl Region {
     /// each with its credential's hash and its GPU memory.
     pub async fn gpu_work(&self, server: &str) -> Result<Value> {
         let (kvs, revision) = self.store.range(&keys::vgpus()).await?;
+        let vgpus: Vec<Vgpu> = kvs.iter().map(decode).collect::<Result<_>>()?;
         let mut out = Vec::new();
-        for kv in &kvs {
-            let v: Vgpu = decode(kv)?;
+        for v in &vgpus {
             if v.server == server && matches!(v.state, VgpuState::Attaching | VgpuState::Attached) {
                 out.push(json!({
                     "id": v.id,
@@ -229,7 +280,12 @@ impl Region {
                 }));
             }
         }
-        Ok(json!({"attachments": out, "revision": revision}))
+        let releasing: Vec<&str> = vgpus
+            .iter()
+            .filter(|v| v.server == server && v.state == VgpuState::Detaching)
+            .map(|v| v.id.as_str())
+            .collect();
+        Ok(json!({"attachments": out, "releasing": releasing, "revision": revision}))
     }
 
     /// GPU server `server` admits the credentials of `ids` now: those of
