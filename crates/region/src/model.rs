@@ -211,6 +211,13 @@ pub struct GpuAdapter {
     /// Its class: traits placement may ask for (`CUSTOM_LAVAPIPE`, ...).
     #[serde(default)]
     pub traits: Vec<String>,
+    /// The wgpu features a vGPU on it offers (`SHADER_F16`, ...).
+    #[serde(default)]
+    pub features: Vec<String>,
+    /// The limits a vGPU on it offers, by wgpu's names
+    /// (`max_buffer_size`, ...).
+    #[serde(default)]
+    pub limits: std::collections::BTreeMap<String, u64>,
 }
 
 /// What a GPU server reports when it registers.

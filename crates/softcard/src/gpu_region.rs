@@ -21,13 +21,16 @@ use softcard_region::client::{RegionClient, Registration};
 const GRANTS_REFRESH: Duration = Duration::from_millis(500);
 
 /// What the region learns of an adapter: name, backend, kind, the GPU
-/// memory offered, and traits (`CUSTOM_<KIND>`, `CUSTOM_<BACKEND>`).
+/// memory offered, the features and limits a vGPU on it gets, and traits
+/// (`CUSTOM_<KIND>`, `CUSTOM_<BACKEND>`).
 pub fn registration(
-    info: &wgpu::AdapterInfo,
+    server: &GpuServer,
     endpoint: &str,
     frames_endpoint: &str,
     memory: u64,
 ) -> Value {
+    let info = server.adapter_info();
+    let (features, limits) = server.offer();
     let kind = format!("{:?}", info.device_type);
     let backend = format!("{:?}", info.backend);
     json!({
@@ -38,6 +41,8 @@ pub fn registration(
             "backend": backend,
             "device_type": kind,
             "memory_bytes": memory,
+            "features": features,
+            "limits": limits,
             "traits": [
                 format!("CUSTOM_{}", kind.to_uppercase()),
                 format!("CUSTOM_{}", backend.to_uppercase()),
@@ -115,7 +120,7 @@ pub fn start(client: RegionClient, o: &Options) -> Result<RegionGpu> {
     )?;
     follow(client.clone(), grants, Arc::downgrade(&server), tls)?;
     let offer = registration(
-        &server.adapter_info(),
+        &server,
         &o.endpoint.clone().unwrap_or(endpoint.to_string()),
         &frames.to_string(),
         o.memory,

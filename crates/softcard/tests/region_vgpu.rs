@@ -294,6 +294,13 @@ fn two_tenants_share_a_gpu_server_and_nothing_else() {
     assert_eq!(e.status(), Some(404), "{e}");
     let servers = admin.get("/v1/gpu-servers").unwrap();
     let frames_at = servers[0]["frames_endpoint"].as_str().unwrap().to_owned();
+    // The adapter is registered with what a vGPU on it offers.
+    let adapter = &servers[0]["adapters"][0];
+    assert!(
+        adapter["limits"]["max_buffer_size"].as_u64().unwrap() >= 256 << 20,
+        "{adapter}"
+    );
+    assert!(adapter["features"].is_array(), "{adapter}");
     let https = reqwest::blocking::Client::builder()
         .use_rustls_tls()
         .tls_built_in_root_certs(false)

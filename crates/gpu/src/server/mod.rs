@@ -189,6 +189,44 @@ impl GpuServer {
         self.adapter.get_info()
     }
 
+    /// What a session on this server may ask for: the wgpu features it
+    /// offers (by name) and its main limits, as a region lists them.
+    pub fn offer(&self) -> (Vec<String>, std::collections::BTreeMap<String, u64>) {
+        let features = (self.adapter.features() & session::supported_features())
+            .iter_names()
+            .map(|(n, _)| n.to_owned())
+            .collect();
+        let l = self.adapter.limits();
+        let limits = [
+            ("max_buffer_size", l.max_buffer_size),
+            (
+                "max_texture_dimension_2d",
+                u64::from(l.max_texture_dimension_2d),
+            ),
+            (
+                "max_texture_dimension_3d",
+                u64::from(l.max_texture_dimension_3d),
+            ),
+            ("max_bind_groups", u64::from(l.max_bind_groups)),
+            (
+                "max_storage_buffer_binding_size",
+                u64::from(l.max_storage_buffer_binding_size),
+            ),
+            (
+                "max_compute_invocations_per_workgroup",
+                u64::from(l.max_compute_invocations_per_workgroup),
+            ),
+            (
+                "max_compute_workgroups_per_dimension",
+                u64::from(l.max_compute_workgroups_per_dimension),
+            ),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        (features, limits)
+    }
+
     /// Frames presented by sessions, for the viewer.
     pub fn frames(&self) -> Arc<FrameHub> {
         self.frames.clone()

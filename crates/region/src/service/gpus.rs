@@ -38,10 +38,16 @@ impl Region {
             )));
         }
         if offer.adapters.iter().any(|a| {
-            a.name.len() > 256 || a.traits.iter().any(|t| t.len() > 64) || a.traits.len() > 32
+            a.name.len() > 256
+                || a.traits.iter().any(|t| t.len() > 64)
+                || a.traits.len() > 32
+                || a.features.iter().any(|t| t.len() > 64)
+                || a.features.len() > 256
+                || a.limits.keys().any(|k| k.len() > 64)
+                || a.limits.len() > 128
         }) {
             return Err(RegionError::Invalid(
-                "adapter name or traits too long".into(),
+                "adapter name, traits, features or limits too long or too many".into(),
             ));
         }
         let lease = self.store.grant(self.host_lease).await?;
@@ -115,6 +121,8 @@ impl Region {
                         "backend": a.backend,
                         "device_type": a.device_type,
                         "traits": a.traits,
+                        "features": a.features,
+                        "limits": a.limits,
                         "memory_bytes": a.memory_bytes,
                         "free_bytes": a.memory_bytes.saturating_sub(
                             usage.adapter_bytes.get(&a.name).copied().unwrap_or(0)),
