@@ -210,7 +210,7 @@ impl GpuServer {
             ("max_bind_groups", u64::from(l.max_bind_groups)),
             (
                 "max_storage_buffer_binding_size",
-                u64::from(l.max_storage_buffer_binding_size),
+                l.max_storage_buffer_binding_size,
             ),
             (
                 "max_compute_invocations_per_workgroup",
