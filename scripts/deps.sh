@@ -28,6 +28,11 @@ common=(
     # stripped.
     "objcopy binutils"
     "/usr/include/google/protobuf/descriptor.proto libprotobuf-dev"
+    # The drop-in libibverbs takes its struct layouts from rdma-core's own
+    # headers through bindgen, which needs libclang.
+    "/usr/include/infiniband/verbs.h libibverbs-dev"
+    "/usr/lib/llvm-*/lib/libclang.so libclang-dev"
+    "ibv_devices ibverbs-utils"
 )
 test_deps=(
     "${common[@]}"

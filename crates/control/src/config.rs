@@ -130,7 +130,32 @@ struct RawConfig {
     tenants: Vec<RawTenant>,
     #[serde(default)]
     metrics_listen: Option<std::net::SocketAddr>,
+    #[serde(default)]
+    rdma: Vec<RawRdma>,
+    #[serde(default)]
+    rdma_socket: Option<PathBuf>,
 }
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRdma {
+    #[serde(default)]
+    name: Option<String>,
+    address: std::net::Ipv4Addr,
+}
+
+/// An RDMA device the card serves: a RoCEv2 engine on one address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RdmaConfig {
+    /// Its verbs device name (`softcard0`, ...).
+    pub name: String,
+    /// The IPv4 address it serves (UDP port 4791); its GID is the
+    /// IPv4-mapped form.
+    pub address: std::net::Ipv4Addr,
+}
+
+/// Where applications reach the card's RDMA devices, unless configured.
+pub const DEFAULT_RDMA_SOCKET: &str = "/run/softcard/rdma.sock";
 
 /// A parsed configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -145,6 +170,10 @@ pub struct CardConfig {
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// How instances run here.
     pub host: HostSettings,
+    /// RDMA devices (`[[rdma]]`).
+    pub rdma: Vec<RdmaConfig>,
+    /// Unix socket the verbs library reaches the RDMA devices on.
+    pub rdma_socket: PathBuf,
 }
 
 impl CardConfig {
@@ -228,9 +257,40 @@ impl CardConfig {
             qemu: h.qemu,
             accel: h.accel,
         };
+        let mut rdma: Vec<RdmaConfig> = Vec::with_capacity(raw.rdma.len());
+        for (i, r) in raw.rdma.into_iter().enumerate() {
+            let name = r.name.unwrap_or_else(|| format!("softcard{i}"));
+            let ok = !name.is_empty()
+                && name.len() < 64
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+            if !ok {
+                return Err(ConfigError::Invalid(format!(
+                    "rdma device name {name:?}: 1 to 63 letters, digits, '-' or '_'"
+                )));
+            }
+            if rdma
+                .iter()
+                .any(|o| o.name == name || o.address == r.address)
+            {
+                return Err(ConfigError::Invalid(format!(
+                    "rdma device {name} ({}): name or address used twice",
+                    r.address
+                )));
+            }
+            rdma.push(RdmaConfig {
+                name,
+                address: r.address,
+            });
+        }
         Ok(CardConfig {
             host,
             tenants,
+            rdma,
+            rdma_socket: raw
+                .rdma_socket
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_RDMA_SOCKET)),
             metrics_listen: raw.metrics_listen,
             api_socket: raw
                 .api_socket

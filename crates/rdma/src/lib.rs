@@ -14,8 +14,12 @@
 //!   with their own counters.
 //! - [`progress`]: a thread that drives an engine so applications can
 //!   block on completions.
+//! - [`service`]: the card daemon's RDMA devices and the control socket
+//!   unmodified verbs applications reach them on (through
+//!   `softcard-verbs`, a drop-in `libibverbs.so.1`).
 
 pub mod net;
 pub mod progress;
 pub mod rc;
+pub mod service;
 pub mod wire;

@@ -91,6 +91,38 @@ enum Command {
     /// Benchmarks against the peers users run today.
     #[command(subcommand)]
     Bench(BenchCmd),
+    /// The card's RDMA devices, and unmodified verbs applications on them.
+    #[command(subcommand)]
+    Rdma(RdmaCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum RdmaCmd {
+    /// The card's RDMA devices: address, GUID, port, RoCE v2 GID, MTU.
+    List {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        api: ApiArg,
+    },
+    /// Queue pairs and fast-path/software-path counters per device.
+    Stats {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        api: ApiArg,
+    },
+    /// Runs an unmodified verbs application (ibv_devinfo, perftest, ...)
+    /// on the card's devices through softcard's libibverbs.so.1.
+    Exec {
+        /// The card's RDMA control socket (`rdma_socket` in its
+        /// configuration).
+        #[arg(long, env = "SOFTCARD_RDMA_SOCKET", default_value = softcard_rdma::service::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        /// The command and its arguments.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        cmd: Vec<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -342,6 +374,11 @@ enum BenchCmd {
 
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> Result<()> {
+    let cmd_kind = match &cli.command {
+        Command::Rdma(RdmaCmd::Stats { .. }) => Some(true),
+        Command::Rdma(RdmaCmd::List { .. }) => Some(false),
+        _ => None,
+    };
     match cli.command {
         Command::Serve { config, region } => daemon::serve(&config, &region),
         Command::Up(a) => crate::up::up(&a),
@@ -355,6 +392,20 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Image(c) => region_cli::image(c),
         Command::Vgpu(c) => region_cli::vgpu(c),
         Command::Card(CardCmd::Volume(v)) => volume(v),
+        Command::Rdma(RdmaCmd::List { json, api })
+        | Command::Rdma(RdmaCmd::Stats { json, api }) => {
+            let stats = matches!(cmd_kind, Some(true));
+            let v = client(&api).call("GET", "/v1/rdma", None)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                crate::rdma::print(&v, stats);
+            }
+            Ok(())
+        }
+        Command::Rdma(RdmaCmd::Exec { socket, cmd }) => {
+            std::process::exit(crate::rdma::exec(&socket, &cmd)?);
+        }
         Command::Card(CardCmd::Instance(CardInstanceCmd::List { api })) => {
             let v = client(&api).call("GET", "/v1/instances", None)?;
             println!("{}", serde_json::to_string_pretty(&v)?);

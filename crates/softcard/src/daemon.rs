@@ -180,10 +180,31 @@ pub fn serve(config: &Path, region: &RegionArgs) -> Result<()> {
             ),
         }
     }
+    // The RDMA function: an engine per [[rdma]] device, and the socket
+    // unmodified verbs applications reach them on.
+    let rdma = std::sync::Arc::new(
+        softcard_rdma::service::RdmaService::start(
+            &cfg.rdma
+                .iter()
+                .map(|r| (r.name.clone(), r.address))
+                .collect::<Vec<_>>(),
+            &cfg.rdma_socket,
+        )
+        .with_context(|| format!("starting the RDMA devices ({})", cfg.rdma_socket.display()))?,
+    );
+    for d in rdma.status() {
+        log::info!(
+            "rdma device {} on {} (GID {})",
+            d.info.name,
+            d.info.address,
+            std::net::Ipv6Addr::from(d.info.gid)
+        );
+    }
     let agent = join_region(&cfg, &card, region)?;
     // One management API for everything the card runs: the storage
-    // function's routes, and the instances when the card is a host.
-    let mut routes = card_router(card.clone());
+    // function's routes, the RDMA devices, and the instances when the
+    // card is a host.
+    let mut routes = card_router(card.clone()).merge(crate::rdma::router(rdma.clone()));
     if let Some(a) = &agent {
         routes = routes.merge(a.router());
     }
@@ -202,6 +223,7 @@ pub fn serve(config: &Path, region: &RegionArgs) -> Result<()> {
     // be adopted by the next start).
     drop(agent);
     api.stop();
+    drop(rdma);
     card.shutdown();
     Ok(())
 }

@@ -9,6 +9,7 @@ mod daemon;
 mod gpu;
 mod gpu_bench;
 mod gpu_region;
+mod rdma;
 mod region_bench;
 mod region_cli;
 mod up;

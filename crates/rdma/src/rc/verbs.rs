@@ -89,6 +89,11 @@ impl Engine {
         self.mrs[mr].buf[offset..offset + data.len()].copy_from_slice(data);
     }
 
+    /// Queue pairs created on this engine.
+    pub fn qp_count(&self) -> usize {
+        self.qps.len()
+    }
+
     /// Creates a QP in RESET in the default protection domain; returns its
     /// index.
     pub fn create_qp(&mut self, qpn: u32) -> usize {

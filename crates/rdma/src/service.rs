@@ -1,0 +1,311 @@
+//! The card's RDMA function: its devices (a RoCEv2 engine each, on one
+//! IPv4 address, driven by its progress thread) and the unix socket
+//! applications' verbs library (`softcard-verbs`, a drop-in
+//! `libibverbs.so.1`) reaches them on. The daemon holds the raw sockets and
+//! their privilege; applications need none.
+//!
+//! The control protocol is lines of text, one request and its answer at a
+//! time:
+//!
+//! | request | answer |
+//! |---|---|
+//! | `DEVICES` | one `DEVICE NAME GUID GID ADDRESS MTU` line per device (GUID: 16 hex digits; GID: 32), then `END` |
+//! | anything else, or a line over [`MAX_LINE`] bytes | `ERROR reason`, and the connection closes |
+//!
+//! Today it lists devices (what `ibv_devices` and `ibv_devinfo` need);
+//! protection domains, memory regions, queue pairs and the shared-memory
+//! rings of the data path come next (docs/rdma.md).
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::Ipv4Addr;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::progress::Progress;
+use crate::rc::{Engine, PathStats};
+
+/// Where the control socket is unless configured (the card's
+/// `rdma_socket`, the library's `SOFTCARD_RDMA_SOCKET`).
+pub const DEFAULT_SOCKET: &str = "/run/softcard/rdma.sock";
+
+/// The longest control line taken.
+pub const MAX_LINE: usize = 256;
+/// The path MTU the devices report.
+pub const MTU: u32 = 1024;
+
+/// What an application sees of a device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceInfo {
+    /// Its verbs name (`softcard0`).
+    pub name: String,
+    /// Node GUID, as a number (sent big-endian by verbs).
+    pub guid: u64,
+    /// The address it serves.
+    pub address: Ipv4Addr,
+    /// Its one GID: the IPv4-mapped address (RoCE v2).
+    pub gid: [u8; 16],
+    /// Path MTU in bytes.
+    pub mtu: u32,
+}
+
+impl DeviceInfo {
+    /// The device `name` serving `address`.
+    pub fn new(name: &str, address: Ipv4Addr) -> Self {
+        let a = address.octets();
+        Self {
+            name: name.to_owned(),
+            // A locally administered EUI-64: 02:53:43 ("SC"), ff, then the
+            // address.
+            guid: u64::from_be_bytes([0x02, 0x53, 0x43, 0xff, a[0], a[1], a[2], a[3]]),
+            address,
+            gid: address.to_ipv6_mapped().octets(),
+            mtu: MTU,
+        }
+    }
+
+    /// Its `DEVICE` line.
+    pub fn line(&self) -> String {
+        let gid: String = self.gid.iter().map(|b| format!("{b:02x}")).collect();
+        format!(
+            "DEVICE {} {:016x} {gid} {} {}",
+            self.name, self.guid, self.address, self.mtu
+        )
+    }
+
+    /// Parses a `DEVICE` line.
+    pub fn parse(line: &str) -> Option<Self> {
+        let mut w = line.split_ascii_whitespace();
+        if w.next()? != "DEVICE" {
+            return None;
+        }
+        let name = w.next()?;
+        if name.is_empty() || name.len() >= 64 {
+            return None;
+        }
+        let guid = u64::from_str_radix(w.next()?, 16).ok()?;
+        let g = w.next()?;
+        if g.len() != 32 {
+            return None;
+        }
+        let mut gid = [0u8; 16];
+        for (i, b) in gid.iter_mut().enumerate() {
+            *b = u8::from_str_radix(g.get(2 * i..2 * i + 2)?, 16).ok()?;
+        }
+        let address = w.next()?.parse().ok()?;
+        let mtu = w.next()?.parse().ok()?;
+        w.next().is_none().then_some(Self {
+            name: name.to_owned(),
+            guid,
+            address,
+            gid,
+            mtu,
+        })
+    }
+}
+
+/// A device: its description and its engine.
+#[derive(Debug)]
+struct Device {
+    info: DeviceInfo,
+    engine: Progress,
+}
+
+/// What `softcard rdma list` and `stats` show of a device.
+#[derive(Debug, Clone)]
+pub struct DeviceStatus {
+    pub info: DeviceInfo,
+    /// Queue pairs open on its engine.
+    pub qps: usize,
+    /// Fast-path and software-path counters.
+    pub stats: PathStats,
+}
+
+/// The card's RDMA devices and their control socket.
+#[derive(Debug)]
+pub struct RdmaService {
+    devices: std::sync::Arc<Vec<Device>>,
+    socket: PathBuf,
+}
+
+impl RdmaService {
+    /// Opens an engine per `(name, address)` (each needs `CAP_NET_RAW` and
+    /// the address on an interface) and serves the control socket at
+    /// `socket` (replacing a stale one), open to every local user: the
+    /// socket is how unprivileged applications reach the devices.
+    pub fn start(devices: &[(String, Ipv4Addr)], socket: &Path) -> io::Result<Self> {
+        let mut open = Vec::with_capacity(devices.len());
+        for (name, address) in devices {
+            let engine = Engine::open(*address).map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("rdma device {name}: an engine on {address}: {e}"),
+                )
+            })?;
+            open.push(Device {
+                info: DeviceInfo::new(name, *address),
+                engine: Progress::spawn(engine)?,
+            });
+        }
+        if let Some(dir) = socket.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        match std::fs::remove_file(socket) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        let listener = UnixListener::bind(socket)?;
+        std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o666))?;
+        let devices = std::sync::Arc::new(open);
+        let served = devices.clone();
+        std::thread::Builder::new()
+            .name("rdma-control".into())
+            .spawn(move || {
+                for conn in listener.incoming() {
+                    let Ok(conn) = conn else { continue };
+                    let served = served.clone();
+                    let _ = std::thread::Builder::new()
+                        .name("rdma-client".into())
+                        .spawn(move || {
+                            if let Err(e) = serve(conn, &served) {
+                                log::debug!("rdma control connection: {e}");
+                            }
+                        });
+                }
+            })?;
+        Ok(Self {
+            devices,
+            socket: socket.to_owned(),
+        })
+    }
+
+    /// The devices with their queue pairs and counters.
+    pub fn status(&self) -> Vec<DeviceStatus> {
+        self.devices
+            .iter()
+            .map(|d| {
+                let e = d.engine.lock();
+                DeviceStatus {
+                    info: d.info.clone(),
+                    qps: e.qp_count(),
+                    stats: e.stats,
+                }
+            })
+            .collect()
+    }
+
+    /// The control socket's path.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+}
+
+impl Drop for RdmaService {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+/// Answers one application until it leaves or misbehaves.
+fn serve(conn: UnixStream, devices: &[Device]) -> io::Result<()> {
+    conn.set_read_timeout(Some(Duration::from_secs(3600)))?;
+    let mut w = conn.try_clone()?;
+    let mut r = BufReader::new(conn).take(u64::MAX);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        r.set_limit(MAX_LINE as u64 + 1);
+        if r.read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        if line.len() > MAX_LINE || !line.ends_with('\n') {
+            writeln!(w, "ERROR request line too long")?;
+            return Ok(());
+        }
+        match line.trim_end() {
+            "DEVICES" => {
+                let mut out = String::new();
+                for d in devices {
+                    out.push_str(&d.info.line());
+                    out.push('\n');
+                }
+                out.push_str("END\n");
+                w.write_all(out.as_bytes())?;
+            }
+            other => {
+                let shown: String = other.chars().take(32).collect();
+                writeln!(w, "ERROR unknown request {shown:?}")?;
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Asks the control socket at `socket` for its devices.
+pub fn query_devices(socket: &Path) -> io::Result<Vec<DeviceInfo>> {
+    let mut c = UnixStream::connect(socket)?;
+    c.set_read_timeout(Some(Duration::from_secs(10)))?;
+    c.write_all(b"DEVICES\n")?;
+    let mut out = Vec::new();
+    for line in BufReader::new(c).take(1 << 20).lines() {
+        let line = line?;
+        if line == "END" {
+            return Ok(out);
+        }
+        out.push(DeviceInfo::parse(&line).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("the card answered {line:?}"),
+            )
+        })?);
+    }
+    Err(io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        "the card closed the control connection",
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_lines_round_trip_and_garbage_does_not_parse() {
+        let d = DeviceInfo::new("softcard0", Ipv4Addr::new(10, 0, 0, 7));
+        assert_eq!(
+            d.gid,
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 0, 0, 7]
+        );
+        assert_eq!(DeviceInfo::parse(&d.line()), Some(d.clone()));
+        for bad in [
+            "",
+            "DEVICE",
+            "DEVICE x 1",
+            &d.line().replace("DEVICE", "DEV"),
+            &format!("{} extra", d.line()),
+            &d.line().replace(" 1024", " -1"),
+        ] {
+            assert_eq!(DeviceInfo::parse(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_control_socket_lists_devices_and_refuses_garbage() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("rdma.sock");
+        // No engines (they need CAP_NET_RAW): the socket alone.
+        let svc = RdmaService::start(&[], &sock).unwrap();
+        assert_eq!(query_devices(&sock).unwrap(), vec![]);
+        let mut c = UnixStream::connect(&sock).unwrap();
+        c.write_all(&[b'x'; 4096]).unwrap();
+        c.write_all(b"\n").unwrap();
+        let mut answer = String::new();
+        BufReader::new(c).read_line(&mut answer).unwrap();
+        assert!(answer.starts_with("ERROR"), "{answer}");
+        // The daemon still answers others.
+        assert_eq!(query_devices(&sock).unwrap(), vec![]);
+        drop(svc);
+        assert!(!sock.exists());
+    }
+}

@@ -1,0 +1,340 @@
+//! softcard's drop-in `libibverbs.so.1`: rdma-core's verbs ABI, served by
+//! the card daemon's RDMA devices, for applications that were built
+//! against rdma-core and are not changed (`softcard rdma exec -- CMD`, or
+//! `LD_LIBRARY_PATH`).
+//!
+//! Every struct an application sees is rdma-core's own, generated from
+//! `<infiniband/verbs.h>` by bindgen ([`sys`]), so its layout is the one the
+//! application was compiled with. The library reaches the card daemon on
+//! its RDMA control socket (`SOFTCARD_RDMA_SOCKET`, default
+//! `/run/softcard/rdma.sock`; see `softcard_rdma::service`).
+//!
+//! Carried today: the device list, opening and closing a device, and
+//! querying the device, its port and its RoCE v2 GID (what `ibv_devices`
+//! and `ibv_devinfo` use). Protection domains, memory regions, completion
+//! queues and queue pairs over shared-memory rings are the next step
+//! (docs/rdma.md); an application that needs them fails to load with an
+//! undefined symbol rather than misbehaving.
+
+#![allow(clippy::missing_safety_doc)]
+
+pub mod sys {
+    //! rdma-core's verbs types, generated from its headers.
+    #![allow(
+        non_camel_case_types,
+        non_snake_case,
+        non_upper_case_globals,
+        dead_code,
+        missing_debug_implementations,
+        clippy::all,
+        clippy::pedantic,
+        clippy::restriction,
+        unsafe_op_in_unsafe_fn
+    )]
+    include!(concat!(env!("OUT_DIR"), "/sys.rs"));
+}
+
+use std::ffi::{c_char, c_int, c_uint, c_void};
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use softcard_rdma::service::{query_devices, DeviceInfo, DEFAULT_SOCKET};
+
+/// A device as an application holds it: rdma-core's `struct ibv_device`
+/// first, so that a pointer to one is a pointer to the other.
+#[repr(C)]
+struct Device {
+    dev: sys::ibv_device,
+    info: DeviceInfo,
+}
+
+/// An open device: rdma-core's `struct ibv_context` first. Not a
+/// `verbs_context` (its `abi_compat` is null), so the header's inline
+/// calls take their legacy paths into this library's functions.
+#[repr(C)]
+struct Context {
+    ctx: sys::ibv_context,
+    device: &'static Device,
+}
+
+/// Where the card daemon's RDMA control socket is.
+fn socket() -> PathBuf {
+    std::env::var_os("SOFTCARD_RDMA_SOCKET")
+        .filter(|s| !s.is_empty())
+        .map_or_else(|| PathBuf::from(DEFAULT_SOCKET), PathBuf::from)
+}
+
+/// The card's devices, asked for once per process; they live as long as
+/// the process (an application may keep a device after it frees the
+/// list, as rdma-core allows).
+fn devices() -> &'static [Device] {
+    static DEVICES: OnceLock<Vec<Device>> = OnceLock::new();
+    DEVICES.get_or_init(|| {
+        let path = socket();
+        match query_devices(&path) {
+            Ok(list) => list.into_iter().map(device).collect(),
+            Err(e) => {
+                eprintln!(
+                    "softcard verbs: no RDMA devices: cannot reach the card at {}: {e}",
+                    path.display()
+                );
+                Vec::new()
+            }
+        }
+    })
+}
+
+/// Copies `s` into a C string field (truncated, always terminated).
+fn put(dst: &mut [c_char], s: &str) {
+    let n = s.len().min(dst.len() - 1);
+    for (d, b) in dst.iter_mut().zip(s.as_bytes()[..n].iter()) {
+        *d = c_char::from_ne_bytes([*b]);
+    }
+    dst[n] = 0;
+}
+
+fn device(info: DeviceInfo) -> Device {
+    let mut dev = sys::ibv_device {
+        node_type: sys::ibv_node_type_IBV_NODE_CA,
+        transport_type: sys::ibv_transport_type_IBV_TRANSPORT_IB,
+        ..Default::default()
+    };
+    put(&mut dev.name, &info.name);
+    put(&mut dev.dev_name, &format!("uverbs-{}", info.name));
+    Device { dev, info }
+}
+
+fn set_errno(e: c_int) {
+    // SAFETY: errno is this thread's; writing it is what C callers expect.
+    unsafe { *libc::__errno_location() = e };
+}
+
+/// `ibv_get_device_list`: a null-terminated array of the card's devices.
+#[no_mangle]
+pub unsafe extern "C" fn ibv_get_device_list(num: *mut c_int) -> *mut *mut sys::ibv_device {
+    let mut list: Vec<*mut sys::ibv_device> = devices()
+        .iter()
+        .map(|d| std::ptr::from_ref(&d.dev).cast_mut())
+        .collect();
+    let n = list.len();
+    list.push(std::ptr::null_mut());
+    if !num.is_null() {
+        // SAFETY: the caller passes a valid int or null (checked).
+        unsafe { *num = c_int::try_from(n).unwrap_or(c_int::MAX) };
+    }
+    Box::into_raw(list.into_boxed_slice()).cast()
+}
+
+/// `ibv_free_device_list`: frees an array from `ibv_get_device_list`.
+#[no_mangle]
+pub unsafe extern "C" fn ibv_free_device_list(list: *mut *mut sys::ibv_device) {
+    if list.is_null() {
+        return;
+    }
+    let mut n = 0;
+    // SAFETY: `list` came from ibv_get_device_list: null-terminated.
+    while !unsafe { *list.add(n) }.is_null() {
+        n += 1;
+    }
+    // SAFETY: the same allocation, rebuilt with its length (n + 1).
+    drop(unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(list, n + 1)) });
+}
+
+/// The card device behind an `ibv_device` pointer this library gave out.
+///
+/// # Safety
+/// `dev` is null or came from [`ibv_get_device_list`].
+unsafe fn ours(dev: *mut sys::ibv_device) -> Option<&'static Device> {
+    devices()
+        .iter()
+        .find(|d| std::ptr::eq(&d.dev, dev.cast_const()))
+}
+
+/// `ibv_get_device_name`.
+#[no_mangle]
+pub unsafe extern "C" fn ibv_get_device_name(dev: *mut sys::ibv_device) -> *const c_char {
+    // SAFETY: per the verbs contract, dev is a listed device.
+    match unsafe { ours(dev) } {
+        Some(d) => d.dev.name.as_ptr(),
+        None => std::ptr::null(),
+    }
+}
+
+/// `ibv_get_device_guid`: the node GUID, big-endian.
+#[no_mangle]
+pub unsafe extern "C" fn ibv_get_device_guid(dev: *mut sys::ibv_device) -> u64 {
+    // SAFETY: per the verbs contract, dev is a listed device.
+    unsafe { ours(dev) }.map_or(0, |d| d.info.guid.to_be())
+}
+
+/// `ibv_open_device`.
+#[no_mangle]
+pub unsafe extern "C" fn ibv_open_device(dev: *mut sys::ibv_device) -> *mut sys::ibv_context {
+    // SAFETY: per the verbs contract, dev is a listed device.
+    let Some(device) = (unsafe { ours(dev) }) else {
+        set_errno(libc::ENODEV);
+        return std::ptr::null_mut();
+    };
+    let ctx = sys::ibv_context {
+        device: dev,
+        cmd_fd: -1,
+        async_fd: -1,
+        num_comp_vectors: 1,
+        // All-zero: a plain context, not a verbs_context.
+        abi_compat: std::ptr::null_mut(),
+        ..Default::default()
+    };
+    Box::into_raw(Box::new(Context { ctx, device })).cast()
+}
+
+/// The context behind an `ibv_context` pointer this library gave out.
+///
+/// # Safety
+/// `ctx` came from [`ibv_open_device`] and is not closed.
+unsafe fn context<'a>(ctx: *mut sys::ibv_context) -> Option<&'a Context> {
+    // SAFETY: a Context starts with its ibv_context (repr(C)).
+    unsafe { ctx.cast::<Context>().as_ref() }
+}
+
+/// `ibv_close_device`.
+#[no_mangle]
+pub unsafe extern "C" fn ibv_close_device(ctx: *mut sys::ibv_context) -> c_int {
+    if ctx.is_null() {
+        return libc::EINVAL;
+    }
+    // SAFETY: ctx came from ibv_open_device (a Box<Context>).
+    drop(unsafe { Box::from_raw(ctx.cast::<Context>()) });
+    0
+}
+
+/// `ibv_query_device`.
+#[no_mangle]
+pub unsafe extern "C" fn ibv_query_device(
+    ctx: *mut sys::ibv_context,
+    attr: *mut sys::ibv_device_attr,
+) -> c_int {
+    // SAFETY: per the verbs contract.
+    let (Some(c), Some(attr)) = (unsafe { context(ctx) }, unsafe { attr.as_mut() }) else {
+        return libc::EINVAL;
+    };
+    let mut a = sys::ibv_device_attr {
+        node_guid: c.device.info.guid.to_be(),
+        sys_image_guid: c.device.info.guid.to_be(),
+        max_mr_size: 1 << 32,
+        page_size_cap: 4096,
+        hw_ver: 1,
+        max_qp: 4096,
+        max_qp_wr: 16384,
+        max_sge: 32,
+        max_cq: 4096,
+        max_cqe: 65536,
+        max_mr: 65536,
+        max_pd: 1024,
+        max_qp_rd_atom: 16,
+        max_qp_init_rd_atom: 16,
+        atomic_cap: sys::ibv_atomic_cap_IBV_ATOMIC_HCA,
+        max_pkeys: 1,
+        phys_port_cnt: 1,
+        ..Default::default()
+    };
+    put(
+        &mut a.fw_ver,
+        concat!("softcard ", env!("CARGO_PKG_VERSION")),
+    );
+    *attr = a;
+    0
+}
+
+/// `ibv_query_port` (rdma-core's legacy entry, which the header's inline
+/// `ibv_query_port` calls for a plain context): fills the fields the
+/// legacy attribute struct has, up to `link_layer`.
+#[no_mangle]
+pub unsafe extern "C" fn ibv_query_port(
+    ctx: *mut sys::ibv_context,
+    port: u8,
+    attr: *mut c_void,
+) -> c_int {
+    // SAFETY: per the verbs contract.
+    if unsafe { context(ctx) }.is_none() || attr.is_null() || port != 1 {
+        return libc::EINVAL;
+    }
+    let attr = attr.cast::<sys::ibv_port_attr>();
+    // SAFETY: the caller's struct holds at least the legacy fields, which
+    // precede `flags`; each is written by raw pointer, the rest untouched.
+    unsafe {
+        std::ptr::addr_of_mut!((*attr).state).write(sys::ibv_port_state_IBV_PORT_ACTIVE);
+        std::ptr::addr_of_mut!((*attr).max_mtu).write(sys::ibv_mtu_IBV_MTU_4096);
+        std::ptr::addr_of_mut!((*attr).active_mtu).write(sys::ibv_mtu_IBV_MTU_1024);
+        std::ptr::addr_of_mut!((*attr).gid_tbl_len).write(1);
+        std::ptr::addr_of_mut!((*attr).port_cap_flags).write(0);
+        std::ptr::addr_of_mut!((*attr).max_msg_sz).write(1 << 31);
+        std::ptr::addr_of_mut!((*attr).bad_pkey_cntr).write(0);
+        std::ptr::addr_of_mut!((*attr).qkey_viol_cntr).write(0);
+        std::ptr::addr_of_mut!((*attr).pkey_tbl_len).write(1);
+        std::ptr::addr_of_mut!((*attr).lid).write(0);
+        std::ptr::addr_of_mut!((*attr).sm_lid).write(0);
+        std::ptr::addr_of_mut!((*attr).lmc).write(0);
+        std::ptr::addr_of_mut!((*attr).max_vl_num).write(1);
+        std::ptr::addr_of_mut!((*attr).sm_sl).write(0);
+        std::ptr::addr_of_mut!((*attr).subnet_timeout).write(0);
+        std::ptr::addr_of_mut!((*attr).init_type_reply).write(0);
+        // 4X, 25 Gb/s: what rdma_rxe reports for a fast link.
+        std::ptr::addr_of_mut!((*attr).active_width).write(2);
+        std::ptr::addr_of_mut!((*attr).active_speed).write(32);
+        std::ptr::addr_of_mut!((*attr).phys_state).write(5);
+        std::ptr::addr_of_mut!((*attr).link_layer).write(sys::IBV_LINK_LAYER_ETHERNET as u8);
+    }
+    0
+}
+
+/// `ibv_query_gid`: index 0 is the device's RoCE v2 GID.
+#[no_mangle]
+pub unsafe extern "C" fn ibv_query_gid(
+    ctx: *mut sys::ibv_context,
+    port: u8,
+    index: c_int,
+    gid: *mut sys::ibv_gid,
+) -> c_int {
+    // SAFETY: per the verbs contract.
+    let (Some(c), Some(gid)) = (unsafe { context(ctx) }, unsafe { gid.as_mut() }) else {
+        set_errno(libc::EINVAL);
+        return -1;
+    };
+    if port != 1 || index != 0 {
+        set_errno(libc::EINVAL);
+        return -1;
+    }
+    gid.raw = c.device.info.gid;
+    0
+}
+
+/// `ibv_query_gid_type` (rdma-core's private entry `ibv_devinfo` uses):
+/// RoCE v2 (`IBV_GID_TYPE_SYSFS_ROCE_V2`).
+#[no_mangle]
+pub unsafe extern "C" fn ibv_query_gid_type(
+    ctx: *mut sys::ibv_context,
+    port: u8,
+    index: c_uint,
+    ty: *mut c_uint,
+) -> c_int {
+    // SAFETY: per the verbs contract.
+    if unsafe { context(ctx) }.is_none() || ty.is_null() || port != 1 || index != 0 {
+        set_errno(libc::EINVAL);
+        return -1;
+    }
+    // SAFETY: checked non-null; the caller's enum is an unsigned int.
+    unsafe { *ty = 1 };
+    0
+}
+
+/// `ibv_read_sysfs_file`: there is no sysfs behind these devices.
+#[no_mangle]
+pub unsafe extern "C" fn ibv_read_sysfs_file(
+    _dir: *const c_char,
+    _file: *const c_char,
+    _buf: *mut c_char,
+    _size: usize,
+) -> c_int {
+    set_errno(libc::ENOENT);
+    -1
+}
