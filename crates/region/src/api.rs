@@ -297,24 +297,23 @@ async fn gpu_certificate(State(st): S, Extension(p): P, body: Body) -> Result<Js
     Ok(Json(st.region.sign_gpu_server(g, &b.csr)?))
 }
 
+/// A GPU server's report on some of its attachments.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Attachments {
+    attachments: Vec<String>,
+}
+
 async fn gpu_attached(State(st): S, Extension(p): P, body: Body) -> Result<Json<Value>> {
     let g = gpu_server(&p)?;
-    #[derive(serde::Deserialize)]
-    struct Ack {
-        attachments: Vec<String>,
-    }
-    let b: Ack = body.json()?;
+    let b: Attachments = body.json()?;
     let n = st.region.gpu_attached(g, &b.attachments).await?;
     Ok(Json(json!({"attached": n})))
 }
 
 async fn gpu_released(State(st): S, Extension(p): P, body: Body) -> Result<Json<Value>> {
     let g = gpu_server(&p)?;
-    #[derive(serde::Deserialize)]
-    struct Ack {
-        attachments: Vec<String>,
-    }
-    let b: Ack = body.json()?;
+    let b: Attachments = body.json()?;
     let n = st.region.gpu_released(g, &b.attachments).await?;
     Ok(Json(json!({"released": n})))
 }
