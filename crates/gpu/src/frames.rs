@@ -23,8 +23,6 @@ use crate::viewer::FrameHub;
 
 /// Longest a request waits for a new frame.
 pub const WAIT: Duration = Duration::from_secs(2);
-/// JPEG quality of the frames.
-const QUALITY: u8 = 80;
 
 /// What the frames endpoint needs.
 #[derive(Debug, Clone)]
@@ -84,14 +82,14 @@ async fn handle(ep: FramesEndpoint, req: Request<Incoming>) -> Response<Full<Byt
         let (seq, frame) = ep.hub.next_after(&id, after, WAIT)?;
         Some(
             frame
-                .jpeg(QUALITY)
+                .viewer_jpeg()
                 .map(|j| (seq, frame.width, frame.height, j)),
         )
     })
     .await;
     match got {
         Ok(Some(Ok((seq, w, h, jpeg)))) => {
-            let mut r = reply(StatusCode::OK, jpeg);
+            let mut r = reply(StatusCode::OK, jpeg.to_vec());
             let hd = r.headers_mut();
             hd.insert(
                 hyper::header::CONTENT_TYPE,

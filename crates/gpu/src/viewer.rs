@@ -20,9 +20,34 @@ pub struct Frame {
     pub height: u32,
     pub rgba: Vec<u8>,
     pub presented: Instant,
+    /// Its JPEG at [`VIEWER_QUALITY`], made once for every viewer.
+    shared_jpeg: std::sync::OnceLock<Result<Arc<Vec<u8>>, String>>,
 }
 
+/// JPEG quality of the frames viewers receive.
+pub const VIEWER_QUALITY: u8 = 80;
+
 impl Frame {
+    /// A frame of `width` x `height` RGBA8 pixels.
+    pub fn new(width: u32, height: u32, rgba: Vec<u8>) -> Self {
+        Self {
+            width,
+            height,
+            rgba,
+            presented: Instant::now(),
+            shared_jpeg: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Its JPEG at [`VIEWER_QUALITY`], encoded by the first viewer that
+    /// asks and shared with the others (however many watch, a frame costs
+    /// one encoding).
+    pub fn viewer_jpeg(&self) -> Result<Arc<Vec<u8>>, String> {
+        self.shared_jpeg
+            .get_or_init(|| self.jpeg(VIEWER_QUALITY).map(Arc::new))
+            .clone()
+    }
+
     /// JPEG encoding of the frame.
     pub fn jpeg(&self, quality: u8) -> Result<Vec<u8>, String> {
         let (w, h) = (
@@ -165,12 +190,7 @@ pub(crate) fn capture(
             px.swap(0, 2);
         }
     }
-    Ok(Frame {
-        width,
-        height,
-        rgba,
-        presented: Instant::now(),
-    })
+    Ok(Frame::new(width, height, rgba))
 }
 
 const PAGE: &str = include_str!("viewer.html");
@@ -235,8 +255,8 @@ fn viewer_conn(mut conn: TcpStream, hub: &FrameHub) -> Result<(), String> {
                 continue;
             };
             seen = seq;
-            let jpeg = frame.jpeg(80)?;
-            ws.send(tungstenite::Message::Binary(jpeg.into()))
+            let jpeg = frame.viewer_jpeg()?;
+            ws.send(tungstenite::Message::Binary(jpeg.to_vec().into()))
                 .map_err(|e| e.to_string())?;
         }
     }
@@ -273,12 +293,16 @@ mod tests {
     use super::*;
 
     fn frame(v: u8) -> Frame {
-        Frame {
-            width: 1,
-            height: 1,
-            rgba: vec![v, v, v, 255],
-            presented: Instant::now(),
-        }
+        Frame::new(1, 1, vec![v, v, v, 255])
+    }
+
+    #[test]
+    fn viewers_share_one_encoding_of_a_frame() {
+        let f = frame(7);
+        let a = f.viewer_jpeg().unwrap();
+        let b = f.viewer_jpeg().unwrap();
+        assert!(Arc::ptr_eq(&a, &b));
+        assert_eq!(&a[..2], &[0xFF, 0xD8]);
     }
 
     #[test]

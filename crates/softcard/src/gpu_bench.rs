@@ -316,12 +316,7 @@ pub fn gpu(a: &GpuBenchArgs) -> Result<()> {
     // (one thread) and its size.
     let (encode_ms, jpeg_bytes) = {
         let rgba = scene_pixels(&ld, &lq, w, h)?;
-        let frame = softcard_gpu::viewer::Frame {
-            width: w,
-            height: h,
-            rgba,
-            presented: Instant::now(),
-        };
+        let frame = softcard_gpu::viewer::Frame::new(w, h, rgba);
         let mut times = Vec::new();
         let mut bytes = 0;
         for _ in 0..20 {
