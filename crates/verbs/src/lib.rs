@@ -13,8 +13,9 @@
 //! querying the device, its port and its RoCE v2 GID (what `ibv_devices`
 //! and `ibv_devinfo` use). Protection domains, memory regions, completion
 //! queues and queue pairs over shared-memory rings are the next step
-//! (docs/rdma.md); an application that needs them fails to load with an
-//! undefined symbol rather than misbehaving.
+//! (docs/rdma.md); every other function of rdma-core's public API is
+//! exported too ([`uncarried`]) and answers `EOPNOTSUPP` as verbs
+//! documents, so an application loads and says what failed.
 
 #![allow(clippy::missing_safety_doc)]
 
@@ -33,6 +34,9 @@ pub mod sys {
     )]
     include!(concat!(env!("OUT_DIR"), "/sys.rs"));
 }
+
+mod private;
+mod uncarried;
 
 use std::ffi::{c_char, c_int, c_uint, c_void};
 use std::path::PathBuf;
@@ -104,7 +108,7 @@ fn device(info: DeviceInfo) -> Device {
     Device { dev, info }
 }
 
-fn set_errno(e: c_int) {
+pub(crate) fn set_errno(e: c_int) {
     // SAFETY: errno is this thread's; writing it is what C callers expect.
     unsafe { *libc::__errno_location() = e };
 }
@@ -158,6 +162,16 @@ pub unsafe extern "C" fn ibv_get_device_name(dev: *mut sys::ibv_device) -> *cons
         Some(d) => d.dev.name.as_ptr(),
         None => std::ptr::null(),
     }
+}
+
+/// `ibv_get_device_index`: the device's place in the list.
+#[no_mangle]
+pub unsafe extern "C" fn ibv_get_device_index(dev: *mut sys::ibv_device) -> c_int {
+    devices()
+        .iter()
+        .position(|d| std::ptr::eq(&d.dev, dev.cast_const()))
+        .and_then(|i| c_int::try_from(i).ok())
+        .unwrap_or(-1)
 }
 
 /// `ibv_get_device_guid`: the node GUID, big-endian.
