@@ -49,6 +49,9 @@ test_deps=(
     # Soft-RoCE peers in guests: rdma-core's tools, perftest, the rxe provider.
     "ibv_rc_pingpong ibverbs-utils"
     "ibv_devinfo ibverbs-utils"
+    "ibv_ud_pingpong ibverbs-utils"
+    "ibv_srq_pingpong ibverbs-utils"
+    "ib_write_bw perftest"
     "ib_write_bw perftest"
     "ib_read_bw perftest"
     "ib_atomic_bw perftest"
