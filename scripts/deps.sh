@@ -52,7 +52,6 @@ test_deps=(
     "ibv_ud_pingpong ibverbs-utils"
     "ibv_srq_pingpong ibverbs-utils"
     "ib_write_bw perftest"
-    "ib_write_bw perftest"
     "ib_read_bw perftest"
     "ib_atomic_bw perftest"
     "ib_write_lat perftest"
