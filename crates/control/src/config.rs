@@ -154,9 +154,6 @@ pub struct RdmaConfig {
     pub address: std::net::Ipv4Addr,
 }
 
-/// Where applications reach the card's RDMA devices, unless configured.
-pub const DEFAULT_RDMA_SOCKET: &str = "/run/softcard/rdma.sock";
-
 /// A parsed configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CardConfig {
@@ -172,8 +169,9 @@ pub struct CardConfig {
     pub host: HostSettings,
     /// RDMA devices (`[[rdma]]`).
     pub rdma: Vec<RdmaConfig>,
-    /// Unix socket the verbs library reaches the RDMA devices on.
-    pub rdma_socket: PathBuf,
+    /// Unix socket the verbs library reaches the RDMA devices on (unset:
+    /// the RDMA function's default, `/run/softcard/rdma.sock`).
+    pub rdma_socket: Option<PathBuf>,
 }
 
 impl CardConfig {
@@ -288,9 +286,7 @@ impl CardConfig {
             host,
             tenants,
             rdma,
-            rdma_socket: raw
-                .rdma_socket
-                .unwrap_or_else(|| PathBuf::from(DEFAULT_RDMA_SOCKET)),
+            rdma_socket: raw.rdma_socket,
             metrics_listen: raw.metrics_listen,
             api_socket: raw
                 .api_socket

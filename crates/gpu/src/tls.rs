@@ -166,20 +166,20 @@ impl Split {
         })
     }
 
-    /// The two halves.
-    pub(crate) fn halves(self) -> (TlsReader, TlsWriter) {
+    /// The receiving and the sending half.
+    pub(crate) fn boxed(self) -> Halves {
         (
-            TlsReader {
+            Box::new(TlsReader {
                 shared: self.shared.clone(),
                 sock: self.recv,
                 raw: vec![0; 1 << 16].into_boxed_slice(),
                 plain: Vec::new(),
                 pos: 0,
-            },
-            TlsWriter {
+            }),
+            Box::new(TlsWriter {
                 shared: self.shared,
                 out: Vec::new(),
-            },
+            }),
         )
     }
 }
@@ -320,12 +320,4 @@ pub(crate) type Halves = (Box<dyn Read + Send>, Box<dyn Write + Send>);
 /// The halves of plain `sock`.
 pub(crate) fn plain_halves(sock: &TcpStream) -> io::Result<Halves> {
     Ok((Box::new(sock.try_clone()?), Box::new(sock.try_clone()?)))
-}
-
-impl Split {
-    /// As boxed halves.
-    pub(crate) fn boxed(self) -> Halves {
-        let (r, w) = self.halves();
-        (Box::new(r), Box::new(w))
-    }
 }

@@ -182,15 +182,18 @@ pub fn serve(config: &Path, region: &RegionArgs) -> Result<()> {
     }
     // The RDMA function: an engine per [[rdma]] device, and the socket
     // unmodified verbs applications reach them on.
+    let rdma_socket = cfg
+        .rdma_socket
+        .clone()
+        .unwrap_or_else(|| std::path::PathBuf::from(softcard_rdma::service::DEFAULT_SOCKET));
+    let devices: Vec<_> = cfg
+        .rdma
+        .iter()
+        .map(|r| (r.name.clone(), r.address))
+        .collect();
     let rdma = std::sync::Arc::new(
-        softcard_rdma::service::RdmaService::start(
-            &cfg.rdma
-                .iter()
-                .map(|r| (r.name.clone(), r.address))
-                .collect::<Vec<_>>(),
-            &cfg.rdma_socket,
-        )
-        .with_context(|| format!("starting the RDMA devices ({})", cfg.rdma_socket.display()))?,
+        softcard_rdma::service::RdmaService::start(&devices, &rdma_socket)
+            .with_context(|| format!("starting the RDMA devices ({})", rdma_socket.display()))?,
     );
     for d in rdma.status() {
         log::info!(

@@ -70,9 +70,6 @@ pub struct DemoArgs {
     /// print a digest of its result, to compare with a local run.
     #[arg(long, default_value_t = 0)]
     compute: u32,
-    /// Print the frame rate every this many frames (0: only at the end).
-    #[arg(long, default_value_t = 0)]
-    report: u32,
 }
 
 /// The digest `gpu demo --compute N` prints: SHA-256 of the Collatz step
@@ -287,20 +284,7 @@ pub fn demo(a: &DemoArgs) -> Result<()> {
                 std::thread::sleep(wait);
             }
         }
-        if a.report > 0 && t.is_multiple_of(a.report) {
-            device
-                .poll(wgpu::PollType::wait_indefinitely())
-                .map_err(|e| anyhow!("GPU server: {e}"))?;
-            let secs = start.elapsed().as_secs_f64();
-            println!(
-                "rendered {t} frames of {}x{} in {secs:.2} s ({:.1} fps)",
-                a.width,
-                a.height,
-                f64::from(t) / secs
-            );
-            use std::io::Write as _;
-            let _ = std::io::stdout().flush();
-        } else if t.is_multiple_of(100) {
+        if t.is_multiple_of(100) {
             device
                 .poll(wgpu::PollType::wait_indefinitely())
                 .map_err(|e| anyhow!("GPU server: {e}"))?;

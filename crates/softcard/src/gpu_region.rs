@@ -158,6 +158,20 @@ fn grants_of(work: &Value) -> HashMap<String, Grant> {
         .collect()
 }
 
+/// Tells the region which attachments are now `attached` or `released`
+/// on this server (nothing when there are none).
+fn report(client: &RegionClient, what: &str, ids: &[&str]) {
+    if ids.is_empty() {
+        return;
+    }
+    if let Err(e) = client.post(
+        &format!("/v1/agent/gpu/{what}"),
+        &json!({ "attachments": ids }),
+    ) {
+        log::warn!("telling the region attachments are {what}: {e}");
+    }
+}
+
 /// Keeps the grants in step with the region for as long as `server`
 /// lives, ending the sessions of attachments the region revoked, and
 /// renews the certificate every [`softcard_region::ca::RENEW_AFTER`].
@@ -207,21 +221,8 @@ fn follow(
                             .into_iter()
                             .filter(|a| held.get(*a).copied().unwrap_or(0) == 0)
                             .collect();
-                        if !released.is_empty() {
-                            if let Err(e) = client.post(
-                                "/v1/agent/gpu/released",
-                                &json!({ "attachments": released }),
-                            ) {
-                                log::warn!("reporting ended attachments: {e}");
-                            }
-                        }
-                        if !new.is_empty() {
-                            if let Err(e) = client
-                                .post("/v1/agent/gpu/attached", &json!({ "attachments": new }))
-                            {
-                                log::warn!("acknowledging attachments: {e}");
-                            }
-                        }
+                        report(&client, "released", &released);
+                        report(&client, "attached", &new);
                     }
                     Err(e) => log::warn!("reading this GPU server's attachments: {e}"),
                 }
