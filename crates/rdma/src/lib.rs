@@ -14,6 +14,8 @@
 //!   with their own counters.
 //! - [`progress`]: a thread that drives an engine so applications can
 //!   block on completions.
+//! - [`shm`] and [`ring`]: the shared memory and the rings of the data
+//!   path between applications and the card daemon.
 //! - [`service`]: the card daemon's RDMA devices and the control socket
 //!   unmodified verbs applications reach them on (through
 //!   `softcard-verbs`, a drop-in `libibverbs.so.1`).
@@ -21,5 +23,7 @@
 pub mod net;
 pub mod progress;
 pub mod rc;
+pub mod ring;
 pub mod service;
+pub mod shm;
 pub mod wire;

@@ -22,6 +22,28 @@ use crate::rc::{CqId, Engine};
 /// work) is noticed.
 const MAX_SLEEP: Duration = Duration::from_millis(2);
 
+/// Work a progress thread does besides the engine's own: the card
+/// daemon's rings of its applications (see [`crate::service`]). Every call
+/// runs under the engine's lock.
+pub trait Hook: Send {
+    /// One round of work; true if there was any.
+    fn work(&mut self, engine: &mut Engine) -> bool;
+
+    /// The thread is about to sleep until the engine's descriptor or the
+    /// doorbell wakes it: say so where producers look, then look once
+    /// more; true if work arrived meanwhile (then the thread does not
+    /// sleep).
+    fn sleeping(&mut self, _engine: &mut Engine) -> bool {
+        false
+    }
+
+    /// The thread woke up.
+    fn awake(&mut self) {}
+
+    /// The thread starts (it may set its own scheduling).
+    fn started(&mut self) {}
+}
+
 /// An engine driven by its own thread.
 #[derive(Debug)]
 pub struct Progress {
@@ -36,7 +58,17 @@ pub struct Progress {
 
 impl Progress {
     /// Starts driving `engine` on a new thread.
-    pub fn spawn(mut engine: Engine) -> io::Result<Self> {
+    pub fn spawn(engine: Engine) -> io::Result<Self> {
+        Self::spawn_with(engine, None, None)
+    }
+
+    /// Starts driving `engine` and `hook` on a new thread, which also
+    /// wakes when `doorbell` (an eventfd) is rung.
+    pub fn spawn_with(
+        mut engine: Engine,
+        hook: Option<Box<dyn Hook>>,
+        doorbell: Option<std::os::fd::OwnedFd>,
+    ) -> io::Result<Self> {
         let cq_fd = engine.cq_eventfd()?.as_raw_fd();
         let engine = Arc::new(Mutex::new(engine));
         let stop = Arc::new(AtomicBool::new(false));
@@ -46,7 +78,7 @@ impl Progress {
             std::thread::Builder::new()
                 .name("rdma-progress".into())
                 .spawn(move || {
-                    let r = run(&engine, &stop);
+                    let r = run(&engine, &stop, hook, doorbell.as_ref());
                     if let Err(e) = &r {
                         *failed
                             .lock()
@@ -169,21 +201,60 @@ fn lock(engine: &Mutex<Engine>) -> MutexGuard<'_, Engine> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// The thread: work, then sleep until a datagram or a timer.
-fn run(engine: &Mutex<Engine>, stop: &AtomicBool) -> io::Result<()> {
+/// Rounds without work the thread spins through (polling the rings and
+/// the socket) before it sleeps: a doorbell or a datagram that comes
+/// within them costs no wake-up.
+const SPIN_ROUNDS: u32 = 64;
+
+/// The thread: work, then sleep until a datagram, a doorbell or a timer.
+fn run(
+    engine: &Mutex<Engine>,
+    stop: &AtomicBool,
+    mut hook: Option<Box<dyn Hook>>,
+    doorbell: Option<&std::os::fd::OwnedFd>,
+) -> io::Result<()> {
     let fd = lock(engine).wait_fd().as_raw_fd();
+    let bell = doorbell.map(AsRawFd::as_raw_fd);
+    if let Some(h) = hook.as_mut() {
+        h.started();
+    }
+    let mut idle = 0u32;
     while !stop.load(Ordering::Relaxed) {
         let (busy, sleep) = {
             let mut e = lock(engine);
             // What is there now, a batch at a time, letting the
             // application in between batches.
-            let busy = e.poll(Duration::ZERO)?;
+            let mut busy = e.poll(Duration::ZERO)?;
+            if let Some(h) = hook.as_mut() {
+                busy |= h.work(&mut e);
+            }
+            if !busy {
+                idle += 1;
+            }
+            if !busy && idle > SPIN_ROUNDS {
+                if let Some(h) = hook.as_mut() {
+                    busy = h.sleeping(&mut e);
+                }
+            }
             (busy, e.next_wakeup().unwrap_or(MAX_SLEEP).min(MAX_SLEEP))
         };
         if busy {
+            idle = 0;
+            if let Some(h) = hook.as_mut() {
+                h.awake();
+            }
             std::thread::yield_now();
+        } else if idle <= SPIN_ROUNDS && hook.is_some() {
+            std::hint::spin_loop();
         } else if !sleep.is_zero() {
-            sleep_on(fd, sleep)?;
+            sleep_on2(fd, bell, sleep)?;
+            if let Some(b) = doorbell {
+                crate::shm::drain(b);
+            }
+            if let Some(h) = hook.as_mut() {
+                h.awake();
+            }
+            idle = 0;
         }
     }
     Ok(())
@@ -191,18 +262,24 @@ fn run(engine: &Mutex<Engine>, stop: &AtomicBool) -> io::Result<()> {
 
 /// Sleeps until `fd` is readable or `timeout` passes; true if readable.
 fn sleep_on(fd: RawFd, timeout: Duration) -> io::Result<bool> {
-    let mut pfd = libc::pollfd {
+    sleep_on2(fd, None, timeout)
+}
+
+/// Sleeps until `fd` or `other` is readable or `timeout` passes; true if
+/// one is.
+fn sleep_on2(fd: RawFd, other: Option<RawFd>, timeout: Duration) -> io::Result<bool> {
+    let mut pfd = [fd, other.unwrap_or(-1)].map(|fd| libc::pollfd {
         fd,
         events: libc::POLLIN,
         revents: 0,
-    };
+    });
     let ts = libc::timespec {
         tv_sec: libc::time_t::try_from(timeout.as_secs()).unwrap_or(libc::time_t::MAX),
         tv_nsec: libc::c_long::from(timeout.subsec_nanos()),
     };
-    // SAFETY: one valid pollfd and a valid timespec, both live for the
-    // call; no signal mask.
-    let n = unsafe { libc::ppoll(&mut pfd, 1, &ts, std::ptr::null()) };
+    // SAFETY: two valid pollfds (a negative fd is ignored) and a valid
+    // timespec, all live for the call; no signal mask.
+    let n = unsafe { libc::ppoll(pfd.as_mut_ptr(), 2, &ts, std::ptr::null()) };
     if n < 0 {
         let e = io::Error::last_os_error();
         if e.kind() == io::ErrorKind::Interrupted {

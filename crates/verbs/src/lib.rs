@@ -35,6 +35,10 @@ pub mod sys {
     include!(concat!(env!("OUT_DIR"), "/sys.rs"));
 }
 
+mod conn;
+mod datapath;
+mod memory;
+mod objects;
 mod private;
 mod uncarried;
 
@@ -59,6 +63,10 @@ struct Device {
 struct Context {
     ctx: sys::ibv_context,
     device: &'static Device,
+    /// The session with the card daemon.
+    conn: conn::Conn,
+    /// The device's doorbell.
+    doorbell: std::os::fd::OwnedFd,
 }
 
 /// Where the card daemon's RDMA control socket is.
@@ -189,7 +197,20 @@ pub unsafe extern "C" fn ibv_open_device(dev: *mut sys::ibv_device) -> *mut sys:
         set_errno(libc::ENODEV);
         return std::ptr::null_mut();
     };
-    let ctx = sys::ibv_context {
+    let path = socket();
+    let (conn, doorbell) = match conn::Conn::open(&path, &device.info.name) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!(
+                "softcard verbs: cannot open {} at {}: {e}",
+                device.info.name,
+                path.display()
+            );
+            set_errno(e.raw_os_error().unwrap_or(libc::EIO));
+            return std::ptr::null_mut();
+        }
+    };
+    let mut ctx = sys::ibv_context {
         device: dev,
         cmd_fd: -1,
         async_fd: -1,
@@ -198,7 +219,18 @@ pub unsafe extern "C" fn ibv_open_device(dev: *mut sys::ibv_device) -> *mut sys:
         abi_compat: std::ptr::null_mut(),
         ..Default::default()
     };
-    Box::into_raw(Box::new(Context { ctx, device })).cast()
+    // The calls verbs.h makes inline through the context.
+    ctx.ops.poll_cq = Some(datapath::poll_cq);
+    ctx.ops.req_notify_cq = Some(datapath::req_notify_cq);
+    ctx.ops.post_send = Some(datapath::post_send);
+    ctx.ops.post_recv = Some(datapath::post_recv);
+    Box::into_raw(Box::new(Context {
+        ctx,
+        device,
+        conn,
+        doorbell,
+    }))
+    .cast()
 }
 
 /// The context behind an `ibv_context` pointer this library gave out.

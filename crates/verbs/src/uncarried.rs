@@ -5,7 +5,7 @@
 //! undefined symbol at load time or a crash. The string and rate helpers
 //! are whole.
 
-use std::ffi::{c_char, c_int, c_uint, c_void};
+use std::ffi::{c_char, c_int, c_void};
 
 use crate::set_errno;
 
@@ -62,15 +62,8 @@ macro_rules! nothing {
 }
 
 null! {
-    ibv_alloc_pd(ctx: P);
-    ibv_reg_mr(pd: P, addr: P, len: usize, access: c_int);
-    ibv_reg_mr_iova(pd: P, addr: P, len: usize, iova: u64, access: c_int);
-    ibv_reg_mr_iova2(pd: P, addr: P, len: usize, iova: u64, access: c_uint);
     ibv_reg_dmabuf_mr(pd: P, offset: u64, len: usize, iova: u64, fd: c_int, access: c_int);
-    ibv_create_comp_channel(ctx: P);
-    ibv_create_cq(ctx: P, cqe: c_int, cq_context: P, channel: P, vector: c_int);
     ibv_create_srq(pd: P, attr: P);
-    ibv_create_qp(pd: P, attr: P);
     ibv_create_ah(pd: P, attr: P);
     ibv_create_ah_from_wc(pd: P, wc: P, grh: P, port: u8);
     ibv_qp_to_qp_ex(qp: P);
@@ -82,18 +75,11 @@ null! {
 }
 
 errno! {
-    ibv_dealloc_pd(pd: P);
-    ibv_dereg_mr(mr: P);
     ibv_rereg_mr(mr: P, flags: c_int, pd: P, addr: P, len: usize, access: c_int);
-    ibv_destroy_comp_channel(channel: P);
     ibv_resize_cq(cq: P, cqe: c_int);
-    ibv_destroy_cq(cq: P);
     ibv_modify_srq(srq: P, attr: P, mask: c_int);
     ibv_query_srq(srq: P, attr: P);
     ibv_destroy_srq(srq: P);
-    ibv_query_qp(qp: P, attr: P, mask: c_int, init: P);
-    ibv_modify_qp(qp: P, attr: P, mask: c_int);
-    ibv_destroy_qp(qp: P);
     ibv_destroy_ah(ah: P);
     ibv_init_ah_from_wc(ctx: P, port: u8, wc: P, grh: P, attr: P);
     ibv_attach_mcast(qp: P, gid: P, lid: u16);
@@ -106,7 +92,6 @@ errno! {
 }
 
 minus_one! {
-    ibv_get_cq_event(channel: P, cq: P, cq_context: P);
     ibv_get_async_event(ctx: P, event: P);
     ibv_query_pkey(ctx: P, port: u8, index: c_int, pkey: P);
     ibv_get_pkey_index(ctx: P, port: u8, pkey: u16);
@@ -119,7 +104,6 @@ nothing! {
     ibv_copy_qp_attr_from_kern(dst: P, src: P);
     ibv_copy_path_rec_from_kern(dst: P, src: P);
     ibv_copy_path_rec_to_kern(dst: P, src: P);
-    ibv_ack_cq_events(cq: P, n: c_uint);
     ibv_ack_async_event(event: P);
     ibv_unimport_pd(pd: P);
     ibv_unimport_mr(mr: P);

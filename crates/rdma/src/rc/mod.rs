@@ -35,6 +35,7 @@ use std::time::{Duration, Instant};
 use crate::net::{Piece, RawIo};
 use crate::wire::{self, opcode, Aeth, AtomicEth, Bth, Packet, Reth, DEFAULT_PKEY};
 
+mod lifecycle;
 mod placement;
 mod receive;
 mod requester;
@@ -146,10 +147,72 @@ pub struct Access {
     pub remote_atomic: bool,
 }
 
-/// Registered memory, owned by the engine.
+/// The bytes behind a memory region.
+#[derive(Debug)]
+pub enum Memory {
+    /// The engine's own buffer (the Rust API's regions).
+    Owned(Vec<u8>),
+    /// An application's own memory, mapped from the memfds it lives in
+    /// (`len` bytes from `offset` in `map`): what the verbs library
+    /// registers, so that received data lands where the application reads
+    /// it.
+    Mapped {
+        /// The pages, in the application's order.
+        map: crate::shm::Mapping,
+        /// Where the region starts in them.
+        offset: usize,
+        /// Its length.
+        len: usize,
+    },
+}
+
+impl Memory {
+    /// An application's memory; `offset + len` must lie inside `map`.
+    pub fn mapped(map: crate::shm::Mapping, offset: usize, len: usize) -> io::Result<Self> {
+        if offset.checked_add(len).is_none_or(|e| e > map.len()) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a region past its pages",
+            ));
+        }
+        Ok(Memory::Mapped { map, offset, len })
+    }
+}
+
+impl std::ops::Deref for Memory {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Memory::Owned(v) => v,
+            // SAFETY: the range lies inside the mapping (checked when made),
+            // which lives as long as `self`. The application may change the
+            // bytes while the engine reads them, as it may under a NIC's
+            // DMA: the engine copies bytes in and out and never relies on
+            // them staying the same between two reads.
+            Memory::Mapped { map, offset, len } => unsafe {
+                std::slice::from_raw_parts(map.as_ptr().add(*offset), *len)
+            },
+        }
+    }
+}
+
+impl std::ops::DerefMut for Memory {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        match self {
+            Memory::Owned(v) => v,
+            // SAFETY: as for Deref; `&mut self` keeps this process from
+            // making a second slice of it meanwhile.
+            Memory::Mapped { map, offset, len } => unsafe {
+                std::slice::from_raw_parts_mut(map.as_ptr().add(*offset), *len)
+            },
+        }
+    }
+}
+
+/// A registered memory region.
 #[derive(Debug)]
 pub struct MemoryRegion {
-    buf: Vec<u8>,
+    buf: Memory,
     /// Local key.
     pub lkey: u32,
     /// Remote key.
@@ -692,6 +755,10 @@ pub struct Engine {
     pub rnr_retry: u32,
     next_pd: u32,
     cq_event: Option<std::os::fd::OwnedFd>,
+    /// Slots of deregistered regions, for the next registration.
+    free_mrs: Vec<usize>,
+    /// Destroyed completion queues, for the next `create_cq`.
+    free_cqs: Vec<CqId>,
     /// Makes the next `poll` fail with this error (unit tests of what
     /// callers do when the engine fails).
     #[cfg(test)]

@@ -327,7 +327,7 @@ pub fn fuzz_receive(data: &[u8]) {
         .into(),
     );
     let mut mrs = vec![MemoryRegion {
-        buf: vec![0; 4096],
+        buf: Memory::Owned(vec![0; 4096]),
         lkey: 7,
         rkey: 7,
         access: Access {
@@ -340,7 +340,7 @@ pub fn fuzz_receive(data: &[u8]) {
         pd: Pd::DEFAULT,
     }];
     let mut cq = VecDeque::new();
-    let before = mrs[0].buf.clone();
+    let before = mrs[0].buf.to_vec();
     match place(&mut qp, &mut mrs, &pkt, &mut cq) {
         Ok(_) => {
             let changed: Vec<usize> = (0..4096).filter(|&i| mrs[0].buf[i] != before[i]).collect();
@@ -361,7 +361,11 @@ pub fn fuzz_receive(data: &[u8]) {
                 }
             }
         }
-        Err(_) => assert_eq!(mrs[0].buf, before, "a refused packet changed memory"),
+        Err(_) => assert_eq!(
+            mrs[0].buf.to_vec(),
+            before,
+            "a refused packet changed memory"
+        ),
     }
 }
 
@@ -380,7 +384,7 @@ mod tests {
 
     fn mr(rkey: u32, len: usize, write: bool) -> MemoryRegion {
         MemoryRegion {
-            buf: vec![0; len],
+            buf: Memory::Owned(vec![0; len]),
             lkey: rkey,
             rkey,
             access: Access {
@@ -478,7 +482,7 @@ mod tests {
             "a plain WRITE completes nothing at the responder"
         );
         // Out of bounds, wrong key, no right: refused, nothing written.
-        let before: Vec<Vec<u8>> = mrs.iter().map(|m| m.buf.clone()).collect();
+        let before: Vec<Vec<u8>> = mrs.iter().map(|m| m.buf.to_vec()).collect();
         for reth in [
             Reth {
                 va: 0x1000 + 61,
@@ -513,7 +517,7 @@ mod tests {
         }
         assert_eq!(
             before,
-            mrs.iter().map(|m| m.buf.clone()).collect::<Vec<_>>()
+            mrs.iter().map(|m| m.buf.to_vec()).collect::<Vec<_>>()
         );
         assert_eq!(q.epsn, 101);
     }

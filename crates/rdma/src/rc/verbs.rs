@@ -22,6 +22,8 @@ impl Engine {
             rnr_retry: 7,
             next_pd: 0,
             cq_event: None,
+            free_mrs: Vec::new(),
+            free_cqs: Vec::new(),
             #[cfg(test)]
             fail_poll: None,
         })
@@ -68,7 +70,7 @@ impl Engine {
         self.next_key += 1;
         let key = self.next_key;
         self.mrs.push(MemoryRegion {
-            buf: vec![0; len],
+            buf: Memory::Owned(vec![0; len]),
             lkey: key,
             rkey: key,
             access,
@@ -136,6 +138,9 @@ impl Engine {
 
     /// A new, empty completion queue.
     pub fn create_cq(&mut self) -> CqId {
+        if let Some(cq) = self.free_cqs.pop() {
+            return cq;
+        }
         self.cqs.push(ExtraCq::default());
         CqId(u32::try_from(self.cqs.len()).expect("fewer than 2^32 completion queues"))
     }

@@ -5,16 +5,26 @@
 //! their privilege; applications need none.
 //!
 //! The control protocol is lines of text, one request and its answer at a
-//! time:
+//! time; a request or an answer may carry descriptors (`SCM_RIGHTS`):
 //!
 //! | request | answer |
 //! |---|---|
 //! | `DEVICES` | one `DEVICE NAME GUID GID ADDRESS MTU` line per device (GUID: 16 hex digits; GID: 32), then `END` |
-//! | anything else, or a line over [`MAX_LINE`] bytes | `ERROR reason`, and the connection closes |
+//! | `OPEN NAME VERSION` | `OK`, with the device's doorbell (an eventfd); the connection is now the application's session on that device |
+//! | `PD` / `FREEPD h` | `OK h` / `OK` |
+//! | `MR pd VA LEN ACCESS OFF:LEN...`, one memfd per piece | `OK h key`: the pages of `VA..VA+LEN` are those pieces, mapped here too |
+//! | `FREEMR h` | `OK` |
+//! | `CHANNEL`, with a socket | `OK h`: completion events (the CQ's cookie, 8 bytes) are sent on it |
+//! | `CQ ENTRIES CHANNEL COOKIE` / `FREECQ h` | `OK h ENTRIES BYTES` with the ring's memfd / `OK` |
+//! | `QP pd SCQ RCQ SWR RWR SSGE RSGE INLINE SIGALL` | `OK h QPN SQ RQ BYTES VERSION` with the rings' memfd |
+//! | `MODIFY h STATE MTU DQPN RQPSN SQPSN DGID` / `QUERYQP h` / `FREEQP h` | `OK ...` |
+//! | a request that fails | `ERR ERRNO reason` |
+//! | garbage, a line over [`MAX_LINE`] bytes, two requests at once | `ERR ...`, and the connection closes |
 //!
-//! Today it lists devices (what `ibv_devices` and `ibv_devinfo` need);
-//! protection domains, memory regions, queue pairs and the shared-memory
-//! rings of the data path come next (docs/rdma.md).
+//! Work requests and completions do not travel here: they are on
+//! shared-memory rings ([`crate::ring`]) that the progress thread of each
+//! device serves (`datapath`). When a session's connection ends, its
+//! queue pairs, regions and queues are destroyed.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::Ipv4Addr;
@@ -23,15 +33,26 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::{Arc, Mutex};
+
 use crate::progress::Progress;
 use crate::rc::{Engine, PathStats};
+
+mod datapath;
+mod session;
+
+use datapath::{DataPath, Port};
+use session::{Refusal, Session};
 
 /// Where the control socket is unless configured (the card's
 /// `rdma_socket`, the library's `SOFTCARD_RDMA_SOCKET`).
 pub const DEFAULT_SOCKET: &str = "/run/softcard/rdma.sock";
 
 /// The longest control line taken.
-pub const MAX_LINE: usize = 256;
+pub const MAX_LINE: usize = 4096;
+/// The version of the session protocol and the ring layout.
+pub const PROTOCOL: u32 = crate::ring::VERSION;
 /// The path MTU the devices report.
 pub const MTU: u32 = 1024;
 
@@ -105,11 +126,14 @@ impl DeviceInfo {
     }
 }
 
-/// A device: its description and its engine.
+/// A device: its description, its engine and its applications.
 #[derive(Debug)]
 struct Device {
     info: DeviceInfo,
     engine: Progress,
+    port: Arc<Mutex<Port>>,
+    /// The doorbell applications ring when the progress thread sleeps.
+    doorbell: OwnedFd,
 }
 
 /// What `softcard rdma list` and `stats` show of a device.
@@ -118,6 +142,8 @@ pub struct DeviceStatus {
     pub info: DeviceInfo,
     /// Queue pairs open on its engine.
     pub qps: usize,
+    /// The applications that have it open: the queue pairs of each.
+    pub applications: Vec<usize>,
     /// Fast-path and software-path counters.
     pub stats: PathStats,
 }
@@ -143,9 +169,14 @@ impl RdmaService {
                     format!("rdma device {name}: an engine on {address}: {e}"),
                 )
             })?;
+            let port = Arc::new(Mutex::new(Port::default()));
+            let doorbell = crate::shm::eventfd()?;
+            let hook = Box::new(DataPath::new(port.clone()));
             open.push(Device {
                 info: DeviceInfo::new(name, *address),
-                engine: Progress::spawn(engine)?,
+                engine: Progress::spawn_with(engine, Some(hook), Some(doorbell.try_clone()?))?,
+                port,
+                doorbell,
             });
         }
         if let Some(dir) = socket.parent() {
@@ -189,6 +220,11 @@ impl RdmaService {
                 DeviceStatus {
                     info: d.info.clone(),
                     qps: e.qp_count(),
+                    applications: datapath::lock(&d.port)
+                        .sessions
+                        .values()
+                        .map(|s| s.qps.len())
+                        .collect(),
                     stats: e.stats,
                 }
             })
@@ -207,39 +243,140 @@ impl Drop for RdmaService {
     }
 }
 
+/// Reads one request: a line, with the descriptors that came with it.
+/// `None` at the end of the stream.
+fn read_request(conn: &UnixStream, fds: &mut Vec<OwnedFd>) -> io::Result<Option<String>> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 1024];
+    loop {
+        let n = crate::shm::recv_with_fds(conn.as_fd(), &mut chunk, fds)?;
+        if n == 0 {
+            return Ok(None);
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(end) = buf.iter().position(|b| *b == b'\n') {
+            if end + 1 != buf.len() {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "a second request before the answer to the first",
+                ));
+            }
+            buf.pop();
+            return String::from_utf8(buf).map(Some).map_err(|_| {
+                io::Error::new(io::ErrorKind::InvalidData, "a request that is not text")
+            });
+        }
+        if buf.len() > MAX_LINE || fds.len() > crate::shm::MAX_FDS {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "request line too long",
+            ));
+        }
+    }
+}
+
+fn answer(conn: &UnixStream, line: &str, fds: &[OwnedFd]) -> io::Result<()> {
+    let borrowed: Vec<_> = fds.iter().map(AsFd::as_fd).collect();
+    crate::shm::send_with_fds(conn.as_fd(), format!("{line}\n").as_bytes(), &borrowed)
+}
+
 /// Answers one application until it leaves or misbehaves.
 fn serve(conn: UnixStream, devices: &[Device]) -> io::Result<()> {
-    conn.set_read_timeout(Some(Duration::from_secs(3600)))?;
-    let mut w = conn.try_clone()?;
-    let mut r = BufReader::new(conn).take(u64::MAX);
-    let mut line = String::new();
     loop {
-        line.clear();
-        r.set_limit(MAX_LINE as u64 + 1);
-        if r.read_line(&mut line)? == 0 {
-            return Ok(());
-        }
-        if line.len() > MAX_LINE || !line.ends_with('\n') {
-            writeln!(w, "ERROR request line too long")?;
-            return Ok(());
-        }
-        match line.trim_end() {
-            "DEVICES" => {
+        let mut fds = Vec::new();
+        let line = match read_request(&conn, &mut fds) {
+            Ok(Some(l)) => l,
+            Ok(None) => return Ok(()),
+            Err(e) => {
+                let _ = answer(&conn, &format!("ERROR {e}"), &[]);
+                return Err(e);
+            }
+        };
+        let mut w = line.split_ascii_whitespace();
+        match (w.next(), w.next(), w.next(), w.next()) {
+            (Some("DEVICES"), None, ..) => {
                 let mut out = String::new();
                 for d in devices {
                     out.push_str(&d.info.line());
                     out.push('\n');
                 }
-                out.push_str("END\n");
-                w.write_all(out.as_bytes())?;
+                out.push_str("END");
+                answer(&conn, &out, &[])?;
             }
-            other => {
-                let shown: String = other.chars().take(32).collect();
-                writeln!(w, "ERROR unknown request {shown:?}")?;
+            (Some("OPEN"), Some(name), Some(version), None) => {
+                let Some(d) = devices.iter().find(|d| d.info.name == name) else {
+                    answer(
+                        &conn,
+                        &format!("ERR {} no device {name:?}", libc::ENODEV),
+                        &[],
+                    )?;
+                    continue;
+                };
+                if version.parse() != Ok(PROTOCOL) {
+                    answer(
+                        &conn,
+                        &format!(
+                            "ERR {} the card speaks version {PROTOCOL}, not {version}",
+                            libc::EPROTO
+                        ),
+                        &[],
+                    )?;
+                    return Ok(());
+                }
+                return run_session(conn, d);
+            }
+            _ => {
+                let shown: String = line.chars().take(32).collect();
+                answer(&conn, &format!("ERROR unknown request {shown:?}"), &[])?;
                 return Ok(());
             }
         }
     }
+}
+
+/// Serves one application's session on device `d` until it ends, then
+/// destroys what it left.
+fn run_session(conn: UnixStream, d: &Device) -> io::Result<()> {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let id = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    {
+        let _e = d.engine.lock();
+        let session = Session {
+            conn: Some(OwnedFd::from(conn.try_clone()?)),
+            ..Session::default()
+        };
+        datapath::lock(&d.port).sessions.insert(id, session);
+    }
+    let r = (|| {
+        answer(&conn, "OK", &[d.doorbell.try_clone()?])?;
+        loop {
+            let mut fds = Vec::new();
+            let Some(line) = read_request(&conn, &mut fds)? else {
+                return Ok(());
+            };
+            let result = {
+                let mut e = d.engine.lock();
+                let mut port = datapath::lock(&d.port);
+                let s = port
+                    .sessions
+                    .get_mut(&id)
+                    .expect("sessions leave only here");
+                if let Some(why) = &s.broken {
+                    return Err(io::Error::new(io::ErrorKind::InvalidData, why.clone()));
+                }
+                s.request(&mut e, &line, fds)
+            };
+            match result {
+                Ok((text, fds)) => answer(&conn, &text, &fds)?,
+                Err(Refusal(errno, why)) => answer(&conn, &format!("ERR {errno} {why}"), &[])?,
+            }
+        }
+    })();
+    let mut e = d.engine.lock();
+    if let Some(mut s) = datapath::lock(&d.port).sessions.remove(&id) {
+        s.destroy(&mut e);
+    }
+    r
 }
 
 /// Asks the control socket at `socket` for its devices.
@@ -247,6 +384,7 @@ pub fn query_devices(socket: &Path) -> io::Result<Vec<DeviceInfo>> {
     let mut c = UnixStream::connect(socket)?;
     c.set_read_timeout(Some(Duration::from_secs(10)))?;
     c.write_all(b"DEVICES\n")?;
+    // The answer is lines up to END.
     let mut out = Vec::new();
     for line in BufReader::new(c).take(1 << 20).lines() {
         let line = line?;

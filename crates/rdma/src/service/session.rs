@@ -1,0 +1,513 @@
+//! One application's objects on a device (an open `ibv_context`): its
+//! protection domains, memory regions over its own memory, completion
+//! queues and channels, queue pairs and their rings; and the control
+//! requests that make and destroy them. Handles are per session, so an
+//! application can name only its own objects; when its connection ends
+//! (it exited or died) everything it had is destroyed, queue pairs first.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::Ipv4Addr;
+use std::os::fd::{AsFd, OwnedFd};
+
+use crate::rc::{Access, CqId, Engine, Memory, Pd, QpState};
+use crate::ring::{self, QpRings, Ring};
+use crate::shm::{self, Mapping};
+
+/// A control request's failure: the errno the library returns, and why.
+#[derive(Debug)]
+pub struct Refusal(pub i32, pub String);
+
+impl Refusal {
+    fn inval(why: impl Into<String>) -> Self {
+        Refusal(libc::EINVAL, why.into())
+    }
+}
+
+impl From<io::Error> for Refusal {
+    fn from(e: io::Error) -> Self {
+        let errno = match e.kind() {
+            io::ErrorKind::ResourceBusy => libc::EBUSY,
+            io::ErrorKind::NotFound => libc::ENOENT,
+            io::ErrorKind::InvalidInput => libc::EINVAL,
+            io::ErrorKind::OutOfMemory => libc::ENOMEM,
+            _ => e.raw_os_error().unwrap_or(libc::EIO),
+        };
+        Refusal(errno, e.to_string())
+    }
+}
+
+type Answer = Result<(String, Vec<OwnedFd>), Refusal>;
+
+/// A memory region of the session.
+#[derive(Debug)]
+pub(super) struct Mr {
+    pub index: usize,
+    pub pd: u32,
+}
+
+/// A completion queue: the engine's queue and the ring it is copied to.
+#[derive(Debug)]
+pub(super) struct Cq {
+    pub cq: CqId,
+    pub map: Mapping,
+    pub ring: Ring,
+    /// The channel its events go to, and the library's cookie for it.
+    pub channel: Option<u32>,
+    pub cookie: u64,
+    /// Completions published (the daemon's own count; the ring's copy is
+    /// for the application).
+    pub prod: u32,
+}
+
+/// A queue pair: its number and its rings.
+#[derive(Debug)]
+pub(super) struct Qp {
+    pub qpn: u32,
+    pub pd: u32,
+    pub map: Mapping,
+    pub rings: QpRings,
+    pub send_cq: u32,
+    pub recv_cq: u32,
+    pub sig_all: bool,
+    pub max_send_sge: u32,
+    pub max_recv_sge: u32,
+    pub max_inline: u32,
+    /// Work requests taken from each queue (the daemon's own counts).
+    pub sq_cons: u32,
+    pub rq_cons: u32,
+}
+
+/// Everything one application has on a device.
+#[derive(Debug, Default)]
+pub(super) struct Session {
+    pub next: u32,
+    pub pds: HashMap<u32, Pd>,
+    pub mrs: HashMap<u32, Mr>,
+    /// lkey → region handle, for the data path.
+    pub lkeys: HashMap<u32, u32>,
+    pub cqs: HashMap<u32, Cq>,
+    pub channels: HashMap<u32, OwnedFd>,
+    pub qps: HashMap<u32, Qp>,
+    /// The application broke its rings; its queue pairs are in ERROR and
+    /// it is disconnected.
+    pub broken: Option<String>,
+    /// Its control connection, shut down when it breaks its rings.
+    pub conn: Option<OwnedFd>,
+}
+
+/// Most objects of each kind one application may hold.
+const MAX_OBJECTS: usize = 4096;
+/// Most entries of a queue pair's queue or a completion queue.
+pub const MAX_QUEUE: u32 = 16384;
+/// Most completion queue entries.
+pub const MAX_CQE: u32 = 65536;
+
+/// A number from a request word.
+fn num<T: std::str::FromStr>(w: Option<&str>, what: &str) -> Result<T, Refusal> {
+    w.and_then(|s| s.parse().ok())
+        .ok_or_else(|| Refusal::inval(format!("bad or missing {what}")))
+}
+
+/// A hex number from a request word.
+fn hex(w: Option<&str>, what: &str) -> Result<u64, Refusal> {
+    w.and_then(|s| u64::from_str_radix(s, 16).ok())
+        .ok_or_else(|| Refusal::inval(format!("bad or missing {what}")))
+}
+
+impl Session {
+    fn handle(&mut self) -> u32 {
+        self.next = self.next.wrapping_add(1).max(1);
+        self.next
+    }
+
+    fn pd(&self, h: u32) -> Result<Pd, Refusal> {
+        self.pds
+            .get(&h)
+            .copied()
+            .ok_or_else(|| Refusal::inval(format!("no protection domain {h}")))
+    }
+
+    /// Carries out one control request (after `OPEN`).
+    pub fn request(&mut self, e: &mut Engine, line: &str, mut fds: Vec<OwnedFd>) -> Answer {
+        let mut w = line.split_ascii_whitespace();
+        let verb = w.next().unwrap_or("");
+        let full = |n: usize| {
+            if n >= MAX_OBJECTS {
+                Err(Refusal(
+                    libc::ENOMEM,
+                    format!("more than {MAX_OBJECTS} objects"),
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        if verb != "MR" && verb != "CHANNEL" && !fds.is_empty() {
+            return Err(Refusal::inval("descriptors with a request that takes none"));
+        }
+        match verb {
+            "PD" => {
+                full(self.pds.len())?;
+                let h = self.handle();
+                self.pds.insert(h, e.alloc_pd());
+                Ok((format!("OK {h}"), vec![]))
+            }
+            "FREEPD" => {
+                let h = num(w.next(), "handle")?;
+                self.pd(h)?;
+                if self.mrs.values().any(|m| m.pd == h) || self.qps.values().any(|q| q.pd == h) {
+                    return Err(Refusal(libc::EBUSY, "regions or queue pairs use it".into()));
+                }
+                self.pds.remove(&h);
+                Ok(("OK".into(), vec![]))
+            }
+            "MR" => {
+                full(self.mrs.len())?;
+                let pd_h: u32 = num(w.next(), "pd")?;
+                let pd = self.pd(pd_h)?;
+                let va: u64 = hex(w.next(), "address")?;
+                let len: usize = num(w.next(), "length")?;
+                let access: u32 = num(w.next(), "access")?;
+                let pieces: Vec<(u64, usize)> = w
+                    .map(|p| {
+                        let (o, l) = p
+                            .split_once(':')
+                            .ok_or_else(|| Refusal::inval("bad piece"))?;
+                        Ok((num(Some(o), "piece offset")?, num(Some(l), "piece length")?))
+                    })
+                    .collect::<Result<_, Refusal>>()?;
+                if pieces.len() != fds.len() || pieces.is_empty() {
+                    return Err(Refusal::inval("one descriptor per piece"));
+                }
+                let memory = map_pieces(va, len, &pieces, &fds)?;
+                let access = access_of(access)?;
+                let (index, key) = e.reg_mr_memory(pd, memory, va, access);
+                let h = self.handle();
+                self.mrs.insert(h, Mr { index, pd: pd_h });
+                self.lkeys.insert(key, h);
+                Ok((format!("OK {h} {key}"), vec![]))
+            }
+            "FREEMR" => {
+                let h = num(w.next(), "handle")?;
+                let mr = self
+                    .mrs
+                    .get(&h)
+                    .ok_or_else(|| Refusal::inval(format!("no region {h}")))?;
+                let key = e.mr_key(mr.index).map(|k| k.0);
+                e.dereg_mr(mr.index)?;
+                self.mrs.remove(&h);
+                if let Some(k) = key {
+                    self.lkeys.remove(&k);
+                }
+                Ok(("OK".into(), vec![]))
+            }
+            "CHANNEL" => {
+                full(self.channels.len())?;
+                if fds.len() != 1 {
+                    return Err(Refusal::inval("a channel is one socket"));
+                }
+                let fd = fds.pop().expect("one");
+                let st = rustix::fs::fstat(&fd).map_err(io::Error::from)?;
+                if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::Socket {
+                    return Err(Refusal::inval("a channel is a socket"));
+                }
+                rustix::fs::fcntl_setfl(&fd, rustix::fs::OFlags::NONBLOCK)
+                    .map_err(io::Error::from)?;
+                let h = self.handle();
+                self.channels.insert(h, fd);
+                Ok((format!("OK {h}"), vec![]))
+            }
+            "FREECHANNEL" => {
+                let h = num(w.next(), "handle")?;
+                if self.cqs.values().any(|c| c.channel == Some(h)) {
+                    return Err(Refusal(libc::EBUSY, "completion queues use it".into()));
+                }
+                self.channels
+                    .remove(&h)
+                    .ok_or_else(|| Refusal::inval(format!("no channel {h}")))?;
+                Ok(("OK".into(), vec![]))
+            }
+            "CQ" => {
+                full(self.cqs.len())?;
+                let want: u32 = num(w.next(), "entries")?;
+                let channel: u32 = num(w.next(), "channel")?;
+                let cookie = hex(w.next(), "cookie")?;
+                let entries = ring::entries_for(want.saturating_add(1), MAX_CQE)
+                    .ok_or_else(|| Refusal::inval(format!("more than {MAX_CQE} entries")))?;
+                let channel = match channel {
+                    0 => None,
+                    c if self.channels.contains_key(&c) => Some(c),
+                    c => return Err(Refusal::inval(format!("no channel {c}"))),
+                };
+                let (r, bytes) = ring::cq_ring(entries);
+                let fd = shm::sealed_memfd("softcard-cq", bytes)?;
+                let map = Mapping::map(fd.as_fd(), 0, bytes)?;
+                let cq = e.create_cq();
+                let h = self.handle();
+                self.cqs.insert(
+                    h,
+                    Cq {
+                        cq,
+                        map,
+                        ring: r,
+                        channel,
+                        cookie,
+                        prod: 0,
+                    },
+                );
+                Ok((format!("OK {h} {entries} {bytes}"), vec![fd]))
+            }
+            "FREECQ" => {
+                let h = num(w.next(), "handle")?;
+                let cq = self
+                    .cqs
+                    .get(&h)
+                    .ok_or_else(|| Refusal::inval(format!("no completion queue {h}")))?;
+                if self.qps.values().any(|q| q.send_cq == h || q.recv_cq == h) {
+                    return Err(Refusal(libc::EBUSY, "queue pairs use it".into()));
+                }
+                e.destroy_cq(cq.cq)?;
+                self.cqs.remove(&h);
+                Ok(("OK".into(), vec![]))
+            }
+            "QP" => self.create_qp(e, &mut w),
+            "MODIFY" => self.modify_qp(e, &mut w),
+            "QUERYQP" => {
+                let h = num(w.next(), "handle")?;
+                let qp = self.qp(h)?;
+                let i = e
+                    .qp_index(qp.qpn)
+                    .ok_or_else(|| Refusal::inval("queue pair gone"))?;
+                let (state, dqpn, ip, sq_psn, rq_psn, mtu) = e.qp_info(i);
+                let state = match state {
+                    QpState::Reset => 0,
+                    QpState::Init => 1,
+                    QpState::Rtr => 2,
+                    QpState::Rts => 3,
+                    QpState::Error => 6,
+                };
+                let mtu = mtu.trailing_zeros().saturating_sub(7);
+                Ok((
+                    format!("OK {state} {dqpn} {ip} {sq_psn} {rq_psn} {mtu}"),
+                    vec![],
+                ))
+            }
+            "FREEQP" => {
+                let h = num(w.next(), "handle")?;
+                let qp = self.qp(h)?;
+                e.destroy_qp(qp.qpn)?;
+                self.qps.remove(&h);
+                Ok(("OK".into(), vec![]))
+            }
+            _ => {
+                let shown: String = verb.chars().take(32).collect();
+                Err(Refusal::inval(format!("unknown request {shown:?}")))
+            }
+        }
+    }
+
+    fn qp(&self, h: u32) -> Result<&Qp, Refusal> {
+        self.qps
+            .get(&h)
+            .ok_or_else(|| Refusal::inval(format!("no queue pair {h}")))
+    }
+
+    /// `QP pd send_cq recv_cq send_wr recv_wr send_sge recv_sge inline
+    /// sig_all`: an RC queue pair in RESET and its rings.
+    fn create_qp<'a>(&mut self, e: &mut Engine, w: &mut impl Iterator<Item = &'a str>) -> Answer {
+        if self.qps.len() >= MAX_OBJECTS {
+            return Err(Refusal(libc::ENOMEM, "too many queue pairs".into()));
+        }
+        let pd_h: u32 = num(w.next(), "pd")?;
+        let pd = self.pd(pd_h)?;
+        let scq: u32 = num(w.next(), "send cq")?;
+        let rcq: u32 = num(w.next(), "recv cq")?;
+        let (Some(s), Some(r)) = (self.cqs.get(&scq), self.cqs.get(&rcq)) else {
+            return Err(Refusal::inval("no such completion queue"));
+        };
+        let (send_cq, recv_cq) = (s.cq, r.cq);
+        let swr: u32 = num(w.next(), "send_wr")?;
+        let rwr: u32 = num(w.next(), "recv_wr")?;
+        let ssge: u32 = num(w.next(), "send_sge")?;
+        let rsge: u32 = num(w.next(), "recv_sge")?;
+        let inline: u32 = num(w.next(), "inline")?;
+        let sig_all: u32 = num(w.next(), "sig_all")?;
+        let too = |what: &str| Refusal::inval(format!("{what} beyond what the device offers"));
+        let sq = ring::entries_for(swr, MAX_QUEUE).ok_or_else(|| too("max_send_wr"))?;
+        let rq = ring::entries_for(rwr, MAX_QUEUE).ok_or_else(|| too("max_recv_wr"))?;
+        if ssge as usize > ring::MAX_SEND_SGE {
+            return Err(too("max_send_sge"));
+        }
+        if rsge as usize > ring::MAX_RECV_SGE {
+            return Err(too("max_recv_sge"));
+        }
+        if inline as usize > ring::MAX_INLINE {
+            return Err(too("max_inline_data"));
+        }
+        let rings = QpRings::new(sq, rq);
+        let fd = shm::sealed_memfd("softcard-qp", rings.bytes)?;
+        let map = Mapping::map(fd.as_fd(), 0, rings.bytes)?;
+        let hint = self.qps.values().map(|q| q.qpn).max().unwrap_or(0x110);
+        let qpn = e
+            .free_qpn(hint)
+            .ok_or_else(|| Refusal(libc::ENOMEM, "no queue pair numbers left".into()))?;
+        e.create_qp_with(pd, qpn, send_cq, recv_cq)?;
+        let h = self.handle();
+        let (ssge, rsge, inline) = (ssge.max(1), rsge.max(1), inline);
+        self.qps.insert(
+            h,
+            Qp {
+                qpn,
+                pd: pd_h,
+                map,
+                rings,
+                send_cq: scq,
+                recv_cq: rcq,
+                sig_all: sig_all != 0,
+                max_send_sge: ssge,
+                max_recv_sge: rsge,
+                max_inline: inline,
+                sq_cons: 0,
+                rq_cons: 0,
+            },
+        );
+        Ok((
+            format!("OK {h} {qpn} {sq} {rq} {} {}", rings.bytes, ring::VERSION),
+            vec![fd],
+        ))
+    }
+
+    /// `MODIFY qp state mtu dest_qpn rq_psn sq_psn dgid`: the state
+    /// transitions of an RC queue pair (the library sends what the
+    /// attribute mask named, zero elsewhere).
+    fn modify_qp<'a>(&mut self, e: &mut Engine, w: &mut impl Iterator<Item = &'a str>) -> Answer {
+        let h: u32 = num(w.next(), "handle")?;
+        let state: u32 = num(w.next(), "state")?;
+        let mtu: u32 = num(w.next(), "mtu")?;
+        let dqpn: u32 = num(w.next(), "dest_qp_num")?;
+        let rq_psn: u32 = num(w.next(), "rq_psn")?;
+        let sq_psn: u32 = num(w.next(), "sq_psn")?;
+        let dgid = hex(w.next().map(|g| g.get(16..).unwrap_or("")), "dgid")?;
+        let qpn = self.qp(h)?.qpn;
+        let i = e
+            .qp_index(qpn)
+            .ok_or_else(|| Refusal::inval("queue pair gone"))?;
+        let now = e.qp_state(i);
+        let bad =
+            |to: &str| Refusal::inval(format!("the queue pair cannot go from {now:?} to {to}"));
+        match state {
+            0 => e.to_reset(i),
+            1 => {
+                if now != QpState::Init {
+                    e.to_init(i).map_err(|_| bad("INIT"))?;
+                }
+            }
+            2 => {
+                // An IPv4-mapped GID: ::ffff:a.b.c.d.
+                if dgid >> 32 != 0xffff {
+                    return Err(Refusal::inval(
+                        "the destination GID is not an IPv4-mapped address (RoCE v2)",
+                    ));
+                }
+                let ip = Ipv4Addr::from((dgid & 0xffff_ffff) as u32);
+                if mtu != 0 {
+                    let bytes = match mtu {
+                        1..=5 => 128usize << mtu,
+                        _ => return Err(Refusal::inval("bad path MTU")),
+                    };
+                    e.set_mtu(i, bytes);
+                }
+                e.to_rtr(i, dqpn, ip, rq_psn).map_err(|_| bad("RTR"))?;
+            }
+            3 => {
+                if now != QpState::Rts {
+                    e.to_rts(i, sq_psn).map_err(|_| bad("RTS"))?;
+                }
+            }
+            6 => e.to_error(i),
+            _ => return Err(Refusal(libc::EOPNOTSUPP, format!("QP state {state}"))),
+        }
+        Ok(("OK".into(), vec![]))
+    }
+
+    /// Destroys everything the session has, queue pairs first so that no
+    /// work refers to the regions any more.
+    pub fn destroy(&mut self, e: &mut Engine) {
+        for qp in self.qps.values() {
+            let _ = e.destroy_qp(qp.qpn);
+        }
+        self.qps.clear();
+        for mr in self.mrs.values() {
+            if let Err(err) = e.dereg_mr(mr.index) {
+                log::warn!("rdma: a region of a departed application: {err}");
+            }
+        }
+        self.mrs.clear();
+        self.lkeys.clear();
+        for cq in self.cqs.values() {
+            let _ = e.destroy_cq(cq.cq);
+        }
+        self.cqs.clear();
+        self.channels.clear();
+        self.pds.clear();
+    }
+}
+
+/// verbs' access flags.
+fn access_of(flags: u32) -> Result<Access, Refusal> {
+    let a = Access {
+        local_write: flags & 1 != 0,
+        remote_write: flags & 2 != 0,
+        remote_read: flags & 4 != 0,
+        remote_atomic: flags & 8 != 0,
+    };
+    if (a.remote_write || a.remote_atomic) && !a.local_write {
+        return Err(Refusal::inval(
+            "remote write or atomic access needs local write",
+        ));
+    }
+    Ok(a)
+}
+
+/// The application's pages `va..va+len` from the memfds they live in
+/// (`pieces`: file offset and length of each, in order, covering the
+/// page-aligned range), mapped as one range here.
+fn map_pieces(
+    va: u64,
+    len: usize,
+    pieces: &[(u64, usize)],
+    fds: &[OwnedFd],
+) -> Result<Memory, Refusal> {
+    let page = shm::page_size();
+    if len == 0 {
+        return Err(Refusal::inval("an empty region"));
+    }
+    let lead = (va % page as u64) as usize;
+    let total: usize = pieces
+        .iter()
+        .try_fold(0usize, |t, p| t.checked_add(p.1))
+        .ok_or_else(|| Refusal::inval("pieces too long"))?;
+    let need = lead
+        .checked_add(len)
+        .map(|n| n.next_multiple_of(page))
+        .ok_or_else(|| Refusal::inval("region too long"))?;
+    if total != need {
+        return Err(Refusal::inval(format!(
+            "pieces of {total} bytes for {need} bytes of pages"
+        )));
+    }
+    let mut map = Mapping::reserve(total)?;
+    let mut at = 0;
+    for ((off, plen), fd) in pieces.iter().zip(fds) {
+        if off % page as u64 != 0 || plen % page != 0 || *plen == 0 {
+            return Err(Refusal::inval("pieces are whole pages"));
+        }
+        let size = shm::sealed_size(fd.as_fd())?;
+        if off.checked_add(*plen as u64).is_none_or(|e| e > size) {
+            return Err(Refusal::inval("a piece past the end of its memfd"));
+        }
+        map.map_piece(at, fd.as_fd(), *off, *plen)?;
+        at += plen;
+    }
+    Ok(Memory::mapped(map, lead, len)?)
+}
