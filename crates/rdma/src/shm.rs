@@ -43,7 +43,8 @@ pub fn sealed_size(fd: BorrowedFd<'_>) -> io::Result<u64> {
             "the memfd may shrink (F_SEAL_SHRINK is not set)",
         ));
     }
-    u64::try_from(rustix::fs::fstat(fd)?.st_size).map_err(|_| io::Error::other("a negative file size"))
+    u64::try_from(rustix::fs::fstat(fd)?.st_size)
+        .map_err(|_| io::Error::other("a negative file size"))
 }
 
 /// A shared, read-write mapping, unmapped on drop.

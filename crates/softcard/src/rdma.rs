@@ -28,6 +28,7 @@ pub fn status_json(s: &[DeviceStatus]) -> Value {
                 "port_state": "active",
                 "mtu": d.info.mtu,
                 "qps": d.qps,
+                "applications": d.applications.iter().map(|qps| json!({"qps": qps})).collect::<Vec<_>>(),
                 "stats": {
                     "fast_packets": d.stats.fast_packets,
                     "fast_bytes": d.stats.fast_bytes,
