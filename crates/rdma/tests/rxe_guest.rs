@@ -18,35 +18,16 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::Ipv4Addr;
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use softcard_rdma::wire::{self, opcode, Flow, Packet};
 
-const HOST: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
-const GUEST: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
+use softcard_testkit::rxe::{run_guest, rxe_initramfs, tap_netns, Kill, GUEST, HOST};
 /// The QPN the stand-in server tells the client (its PSN is 0x22).
 const SERVER_QPN: u32 = 0x11;
 
 use softcard_testkit::Netns;
-
-/// A namespace with the tap device the guest's NIC attaches to.
-fn tap_netns(tag: &str) -> Netns {
-    let ns = Netns::new(tag);
-    ns.exec("ip tuntap add dev tap0 mode tap");
-    ns.exec("ip addr add 10.77.0.1/24 dev tap0");
-    ns.exec("ip link set tap0 up");
-    ns
-}
-
-struct Kill(Child);
-
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// Runs `f` on a thread in the namespace, with an engine on the host's
 /// address and a listener on the out-of-band port (18515), both ready
@@ -68,24 +49,6 @@ fn on_host<T: Send + 'static>(
         .recv_timeout(Duration::from_secs(20))
         .expect("host side ready");
     host
-}
-
-/// Boots the guest on `initrd` with its NIC on the namespace's tap device
-/// and returns its console output once it powers off.
-fn run_guest(ns: &Netns, kernel: &std::path::Path, initrd: &std::path::Path, mac: &str) -> String {
-    let mut qemu = Kill(
-        ns.command("qemu-system-x86_64")
-            .args(softcard_testkit::guest_args(kernel, initrd))
-            .args(["-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no"])
-            .args(["-device", &format!("virtio-net-pci,netdev=n0,mac={mac}")])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("qemu-system-x86_64"),
-    );
-    let mut console = String::new();
-    std::io::Read::read_to_string(&mut qemu.0.stdout.take().unwrap(), &mut console).unwrap();
-    console
 }
 
 const INIT: &str = r#"
@@ -132,40 +95,6 @@ while n < 3:
         n += 1
 print("END", flush=True)
 "#;
-
-/// An initramfs for `script`: the virtio-net, crc32 and Soft-RoCE modules,
-/// rdma-core's tools with the rxe provider, written into `dir`.
-fn rxe_initramfs(
-    kernel: &std::path::Path,
-    script: &str,
-    dir: &std::path::Path,
-    tools: &[&str],
-) -> std::path::PathBuf {
-    let init = format!(
-        "#!/bin/busybox sh\n{}{}",
-        softcard_testkit::INIT_PRELUDE,
-        script
-    );
-    let mut ir = softcard_testkit::Initramfs::new(kernel, &init);
-    ir.modules(&[
-        "virtio_pci",
-        "virtio_net",
-        "crc32_generic",
-        "rdma_rxe",
-        "ib_uverbs",
-    ]);
-    for p in ["/usr/bin/ibv_devinfo", "/usr/bin/rdma"]
-        .iter()
-        .chain(tools)
-    {
-        ir.program(p);
-    }
-    ir.host_file("/etc/libibverbs.d/rxe.driver");
-    ir.program("/usr/lib/x86_64-linux-gnu/libibverbs/librxe-rdmav34.so");
-    let initrd = dir.join("initrd.cpio");
-    std::fs::write(&initrd, ir.finish()).unwrap();
-    initrd
-}
 
 #[test]
 fn rdma_rxe_packets_validate_with_our_wire_format() {

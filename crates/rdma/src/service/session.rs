@@ -347,10 +347,13 @@ impl Session {
         let rings = QpRings::new(sq, rq);
         let fd = shm::sealed_memfd("softcard-qp", rings.bytes)?;
         let map = Mapping::map(fd.as_fd(), 0, rings.bytes)?;
-        let hint = self.qps.values().map(|q| q.qpn).max().unwrap_or(0x110);
+        // Numbers go round the whole space before one comes back, so that
+        // a late packet for a destroyed queue pair finds no new one.
+        static LAST: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0x110);
         let qpn = e
-            .free_qpn(hint)
+            .free_qpn(LAST.load(std::sync::atomic::Ordering::Relaxed))
             .ok_or_else(|| Refusal(libc::ENOMEM, "no queue pair numbers left".into()))?;
+        LAST.store(qpn, std::sync::atomic::Ordering::Relaxed);
         e.create_qp_with(pd, qpn, send_cq, recv_cq)?;
         let h = self.handle();
         let (ssge, rsge, inline) = (ssge.max(1), rsge.max(1), inline);

@@ -1,0 +1,221 @@
+//! Unmodified verbs applications on the host, through softcard's
+//! libibverbs and the card daemon, against Linux Soft-RoCE (rdma_rxe) in
+//! a QEMU guest: the same Debian binaries on both sides (rdma-core's
+//! `ibv_rc_pingpong`, perftest), each tool in both roles. The card daemon
+//! runs in a network namespace the test creates, serving the host's end
+//! of the guest's tap link (10.77.0.1); the guest is 10.77.0.2.
+//!
+//! A step passes when the tool itself reports success on both sides:
+//! exit status 0, and its result line (`ibv_rc_pingpong -c` checks every
+//! byte it received; perftest prints its table only after the run).
+//!
+//! Needs root (network namespace, tap, the card's raw socket),
+//! qemu-system-x86, linux-image-amd64, busybox-static, ibverbs-utils,
+//! rdma-core, ibverbs-providers, perftest; the README's test command
+//! installs them.
+
+mod common;
+
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use common::BIN;
+use softcard_testkit::rxe::{run_guest, rxe_initramfs, tap_netns, Kill};
+
+/// One tool run: the command without its device and GID options, and
+/// whether the guest is the client.
+struct Step {
+    tool: &'static str,
+    args: &'static [&'static str],
+    guest_client: bool,
+}
+
+const TOOLS: [(&str, &[&str]); 7] = [
+    ("ibv_rc_pingpong", &["-s", "4096", "-n", "20", "-c"]),
+    ("ibv_rc_pingpong", &["-s", "4096", "-n", "20", "-c", "-e"]),
+    ("ib_write_bw", &["-s", "65536", "-n", "50", "-F"]),
+    ("ib_send_bw", &["-s", "65536", "-n", "50", "-e", "-F"]),
+    ("ib_read_bw", &["-s", "65536", "-n", "50", "-F"]),
+    ("ib_write_lat", &["-n", "50", "-F"]),
+    ("ib_atomic_bw", &["-n", "50", "-F"]),
+];
+
+fn steps() -> Vec<Step> {
+    TOOLS
+        .iter()
+        .flat_map(|(tool, args)| {
+            [true, false].map(|guest_client| Step {
+                tool,
+                args,
+                guest_client,
+            })
+        })
+        .collect()
+}
+
+/// The tool's options for a device and its RoCE v2 GID index, and port.
+fn options(tool: &str, dev: &str, gid: &str, port: u16) -> Vec<String> {
+    let g = if tool.starts_with("ibv_") { "-g" } else { "-x" };
+    ["-d", dev, g, gid, "-p", &port.to_string()]
+        .map(str::to_owned)
+        .to_vec()
+}
+
+/// The guest's script: every step in order, the guest's client retrying
+/// until the host's server listens.
+fn guest_script() -> String {
+    let mut s = String::from(
+        "$B ip link set lo up\n\
+         $B ip link set eth0 up\n\
+         $B ip addr add 10.77.0.2/24 dev eth0\n\
+         /usr/bin/rdma link add rxe0 type rxe netdev eth0 || echo \"SOFTCARD-FAIL rdma link add\"\n\
+         $B sleep 1\n",
+    );
+    for (i, st) in steps().iter().enumerate() {
+        let port = 18600 + i as u16;
+        let mut cmd = vec![format!("/usr/bin/{}", st.tool)];
+        cmd.extend(options(st.tool, "rxe0", "1", port));
+        cmd.extend(st.args.iter().map(|a| (*a).to_owned()));
+        let cmd = cmd.join(" ");
+        if st.guest_client {
+            s.push_str(&format!(
+                "for t in $($B seq 1 40); do {cmd} 10.77.0.1 > /tmp/s{i}.log 2>&1 && break; $B sleep 1; done\n"
+            ));
+        } else {
+            s.push_str(&format!("{cmd} > /tmp/s{i}.log 2>&1\n"));
+        }
+        s.push_str(&format!(
+            "echo \"SOFTCARD-STEP-{i} rc=$?\"\n$B sed \"s/^/SOFTCARD-LOG-{i} /\" /tmp/s{i}.log\n"
+        ));
+    }
+    s.push_str("echo SOFTCARD-DONE\n$B poweroff -f\n");
+    s
+}
+
+/// Whether a tool's output has its result: pingpong's iteration line,
+/// perftest's table row (a line that starts with a number).
+fn reported(tool: &str, out: &str) -> bool {
+    if tool.starts_with("ibv_") {
+        out.contains(" iters in ")
+    } else {
+        out.lines()
+            .any(|l| l.trim_start().starts_with(|c: char| c.is_ascii_digit()))
+    }
+}
+
+#[test]
+fn debian_tools_through_the_card_against_rdma_rxe_in_both_roles() {
+    let kernel = softcard_testkit::kernel();
+    let dir = tempfile::tempdir().unwrap();
+    let tools: Vec<String> = TOOLS
+        .iter()
+        .map(|(t, _)| format!("/usr/bin/{t}"))
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let tools: Vec<&str> = tools.iter().map(String::as_str).collect();
+    let initrd = rxe_initramfs(&kernel, &guest_script(), dir.path(), &tools);
+
+    let ns = std::sync::Arc::new(tap_netns("vrx"));
+    let sock = dir.path().join("rdma.sock");
+    let config = dir.path().join("card.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "api_socket = \"{}\"\nrdma_socket = \"{}\"\n[[rdma]]\naddress = \"10.77.0.1\"\n",
+            dir.path().join("api.sock").display(),
+            sock.display()
+        ),
+    )
+    .unwrap();
+    let _card = Kill(
+        ns.command(BIN)
+            .args(["serve", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("softcard serve"),
+    );
+    for _ in 0..200 {
+        if sock.exists() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(sock.exists(), "the card daemon did not start");
+
+    let host = {
+        let ns = ns.clone();
+        let sock = sock.clone();
+        std::thread::spawn(move || {
+            let run = |st: &Step, port: u16, peer: Option<&str>| -> Output {
+                let mut c: Command = ns.command(BIN);
+                c.args(["rdma", "exec", "--socket"])
+                    .arg(&sock)
+                    .arg("--")
+                    .arg(st.tool)
+                    .args(options(st.tool, "softcard0", "0", port))
+                    .args(st.args)
+                    .args(peer);
+                c.output().unwrap()
+            };
+            let mut outs = Vec::new();
+            for (i, st) in steps().iter().enumerate() {
+                let port = 18600 + i as u16;
+                let o = if st.guest_client {
+                    run(st, port, None)
+                } else {
+                    // The guest's server starts when its previous step
+                    // ends: retry until it listens.
+                    let mut last = None;
+                    for _ in 0..120 {
+                        let o = run(st, port, Some("10.77.0.2"));
+                        let done = o.status.success()
+                            || reported(st.tool, &String::from_utf8_lossy(&o.stdout));
+                        last = Some(o);
+                        if done {
+                            break;
+                        }
+                        std::thread::sleep(Duration::from_millis(500));
+                    }
+                    last.unwrap()
+                };
+                outs.push(o);
+            }
+            outs
+        })
+    };
+
+    let console = run_guest(&ns, &kernel, &initrd, "52:54:00:12:34:61");
+    let host = host.join().unwrap();
+    assert!(!console.contains("SOFTCARD-FAIL"), "{console}");
+    assert!(console.contains("SOFTCARD-DONE"), "{console}");
+    for (i, (st, o)) in steps().iter().zip(&host).enumerate() {
+        let role = if st.guest_client {
+            "host server"
+        } else {
+            "host client"
+        };
+        let out = String::from_utf8_lossy(&o.stdout);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            o.status.success() && reported(st.tool, &out),
+            "{} {:?} as {role}: {out}{err}",
+            st.tool,
+            st.args
+        );
+        let tag = format!("SOFTCARD-LOG-{i} ");
+        let guest: String = console
+            .lines()
+            .filter_map(|l| l.strip_prefix(&tag))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert!(
+            console.contains(&format!("SOFTCARD-STEP-{i} rc=0")) && reported(st.tool, &guest),
+            "{} {:?}, guest's side ({role} on the host): {guest}",
+            st.tool,
+            st.args
+        );
+    }
+}
