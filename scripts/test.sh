@@ -45,7 +45,7 @@ fuzz() {
     fi
     command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked || return 1
     local target
-    for target in request rdma_receive gpu_session gpu_hello nbd_session; do
+    for target in request rdma_receive rdma_session gpu_session gpu_hello nbd_session; do
         # Hand-made seeds (fuzz/seeds/TARGET) get a target past magic
         # numbers it would take long to guess.
         if [ -d "fuzz/seeds/$target" ]; then
@@ -58,7 +58,7 @@ fuzz() {
     done
 }
 : "${FUZZ_SECONDS:=30}"
-step "fuzz (virtio-blk request parser, RoCEv2 receive path, vGPU session, vGPU handshake and credentials, NBD connection: $FUZZ_SECONDS s each)" fuzz
+step "fuzz (virtio-blk request parser, RoCEv2 receive path, RDMA sessions and rings, vGPU session, vGPU handshake and credentials, NBD connection: $FUZZ_SECONDS s each)" fuzz
 
 echo
 if [ -n "$failures" ]; then

@@ -122,7 +122,7 @@ fn set_sleeping(s: &Session, v: u32) {
 }
 
 /// One round for one application: its new work, then its completions.
-fn pump(s: &mut Session, e: &mut Engine) -> bool {
+pub(super) fn pump(s: &mut Session, e: &mut Engine) -> bool {
     if s.broken.is_some() {
         return false;
     }

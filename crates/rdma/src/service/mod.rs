@@ -40,7 +40,10 @@ use crate::progress::Progress;
 use crate::rc::{Engine, PathStats};
 
 mod datapath;
+mod fuzzing;
 mod session;
+
+pub use fuzzing::fuzz_session;
 
 use datapath::{DataPath, Port};
 use session::{Refusal, Session};

@@ -390,7 +390,7 @@ impl Session {
         let dqpn: u32 = num(w.next(), "dest_qp_num")?;
         let rq_psn: u32 = num(w.next(), "rq_psn")?;
         let sq_psn: u32 = num(w.next(), "sq_psn")?;
-        let dgid = hex(w.next().map(|g| g.get(16..).unwrap_or("")), "dgid")?;
+        let dgid_word = w.next();
         let qpn = self.qp(h)?.qpn;
         let i = e
             .qp_index(qpn)
@@ -406,6 +406,7 @@ impl Session {
                 }
             }
             2 => {
+                let dgid = hex(dgid_word.map(|g| g.get(16..).unwrap_or("")), "dgid")?;
                 // An IPv4-mapped GID: ::ffff:a.b.c.d.
                 if dgid >> 32 != 0xffff {
                     return Err(Refusal::inval(
