@@ -113,33 +113,73 @@ fn verbs_library() -> Result<PathBuf> {
     )
 }
 
-/// `softcard rdma exec -- CMD ARGS...`: runs CMD with the drop-in library
-/// first on its library path (as `libibverbs.so.1` and `libibverbs.so`)
-/// and the card's control socket in its environment; exits with CMD's
-/// status.
+/// A directory whose `libibverbs.so.1` and `libibverbs.so` are `lib`:
+/// one per user and library (`$TMPDIR/softcard-verbs-UID/HASH`), owned by
+/// the user and closed to others, kept for the next run (an application
+/// may open the library by name long after it starts).
+fn library_dir(lib: &Path) -> Result<PathBuf> {
+    use std::hash::{Hash, Hasher};
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    // SAFETY: getuid has no preconditions.
+    let uid = unsafe { libc::getuid() };
+    let top = std::env::temp_dir().join(format!("softcard-verbs-{uid}"));
+    match std::fs::DirBuilder::new().mode(0o700).create(&top) {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+            return Err(e).with_context(|| format!("creating {}", top.display()))
+        }
+        _ => {}
+    }
+    let m = std::fs::symlink_metadata(&top)?;
+    if !m.is_dir() || m.uid() != uid || m.permissions().mode() & 0o077 != 0 {
+        bail!(
+            "{} is not a directory of yours closed to others: remove it",
+            top.display()
+        );
+    }
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    lib.hash(&mut h);
+    let dir = top.join(format!("{:016x}", h.finish()));
+    match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+            return Err(e).with_context(|| format!("creating {}", dir.display()))
+        }
+        _ => {}
+    }
+    for name in ["libibverbs.so.1", "libibverbs.so"] {
+        let link = dir.join(name);
+        if std::fs::read_link(&link).ok().as_deref() == Some(lib) {
+            continue;
+        }
+        // A new link beside it, then renamed over: never a moment without.
+        let tmp = dir.join(format!("{name}.{}", std::process::id()));
+        let _ = std::fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(lib, &tmp).with_context(|| format!("linking {name}"))?;
+        std::fs::rename(&tmp, &link).with_context(|| format!("linking {name}"))?;
+    }
+    Ok(dir)
+}
+
+/// `softcard rdma exec -- CMD ARGS...`: becomes CMD (exec), with the
+/// drop-in library first on its library path (as `libibverbs.so.1` and
+/// `libibverbs.so`) and the card's control socket in its environment; so
+/// CMD's pid, signals and exit status are its own.
 pub fn exec(socket: &Path, cmd: &[String]) -> Result<i32> {
+    use std::os::unix::process::CommandExt;
     let Some((prog, args)) = cmd.split_first() else {
         bail!("softcard rdma exec -- COMMAND [ARGS...]");
     };
     let lib = verbs_library()?;
-    let dir = tempfile::Builder::new()
-        .prefix("softcard-verbs")
-        .tempdir()
-        .context("a directory for the library's names")?;
-    for name in ["libibverbs.so.1", "libibverbs.so"] {
-        std::os::unix::fs::symlink(&lib, dir.path().join(name))
-            .with_context(|| format!("linking {name}"))?;
-    }
-    let mut path = dir.path().as_os_str().to_owned();
+    let lib = lib.canonicalize().unwrap_or(lib);
+    let dir = library_dir(&lib)?;
+    let mut path = dir.as_os_str().to_owned();
     if let Some(old) = std::env::var_os("LD_LIBRARY_PATH").filter(|p| !p.is_empty()) {
         path.push(":");
         path.push(old);
     }
-    let status = std::process::Command::new(prog)
+    let err = std::process::Command::new(prog)
         .args(args)
         .env("LD_LIBRARY_PATH", path)
         .env("SOFTCARD_RDMA_SOCKET", socket)
-        .status()
-        .with_context(|| format!("running {prog}"))?;
-    Ok(status.code().unwrap_or(128))
+        .exec();
+    Err(err).with_context(|| format!("running {prog}"))
 }

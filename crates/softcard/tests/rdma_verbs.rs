@@ -197,3 +197,81 @@ fn free_port() -> String {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap().port().to_string()
 }
+
+#[test]
+fn an_application_that_dies_leaves_nothing_and_its_peer_sees_the_rc_error() {
+    let d = Daemon::start(
+        "rdma_socket = \"@DIR@/rdma.sock\"\n\
+         [[rdma]]\naddress = \"127.0.0.9\"\n",
+    );
+    let socket = d.path("rdma.sock");
+    let port = free_port();
+    // perftest's write bandwidth for 30 s: the client always has writes
+    // in flight, which a dead peer never acknowledges.
+    let args = [
+        "ib_write_bw",
+        "-d",
+        "softcard0",
+        "-x",
+        "0",
+        "-F",
+        "-D",
+        "30",
+        "-p",
+        &port,
+    ];
+    let spawn = |peer: Option<&str>| {
+        Command::new(BIN)
+            .args(["rdma", "exec", "--socket"])
+            .arg(&socket)
+            .arg("--")
+            .args(args)
+            .args(peer)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let qps = || -> u64 {
+        let v: serde_json::Value =
+            serde_json::from_str(&d.ok(&["rdma", "list", "--json"])).unwrap();
+        v[0]["qps"].as_u64().unwrap()
+    };
+    let mut server = spawn(None);
+    // The client, again until the server listens (perftest makes its
+    // queue pair once the two have met).
+    let mut client = None;
+    'tries: for _ in 0..100 {
+        let mut c = spawn(Some("127.0.0.1"));
+        for _ in 0..200 {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            if c.try_wait().unwrap().is_some() {
+                // It could not connect yet.
+                continue 'tries;
+            }
+            if qps() == 2 {
+                client = Some(c);
+                break 'tries;
+            }
+        }
+        panic!("the client neither connected nor gave up");
+    }
+    let client = client.expect("the client connected");
+    assert_eq!(qps(), 2, "both applications connected");
+    // Let them run, then the server dies without a word.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    server.kill().unwrap();
+    server.wait().unwrap();
+    let out = client.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    let said = format!("{}{err}", String::from_utf8_lossy(&out.stdout));
+    // perftest reports the failed completion's status: 12 is
+    // IBV_WC_RETRY_EXC_ERR (transport retry counter exceeded), as RC
+    // prescribes when the peer stops acknowledging.
+    assert!(
+        said.contains("Completion with error") && said.contains("Failed status 12"),
+        "the peer's error: {said}"
+    );
+    assert_eq!(qps(), 0, "the dead application's queue pair is gone");
+}
