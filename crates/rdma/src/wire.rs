@@ -28,6 +28,8 @@ pub const ATOMIC_ETH_BYTES: usize = 28;
 pub const ATOMIC_ACK_ETH_BYTES: usize = 8;
 /// Bytes of the invariant CRC.
 pub const ICRC_BYTES: usize = 4;
+/// Datagram extended header (UD): Q_Key and source QP.
+pub const DETH_BYTES: usize = 8;
 /// The default partition key.
 pub const DEFAULT_PKEY: u16 = 0xffff;
 
@@ -55,6 +57,10 @@ pub mod opcode {
     pub const ATOMIC_ACKNOWLEDGE: u8 = 0x12;
     pub const COMPARE_SWAP: u8 = 0x13;
     pub const FETCH_ADD: u8 = 0x14;
+    /// UD SEND only.
+    pub const UD_SEND_ONLY: u8 = 0x64;
+    /// UD SEND only with immediate.
+    pub const UD_SEND_ONLY_IMM: u8 = 0x65;
 }
 
 /// Which headers and whether a payload an opcode carries.
@@ -72,10 +78,12 @@ pub struct Layout {
     pub atomic_ack: bool,
     /// Carries data.
     pub payload: bool,
+    /// Datagram extended header (UD).
+    pub deth: bool,
 }
 
-/// The layout of an RC opcode; `None` for opcodes this engine does not
-/// speak (other transports, reserved values).
+/// The layout of an RC or UD opcode; `None` for opcodes this engine does
+/// not speak (other transports, reserved values).
 pub fn layout(op: u8) -> Option<Layout> {
     use opcode::*;
     let l = |reth, aeth, imm, atomic, atomic_ack, payload| Layout {
@@ -85,8 +93,17 @@ pub fn layout(op: u8) -> Option<Layout> {
         atomic,
         atomic_ack,
         payload,
+        deth: false,
     };
     Some(match op {
+        UD_SEND_ONLY => Layout {
+            deth: true,
+            ..l(false, false, false, false, false, true)
+        },
+        UD_SEND_ONLY_IMM => Layout {
+            deth: true,
+            ..l(false, false, true, false, false, true)
+        },
         SEND_FIRST | SEND_MIDDLE | SEND_LAST | SEND_ONLY => {
             l(false, false, false, false, false, true)
         }
@@ -105,6 +122,15 @@ pub fn layout(op: u8) -> Option<Layout> {
         COMPARE_SWAP | FETCH_ADD => l(false, false, false, true, false, false),
         _ => return None,
     })
+}
+
+/// The datagram extended header of UD packets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deth {
+    /// The Q_Key the receiving QP must have.
+    pub qkey: u32,
+    /// The sending QP (24 bits).
+    pub src_qp: u32,
 }
 
 /// The base transport header.
@@ -172,6 +198,8 @@ pub struct AtomicEth {
 pub struct Packet<'a> {
     /// Base transport header.
     pub bth: Bth,
+    /// Datagram extended header, when the opcode (UD) has one.
+    pub deth: Option<Deth>,
     /// RDMA extended header, when the opcode has one.
     pub reth: Option<Reth>,
     /// ACK extended header, when the opcode has one.
@@ -225,6 +253,7 @@ impl<'a> Packet<'a> {
     /// Length of the headers for this packet's opcode.
     fn header_len(l: &Layout) -> usize {
         BTH_BYTES
+            + if l.deth { DETH_BYTES } else { 0 }
             + if l.reth { RETH_BYTES } else { 0 }
             + if l.aeth { AETH_BYTES } else { 0 }
             + if l.imm { IMM_BYTES } else { 0 }
@@ -270,6 +299,13 @@ impl<'a> Packet<'a> {
             at += n;
             s
         };
+        let deth = l.deth.then(|| {
+            let s = take(DETH_BYTES);
+            Deth {
+                qkey: be32(d, s),
+                src_qp: be32(d, s + 4) & 0x00ff_ffff,
+            }
+        });
         let reth = l.reth.then(|| {
             let s = take(RETH_BYTES);
             Reth {
@@ -305,6 +341,7 @@ impl<'a> Packet<'a> {
         let icrc = u32::from_le_bytes([d[icrc_at], d[icrc_at + 1], d[icrc_at + 2], d[icrc_at + 3]]);
         Ok(Packet {
             bth,
+            deth,
             reth,
             aeth,
             imm,
@@ -324,6 +361,7 @@ impl<'a> Packet<'a> {
             atomic: false,
             atomic_ack: false,
             payload: false,
+            deth: false,
         });
         Self::header_len(&l) + self.payload.len().next_multiple_of(4) + ICRC_BYTES
     }
@@ -353,6 +391,11 @@ impl<'a> Packet<'a> {
             out[at..at + bytes.len()].copy_from_slice(bytes);
             at += bytes.len();
         };
+        if l.deth {
+            let d = self.deth.unwrap_or(Deth { qkey: 0, src_qp: 0 });
+            put(&d.qkey.to_be_bytes());
+            put(&(d.src_qp & 0x00ff_ffff).to_be_bytes());
+        }
         if l.reth {
             let r = self.reth.unwrap_or(Reth {
                 va: 0,
@@ -565,6 +608,7 @@ mod tests {
             imm: Some(0xdead_beef),
             atomic: None,
             atomic_ack: None,
+            deth: None,
             payload: data,
             icrc: 0,
         };
@@ -620,6 +664,7 @@ mod tests {
             imm: None,
             atomic: None,
             atomic_ack: None,
+            deth: None,
             payload: b"abcde",
             icrc: 0,
         };
@@ -678,6 +723,7 @@ mod tests {
                 imm: l.imm.then_some(7),
                 atomic: l.atomic.then_some(AtomicEth { va: 8, rkey: 9, swap_add: 10, compare: 11 }),
                 atomic_ack: l.atomic_ack.then_some(12),
+                deth: None,
                 payload: if l.payload { &data } else { &[] },
                 icrc: 0,
             };

@@ -86,7 +86,7 @@ impl Qp {
         let (w, mut fds) = app.ok(&format!("CQ {cq_entries} 0 0"), &[]);
         let (cq_h, entries, bytes) = (w[0], w[1] as u32, w[2] as usize);
         let cq = Mapping::map(fds.pop().unwrap().as_fd(), 0, bytes).unwrap();
-        let (w, mut fds) = app.ok(&format!("QP {pd} {cq_h} {cq_h} 16 16 1 1 0 1"), &[]);
+        let (w, mut fds) = app.ok(&format!("QP {pd} {cq_h} {cq_h} 16 16 1 1 0 1 2"), &[]);
         let (h, qpn) = (w[0], w[1]);
         let rings = QpRings::new(w[2] as u32, w[3] as u32);
         let map = Mapping::map(fds.pop().unwrap().as_fd(), 0, rings.bytes).unwrap();

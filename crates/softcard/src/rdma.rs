@@ -101,10 +101,15 @@ fn verbs_library() -> Result<PathBuf> {
     }
     let exe = std::env::current_exe().context("this executable's path")?;
     let dir = exe.parent().unwrap_or(Path::new("."));
-    for c in [dir.join("libibverbs.so"), dir.join("deps/libibverbs.so")] {
-        if c.exists() {
-            return Ok(c);
-        }
+    // Beside the binary (an install, or cargo's copy) or in cargo's deps
+    // directory: the newer, as cargo refreshes only one of them when the
+    // library is built as softcard's dependency.
+    let newest = [dir.join("libibverbs.so"), dir.join("deps/libibverbs.so")]
+        .into_iter()
+        .filter_map(|c| Some((std::fs::metadata(&c).ok()?.modified().ok()?, c)))
+        .max_by_key(|(t, _)| *t);
+    if let Some((_, c)) = newest {
+        return Ok(c);
     }
     bail!(
         "softcard's libibverbs.so is not beside {} (build it with cargo build, or set \

@@ -75,26 +75,12 @@ fn debian_ibv_devices_and_ibv_devinfo_see_the_cards_device() {
     }
     assert!(!err.contains("no version information"), "{err}");
 
-    // Not carried yet: UD queue pairs and shared receive queues. The
-    // tools load and stop cleanly, in their own words.
-    for (cmd, says) in [
-        (
-            &["ibv_ud_pingpong", "-d", "softcard0", "-g", "0"][..],
-            "Couldn't create QP",
-        ),
-        (
-            &["ibv_srq_pingpong", "-d", "softcard0", "-g", "0"][..],
-            "Couldn't create SRQ",
-        ),
-    ] {
-        let o = exec(&socket, cmd);
-        let (out, err) = text(&o);
-        assert_eq!(o.status.code(), Some(1), "{cmd:?}: {out}{err}");
-        assert!(
-            err.contains(says) || out.contains(says),
-            "{cmd:?}: {out}{err}"
-        );
-    }
+    // Not carried yet: shared receive queues. The tool loads and stops
+    // cleanly, in its own words.
+    let o = exec(&socket, &["ibv_srq_pingpong", "-d", "softcard0", "-g", "0"]);
+    let (out, err) = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{out}{err}");
+    assert!(err.contains("Couldn't create SRQ"), "{out}{err}");
     // Without the card: no devices, and the library says why.
     let o = exec(&d.path("nowhere.sock"), &["ibv_devices"]);
     let (out, err) = text(&o);
@@ -136,29 +122,27 @@ fn two_unmodified_applications_talk_through_one_card_daemon() {
     );
     let socket = d.path("rdma.sock");
     // ibv_rc_pingpong, 4 KiB and 64 KiB messages, checking every byte
-    // received (-c), busy polling and on a completion channel (-e).
-    for extra in [&["-s", "4096"][..], &["-s", "65536", "-e"][..]] {
+    // received (-c), busy polling and on a completion channel (-e);
+    // ibv_ud_pingpong: datagrams of one MTU (its receives check nothing,
+    // so the count of iterations is its proof).
+    for (tool, extra) in [
+        ("ibv_rc_pingpong", &["-s", "4096", "-c"][..]),
+        ("ibv_rc_pingpong", &["-s", "65536", "-e", "-c"][..]),
+        ("ibv_ud_pingpong", &["-s", "1024"][..]),
+    ] {
         let port = free_port();
-        let base = [
-            "ibv_rc_pingpong",
-            "-d",
-            "softcard0",
-            "-g",
-            "0",
-            "-n",
-            "200",
-            "-c",
-            "-p",
-            &port,
-        ];
+        let base = [tool, "-d", "softcard0", "-g", "0", "-n", "200", "-p", &port];
         let server: Vec<&str> = base.iter().copied().chain(extra.iter().copied()).collect();
         let mut client = server.clone();
         client.push("127.0.0.1");
         let (s, c) = pair(&socket, &server, &client);
         for (who, o) in [("server", &s), ("client", &c)] {
             let (out, err) = text(o);
-            assert!(o.status.success(), "{who} {extra:?}: {out}{err}");
-            assert!(out.contains("200 iters in"), "{who} {extra:?}: {out}{err}");
+            assert!(o.status.success(), "{tool} {who} {extra:?}: {out}{err}");
+            assert!(
+                out.contains("200 iters in"),
+                "{tool} {who} {extra:?}: {out}{err}"
+            );
         }
     }
     // perftest: every tool reports its table (a tool that fails prints

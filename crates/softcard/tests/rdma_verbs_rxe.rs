@@ -30,9 +30,11 @@ struct Step {
     guest_client: bool,
 }
 
-const TOOLS: [(&str, &[&str]); 7] = [
+const TOOLS: [(&str, &[&str]); 8] = [
     ("ibv_rc_pingpong", &["-s", "4096", "-n", "20", "-c"]),
     ("ibv_rc_pingpong", &["-s", "4096", "-n", "20", "-c", "-e"]),
+    // One path MTU per datagram (both ports' active MTU is 1024).
+    ("ibv_ud_pingpong", &["-s", "1024", "-n", "20"]),
     ("ib_write_bw", &["-s", "65536", "-n", "50", "-F"]),
     ("ib_send_bw", &["-s", "65536", "-n", "50", "-e", "-F"]),
     ("ib_read_bw", &["-s", "65536", "-n", "50", "-F"]),

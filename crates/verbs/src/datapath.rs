@@ -52,6 +52,21 @@ unsafe fn send_wqe(q: &Qp, wr: &sys::ibv_send_wr) -> Result<SendWqe, c_int> {
         unsafe { std::slice::from_raw_parts(wr.sg_list, n) }
     };
     match wr.opcode {
+        // UD: SEND and SEND_WITH_IMM to an address handle.
+        2 | 3 if q.caps.ud => {
+            // SAFETY: reading the union as the queue pair's type says.
+            let ud = unsafe { wr.wr.ud };
+            // SAFETY: an address handle from ibv_create_ah (or null).
+            let Some(ah) = (unsafe { ud.ah.cast::<crate::objects::Ah>().as_ref() }) else {
+                return Err(libc::EINVAL);
+            };
+            w.ah = ah.ip;
+            w.remote_qpn = ud.remote_qpn;
+            w.remote_qkey = ud.remote_qkey;
+            // SAFETY: imm_data, a plain u32.
+            w.imm = unsafe { wr.__bindgen_anon_1.imm_data };
+        }
+        _ if q.caps.ud => return Err(libc::EINVAL),
         // WRITE, WRITE_WITH_IMM, SEND, SEND_WITH_IMM, READ.
         0..=4 => {
             // SAFETY: reading the union as the opcode says.

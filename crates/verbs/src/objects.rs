@@ -351,6 +351,7 @@ pub(crate) struct Caps {
     pub recv_sge: u32,
     pub inline: u32,
     pub sig_all: bool,
+    pub ud: bool,
 }
 
 /// A queue pair: its rings, shared with the card.
@@ -368,7 +369,7 @@ pub(crate) struct Qp {
     pub caps: Caps,
 }
 
-/// `ibv_create_qp`: RC queue pairs.
+/// `ibv_create_qp`: RC and UD queue pairs.
 #[no_mangle]
 pub unsafe extern "C" fn ibv_create_qp(
     pd: *mut sys::ibv_pd,
@@ -382,7 +383,8 @@ pub unsafe extern "C" fn ibv_create_qp(
     let Some(c) = (unsafe { session(p.context) }) else {
         return fail(libc::EINVAL);
     };
-    if a.qp_type != sys::ibv_qp_type_IBV_QPT_RC || !a.srq.is_null() {
+    let ud = a.qp_type == sys::ibv_qp_type_IBV_QPT_UD;
+    if (a.qp_type != sys::ibv_qp_type_IBV_QPT_RC && !ud) || !a.srq.is_null() {
         return fail(libc::EOPNOTSUPP);
     }
     // SAFETY: the application's CQs, from ibv_create_cq (or null).
@@ -392,7 +394,7 @@ pub unsafe extern "C" fn ibv_create_qp(
     };
     let cap = a.cap;
     let line = format!(
-        "QP {} {} {} {} {} {} {} {} {}",
+        "QP {} {} {} {} {} {} {} {} {} {}",
         p.handle,
         scq.handle,
         rcq.handle,
@@ -401,7 +403,8 @@ pub unsafe extern "C" fn ibv_create_qp(
         cap.max_send_sge,
         cap.max_recv_sge,
         cap.max_inline_data,
-        u8::from(a.sq_sig_all != 0)
+        u8::from(a.sq_sig_all != 0),
+        a.qp_type
     );
     let made = c.conn.call(&line, &[]).and_then(|(w, mut fds)| {
         let (handle, qpn, sq, rq, bytes): (u32, u32, u32, u32, usize) = (
@@ -428,6 +431,7 @@ pub unsafe extern "C" fn ibv_create_qp(
         recv_sge: cap.max_recv_sge.max(1),
         inline: cap.max_inline_data,
         sig_all: a.sq_sig_all != 0,
+        ud,
     };
     a.cap.max_send_wr = rings.sq.entries();
     a.cap.max_recv_wr = rings.rq.entries();
@@ -459,6 +463,7 @@ pub unsafe extern "C" fn ibv_create_qp(
 
 /// verbs' attribute mask bits this library reads.
 const QP_STATE: c_int = 1;
+const QP_QKEY: c_int = 1 << 6;
 const QP_AV: c_int = 1 << 7;
 const QP_PATH_MTU: c_int = 1 << 8;
 const QP_RQ_PSN: c_int = 1 << 12;
@@ -489,7 +494,10 @@ pub unsafe extern "C" fn ibv_modify_qp(
         return 0;
     }
     let state = a.qp_state;
-    if state == sys::ibv_qp_state_IBV_QPS_RTR && (mask & QP_AV == 0 || a.ah_attr.is_global == 0) {
+    if !q.caps.ud
+        && state == sys::ibv_qp_state_IBV_QPS_RTR
+        && (mask & QP_AV == 0 || a.ah_attr.is_global == 0)
+    {
         // RoCE needs the GRH: the peer's GID is its address.
         return libc::EINVAL;
     }
@@ -500,12 +508,13 @@ pub unsafe extern "C" fn ibv_modify_qp(
         .map(|b| format!("{b:02x}"))
         .collect();
     let line = format!(
-        "MODIFY {} {state} {} {} {} {} {gid}",
+        "MODIFY {} {state} {} {} {} {} {gid} {}",
         q.qp.handle,
         pick(QP_PATH_MTU, a.path_mtu),
         pick(QP_DEST_QPN, a.dest_qp_num),
         pick(QP_RQ_PSN, a.rq_psn),
         pick(QP_SQ_PSN, a.sq_psn),
+        pick(QP_QKEY, a.qkey),
     );
     match c.conn.call(&line, &[]) {
         Ok(_) => {
@@ -611,4 +620,49 @@ pub unsafe extern "C" fn ibv_destroy_qp(qp: *mut sys::ibv_qp) -> c_int {
         }
         Err(e) => e,
     }
+}
+
+/// An address handle: the peer's IPv4 address, from its RoCE v2 GID.
+#[repr(C)]
+pub(crate) struct Ah {
+    pub ah: sys::ibv_ah,
+    pub ip: u32,
+}
+
+/// `ibv_create_ah`: global routes to IPv4-mapped GIDs (RoCE v2).
+#[no_mangle]
+pub unsafe extern "C" fn ibv_create_ah(
+    pd: *mut sys::ibv_pd,
+    attr: *mut sys::ibv_ah_attr,
+) -> *mut sys::ibv_ah {
+    // SAFETY: per the verbs contract.
+    let (Some(p), Some(a)) = (unsafe { pd.as_ref() }, unsafe { attr.as_ref() }) else {
+        return fail(libc::EINVAL);
+    };
+    // SAFETY: the GID union is plain bytes.
+    let gid = unsafe { a.grh.dgid.raw };
+    let v6 = std::net::Ipv6Addr::from(gid);
+    let Some(ip) = v6.to_ipv4_mapped().filter(|_| a.is_global != 0) else {
+        return fail(libc::EINVAL);
+    };
+    Box::into_raw(Box::new(Ah {
+        ah: sys::ibv_ah {
+            context: p.context,
+            pd,
+            handle: 0,
+        },
+        ip: u32::from(ip),
+    }))
+    .cast()
+}
+
+/// `ibv_destroy_ah`.
+#[no_mangle]
+pub unsafe extern "C" fn ibv_destroy_ah(ah: *mut sys::ibv_ah) -> c_int {
+    if ah.is_null() {
+        return libc::EINVAL;
+    }
+    // SAFETY: a Box<Ah> from ibv_create_ah, freed once.
+    drop(unsafe { Box::from_raw(ah.cast::<Ah>()) });
+    0
 }

@@ -49,18 +49,19 @@ impl Engine {
     /// region `mr`: a send whose payload is read from it, a READ or atomic
     /// whose answer lands in it, a posted receive.
     fn mr_in_use(&self, mr: usize) -> bool {
-        self.qps.iter().any(|q| {
-            let sge = |s: &Sge| s.mr == mr;
-            q.unacked
-                .iter()
-                .chain(q.pending_tx.iter())
-                .any(|o| o.body.is_some_and(|b| b.0 == mr))
-                || q.reads.iter().any(|r| r.sges.iter().any(sge))
-                || q.rq.iter().any(|r| r.sges.iter().any(sge))
-                || q.recv_msg
-                    .as_ref()
-                    .is_some_and(|(r, _)| r.sges.iter().any(sge))
-        })
+        self.ud_uses_mr(mr)
+            || self.qps.iter().any(|q| {
+                let sge = |s: &Sge| s.mr == mr;
+                q.unacked
+                    .iter()
+                    .chain(q.pending_tx.iter())
+                    .any(|o| o.body.is_some_and(|b| b.0 == mr))
+                    || q.reads.iter().any(|r| r.sges.iter().any(sge))
+                    || q.rq.iter().any(|r| r.sges.iter().any(sge))
+                    || q.recv_msg
+                        .as_ref()
+                        .is_some_and(|(r, _)| r.sges.iter().any(sge))
+            })
     }
 
     /// Deregisters region `mr`: `Busy` while this side's own work still
@@ -109,7 +110,7 @@ impl Engine {
             } else {
                 n + 1
             };
-            if self.qp_index(n).is_none() {
+            if self.qp_index(n).is_none() && !self.is_ud(n) {
                 return Some(n);
             }
         }
@@ -206,7 +207,9 @@ impl Engine {
                 "no such completion queue",
             ));
         }
-        if self.qps.iter().any(|q| q.send_cq == cq || q.recv_cq == cq) {
+        if self.qps.iter().any(|q| q.send_cq == cq || q.recv_cq == cq)
+            || self.uds.iter().any(|q| q.send_cq == cq || q.recv_cq == cq)
+        {
             return Err(io::Error::new(
                 io::ErrorKind::ResourceBusy,
                 "queue pairs still use the completion queue",
@@ -230,6 +233,7 @@ impl Engine {
             imm: None,
             qpn,
             path: PathKind::Software,
+            src_qp: None,
         });
         self.notify_cq();
     }

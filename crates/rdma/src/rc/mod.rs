@@ -40,7 +40,10 @@ mod placement;
 mod receive;
 mod requester;
 mod responder;
+mod ud;
 mod verbs;
+
+pub use ud::GRH_BYTES;
 
 pub use placement::{fuzz_receive, place};
 use placement::{place_atomic_ack, place_read_response, psn_add};
@@ -342,6 +345,9 @@ pub struct Completion {
     pub qpn: u32,
     /// Which path made it.
     pub path: PathKind,
+    /// UD receives: the sender's queue pair (their buffer starts with
+    /// the 40-byte GRH area).
+    pub src_qp: Option<u32>,
 }
 
 /// Queue-pair state machine (verbs).
@@ -759,6 +765,8 @@ pub struct Engine {
     free_mrs: Vec<usize>,
     /// Destroyed completion queues, for the next `create_cq`.
     free_cqs: Vec<CqId>,
+    /// UD queue pairs.
+    uds: Vec<ud::UdQp>,
     /// Makes the next `poll` fail with this error (unit tests of what
     /// callers do when the engine fails).
     #[cfg(test)]

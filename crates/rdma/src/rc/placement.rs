@@ -137,6 +137,7 @@ pub fn place(
                 imm: pkt.imm,
                 qpn: qp.qpn,
                 path: PathKind::Fast,
+                src_qp: None,
             });
         } else if let Some((_, d)) = qp.recv_msg.as_mut() {
             *d = done + len;
@@ -184,6 +185,7 @@ pub fn place(
                     imm: pkt.imm,
                     qpn: qp.qpn,
                     path: PathKind::Fast,
+                    src_qp: None,
                 });
             }
         } else {
@@ -262,6 +264,7 @@ pub(super) fn place_read_response(
         imm: None,
         qpn: qp.qpn,
         path: PathKind::Fast,
+        src_qp: None,
     });
     Ok(Some(pkt.bth.psn))
 }
@@ -299,6 +302,7 @@ pub(super) fn place_atomic_ack(
             imm: None,
             qpn: qp.qpn,
             path: PathKind::Fast,
+            src_qp: None,
         });
     }
     Ok(pkt.bth.psn)
@@ -418,6 +422,7 @@ mod tests {
             imm: (op == opcode::WRITE_ONLY_IMM || op == opcode::SEND_ONLY_IMM).then_some(0xabcd),
             atomic: None,
             atomic_ack: None,
+            deth: None,
             payload,
             icrc: 0,
         }

@@ -78,6 +78,10 @@ impl Engine {
             self.stats.dropped += 1;
             return Ok(());
         };
+        if pkt.deth.is_some() {
+            self.handle_ud(flow, &pkt);
+            return Ok(());
+        }
         // The packet's metadata selects the queue.
         let Some(qi) = self.qps.iter().position(|q| q.qpn == pkt.bth.dest_qp) else {
             self.stats.dropped += 1;
@@ -172,6 +176,7 @@ impl Engine {
                                     imm: None,
                                     qpn: q.qpn,
                                     path: PathKind::Software,
+                                    src_qp: None,
                                 });
                             }
                             // The rest of the QP's work is flushed.

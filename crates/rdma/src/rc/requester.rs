@@ -167,6 +167,7 @@ impl Engine {
             imm: None,
             atomic: None,
             atomic_ack: None,
+            deth: None,
             payload: &[],
             icrc: 0,
         };
@@ -217,6 +218,7 @@ impl Engine {
             imm: None,
             atomic: Some(eth),
             atomic_ack: None,
+            deth: None,
             payload: &[],
             icrc: 0,
         };
@@ -346,6 +348,7 @@ impl Engine {
                 imm: None,
                 qpn,
                 path: PathKind::Software,
+                src_qp: None,
             });
         }
         self.to_error(qi);
@@ -401,6 +404,7 @@ impl Engine {
                 imm: if last { imm } else { None },
                 atomic: None,
                 atomic_ack: None,
+                deth: None,
                 payload: chunk,
                 icrc: 0,
             };
@@ -443,6 +447,7 @@ impl Engine {
                     imm: None,
                     qpn: q.qpn,
                     path: PathKind::Software,
+                    src_qp: None,
                 });
             }
         }

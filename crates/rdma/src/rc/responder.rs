@@ -141,6 +141,7 @@ impl Engine {
             imm: None,
             atomic: None,
             atomic_ack: Some(orig),
+            deth: None,
             payload: &[],
             icrc: 0,
         };
@@ -228,6 +229,7 @@ impl Engine {
                     imm: None,
                     atomic: None,
                     atomic_ack: None,
+                    deth: None,
                     payload: &[],
                     icrc: 0,
                 };
@@ -265,6 +267,7 @@ impl Engine {
             imm: None,
             atomic: None,
             atomic_ack: None,
+            deth: None,
             payload: &[],
             icrc: 0,
         };

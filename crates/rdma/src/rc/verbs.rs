@@ -24,6 +24,7 @@ impl Engine {
             cq_event: None,
             free_mrs: Vec::new(),
             free_cqs: Vec::new(),
+            uds: Vec::new(),
             #[cfg(test)]
             fail_poll: None,
         })
@@ -166,6 +167,7 @@ impl Engine {
             imm: None,
             qpn,
             path: PathKind::Software,
+            src_qp: None,
         });
         self.to_error(qp);
         self.notify_cq();
@@ -351,14 +353,17 @@ impl Engine {
         // 64th (rare) are signalled per completion instead.
         let mut got = 0u64;
         while let Some(c) = self.staged.pop_front() {
-            let target =
-                self.qps
-                    .iter()
-                    .find(|q| q.qpn == c.qpn)
-                    .map_or(CqId::DEFAULT, |q| match c.opcode {
-                        WcOpcode::Recv | WcOpcode::RecvRdmaWithImm => q.recv_cq,
-                        _ => q.send_cq,
-                    });
+            let (send, recv) = self
+                .qps
+                .iter()
+                .find(|q| q.qpn == c.qpn)
+                .map(|q| (q.send_cq, q.recv_cq))
+                .or_else(|| self.ud_cqs(c.qpn))
+                .unwrap_or((CqId::DEFAULT, CqId::DEFAULT));
+            let target = match c.opcode {
+                WcOpcode::Recv | WcOpcode::RecvRdmaWithImm => recv,
+                _ => send,
+            };
             self.cq_of(target).push_back(c);
             match 1u64.checked_shl(target.0) {
                 Some(bit) => got |= bit,
@@ -464,6 +469,7 @@ impl Engine {
                 imm: None,
                 qpn,
                 path: PathKind::Software,
+                src_qp: None,
             });
         }
         self.notify_cq();
@@ -551,6 +557,7 @@ impl Engine {
                 imm: None,
                 qpn,
                 path: PathKind::Software,
+                src_qp: None,
             });
             self.notify_cq();
             return;

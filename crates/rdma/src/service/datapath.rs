@@ -129,8 +129,14 @@ pub(super) fn pump(s: &mut Session, e: &mut Engine) -> bool {
     let mut busy = false;
     let mut broke = None;
     for qp in s.qps.values_mut() {
-        let Some(i) = e.qp_index(qp.qpn) else {
-            continue;
+        // UD queue pairs are named by number alone.
+        let i = if qp.ud {
+            usize::MAX
+        } else {
+            let Some(i) = e.qp_index(qp.qpn) else {
+                continue;
+            };
+            i
         };
         match take_work(qp, i, e, &s.lkeys, &s.mrs) {
             Ok(n) => busy |= n,
@@ -154,7 +160,9 @@ pub(super) fn pump(s: &mut Session, e: &mut Engine) -> bool {
     if let Some(why) = broke {
         log::warn!("rdma: an application broke its rings ({why}); disconnecting it");
         for qp in s.qps.values() {
-            if let Some(i) = e.qp_index(qp.qpn) {
+            if qp.ud {
+                let _ = e.ud_modify(qp.qpn, crate::rc::QpState::Error, None);
+            } else if let Some(i) = e.qp_index(qp.qpn) {
                 e.to_error(i);
             }
         }
@@ -223,12 +231,21 @@ fn take_work(
             .iter()
             .map(|s| resolve(*s, e, lkeys, mrs))
             .collect();
-        e.post_recv_sgl(i, w.wr_id, sges);
+        if qp.ud {
+            e.ud_post_recv(qp.qpn, w.wr_id, sges)
+                .map_err(|x| x.to_string())?;
+        } else {
+            e.post_recv_sgl(i, w.wr_id, sges);
+        }
         qp.rq_cons = qp.rq_cons.wrapping_add(1);
     }
     for _ in 0..sq_n.min(BATCH) {
         let w: SendWqe = qp.map.read(sq.slot(qp.sq_cons));
-        post(qp, i, &w, e, lkeys, mrs)?;
+        if qp.ud {
+            post_ud(qp, &w, e, lkeys, mrs)?;
+        } else {
+            post(qp, i, &w, e, lkeys, mrs)?;
+        }
         qp.sq_cons = qp.sq_cons.wrapping_add(1);
     }
     if rq_n > 0 {
@@ -325,6 +342,50 @@ fn post(
     Ok(())
 }
 
+/// One UD send: SEND or SEND with immediate to the address in `ah` (an
+/// IPv4 address, as the library resolves address handles).
+fn post_ud(
+    qp: &Qp,
+    w: &SendWqe,
+    e: &mut Engine,
+    lkeys: &HashMap<u32, u32>,
+    mrs: &HashMap<u32, Mr>,
+) -> Result<(), String> {
+    let imm = match w.opcode {
+        2 => None,
+        3 => Some(u32::from_be(w.imm)),
+        other => return Err(format!("UD send opcode {other}")),
+    };
+    let signaled = qp.sig_all || w.flags & SIGNALED != 0;
+    let dest = std::net::Ipv4Addr::from(w.ah);
+    let (sges, inline): (Vec<Sge>, Option<&[u8]>) = if w.flags & INLINE != 0 {
+        if w.inline_len > qp.max_inline || w.inline_len as usize > ring::MAX_INLINE {
+            return Err("more inline bytes than the queue pair takes".into());
+        }
+        (Vec::new(), Some(&w.data[..w.inline_len as usize]))
+    } else {
+        if w.num_sge > qp.max_send_sge {
+            return Err("a send with more entries than its queue pair takes".into());
+        }
+        let sges = (0..w.num_sge as usize)
+            .map(|k| resolve(w.sge(k), e, lkeys, mrs))
+            .collect();
+        (sges, None)
+    };
+    e.ud_send(
+        qp.qpn,
+        w.wr_id,
+        dest,
+        w.remote_qpn,
+        w.remote_qkey,
+        &sges,
+        inline,
+        imm,
+        signaled,
+    )
+    .map_err(|x| x.to_string())
+}
+
 /// A completion as `ibv_wc` has it.
 fn cqe(c: &Completion) -> Cqe {
     let status = match c.status {
@@ -352,7 +413,9 @@ fn cqe(c: &Completion) -> Cqe {
         byte_len: c.byte_len,
         imm: c.imm.map_or(0, u32::to_be),
         qp_num: c.qpn,
-        wc_flags: if c.imm.is_some() { 2 } else { 0 },
+        src_qp: c.src_qp.unwrap_or(0),
+        // IBV_WC_WITH_IMM, IBV_WC_GRH (UD receives).
+        wc_flags: u32::from(c.imm.is_some()) << 1 | u32::from(c.src_qp.is_some()),
         ..Cqe::default()
     }
 }

@@ -53,7 +53,7 @@ pub fn fuzz_session(data: &[u8]) {
     let (mut s, _own) = with_region(&mut e);
     s.request(&mut e, "CQ 8 0 0", vec![]).expect("CQ");
     let (qp_line, qp_fds) = s
-        .request(&mut e, "QP 1 3 3 8 8 4 4 64 0", vec![])
+        .request(&mut e, "QP 1 3 3 8 8 4 4 64 0 2", vec![])
         .expect("QP");
     let rings_len: usize = qp_line
         .split(' ')

@@ -73,6 +73,10 @@ pub(super) struct Qp {
     pub max_send_sge: u32,
     pub max_recv_sge: u32,
     pub max_inline: u32,
+    /// An unreliable datagram queue pair (else reliable connection).
+    pub ud: bool,
+    /// A UD queue pair's `ibv_qp_state`, as last set.
+    pub ud_state: u32,
     /// Work requests taken from each queue (the daemon's own counts).
     pub sq_cons: u32,
     pub rq_cons: u32,
@@ -275,6 +279,10 @@ impl Session {
             "QUERYQP" => {
                 let h = num(w.next(), "handle")?;
                 let qp = self.qp(h)?;
+                if qp.ud {
+                    let state = qp.ud_state;
+                    return Ok((format!("OK {state} 0 0.0.0.0 0 0 3"), vec![]));
+                }
                 let i = e
                     .qp_index(qp.qpn)
                     .ok_or_else(|| Refusal::inval("queue pair gone"))?;
@@ -295,7 +303,11 @@ impl Session {
             "FREEQP" => {
                 let h = num(w.next(), "handle")?;
                 let qp = self.qp(h)?;
-                e.destroy_qp(qp.qpn)?;
+                if qp.ud {
+                    e.destroy_ud_qp(qp.qpn)?;
+                } else {
+                    e.destroy_qp(qp.qpn)?;
+                }
                 self.qps.remove(&h);
                 Ok(("OK".into(), vec![]))
             }
@@ -313,7 +325,8 @@ impl Session {
     }
 
     /// `QP pd send_cq recv_cq send_wr recv_wr send_sge recv_sge inline
-    /// sig_all`: an RC queue pair in RESET and its rings.
+    /// sig_all type`: an RC (type 2) or UD (type 4) queue pair in RESET and
+    /// its rings.
     fn create_qp<'a>(&mut self, e: &mut Engine, w: &mut impl Iterator<Item = &'a str>) -> Answer {
         if self.qps.len() >= MAX_OBJECTS {
             return Err(Refusal(libc::ENOMEM, "too many queue pairs".into()));
@@ -332,6 +345,11 @@ impl Session {
         let rsge: u32 = num(w.next(), "recv_sge")?;
         let inline: u32 = num(w.next(), "inline")?;
         let sig_all: u32 = num(w.next(), "sig_all")?;
+        let ud = match num::<u32>(w.next(), "type")? {
+            2 => false,
+            4 => true,
+            t => return Err(Refusal(libc::EOPNOTSUPP, format!("queue pair type {t}"))),
+        };
         let too = |what: &str| Refusal::inval(format!("{what} beyond what the device offers"));
         let sq = ring::entries_for(swr, MAX_QUEUE).ok_or_else(|| too("max_send_wr"))?;
         let rq = ring::entries_for(rwr, MAX_QUEUE).ok_or_else(|| too("max_recv_wr"))?;
@@ -354,7 +372,11 @@ impl Session {
             .free_qpn(LAST.load(std::sync::atomic::Ordering::Relaxed))
             .ok_or_else(|| Refusal(libc::ENOMEM, "no queue pair numbers left".into()))?;
         LAST.store(qpn, std::sync::atomic::Ordering::Relaxed);
-        e.create_qp_with(pd, qpn, send_cq, recv_cq)?;
+        if ud {
+            e.create_ud_qp(pd, qpn, send_cq, recv_cq)?;
+        } else {
+            e.create_qp_with(pd, qpn, send_cq, recv_cq)?;
+        }
         let h = self.handle();
         let (ssge, rsge, inline) = (ssge.max(1), rsge.max(1), inline);
         self.qps.insert(
@@ -370,6 +392,8 @@ impl Session {
                 max_send_sge: ssge,
                 max_recv_sge: rsge,
                 max_inline: inline,
+                ud,
+                ud_state: 0,
                 sq_cons: 0,
                 rq_cons: 0,
             },
@@ -380,9 +404,10 @@ impl Session {
         ))
     }
 
-    /// `MODIFY qp state mtu dest_qpn rq_psn sq_psn dgid`: the state
-    /// transitions of an RC queue pair (the library sends what the
-    /// attribute mask named, zero elsewhere).
+    /// `MODIFY qp state mtu dest_qpn rq_psn sq_psn dgid [qkey]`: the
+    /// state transitions of a queue pair (the library sends what the
+    /// attribute mask named, zero elsewhere; a UD queue pair takes its
+    /// Q_Key going to INIT).
     fn modify_qp<'a>(&mut self, e: &mut Engine, w: &mut impl Iterator<Item = &'a str>) -> Answer {
         let h: u32 = num(w.next(), "handle")?;
         let state: u32 = num(w.next(), "state")?;
@@ -391,7 +416,23 @@ impl Session {
         let rq_psn: u32 = num(w.next(), "rq_psn")?;
         let sq_psn: u32 = num(w.next(), "sq_psn")?;
         let dgid_word = w.next();
+        let qkey: Option<u32> = w.next().and_then(|k| k.parse().ok());
         let qpn = self.qp(h)?.qpn;
+        if self.qp(h)?.ud {
+            let to = match state {
+                0 => QpState::Reset,
+                1 => QpState::Init,
+                2 => QpState::Rtr,
+                3 => QpState::Rts,
+                6 => QpState::Error,
+                _ => return Err(Refusal(libc::EOPNOTSUPP, format!("QP state {state}"))),
+            };
+            e.ud_modify(qpn, to, qkey.filter(|_| state == 1))?;
+            if let Some(q) = self.qps.get_mut(&h) {
+                q.ud_state = state;
+            }
+            return Ok(("OK".into(), vec![]));
+        }
         let i = e
             .qp_index(qpn)
             .ok_or_else(|| Refusal::inval("queue pair gone"))?;
@@ -438,7 +479,11 @@ impl Session {
     /// work refers to the regions any more.
     pub fn destroy(&mut self, e: &mut Engine) {
         for qp in self.qps.values() {
-            let _ = e.destroy_qp(qp.qpn);
+            let _ = if qp.ud {
+                e.destroy_ud_qp(qp.qpn)
+            } else {
+                e.destroy_qp(qp.qpn)
+            };
         }
         self.qps.clear();
         for mr in self.mrs.values() {
