@@ -30,11 +30,16 @@ struct Step {
     guest_client: bool,
 }
 
-const TOOLS: [(&str, &[&str]); 8] = [
+const TOOLS: [(&str, &[&str]); 10] = [
     ("ibv_rc_pingpong", &["-s", "4096", "-n", "20", "-c"]),
     ("ibv_rc_pingpong", &["-s", "4096", "-n", "20", "-c", "-e"]),
     // One path MTU per datagram (both ports' active MTU is 1024).
     ("ibv_ud_pingpong", &["-s", "1024", "-n", "20"]),
+    ("ibv_srq_pingpong", &["-n", "20", "-c"]),
+    (
+        "ib_send_bw",
+        &["-s", "65536", "-n", "50", "--use-srq", "-F"],
+    ),
     ("ib_write_bw", &["-s", "65536", "-n", "50", "-F"]),
     ("ib_send_bw", &["-s", "65536", "-n", "50", "-e", "-F"]),
     ("ib_read_bw", &["-s", "65536", "-n", "50", "-F"]),

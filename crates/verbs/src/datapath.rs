@@ -11,8 +11,10 @@ use std::sync::atomic::{fence, Ordering};
 use softcard_rdma::ring::{self, Cqe, RecvWqe, SendWqe};
 use softcard_rdma::shm;
 
-use crate::objects::{Channel, Cq, Qp};
+use crate::objects::{Channel, Cq, Qp, Srq};
 use crate::{context, sys};
+use softcard_rdma::ring::Ring;
+use softcard_rdma::shm::Mapping;
 
 /// Rings the device's doorbell if the card's thread said it sleeps.
 ///
@@ -184,29 +186,29 @@ pub(crate) unsafe extern "C" fn post_send(
     0
 }
 
-/// `ops.post_recv`.
-pub(crate) unsafe extern "C" fn post_recv(
-    qp: *mut sys::ibv_qp,
+/// A receive queue as the library writes it: a queue pair's or a shared
+/// one's.
+struct RecvRing<'a> {
+    map: &'a Mapping,
+    ring: Ring,
+    prod: &'a std::sync::Mutex<u32>,
+    max_sge: u32,
+    ctx: *mut sys::ibv_context,
+}
+
+/// Writes a list of receive work requests onto `r`.
+///
+/// # Safety
+/// `wr` is the application's list (verbs' contract); `bad` is null or its
+/// out pointer; `r.ctx` is open.
+unsafe fn post_recvs(
+    r: &RecvRing<'_>,
     wr: *mut sys::ibv_recv_wr,
     bad: *mut *mut sys::ibv_recv_wr,
 ) -> c_int {
-    // SAFETY: per the verbs contract, qp came from ibv_create_qp.
-    let Some(q) = (unsafe { qp.cast::<Qp>().as_ref() }) else {
-        return libc::EINVAL;
-    };
-    let fail = |at: *mut sys::ibv_recv_wr, e: c_int| {
-        if !bad.is_null() {
-            // SAFETY: the caller's out pointer.
-            unsafe { *bad = at };
-        }
-        e
-    };
-    if q.state.load(Ordering::Acquire) == sys::ibv_qp_state_IBV_QPS_RESET {
-        return fail(wr, libc::EINVAL);
-    }
-    let rq = q.rings.rq;
-    let mut prod = q
-        .rq_prod
+    let ring = r.ring;
+    let mut prod = r
+        .prod
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     let start = *prod;
@@ -214,14 +216,13 @@ pub(crate) unsafe extern "C" fn post_recv(
     let mut err = 0;
     // SAFETY: the application's list of work requests.
     while let Some(w) = unsafe { cur.as_ref() } {
-        let cons = rq.cons(&q.map).load(Ordering::Acquire);
+        let cons = ring.cons(r.map).load(Ordering::Acquire);
         let n = usize::try_from(w.num_sge).unwrap_or(usize::MAX);
-        if prod.wrapping_sub(cons) >= rq.entries() {
+        if prod.wrapping_sub(cons) >= ring.entries() {
             err = libc::ENOMEM;
             break;
         }
-        if n > q.caps.recv_sge as usize || n > ring::MAX_RECV_SGE || (n > 0 && w.sg_list.is_null())
-        {
+        if n > r.max_sge as usize || n > ring::MAX_RECV_SGE || (n > 0 && w.sg_list.is_null()) {
             err = libc::EINVAL;
             break;
         }
@@ -241,19 +242,73 @@ pub(crate) unsafe extern "C" fn post_recv(
                 };
             }
         }
-        q.map.write(rq.slot(*prod), wqe);
+        r.map.write(ring.slot(*prod), wqe);
         *prod = prod.wrapping_add(1);
         cur = w.next;
     }
     if *prod != start {
-        rq.prod(&q.map).store(*prod, Ordering::Release);
-        // SAFETY: the QP's context is open.
-        unsafe { doorbell(q.qp.context, rq.sleeping(&q.map)) };
+        ring.prod(r.map).store(*prod, Ordering::Release);
+        // SAFETY: per the caller.
+        unsafe { doorbell(r.ctx, ring.sleeping(r.map)) };
     }
     if err != 0 {
-        return fail(cur, err);
+        if !bad.is_null() {
+            // SAFETY: the caller's out pointer.
+            unsafe { *bad = cur };
+        }
+        return err;
     }
     0
+}
+
+/// `ops.post_recv`.
+pub(crate) unsafe extern "C" fn post_recv(
+    qp: *mut sys::ibv_qp,
+    wr: *mut sys::ibv_recv_wr,
+    bad: *mut *mut sys::ibv_recv_wr,
+) -> c_int {
+    // SAFETY: per the verbs contract, qp came from ibv_create_qp.
+    let Some(q) = (unsafe { qp.cast::<Qp>().as_ref() }) else {
+        return libc::EINVAL;
+    };
+    // Verbs: no receives of its own for a QP in RESET or on an SRQ.
+    if q.state.load(Ordering::Acquire) == sys::ibv_qp_state_IBV_QPS_RESET || !q.qp.srq.is_null() {
+        if !bad.is_null() {
+            // SAFETY: the caller's out pointer.
+            unsafe { *bad = wr };
+        }
+        return libc::EINVAL;
+    }
+    let r = RecvRing {
+        map: &q.map,
+        ring: q.rings.rq,
+        prod: &q.rq_prod,
+        max_sge: q.caps.recv_sge,
+        ctx: q.qp.context,
+    };
+    // SAFETY: per the verbs contract; the QP's context is open.
+    unsafe { post_recvs(&r, wr, bad) }
+}
+
+/// `ops.post_srq_recv`.
+pub(crate) unsafe extern "C" fn post_srq_recv(
+    srq: *mut sys::ibv_srq,
+    wr: *mut sys::ibv_recv_wr,
+    bad: *mut *mut sys::ibv_recv_wr,
+) -> c_int {
+    // SAFETY: per the verbs contract, srq came from ibv_create_srq.
+    let Some(q) = (unsafe { srq.cast::<Srq>().as_ref() }) else {
+        return libc::EINVAL;
+    };
+    let r = RecvRing {
+        map: &q.map,
+        ring: q.ring,
+        prod: &q.prod,
+        max_sge: q.max_sge,
+        ctx: q.srq.context,
+    };
+    // SAFETY: per the verbs contract; the SRQ's context is open.
+    unsafe { post_recvs(&r, wr, bad) }
 }
 
 /// `ops.poll_cq`.

@@ -224,6 +224,7 @@ pub unsafe extern "C" fn ibv_open_device(dev: *mut sys::ibv_device) -> *mut sys:
     ctx.ops.req_notify_cq = Some(datapath::req_notify_cq);
     ctx.ops.post_send = Some(datapath::post_send);
     ctx.ops.post_recv = Some(datapath::post_recv);
+    ctx.ops.post_srq_recv = Some(datapath::post_srq_recv);
     Box::into_raw(Box::new(Context {
         ctx,
         device,

@@ -384,9 +384,11 @@ pub unsafe extern "C" fn ibv_create_qp(
         return fail(libc::EINVAL);
     };
     let ud = a.qp_type == sys::ibv_qp_type_IBV_QPT_UD;
-    if (a.qp_type != sys::ibv_qp_type_IBV_QPT_RC && !ud) || !a.srq.is_null() {
+    if a.qp_type != sys::ibv_qp_type_IBV_QPT_RC && !ud {
         return fail(libc::EOPNOTSUPP);
     }
+    // SAFETY: the application's SRQ, from ibv_create_srq (or null).
+    let srq = unsafe { a.srq.as_ref() }.map_or(0, |s| s.handle);
     // SAFETY: the application's CQs, from ibv_create_cq (or null).
     let (Some(scq), Some(rcq)) = (unsafe { a.send_cq.as_ref() }, unsafe { a.recv_cq.as_ref() })
     else {
@@ -394,7 +396,7 @@ pub unsafe extern "C" fn ibv_create_qp(
     };
     let cap = a.cap;
     let line = format!(
-        "QP {} {} {} {} {} {} {} {} {} {}",
+        "QP {} {} {} {} {} {} {} {} {} {} {srq}",
         p.handle,
         scq.handle,
         rcq.handle,
@@ -444,7 +446,7 @@ pub unsafe extern "C" fn ibv_create_qp(
             pd,
             send_cq: a.send_cq,
             recv_cq: a.recv_cq,
-            srq: std::ptr::null_mut(),
+            srq: a.srq,
             handle,
             qp_num: qpn,
             state: sys::ibv_qp_state_IBV_QPS_RESET,
@@ -592,7 +594,7 @@ pub unsafe extern "C" fn ibv_query_qp(
             qp_context: q.qp.qp_context,
             send_cq: q.qp.send_cq,
             recv_cq: q.qp.recv_cq,
-            srq: std::ptr::null_mut(),
+            srq: q.qp.srq,
             cap,
             qp_type: q.qp.qp_type,
             sq_sig_all: c_int::from(q.caps.sig_all),
@@ -665,4 +667,122 @@ pub unsafe extern "C" fn ibv_destroy_ah(ah: *mut sys::ibv_ah) -> c_int {
     // SAFETY: a Box<Ah> from ibv_create_ah, freed once.
     drop(unsafe { Box::from_raw(ah.cast::<Ah>()) });
     0
+}
+
+/// A shared receive queue: its ring, shared with the card.
+#[repr(C)]
+pub(crate) struct Srq {
+    pub srq: sys::ibv_srq,
+    pub map: Mapping,
+    pub ring: Ring,
+    /// Receives posted (the producer counter).
+    pub prod: Mutex<u32>,
+    pub max_sge: u32,
+}
+
+/// `ibv_create_srq`.
+#[no_mangle]
+pub unsafe extern "C" fn ibv_create_srq(
+    pd: *mut sys::ibv_pd,
+    attr: *mut sys::ibv_srq_init_attr,
+) -> *mut sys::ibv_srq {
+    // SAFETY: per the verbs contract.
+    let (Some(p), Some(a)) = (unsafe { pd.as_ref() }, unsafe { attr.as_mut() }) else {
+        return fail(libc::EINVAL);
+    };
+    // SAFETY: its context is open.
+    let Some(c) = (unsafe { session(p.context) }) else {
+        return fail(libc::EINVAL);
+    };
+    let line = format!("SRQ {} {} {}", p.handle, a.attr.max_wr, a.attr.max_sge);
+    let made = c.conn.call(&line, &[]).and_then(|(w, mut fds)| {
+        let (handle, entries, bytes): (u32, u32, usize) =
+            (word(&w, 0)?, word(&w, 1)?, word(&w, 2)?);
+        let r = Ring::new(0, entries, size_of::<ring::RecvWqe>());
+        if r.bytes().next_multiple_of(softcard_rdma::shm::page_size()) != bytes {
+            return Err(libc::EPROTO);
+        }
+        let fd = fds.pop().ok_or(libc::EIO)?;
+        let map = Mapping::map(fd.as_fd(), 0, bytes).map_err(|_| libc::ENOMEM)?;
+        Ok((handle, r, map))
+    });
+    let (handle, r, map) = match made {
+        Ok(m) => m,
+        Err(e) => return fail(e),
+    };
+    a.attr.max_wr = r.entries();
+    a.attr.max_sge = a.attr.max_sge.max(1);
+    let srq = Srq {
+        srq: sys::ibv_srq {
+            context: p.context,
+            srq_context: a.srq_context,
+            pd,
+            handle,
+            ..Default::default()
+        },
+        map,
+        ring: r,
+        prod: Mutex::new(0),
+        max_sge: a.attr.max_sge,
+    };
+    Box::into_raw(Box::new(srq)).cast()
+}
+
+/// `ibv_modify_srq`: the limit event is not carried (the limit is
+/// accepted and never fires); the size cannot change.
+#[no_mangle]
+pub unsafe extern "C" fn ibv_modify_srq(
+    srq: *mut sys::ibv_srq,
+    _attr: *mut sys::ibv_srq_attr,
+    mask: c_int,
+) -> c_int {
+    if srq.is_null() {
+        return libc::EINVAL;
+    }
+    // IBV_SRQ_MAX_WR (1): resizing.
+    if mask & 1 != 0 {
+        return libc::EOPNOTSUPP;
+    }
+    0
+}
+
+/// `ibv_query_srq`.
+#[no_mangle]
+pub unsafe extern "C" fn ibv_query_srq(
+    srq: *mut sys::ibv_srq,
+    attr: *mut sys::ibv_srq_attr,
+) -> c_int {
+    // SAFETY: per the verbs contract.
+    let (Some(q), Some(a)) = (unsafe { srq.cast::<Srq>().as_ref() }, unsafe {
+        attr.as_mut()
+    }) else {
+        return libc::EINVAL;
+    };
+    *a = sys::ibv_srq_attr {
+        max_wr: q.ring.entries(),
+        max_sge: q.max_sge,
+        srq_limit: 0,
+    };
+    0
+}
+
+/// `ibv_destroy_srq`.
+#[no_mangle]
+pub unsafe extern "C" fn ibv_destroy_srq(srq: *mut sys::ibv_srq) -> c_int {
+    // SAFETY: per the verbs contract, srq came from ibv_create_srq.
+    let Some(q) = (unsafe { srq.cast::<Srq>().as_ref() }) else {
+        return libc::EINVAL;
+    };
+    // SAFETY: its context is open.
+    let Some(c) = (unsafe { session(q.srq.context) }) else {
+        return libc::EINVAL;
+    };
+    match c.conn.call(&format!("FREESRQ {}", q.srq.handle), &[]) {
+        Ok(_) => {
+            // SAFETY: a Box<Srq> from ibv_create_srq.
+            drop(unsafe { Box::from_raw(srq.cast::<Srq>()) });
+            0
+        }
+        Err(e) => e,
+    }
 }

@@ -63,7 +63,6 @@ macro_rules! nothing {
 
 null! {
     ibv_reg_dmabuf_mr(pd: P, offset: u64, len: usize, iova: u64, fd: c_int, access: c_int);
-    ibv_create_srq(pd: P, attr: P);
     ibv_create_ah_from_wc(pd: P, wc: P, grh: P, port: u8);
     ibv_qp_to_qp_ex(qp: P);
     ibv_import_device(fd: c_int);
@@ -76,9 +75,6 @@ null! {
 errno! {
     ibv_rereg_mr(mr: P, flags: c_int, pd: P, addr: P, len: usize, access: c_int);
     ibv_resize_cq(cq: P, cqe: c_int);
-    ibv_modify_srq(srq: P, attr: P, mask: c_int);
-    ibv_query_srq(srq: P, attr: P);
-    ibv_destroy_srq(srq: P);
     ibv_init_ah_from_wc(ctx: P, port: u8, wc: P, grh: P, attr: P);
     ibv_attach_mcast(qp: P, gid: P, lid: u16);
     ibv_detach_mcast(qp: P, gid: P, lid: u16);

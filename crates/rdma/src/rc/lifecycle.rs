@@ -50,6 +50,7 @@ impl Engine {
     /// whose answer lands in it, a posted receive.
     fn mr_in_use(&self, mr: usize) -> bool {
         self.ud_uses_mr(mr)
+            || self.srq_uses_mr(mr)
             || self.qps.iter().any(|q| {
                 let sge = |s: &Sge| s.mr == mr;
                 q.unacked
@@ -138,6 +139,7 @@ impl Engine {
             pd: q.pd,
             send_cq: q.send_cq,
             recv_cq: q.recv_cq,
+            srq: q.srq,
             ..QueuePair::new(q.qpn, q.mtu)
         };
         *q = fresh;

@@ -40,9 +40,11 @@ mod placement;
 mod receive;
 mod requester;
 mod responder;
+mod srq;
 mod ud;
 mod verbs;
 
+pub use srq::SrqId;
 pub use ud::GRH_BYTES;
 
 pub use placement::{fuzz_receive, place};
@@ -418,6 +420,8 @@ pub struct QueuePair {
     send_cq: CqId,
     /// Where completions of its receive queue go.
     recv_cq: CqId,
+    /// The shared receive queue it takes receives from, if any.
+    srq: Option<SrqId>,
 }
 
 impl QueuePair {
@@ -471,6 +475,7 @@ impl QueuePair {
             atomic_replies: VecDeque::new(),
             send_cq: CqId::DEFAULT,
             recv_cq: CqId::DEFAULT,
+            srq: None,
         }
     }
 }
@@ -767,6 +772,8 @@ pub struct Engine {
     free_cqs: Vec<CqId>,
     /// UD queue pairs.
     uds: Vec<ud::UdQp>,
+    /// Shared receive queues (destroyed ones are `None`).
+    srqs: Vec<Option<srq::Srq>>,
     /// Makes the next `poll` fail with this error (unit tests of what
     /// callers do when the engine fails).
     #[cfg(test)]

@@ -121,6 +121,7 @@ impl Engine {
             }
             return Ok(());
         }
+        self.feed_from_srq(qi, &pkt);
         let (qps, mrs, cq) = (&mut self.qps, &mut self.mrs, &mut self.staged);
         match place(&mut qps[qi], mrs, &pkt, cq) {
             Ok(Placed::Done { psn, ack_req }) => {

@@ -25,6 +25,7 @@ impl Engine {
             free_mrs: Vec::new(),
             free_cqs: Vec::new(),
             uds: Vec::new(),
+            srqs: Vec::new(),
             #[cfg(test)]
             fail_poll: None,
         })

@@ -112,6 +112,9 @@ impl Hook for DataPath {
 }
 
 fn set_sleeping(s: &Session, v: u32) {
+    for q in s.srqs.values() {
+        q.ring.sleeping(&q.map).store(v, Ordering::SeqCst);
+    }
     for q in s.qps.values() {
         q.rings.sq.sleeping(&q.map).store(v, Ordering::SeqCst);
         q.rings.rq.sleeping(&q.map).store(v, Ordering::SeqCst);
@@ -143,6 +146,17 @@ pub(super) fn pump(s: &mut Session, e: &mut Engine) -> bool {
             Err(why) => {
                 broke = Some(why);
                 break;
+            }
+        }
+    }
+    if broke.is_none() {
+        for srq in s.srqs.values_mut() {
+            match take_shared(srq, e, &s.lkeys, &s.mrs) {
+                Ok(n) => busy |= n,
+                Err(why) => {
+                    broke = Some(why);
+                    break;
+                }
             }
         }
     }
@@ -255,6 +269,40 @@ fn take_work(
         sq.cons(&qp.map).store(qp.sq_cons, Ordering::Release);
     }
     Ok(sq_n > 0 || rq_n > 0)
+}
+
+/// Takes new receives from a shared receive queue's ring into the engine.
+fn take_shared(
+    srq: &mut super::session::Srq,
+    e: &mut Engine,
+    lkeys: &HashMap<u32, u32>,
+    mrs: &HashMap<u32, Mr>,
+) -> Result<bool, String> {
+    let r = srq.ring;
+    let n = r
+        .prod(&srq.map)
+        .load(Ordering::Acquire)
+        .wrapping_sub(srq.cons);
+    if n > r.entries() {
+        return Err("a producer counter past its ring".into());
+    }
+    for _ in 0..n.min(BATCH) {
+        let w: RecvWqe = srq.map.read(r.slot(srq.cons));
+        if w.num_sge > srq.max_sge {
+            return Err("a receive with more entries than its queue takes".into());
+        }
+        let sges = w.sge[..w.num_sge as usize]
+            .iter()
+            .map(|s| resolve(*s, e, lkeys, mrs))
+            .collect();
+        e.srq_post_recv(srq.id, w.wr_id, sges)
+            .map_err(|x| x.to_string())?;
+        srq.cons = srq.cons.wrapping_add(1);
+    }
+    if n > 0 {
+        r.cons(&srq.map).store(srq.cons, Ordering::Release);
+    }
+    Ok(n > 0)
 }
 
 /// verbs' send flags.

@@ -10,7 +10,7 @@ use std::io;
 use std::net::Ipv4Addr;
 use std::os::fd::{AsFd, OwnedFd};
 
-use crate::rc::{Access, CqId, Engine, Memory, Pd, QpState};
+use crate::rc::{Access, CqId, Engine, Memory, Pd, QpState, SrqId};
 use crate::ring::{self, QpRings, Ring};
 use crate::shm::{self, Mapping};
 
@@ -82,6 +82,19 @@ pub(super) struct Qp {
     pub rq_cons: u32,
 }
 
+/// A shared receive queue: the engine's queue and the ring it is fed
+/// from.
+#[derive(Debug)]
+pub(super) struct Srq {
+    pub id: SrqId,
+    pub pd: u32,
+    pub map: Mapping,
+    pub ring: Ring,
+    pub max_sge: u32,
+    /// Receives taken (the daemon's own count).
+    pub cons: u32,
+}
+
 /// Everything one application has on a device.
 #[derive(Debug, Default)]
 pub(super) struct Session {
@@ -93,6 +106,7 @@ pub(super) struct Session {
     pub cqs: HashMap<u32, Cq>,
     pub channels: HashMap<u32, OwnedFd>,
     pub qps: HashMap<u32, Qp>,
+    pub srqs: HashMap<u32, Srq>,
     /// The application broke its rings; its queue pairs are in ERROR and
     /// it is disconnected.
     pub broken: Option<String>,
@@ -159,7 +173,10 @@ impl Session {
             "FREEPD" => {
                 let h = num(w.next(), "handle")?;
                 self.pd(h)?;
-                if self.mrs.values().any(|m| m.pd == h) || self.qps.values().any(|q| q.pd == h) {
+                if self.mrs.values().any(|m| m.pd == h)
+                    || self.qps.values().any(|q| q.pd == h)
+                    || self.srqs.values().any(|s| s.pd == h)
+                {
                     return Err(Refusal(libc::EBUSY, "regions or queue pairs use it".into()));
                 }
                 self.pds.remove(&h);
@@ -275,6 +292,46 @@ impl Session {
                 Ok(("OK".into(), vec![]))
             }
             "QP" => self.create_qp(e, &mut w),
+            "SRQ" => {
+                full(self.srqs.len())?;
+                let pd_h: u32 = num(w.next(), "pd")?;
+                let pd = self.pd(pd_h)?;
+                let want: u32 = num(w.next(), "max_wr")?;
+                let max_sge: u32 = num(w.next(), "max_sge")?;
+                let entries = ring::entries_for(want, MAX_QUEUE)
+                    .ok_or_else(|| Refusal::inval(format!("more than {MAX_QUEUE} receives")))?;
+                if max_sge as usize > ring::MAX_RECV_SGE {
+                    return Err(Refusal::inval("max_sge beyond what the device offers"));
+                }
+                let r = Ring::new(0, entries, size_of::<ring::RecvWqe>());
+                let bytes = r.bytes().next_multiple_of(shm::page_size());
+                let fd = shm::sealed_memfd("softcard-srq", bytes)?;
+                let map = Mapping::map(fd.as_fd(), 0, bytes)?;
+                let id = e.create_srq(pd);
+                let h = self.handle();
+                self.srqs.insert(
+                    h,
+                    Srq {
+                        id,
+                        pd: pd_h,
+                        map,
+                        ring: r,
+                        max_sge: max_sge.max(1),
+                        cons: 0,
+                    },
+                );
+                Ok((format!("OK {h} {entries} {bytes}"), vec![fd]))
+            }
+            "FREESRQ" => {
+                let h = num(w.next(), "handle")?;
+                let s = self
+                    .srqs
+                    .get(&h)
+                    .ok_or_else(|| Refusal::inval(format!("no shared receive queue {h}")))?;
+                e.destroy_srq(s.id)?;
+                self.srqs.remove(&h);
+                Ok(("OK".into(), vec![]))
+            }
             "MODIFY" => self.modify_qp(e, &mut w),
             "QUERYQP" => {
                 let h = num(w.next(), "handle")?;
@@ -350,6 +407,19 @@ impl Session {
             4 => true,
             t => return Err(Refusal(libc::EOPNOTSUPP, format!("queue pair type {t}"))),
         };
+        let srq = match w.next().map(str::parse::<u32>) {
+            None | Some(Ok(0)) => None,
+            Some(Ok(h)) if !ud => Some(
+                self.srqs
+                    .get(&h)
+                    .filter(|s| s.pd == pd_h)
+                    .ok_or_else(|| {
+                        Refusal::inval(format!("no shared receive queue {h} in the domain"))
+                    })?
+                    .id,
+            ),
+            _ => return Err(Refusal::inval("bad shared receive queue")),
+        };
         let too = |what: &str| Refusal::inval(format!("{what} beyond what the device offers"));
         let sq = ring::entries_for(swr, MAX_QUEUE).ok_or_else(|| too("max_send_wr"))?;
         let rq = ring::entries_for(rwr, MAX_QUEUE).ok_or_else(|| too("max_recv_wr"))?;
@@ -375,7 +445,10 @@ impl Session {
         if ud {
             e.create_ud_qp(pd, qpn, send_cq, recv_cq)?;
         } else {
-            e.create_qp_with(pd, qpn, send_cq, recv_cq)?;
+            let i = e.create_qp_with(pd, qpn, send_cq, recv_cq)?;
+            if let Some(s) = srq {
+                e.attach_srq(i, s)?;
+            }
         }
         let h = self.handle();
         let (ssge, rsge, inline) = (ssge.max(1), rsge.max(1), inline);
@@ -486,6 +559,10 @@ impl Session {
             };
         }
         self.qps.clear();
+        for s in self.srqs.values() {
+            let _ = e.destroy_srq(s.id);
+        }
+        self.srqs.clear();
         for mr in self.mrs.values() {
             if let Err(err) = e.dereg_mr(mr.index) {
                 log::warn!("rdma: a region of a departed application: {err}");
