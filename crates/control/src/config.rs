@@ -142,6 +142,32 @@ struct RawRdma {
     #[serde(default)]
     name: Option<String>,
     address: std::net::Ipv4Addr,
+    #[serde(default)]
+    faults: Option<RdmaFaults>,
+}
+
+/// Faults the engine injects into the datagrams it sends, to test how the
+/// protocol recovers (loss, duplication, reordering, corruption); per
+/// million datagrams, from a seeded generator. For tests only: a card in
+/// service has none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RdmaFaults {
+    /// The generator's seed.
+    #[serde(default)]
+    pub seed: u64,
+    /// Datagrams dropped.
+    #[serde(default)]
+    pub drop_ppm: u32,
+    /// Datagrams sent twice.
+    #[serde(default)]
+    pub dup_ppm: u32,
+    /// Datagrams held back behind the next.
+    #[serde(default)]
+    pub reorder_ppm: u32,
+    /// Datagrams with a flipped bit (the receiver's ICRC check drops them).
+    #[serde(default)]
+    pub corrupt_ppm: u32,
 }
 
 /// An RDMA device the card serves: a RoCEv2 engine on one address.
@@ -152,6 +178,8 @@ pub struct RdmaConfig {
     /// The IPv4 address it serves (UDP port 4791); its GID is the
     /// IPv4-mapped form.
     pub address: std::net::Ipv4Addr,
+    /// Injected faults (tests only).
+    pub faults: Option<RdmaFaults>,
 }
 
 /// A parsed configuration.
@@ -277,9 +305,19 @@ impl CardConfig {
                     r.address
                 )));
             }
+            if r.faults.is_some_and(|f| {
+                [f.drop_ppm, f.dup_ppm, f.reorder_ppm, f.corrupt_ppm]
+                    .iter()
+                    .any(|p| *p > 1_000_000)
+            }) {
+                return Err(ConfigError::Invalid(format!(
+                    "rdma device {name}: fault rates are per million (at most 1000000)"
+                )));
+            }
             rdma.push(RdmaConfig {
                 name,
                 address: r.address,
+                faults: r.faults,
             });
         }
         Ok(CardConfig {

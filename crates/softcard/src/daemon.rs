@@ -195,6 +195,24 @@ pub fn serve(config: &Path, region: &RegionArgs) -> Result<()> {
         softcard_rdma::service::RdmaService::start(&devices, &rdma_socket)
             .with_context(|| format!("starting the RDMA devices ({})", rdma_socket.display()))?,
     );
+    for r in &cfg.rdma {
+        if let Some(f) = r.faults {
+            log::warn!(
+                "rdma device {}: injecting faults (tests only): {f:?}",
+                r.name
+            );
+            rdma.set_faults(
+                &r.name,
+                softcard_rdma::net::Faults {
+                    seed: f.seed,
+                    drop_ppm: f.drop_ppm,
+                    dup_ppm: f.dup_ppm,
+                    reorder_ppm: f.reorder_ppm,
+                    corrupt_ppm: f.corrupt_ppm,
+                },
+            )?;
+        }
+    }
     for d in rdma.status() {
         log::info!(
             "rdma device {} on {} (GID {})",

@@ -268,3 +268,47 @@ fn an_application_that_dies_leaves_nothing_and_its_peer_sees_the_rc_error() {
     );
     assert_eq!(qps(), 0, "the dead application's queue pair is gone");
 }
+
+#[test]
+fn two_applications_move_256_mib_intact_through_loss_duplication_reordering_and_corruption() {
+    let d = Daemon::start(
+        "rdma_socket = \"@DIR@/rdma.sock\"\n\
+         [[rdma]]\naddress = \"127.0.0.10\"\n\
+         faults = { seed = 7, drop_ppm = 2000, dup_ppm = 2000, reorder_ppm = 2000, corrupt_ppm = 2000 }\n",
+    );
+    let socket = d.path("rdma.sock");
+    let port = free_port();
+    // 2048 messages of 64 KiB each way: 256 MiB, every byte checked by
+    // the receiver (-c).
+    let server = [
+        "ibv_rc_pingpong",
+        "-d",
+        "softcard0",
+        "-g",
+        "0",
+        "-s",
+        "65536",
+        "-n",
+        "2048",
+        "-c",
+        "-p",
+        &port,
+    ];
+    let mut client = server.to_vec();
+    client.push("127.0.0.1");
+    let (s, c) = pair(&socket, &server, &client);
+    for (who, o) in [("server", &s), ("client", &c)] {
+        let (out, err) = text(o);
+        assert!(o.status.success(), "{who}: {out}{err}");
+        assert!(out.contains("268435456 bytes in"), "{who}: {out}{err}");
+    }
+    // The faults happened, and the protocol recovered from them.
+    let v: serde_json::Value = serde_json::from_str(&d.ok(&["rdma", "list", "--json"])).unwrap();
+    let stats = &v[0]["stats"];
+    assert!(stats["retransmits"].as_u64().unwrap() > 0, "{stats}");
+    assert!(
+        stats["dropped"].as_u64().unwrap() > 0,
+        "corrupted datagrams: {stats}"
+    );
+    assert!(stats["software_packets"].as_u64().unwrap() > 0, "{stats}");
+}

@@ -234,6 +234,20 @@ impl RdmaService {
             .collect()
     }
 
+    /// Injects `faults` into what device `name` sends (tests of the
+    /// protocol's recovery).
+    pub fn set_faults(&self, name: &str, faults: crate::net::Faults) -> io::Result<()> {
+        let d = self
+            .devices
+            .iter()
+            .find(|d| d.info.name == name)
+            .ok_or_else(|| {
+                io::Error::new(io::ErrorKind::NotFound, format!("no rdma device {name}"))
+            })?;
+        d.engine.lock().set_faults(faults);
+        Ok(())
+    }
+
     /// The control socket's path.
     pub fn socket(&self) -> &Path {
         &self.socket
