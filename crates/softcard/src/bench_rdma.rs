@@ -22,7 +22,7 @@ pub struct RdmaBenchArgs {
     path: Vec<String>,
 }
 
-mod rdma_bench {
+pub(crate) mod rdma_bench {
     use std::net::Ipv4Addr;
     use std::sync::mpsc;
     use std::time::{Duration, Instant};
@@ -307,7 +307,7 @@ fn in_ns(ns: Option<&str>, cmd: &str) -> Command {
     }
 }
 
-fn sockperf_latency(path: &rdma_bench::Path, seconds: f64, busy: bool) -> Result<(f64, f64)> {
+pub(crate) fn sockperf_latency(path: &rdma_bench::Path, seconds: f64, busy: bool) -> Result<(f64, f64)> {
     let server_ip = path.b.to_string();
     let poll: &[&str] = if busy {
         &["--timeout", "0", "--nonblocked"]
@@ -352,7 +352,7 @@ fn sockperf_latency(path: &rdma_bench::Path, seconds: f64, busy: bool) -> Result
     ))
 }
 
-fn iperf3_gbit(path: &rdma_bench::Path, seconds: f64) -> Result<f64> {
+pub(crate) fn iperf3_gbit(path: &rdma_bench::Path, seconds: f64) -> Result<f64> {
     let server_ip = path.b.to_string();
     let mut server = in_ns(path.ns_b.as_deref(), "iperf3")
         .args(["-s", "-1", "-B", &server_ip, "-p", "5299"])

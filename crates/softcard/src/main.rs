@@ -4,6 +4,7 @@
 
 mod bench;
 mod bench_rdma;
+mod bench_verbs;
 mod cli;
 mod daemon;
 mod gpu;
