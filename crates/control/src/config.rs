@@ -380,8 +380,33 @@ mod tests {
             "[host]\naccel='hvf'",
             "[host]\nmemory='lots'",
             "[host]\nsurprise=1",
+            "[[rdma]]\naddress='10.0.0.1'\nfaults={drop_ppm=1000001}",
+            "[[rdma]]\naddress='10.0.0.1'\nfaults={lose=1}",
+            "[[rdma]]\naddress='10.0.0.1'\n[[rdma]]\naddress='10.0.0.1'",
         ] {
             assert!(CardConfig::parse(bad).is_err(), "accepted {bad:?}");
         }
+    }
+
+    #[test]
+    fn rdma_devices_take_test_faults() {
+        let c = CardConfig::parse(
+            "[[rdma]]\naddress='10.0.0.1'\nfaults={seed=3, drop_ppm=10, corrupt_ppm=20}\n[[rdma]]\naddress='10.0.0.2'",
+        )
+        .unwrap();
+        assert_eq!(c.rdma[0].name, "softcard0");
+        assert_eq!(
+            c.rdma[0].faults,
+            Some(RdmaFaults {
+                seed: 3,
+                drop_ppm: 10,
+                corrupt_ppm: 20,
+                ..RdmaFaults::default()
+            })
+        );
+        assert_eq!(
+            (c.rdma[1].name.as_str(), c.rdma[1].faults),
+            ("softcard1", None)
+        );
     }
 }

@@ -201,10 +201,20 @@ fn lock(engine: &Mutex<Engine>) -> MutexGuard<'_, Engine> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// Rounds without work the thread spins through (polling the rings and
-/// the socket) before it sleeps: a doorbell or a datagram that comes
-/// within them costs no wake-up.
-const SPIN_ROUNDS: u32 = 64;
+/// How long the thread of a device with applications keeps polling the
+/// rings and the socket without work before it sleeps
+/// (`SOFTCARD_RDMA_SPIN_US`; default 0, sleep at once). Polling saves the
+/// wake-up when a core is to spare; on a machine whose cores the
+/// applications already spin on, it takes their CPU instead: on this
+/// 2-core machine perftest's 64-byte latency was 41 us with 0, 50 us with
+/// 20 and 136 us with 200 (docs/benchmarks.md).
+fn spin_time() -> Duration {
+    let us = std::env::var("SOFTCARD_RDMA_SPIN_US")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    Duration::from_micros(us)
+}
 
 /// The thread: work, then sleep until a datagram, a doorbell or a timer.
 fn run(
@@ -218,9 +228,15 @@ fn run(
     if let Some(h) = hook.as_mut() {
         h.started();
     }
-    let mut idle = 0u32;
+    let spin = if hook.is_some() {
+        spin_time()
+    } else {
+        Duration::ZERO
+    };
+    // Since when the thread has found nothing to do.
+    let mut idle: Option<Instant> = None;
     while !stop.load(Ordering::Relaxed) {
-        let (busy, sleep) = {
+        let (busy, spun, sleep) = {
             let mut e = lock(engine);
             // What is there now, a batch at a time, letting the
             // application in between batches.
@@ -228,23 +244,25 @@ fn run(
             if let Some(h) = hook.as_mut() {
                 busy |= h.work(&mut e);
             }
-            if !busy {
-                idle += 1;
-            }
-            if !busy && idle > SPIN_ROUNDS {
+            let spun = !busy && idle.get_or_insert_with(Instant::now).elapsed() >= spin;
+            if spun {
                 if let Some(h) = hook.as_mut() {
                     busy = h.sleeping(&mut e);
                 }
             }
-            (busy, e.next_wakeup().unwrap_or(MAX_SLEEP).min(MAX_SLEEP))
+            (
+                busy,
+                spun,
+                e.next_wakeup().unwrap_or(MAX_SLEEP).min(MAX_SLEEP),
+            )
         };
         if busy {
-            idle = 0;
+            idle = None;
             if let Some(h) = hook.as_mut() {
                 h.awake();
             }
             std::thread::yield_now();
-        } else if idle <= SPIN_ROUNDS && hook.is_some() {
+        } else if !spun {
             std::hint::spin_loop();
         } else if !sleep.is_zero() {
             sleep_on2(fd, bell, sleep)?;
@@ -254,7 +272,7 @@ fn run(
             if let Some(h) = hook.as_mut() {
                 h.awake();
             }
-            idle = 0;
+            idle = None;
         }
     }
     Ok(())

@@ -307,7 +307,11 @@ fn in_ns(ns: Option<&str>, cmd: &str) -> Command {
     }
 }
 
-pub(crate) fn sockperf_latency(path: &rdma_bench::Path, seconds: f64, busy: bool) -> Result<(f64, f64)> {
+pub(crate) fn sockperf_latency(
+    path: &rdma_bench::Path,
+    seconds: f64,
+    busy: bool,
+) -> Result<(f64, f64)> {
     let server_ip = path.b.to_string();
     let poll: &[&str] = if busy {
         &["--timeout", "0", "--nonblocked"]

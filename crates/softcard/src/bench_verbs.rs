@@ -65,7 +65,7 @@ impl Card {
 impl Drop for Card {
     fn drop(&mut self) {
         // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        unsafe { libc::kill(self.child.id().cast_signed(), libc::SIGTERM) };
         let _ = self.child.wait();
     }
 }
@@ -120,7 +120,14 @@ fn row(out: &Output) -> Result<Vec<f64>> {
 
 /// `softcard bench verbs`.
 pub fn verbs(a: &VerbsBenchArgs) -> Result<()> {
-    require_peers(&["sockperf", "iperf3", "ib_write_bw", "ib_send_bw", "ib_write_lat", "ib_send_lat"])?;
+    require_peers(&[
+        "sockperf",
+        "iperf3",
+        "ib_write_bw",
+        "ib_send_bw",
+        "ib_write_lat",
+        "ib_send_lat",
+    ])?;
     let secs = format!("{:.0}", a.seconds.ceil().max(1.0));
     let card = Card::start("127.0.0.3")?;
     let sock = card.socket();
@@ -150,20 +157,38 @@ pub fn verbs(a: &VerbsBenchArgs) -> Result<()> {
     println!("| latency, 64 B, one way | p50 (typical) us | p99 us | p50 / sockperf busy-poll |");
     println!("|---|---:|---:|---:|");
     println!("| sockperf UDP ping-pong, busy-poll | {sp50:.1} | {sp99:.1} | 1.00 |");
-    println!("| ib_write_lat through the card | {wl50:.1} | {wl99:.1} | {:.2} |", wl50 / sp50);
-    println!("| ib_send_lat through the card | {sl50:.1} | {sl99:.1} | {:.2} |", sl50 / sp50);
+    println!(
+        "| ib_write_lat through the card | {wl50:.1} | {wl99:.1} | {:.2} |",
+        wl50 / sp50
+    );
+    println!(
+        "| ib_send_lat through the card | {sl50:.1} | {sl99:.1} | {:.2} |",
+        sl50 / sp50
+    );
     if let Some((p50, p99)) = engine {
-        println!("| engine's Rust API, SEND ping-pong (two threads) | {p50:.1} | {p99:.1} | {:.2} |", p50 / sp50);
+        println!(
+            "| engine's Rust API, SEND ping-pong (two threads) | {p50:.1} | {p99:.1} | {:.2} |",
+            p50 / sp50
+        );
     }
 
     let ip = iperf3_gbit(&loopback, a.seconds)?;
     let bw = |tool: &str, size: &str, port| -> Result<Vec<f64>> {
-        row(&perftest(&sock, tool, &["-s", size, "-D", &secs, "--report_gbits"], port)?)
+        row(&perftest(
+            &sock,
+            tool,
+            &["-s", size, "-D", &secs, "--report_gbits"],
+            port,
+        )?)
     };
     // #bytes #iterations BW peak BW average MsgRate[Mpps]
     let w = bw("ib_write_bw", "65536", 18702)?;
     let s64 = bw("ib_send_bw", "64", 18703)?;
-    let engine_bw = match rdma_bench::run(&loopback, rdma_bench::Mode::WriteBandwidth(64 << 10), a.seconds)? {
+    let engine_bw = match rdma_bench::run(
+        &loopback,
+        rdma_bench::Mode::WriteBandwidth(64 << 10),
+        a.seconds,
+    )? {
         rdma_bench::Figures::Bandwidth { gbit, .. } => Some(gbit),
         rdma_bench::Figures::Latency { .. } => None,
     };
@@ -171,10 +196,22 @@ pub fn verbs(a: &VerbsBenchArgs) -> Result<()> {
     println!("| bandwidth | Gbit/s | / iperf3 | messages/s |");
     println!("|---|---:|---:|---:|");
     println!("| iperf3 TCP, one stream | {ip:.2} | 1.00 | |");
-    println!("| ib_write_bw 64 KiB through the card | {:.2} | {:.3} | {:.0} |", w[3], w[3] / ip, w[4] * 1e6);
-    println!("| ib_send_bw 64 B through the card (message rate) | {:.3} | | {:.0} |", s64[3], s64[4] * 1e6);
+    println!(
+        "| ib_write_bw 64 KiB through the card | {:.2} | {:.3} | {:.0} |",
+        w[3],
+        w[3] / ip,
+        w[4] * 1e6
+    );
+    println!(
+        "| ib_send_bw 64 B through the card (message rate) | {:.3} | | {:.0} |",
+        s64[3],
+        s64[4] * 1e6
+    );
     if let Some(g) = engine_bw {
-        println!("| engine's Rust API, WRITE 64 KiB, 8 in flight | {g:.2} | {:.3} | |", g / ip);
+        println!(
+            "| engine's Rust API, WRITE 64 KiB, 8 in flight | {g:.2} | {:.3} | |",
+            g / ip
+        );
     }
     Ok(())
 }

@@ -471,6 +471,7 @@ const QP_PATH_MTU: c_int = 1 << 8;
 const QP_RQ_PSN: c_int = 1 << 12;
 const QP_SQ_PSN: c_int = 1 << 16;
 const QP_DEST_QPN: c_int = 1 << 20;
+const QP_MIN_RNR_TIMER: c_int = 1 << 15;
 
 /// `ibv_modify_qp`: RESET → INIT → RTR → RTS, ERROR and back to RESET.
 /// The peer is named by its GID (RoCE v2: an IPv4-mapped address), so
@@ -510,13 +511,14 @@ pub unsafe extern "C" fn ibv_modify_qp(
         .map(|b| format!("{b:02x}"))
         .collect();
     let line = format!(
-        "MODIFY {} {state} {} {} {} {} {gid} {}",
+        "MODIFY {} {state} {} {} {} {} {gid} {} {}",
         q.qp.handle,
         pick(QP_PATH_MTU, a.path_mtu),
         pick(QP_DEST_QPN, a.dest_qp_num),
         pick(QP_RQ_PSN, a.rq_psn),
         pick(QP_SQ_PSN, a.sq_psn),
         pick(QP_QKEY, a.qkey),
+        pick(QP_MIN_RNR_TIMER, u32::from(a.min_rnr_timer)),
     );
     match c.conn.call(&line, &[]) {
         Ok(_) => {

@@ -140,6 +140,7 @@ impl Engine {
             send_cq: q.send_cq,
             recv_cq: q.recv_cq,
             srq: q.srq,
+            min_rnr_timer: q.min_rnr_timer,
             ..QueuePair::new(q.qpn, q.mtu)
         };
         *q = fresh;
@@ -238,5 +239,11 @@ impl Engine {
             src_qp: None,
         });
         self.notify_cq();
+    }
+
+    /// Sets the RNR NAK timer queue pair `qp` sends when it has no
+    /// receive (verbs' `min_rnr_timer`, IBTA encoding 0-31).
+    pub fn set_min_rnr_timer(&mut self, qp: usize, timer: u8) {
+        self.qps[qp].min_rnr_timer = timer & 0x1f;
     }
 }

@@ -422,6 +422,8 @@ pub struct QueuePair {
     recv_cq: CqId,
     /// The shared receive queue it takes receives from, if any.
     srq: Option<SrqId>,
+    /// The RNR NAK timer it asks senders to wait (IBTA encoding).
+    min_rnr_timer: u8,
 }
 
 impl QueuePair {
@@ -476,6 +478,7 @@ impl QueuePair {
             send_cq: CqId::DEFAULT,
             recv_cq: CqId::DEFAULT,
             srq: None,
+            min_rnr_timer: 1,
         }
     }
 }
@@ -692,8 +695,9 @@ const ATOMIC_REPLAY: usize = 128;
 /// `max_rd_atomic`), so that a responder remembering as few as 16 answers
 /// can still replay any of them.
 const MAX_RD_ATOMIC: usize = 16;
-/// RNR NAK with a short timer.
-const RNR_NAK: u8 = 0x20 | 0x01;
+/// RNR NAK syndrome: its low five bits are the timer (verbs'
+/// `min_rnr_timer` of the responder's QP; 1, 10 us, unless set).
+const RNR_NAK: u8 = 0x20;
 
 /// A completion queue of an [`Engine`]: [`CqId::DEFAULT`] is the ring in
 /// [`Engine::cq`]; [`Engine::create_cq`] makes more, so that a QP's send

@@ -226,7 +226,8 @@ impl Engine {
             }
             (_, Slow::NoReceive) => {
                 let e = self.qps[qi].epsn;
-                self.send_ack(qi, e, RNR_NAK)
+                let timer = self.qps[qi].min_rnr_timer & 0x1f;
+                self.send_ack(qi, e, RNR_NAK | timer)
             }
             (_, Slow::Access) => {
                 let e = self.qps[qi].epsn;

@@ -17,7 +17,7 @@
 //! | `CHANNEL`, with a socket | `OK h`: completion events (the CQ's cookie, 8 bytes) are sent on it |
 //! | `CQ ENTRIES CHANNEL COOKIE` / `FREECQ h` | `OK h ENTRIES BYTES` with the ring's memfd / `OK` |
 //! | `QP pd SCQ RCQ SWR RWR SSGE RSGE INLINE SIGALL TYPE` (2 RC, 4 UD) | `OK h QPN SQ RQ BYTES VERSION` with the rings' memfd |
-//! | `MODIFY h STATE MTU DQPN RQPSN SQPSN DGID [QKEY]` / `QUERYQP h` / `FREEQP h` | `OK ...` |
+//! | `MODIFY h STATE MTU DQPN RQPSN SQPSN DGID [QKEY [MIN_RNR_TIMER]]` / `QUERYQP h` / `FREEQP h` | `OK ...` |
 //! | a request that fails | `ERR ERRNO reason` |
 //! | garbage, a line over [`MAX_LINE`] bytes, two requests at once | `ERR ...`, and the connection closes |
 //!

@@ -477,7 +477,8 @@ impl Session {
         ))
     }
 
-    /// `MODIFY qp state mtu dest_qpn rq_psn sq_psn dgid [qkey]`: the
+    /// `MODIFY qp state mtu dest_qpn rq_psn sq_psn dgid [qkey
+    /// [min_rnr_timer]]`: the
     /// state transitions of a queue pair (the library sends what the
     /// attribute mask named, zero elsewhere; a UD queue pair takes its
     /// Q_Key going to INIT).
@@ -490,6 +491,7 @@ impl Session {
         let sq_psn: u32 = num(w.next(), "sq_psn")?;
         let dgid_word = w.next();
         let qkey: Option<u32> = w.next().and_then(|k| k.parse().ok());
+        let min_rnr: Option<u8> = w.next().and_then(|k| k.parse().ok()).filter(|t| *t <= 31);
         let qpn = self.qp(h)?.qpn;
         if self.qp(h)?.ud {
             let to = match state {
@@ -536,6 +538,9 @@ impl Session {
                     e.set_mtu(i, bytes);
                 }
                 e.to_rtr(i, dqpn, ip, rq_psn).map_err(|_| bad("RTR"))?;
+                if let Some(t) = min_rnr.filter(|t| *t != 0) {
+                    e.set_min_rnr_timer(i, t);
+                }
             }
             3 => {
                 if now != QpState::Rts {
