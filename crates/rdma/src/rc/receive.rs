@@ -31,12 +31,28 @@ impl Engine {
         let mut wait = timeout.min(self.rto);
         // Handle what is already there (up to a batch), waiting only for
         // the first.
+        let mut drained = false;
         for _ in 0..64 {
             if !self.poll_one(wait)? {
+                drained = true;
                 break;
             }
             any = true;
             wait = Duration::ZERO;
+        }
+        // The burst is over (nothing more queued): its ACKs are due at
+        // once rather than after ACK_DELAY, so a requester waiting for one
+        // completion is not held back, and they go at the start of the
+        // next poll, after the application (or the card's rings) had its
+        // turn to answer: a ping-pong's reply still leaves first. A stream
+        // still coalesces within its bursts.
+        if any && drained {
+            let now = Instant::now();
+            for q in &mut self.qps {
+                if let Some((psn, n, _)) = q.ack_due {
+                    q.ack_due = Some((psn, n, now));
+                }
+            }
         }
         // Datagrams refused below RoCEv2 (IPv4/UDP checks) count as dropped.
         self.stats.dropped += std::mem::take(&mut self.io.malformed);
