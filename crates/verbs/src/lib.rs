@@ -42,6 +42,16 @@ mod objects;
 mod private;
 mod uncarried;
 
+// The C entry points are reachable from Rust too (the crate's tests call
+// them as an application does).
+pub use datapath::{ibv_ack_cq_events, ibv_get_cq_event};
+pub use objects::{
+    ibv_alloc_pd, ibv_create_ah, ibv_create_comp_channel, ibv_create_cq, ibv_create_qp,
+    ibv_create_srq, ibv_dealloc_pd, ibv_dereg_mr, ibv_destroy_ah, ibv_destroy_comp_channel,
+    ibv_destroy_cq, ibv_destroy_qp, ibv_destroy_srq, ibv_modify_qp, ibv_modify_srq, ibv_query_qp,
+    ibv_query_srq, ibv_reg_mr, ibv_reg_mr_iova, ibv_reg_mr_iova2,
+};
+
 use std::ffi::{c_char, c_int, c_uint, c_void};
 use std::path::PathBuf;
 use std::sync::OnceLock;

@@ -1,0 +1,196 @@
+//! The library's memory regions are the application's own pages: two
+//! overlapping registrations of one buffer (as libraries that cache
+//! registrations make) both reach the same bytes, a SEND from one lands
+//! through the other, and the application reads it in its own buffer
+//! without a copy. Through the real card service (in a network namespace
+//! the test creates, on its loopback; needs root) and the library's C
+//! entry points, as an application calls them.
+
+use std::ffi::c_void;
+use std::ptr::null_mut;
+
+use ibverbs::sys;
+use softcard_rdma::service::RdmaService;
+
+#[test]
+fn overlapping_registrations_share_the_applications_pages() {
+    let ns = softcard_testkit::Netns::new("ownmem");
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("rdma.sock");
+    let _svc = std::thread::scope(|s| {
+        s.spawn(|| {
+            ns.enter();
+            RdmaService::start(
+                &[("softcard0".into(), std::net::Ipv4Addr::LOCALHOST)],
+                &sock,
+            )
+            .expect("the card's engine (needs CAP_NET_RAW)")
+        })
+        .join()
+        .unwrap()
+    });
+    // The library reads its socket from the environment once, at the
+    // first device list (this test binary has no other test).
+    std::env::set_var("SOFTCARD_RDMA_SOCKET", &sock);
+    let page = 4096usize;
+    // SAFETY: the library's C API, called as verbs documents; every
+    // pointer passed is live for the call, every object is destroyed
+    // before the buffer is freed.
+    unsafe {
+        let mut n = 0;
+        let list = ibverbs::ibv_get_device_list(&mut n);
+        assert_eq!(n, 1);
+        let ctx = ibverbs::ibv_open_device(*list);
+        assert!(!ctx.is_null());
+        let pd = ibverbs::ibv_alloc_pd(ctx);
+        assert!(!pd.is_null());
+        // Three pages of heap-like memory with something already in them.
+        let buf = libc::mmap(
+            null_mut(),
+            3 * page,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+        .cast::<u8>();
+        assert_ne!(buf.cast::<c_void>(), libc::MAP_FAILED);
+        let bytes = std::slice::from_raw_parts_mut(buf, 3 * page);
+        bytes[..11].copy_from_slice(b"from page 0");
+        bytes[2 * page + 5] = 0x5a;
+        // Pages 0-1 (send from), then pages 1-2 (receive into): page 1 is
+        // in both, already moved by the first.
+        let access = (sys::ibv_access_flags_IBV_ACCESS_LOCAL_WRITE
+            | sys::ibv_access_flags_IBV_ACCESS_REMOTE_WRITE)
+            .cast_signed();
+        let mr1 = ibverbs::ibv_reg_mr(pd, buf.cast(), 2 * page, access);
+        let mr2 = ibverbs::ibv_reg_mr(pd, buf.add(page + 100).cast(), 2 * page - 100, access);
+        assert!(!mr1.is_null() && !mr2.is_null());
+        // What was there stays there.
+        assert_eq!(&bytes[..11], b"from page 0");
+        assert_eq!(bytes[2 * page + 5], 0x5a);
+
+        let cq = ibverbs::ibv_create_cq(ctx, 16, null_mut(), null_mut(), 0);
+        let mut init = sys::ibv_qp_init_attr {
+            send_cq: cq,
+            recv_cq: cq,
+            qp_type: sys::ibv_qp_type_IBV_QPT_RC,
+            cap: sys::ibv_qp_cap {
+                max_send_wr: 4,
+                max_recv_wr: 4,
+                max_send_sge: 1,
+                max_recv_sge: 1,
+                max_inline_data: 0,
+            },
+            ..Default::default()
+        };
+        let qp = ibverbs::ibv_create_qp(pd, &mut init);
+        assert!(!qp.is_null());
+        // Connected to itself.
+        let mut a = sys::ibv_qp_attr {
+            qp_state: sys::ibv_qp_state_IBV_QPS_INIT,
+            port_num: 1,
+            ..Default::default()
+        };
+        assert_eq!(ibverbs::ibv_modify_qp(qp, &mut a, 1 | 16 | 32 | 8), 0);
+        let mut a = sys::ibv_qp_attr {
+            qp_state: sys::ibv_qp_state_IBV_QPS_RTR,
+            path_mtu: sys::ibv_mtu_IBV_MTU_1024,
+            dest_qp_num: (*qp).qp_num,
+            ..Default::default()
+        };
+        a.ah_attr.is_global = 1;
+        a.ah_attr.port_num = 1;
+        a.ah_attr.grh.dgid.raw = std::net::Ipv4Addr::LOCALHOST.to_ipv6_mapped().octets();
+        assert_eq!(
+            ibverbs::ibv_modify_qp(qp, &mut a, 1 | 128 | 256 | 4096 | (1 << 20)),
+            0
+        );
+        let mut a = sys::ibv_qp_attr {
+            qp_state: sys::ibv_qp_state_IBV_QPS_RTS,
+            ..Default::default()
+        };
+        assert_eq!(ibverbs::ibv_modify_qp(qp, &mut a, 1 | (1 << 16)), 0);
+
+        // Written after both registrations, in the page they share: the
+        // card must read it where the application wrote it, through the
+        // first region (had the second registration moved page 1 again,
+        // the first would still see the old page).
+        bytes[page + 200..page + 211].copy_from_slice(b"from page 1");
+        // Receive into page 1 through the second region, and into page 2;
+        // send from page 1 and page 0 through the first.
+        let ctx_ops = &(*ctx).ops;
+        for (wr_id, at) in [(1u64, page + 1000), (3, 2 * page + 64)] {
+            let mut rsge = sys::ibv_sge {
+                addr: buf.add(at) as u64,
+                length: 64,
+                lkey: (*mr2).lkey,
+            };
+            let mut rwr = sys::ibv_recv_wr {
+                wr_id,
+                sg_list: &mut rsge,
+                num_sge: 1,
+                ..Default::default()
+            };
+            let mut bad_r = null_mut();
+            assert_eq!(ctx_ops.post_recv.unwrap()(qp, &mut rwr, &mut bad_r), 0);
+        }
+        for (wr_id, at) in [(2u64, page + 200), (4, 0)] {
+            let mut ssge = sys::ibv_sge {
+                addr: buf.add(at) as u64,
+                length: 11,
+                lkey: (*mr1).lkey,
+            };
+            let mut swr = sys::ibv_send_wr {
+                wr_id,
+                sg_list: &mut ssge,
+                num_sge: 1,
+                opcode: sys::ibv_wr_opcode_IBV_WR_SEND,
+                send_flags: sys::ibv_send_flags_IBV_SEND_SIGNALED,
+                ..Default::default()
+            };
+            let mut bad_s = null_mut();
+            assert_eq!(ctx_ops.post_send.unwrap()(qp, &mut swr, &mut bad_s), 0);
+        }
+        let mut got = Vec::new();
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while got.len() < 4 && std::time::Instant::now() < end {
+            let mut wc = [sys::ibv_wc::default(); 4];
+            let n = ctx_ops.poll_cq.unwrap()(cq, 4, wc.as_mut_ptr());
+            assert!(n >= 0);
+            got.extend(
+                wc[..usize::try_from(n).unwrap()]
+                    .iter()
+                    .map(|w| (w.wr_id, w.status, w.opcode, w.byte_len)),
+            );
+        }
+        got.sort_unstable();
+        // The receive with its length (verbs defines byte_len for
+        // receives), and the send.
+        assert_eq!(got.len(), 4, "{got:?}");
+        for (i, w) in got.iter().enumerate() {
+            let recv = i % 2 == 0;
+            assert_eq!(w.0, i as u64 + 1, "{got:?}");
+            assert_eq!(w.1, 0, "status: {got:?}");
+            if recv {
+                assert_eq!((w.2, w.3), (sys::ibv_wc_opcode_IBV_WC_RECV, 11), "{got:?}");
+            } else {
+                assert_eq!(w.2, sys::ibv_wc_opcode_IBV_WC_SEND, "{got:?}");
+            }
+        }
+        // The card wrote into the application's own page: it reads the
+        // message where it posted the receive.
+        assert_eq!(&bytes[page + 1000..page + 1011], b"from page 1");
+        assert_eq!(&bytes[2 * page + 64..2 * page + 75], b"from page 0");
+        assert_eq!(bytes[2 * page + 5], 0x5a);
+
+        assert_eq!(ibverbs::ibv_destroy_qp(qp), 0);
+        assert_eq!(ibverbs::ibv_dereg_mr(mr2), 0);
+        assert_eq!(ibverbs::ibv_dereg_mr(mr1), 0);
+        assert_eq!(ibverbs::ibv_destroy_cq(cq), 0);
+        assert_eq!(ibverbs::ibv_dealloc_pd(pd), 0);
+        assert_eq!(ibverbs::ibv_close_device(ctx), 0);
+        ibverbs::ibv_free_device_list(list);
+        libc::munmap(buf.cast(), 3 * page);
+    }
+}
