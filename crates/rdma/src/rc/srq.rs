@@ -143,12 +143,4 @@ impl Engine {
             .flatten()
             .any(|s| s.rq.iter().any(|r| r.sges.iter().any(|e| e.mr == mr)))
     }
-
-    /// Receives waiting in a shared queue.
-    pub fn srq_len(&self, srq: SrqId) -> usize {
-        self.srqs
-            .get(srq.0 as usize)
-            .and_then(Option::as_ref)
-            .map_or(0, |s| s.rq.len())
-    }
 }
