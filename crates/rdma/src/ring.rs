@@ -17,7 +17,7 @@
 //!
 //! Version 1 of the layout; the daemon and the library check it at open.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::AtomicU32;
 
 use crate::shm::Mapping;
 
@@ -286,6 +286,7 @@ pub fn entries_for(n: u32, max: u32) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::Ordering;
 
     #[test]
     fn entry_sizes_are_what_the_layout_says() {
