@@ -816,7 +816,11 @@ fn perftest_write_and_read_bandwidth_against_our_engine() {
             continue;
         }
         assert!(run.iters >= PERFTEST_ITERS, "{verb}: {run:?}");
-        assert!(run.bw_avg > 0.0, "{verb}: {run:?}");
+        // perftest prints MB/s with two decimals: 100 8-byte atomics
+        // under TCG (slower still with other guests booting beside it)
+        // round to 0.00, so the atomic run is judged by its iterations
+        // and by the atomics this engine executed (below).
+        assert!(run.bw_avg > 0.0 || *verb == "atomic", "{verb}: {run:?}");
         assert_eq!(after.dropped, before.dropped, "{verb}");
         let payload = 100 * 65536;
         if *verb == "write" {
