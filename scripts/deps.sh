@@ -52,6 +52,10 @@ test_deps=(
     "ibv_ud_pingpong ibverbs-utils"
     "ibv_srq_pingpong ibverbs-utils"
     "ibv_xsrq_pingpong ibverbs-utils"
+    # A small verbs application of the extended CQ API, compiled by a test
+    # against rdma-core's header and linked with -libverbs.
+    "cc gcc"
+    "/usr/lib/x86_64-linux-gnu/libibverbs.so libibverbs-dev"
     "ib_write_bw perftest"
     "ib_send_bw perftest"
     "ib_read_bw perftest"

@@ -7,7 +7,7 @@ fn main() {
     println!("cargo:rustc-cdylib-link-arg=-Wl,-soname,libibverbs.so.1");
     let b = bindgen::Builder::default()
         .header_contents("verbs.h", "#include <infiniband/verbs.h>\n")
-        .allowlist_type("ibv_.*|_compat_ibv_.*")
+        .allowlist_type("ibv_.*|_compat_ibv_.*|verbs_context")
         .allowlist_var("IBV_.*")
         .derive_default(true)
         .layout_tests(false)

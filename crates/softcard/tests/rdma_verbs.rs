@@ -320,3 +320,36 @@ fn two_applications_move_256_mib_intact_through_loss_duplication_reordering_and_
     );
     assert!(stats["software_packets"].as_u64().unwrap() > 0, "{stats}");
 }
+
+/// An application of the extended CQ API (`tests/c/cq_ex.c`), compiled
+/// here against rdma-core's own header and run through the library.
+#[test]
+fn the_extended_cq_api_polls_the_same_ring() {
+    let d = Daemon::start(
+        "rdma_socket = \"@DIR@/rdma.sock\"\n\
+         [[rdma]]\naddress = \"127.0.0.11\"\n",
+    );
+    let prog = d.path("cq_ex");
+    let src = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/c/cq_ex.c");
+    let cc = Command::new("cc")
+        .args(["-O1", "-Wall", "-Werror", "-o"])
+        .arg(&prog)
+        .arg(src)
+        .arg("-libverbs")
+        .output()
+        .expect("cc");
+    assert!(
+        cc.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cc.stderr)
+    );
+    let o = exec(&d.path("rdma.sock"), &[prog.to_str().unwrap()]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}{err}");
+    assert_eq!(
+        out.lines().filter(|l| l.starts_with("wr ")).count(),
+        4,
+        "{out}"
+    );
+    assert!(out.ends_with("OK\n"), "{out}{err}");
+}

@@ -36,6 +36,7 @@ pub mod sys {
 }
 
 mod conn;
+mod cq_ex;
 mod datapath;
 mod memory;
 mod objects;
@@ -66,12 +67,15 @@ struct Device {
     info: DeviceInfo,
 }
 
-/// An open device: rdma-core's `struct ibv_context` first. Not a
-/// `verbs_context` (its `abi_compat` is null), so the header's inline
-/// calls take their legacy paths into this library's functions.
+/// An open device: rdma-core's `struct verbs_context` first, whose last
+/// member is the `ibv_context` applications hold (`abi_compat` says it is
+/// extended). Of the extended operations only `create_cq_ex` is set, so
+/// the header's inline calls find it, and take their legacy paths into
+/// this library's functions for every other (`query_port`,
+/// `query_device_ex`), or answer `EOPNOTSUPP`.
 #[repr(C)]
 struct Context {
-    ctx: sys::ibv_context,
+    vctx: sys::verbs_context,
     device: &'static Device,
     /// The session with the card daemon.
     conn: conn::Conn,
@@ -225,8 +229,8 @@ pub unsafe extern "C" fn ibv_open_device(dev: *mut sys::ibv_device) -> *mut sys:
         cmd_fd: -1,
         async_fd: -1,
         num_comp_vectors: 1,
-        // All-zero: a plain context, not a verbs_context.
-        abi_compat: std::ptr::null_mut(),
+        // verbs.h's __VERBS_ABI_IS_EXTENDED: a verbs_context.
+        abi_compat: std::ptr::without_provenance_mut(usize::MAX),
         ..Default::default()
     };
     // The calls verbs.h makes inline through the context.
@@ -235,13 +239,21 @@ pub unsafe extern "C" fn ibv_open_device(dev: *mut sys::ibv_device) -> *mut sys:
     ctx.ops.post_send = Some(datapath::post_send);
     ctx.ops.post_recv = Some(datapath::post_recv);
     ctx.ops.post_srq_recv = Some(datapath::post_srq_recv);
-    Box::into_raw(Box::new(Context {
-        ctx,
+    let vctx = sys::verbs_context {
+        create_cq_ex: Some(cq_ex::create_cq_ex),
+        sz: size_of::<sys::verbs_context>(),
+        context: ctx,
+        ..Default::default()
+    };
+    let c = Box::into_raw(Box::new(Context {
+        vctx,
         device,
         conn,
         doorbell,
-    }))
-    .cast()
+    }));
+    // SAFETY: `c` is the live allocation just made; the application holds
+    // the ibv_context inside it until ibv_close_device.
+    unsafe { &raw mut (*c).vctx.context }
 }
 
 /// The context behind an `ibv_context` pointer this library gave out.
@@ -249,18 +261,35 @@ pub unsafe extern "C" fn ibv_open_device(dev: *mut sys::ibv_device) -> *mut sys:
 /// # Safety
 /// `ctx` came from [`ibv_open_device`] and is not closed.
 unsafe fn context<'a>(ctx: *mut sys::ibv_context) -> Option<&'a Context> {
-    // SAFETY: a Context starts with its ibv_context (repr(C)).
-    unsafe { ctx.cast::<Context>().as_ref() }
+    // SAFETY: per the caller, `ctx` is the ibv_context inside a Context's
+    // verbs_context (repr(C), first field): stepping back by its offset
+    // gives the Context.
+    unsafe { container(ctx)?.as_ref() }
+}
+
+/// The Context an `ibv_context` this library gave out lives in.
+///
+/// # Safety
+/// `ctx` is null or came from [`ibv_open_device`].
+unsafe fn container(ctx: *mut sys::ibv_context) -> Option<*mut Context> {
+    if ctx.is_null() {
+        return None;
+    }
+    let at = std::mem::offset_of!(sys::verbs_context, context);
+    // SAFETY: per the caller, the verbs_context (and so the Context)
+    // starts `at` bytes before `ctx`, inside the same allocation.
+    Some(unsafe { ctx.byte_sub(at) }.cast::<Context>())
 }
 
 /// `ibv_close_device`.
 #[no_mangle]
 pub unsafe extern "C" fn ibv_close_device(ctx: *mut sys::ibv_context) -> c_int {
-    if ctx.is_null() {
+    // SAFETY: per the verbs contract, ctx came from ibv_open_device.
+    let Some(c) = (unsafe { container(ctx) }) else {
         return libc::EINVAL;
-    }
-    // SAFETY: ctx came from ibv_open_device (a Box<Context>).
-    drop(unsafe { Box::from_raw(ctx.cast::<Context>()) });
+    };
+    // SAFETY: a Box<Context> from ibv_open_device, freed once.
+    drop(unsafe { Box::from_raw(c) });
     0
 }
 

@@ -245,10 +245,12 @@ pub unsafe extern "C" fn ibv_destroy_comp_channel(ch: *mut sys::ibv_comp_channel
     }
 }
 
-/// A completion queue: its ring, shared with the card.
+/// A completion queue: its ring, shared with the card. Its head is
+/// `ibv_cq_ex`, whose first fields are `ibv_cq`'s, so one struct serves
+/// both APIs.
 #[repr(C)]
 pub(crate) struct Cq {
-    pub cq: sys::ibv_cq,
+    pub cq: sys::ibv_cq_ex,
     pub map: Mapping,
     pub ring: Ring,
     /// Completions taken (the consumer counter), under the lock verbs
@@ -257,6 +259,8 @@ pub(crate) struct Cq {
     /// Events received and acknowledged.
     pub events: AtomicU32,
     pub acked: AtomicU32,
+    /// The extended API's poll in progress.
+    pub ex: crate::cq_ex::ExPoll,
 }
 
 /// `ibv_create_cq`.
@@ -268,11 +272,26 @@ pub unsafe extern "C" fn ibv_create_cq(
     channel: *mut sys::ibv_comp_channel,
     _vector: c_int,
 ) -> *mut sys::ibv_cq {
-    // SAFETY: per the verbs contract.
-    let Some(c) = (unsafe { session(ctx) }) else {
+    let Ok(want) = u32::try_from(cqe) else {
         return fail(libc::EINVAL);
     };
-    let Ok(want) = u32::try_from(cqe) else {
+    // SAFETY: per the verbs contract.
+    unsafe { make_cq(ctx, want, cq_context, channel) }.cast()
+}
+
+/// A completion queue of at least `want` entries (null and `errno` on
+/// failure); what `ibv_create_cq` and `ibv_create_cq_ex` share.
+///
+/// # Safety
+/// `ctx` is open; `channel` is null or one of its channels.
+pub(crate) unsafe fn make_cq(
+    ctx: *mut sys::ibv_context,
+    want: u32,
+    cq_context: *mut c_void,
+    channel: *mut sys::ibv_comp_channel,
+) -> *mut Cq {
+    // SAFETY: per the caller.
+    let Some(c) = (unsafe { session(ctx) }) else {
         return fail(libc::EINVAL);
     };
     // SAFETY: a channel of this context, or null.
@@ -297,7 +316,7 @@ pub unsafe extern "C" fn ibv_create_cq(
     match made {
         Ok((handle, entries, map, r)) => {
             let cq = Cq {
-                cq: sys::ibv_cq {
+                cq: sys::ibv_cq_ex {
                     context: ctx,
                     channel,
                     cq_context,
@@ -310,6 +329,7 @@ pub unsafe extern "C" fn ibv_create_cq(
                 cons: Mutex::new(0),
                 events: AtomicU32::new(0),
                 acked: AtomicU32::new(0),
+                ex: crate::cq_ex::ExPoll::default(),
             };
             // SAFETY: `at` is the reserved, unaliased slot.
             unsafe { at.cast::<Cq>().write(cq) };
