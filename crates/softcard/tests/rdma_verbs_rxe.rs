@@ -5,6 +5,9 @@
 //! runs in a network namespace the test creates, serving the host's end
 //! of the guest's tap link (10.77.0.1); the guest is 10.77.0.2.
 //!
+//! Last, at the same time through the one daemon: two host applications
+//! against two servers in the guest, and two more against each other.
+//!
 //! A step passes when the tool itself reports success on both sides:
 //! exit status 0, and its result line (`ibv_rc_pingpong -c` checks every
 //! byte it received; perftest prints its table only after the run).
@@ -95,6 +98,18 @@ fn guest_script() -> String {
             "echo \"SOFTCARD-STEP-{i} rc=$?\"\n$B sed \"s/^/SOFTCARD-LOG-{i} /\" /tmp/s{i}.log\n"
         ));
     }
+    // Last, two servers at once, for two host applications that run at
+    // the same time through the one card daemon.
+    s.push_str(
+        "/usr/bin/ibv_rc_pingpong -d rxe0 -g 1 -s 4096 -n 100 -c -p 18690 > /tmp/t1.log 2>&1 &\n\
+         P1=$!\n\
+         /usr/bin/ib_write_bw -d rxe0 -x 1 -s 65536 -n 200 -F -p 18691 > /tmp/t2.log 2>&1 &\n\
+         P2=$!\n\
+         wait $P1; echo \"SOFTCARD-TOGETHER-1 rc=$?\"\n\
+         wait $P2; echo \"SOFTCARD-TOGETHER-2 rc=$?\"\n\
+         $B sed \"s/^/SOFTCARD-TLOG-1 /\" /tmp/t1.log\n\
+         $B sed \"s/^/SOFTCARD-TLOG-2 /\" /tmp/t2.log\n",
+    );
     s.push_str("echo SOFTCARD-DONE\n$B poweroff -f\n");
     s
 }
@@ -190,12 +205,50 @@ fn debian_tools_through_the_card_against_rdma_rxe_in_both_roles() {
                 };
                 outs.push(o);
             }
-            outs
+            // Then at the same time: two host applications against the
+            // guest's two servers, and two more against each other, all
+            // through the one daemon.
+            let with = |tool: &'static str, args: &'static [&'static str]| Step {
+                tool,
+                args,
+                guest_client: false,
+            };
+            let retry = |st: Step, port: u16, peer: &'static str| {
+                let run = &run;
+                move || {
+                    let mut last = None;
+                    for _ in 0..120 {
+                        let o = run(&st, port, Some(peer));
+                        let done = o.status.success()
+                            || reported(st.tool, &String::from_utf8_lossy(&o.stdout));
+                        last = Some(o);
+                        if done {
+                            break;
+                        }
+                        std::thread::sleep(Duration::from_millis(500));
+                    }
+                    last.unwrap()
+                }
+            };
+            let pp: &'static [&'static str] = &["-s", "4096", "-n", "100", "-c"];
+            let pp_local: &'static [&'static str] = &["-s", "4096", "-n", "300", "-c"];
+            let together = std::thread::scope(|s| {
+                let g1 = s.spawn(retry(with("ibv_rc_pingpong", pp), 18690, "10.77.0.2"));
+                let g2 = s.spawn(retry(
+                    with("ib_write_bw", &["-s", "65536", "-n", "200", "-F"]),
+                    18691,
+                    "10.77.0.2",
+                ));
+                let server = s.spawn(|| run(&with("ibv_rc_pingpong", pp_local), 18692, None));
+                let client = s.spawn(retry(with("ibv_rc_pingpong", pp_local), 18692, "10.77.0.1"));
+                [g1, g2, server, client].map(|t| t.join().unwrap())
+            });
+            (outs, together)
         })
     };
 
     let console = run_guest(&ns, &kernel, &initrd, "52:54:00:12:34:61");
-    let host = host.join().unwrap();
+    let (host, together) = host.join().unwrap();
     assert!(!console.contains("SOFTCARD-FAIL"), "{console}");
     assert!(console.contains("SOFTCARD-DONE"), "{console}");
     for (i, (st, o)) in steps().iter().zip(&host).enumerate() {
@@ -223,6 +276,40 @@ fn debian_tools_through_the_card_against_rdma_rxe_in_both_roles() {
             "{} {:?}, guest's side ({role} on the host): {guest}",
             st.tool,
             st.args
+        );
+    }
+    for (i, (what, tool)) in [
+        ("guest's pingpong", "ibv_rc_pingpong"),
+        ("guest's ib_write_bw", "ib_write_bw"),
+        ("host server", "ibv_rc_pingpong"),
+        ("host client", "ibv_rc_pingpong"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let o = &together[i];
+        let out = String::from_utf8_lossy(&o.stdout);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            o.status.success() && reported(tool, &out),
+            "at the same time, {what}: {out}{err}"
+        );
+    }
+    for i in 1..=2 {
+        let tag = format!("SOFTCARD-TLOG-{i} ");
+        let guest: String = console
+            .lines()
+            .filter_map(|l| l.strip_prefix(&tag))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let tool = if i == 1 {
+            "ibv_rc_pingpong"
+        } else {
+            "ib_write_bw"
+        };
+        assert!(
+            console.contains(&format!("SOFTCARD-TOGETHER-{i} rc=0")) && reported(tool, &guest),
+            "the guest's {tool} beside the others: {guest}"
         );
     }
 }
