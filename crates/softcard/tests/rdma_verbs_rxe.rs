@@ -182,37 +182,8 @@ fn debian_tools_through_the_card_against_rdma_rxe_in_both_roles() {
                     .args(peer);
                 c.output().unwrap()
             };
-            let mut outs = Vec::new();
-            for (i, st) in steps().iter().enumerate() {
-                let port = 18600 + i as u16;
-                let o = if st.guest_client {
-                    run(st, port, None)
-                } else {
-                    // The guest's server starts when its previous step
-                    // ends: retry until it listens.
-                    let mut last = None;
-                    for _ in 0..120 {
-                        let o = run(st, port, Some("10.77.0.2"));
-                        let done = o.status.success()
-                            || reported(st.tool, &String::from_utf8_lossy(&o.stdout));
-                        last = Some(o);
-                        if done {
-                            break;
-                        }
-                        std::thread::sleep(Duration::from_millis(500));
-                    }
-                    last.unwrap()
-                };
-                outs.push(o);
-            }
-            // Then at the same time: two host applications against the
-            // guest's two servers, and two more against each other, all
-            // through the one daemon.
-            let with = |tool: &'static str, args: &'static [&'static str]| Step {
-                tool,
-                args,
-                guest_client: false,
-            };
+            // A client, again until its server listens (a guest's server
+            // starts when the guest's previous step ends).
             let retry = |st: Step, port: u16, peer: &'static str| {
                 let run = &run;
                 move || {
@@ -229,6 +200,23 @@ fn debian_tools_through_the_card_against_rdma_rxe_in_both_roles() {
                     }
                     last.unwrap()
                 }
+            };
+            let mut outs = Vec::new();
+            for (i, st) in steps().into_iter().enumerate() {
+                let port = 18600 + i as u16;
+                outs.push(if st.guest_client {
+                    run(&st, port, None)
+                } else {
+                    retry(st, port, "10.77.0.2")()
+                });
+            }
+            // Then at the same time: two host applications against the
+            // guest's two servers, and two more against each other, all
+            // through the one daemon.
+            let with = |tool: &'static str, args: &'static [&'static str]| Step {
+                tool,
+                args,
+                guest_client: false,
             };
             let pp: &'static [&'static str] = &["-s", "4096", "-n", "100", "-c"];
             let pp_local: &'static [&'static str] = &["-s", "4096", "-n", "300", "-c"];

@@ -133,13 +133,6 @@ pub(crate) unsafe extern "C" fn post_send(
     let Some(q) = (unsafe { qp.cast::<Qp>().as_ref() }) else {
         return libc::EINVAL;
     };
-    let fail = |at: *mut sys::ibv_send_wr, e: c_int| {
-        if !bad.is_null() {
-            // SAFETY: the caller's out pointer.
-            unsafe { *bad = at };
-        }
-        e
-    };
     let state = q.state.load(Ordering::Acquire);
     if !matches!(
         state,
@@ -147,118 +140,122 @@ pub(crate) unsafe extern "C" fn post_send(
             | sys::ibv_qp_state_IBV_QPS_SQD
             | sys::ibv_qp_state_IBV_QPS_ERR
     ) {
-        return fail(wr, libc::EINVAL);
+        // SAFETY: per the verbs contract.
+        return unsafe { refuse(wr, bad) };
     }
-    let sq = q.rings.sq;
-    let mut prod = q
-        .sq_prod
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let start = *prod;
-    let mut cur = wr;
-    let mut err = 0;
-    // SAFETY: the application's list of work requests.
-    while let Some(w) = unsafe { cur.as_ref() } {
-        let cons = sq.cons(&q.map).load(Ordering::Acquire);
-        if prod.wrapping_sub(cons) >= sq.entries() {
-            err = libc::ENOMEM;
-            break;
-        }
-        // SAFETY: per the verbs contract for this request.
-        match unsafe { send_wqe(q, w) } {
-            Ok(wqe) => q.map.write(sq.slot(*prod), wqe),
-            Err(e) => {
-                err = e;
-                break;
-            }
-        }
-        *prod = prod.wrapping_add(1);
-        cur = w.next;
-    }
-    if *prod != start {
-        sq.prod(&q.map).store(*prod, Ordering::Release);
-        // SAFETY: the QP's context is open.
-        unsafe { doorbell(q.qp.context, sq.sleeping(&q.map)) };
-    }
-    if err != 0 {
-        return fail(cur, err);
-    }
-    0
+    let ring = Producer {
+        map: &q.map,
+        ring: q.rings.sq,
+        prod: &q.sq_prod,
+        ctx: q.qp.context,
+    };
+    // SAFETY: per the verbs contract (each request's scatter list and
+    // inline data are the application's); the QP's context is open.
+    unsafe { ring.post(wr, bad, |w: &sys::ibv_send_wr| (send_wqe(q, w), w.next)) }
 }
 
-/// A receive queue as the library writes it: a queue pair's or a shared
-/// one's.
-struct RecvRing<'a> {
+/// Refuses a whole chain of work requests: `EINVAL`, the first in `bad`.
+///
+/// # Safety
+/// `bad` is null or the caller's out pointer.
+unsafe fn refuse<W>(wr: *mut W, bad: *mut *mut W) -> c_int {
+    if !bad.is_null() {
+        // SAFETY: per the caller.
+        unsafe { *bad = wr };
+    }
+    libc::EINVAL
+}
+
+/// One ring the library produces into, with what posting to it needs.
+struct Producer<'a> {
     map: &'a Mapping,
     ring: Ring,
     prod: &'a std::sync::Mutex<u32>,
-    max_sge: u32,
     ctx: *mut sys::ibv_context,
 }
 
-/// Writes a list of receive work requests onto `r`.
-///
-/// # Safety
-/// `wr` is the application's list (verbs' contract); `bad` is null or its
-/// out pointer; `r.ctx` is open.
-unsafe fn post_recvs(
-    r: &RecvRing<'_>,
-    wr: *mut sys::ibv_recv_wr,
-    bad: *mut *mut sys::ibv_recv_wr,
-) -> c_int {
-    let ring = r.ring;
-    let mut prod = r
-        .prod
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let start = *prod;
-    let mut cur = wr;
-    let mut err = 0;
-    // SAFETY: the application's list of work requests.
-    while let Some(w) = unsafe { cur.as_ref() } {
-        let cons = ring.cons(r.map).load(Ordering::Acquire);
-        let n = usize::try_from(w.num_sge).unwrap_or(usize::MAX);
-        if prod.wrapping_sub(cons) >= ring.entries() {
-            err = libc::ENOMEM;
-            break;
-        }
-        if n > r.max_sge as usize || n > ring::MAX_RECV_SGE || (n > 0 && w.sg_list.is_null()) {
-            err = libc::EINVAL;
-            break;
-        }
-        let mut wqe = RecvWqe {
-            wr_id: w.wr_id,
-            num_sge: n as u32,
-            ..RecvWqe::default()
-        };
-        if n > 0 {
-            // SAFETY: num_sge entries at sg_list, per the verbs contract.
-            let sges = unsafe { std::slice::from_raw_parts(w.sg_list, n) };
-            for (d, s) in wqe.sge.iter_mut().zip(sges) {
-                *d = ring::Sge {
-                    addr: s.addr,
-                    length: s.length,
-                    lkey: s.lkey,
-                };
+impl Producer<'_> {
+    /// Writes a chain of work requests onto the ring: `entry` makes each
+    /// one's ring entry (or the errno that stops the chain there) and
+    /// names the next. Publishes what was written, rings the doorbell if
+    /// the card sleeps, and reports the first request not posted in
+    /// `bad`, as verbs does.
+    ///
+    /// # Safety
+    /// `wr` is the application's chain (verbs' contract); `bad` is null
+    /// or its out pointer; `self.ctx` is open.
+    unsafe fn post<W, E: Copy>(
+        &self,
+        wr: *mut W,
+        bad: *mut *mut W,
+        entry: impl Fn(&W) -> (Result<E, c_int>, *mut W),
+    ) -> c_int {
+        let ring = self.ring;
+        let mut prod = self
+            .prod
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let start = *prod;
+        let mut cur = wr;
+        let mut err = 0;
+        // SAFETY: the application's chain of work requests.
+        while let Some(w) = unsafe { cur.as_ref() } {
+            let cons = ring.cons(self.map).load(Ordering::Acquire);
+            if prod.wrapping_sub(cons) >= ring.entries() {
+                err = libc::ENOMEM;
+                break;
             }
+            let (e, next) = entry(w);
+            match e {
+                Ok(e) => self.map.write(ring.slot(*prod), e),
+                Err(e) => {
+                    err = e;
+                    break;
+                }
+            }
+            *prod = prod.wrapping_add(1);
+            cur = next;
         }
-        r.map.write(ring.slot(*prod), wqe);
-        *prod = prod.wrapping_add(1);
-        cur = w.next;
-    }
-    if *prod != start {
-        ring.prod(r.map).store(*prod, Ordering::Release);
-        // SAFETY: per the caller.
-        unsafe { doorbell(r.ctx, ring.sleeping(r.map)) };
-    }
-    if err != 0 {
-        if !bad.is_null() {
+        if *prod != start {
+            ring.prod(self.map).store(*prod, Ordering::Release);
+            // SAFETY: per the caller.
+            unsafe { doorbell(self.ctx, ring.sleeping(self.map)) };
+        }
+        if err != 0 && !bad.is_null() {
             // SAFETY: the caller's out pointer.
             unsafe { *bad = cur };
         }
-        return err;
+        err
     }
-    0
+}
+
+/// A receive work request as the ring's entry, or `EINVAL` for more
+/// scatter entries than the queue takes.
+///
+/// # Safety
+/// `w`'s scatter list is the application's (valid for `num_sge`).
+unsafe fn recv_wqe(w: &sys::ibv_recv_wr, max_sge: u32) -> Result<RecvWqe, c_int> {
+    let n = usize::try_from(w.num_sge).unwrap_or(usize::MAX);
+    if n > max_sge as usize || n > ring::MAX_RECV_SGE || (n > 0 && w.sg_list.is_null()) {
+        return Err(libc::EINVAL);
+    }
+    let mut wqe = RecvWqe {
+        wr_id: w.wr_id,
+        num_sge: n as u32,
+        ..RecvWqe::default()
+    };
+    if n > 0 {
+        // SAFETY: num_sge entries at sg_list, per the caller.
+        let sges = unsafe { std::slice::from_raw_parts(w.sg_list, n) };
+        for (d, s) in wqe.sge.iter_mut().zip(sges) {
+            *d = ring::Sge {
+                addr: s.addr,
+                length: s.length,
+                lkey: s.lkey,
+            };
+        }
+    }
+    Ok(wqe)
 }
 
 /// `ops.post_recv`.
@@ -273,21 +270,19 @@ pub(crate) unsafe extern "C" fn post_recv(
     };
     // Verbs: no receives of its own for a QP in RESET or on an SRQ.
     if q.state.load(Ordering::Acquire) == sys::ibv_qp_state_IBV_QPS_RESET || !q.qp.srq.is_null() {
-        if !bad.is_null() {
-            // SAFETY: the caller's out pointer.
-            unsafe { *bad = wr };
-        }
-        return libc::EINVAL;
+        // SAFETY: per the verbs contract.
+        return unsafe { refuse(wr, bad) };
     }
-    let r = RecvRing {
+    let r = Producer {
         map: &q.map,
         ring: q.rings.rq,
         prod: &q.rq_prod,
-        max_sge: q.caps.recv_sge,
         ctx: q.qp.context,
     };
-    // SAFETY: per the verbs contract; the QP's context is open.
-    unsafe { post_recvs(&r, wr, bad) }
+    let max = q.caps.recv_sge;
+    // SAFETY: per the verbs contract (each request's scatter list is the
+    // application's); the QP's context is open.
+    unsafe { r.post(wr, bad, |w: &sys::ibv_recv_wr| (recv_wqe(w, max), w.next)) }
 }
 
 /// `ops.post_srq_recv`.
@@ -300,15 +295,16 @@ pub(crate) unsafe extern "C" fn post_srq_recv(
     let Some(q) = (unsafe { srq.cast::<Srq>().as_ref() }) else {
         return libc::EINVAL;
     };
-    let r = RecvRing {
+    let r = Producer {
         map: &q.map,
         ring: q.ring,
         prod: &q.prod,
-        max_sge: q.max_sge,
         ctx: q.srq.context,
     };
-    // SAFETY: per the verbs contract; the SRQ's context is open.
-    unsafe { post_recvs(&r, wr, bad) }
+    let max = q.max_sge;
+    // SAFETY: per the verbs contract (each request's scatter list is the
+    // application's); the SRQ's context is open.
+    unsafe { r.post(wr, bad, |w: &sys::ibv_recv_wr| (recv_wqe(w, max), w.next)) }
 }
 
 /// `ops.poll_cq`.

@@ -228,16 +228,8 @@ impl Engine {
     /// work posted in ERROR).
     pub fn complete_flushed(&mut self, qp: usize, wr_id: u64, opcode: WcOpcode) {
         let qpn = self.qps[qp].qpn;
-        self.staged.push_back(Completion {
-            wr_id,
-            opcode,
-            status: WcStatus::Flushed,
-            byte_len: 0,
-            imm: None,
-            qpn,
-            path: PathKind::Software,
-            src_qp: None,
-        });
+        self.staged
+            .push_back(Completion::software(wr_id, opcode, WcStatus::Flushed, qpn));
         self.notify_cq();
     }
 

@@ -352,6 +352,23 @@ pub struct Completion {
     pub src_qp: Option<u32>,
 }
 
+impl Completion {
+    /// A completion the software path makes, with no data counted in it:
+    /// an acknowledged send, a refusal, a flush, a retry limit.
+    pub(crate) fn software(wr_id: u64, opcode: WcOpcode, status: WcStatus, qpn: u32) -> Self {
+        Completion {
+            wr_id,
+            opcode,
+            status,
+            byte_len: 0,
+            imm: None,
+            qpn,
+            path: PathKind::Software,
+            src_qp: None,
+        }
+    }
+}
+
 /// Queue-pair state machine (verbs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QpState {

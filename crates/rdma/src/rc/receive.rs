@@ -185,16 +185,8 @@ impl Engine {
                             q.unacked.clear();
                             q.reads.clear();
                             if let Some((wr_id, kind)) = failed {
-                                self.staged.push_back(Completion {
-                                    wr_id,
-                                    opcode: kind,
-                                    status,
-                                    byte_len: 0,
-                                    imm: None,
-                                    qpn: q.qpn,
-                                    path: PathKind::Software,
-                                    src_qp: None,
-                                });
+                                self.staged
+                                    .push_back(Completion::software(wr_id, kind, status, q.qpn));
                             }
                             // The rest of the QP's work is flushed.
                             self.to_error(qi);

@@ -340,16 +340,8 @@ impl Engine {
         q.reads.clear();
         let qpn = q.qpn;
         for (wr_id, opcode) in failed {
-            self.staged.push_back(Completion {
-                wr_id,
-                opcode,
-                status,
-                byte_len: 0,
-                imm: None,
-                qpn,
-                path: PathKind::Software,
-                src_qp: None,
-            });
+            self.staged
+                .push_back(Completion::software(wr_id, opcode, status, qpn));
         }
         self.to_error(qi);
     }
@@ -439,16 +431,12 @@ impl Engine {
             }
             let o = q.unacked.pop_front().expect("front exists");
             if let Some(wr_id) = o.completes.filter(|_| !o.quiet) {
-                self.staged.push_back(Completion {
+                self.staged.push_back(Completion::software(
                     wr_id,
-                    opcode: o.kind,
-                    status: WcStatus::Success,
-                    byte_len: 0,
-                    imm: None,
-                    qpn: q.qpn,
-                    path: PathKind::Software,
-                    src_qp: None,
-                });
+                    o.kind,
+                    WcStatus::Success,
+                    q.qpn,
+                ));
             }
         }
         if q.unacked.len() < before {

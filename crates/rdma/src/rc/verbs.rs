@@ -160,16 +160,12 @@ impl Engine {
     /// moves the QP to ERROR (a scatter entry it may not use).
     pub(super) fn refuse(&mut self, qp: usize, wr_id: u64, opcode: WcOpcode) {
         let qpn = self.qps[qp].qpn;
-        self.staged.push_back(Completion {
+        self.staged.push_back(Completion::software(
             wr_id,
             opcode,
-            status: WcStatus::LocalProtectionError,
-            byte_len: 0,
-            imm: None,
+            WcStatus::LocalProtectionError,
             qpn,
-            path: PathKind::Software,
-            src_qp: None,
-        });
+        ));
         self.to_error(qp);
         self.notify_cq();
     }
@@ -462,16 +458,8 @@ impl Engine {
         let flushed = q.take_unfinished();
         q.rto_at = None;
         for (wr_id, opcode) in flushed {
-            self.staged.push_back(Completion {
-                wr_id,
-                opcode,
-                status: WcStatus::Flushed,
-                byte_len: 0,
-                imm: None,
-                qpn,
-                path: PathKind::Software,
-                src_qp: None,
-            });
+            self.staged
+                .push_back(Completion::software(wr_id, opcode, WcStatus::Flushed, qpn));
         }
         self.notify_cq();
     }
@@ -550,16 +538,12 @@ impl Engine {
         if matches!(q.state, QpState::Reset | QpState::Error) {
             // Verbs: a receive posted to a QP in ERROR completes flushed.
             let qpn = q.qpn;
-            self.staged.push_back(Completion {
-                wr_id: wr.wr_id,
-                opcode: WcOpcode::Recv,
-                status: WcStatus::Flushed,
-                byte_len: 0,
-                imm: None,
+            self.staged.push_back(Completion::software(
+                wr.wr_id,
+                WcOpcode::Recv,
+                WcStatus::Flushed,
                 qpn,
-                path: PathKind::Software,
-                src_qp: None,
-            });
+            ));
             self.notify_cq();
             return;
         }
