@@ -65,6 +65,9 @@ test_deps=(
     "ib_read_lat perftest"
     "ib_atomic_lat perftest"
     "/usr/lib/x86_64-linux-gnu/libibverbs/librxe-rdmav34.so ibverbs-providers"
+    # UCX's own tools over the card's device.
+    "ucx_info ucx-utils"
+    "ucx_perftest ucx-utils"
     # vGPU: Mesa's lavapipe gives wgpu a Vulkan device on the CPU.
     "/usr/share/vulkan/icd.d/lvp_icd*.json mesa-vulkan-drivers"
     "chromium chromium"

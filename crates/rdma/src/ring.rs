@@ -177,7 +177,8 @@ pub struct Cqe {
     pub pkey_index: u16,
     /// Source LID (0 on RoCE).
     pub slid: u16,
-    /// Service level (0).
+    /// Service level: none on RoCE; a UD receive's says what its GRH
+    /// area holds (2: IPv4).
     pub sl: u8,
     /// Path bits (0).
     pub dlid_path_bits: u8,

@@ -198,3 +198,122 @@ fn under_faults(gso: bool) {
         "corrupted datagrams are dropped by the ICRC check: {sa:?}"
     );
 }
+
+/// RDMA READs, each followed by a SEND, while the responder loses 2 % of
+/// what it sends. A READ is answered by its responses alone: when one of
+/// them is lost and the ACK of the SEND behind it arrives, the READ is
+/// not done (an implicit NAK) and is asked for again. Every READ returns
+/// the responder's data, every SEND arrives once, in order.
+#[test]
+fn reads_complete_when_their_responses_are_lost() {
+    const READS: usize = 512;
+    const READ_MSG: usize = 64 << 10;
+    const SEND: usize = 64;
+    let ns = softcard_testkit::Netns::new("fltr");
+    let t = std::thread::spawn(move || {
+        ns.enter();
+        let mut a = Engine::open(A).expect("engine (needs CAP_NET_RAW)");
+        let mut b = Engine::open(B).unwrap();
+        b.set_faults(Faults {
+            seed: 5,
+            drop_ppm: 20_000,
+            dup_ppm: 0,
+            reorder_ppm: 0,
+            corrupt_ppm: 0,
+        });
+        let (qa, qb) = (a.create_qp(0x140), b.create_qp(0x240));
+        a.set_mtu(qa, 4096);
+        b.set_mtu(qb, 4096);
+        a.connect(qa, 0x240, B, 1, 700);
+        b.connect(qb, 0x140, A, 700, 1);
+        let source = b.reg_mr(
+            READS * READ_MSG,
+            Access {
+                remote_read: true,
+                local_write: true,
+                ..Access::default()
+            },
+        );
+        for k in 0..READS {
+            b.fill(source, k * READ_MSG, &fill(k as u64, READ_MSG));
+        }
+        let (va, rkey) = (b.mr(source).va, b.mr(source).rkey);
+        let local = Access {
+            local_write: true,
+            ..Access::default()
+        };
+        let dest = a.reg_mr(READS * READ_MSG, local);
+        let msgs = a.reg_mr(SEND, local);
+        let inbox = b.reg_mr(RECVS * SEND, local);
+        for i in 0..RECVS {
+            b.post_recv(
+                qb,
+                RecvWr {
+                    wr_id: i as u64,
+                    mr: inbox,
+                    offset: i * SEND,
+                    len: SEND,
+                },
+            );
+        }
+        let mut posted = 0usize;
+        let mut completed: BTreeMap<u64, u32> = BTreeMap::new();
+        let mut received = 0usize;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while (completed.len() < 2 * READS || received < READS) && Instant::now() < deadline {
+            while posted < READS && 2 * posted - completed.len() < IN_FLIGHT {
+                let k = posted;
+                a.post_read(
+                    qa,
+                    2 * k as u64,
+                    dest,
+                    k * READ_MSG,
+                    READ_MSG,
+                    va + (k * READ_MSG) as u64,
+                    rkey,
+                )
+                .unwrap();
+                a.post_send(qa, 2 * k as u64 + 1, msgs, 0, SEND).unwrap();
+                posted += 1;
+            }
+            a.poll(Duration::from_millis(1)).unwrap();
+            b.poll(Duration::from_millis(1)).unwrap();
+            while let Some(c) = a.cq.pop_front() {
+                assert_eq!(c.status, WcStatus::Success, "{c:?}");
+                *completed.entry(c.wr_id).or_default() += 1;
+            }
+            while let Some(c) = b.cq.pop_front() {
+                assert_eq!((c.opcode, c.status), (WcOpcode::Recv, WcStatus::Success));
+                received += 1;
+                b.post_recv(
+                    qb,
+                    RecvWr {
+                        wr_id: c.wr_id,
+                        mr: inbox,
+                        offset: c.wr_id as usize * SEND,
+                        len: SEND,
+                    },
+                );
+            }
+        }
+        assert_eq!(
+            completed.len(),
+            2 * READS,
+            "not every work request completed"
+        );
+        assert!(
+            completed.values().all(|&n| n == 1),
+            "a completion came twice"
+        );
+        assert_eq!(received, READS, "SENDs arrived more or less than once");
+        for k in 0..READS {
+            let got = &a.mr(dest).bytes()[k * READ_MSG..(k + 1) * READ_MSG];
+            assert!(got == &fill(k as u64, READ_MSG)[..], "READ {k} differs");
+        }
+        (a.stats, b.injected())
+    });
+    let (sa, ib) = t.join().unwrap();
+    eprintln!("A {sa:?}; B injected {ib:?}");
+    assert!(ib[0] > 0, "responses were lost: {ib:?}");
+    assert!(sa.retransmits > 0, "{sa:?}");
+}

@@ -136,12 +136,17 @@ unsafe extern "C" fn end_poll(cq: *mut sys::ibv_cq_ex) {
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     let at = q.ex.at.load(Ordering::Acquire);
+    let prod = q.ring.prod(&q.map).load(Ordering::Acquire);
+    // Only this side writes the consumer counter.
+    let waiting = prod.wrapping_sub(q.ring.cons(&q.map).load(Ordering::Relaxed));
     // The last one loaded is consumed too (it was read).
-    if q.ring.prod(&q.map).load(Ordering::Acquire).wrapping_sub(at) != 0 && *cons == at {
+    if prod.wrapping_sub(at) != 0 && *cons == at {
         *cons = at.wrapping_add(1);
     }
     q.ring.cons(&q.map).store(*cons, Ordering::Release);
     drop(cons);
+    // SAFETY: the CQ's context is open.
+    unsafe { crate::datapath::made_room(q, waiting) };
     q.ex.busy.store(false, Ordering::Release);
 }
 

@@ -328,11 +328,8 @@ pub(crate) unsafe extern "C" fn poll_cq(
         .cons
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let avail = r
-        .prod(&q.map)
-        .load(Ordering::Acquire)
-        .wrapping_sub(*cons)
-        .min(r.entries());
+    let waiting = r.prod(&q.map).load(Ordering::Acquire).wrapping_sub(*cons);
+    let avail = waiting.min(r.entries());
     let n = avail.min(num);
     for k in 0..n {
         let c: Cqe = q.map.read(r.slot(cons.wrapping_add(k)));
@@ -358,8 +355,25 @@ pub(crate) unsafe extern "C" fn poll_cq(
     if n > 0 {
         *cons = cons.wrapping_add(n);
         r.cons(&q.map).store(*cons, Ordering::Release);
+        // SAFETY: the CQ's context is open.
+        unsafe { made_room(q, waiting) };
     }
     n.cast_signed()
+}
+
+/// After the application took completions from a ring that held
+/// `waiting`: a full ring may have left completions at the card, which
+/// publishes them when woken rather than at its next timed look (the card
+/// sleeps only after looking at the consumer counter once more, so one of
+/// the two sides sees the other).
+///
+/// # Safety
+/// The CQ's context is open.
+pub(crate) unsafe fn made_room(q: &Cq, waiting: u32) {
+    if waiting >= q.ring.entries() {
+        // SAFETY: per the caller.
+        unsafe { doorbell(q.cq.context, q.ring.sleeping(&q.map)) };
+    }
 }
 
 /// `ops.req_notify_cq`: the next completion (or one already waiting)

@@ -81,6 +81,10 @@ struct Context {
     conn: conn::Conn,
     /// The device's doorbell.
     doorbell: std::os::fd::OwnedFd,
+    /// The context's `async_fd`: the card raises no asynchronous events
+    /// yet, so nothing is ever written to it; applications (UCX) poll it
+    /// and set it non-blocking, which needs a real descriptor.
+    events: std::os::fd::OwnedFd,
 }
 
 /// Where the card daemon's RDMA control socket is.
@@ -126,7 +130,10 @@ fn device(info: DeviceInfo) -> Device {
         ..Default::default()
     };
     put(&mut dev.name, &info.name);
-    put(&mut dev.dev_name, &format!("uverbs-{}", info.name));
+    put(
+        &mut dev.dev_name,
+        &softcard_rdma::service::dev_name(&info.name),
+    );
     Device { dev, info }
 }
 
@@ -224,10 +231,17 @@ pub unsafe extern "C" fn ibv_open_device(dev: *mut sys::ibv_device) -> *mut sys:
             return std::ptr::null_mut();
         }
     };
+    // SAFETY: eventfd takes no pointers; a descriptor it returns is ours.
+    let events = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+    if events < 0 {
+        return std::ptr::null_mut();
+    }
+    // SAFETY: `events` is a descriptor just opened and owned by nobody else.
+    let events = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(events) };
     let mut ctx = sys::ibv_context {
         device: dev,
         cmd_fd: -1,
-        async_fd: -1,
+        async_fd: std::os::fd::AsRawFd::as_raw_fd(&events),
         num_comp_vectors: 1,
         // verbs.h's __VERBS_ABI_IS_EXTENDED: a verbs_context.
         abi_compat: std::ptr::without_provenance_mut(usize::MAX),
@@ -250,6 +264,7 @@ pub unsafe extern "C" fn ibv_open_device(dev: *mut sys::ibv_device) -> *mut sys:
         device,
         conn,
         doorbell,
+        events,
     }));
     // SAFETY: `c` is the live allocation just made; the application holds
     // the ibv_context inside it until ibv_close_device.
@@ -291,6 +306,29 @@ pub unsafe extern "C" fn ibv_close_device(ctx: *mut sys::ibv_context) -> c_int {
     // SAFETY: a Box<Context> from ibv_open_device, freed once.
     drop(unsafe { Box::from_raw(c) });
     0
+}
+
+/// `ibv_get_async_event`: waits on the context's `async_fd` as verbs
+/// prescribes (or fails with `EAGAIN` when the application made it
+/// non-blocking). The card raises no asynchronous events yet, so a wait
+/// ends only in an error.
+#[no_mangle]
+pub unsafe extern "C" fn ibv_get_async_event(
+    ctx: *mut sys::ibv_context,
+    event: *mut sys::ibv_async_event,
+) -> c_int {
+    // SAFETY: per the verbs contract, ctx came from ibv_open_device.
+    let Some(c) = (unsafe { context(ctx) }) else {
+        set_errno(libc::EINVAL);
+        return -1;
+    };
+    let _ = event;
+    let mut word = [0_u8; 8];
+    match rustix::io::read(&c.events, &mut word) {
+        Err(e) => set_errno(e.raw_os_error()),
+        Ok(_) => set_errno(libc::EIO),
+    }
+    -1
 }
 
 /// `ibv_query_device`.

@@ -492,6 +492,9 @@ const QP_RQ_PSN: c_int = 1 << 12;
 const QP_SQ_PSN: c_int = 1 << 16;
 const QP_DEST_QPN: c_int = 1 << 20;
 const QP_MIN_RNR_TIMER: c_int = 1 << 15;
+const QP_TIMEOUT: c_int = 1 << 9;
+const QP_RETRY_CNT: c_int = 1 << 10;
+const QP_RNR_RETRY: c_int = 1 << 11;
 
 /// `ibv_modify_qp`: RESET → INIT → RTR → RTS, ERROR and back to RESET.
 /// The peer is named by its GID (RoCE v2: an IPv4-mapped address), so
@@ -525,13 +528,21 @@ pub unsafe extern "C" fn ibv_modify_qp(
         return libc::EINVAL;
     }
     let pick = |bit: c_int, v: u32| if mask & bit != 0 { v } else { 0 };
+    // Retry settings: `-` where the mask leaves them alone (0 is a value).
+    let given = |bit: c_int, v: u8| {
+        if mask & bit != 0 {
+            v.to_string()
+        } else {
+            "-".to_string()
+        }
+    };
     // SAFETY: the GID union is plain bytes.
     let gid: String = unsafe { a.ah_attr.grh.dgid.raw }
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect();
     let line = format!(
-        "MODIFY {} {state} {} {} {} {} {gid} {} {}",
+        "MODIFY {} {state} {} {} {} {} {gid} {} {} {} {} {}",
         q.qp.handle,
         pick(QP_PATH_MTU, a.path_mtu),
         pick(QP_DEST_QPN, a.dest_qp_num),
@@ -539,6 +550,9 @@ pub unsafe extern "C" fn ibv_modify_qp(
         pick(QP_SQ_PSN, a.sq_psn),
         pick(QP_QKEY, a.qkey),
         pick(QP_MIN_RNR_TIMER, u32::from(a.min_rnr_timer)),
+        given(QP_TIMEOUT, a.timeout),
+        given(QP_RETRY_CNT, a.retry_cnt),
+        given(QP_RNR_RETRY, a.rnr_retry),
     );
     match c.conn.call(&line, &[]) {
         Ok(_) => {

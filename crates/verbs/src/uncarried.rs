@@ -86,7 +86,6 @@ errno! {
 }
 
 minus_one! {
-    ibv_get_async_event(ctx: P, event: P);
     ibv_query_pkey(ctx: P, port: u8, index: c_int, pkey: P);
     ibv_get_pkey_index(ctx: P, port: u8, pkey: u16);
 }

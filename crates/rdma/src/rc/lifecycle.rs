@@ -238,4 +238,27 @@ impl Engine {
     pub fn set_min_rnr_timer(&mut self, qp: usize, timer: u8) {
         self.qps[qp].min_rnr_timer = timer & 0x1f;
     }
+
+    /// Sets queue pair `qp`'s local ACK timeout (verbs' `timeout`, IBTA
+    /// encoding: 4.096 us << `timeout`; 0, infinite, keeps the engine's so
+    /// that a lost packet is still recovered), its retry count and its RNR
+    /// retry count (7: without limit). `None` leaves one as it is.
+    pub fn set_retry(
+        &mut self,
+        qp: usize,
+        timeout: Option<u8>,
+        retry_cnt: Option<u8>,
+        rnr_retry: Option<u8>,
+    ) {
+        let q = &mut self.qps[qp];
+        if let Some(t) = timeout.filter(|t| (1..=31).contains(t)) {
+            q.rto = Some(Duration::from_nanos(4096 << t));
+        }
+        if let Some(n) = retry_cnt {
+            q.max_retries = Some(u32::from(n.min(7)));
+        }
+        if let Some(n) = rnr_retry {
+            q.rnr_retry = Some(u32::from(n.min(7)));
+        }
+    }
 }

@@ -422,6 +422,15 @@ pub struct QueuePair {
     rnr_at: Option<Instant>,
     /// RNR NAKs in a row without progress.
     rnr_retries: u32,
+    /// The application's local ACK timeout, retry count and RNR retry
+    /// count (verbs' `timeout`, `retry_cnt`, `rnr_retry`); the engine's
+    /// own where it set none.
+    rto: Option<Duration>,
+    max_retries: Option<u32>,
+    rnr_retry: Option<u32>,
+    /// The READ or atomic (by PSN) sent again because an ACK passed it
+    /// unanswered, until something moves.
+    resent_for: Option<u32>,
     /// The protection domain whose regions this QP may use.
     pd: Pd,
     /// A NAK for the current expected PSN was sent (send it once).
@@ -488,6 +497,10 @@ impl QueuePair {
             retries: 0,
             rnr_at: None,
             rnr_retries: 0,
+            rto: None,
+            max_retries: None,
+            rnr_retry: None,
+            resent_for: None,
             pd: Pd::DEFAULT,
             nak_sent: false,
             ack_due: None,

@@ -149,22 +149,32 @@ pub fn place(
             }
             let reth = pkt.reth.ok_or(Slow::Access)?;
             let total = reth.dma_len as usize;
-            let mri = mrs
-                .iter()
-                .position(|m| m.rkey == reth.rkey && m.pd == qp.pd)
-                .ok_or(Slow::Access)?;
-            let mr = &mrs[mri];
-            if !mr.access.remote_write {
-                return Err(Slow::Access);
+            if total == 0 {
+                // A zero-length WRITE names no memory: its R_Key and VA are
+                // not checked (IBTA C9-88).
+                if !last || len != 0 {
+                    return Err(Slow::Access);
+                }
+                (None, 0, 0, 0)
+            } else {
+                let mri = mrs
+                    .iter()
+                    .position(|m| m.rkey == reth.rkey && m.pd == qp.pd)
+                    .ok_or(Slow::Access)?;
+                let mr = &mrs[mri];
+                if !mr.access.remote_write {
+                    return Err(Slow::Access);
+                }
+                let off = usize::try_from(reth.va.checked_sub(mr.va).ok_or(Slow::Access)?)
+                    .map_err(|_| Slow::Access)?;
+                if off.checked_add(total).is_none_or(|e| e > mr.buf.len()) {
+                    return Err(Slow::Access);
+                }
+                (Some(mri), off, total, total)
             }
-            let off = usize::try_from(reth.va.checked_sub(mr.va).ok_or(Slow::Access)?)
-                .map_err(|_| Slow::Access)?;
-            if off.checked_add(total).is_none_or(|e| e > mr.buf.len()) {
-                return Err(Slow::Access);
-            }
-            (mri, off, total, total)
         } else {
-            qp.write_msg.ok_or(Slow::OutOfSequence)?
+            let (mri, off, left, total) = qp.write_msg.ok_or(Slow::OutOfSequence)?;
+            (Some(mri), off, left, total)
         };
         if len > left || (last && len != left) {
             return Err(Slow::Access);
@@ -172,7 +182,9 @@ pub fn place(
         if with_imm && qp.rq.is_empty() {
             return Err(Slow::NoReceive);
         }
-        mrs[mri].buf[off..off + len].copy_from_slice(pkt.payload);
+        if let Some(mri) = mri {
+            mrs[mri].buf[off..off + len].copy_from_slice(pkt.payload);
+        }
         if last {
             qp.write_msg = None;
             if with_imm {
@@ -188,7 +200,7 @@ pub fn place(
                     src_qp: None,
                 });
             }
-        } else {
+        } else if let Some(mri) = mri {
             qp.write_msg = Some((mri, off + len, left - len, total));
         }
     }
@@ -460,6 +472,43 @@ mod tests {
             (42, 5, Some(0xabcd), PathKind::Fast)
         );
         assert_eq!(q.epsn, 101);
+    }
+
+    #[test]
+    fn a_zero_length_write_names_no_memory() {
+        let (mut q, mut mrs, mut cq) = (qp(), vec![mr(1, 64, true)], VecDeque::new());
+        // UCX ends bursts with these: no region has this R_Key or VA.
+        let nothing = Some(Reth {
+            va: 0,
+            rkey: 0xdead,
+            dma_len: 0,
+        });
+        let r = place(
+            &mut q,
+            &mut mrs,
+            &pkt(opcode::WRITE_ONLY, 100, b"", nothing),
+            &mut cq,
+        );
+        assert_eq!(
+            r,
+            Ok(Placed::Done {
+                psn: 100,
+                ack_req: true
+            })
+        );
+        assert_eq!((q.epsn, cq.len()), (101, 0));
+        assert!(mrs[0].buf.iter().all(|b| *b == 0));
+        // A zero DMA length with data, or on a first packet, is refused.
+        for (op, data) in [
+            (opcode::WRITE_ONLY, &b"x"[..]),
+            (opcode::WRITE_FIRST, &[0; 256][..]),
+        ] {
+            assert_eq!(
+                place(&mut q, &mut mrs, &pkt(op, 101, data, nothing), &mut cq),
+                Err(Slow::Access)
+            );
+        }
+        assert!(mrs[0].buf.iter().all(|b| *b == 0));
     }
 
     #[test]

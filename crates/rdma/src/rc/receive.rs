@@ -116,8 +116,9 @@ impl Engine {
                     self.stats.fast_packets += 1;
                     self.stats.fast_bytes += pkt.payload.len() as u64;
                     // A read response acknowledges every earlier request.
-                    if let Some(p) = last {
-                        self.acknowledge(qi, p)?;
+                    match last {
+                        Some(p) => self.acknowledge(qi, p)?,
+                        None => self.progress(qi),
                     }
                 }
                 Err(_) => self.stats.slow_packets += 1,
@@ -198,7 +199,7 @@ impl Engine {
                         // for, up to `rnr_retry` times in a row.
                         self.acknowledge(qi, psn_add(pkt.bth.psn, 0x00ff_ffff))?;
                         self.stats.rnr_naks += 1;
-                        let limit = self.rnr_retry;
+                        let limit = self.qps[qi].rnr_retry.unwrap_or(self.rnr_retry);
                         let q = &mut self.qps[qi];
                         if q.unacked.is_empty() {
                             return Ok(());

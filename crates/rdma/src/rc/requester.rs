@@ -241,7 +241,7 @@ impl Engine {
     /// Sends queued packets while the window has room.
     pub(super) fn flush_tx(&mut self, qi: usize) -> io::Result<()> {
         let window = self.window;
-        let rto = self.rto;
+        let rto = self.rto_of(qi);
         let q = &mut self.qps[qi];
         let first = q.unacked.len();
         let is_atomic = |o: &Outstanding| matches!(o.kind, WcOpcode::CompSwap | WcOpcode::FetchAdd);
@@ -284,6 +284,24 @@ impl Engine {
         self.stats.note_send(sent);
     }
 
+    /// QP `qi`'s retransmission timeout.
+    pub(super) fn rto_of(&self, qi: usize) -> Duration {
+        self.qps[qi].rto.unwrap_or(self.rto)
+    }
+
+    /// A response that makes progress without acknowledging a whole
+    /// request (a READ's middle packets) restarts QP `qi`'s timer: a long
+    /// READ is not resent while its data streams in.
+    pub(super) fn progress(&mut self, qi: usize) {
+        let rto = self.rto_of(qi);
+        let q = &mut self.qps[qi];
+        q.retries = 0;
+        q.resent_for = None;
+        if q.rto_at.is_some() {
+            q.rto_at = Some(Instant::now() + rto);
+        }
+    }
+
     /// Go-back-N: sends every unacknowledged packet of QP `qi` again.
     pub(super) fn resend_unacked(&mut self, qi: usize) {
         self.stats.retransmits += self.qps[qi].unacked.len() as u64;
@@ -303,19 +321,19 @@ impl Engine {
                 // The peer's RNR timer ran out: send the refused packets
                 // (and what followed) again.
                 q.rnr_at = None;
-                q.rto_at = Some(now + self.rto);
+                q.rto_at = Some(now + q.rto.unwrap_or(self.rto));
                 self.resend_unacked(qi);
                 continue;
             }
             if q.rto_at.is_none_or(|t| t > now) {
                 continue;
             }
-            if q.retries >= self.max_retries {
+            if q.retries >= q.max_retries.unwrap_or(self.max_retries) {
                 self.fail_outstanding(qi, WcStatus::RetryExceeded);
                 continue;
             }
             q.retries += 1;
-            q.rto_at = Some(now + self.rto);
+            q.rto_at = Some(now + q.rto.unwrap_or(self.rto));
             self.resend_unacked(qi);
         }
         Ok(())
@@ -425,8 +443,16 @@ impl Engine {
     pub(super) fn acknowledge(&mut self, qi: usize, psn: u32) -> io::Result<()> {
         let q = &mut self.qps[qi];
         let before = q.unacked.len();
+        let mut unanswered = None;
         while let Some(o) = q.unacked.front() {
             if o.psn != psn && !wire::psn_before(o.psn, psn) {
+                break;
+            }
+            // A READ or an atomic is answered by its response alone: an
+            // ACK past one whose response has not all come means the
+            // response was lost on the way (an implicit NAK).
+            if q.reads.iter().any(|r| r.first_psn == o.psn) {
+                unanswered = Some(o.psn);
                 break;
             }
             let o = q.unacked.pop_front().expect("front exists");
@@ -442,7 +468,15 @@ impl Engine {
         if q.unacked.len() < before {
             q.retries = 0;
             q.rnr_retries = 0;
-            q.rto_at = (!q.unacked.is_empty()).then(|| Instant::now() + self.rto);
+            q.resent_for = None;
+            let rto = q.rto.unwrap_or(self.rto);
+            q.rto_at = (!q.unacked.is_empty()).then(|| Instant::now() + rto);
+        }
+        // The lost response's request goes again (once until something
+        // moves: later ACKs that say the same are not new news).
+        if let Some(p) = unanswered.filter(|p| q.resent_for != Some(*p)) {
+            q.resent_for = Some(p);
+            self.resend_unacked(qi);
         }
         self.flush_tx(qi)
     }

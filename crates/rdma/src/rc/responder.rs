@@ -182,16 +182,21 @@ impl Engine {
         });
         let len = reth.dma_len as usize;
         let pd = q.pd;
-        let found = self
-            .mrs
-            .iter()
-            .position(|m| m.rkey == reth.rkey && m.pd == pd)
-            .and_then(|i| {
-                let m = &self.mrs[i];
-                let off = usize::try_from(reth.va.checked_sub(m.va)?).ok()?;
-                (m.access.remote_read && off.checked_add(len).is_some_and(|e| e <= m.buf.len()))
-                    .then_some((i, off))
-            });
+        // A zero-length READ names no memory: its R_Key and VA are not
+        // checked (IBTA C9-88), and its one response carries nothing.
+        let found = if len == 0 {
+            Some((None, 0))
+        } else {
+            self.mrs
+                .iter()
+                .position(|m| m.rkey == reth.rkey && m.pd == pd)
+                .and_then(|i| {
+                    let m = &self.mrs[i];
+                    let off = usize::try_from(reth.va.checked_sub(m.va)?).ok()?;
+                    (m.access.remote_read && off.checked_add(len).is_some_and(|e| e <= m.buf.len()))
+                        .then_some((Some(i), off))
+                })
+        };
         let Some((mi, off)) = found else {
             let e = q.epsn;
             self.qps[qi].state = QpState::Error;
@@ -244,7 +249,7 @@ impl Engine {
                     let (head, tail) = buf.split_at_mut(*split);
                     Piece {
                         head,
-                        body: &mrs[mi].buf[*at..*at + *size],
+                        body: mi.map_or(&[][..], |mi| &mrs[mi].buf[*at..*at + *size]),
                         tail,
                     }
                 })

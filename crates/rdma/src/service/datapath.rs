@@ -435,6 +435,9 @@ fn post_ud(
 }
 
 /// A completion as `ibv_wc` has it.
+/// A UD receive completion's `sl`: the GRH area holds an IPv4 header.
+const UD_L3_IPV4: u8 = 2;
+
 fn cqe(c: &Completion) -> Cqe {
     let status = match c.status {
         WcStatus::Success => 0,
@@ -464,6 +467,10 @@ fn cqe(c: &Completion) -> Cqe {
         src_qp: c.src_qp.unwrap_or(0),
         // IBV_WC_WITH_IMM, IBV_WC_GRH (UD receives).
         wc_flags: u32::from(c.imm.is_some()) << 1 | u32::from(c.src_qp.is_some()),
+        // RoCE has no service level. A UD receive's `sl` says what the GRH
+        // area holds, as ConnectX reports it and UCX reads it to find the
+        // destination address there: 2, an IPv4 header.
+        sl: if c.src_qp.is_some() { UD_L3_IPV4 } else { 0 },
         ..Cqe::default()
     }
 }

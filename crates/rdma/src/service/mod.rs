@@ -41,9 +41,11 @@ use crate::rc::{Engine, PathStats};
 
 mod datapath;
 mod fuzzing;
+mod node;
 mod session;
 
 pub use fuzzing::fuzz_session;
+pub use node::{dev_name, node_path};
 
 use datapath::{DataPath, Port};
 use session::{Refusal, Session};
@@ -172,6 +174,13 @@ impl RdmaService {
                     format!("rdma device {name}: an engine on {address}: {e}"),
                 )
             })?;
+            match node::make_node(name) {
+                Ok(p) => log::debug!("rdma device {name}: node {}", p.display()),
+                Err(e) => log::warn!(
+                    "rdma device {name}: no node in /dev/infiniband ({e}): applications that \
+                     look for one (UCX) will not list the device"
+                ),
+            }
             let port = Arc::new(Mutex::new(Port::default()));
             let doorbell = crate::shm::eventfd()?;
             let hook = Box::new(DataPath::new(port.clone()));

@@ -478,7 +478,7 @@ impl Session {
     }
 
     /// `MODIFY qp state mtu dest_qpn rq_psn sq_psn dgid [qkey
-    /// [min_rnr_timer]]`: the
+    /// [min_rnr_timer [timeout retry_cnt rnr_retry]]]`: the
     /// state transitions of a queue pair (the library sends what the
     /// attribute mask named, zero elsewhere; a UD queue pair takes its
     /// Q_Key going to INIT).
@@ -492,6 +492,9 @@ impl Session {
         let dgid_word = w.next();
         let qkey: Option<u32> = w.next().and_then(|k| k.parse().ok());
         let min_rnr: Option<u8> = w.next().and_then(|k| k.parse().ok()).filter(|t| *t <= 31);
+        // `-` (or nothing): the application left it alone.
+        let mut setting = || -> Option<u8> { w.next().and_then(|k| k.parse().ok()) };
+        let (timeout, retry_cnt, rnr_retry) = (setting(), setting(), setting());
         let qpn = self.qp(h)?.qpn;
         if self.qp(h)?.ud {
             let to = match state {
@@ -546,6 +549,7 @@ impl Session {
                 if now != QpState::Rts {
                     e.to_rts(i, sq_psn).map_err(|_| bad("RTS"))?;
                 }
+                e.set_retry(i, timeout, retry_cnt, rnr_retry);
             }
             6 => e.to_error(i),
             _ => return Err(Refusal(libc::EOPNOTSUPP, format!("QP state {state}"))),

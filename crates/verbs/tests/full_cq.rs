@@ -1,0 +1,167 @@
+//! A completion queue smaller than the work that completes on it (an
+//! overrun, which verbs leaves to the application): the completions that
+//! do not fit wait at the card and reach the application as it polls room
+//! free, in order, none lost, also after the card's thread went to sleep
+//! with them. Through the real card service (in a network namespace the
+//! test creates, on its loopback; needs root) and the library's C entry
+//! points.
+
+use std::ptr::null_mut;
+
+use ibverbs::sys;
+use softcard_rdma::service::RdmaService;
+
+#[test]
+fn completions_beyond_a_full_ring_reach_the_application() {
+    const N: u32 = 16;
+    let ns = softcard_testkit::Netns::new("fullcq");
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("rdma.sock");
+    let _svc = std::thread::scope(|s| {
+        s.spawn(|| {
+            ns.enter();
+            RdmaService::start(
+                &[("softcard0".into(), std::net::Ipv4Addr::LOCALHOST)],
+                &sock,
+            )
+            .expect("the card's engine (needs CAP_NET_RAW)")
+        })
+        .join()
+        .unwrap()
+    });
+    // The library reads its socket from the environment once, at the
+    // first device list (this test binary has no other test).
+    std::env::set_var("SOFTCARD_RDMA_SOCKET", &sock);
+    let mut buf = vec![0u8; 64 * N as usize];
+    // SAFETY: the library's C API, called as verbs documents; every
+    // pointer passed is live for the call, every object is destroyed
+    // before the buffer is freed.
+    unsafe {
+        let mut n = 0;
+        let list = ibverbs::ibv_get_device_list(&mut n);
+        assert_eq!(n, 1);
+        let ctx = ibverbs::ibv_open_device(*list);
+        assert!(!ctx.is_null());
+        let pd = ibverbs::ibv_alloc_pd(ctx);
+        assert!(!pd.is_null());
+        let access = sys::ibv_access_flags_IBV_ACCESS_LOCAL_WRITE.cast_signed();
+        let mr = ibverbs::ibv_reg_mr(pd, buf.as_mut_ptr().cast(), buf.len(), access);
+        assert!(!mr.is_null());
+        // The smallest queue the card makes, for 2 x N completions.
+        let cq = ibverbs::ibv_create_cq(ctx, 1, null_mut(), null_mut(), 0);
+        assert!(!cq.is_null());
+        let ring = u32::try_from((*cq).cqe).unwrap();
+        assert!(ring < 2 * N, "a ring of {ring}");
+        let mut init = sys::ibv_qp_init_attr {
+            send_cq: cq,
+            recv_cq: cq,
+            qp_type: sys::ibv_qp_type_IBV_QPT_RC,
+            cap: sys::ibv_qp_cap {
+                max_send_wr: N,
+                max_recv_wr: N,
+                max_send_sge: 1,
+                max_recv_sge: 1,
+                max_inline_data: 0,
+            },
+            ..Default::default()
+        };
+        let qp = ibverbs::ibv_create_qp(pd, &mut init);
+        assert!(!qp.is_null());
+        // Connected to itself.
+        let mut a = sys::ibv_qp_attr {
+            qp_state: sys::ibv_qp_state_IBV_QPS_INIT,
+            port_num: 1,
+            ..Default::default()
+        };
+        assert_eq!(ibverbs::ibv_modify_qp(qp, &mut a, 1 | 16 | 32 | 8), 0);
+        let mut a = sys::ibv_qp_attr {
+            qp_state: sys::ibv_qp_state_IBV_QPS_RTR,
+            path_mtu: sys::ibv_mtu_IBV_MTU_1024,
+            dest_qp_num: (*qp).qp_num,
+            ..Default::default()
+        };
+        a.ah_attr.is_global = 1;
+        a.ah_attr.port_num = 1;
+        a.ah_attr.grh.dgid.raw = std::net::Ipv4Addr::LOCALHOST.to_ipv6_mapped().octets();
+        assert_eq!(
+            ibverbs::ibv_modify_qp(qp, &mut a, 1 | 128 | 256 | 4096 | (1 << 20)),
+            0
+        );
+        let mut a = sys::ibv_qp_attr {
+            qp_state: sys::ibv_qp_state_IBV_QPS_RTS,
+            ..Default::default()
+        };
+        assert_eq!(ibverbs::ibv_modify_qp(qp, &mut a, 1 | (1 << 16)), 0);
+
+        let ops = &(*ctx).ops;
+        let base = buf.as_mut_ptr();
+        for k in 0..N {
+            let mut sge = sys::ibv_sge {
+                addr: base.add(64 * k as usize) as u64,
+                length: 32,
+                lkey: (*mr).lkey,
+            };
+            let mut wr = sys::ibv_recv_wr {
+                wr_id: u64::from(k),
+                sg_list: &mut sge,
+                num_sge: 1,
+                ..Default::default()
+            };
+            let mut bad = null_mut();
+            assert_eq!(ops.post_recv.unwrap()(qp, &mut wr, &mut bad), 0);
+        }
+        for k in 0..N {
+            let at = 64 * k as usize + 32;
+            buf[at..at + 4].copy_from_slice(&k.to_le_bytes());
+            let mut sge = sys::ibv_sge {
+                addr: base.add(at) as u64,
+                length: 4,
+                lkey: (*mr).lkey,
+            };
+            let mut wr = sys::ibv_send_wr {
+                wr_id: 1000 + u64::from(k),
+                sg_list: &mut sge,
+                num_sge: 1,
+                opcode: sys::ibv_wr_opcode_IBV_WR_SEND,
+                send_flags: sys::ibv_send_flags_IBV_SEND_SIGNALED,
+                ..Default::default()
+            };
+            let mut bad = null_mut();
+            assert_eq!(ops.post_send.unwrap()(qp, &mut wr, &mut bad), 0);
+        }
+        // Time for every message to go and for the card's thread to go to
+        // sleep with a full ring and completions left over.
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let (mut sends, mut recvs) = (Vec::new(), Vec::new());
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while sends.len() + recvs.len() < 2 * N as usize && std::time::Instant::now() < end {
+            let mut wc = [sys::ibv_wc::default(); 1];
+            let n = ops.poll_cq.unwrap()(cq, 1, wc.as_mut_ptr());
+            assert!(n >= 0);
+            if n == 1 {
+                assert_eq!(wc[0].status, 0, "{:?}", wc[0].wr_id);
+                if wc[0].opcode == sys::ibv_wc_opcode_IBV_WC_RECV {
+                    recvs.push(wc[0].wr_id);
+                } else {
+                    sends.push(wc[0].wr_id);
+                }
+            }
+        }
+        let want: Vec<u64> = (0..u64::from(N)).collect();
+        assert_eq!(recvs, want, "receives: every one, in order");
+        assert_eq!(
+            sends,
+            want.iter().map(|k| k + 1000).collect::<Vec<_>>(),
+            "sends: every one, in order"
+        );
+        for k in 0..N as usize {
+            assert_eq!(&buf[64 * k..64 * k + 4], &(k as u32).to_le_bytes());
+        }
+        assert_eq!(ibverbs::ibv_destroy_qp(qp), 0);
+        assert_eq!(ibverbs::ibv_dereg_mr(mr), 0);
+        assert_eq!(ibverbs::ibv_destroy_cq(cq), 0);
+        assert_eq!(ibverbs::ibv_dealloc_pd(pd), 0);
+        assert_eq!(ibverbs::ibv_close_device(ctx), 0);
+        ibverbs::ibv_free_device_list(list);
+    }
+}
