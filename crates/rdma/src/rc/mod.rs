@@ -808,6 +808,8 @@ pub struct Engine {
     uds: Vec<ud::UdQp>,
     /// Shared receive queues (destroyed ones are `None`).
     srqs: Vec<Option<srq::Srq>>,
+    /// Posted packets wait for [`Engine::uncork`] (see [`Engine::cork`]).
+    corked: bool,
     /// Makes the next `poll` fail with this error (unit tests of what
     /// callers do when the engine fails).
     #[cfg(test)]

@@ -240,6 +240,9 @@ impl Engine {
 
     /// Sends queued packets while the window has room.
     pub(super) fn flush_tx(&mut self, qi: usize) -> io::Result<()> {
+        if self.corked {
+            return Ok(());
+        }
         let window = self.window;
         let rto = self.rto_of(qi);
         let q = &mut self.qps[qi];

@@ -26,6 +26,7 @@ impl Engine {
             free_cqs: Vec::new(),
             uds: Vec::new(),
             srqs: Vec::new(),
+            corked: false,
             #[cfg(test)]
             fail_poll: None,
         })
@@ -168,6 +169,26 @@ impl Engine {
         ));
         self.to_error(qp);
         self.notify_cq();
+    }
+
+    /// Holds back what posts would send until [`Engine::uncork`], so that
+    /// work taken from an application's ring in one round leaves as one
+    /// burst (a run of equal packets as one GSO datagram) rather than a
+    /// send per message.
+    pub fn cork(&mut self) {
+        self.corked = true;
+    }
+
+    /// Sends what was held back since [`Engine::cork`], as far as each
+    /// queue pair's window allows.
+    pub fn uncork(&mut self) -> io::Result<()> {
+        self.corked = false;
+        for qi in 0..self.qps.len() {
+            if !self.qps[qi].pending_tx.is_empty() {
+                self.flush_tx(qi)?;
+            }
+        }
+        Ok(())
     }
 
     /// Posts a send-queue work request (verbs' `ibv_post_send`): SEND,

@@ -253,15 +253,24 @@ fn take_work(
         }
         qp.rq_cons = qp.rq_cons.wrapping_add(1);
     }
+    // This round's sends leave together.
+    e.cork();
+    let mut taken = Ok(());
     for _ in 0..sq_n.min(BATCH) {
         let w: SendWqe = qp.map.read(sq.slot(qp.sq_cons));
-        if qp.ud {
-            post_ud(qp, &w, e, lkeys, mrs)?;
+        taken = if qp.ud {
+            post_ud(qp, &w, e, lkeys, mrs)
         } else {
-            post(qp, i, &w, e, lkeys, mrs)?;
+            post(qp, i, &w, e, lkeys, mrs)
+        };
+        if taken.is_err() {
+            break;
         }
         qp.sq_cons = qp.sq_cons.wrapping_add(1);
     }
+    let sent = e.uncork();
+    taken?;
+    sent.map_err(|x| x.to_string())?;
     if rq_n > 0 {
         rq.cons(&qp.map).store(qp.rq_cons, Ordering::Release);
     }
