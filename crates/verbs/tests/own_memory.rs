@@ -9,29 +9,13 @@
 use std::ffi::c_void;
 use std::ptr::null_mut;
 
+mod common;
+
 use ibverbs::sys;
-use softcard_rdma::service::RdmaService;
 
 #[test]
 fn overlapping_registrations_share_the_applications_pages() {
-    let ns = softcard_testkit::Netns::new("ownmem");
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("rdma.sock");
-    let _svc = std::thread::scope(|s| {
-        s.spawn(|| {
-            ns.enter();
-            RdmaService::start(
-                &[("softcard0".into(), std::net::Ipv4Addr::LOCALHOST)],
-                &sock,
-            )
-            .expect("the card's engine (needs CAP_NET_RAW)")
-        })
-        .join()
-        .unwrap()
-    });
-    // The library reads its socket from the environment once, at the
-    // first device list (this test binary has no other test).
-    std::env::set_var("SOFTCARD_RDMA_SOCKET", &sock);
+    let _card = common::service("ownmem");
     let page = 4096usize;
     // SAFETY: the library's C API, called as verbs documents; every
     // pointer passed is live for the call, every object is destroyed
@@ -86,31 +70,7 @@ fn overlapping_registrations_share_the_applications_pages() {
         };
         let qp = ibverbs::ibv_create_qp(pd, &mut init);
         assert!(!qp.is_null());
-        // Connected to itself.
-        let mut a = sys::ibv_qp_attr {
-            qp_state: sys::ibv_qp_state_IBV_QPS_INIT,
-            port_num: 1,
-            ..Default::default()
-        };
-        assert_eq!(ibverbs::ibv_modify_qp(qp, &mut a, 1 | 16 | 32 | 8), 0);
-        let mut a = sys::ibv_qp_attr {
-            qp_state: sys::ibv_qp_state_IBV_QPS_RTR,
-            path_mtu: sys::ibv_mtu_IBV_MTU_1024,
-            dest_qp_num: (*qp).qp_num,
-            ..Default::default()
-        };
-        a.ah_attr.is_global = 1;
-        a.ah_attr.port_num = 1;
-        a.ah_attr.grh.dgid.raw = std::net::Ipv4Addr::LOCALHOST.to_ipv6_mapped().octets();
-        assert_eq!(
-            ibverbs::ibv_modify_qp(qp, &mut a, 1 | 128 | 256 | 4096 | (1 << 20)),
-            0
-        );
-        let mut a = sys::ibv_qp_attr {
-            qp_state: sys::ibv_qp_state_IBV_QPS_RTS,
-            ..Default::default()
-        };
-        assert_eq!(ibverbs::ibv_modify_qp(qp, &mut a, 1 | (1 << 16)), 0);
+        common::connect_to_itself(qp);
 
         // Written after both registrations, in the page they share: the
         // card must read it where the application wrote it, through the

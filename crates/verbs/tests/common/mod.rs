@@ -1,0 +1,65 @@
+//! What the library's C-API tests share: the real card service in a
+//! network namespace of the test's own, and a queue pair connected to
+//! itself.
+
+use ibverbs::sys;
+use softcard_rdma::service::RdmaService;
+
+/// Starts the card service with one device on the loopback of a new
+/// network namespace `ns` (needs root), and points the library at it.
+/// The library reads its socket from the environment once, at the first
+/// device list, so a binary using this has one test.
+pub fn service(ns: &str) -> (tempfile::TempDir, RdmaService) {
+    let ns = softcard_testkit::Netns::new(ns);
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("rdma.sock");
+    let svc = std::thread::scope(|s| {
+        s.spawn(|| {
+            ns.enter();
+            RdmaService::start(
+                &[("softcard0".into(), std::net::Ipv4Addr::LOCALHOST)],
+                &sock,
+            )
+            .expect("the card's engine (needs CAP_NET_RAW)")
+        })
+        .join()
+        .unwrap()
+    });
+    std::env::set_var("SOFTCARD_RDMA_SOCKET", &sock);
+    (dir, svc)
+}
+
+/// Takes RC queue pair `qp` through INIT, RTR and RTS, connected to
+/// itself on the loopback address.
+///
+/// # Safety
+/// `qp` is a live queue pair of the library.
+pub unsafe fn connect_to_itself(qp: *mut sys::ibv_qp) {
+    // SAFETY: per the caller; every attribute is live for its call.
+    unsafe {
+        let mut a = sys::ibv_qp_attr {
+            qp_state: sys::ibv_qp_state_IBV_QPS_INIT,
+            port_num: 1,
+            ..Default::default()
+        };
+        assert_eq!(ibverbs::ibv_modify_qp(qp, &mut a, 1 | 16 | 32 | 8), 0);
+        let mut a = sys::ibv_qp_attr {
+            qp_state: sys::ibv_qp_state_IBV_QPS_RTR,
+            path_mtu: sys::ibv_mtu_IBV_MTU_1024,
+            dest_qp_num: (*qp).qp_num,
+            ..Default::default()
+        };
+        a.ah_attr.is_global = 1;
+        a.ah_attr.port_num = 1;
+        a.ah_attr.grh.dgid.raw = std::net::Ipv4Addr::LOCALHOST.to_ipv6_mapped().octets();
+        assert_eq!(
+            ibverbs::ibv_modify_qp(qp, &mut a, 1 | 128 | 256 | 4096 | (1 << 20)),
+            0
+        );
+        let mut a = sys::ibv_qp_attr {
+            qp_state: sys::ibv_qp_state_IBV_QPS_RTS,
+            ..Default::default()
+        };
+        assert_eq!(ibverbs::ibv_modify_qp(qp, &mut a, 1 | (1 << 16)), 0);
+    }
+}
