@@ -203,3 +203,37 @@ size = "32MiB"
     assert_eq!(v.as_array().unwrap().len(), 1);
     d.stop();
 }
+
+/// A second card daemon configured with a device another daemon serves
+/// (a stale process, a mistaken configuration, or an upgrade started too
+/// early) lists it as unavailable with the reason and writes nothing to
+/// it; the first keeps serving it.
+#[test]
+fn a_device_another_daemon_serves_is_unavailable_not_shared() {
+    let first = Daemon::start(
+        "[[device]]\nname = \"nvme0\"\nkind = \"file\"\npath = \"@DIR@/shared.img\"\nsize = \"64MiB\"\n",
+    );
+    let shared = first.path("shared.img");
+    first.ok(&[
+        "card", "volume", "create", "v", "--device", "nvme0", "--size", "1MiB",
+    ]);
+    let before = std::fs::read(&shared).unwrap();
+    let second = Daemon::start(&format!(
+        "[[device]]\nname = \"nvme0\"\nkind = \"file\"\npath = \"{}\"\n",
+        shared.display()
+    ));
+    let devs: serde_json::Value =
+        serde_json::from_str(&second.ok(&["card", "device", "list", "--json"])).unwrap();
+    let err = devs[0]["error"].as_str().unwrap_or_default();
+    assert!(err.contains("in use by another process"), "{devs}");
+    let refused = second.fails(&[
+        "card", "volume", "create", "w", "--device", "nvme0", "--size", "1MiB",
+    ]);
+    assert!(refused.contains("unavailable"), "{refused}");
+    assert!(
+        std::fs::read(&shared).unwrap() == before,
+        "the second daemon wrote to it"
+    );
+    let vols = first.ok(&["card", "volume", "list"]);
+    assert!(vols.contains('v'), "{vols}");
+}

@@ -357,10 +357,14 @@ sys.stdout.buffer.write(bytes(out))
 }
 
 pub fn wrapped_key_on_device(path: &Path, volume: &str) -> Vec<u8> {
+    // A copy: the serving daemon holds the device's lock.
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("copy.img");
+    std::fs::copy(path, &copy).unwrap();
     let dev = device::open(&DeviceConfig {
         name: "check".into(),
         kind: DeviceKind::File,
-        path: Some(path.to_owned()),
+        path: Some(copy),
         size_bytes: None,
         share_depth: None,
     })

@@ -124,6 +124,20 @@ impl FileDevice {
             Some(f) => probe_alignment(f),
             None => 1,
         };
+        lock(direct.as_ref().unwrap_or(&buffered)).map_err(|e| {
+            if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EACCES)) {
+                DeviceError::Config {
+                    name: name.into(),
+                    reason: format!(
+                        "{} is in use by another process (it holds the lock, or I/O it \
+                         submitted has not finished yet)",
+                        path.display()
+                    ),
+                }
+            } else {
+                io_err("lock", e)
+            }
+        })?;
         Ok(FileDevice {
             name: name.to_owned(),
             kind,
@@ -133,6 +147,28 @@ impl FileDevice {
             buffered: Arc::new(buffered),
             align,
         })
+    }
+}
+
+/// Takes a write lock on the whole file through `f`'s open file
+/// description (an OFD lock). It is released only when the last reference
+/// to that description goes: when the process has exited and no I/O it
+/// submitted through `f` (io_uring holds the file while a request is in
+/// flight) can still land. Another process (or a second device naming the
+/// same file) cannot take it meanwhile, so two processes never serve one
+/// device's volumes at once.
+fn lock(f: &File) -> io::Result<()> {
+    // SAFETY: a zeroed flock is valid; the fields are set below.
+    let mut l: libc::flock = unsafe { std::mem::zeroed() };
+    l.l_type = libc::F_WRLCK as libc::c_short;
+    l.l_whence = libc::SEEK_SET as libc::c_short;
+    // l_start = 0, l_len = 0: the whole file, however it grows.
+    // SAFETY: a valid descriptor and a valid flock for the call.
+    let r = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_SETLK, &raw mut l) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 
@@ -398,6 +434,38 @@ mod tests {
             }
         }
         out
+    }
+
+    #[test]
+    fn a_device_is_served_by_one_opener_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.img");
+        let first = FileDevice::open("d", DeviceKind::File, &path, Some(1 << 20)).unwrap();
+        let e = FileDevice::open("d2", DeviceKind::File, &path, None).unwrap_err();
+        assert!(e.to_string().contains("in use by another process"), "{e}");
+        // Another process sees it too: a POSIX record lock (Python's
+        // lockf) conflicts with the OFD lock.
+        let other = |p: &Path| {
+            std::process::Command::new("python3")
+                .args([
+                    "-c",
+                    "import fcntl,sys; f=open(sys.argv[1],'r+'); fcntl.lockf(f, fcntl.LOCK_EX|fcntl.LOCK_NB)",
+                ])
+                .arg(p)
+                .output()
+                .unwrap()
+        };
+        let o = other(&path);
+        assert!(!o.status.success(), "another process took the lock");
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains("Resource temporarily unavailable"),
+            "{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        drop(first);
+        // Released with the last reference to the description.
+        assert!(other(&path).status.success());
+        FileDevice::open("d3", DeviceKind::File, &path, None).unwrap();
     }
 
     #[test]
