@@ -70,6 +70,8 @@ struct RawDevice {
     size: Option<SizeValue>,
     #[serde(default)]
     share_depth: Option<u32>,
+    #[serde(default)]
+    read_zeroes: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -237,6 +239,7 @@ impl CardConfig {
                 path: d.path,
                 size_bytes,
                 share_depth: d.share_depth,
+                read_zeroes: d.read_zeroes,
             });
         }
         let mut tenants: Vec<(String, KekSource)> = Vec::new();
@@ -353,6 +356,7 @@ mod tests {
             name = "n"
             kind = "null"
             size = 4096
+            read_zeroes = false
             "#,
         )
         .unwrap();
@@ -363,6 +367,8 @@ mod tests {
         assert_eq!(c.devices[1].share_depth, None);
         assert_eq!(c.devices[1].kind, DeviceKind::Null);
         assert_eq!(c.devices[1].size_bytes, Some(4096));
+        assert_eq!(c.devices[1].read_zeroes, Some(false));
+        assert_eq!(c.devices[0].read_zeroes, None);
     }
 
     #[test]

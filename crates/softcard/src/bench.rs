@@ -15,6 +15,8 @@ use softcard_storage::crypto::{Kek, KeyStore};
 use softcard_storage::device::{DeviceConfig, DeviceKind};
 use softcard_storage::{AttachOptions, StorageCard};
 
+use crate::bench_cpu::{median_range, Meter, Server};
+
 /// Options of `softcard bench storage`.
 #[derive(Debug, clap::Args)]
 pub struct StorageBenchArgs {
@@ -39,6 +41,10 @@ pub struct StorageBenchArgs {
     /// Skip qemu-storage-daemon (for profiling softcard alone).
     #[arg(long)]
     softcard_only: bool,
+    /// Runs of each cell (softcard and qsd alternating); the table gives
+    /// the median and the range.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -91,10 +97,15 @@ struct Figures {
     mb_s: f64,
     p50_us: f64,
     p99_us: f64,
+    /// CPU seconds the server spent per million I/Os.
+    cpu_per_m: f64,
+    /// I/Os per second per core the server kept busy.
+    iops_per_core: f64,
 }
 
-/// Runs one workload against the vhost-user-blk socket.
-fn drive(socket: &Path, w: Workload, seconds: f64) -> Result<Figures> {
+/// Runs one workload against the vhost-user-blk socket, reading the CPU
+/// that `server` spends meanwhile.
+fn drive(socket: &Path, w: Workload, seconds: f64, server: Server) -> Result<Figures> {
     let mut b = Blkio::new("virtio-blk-vhost-user")
         .map_err(|e| anyhow::anyhow!("libblkio: {}", e.message()))?;
     let err = |what: &str, e: blkio::Error| anyhow::anyhow!("libblkio {what}: {}", e.message());
@@ -147,6 +158,7 @@ fn drive(socket: &Path, w: Workload, seconds: f64) -> Result<Figures> {
         (0..w.depth).map(|_| MaybeUninit::uninit()).collect();
     let mut lat_us: Vec<u32> = Vec::with_capacity(1 << 20);
     let mut done = 0u64;
+    let meter = Meter::start(server)?;
     let begin = Instant::now();
     let stop_at = begin + Duration::from_secs_f64(seconds);
     let mut stopping = false;
@@ -178,6 +190,8 @@ fn drive(socket: &Path, w: Workload, seconds: f64) -> Result<Figures> {
         }
     }
     let elapsed = begin.elapsed().as_secs_f64();
+    // Before the client disconnects: the server's threads still live.
+    let cpu = meter.stop()?;
     lat_us.sort_unstable();
     // Nearest-rank percentile, in integer arithmetic.
     let pct = |per_mille: usize| {
@@ -190,7 +204,63 @@ fn drive(socket: &Path, w: Workload, seconds: f64) -> Result<Figures> {
         mb_s: iops * w.block as f64 / 1e6,
         p50_us: pct(500),
         p99_us: pct(990),
+        cpu_per_m: cpu / (done as f64 / 1e6),
+        iops_per_core: if cpu > 0.0 {
+            done as f64 / cpu
+        } else {
+            f64::NAN
+        },
     })
+}
+
+/// Medians (and the IOPS range) of a cell's runs; `NaN` for none.
+struct Summary {
+    iops: (f64, f64, f64),
+    mb_s: f64,
+    cpu_per_m: f64,
+    iops_per_core: f64,
+    p50_us: f64,
+    p99_us: f64,
+}
+
+impl Summary {
+    fn of(runs: &[Figures]) -> Self {
+        let m = |f: fn(&Figures) -> f64| median_range(&runs.iter().map(f).collect::<Vec<_>>()).0;
+        Summary {
+            iops: median_range(&runs.iter().map(|r| r.iops).collect::<Vec<_>>()),
+            mb_s: m(|r| r.mb_s),
+            cpu_per_m: m(|r| r.cpu_per_m),
+            iops_per_core: m(|r| r.iops_per_core),
+            p50_us: m(|r| r.p50_us),
+            p99_us: m(|r| r.p99_us),
+        }
+    }
+
+    fn iops_text(&self) -> String {
+        let (med, lo, hi) = self.iops;
+        if med.is_nan() {
+            "-".into()
+        } else {
+            format!("{med:.0} ({lo:.0}-{hi:.0})")
+        }
+    }
+
+    fn latency_text(&self) -> String {
+        if self.p50_us.is_nan() {
+            "-".into()
+        } else {
+            format!("{:.0}/{:.0}", self.p50_us, self.p99_us)
+        }
+    }
+}
+
+/// A figure with `places` decimals, or `-` where there is none.
+fn figure(x: f64, places: usize) -> String {
+    if x.is_finite() {
+        format!("{x:.places$}")
+    } else {
+        "-".into()
+    }
 }
 
 fn wait_for_socket(path: &Path, child: &mut Child) -> Result<()> {
@@ -299,10 +369,14 @@ fn preallocate(path: &Path, bytes: u64) -> Result<()> {
 
 /// The backings compared: softcard's device kind against what
 /// qemu-storage-daemon offers for the same job.
-const BACKINGS: [(&str, &str); 4] = [
+const BACKINGS: [(&str, &str); 5] = [
     (
         "null",
         "softcard null device vs qsd null-co (read-zeroes=on)",
+    ),
+    (
+        "null-untouched",
+        "softcard null device with read_zeroes = false vs qsd null-co (read-zeroes=off): reads leave the buffer as it was, as SPDK's null bdev does (benchmarks only)",
     ),
     (
         "ram",
@@ -330,26 +404,29 @@ pub fn storage(a: &StorageBenchArgs) -> Result<()> {
         .prefix("softcard-bench")
         .tempdir_in(&a.tmpfs)
         .with_context(|| format!("tmpfs directory {}", a.tmpfs.display()))?;
+    let runs = a.runs.max(1);
     println!(
-        "# softcard bench storage: libblkio virtio-blk-vhost-user client, {} s per cell, {} queue(s)",
+        "# softcard bench storage: libblkio virtio-blk-vhost-user client, {} s per cell, {} queue(s), {runs} run(s) of each cell (median, range)",
         a.seconds, a.queues
     );
     for (name, what) in BACKINGS {
         println!("#   {name}: {what}");
     }
-    println!("| backing | workload | softcard IOPS | qsd IOPS | softcard/qsd | softcard MB/s | qsd MB/s | softcard p50/p99 us | qsd p50/p99 us |");
-    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|");
+    println!("#   CPU: the serving side's user + system seconds per million I/Os, and I/Os per second per core it kept busy (a spinning poller counts as busy)");
+    println!("| backing | workload | softcard IOPS | qsd IOPS | softcard/qsd | softcard MB/s | qsd MB/s | softcard CPU s/M IO | qsd CPU s/M IO | softcard IOPS/core | qsd IOPS/core | softcard p50/p99 us | qsd p50/p99 us |");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let wanted =
         |name: &str, filter: &Option<String>| filter.as_deref().is_none_or(|f| name.contains(f));
     for (backing, _) in BACKINGS.into_iter().filter(|(b, _)| wanted(b, &a.backing)) {
         let qsd_img = shm.path().join("qsd.img");
         let dev = match backing {
-            "null" => DeviceConfig {
+            "null" | "null-untouched" => DeviceConfig {
                 name: "bench".into(),
                 kind: DeviceKind::Null,
                 path: None,
                 size_bytes: Some(VOLUME_BYTES + MAP_SLACK),
                 share_depth: None,
+                read_zeroes: (backing == "null-untouched").then_some(false),
             },
             "ram" | "ram-encrypted" => DeviceConfig {
                 name: "bench".into(),
@@ -357,6 +434,7 @@ pub fn storage(a: &StorageBenchArgs) -> Result<()> {
                 path: None,
                 size_bytes: Some(VOLUME_BYTES + MAP_SLACK),
                 share_depth: None,
+                read_zeroes: None,
             },
             _ => {
                 let ours = shm.path().join("softcard.img");
@@ -367,13 +445,17 @@ pub fn storage(a: &StorageBenchArgs) -> Result<()> {
                     path: Some(ours),
                     size_bytes: None,
                     share_depth: None,
+                    read_zeroes: None,
                 }
             }
         };
         let qsd_args: Vec<String> = match backing {
-            "null" => vec![
+            "null" | "null-untouched" => vec![
                 "--blockdev".into(),
-                format!("driver=null-co,node-name=disk0,size={VOLUME_BYTES},read-zeroes=on"),
+                format!(
+                    "driver=null-co,node-name=disk0,size={VOLUME_BYTES},read-zeroes={}",
+                    if backing == "null" { "on" } else { "off" }
+                ),
             ],
             "ram-encrypted" => {
                 if !a.softcard_only {
@@ -436,29 +518,34 @@ pub fn storage(a: &StorageBenchArgs) -> Result<()> {
             .into_iter()
             .filter(|w| wanted(w.name, &a.workload))
         {
-            let s = drive(&ours, w, a.seconds)
-                .with_context(|| format!("softcard {backing} {}", w.name))?;
-            let Some(_) = &qsd else {
-                println!(
-                    "| {backing} | {} | {:.0} | - | - | {:.0} | - | {:.0}/{:.0} | - |",
-                    w.name, s.iops, s.mb_s, s.p50_us, s.p99_us
+            let (mut s, mut q) = (Vec::new(), Vec::new());
+            for _ in 0..runs {
+                s.push(
+                    drive(&ours, w, a.seconds, Server::ThisProcessButMe)
+                        .with_context(|| format!("softcard {backing} {}", w.name))?,
                 );
-                continue;
-            };
-            let q = drive(&theirs, w, a.seconds)
-                .with_context(|| format!("qsd {backing} {}", w.name))?;
+                if let Some(p) = &qsd {
+                    q.push(
+                        drive(&theirs, w, a.seconds, Server::Process(p.0.id()))
+                            .with_context(|| format!("qsd {backing} {}", w.name))?,
+                    );
+                }
+            }
+            let (s, q) = (Summary::of(&s), Summary::of(&q));
             println!(
-                "| {backing} | {} | {:.0} | {:.0} | {:.2} | {:.0} | {:.0} | {:.0}/{:.0} | {:.0}/{:.0} |",
+                "| {backing} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 w.name,
-                s.iops,
-                q.iops,
-                s.iops / q.iops,
-                s.mb_s,
-                q.mb_s,
-                s.p50_us,
-                s.p99_us,
-                q.p50_us,
-                q.p99_us
+                s.iops_text(),
+                q.iops_text(),
+                figure(s.iops.0 / q.iops.0, 2),
+                figure(s.mb_s, 0),
+                figure(q.mb_s, 0),
+                figure(s.cpu_per_m, 2),
+                figure(q.cpu_per_m, 2),
+                figure(s.iops_per_core, 0),
+                figure(q.iops_per_core, 0),
+                s.latency_text(),
+                q.latency_text(),
             );
         }
         drop(qsd);
@@ -493,6 +580,7 @@ pub fn encryption(a: &EncryptionBenchArgs) -> Result<()> {
         path: None,
         size_bytes: Some(VOLUME_BYTES + MAP_SLACK),
         share_depth: None,
+        read_zeroes: None,
     };
     let keys = KeyStore::with_keys(vec![("bench".into(), Kek::generate())]);
     let card = StorageCard::open_with_keys(&[ram("plain"), ram("secret")], keys)?;
@@ -530,7 +618,7 @@ pub fn encryption(a: &EncryptionBenchArgs) -> Result<()> {
             let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
             let mut got = [0.0; 2];
             for i in order {
-                got[i] = drive(&sockets[i], w, a.seconds)
+                got[i] = drive(&sockets[i], w, a.seconds, Server::ThisProcessButMe)
                     .with_context(|| format!("{} {}", ["plain", "secret"][i], w.name))?
                     .iops;
             }
@@ -589,6 +677,7 @@ pub fn nbd(a: &NbdBenchArgs) -> Result<()> {
         path: Some(ours_img),
         size_bytes: None,
         share_depth: None,
+        read_zeroes: None,
     }])?;
     card.create_volume("bench", "bench", VOLUME_BYTES)?;
     let ours = sockets.path().join("softcard.nbd");
@@ -765,6 +854,7 @@ pub fn fairness(a: &FairnessBenchArgs) -> Result<()> {
         path: Some(img),
         size_bytes: None,
         share_depth: None,
+        read_zeroes: None,
     };
     let card = StorageCard::open(&[dev])?;
     let mut socks = Vec::new();
@@ -805,13 +895,14 @@ pub fn fairness(a: &FairnessBenchArgs) -> Result<()> {
         "# softcard bench fairness: {detail}; {} s per cell",
         a.seconds
     );
-    let alone = drive(&socks[1], quiet_w, a.seconds)?;
-    let noisy_alone = drive(&socks[0], noisy_w, a.seconds)?;
+    let alone = drive(&socks[1], quiet_w, a.seconds, Server::ThisProcessButMe)?;
+    let noisy_alone = drive(&socks[0], noisy_w, a.seconds, Server::ThisProcessButMe)?;
     let noisy_sock = socks[0].clone();
     let secs = a.seconds + 1.0;
-    let noisy = std::thread::spawn(move || drive(&noisy_sock, noisy_w, secs));
+    let noisy =
+        std::thread::spawn(move || drive(&noisy_sock, noisy_w, secs, Server::ThisProcessButMe));
     std::thread::sleep(Duration::from_millis(300));
-    let shared = drive(&socks[1], quiet_w, a.seconds)?;
+    let shared = drive(&socks[1], quiet_w, a.seconds, Server::ThisProcessButMe)?;
     let n = noisy
         .join()
         .map_err(|_| anyhow::anyhow!("noisy client panicked"))??;
@@ -863,6 +954,7 @@ pub fn qos(a: &QosBenchArgs) -> Result<()> {
         path: None,
         size_bytes: Some(64 << 20),
         share_depth: None,
+        read_zeroes: None,
     }])?;
     card.create_volume("v", "r", 32 << 20)?;
     let sock = sockets.path().join("v.sock");
@@ -887,7 +979,7 @@ pub fn qos(a: &QosBenchArgs) -> Result<()> {
         random: true,
     };
     let begin = Instant::now();
-    let f = drive(&sock, w, a.seconds)?;
+    let f = drive(&sock, w, a.seconds, Server::ThisProcessButMe)?;
     let elapsed = begin.elapsed().as_secs_f64();
     let done = f.iops * elapsed;
     let expected = a.iops as f64 * a.seconds;

@@ -195,6 +195,7 @@ fn real_host(rounds: usize, dir: &std::path::Path) -> Result<Vec<(f64, f64, f64)
         path: Some(dir.join("disk0.img")),
         size_bytes: Some(4 << 30),
         share_depth: None,
+        read_zeroes: None,
     }])?);
     let _agent = softcard_host::Agent::start(
         softcard_host::HostConfig {

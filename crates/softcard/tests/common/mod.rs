@@ -367,6 +367,7 @@ pub fn wrapped_key_on_device(path: &Path, volume: &str) -> Vec<u8> {
         path: Some(copy),
         size_bytes: None,
         share_depth: None,
+        read_zeroes: None,
     })
     .unwrap();
     let map = PartitionMap::load(dev.as_ref()).unwrap();

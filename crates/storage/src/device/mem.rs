@@ -33,6 +33,8 @@ pub struct NullDevice {
     name: String,
     capacity: u64,
     retained: Mutex<Vec<u8>>,
+    /// Reads of volume data zero-fill the buffer (false: leave it).
+    read_zeroes: bool,
 }
 
 impl NullDevice {
@@ -43,7 +45,16 @@ impl NullDevice {
             name: name.to_owned(),
             capacity,
             retained: Mutex::new(vec![0; retained]),
+            read_zeroes: true,
         }
+    }
+
+    /// Whether reads of volume data zero-fill the reader's buffer (the
+    /// default) or leave it untouched (benchmarks only, as SPDK's null
+    /// bdev does). Encrypted volumes still read decrypted zeroes.
+    pub fn reading_zeroes(mut self, yes: bool) -> Self {
+        self.read_zeroes = yes;
+        self
     }
 }
 
@@ -58,7 +69,11 @@ impl PhysicalDevice for NullDevice {
         self.capacity
     }
     fn describe(&self) -> String {
-        "null: writes discarded, reads return zeroes".into()
+        if self.read_zeroes {
+            "null: writes discarded, reads return zeroes".into()
+        } else {
+            "null: writes discarded, reads leave the buffer untouched (benchmarks only)".into()
+        }
     }
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         check_range(self.capacity, offset, buf.len())?;
@@ -87,7 +102,12 @@ impl PhysicalDevice for NullDevice {
         Ok(())
     }
     fn open_queue(&self, depth: u16) -> io::Result<Box<dyn DeviceQueue>> {
-        Ok(Box::new(MemQueue::new(MemBacking::Null, depth)))
+        Ok(Box::new(MemQueue::new(
+            MemBacking::Null {
+                zeroes: self.read_zeroes,
+            },
+            depth,
+        )))
     }
 }
 
@@ -212,7 +232,10 @@ impl PhysicalDevice for RamDevice {
 }
 
 enum MemBacking {
-    Null,
+    /// Reads zero-fill the buffer when `zeroes`.
+    Null {
+        zeroes: bool,
+    },
     Ram(Arc<RamMapping>),
 }
 
@@ -225,7 +248,7 @@ struct MemQueue {
 impl fmt::Debug for MemQueue {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let kind = match self.backing {
-            MemBacking::Null => "null",
+            MemBacking::Null { .. } => "null",
             MemBacking::Ram(_) => "ram",
         };
         f.debug_struct("MemQueue").field("kind", &kind).finish()
@@ -256,8 +279,8 @@ impl MemQueue {
             return Ok(done);
         }
         match &self.backing {
-            MemBacking::Null => {
-                if req.op == IoOp::Read {
+            MemBacking::Null { zeroes } => {
+                if req.op == IoOp::Read && *zeroes {
                     for s in req.segments {
                         // SAFETY: the caller promises the segment is writable.
                         unsafe { std::ptr::write_bytes(s.iov_base.cast::<u8>(), 0, s.iov_len) };
@@ -314,7 +337,7 @@ impl MemQueue {
         // Where sector `i` of the request lives on the device (`None`: the
         // null device, which holds zeroes and drops writes).
         let base = match &self.backing {
-            MemBacking::Null => None,
+            MemBacking::Null { .. } => None,
             MemBacking::Ram(map) => {
                 check_range(
                     map.len as u64,
@@ -630,5 +653,49 @@ mod tests {
             });
         }
         assert!(a.iter().all(|&x| x == 0));
+    }
+
+    #[test]
+    fn a_null_device_can_leave_read_buffers_untouched() {
+        let dev = NullDevice::new("n", 1 << 30).reading_zeroes(false);
+        assert!(dev.describe().contains("untouched"));
+        // The partition map still round-trips.
+        dev.write_all_at(b"map", 0).unwrap();
+        let mut got = [0u8; 3];
+        dev.read_exact_at(&mut got, 0).unwrap();
+        assert_eq!(&got, b"map");
+        let mut q = dev.open_queue(1).unwrap();
+        let mut a = vec![0xabu8; 4096];
+        let segs = [iov(&mut a)];
+        // SAFETY: the buffer outlives the synchronous completion.
+        unsafe {
+            q.push(IoRequest {
+                op: IoOp::Read,
+                offset: 1 << 29,
+                len: 4096,
+                segments: &segs,
+                tag: 0,
+                crypt: None,
+            });
+        }
+        let mut done = Vec::new();
+        q.reap(&mut done);
+        assert_eq!(done.len(), 1);
+        assert_eq!(done[0].result.as_ref().ok(), Some(&4096));
+        assert!(a.iter().all(|&x| x == 0xab));
+        // Only a null device takes the option.
+        let e = crate::device::open(&crate::device::DeviceConfig {
+            name: "r".into(),
+            kind: DeviceKind::Ram,
+            path: None,
+            size_bytes: Some(1 << 20),
+            share_depth: None,
+            read_zeroes: Some(false),
+        })
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("read_zeroes is for null devices"),
+            "{e}"
+        );
     }
 }

@@ -78,6 +78,12 @@ pub struct DeviceConfig {
     /// devices have no queue and ignore it.
     #[serde(default)]
     pub share_depth: Option<u32>,
+    /// `null` devices only: `Some(false)` makes reads of volume data leave
+    /// the reader's buffer as it was instead of zero-filling it, as SPDK's
+    /// null bdev does. For benchmarks only: a guest then reads back
+    /// whatever its own buffer held. Default: zero-fill.
+    #[serde(default)]
+    pub read_zeroes: Option<bool>,
 }
 
 /// Errors opening a physical device.
@@ -212,8 +218,17 @@ pub fn open(config: &DeviceConfig) -> Result<Arc<dyn PhysicalDevice>, DeviceErro
             reason: format!("a {} device needs size_bytes", config.kind),
         })
     };
+    if config.read_zeroes.is_some() && config.kind != DeviceKind::Null {
+        return Err(DeviceError::Config {
+            name: config.name.clone(),
+            reason: format!("read_zeroes is for null devices, not {}", config.kind),
+        });
+    }
     Ok(match config.kind {
-        DeviceKind::Null => Arc::new(NullDevice::new(&config.name, need_size()?)),
+        DeviceKind::Null => Arc::new(
+            NullDevice::new(&config.name, need_size()?)
+                .reading_zeroes(config.read_zeroes.unwrap_or(true)),
+        ),
         DeviceKind::Ram => {
             Arc::new(
                 RamDevice::new(&config.name, need_size()?).map_err(|e| DeviceError::Io {

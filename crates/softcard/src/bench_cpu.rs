@@ -1,0 +1,121 @@
+//! The CPU a benchmark cell's serving side spends, and the medians and
+//! ranges of repeated cells.
+//!
+//! CPU time comes from the kernel's own accounting (`/proc/PID/stat`,
+//! user plus system time, which counts a polling thread that spins idle as
+//! busy). qemu-storage-daemon is its own process; softcard's card runs in
+//! the benchmark's process beside the libblkio client, so its share is the
+//! process's time less the client thread's (`/proc/self/task/TID/stat`).
+//! The process's figure keeps the time of threads that exit meanwhile.
+
+use anyhow::{Context, Result};
+
+/// Whose CPU time a [`Meter`] reads.
+#[derive(Debug, Clone, Copy)]
+pub enum Server {
+    /// Another process.
+    Process(u32),
+    /// This process, less the calling (client) thread.
+    ThisProcessButMe,
+}
+
+/// CPU seconds of one `stat` file: utime + stime.
+fn stat_seconds(path: &str) -> Result<f64> {
+    let s = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
+    // SAFETY: sysconf takes no pointers.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    parse_stat(&s, if hz > 0 { hz as f64 } else { 100.0 })
+}
+
+/// utime + stime of a `stat` line, in seconds at `hz` ticks a second.
+fn parse_stat(s: &str, hz: f64) -> Result<f64> {
+    // The command name (field 2) may hold spaces and parentheses; the
+    // fields after its last `)` start at field 3 (state), so utime (14)
+    // and stime (15) are the 12th and 13th there.
+    let rest = s
+        .rsplit_once(')')
+        .context("a stat line without a command")?
+        .1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| -> Result<u64> {
+        f.get(i)
+            .context("a short stat line")?
+            .parse::<u64>()
+            .context("a stat field that is not a number")
+    };
+    Ok((ticks(11)? + ticks(12)?) as f64 / hz)
+}
+
+fn me() -> i32 {
+    // SAFETY: gettid takes no arguments and cannot fail.
+    unsafe { libc::gettid() }
+}
+
+fn now(server: Server) -> Result<f64> {
+    match server {
+        Server::Process(pid) => stat_seconds(&format!("/proc/{pid}/stat")),
+        Server::ThisProcessButMe => Ok(stat_seconds("/proc/self/stat")?
+            - stat_seconds(&format!("/proc/self/task/{}/stat", me()))?),
+    }
+}
+
+/// CPU seconds the server spends between [`Meter::start`] and
+/// [`Meter::stop`] (called on the same thread).
+#[derive(Debug)]
+pub struct Meter {
+    server: Server,
+    started: f64,
+}
+
+impl Meter {
+    /// Starts reading.
+    pub fn start(server: Server) -> Result<Self> {
+        Ok(Self {
+            server,
+            started: now(server)?,
+        })
+    }
+
+    /// CPU seconds since the start.
+    pub fn stop(self) -> Result<f64> {
+        Ok((now(self.server)? - self.started).max(0.0))
+    }
+}
+
+/// The median and range of some figures (`NaN` for none).
+pub fn median_range(v: &[f64]) -> (f64, f64, f64) {
+    let mut s: Vec<f64> = v.iter().copied().filter(|x| !x.is_nan()).collect();
+    if s.is_empty() {
+        return (f64::NAN, f64::NAN, f64::NAN);
+    }
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    let median = if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    };
+    (median, s[0], s[n - 1])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn medians_and_ranges() {
+        assert_eq!(median_range(&[3.0, 1.0, 2.0]), (2.0, 1.0, 3.0));
+        assert_eq!(median_range(&[4.0, 1.0, 2.0, 3.0]), (2.5, 1.0, 4.0));
+        assert!(median_range(&[]).0.is_nan());
+    }
+
+    #[test]
+    fn stat_lines_with_odd_command_names() {
+        // pid (comm) state ppid pgrp session tty tpgid flags minflt cminflt
+        // majflt cmajflt utime stime ...
+        let line = "42 (qemu (x) y) S 1 42 42 0 -1 4194560 10 0 0 0 250 50 0 0 20 0 3";
+        assert_eq!(parse_stat(line, 100.0).unwrap(), 3.0);
+        assert!(parse_stat("42 (x) S 1 2", 100.0).is_err());
+        assert!(parse_stat("no command here", 100.0).is_err());
+    }
+}
