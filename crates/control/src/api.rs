@@ -114,7 +114,7 @@ fn card_error(e: &CardError) -> ApiError {
         CardError::Interface(BlkError::Listen { .. }) => 409,
         CardError::Key(KeyError::Invalid(_) | KeyError::TenantName(_)) => 400,
         CardError::Key(KeyError::Missing { .. } | KeyError::WrongKey(_)) => 409,
-        CardError::Interface(_) | CardError::DuplicateDevice(_) => 500,
+        CardError::Interface(_) | CardError::DuplicateDevice(_) | CardError::State(_) => 500,
     };
     ApiError::new(status, e.to_string())
 }

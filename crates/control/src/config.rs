@@ -136,6 +136,8 @@ struct RawConfig {
     rdma: Vec<RawRdma>,
     #[serde(default)]
     rdma_socket: Option<PathBuf>,
+    #[serde(default)]
+    state_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -202,6 +204,9 @@ pub struct CardConfig {
     /// Unix socket the verbs library reaches the RDMA devices on (unset:
     /// the RDMA function's default, `/run/softcard/rdma.sock`).
     pub rdma_socket: Option<PathBuf>,
+    /// Where the card records its attachments, so that a restarted daemon
+    /// serves the same volumes on the same sockets (unset: not recorded).
+    pub state_file: Option<PathBuf>,
 }
 
 impl CardConfig {
@@ -328,6 +333,7 @@ impl CardConfig {
             tenants,
             rdma,
             rdma_socket: raw.rdma_socket,
+            state_file: raw.state_file,
             metrics_listen: raw.metrics_listen,
             api_socket: raw
                 .api_socket

@@ -167,6 +167,17 @@ pub fn serve(config: &Path, region: &RegionArgs) -> Result<()> {
     let cfg = CardConfig::load(config)?;
     let keys = KeyStore::load(&cfg.tenants);
     let card = Arc::new(StorageCard::open_with_keys(&cfg.devices, keys)?);
+    if let Some(state) = &cfg.state_file {
+        for (volume, outcome) in card.keep_state(state)? {
+            match outcome {
+                Ok(()) => log::info!("restored the attachment of volume {volume}"),
+                Err(e) => log::error!(
+                    "cannot restore the attachment of volume {volume}: {e} (kept on record; \
+                     `card volume detach {volume}` forgets it)"
+                ),
+            }
+        }
+    }
     for d in card.devices() {
         match &d.error {
             Some(e) => log::warn!("device {} unavailable: {e}", d.name),

@@ -55,6 +55,9 @@ pub enum CardError {
     /// Two configured devices share a name.
     #[error("device name {0:?} appears twice in the configuration")]
     DuplicateDevice(String),
+    /// The record of attachments cannot be read.
+    #[error("the card's record of attachments: {0}")]
+    State(std::io::Error),
 }
 
 /// The kind of virtual interface a volume is presented through.
@@ -69,7 +72,8 @@ pub enum Interface {
 }
 
 /// Options of an attachment.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct AttachOptions {
     /// Socket path the frontend (or NBD client) connects to.
     pub socket: PathBuf,
@@ -235,7 +239,17 @@ struct State {
     /// Counters per volume; they outlive attachments (a volume's totals
     /// keep counting across detach and attach) and go with the volume.
     metrics: BTreeMap<String, Arc<BlkMetrics>>,
+    /// Where the attachments are recorded ([`StorageCard::keep_state`]).
+    state_file: Option<std::path::PathBuf>,
+    /// The options of each live attachment.
+    attached: BTreeMap<String, AttachOptions>,
+    /// Recorded attachments that could not be restored at start: kept on
+    /// record until detached.
+    unrestored: BTreeMap<String, AttachOptions>,
 }
+
+/// A recorded attachment restored at start, or why it was not (by volume).
+pub type Restored = (String, Result<(), CardError>);
 
 /// The storage function: owns devices, maps and interfaces.
 #[derive(Debug)]
@@ -301,12 +315,51 @@ impl StorageCard {
                 attachments: BTreeMap::new(),
                 keys,
                 metrics: BTreeMap::new(),
+                state_file: None,
+                attached: BTreeMap::new(),
+                unrestored: BTreeMap::new(),
             }),
         })
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Keeps the card's attachments in the file at `path`
+    /// ([`crate::card_state`]): restores those recorded there (each one's
+    /// outcome is returned, by volume), then records every attach, detach
+    /// and throttle change. Stopping the card keeps the record, so the next
+    /// start serves the same volumes on the same sockets.
+    pub fn keep_state(
+        &self,
+        path: &std::path::Path,
+    ) -> Result<Vec<Restored>, CardError> {
+        let recorded = crate::card_state::load(path).map_err(CardError::State)?;
+        self.lock().state_file = Some(path.to_owned());
+        let mut outcome = Vec::new();
+        for (name, opts) in recorded {
+            let r = self.attach(&name, &opts).map(|_| ());
+            if r.is_err() {
+                self.lock().unrestored.insert(name.clone(), opts);
+            }
+            outcome.push((name, r));
+        }
+        Self::persist(&self.lock());
+        Ok(outcome)
+    }
+
+    /// Writes the record, if the card keeps one.
+    fn persist(st: &State) {
+        let Some(path) = &st.state_file else { return };
+        let mut all = st.unrestored.clone();
+        all.extend(st.attached.iter().map(|(k, v)| (k.clone(), v.clone())));
+        if let Err(e) = crate::card_state::save(path, &all) {
+            log::error!(
+                "cannot record the attachments in {}: {e}; a restarted card will not restore them",
+                path.display()
+            );
+        }
     }
 
     /// Lists devices.
@@ -618,13 +671,16 @@ impl StorageCard {
             }
         };
         st.attachments.insert(name.to_owned(), a);
+        st.attached.insert(name.to_owned(), opts.clone());
+        st.unrestored.remove(name);
+        Self::persist(&st);
         let device = st.devices[i].config.name.clone();
         Ok(Self::info(&st, &device, v))
     }
 
     /// Changes the throttle limits of an attached volume, live.
     pub fn set_qos(&self, name: &str, qos: QosLimits) -> Result<VolumeInfo, CardError> {
-        let st = self.lock();
+        let mut st = self.lock();
         let (i, v) =
             Self::find_volume(&st, name).ok_or_else(|| CardError::UnknownVolume(name.into()))?;
         let a = st
@@ -632,6 +688,10 @@ impl StorageCard {
             .get(name)
             .ok_or_else(|| CardError::NotAttached(name.into()))?;
         a.set_qos(qos)?;
+        if let Some(o) = st.attached.get_mut(name) {
+            o.qos = qos;
+        }
+        Self::persist(&st);
         Ok(Self::info(&st, &st.devices[i].config.name, v))
     }
 
@@ -639,12 +699,22 @@ impl StorageCard {
     pub fn detach(&self, name: &str) -> Result<(), CardError> {
         let a = {
             let mut st = self.lock();
+            // A recorded attachment that could not be restored: forget it.
+            if st.unrestored.remove(name).is_some() {
+                Self::persist(&st);
+                log::info!("forgot the unrestored attachment of volume {name}");
+                return Ok(());
+            }
             if Self::find_volume(&st, name).is_none() {
                 return Err(CardError::UnknownVolume(name.into()));
             }
-            st.attachments
+            let a = st
+                .attachments
                 .remove(name)
-                .ok_or_else(|| CardError::NotAttached(name.into()))?
+                .ok_or_else(|| CardError::NotAttached(name.into()))?;
+            st.attached.remove(name);
+            Self::persist(&st);
+            a
         };
         // Stop outside the lock: draining may take a moment.
         a.stop();

@@ -7,6 +7,7 @@
 //! [`card::StorageCard`] ties these together for the control plane.
 
 pub mod card;
+pub mod card_state;
 pub mod crypto;
 pub mod device;
 #[cfg(any(test, feature = "fuzzing"))]

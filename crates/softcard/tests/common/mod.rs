@@ -66,6 +66,20 @@ impl Daemon {
     /// (Re)starts the process on the same configuration.
     pub fn restart(&mut self) {
         self.stop();
+        self.spawn();
+    }
+
+    /// Kills the process with SIGKILL (a crash: nothing is drained or
+    /// closed in order) and starts a new one on the same configuration.
+    pub fn crash_and_restart(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.spawn();
+    }
+
+    fn spawn(&mut self) {
         let child = Command::new(BIN)
             .args(["serve", "--config"])
             .arg(&self.config)

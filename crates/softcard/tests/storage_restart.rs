@@ -1,0 +1,150 @@
+//! The card daemon restarted underneath its clients: the attachments are
+//! recorded (`state_file`), so a daemon started again, after SIGTERM or
+//! after SIGKILL, serves the same volumes on the same sockets, and a
+//! client that reconnects carries on.
+//!
+//! QEMU's own NBD client (`qemu-io`, `reconnect-delay`) writes and flushes
+//! 1 MiB at a time while the daemon is killed with SIGKILL three times and
+//! stopped once with SIGTERM; it sees no error, and afterwards every
+//! write it was told had completed is on the device. An attachment that
+//! cannot be restored (its volume's device gone) stays on record until it
+//! is detached.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{file_bytes, Daemon};
+
+const MIB: usize = 1 << 20;
+const WRITES: usize = 40;
+
+fn pattern_byte(i: usize) -> u8 {
+    u8::try_from(i % 250 + 1).unwrap()
+}
+
+#[test]
+fn an_nbd_client_carries_on_across_crashes_and_restarts_of_the_card() {
+    let mut d = Daemon::start(
+        "state_file = \"@DIR@/state/attachments.json\"\nrdma_socket = \"@DIR@/rdma.sock\"\n\
+         [[device]]\nname = \"nvme0\"\nkind = \"file\"\npath = \"@DIR@/disk.img\"\nsize = \"128MiB\"\n",
+    );
+    let sock = d.path("v.nbd");
+    d.ok(&[
+        "card", "volume", "create", "v", "--device", "nvme0", "--size", "64MiB",
+    ]);
+    d.ok(&[
+        "card",
+        "volume",
+        "attach",
+        "v",
+        "--nbd",
+        sock.to_str().unwrap(),
+    ]);
+    let offset = d.offset_of("v");
+
+    // One write, a flush and a pause per MiB: about 4 s in all.
+    let mut args = vec![
+        "--image-opts".to_owned(),
+        format!(
+            "driver=raw,file.driver=nbd,file.path={},file.export=v,file.reconnect-delay=30",
+            sock.display()
+        ),
+    ];
+    for i in 0..WRITES {
+        for c in [
+            format!("write -P {} {} 1M", pattern_byte(i), i * MIB),
+            "flush".to_owned(),
+            "sleep 100".to_owned(),
+        ] {
+            args.push("-c".into());
+            args.push(c);
+        }
+    }
+    let client = Command::new("qemu-io")
+        .args(&args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("qemu-io");
+    for (after_ms, crash) in [(500, true), (900, true), (700, false), (600, true)] {
+        std::thread::sleep(Duration::from_millis(after_ms));
+        if crash {
+            d.crash_and_restart();
+        } else {
+            d.restart();
+        }
+    }
+    let out = client.wait_with_output().unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        !text.contains("failed") && !text.contains("error"),
+        "{text}"
+    );
+    assert_eq!(
+        text.matches("wrote 1048576/1048576 bytes").count(),
+        WRITES,
+        "{text}"
+    );
+
+    // The restarted daemon serves the volume where the record says.
+    let vols = d.ok(&["card", "volume", "list"]);
+    assert!(vols.contains("nbd"), "{vols}");
+    d.stop();
+    let disk = file_bytes(&d.path("disk.img"), offset, WRITES * MIB);
+    for i in 0..WRITES {
+        let at = i * MIB;
+        assert!(
+            disk[at..at + MIB].iter().all(|&b| b == pattern_byte(i)),
+            "MiB {i} is not what was written and flushed"
+        );
+    }
+}
+
+#[test]
+fn an_attachment_that_cannot_be_restored_stays_on_record_until_detached() {
+    let mut d = Daemon::start(
+        "state_file = \"@DIR@/attachments.json\"\nrdma_socket = \"@DIR@/rdma.sock\"\n\
+         [[device]]\nname = \"nvme0\"\nkind = \"file\"\npath = \"@DIR@/disk.img\"\nsize = \"64MiB\"\n",
+    );
+    let sock = d.path("v.nbd");
+    d.ok(&[
+        "card", "volume", "create", "v", "--device", "nvme0", "--size", "8MiB",
+    ]);
+    d.ok(&[
+        "card",
+        "volume",
+        "attach",
+        "v",
+        "--nbd",
+        sock.to_str().unwrap(),
+    ]);
+    let state = d.path("attachments.json");
+    assert!(std::fs::read_to_string(&state).unwrap().contains("v.nbd"));
+    // The device goes away while the card is down.
+    d.stop();
+    std::fs::rename(d.path("disk.img"), d.path("elsewhere.img")).unwrap();
+    // (The configured size makes a new, blank file there: no volume v.)
+    d.restart();
+    let vols = d.ok(&["card", "volume", "list"]);
+    assert!(!vols.contains("nbd"), "{vols}");
+    assert!(
+        std::fs::read_to_string(&state).unwrap().contains("v.nbd"),
+        "the record was dropped"
+    );
+    // Back in place: the next start restores it.
+    d.stop();
+    std::fs::rename(d.path("elsewhere.img"), d.path("disk.img")).unwrap();
+    d.restart();
+    let vols = d.ok(&["card", "volume", "list"]);
+    assert!(vols.contains("nbd"), "{vols}");
+    // Detached, it is forgotten.
+    d.ok(&["card", "volume", "detach", "v"]);
+    assert!(!std::fs::read_to_string(&state).unwrap().contains("v.nbd"));
+    d.restart();
+    let vols = d.ok(&["card", "volume", "list"]);
+    assert!(!vols.contains("nbd"), "{vols}");
+}
