@@ -331,10 +331,7 @@ impl StorageCard {
     /// outcome is returned, by volume), then records every attach, detach
     /// and throttle change. Stopping the card keeps the record, so the next
     /// start serves the same volumes on the same sockets.
-    pub fn keep_state(
-        &self,
-        path: &std::path::Path,
-    ) -> Result<Vec<Restored>, CardError> {
+    pub fn keep_state(&self, path: &std::path::Path) -> Result<Vec<Restored>, CardError> {
         let recorded = crate::card_state::load(path).map_err(CardError::State)?;
         self.lock().state_file = Some(path.to_owned());
         let mut outcome = Vec::new();
