@@ -116,6 +116,28 @@ fn families(o: &mut Out, scope: &str, rows: &[(String, &BlkMetricsSnapshot)]) {
             m.throttled_ns as f64 / 1e9,
         );
     }
+    for (name, help, get) in [
+        (
+            "queue_wakeups_total",
+            "Times a queue worker was woken and looked at its ring.",
+            (|m| m.wakeups) as fn(&BlkMetricsSnapshot) -> u64,
+        ),
+        (
+            "queue_polls_total",
+            "Rounds of the queue workers' polling loops.",
+            |m| m.polls,
+        ),
+        (
+            "queue_idle_polls_total",
+            "Polling rounds that found neither a request nor a completion.",
+            |m| m.idle_polls,
+        ),
+    ] {
+        o.head(&n(name), "counter", help);
+        for (l, m) in rows {
+            o.line(&n(name), l, get(m));
+        }
+    }
     o.head(
         &n("request_duration_seconds"),
         "histogram",

@@ -15,6 +15,7 @@ use softcard_storage::crypto::{Kek, KeyStore};
 use softcard_storage::device::{DeviceConfig, DeviceKind};
 use softcard_storage::{AttachOptions, StorageCard};
 
+use crate::bench_cells::{counters, figure, PerIo, Summary};
 use crate::bench_cpu::{median_range, Meter, Server};
 
 /// Options of `softcard bench storage`.
@@ -92,15 +93,15 @@ const VOLUME_BYTES: u64 = 1 << 30;
 const MAP_SLACK: u64 = 16 << 20;
 
 #[derive(Debug, Clone, Copy)]
-struct Figures {
-    iops: f64,
-    mb_s: f64,
-    p50_us: f64,
-    p99_us: f64,
+pub(crate) struct Figures {
+    pub(crate) iops: f64,
+    pub(crate) mb_s: f64,
+    pub(crate) p50_us: f64,
+    pub(crate) p99_us: f64,
     /// CPU seconds the server spent per million I/Os.
-    cpu_per_m: f64,
+    pub(crate) cpu_per_m: f64,
     /// I/Os per second per core the server kept busy.
-    iops_per_core: f64,
+    pub(crate) iops_per_core: f64,
 }
 
 /// Runs one workload against the vhost-user-blk socket, reading the CPU
@@ -211,56 +212,6 @@ fn drive(socket: &Path, w: Workload, seconds: f64, server: Server) -> Result<Fig
             f64::NAN
         },
     })
-}
-
-/// Medians (and the IOPS range) of a cell's runs; `NaN` for none.
-struct Summary {
-    iops: (f64, f64, f64),
-    mb_s: f64,
-    cpu_per_m: f64,
-    iops_per_core: f64,
-    p50_us: f64,
-    p99_us: f64,
-}
-
-impl Summary {
-    fn of(runs: &[Figures]) -> Self {
-        let m = |f: fn(&Figures) -> f64| median_range(&runs.iter().map(f).collect::<Vec<_>>()).0;
-        Summary {
-            iops: median_range(&runs.iter().map(|r| r.iops).collect::<Vec<_>>()),
-            mb_s: m(|r| r.mb_s),
-            cpu_per_m: m(|r| r.cpu_per_m),
-            iops_per_core: m(|r| r.iops_per_core),
-            p50_us: m(|r| r.p50_us),
-            p99_us: m(|r| r.p99_us),
-        }
-    }
-
-    fn iops_text(&self) -> String {
-        let (med, lo, hi) = self.iops;
-        if med.is_nan() {
-            "-".into()
-        } else {
-            format!("{med:.0} ({lo:.0}-{hi:.0})")
-        }
-    }
-
-    fn latency_text(&self) -> String {
-        if self.p50_us.is_nan() {
-            "-".into()
-        } else {
-            format!("{:.0}/{:.0}", self.p50_us, self.p99_us)
-        }
-    }
-}
-
-/// A figure with `places` decimals, or `-` where there is none.
-fn figure(x: f64, places: usize) -> String {
-    if x.is_finite() {
-        format!("{x:.places$}")
-    } else {
-        "-".into()
-    }
 }
 
 fn wait_for_socket(path: &Path, child: &mut Child) -> Result<()> {
@@ -413,8 +364,9 @@ pub fn storage(a: &StorageBenchArgs) -> Result<()> {
         println!("#   {name}: {what}");
     }
     println!("#   CPU: the serving side's user + system seconds per million I/Os, and I/Os per second per core it kept busy (a spinning poller counts as busy)");
-    println!("| backing | workload | softcard IOPS | qsd IOPS | softcard/qsd | softcard MB/s | qsd MB/s | softcard CPU s/M IO | qsd CPU s/M IO | softcard IOPS/core | qsd IOPS/core | softcard p50/p99 us | qsd p50/p99 us |");
-    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("#   per I/O (softcard): rounds of the queue worker's polling loop (those that found nothing), wake-ups of the worker, notifications to the driver");
+    println!("| backing | workload | softcard IOPS | qsd IOPS | softcard/qsd | softcard MB/s | qsd MB/s | softcard CPU s/M IO | qsd CPU s/M IO | softcard IOPS/core | qsd IOPS/core | softcard p50/p99 us | qsd p50/p99 us | polls/IO (idle) | wake-ups/IO | notifications/IO |");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let wanted =
         |name: &str, filter: &Option<String>| filter.as_deref().is_none_or(|f| name.contains(f));
     for (backing, _) in BACKINGS.into_iter().filter(|(b, _)| wanted(b, &a.backing)) {
@@ -519,11 +471,14 @@ pub fn storage(a: &StorageBenchArgs) -> Result<()> {
             .filter(|w| wanted(w.name, &a.workload))
         {
             let (mut s, mut q) = (Vec::new(), Vec::new());
+            let mut per_io = Vec::new();
             for _ in 0..runs {
+                let before = counters(&card);
                 s.push(
                     drive(&ours, w, a.seconds, Server::ThisProcessButMe)
                         .with_context(|| format!("softcard {backing} {}", w.name))?,
                 );
+                per_io.push(PerIo::between(&before, &counters(&card)));
                 if let Some(p) = &qsd {
                     q.push(
                         drive(&theirs, w, a.seconds, Server::Process(p.0.id()))
@@ -532,8 +487,11 @@ pub fn storage(a: &StorageBenchArgs) -> Result<()> {
                 }
             }
             let (s, q) = (Summary::of(&s), Summary::of(&q));
+            let m = |f: fn(&PerIo) -> f64| {
+                figure(median_range(&per_io.iter().map(f).collect::<Vec<_>>()).0, 2)
+            };
             println!(
-                "| {backing} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {backing} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} ({}) | {} | {} |",
                 w.name,
                 s.iops_text(),
                 q.iops_text(),
@@ -546,6 +504,10 @@ pub fn storage(a: &StorageBenchArgs) -> Result<()> {
                 figure(q.iops_per_core, 0),
                 s.latency_text(),
                 q.latency_text(),
+                m(|c| c.polls),
+                m(|c| c.idle_polls),
+                m(|c| c.wakeups),
+                m(|c| c.notifications),
             );
         }
         drop(qsd);

@@ -3,6 +3,7 @@
 //! (configuration and management API).
 
 mod bench;
+mod bench_cells;
 mod bench_cpu;
 mod bench_rdma;
 mod bench_verbs;

@@ -162,6 +162,24 @@ fn counters_move_on_every_surface() {
             &format!("softcard_volume_throttled_seconds_total{{{vl}}}")
         ) > 0.0
     );
+    // The queue worker was woken for the requests, and each wake-up
+    // polled the ring at least once.
+    let wakeups = value(
+        &after,
+        &format!("softcard_volume_queue_wakeups_total{{{vl}}}"),
+    );
+    let polls = value(
+        &after,
+        &format!("softcard_volume_queue_polls_total{{{vl}}}"),
+    );
+    let idle = value(
+        &after,
+        &format!("softcard_volume_queue_idle_polls_total{{{vl}}}"),
+    );
+    assert!(
+        wakeups >= 1.0 && polls >= wakeups && idle <= polls,
+        "{wakeups} {polls} {idle}"
+    );
     // The idle volume is listed with zeroes; device totals equal the sum.
     assert_eq!(
         value(

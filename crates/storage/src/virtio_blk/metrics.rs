@@ -124,6 +124,14 @@ pub struct BlkMetrics {
     pub throttled_requests: AtomicU64,
     /// Total time requests waited for the throttle, in nanoseconds.
     pub throttled_ns: AtomicU64,
+    /// Times a queue worker was woken (a kick, a completion, the throttle's
+    /// timer or its own resume event) and looked at its ring.
+    pub wakeups: AtomicU64,
+    /// Rounds of the workers' polling loops (each looks at the ring and
+    /// the device once).
+    pub polls: AtomicU64,
+    /// Rounds that found neither a new request nor a completion.
+    pub idle_polls: AtomicU64,
     /// Latency from pop to completion, reads.
     pub read_latency: Histogram,
     /// Latency, writes.
@@ -152,6 +160,9 @@ pub struct BlkMetricsSnapshot {
     pub notifications: u64,
     pub throttled_requests: u64,
     pub throttled_ns: u64,
+    pub wakeups: u64,
+    pub polls: u64,
+    pub idle_polls: u64,
     pub read_latency: HistogramSnapshot,
     pub write_latency: HistogramSnapshot,
     pub flush_latency: HistogramSnapshot,
@@ -175,6 +186,9 @@ impl BlkMetricsSnapshot {
         self.notifications += o.notifications;
         self.throttled_requests += o.throttled_requests;
         self.throttled_ns += o.throttled_ns;
+        self.wakeups += o.wakeups;
+        self.polls += o.polls;
+        self.idle_polls += o.idle_polls;
         self.read_latency.add(&o.read_latency);
         self.write_latency.add(&o.write_latency);
         self.flush_latency.add(&o.flush_latency);
@@ -211,6 +225,9 @@ impl BlkMetrics {
             notifications: g(&self.notifications),
             throttled_requests: g(&self.throttled_requests),
             throttled_ns: g(&self.throttled_ns),
+            wakeups: g(&self.wakeups),
+            polls: g(&self.polls),
+            idle_polls: g(&self.idle_polls),
             read_latency: self.read_latency.snapshot(),
             write_latency: self.write_latency.snapshot(),
             flush_latency: self.flush_latency.snapshot(),
