@@ -124,14 +124,15 @@ impl FileDevice {
             Some(f) => probe_alignment(f),
             None => 1,
         };
-        lock(direct.as_ref().unwrap_or(&buffered)).map_err(|e| {
+        lock_waiting(name, path, direct.as_ref().unwrap_or(&buffered)).map_err(|e| {
             if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EACCES)) {
                 DeviceError::Config {
                     name: name.into(),
                     reason: format!(
-                        "{} is in use by another process (it holds the lock, or I/O it \
-                         submitted has not finished yet)",
-                        path.display()
+                        "{} is in use by another process (it held the lock for {} s: it \
+                         serves the device, or I/O it submitted has not finished)",
+                        path.display(),
+                        LOCK_WAIT.as_secs()
                     ),
                 }
             } else {
@@ -147,6 +148,36 @@ impl FileDevice {
             buffered: Arc::new(buffered),
             align,
         })
+    }
+}
+
+/// How long opening a device waits for another process's lock: a card
+/// restarted after a crash opens its devices once its predecessor's last
+/// I/O has landed, which takes milliseconds, not seconds.
+pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// [`lock`], retried for [`LOCK_WAIT`] while another process holds it.
+fn lock_waiting(name: &str, path: &Path, f: &File) -> io::Result<()> {
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    let mut said = false;
+    loop {
+        match lock(f) {
+            Err(e)
+                if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EACCES))
+                    && std::time::Instant::now() < deadline =>
+            {
+                if !said {
+                    log::warn!(
+                        "device {name}: {} is locked by another process; waiting up to {} s",
+                        path.display(),
+                        LOCK_WAIT.as_secs()
+                    );
+                    said = true;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            r => return r,
+        }
     }
 }
 
@@ -463,6 +494,27 @@ mod tests {
             String::from_utf8_lossy(&o.stderr)
         );
         drop(first);
+        // A process that holds the lock briefly (a predecessor finishing
+        // its I/O) is waited for.
+        let mut holder = std::process::Command::new("python3")
+            .args([
+                "-c",
+                "import fcntl,sys,time; f=open(sys.argv[1],'r+'); fcntl.lockf(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(0.3)",
+            ])
+            .arg(&path)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(holder.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        assert_eq!(line, "held\n");
+        let waited = FileDevice::open("d4", DeviceKind::File, &path, None);
+        assert!(holder.wait().unwrap().success());
+        drop(waited.expect("the lock, once the holder exited"));
         // Released with the last reference to the description.
         assert!(other(&path).status.success());
         FileDevice::open("d3", DeviceKind::File, &path, None).unwrap();
