@@ -316,4 +316,6 @@ fn reads_complete_when_their_responses_are_lost() {
     eprintln!("A {sa:?}; B injected {ib:?}");
     assert!(ib[0] > 0, "responses were lost: {ib:?}");
     assert!(sa.retransmits > 0, "{sa:?}");
+    // Reads whose first responses came asked for the rest only.
+    assert!(sa.reads_resumed > 0, "{sa:?}");
 }

@@ -34,6 +34,7 @@ pub fn status_json(s: &[DeviceStatus]) -> Value {
                     "fast_bytes": d.stats.fast_bytes,
                     "software_packets": d.stats.slow_packets,
                     "retransmits": d.stats.retransmits,
+                    "reads_resumed": d.stats.reads_resumed,
                     "dropped": d.stats.dropped,
                 },
             })

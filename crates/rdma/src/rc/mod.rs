@@ -587,6 +587,12 @@ struct PendingRead {
     first_psn: u32,
     packets: u32,
     received: u32,
+    /// Responses that had come when the READ was last asked for: asked
+    /// again, it asks for the rest only, so its responses start there.
+    resume_at: u32,
+    /// The peer's address and key it reads (to ask for the rest).
+    remote_va: u64,
+    rkey: u32,
     /// Where the data goes, in order.
     sges: Vec<Sge>,
     len: usize,
@@ -654,6 +660,9 @@ pub struct PathStats {
     pub atomics: u64,
     /// Duplicate atomic requests answered from the replay list.
     pub atomic_replays: u64,
+    /// READs asked for again from where their data stopped (the rest
+    /// only), after some of their responses came.
+    pub reads_resumed: u64,
 }
 
 impl PathStats {

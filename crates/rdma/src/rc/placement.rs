@@ -242,7 +242,9 @@ pub(super) fn place_read_response(
         });
     }
     let op = pkt.bth.opcode;
-    let first = r.received == 0;
+    // A READ asked for again from where its data stopped starts a new run
+    // of responses there.
+    let first = r.received == r.resume_at;
     let last = r.received + 1 == r.packets;
     let ok_op = match (first, last) {
         (true, true) => op == READ_RESPONSE_ONLY,

@@ -185,6 +185,9 @@ impl Engine {
             first_psn: psn,
             packets,
             received: 0,
+            resume_at: 0,
+            remote_va,
+            rkey,
             sges,
             len,
             quiet,
@@ -231,6 +234,9 @@ impl Engine {
             first_psn: psn,
             packets: 1,
             received: 0,
+            resume_at: 0,
+            remote_va: 0,
+            rkey: 0,
             sges,
             len: 8,
             quiet,
@@ -305,8 +311,52 @@ impl Engine {
         }
     }
 
-    /// Go-back-N: sends every unacknowledged packet of QP `qi` again.
+    /// Go-back-N: sends every unacknowledged packet of QP `qi` again. A
+    /// READ whose first responses came asks for the rest only (its
+    /// request rewritten: the PSN, address and length where the data
+    /// stopped), as IBTA allows, so that what arrived is not sent twice.
     pub(super) fn resend_unacked(&mut self, qi: usize) {
+        let mtu = self.qps[qi].mtu;
+        let remote_qpn = self.qps[qi].remote_qpn;
+        let stats = &mut self.stats;
+        let q = &mut self.qps[qi];
+        for o in q.unacked.iter_mut() {
+            if o.kind != WcOpcode::RdmaRead {
+                continue;
+            }
+            let Some(r) = q.reads.iter_mut().find(|r| r.first_psn == o.psn) else {
+                continue;
+            };
+            if r.received == 0 || r.received >= r.packets {
+                continue;
+            }
+            let done = r.received as usize * mtu;
+            let pkt = Packet {
+                bth: header(
+                    opcode::READ_REQUEST,
+                    remote_qpn,
+                    psn_add(r.first_psn, r.received),
+                    true,
+                ),
+                reth: Some(Reth {
+                    va: r.remote_va + done as u64,
+                    rkey: r.rkey,
+                    dma_len: u32::try_from(r.len - done).unwrap_or(0),
+                }),
+                aeth: None,
+                imm: None,
+                atomic: None,
+                atomic_ack: None,
+                deth: None,
+                payload: &[],
+                icrc: 0,
+            };
+            if let Ok(buf) = encode(&pkt) {
+                *o = Outstanding::whole(o.psn, o.completes, o.kind, o.quiet, buf);
+                r.resume_at = r.received;
+                stats.reads_resumed += 1;
+            }
+        }
         self.stats.retransmits += self.qps[qi].unacked.len() as u64;
         self.send_unacked(qi, 0);
     }
