@@ -5,7 +5,7 @@
 use std::io;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use log::error;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
@@ -72,6 +72,11 @@ struct Inner {
     config: Vec<u8>,
     mem: Mem,
     workers: Vec<Mutex<QueueWorker>>,
+    /// Each worker's vring, kept from its first event: stopping a queue
+    /// (`GET_VRING_BASE`) drains the worker *with* it, so that what the
+    /// worker took off the ring is on the used ring before the base is
+    /// answered.
+    vrings: Vec<OnceLock<VringMutex<Mem>>>,
     event_idx: AtomicBool,
     exits: Vec<(EventConsumer, EventNotifier)>,
     metrics: Arc<BlkMetrics>,
@@ -171,6 +176,7 @@ impl BlkBackend {
                 encrypted: target.cipher.is_some(),
                 config: config_space(target.size, num_queues),
                 mem,
+                vrings: (0..workers.len()).map(|_| OnceLock::new()).collect(),
                 workers,
                 event_idx: AtomicBool::new(false),
                 exits,
@@ -294,10 +300,18 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
-        if let Some(w) = self.inner.workers.get(queue_index as usize) {
-            w.lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .drain(None, &self.inner.mem);
+        let i = queue_index as usize;
+        if let Some(w) = self.inner.workers.get(i) {
+            // Worker, then vring: the order handle_event takes them in.
+            let mut w = w.lock().unwrap_or_else(|e| e.into_inner());
+            match self.inner.vrings.get(i).and_then(OnceLock::get) {
+                // Everything taken completes onto the used ring (a request
+                // the throttle holds back is started now), and the driver
+                // is notified.
+                Some(v) => w.drain(Some(&mut v.get_mut()), &self.inner.mem),
+                // Never woken: nothing was taken.
+                None => w.drain(None, &self.inner.mem),
+            }
         }
         Ok(())
     }
@@ -318,6 +332,9 @@ impl VhostUserBackend for BlkBackend {
         let Some(vring) = vrings.first() else {
             return Ok(());
         };
+        if let Some(slot) = self.inner.vrings.get(thread_id) {
+            slot.get_or_init(|| vring.clone());
+        }
         let event_idx = self.inner.event_idx.load(Ordering::Relaxed);
         let completion = u64::from(device_event) == completion_event(self.inner.num_queues);
         let resume = u64::from(device_event) == resume_event(self.inner.num_queues);
