@@ -610,20 +610,16 @@ size = "64MiB"
     d.stop();
 }
 
-/// `GET_VRING_BASE` stops the queue: every request the card took off the
-/// ring, including one the throttle was holding back, completes and is
-/// put on the used ring before the base is answered, so the base and the
-/// used index agree and the frontend (QEMU restarting the queue from that
-/// base) loses no request.
-#[test]
-fn stopping_a_queue_completes_and_publishes_every_request_it_took() {
+/// A daemon with a ram volume attached at one request a second (no burst
+/// beyond one), and a raw frontend that has posted three 4 KiB writes:
+/// the first has completed, the second is taken off the ring and held
+/// back by the throttle, the third waits on the ring.
+fn three_writes_behind_a_throttle() -> (Daemon, Ring) {
     let d = Daemon::start("[[device]]\nname = \"r\"\nkind = \"ram\"\nsize = \"64MiB\"\n");
     d.ok(&[
         "card", "volume", "create", "v", "--device", "r", "--size", "8MiB",
     ]);
     let sock = d.path("v.sock");
-    // One request a second, no burst beyond one: the second request is
-    // taken off the ring and held back by the throttle.
     d.ok(&[
         "card",
         "volume",
@@ -671,8 +667,18 @@ fn stopping_a_queue_completes_and_publishes_every_request_it_took() {
         );
         r.publish(base, 1);
     }
-    // The first goes through at once.
     r.wait_used().expect("the first request completes");
+    (d, r)
+}
+
+/// `GET_VRING_BASE` stops the queue: every request the card took off the
+/// ring, the one the throttle holds back included, completes and is put
+/// on the used ring before the base is answered. The base and the used
+/// index agree, so a frontend that restarts the queue from that base
+/// loses no request.
+#[test]
+fn stopping_a_queue_completes_and_publishes_every_request_it_took() {
+    let (_d, r) = three_writes_behind_a_throttle();
     let base = r._fe.get_vring_base(0).unwrap();
     let used = r.mem.u16_at(USED + 2);
     assert!(
@@ -687,4 +693,29 @@ fn stopping_a_queue_completes_and_publishes_every_request_it_took() {
     for k in 0..used {
         assert_eq!(r.mem.read(STATUS + u64::from(k), 1)[0], S_OK, "request {k}");
     }
+}
+
+/// A card stopped (SIGTERM: a service restart, an upgrade) while a
+/// frontend is connected first completes onto the used ring what its
+/// queues took, the request the throttle holds back included, and takes
+/// nothing more; then it closes the connection. The frontend, which
+/// restarts its queue from the used index when it reconnects, finds each
+/// request either done and reported or still waiting on the ring.
+#[test]
+fn a_stopping_card_reports_what_it_took_and_takes_nothing_more() {
+    let (mut d, r) = three_writes_behind_a_throttle();
+    d.stop();
+    assert_eq!(
+        r.mem.u16_at(USED + 2),
+        2,
+        "what was taken is on the used ring"
+    );
+    for k in 0..2 {
+        assert_eq!(r.mem.read(STATUS + k, 1)[0], S_OK, "request {k}");
+    }
+    assert_eq!(
+        r.mem.read(STATUS + 2, 1)[0],
+        0xaa,
+        "the third was not taken"
+    );
 }

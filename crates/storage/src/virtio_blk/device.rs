@@ -77,6 +77,9 @@ struct Inner {
     /// worker took off the ring is on the used ring before the base is
     /// answered.
     vrings: Vec<OnceLock<VringMutex<Mem>>>,
+    /// Quiesced ([`BlkBackend::quiesce`]): the queues take no more
+    /// requests.
+    quiesced: AtomicBool,
     event_idx: AtomicBool,
     exits: Vec<(EventConsumer, EventNotifier)>,
     metrics: Arc<BlkMetrics>,
@@ -178,6 +181,7 @@ impl BlkBackend {
                 mem,
                 vrings: (0..workers.len()).map(|_| OnceLock::new()).collect(),
                 workers,
+                quiesced: AtomicBool::new(false),
                 event_idx: AtomicBool::new(false),
                 exits,
                 metrics,
@@ -210,6 +214,16 @@ impl BlkBackend {
     pub(crate) fn drain(&self) {
         for i in 0..self.inner.workers.len() {
             self.worker(i).drain(None, &self.inner.mem);
+        }
+    }
+
+    /// Stops taking requests and completes every request taken onto the
+    /// used rings, notifying the driver (before the card closes the
+    /// connection on its own: a stop or an upgrade).
+    pub(crate) fn quiesce(&self) {
+        self.inner.quiesced.store(true, Ordering::SeqCst);
+        for i in 0..self.inner.workers.len() {
+            let _ = self.stop_vring(u32::try_from(i).unwrap_or(u32::MAX));
         }
     }
 
@@ -335,6 +349,7 @@ impl VhostUserBackend for BlkBackend {
         if let Some(slot) = self.inner.vrings.get(thread_id) {
             slot.get_or_init(|| vring.clone());
         }
+
         let event_idx = self.inner.event_idx.load(Ordering::Relaxed);
         let completion = u64::from(device_event) == completion_event(self.inner.num_queues);
         let resume = u64::from(device_event) == resume_event(self.inner.num_queues);
@@ -343,6 +358,12 @@ impl VhostUserBackend for BlkBackend {
         // marked failed, and the daemon and other volumes carry on.
         let outcome = catch_unwind(AssertUnwindSafe(|| {
             let mut w = self.worker(thread_id);
+            // Quiesced (checked under the worker's lock, which quiesce
+            // drains under): kicks wait on the ring for the next
+            // connection.
+            if self.inner.quiesced.load(Ordering::SeqCst) {
+                return Ok(());
+            }
             let mut vr = vring.get_mut();
             if completion {
                 w.on_completion(&mut vr, &self.inner.mem, event_idx)

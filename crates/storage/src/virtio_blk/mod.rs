@@ -71,6 +71,9 @@ struct Shared {
     stop: AtomicBool,
     state: Mutex<InterfaceState>,
     shutdown: Mutex<Option<ShutdownHandle>>,
+    /// The connected frontend's backend, to quiesce before the connection
+    /// closes.
+    backend: Mutex<Option<BlkBackend>>,
     failed: AtomicBool,
 }
 
@@ -153,6 +156,7 @@ impl Attachment {
             stop: AtomicBool::new(false),
             state: Mutex::new(InterfaceState::Listening),
             shutdown: Mutex::new(None),
+            backend: Mutex::new(None),
             failed: AtomicBool::new(false),
         });
         // Fail early if the device cannot give us queues.
@@ -246,7 +250,23 @@ impl Attachment {
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         match handle {
-            Some(h) => h.shutdown(),
+            Some(h) => {
+                // Before the connection closes: what the queues took
+                // completes onto the used rings and they take nothing
+                // more, so a frontend that reconnects (restarting its
+                // queues from the used index) loses no request and sees
+                // none done twice.
+                let backend = self
+                    .shared
+                    .backend
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone();
+                if let Some(b) = backend {
+                    b.quiesce();
+                }
+                h.shutdown();
+            }
             // Wake the accept(): shutting the listening socket down makes
             // it fail at once, even when the socket's path was removed (a
             // connection to the path would then wake nothing).
@@ -344,6 +364,7 @@ fn serve(
             continue;
         }
         *shared.shutdown.lock().unwrap_or_else(|e| e.into_inner()) = daemon.shutdown_handle();
+        *shared.backend.lock().unwrap_or_else(|e| e.into_inner()) = Some(backend.clone());
         if shared.stop.load(Ordering::SeqCst) {
             daemon.request_shutdown();
         } else {
@@ -351,6 +372,7 @@ fn serve(
         }
         let result = daemon.wait();
         *shared.shutdown.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        *shared.backend.lock().unwrap_or_else(|e| e.into_inner()) = None;
         backend.drain();
         backend.signal_exit();
         if backend.failed() {
