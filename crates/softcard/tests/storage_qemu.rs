@@ -53,11 +53,12 @@ $B sync
 $B poweroff -f
 "#;
 
-fn build_initramfs(kernel: &Path, out: &Path, pats: &[(&str, &[u8])]) {
+/// An initramfs running `script` (after the prelude), with `pats` as files.
+fn build_initramfs(kernel: &Path, out: &Path, script: &str, pats: &[(&str, &[u8])]) {
     let init = format!(
         "#!/bin/busybox sh\n{}{}",
         softcard_testkit::INIT_PRELUDE,
-        INIT
+        script
     );
     let mut i = softcard_testkit::Initramfs::new(kernel, &init);
     i.modules(&["virtio_pci", "virtio_blk"]);
@@ -65,6 +66,93 @@ fn build_initramfs(kernel: &Path, out: &Path, pats: &[(&str, &[u8])]) {
         i.file(name, data, 0o644);
     }
     std::fs::write(out, i.finish()).unwrap();
+}
+
+/// How long a guest has to boot, do its work and power off.
+const GUEST_DEADLINE: Duration = Duration::from_secs(240);
+
+/// A QEMU guest (TCG) booted on `initrd`, with one vhost-user-blk disk per
+/// `(chardev options, queues)`; its console is read as it comes.
+struct Guest {
+    qemu: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    reader: std::thread::JoinHandle<String>,
+    deadline: Instant,
+}
+
+impl Guest {
+    fn boot(kernel: &Path, initrd: &Path, disks: &[(String, u16)]) -> Guest {
+        let mut cmd = Command::new("qemu-system-x86_64");
+        cmd.args(softcard_testkit::guest_args(kernel, initrd))
+            .args([
+                "-object",
+                "memory-backend-memfd,id=mem,size=512M,share=on",
+                "-numa",
+                "node,memdev=mem",
+            ]);
+        for (i, (chardev, queues)) in disks.iter().enumerate() {
+            cmd.arg("-chardev").arg(format!("{chardev},id=c{i}")).args([
+                "-device",
+                &format!("vhost-user-blk-pci,chardev=c{i},num-queues={queues}"),
+            ]);
+        }
+        let mut qemu = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("qemu-system-x86_64 (install qemu-system-x86)");
+        let stdout = qemu.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel::<String>();
+        let reader = std::thread::spawn(move || {
+            let mut all = String::new();
+            for l in std::io::BufRead::lines(std::io::BufReader::new(stdout)).map_while(Result::ok)
+            {
+                let _ = tx.send(l.clone());
+                all.push_str(&l);
+                all.push('\n');
+            }
+            all
+        });
+        Guest {
+            qemu,
+            lines,
+            reader,
+            deadline: Instant::now() + GUEST_DEADLINE,
+        }
+    }
+
+    /// Waits for a console line starting with `prefix`.
+    fn wait_line(&self, prefix: &str) {
+        loop {
+            match self.lines.recv_timeout(Duration::from_millis(200)) {
+                Ok(l) if l.starts_with(prefix) => return,
+                _ if Instant::now() > self.deadline => {
+                    panic!("the guest printed no {prefix} line")
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Waits for the guest to power off; its whole console.
+    fn console(mut self) -> String {
+        loop {
+            if self.qemu.try_wait().unwrap().is_some() {
+                return self.reader.join().unwrap();
+            }
+            if Instant::now() > self.deadline {
+                let _ = self.qemu.kill();
+                let _ = self.qemu.wait();
+                panic!(
+                    "guest did not power off within {} s:\n{}",
+                    GUEST_DEADLINE.as_secs(),
+                    self.reader.join().unwrap()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
 }
 
 #[test]
@@ -146,50 +234,19 @@ kek_file = "@DIR@/acme.kek"
     build_initramfs(
         &k,
         &initrd,
+        INIT,
         &[("pat_a0", &pat_a0), ("pat_a1", &pat_a1), ("pat_b", &pat_b)],
     );
 
-    let mut qemu = Command::new("qemu-system-x86_64")
-        .args(softcard_testkit::guest_args(&k, &initrd))
-        .args([
-            "-object",
-            "memory-backend-memfd,id=mem,size=512M,share=on",
-            "-numa",
-            "node,memdev=mem",
-        ])
-        .arg("-chardev")
-        .arg(format!("socket,id=c0,path={}", sa.display()))
-        .args(["-device", "vhost-user-blk-pci,chardev=c0,num-queues=2"])
-        .arg("-chardev")
-        .arg(format!("socket,id=c1,path={}", sb.display()))
-        .args(["-device", "vhost-user-blk-pci,chardev=c1,num-queues=1"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("qemu-system-x86_64 (install qemu-system-x86)");
-    let mut stdout = qemu.stdout.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        std::io::Read::read_to_string(&mut stdout, &mut s).ok();
-        s
-    });
-    let deadline = Instant::now() + Duration::from_secs(240);
-    loop {
-        if qemu.try_wait().unwrap().is_some() {
-            break;
-        }
-        if Instant::now() > deadline {
-            let _ = qemu.kill();
-            let _ = qemu.wait();
-            panic!(
-                "guest did not power off within 240 s:\n{}",
-                reader.join().unwrap()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let console = reader.join().unwrap();
+    let guest = Guest::boot(
+        &k,
+        &initrd,
+        &[
+            (format!("socket,path={}", sa.display()), 2),
+            (format!("socket,path={}", sb.display()), 1),
+        ],
+    );
+    let console = guest.console();
     let line = |key: &str| {
         console
             .lines()
@@ -308,71 +365,20 @@ fn a_guest_keeps_its_disk_across_card_restarts() {
     ]);
     let pat = pattern(7, 1 << 20);
     let initrd = d.path("initrd.cpio");
-    let init = format!(
-        "#!/bin/busybox sh\n{}{}",
-        softcard_testkit::INIT_PRELUDE,
-        RESTART_INIT
-    );
-    let mut i = softcard_testkit::Initramfs::new(&k, &init);
-    i.modules(&["virtio_pci", "virtio_blk"]);
-    i.file("pat", &pat, 0o644);
-    std::fs::write(&initrd, i.finish()).unwrap();
+    build_initramfs(&k, &initrd, RESTART_INIT, &[("pat", &pat)]);
 
-    let mut qemu = Command::new("qemu-system-x86_64")
-        .args(softcard_testkit::guest_args(&k, &initrd))
-        .args([
-            "-object",
-            "memory-backend-memfd,id=mem,size=512M,share=on",
-            "-numa",
-            "node,memdev=mem",
-        ])
-        .arg("-chardev")
-        .arg(format!("socket,id=c0,path={},reconnect=1", sa.display()))
-        .args(["-device", "vhost-user-blk-pci,chardev=c0,num-queues=1"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("qemu-system-x86_64 (install qemu-system-x86)");
-    let stdout = qemu.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    let reader = std::thread::spawn(move || {
-        let mut all = String::new();
-        for l in std::io::BufRead::lines(std::io::BufReader::new(stdout)).map_while(Result::ok) {
-            let _ = tx.send(l.clone());
-            all.push_str(&l);
-            all.push('\n');
-        }
-        all
-    });
+    let guest = Guest::boot(
+        &k,
+        &initrd,
+        &[(format!("socket,path={},reconnect=1", sa.display()), 1)],
+    );
     // Once the guest writes, restart the card three times.
-    let deadline = Instant::now() + Duration::from_secs(240);
-    loop {
-        match rx.recv_timeout(Duration::from_millis(200)) {
-            Ok(l) if l.starts_with("SOFTCARD-START") => break,
-            _ if Instant::now() > deadline => panic!("the guest did not start writing"),
-            _ => {}
-        }
-    }
+    guest.wait_line("SOFTCARD-START");
     for _ in 0..3 {
         std::thread::sleep(Duration::from_millis(1200));
         d.restart();
     }
-    loop {
-        if qemu.try_wait().unwrap().is_some() {
-            break;
-        }
-        if Instant::now() > deadline {
-            let _ = qemu.kill();
-            let _ = qemu.wait();
-            panic!(
-                "guest did not power off within 240 s:\n{}",
-                reader.join().unwrap()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let console = reader.join().unwrap();
+    let console = guest.console();
     assert!(!console.contains("SOFTCARD-FAIL"), "{console}");
     assert!(console.contains("SOFTCARD-RESULT ok"), "{console}");
     let off = d.offset_of("a");
