@@ -56,38 +56,12 @@ fn completions_beyond_a_full_ring_reach_the_application() {
         let ops = &(*ctx).ops;
         let base = buf.as_mut_ptr();
         for k in 0..N {
-            let mut sge = sys::ibv_sge {
-                addr: base.add(64 * k as usize) as u64,
-                length: 32,
-                lkey: (*mr).lkey,
-            };
-            let mut wr = sys::ibv_recv_wr {
-                wr_id: u64::from(k),
-                sg_list: &mut sge,
-                num_sge: 1,
-                ..Default::default()
-            };
-            let mut bad = null_mut();
-            assert_eq!(ops.post_recv.unwrap()(qp, &mut wr, &mut bad), 0);
+            common::post_recv(qp, u64::from(k), base.add(64 * k as usize), 32, (*mr).lkey);
         }
         for k in 0..N {
             let at = 64 * k as usize + 32;
             buf[at..at + 4].copy_from_slice(&k.to_le_bytes());
-            let mut sge = sys::ibv_sge {
-                addr: base.add(at) as u64,
-                length: 4,
-                lkey: (*mr).lkey,
-            };
-            let mut wr = sys::ibv_send_wr {
-                wr_id: 1000 + u64::from(k),
-                sg_list: &mut sge,
-                num_sge: 1,
-                opcode: sys::ibv_wr_opcode_IBV_WR_SEND,
-                send_flags: sys::ibv_send_flags_IBV_SEND_SIGNALED,
-                ..Default::default()
-            };
-            let mut bad = null_mut();
-            assert_eq!(ops.post_send.unwrap()(qp, &mut wr, &mut bad), 0);
+            common::post_send(qp, 1000 + u64::from(k), base.add(at), 4, (*mr).lkey);
         }
         // Time for every message to go and for the card's thread to go to
         // sleep with a full ring and completions left over.

@@ -81,36 +81,10 @@ fn overlapping_registrations_share_the_applications_pages() {
         // send from page 1 and page 0 through the first.
         let ctx_ops = &(*ctx).ops;
         for (wr_id, at) in [(1u64, page + 1000), (3, 2 * page + 64)] {
-            let mut rsge = sys::ibv_sge {
-                addr: buf.add(at) as u64,
-                length: 64,
-                lkey: (*mr2).lkey,
-            };
-            let mut rwr = sys::ibv_recv_wr {
-                wr_id,
-                sg_list: &mut rsge,
-                num_sge: 1,
-                ..Default::default()
-            };
-            let mut bad_r = null_mut();
-            assert_eq!(ctx_ops.post_recv.unwrap()(qp, &mut rwr, &mut bad_r), 0);
+            common::post_recv(qp, wr_id, buf.add(at), 64, (*mr2).lkey);
         }
         for (wr_id, at) in [(2u64, page + 200), (4, 0)] {
-            let mut ssge = sys::ibv_sge {
-                addr: buf.add(at) as u64,
-                length: 11,
-                lkey: (*mr1).lkey,
-            };
-            let mut swr = sys::ibv_send_wr {
-                wr_id,
-                sg_list: &mut ssge,
-                num_sge: 1,
-                opcode: sys::ibv_wr_opcode_IBV_WR_SEND,
-                send_flags: sys::ibv_send_flags_IBV_SEND_SIGNALED,
-                ..Default::default()
-            };
-            let mut bad_s = null_mut();
-            assert_eq!(ctx_ops.post_send.unwrap()(qp, &mut swr, &mut bad_s), 0);
+            common::post_send(qp, wr_id, buf.add(at), 11, (*mr1).lkey);
         }
         let mut got = Vec::new();
         let end = std::time::Instant::now() + std::time::Duration::from_secs(10);

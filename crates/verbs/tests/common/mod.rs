@@ -63,3 +63,60 @@ pub unsafe fn connect_to_itself(qp: *mut sys::ibv_qp) {
         assert_eq!(ibverbs::ibv_modify_qp(qp, &mut a, 1 | (1 << 16)), 0);
     }
 }
+
+/// Posts one receive of `len` bytes at `addr` (lkey `lkey`) through the
+/// context's inline `post_recv`, as verbs.h's `ibv_post_recv` does.
+///
+/// # Safety
+/// `qp` is a live queue pair of the library; the memory stays registered
+/// until the receive completes.
+pub unsafe fn post_recv(qp: *mut sys::ibv_qp, wr_id: u64, addr: *mut u8, len: u32, lkey: u32) {
+    let mut sge = sys::ibv_sge {
+        addr: addr as u64,
+        length: len,
+        lkey,
+    };
+    let mut wr = sys::ibv_recv_wr {
+        wr_id,
+        sg_list: &mut sge,
+        num_sge: 1,
+        ..Default::default()
+    };
+    let mut bad = std::ptr::null_mut();
+    // SAFETY: per the caller; the context's ops were set by the library.
+    unsafe {
+        assert_eq!(
+            (*(*qp).context).ops.post_recv.unwrap()(qp, &mut wr, &mut bad),
+            0
+        )
+    };
+}
+
+/// Posts one signaled SEND of `len` bytes at `addr` (lkey `lkey`) through
+/// the context's inline `post_send`.
+///
+/// # Safety
+/// As [`post_recv`].
+pub unsafe fn post_send(qp: *mut sys::ibv_qp, wr_id: u64, addr: *mut u8, len: u32, lkey: u32) {
+    let mut sge = sys::ibv_sge {
+        addr: addr as u64,
+        length: len,
+        lkey,
+    };
+    let mut wr = sys::ibv_send_wr {
+        wr_id,
+        sg_list: &mut sge,
+        num_sge: 1,
+        opcode: sys::ibv_wr_opcode_IBV_WR_SEND,
+        send_flags: sys::ibv_send_flags_IBV_SEND_SIGNALED,
+        ..Default::default()
+    };
+    let mut bad = std::ptr::null_mut();
+    // SAFETY: per the caller; the context's ops were set by the library.
+    unsafe {
+        assert_eq!(
+            (*(*qp).context).ops.post_send.unwrap()(qp, &mut wr, &mut bad),
+            0
+        )
+    };
+}
