@@ -72,6 +72,8 @@ struct RawDevice {
     share_depth: Option<u32>,
     #[serde(default)]
     read_zeroes: Option<bool>,
+    #[serde(default)]
+    volatile_write_cache: Option<softcard_storage::device::VolatileCacheConfig>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -245,6 +247,7 @@ impl CardConfig {
                 size_bytes,
                 share_depth: d.share_depth,
                 read_zeroes: d.read_zeroes,
+                volatile_write_cache: d.volatile_write_cache,
             });
         }
         let mut tenants: Vec<(String, KekSource)> = Vec::new();

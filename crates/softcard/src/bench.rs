@@ -379,6 +379,7 @@ pub fn storage(a: &StorageBenchArgs) -> Result<()> {
                 size_bytes: Some(VOLUME_BYTES + MAP_SLACK),
                 share_depth: None,
                 read_zeroes: (backing == "null-untouched").then_some(false),
+                volatile_write_cache: None,
             },
             "ram" | "ram-encrypted" => DeviceConfig {
                 name: "bench".into(),
@@ -387,6 +388,7 @@ pub fn storage(a: &StorageBenchArgs) -> Result<()> {
                 size_bytes: Some(VOLUME_BYTES + MAP_SLACK),
                 share_depth: None,
                 read_zeroes: None,
+                volatile_write_cache: None,
             },
             _ => {
                 let ours = shm.path().join("softcard.img");
@@ -398,6 +400,7 @@ pub fn storage(a: &StorageBenchArgs) -> Result<()> {
                     size_bytes: None,
                     share_depth: None,
                     read_zeroes: None,
+                    volatile_write_cache: None,
                 }
             }
         };
@@ -543,6 +546,7 @@ pub fn encryption(a: &EncryptionBenchArgs) -> Result<()> {
         size_bytes: Some(VOLUME_BYTES + MAP_SLACK),
         share_depth: None,
         read_zeroes: None,
+        volatile_write_cache: None,
     };
     let keys = KeyStore::with_keys(vec![("bench".into(), Kek::generate())]);
     let card = StorageCard::open_with_keys(&[ram("plain"), ram("secret")], keys)?;
@@ -640,6 +644,7 @@ pub fn nbd(a: &NbdBenchArgs) -> Result<()> {
         size_bytes: None,
         share_depth: None,
         read_zeroes: None,
+        volatile_write_cache: None,
     }])?;
     card.create_volume("bench", "bench", VOLUME_BYTES)?;
     let ours = sockets.path().join("softcard.nbd");
@@ -817,6 +822,7 @@ pub fn fairness(a: &FairnessBenchArgs) -> Result<()> {
         size_bytes: None,
         share_depth: None,
         read_zeroes: None,
+        volatile_write_cache: None,
     };
     let card = StorageCard::open(&[dev])?;
     let mut socks = Vec::new();
@@ -917,6 +923,7 @@ pub fn qos(a: &QosBenchArgs) -> Result<()> {
         size_bytes: Some(64 << 20),
         share_depth: None,
         read_zeroes: None,
+        volatile_write_cache: None,
     }])?;
     card.create_volume("v", "r", 32 << 20)?;
     let sock = sockets.path().join("v.sock");

@@ -196,6 +196,7 @@ fn real_host(rounds: usize, dir: &std::path::Path) -> Result<Vec<(f64, f64, f64)
         size_bytes: Some(4 << 30),
         share_depth: None,
         read_zeroes: None,
+        volatile_write_cache: None,
     }])?);
     let _agent = softcard_host::Agent::start(
         softcard_host::HostConfig {

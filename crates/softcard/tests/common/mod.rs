@@ -382,6 +382,7 @@ pub fn wrapped_key_on_device(path: &Path, volume: &str) -> Vec<u8> {
         size_bytes: None,
         share_depth: None,
         read_zeroes: None,
+        volatile_write_cache: None,
     })
     .unwrap();
     let map = PartitionMap::load(dev.as_ref()).unwrap();

@@ -691,6 +691,7 @@ mod tests {
             size_bytes: Some(1 << 20),
             share_depth: None,
             read_zeroes: Some(false),
+            volatile_write_cache: None,
         })
         .unwrap_err();
         assert!(

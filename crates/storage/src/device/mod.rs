@@ -10,6 +10,7 @@
 mod aligned;
 mod file;
 mod mem;
+mod volatile;
 
 use std::fmt;
 
@@ -24,6 +25,7 @@ use serde::{Deserialize, Serialize};
 pub use aligned::AlignedBuf;
 pub use file::FileDevice;
 pub use mem::{NullDevice, RamDevice};
+pub use volatile::{VolatileCache, VolatileCacheConfig};
 
 /// Most segments one request may carry into a [`DeviceQueue`].
 ///
@@ -84,6 +86,12 @@ pub struct DeviceConfig {
     /// whatever its own buffer held. Default: zero-fill.
     #[serde(default)]
     pub read_zeroes: Option<bool>,
+    /// File and block devices, crash tests only: keep writes in the card's
+    /// memory until a flush, so that killing the card loses what was not
+    /// flushed, as power loss does to a disk's volatile cache
+    /// ([`VolatileCache`]).
+    #[serde(default)]
+    pub volatile_write_cache: Option<VolatileCacheConfig>,
 }
 
 /// Errors opening a physical device.
@@ -218,6 +226,17 @@ pub fn open(config: &DeviceConfig) -> Result<Arc<dyn PhysicalDevice>, DeviceErro
             reason: format!("a {} device needs size_bytes", config.kind),
         })
     };
+    if config.volatile_write_cache.is_some()
+        && !matches!(config.kind, DeviceKind::File | DeviceKind::Block)
+    {
+        return Err(DeviceError::Config {
+            name: config.name.clone(),
+            reason: format!(
+                "volatile_write_cache is for file and block devices, not {}",
+                config.kind
+            ),
+        });
+    }
     if config.read_zeroes.is_some() && config.kind != DeviceKind::Null {
         return Err(DeviceError::Config {
             name: config.name.clone(),
@@ -244,12 +263,23 @@ pub fn open(config: &DeviceConfig) -> Result<Arc<dyn PhysicalDevice>, DeviceErro
                 name: config.name.clone(),
                 reason: format!("a {} device needs a path", config.kind),
             })?;
-            Arc::new(FileDevice::open(
+            let file: Arc<dyn PhysicalDevice> = Arc::new(FileDevice::open(
                 &config.name,
                 config.kind,
                 &path,
                 config.size_bytes,
-            )?)
+            )?);
+            match config.volatile_write_cache {
+                Some(c) => {
+                    log::warn!(
+                        "device {}: volatile write cache for crash tests; unflushed writes \
+                         are lost when the card stops",
+                        config.name
+                    );
+                    Arc::new(VolatileCache::new(file, c))
+                }
+                None => file,
+            }
         }
     })
 }

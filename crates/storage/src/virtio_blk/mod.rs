@@ -10,6 +10,7 @@
 mod device;
 pub mod metrics;
 pub mod request;
+mod used_order;
 mod worker;
 
 use std::io;

@@ -24,6 +24,7 @@ use vmm_sys_util::timerfd::TimerFd;
 
 use super::metrics::BlkMetrics;
 use super::request::{self, Refused, Request, RequestError, RequestKind, Segment, ID_BYTES};
+use super::used_order::{Seq, UsedOrder};
 use crate::crypto::Xts256;
 use crate::device::{AlignedBuf, Crypt, DeviceQueue, IoCompletion, IoOp, IoRequest, MAX_SEGMENTS};
 use crate::qos::{DeviceShare, QosError, QosLimits, ShareSlot, Throttle};
@@ -43,6 +44,7 @@ const POLL_BUDGET: Duration = Duration::from_millis(2);
 #[derive(Debug)]
 struct Inflight {
     head: u16,
+    seq: Seq,
     status: GuestAddress,
     kind: RequestKind,
     len: u64,
@@ -219,6 +221,7 @@ pub(crate) struct Policy {
 #[derive(Debug)]
 struct Pending {
     req: Request,
+    seq: Seq,
     since: Instant,
     /// The throttle already admitted (and charged) it.
     admitted: bool,
@@ -240,6 +243,7 @@ fn data_bytes(req: &Request) -> u64 {
 #[derive(Debug, Clone, Copy)]
 struct Done {
     head: u16,
+    seq: Seq,
     status_addr: GuestAddress,
     status: u8,
     /// Data bytes written into the guest's buffers.
@@ -286,6 +290,8 @@ pub(crate) struct QueueWorker {
     share_slot: Arc<ShareSlot>,
     bounce_pool: Vec<AlignedBuf>,
     iov_pool: Vec<Vec<libc::iovec>>,
+    /// Requests taken from the ring and not yet on the used ring.
+    order: UsedOrder,
 }
 
 // SAFETY: the iovec scratch vector holds plain addresses that are only
@@ -329,6 +335,7 @@ impl QueueWorker {
             share_slot,
             bounce_pool: Vec::new(),
             iov_pool: Vec::new(),
+            order: UsedOrder::default(),
         })
     }
 
@@ -500,7 +507,7 @@ impl QueueWorker {
                 if p.req.kind != RequestKind::GetId {
                     self.share.force_start(&self.share_slot);
                 }
-                if self.start(vr, &snapshot, p.req) {
+                if self.start(vr, &snapshot, p.req, p.seq) {
                     self.notify(vr, &snapshot, true);
                 }
             }
@@ -531,6 +538,8 @@ impl QueueWorker {
             // Draining ends the queue: signal regardless of suppression.
             self.notify(vr, &snapshot, true);
         }
+        // Whatever was not published goes with the ring.
+        self.order.clear();
     }
 
     fn mark_broken(&mut self, why: &str) {
@@ -595,13 +604,14 @@ impl QueueWorker {
                 return used;
             }
             std::mem::swap(&mut self.segments, &mut self.pending_segments);
-            used |= self.start(vring, mem, p.req);
+            used |= self.start(vring, mem, p.req, p.seq);
         }
         let (mut batch, mut batch_bytes) = (0usize, 0u64);
         while !self.free.is_empty() {
             let Some(chain) = vring.get_queue_mut().pop_descriptor_chain(mem.as_ref()) else {
                 break;
             };
+            let seq = self.order.take();
             let parsed = request::parse(chain, mem.as_ref(), self.range.size, &mut self.segments);
             match parsed {
                 Ok(req) => {
@@ -610,6 +620,7 @@ impl QueueWorker {
                         std::mem::swap(&mut self.segments, &mut self.pending_segments);
                         self.pending = Some(Pending {
                             req,
+                            seq,
                             since: Instant::now(),
                             admitted: false,
                         });
@@ -620,6 +631,7 @@ impl QueueWorker {
                         std::mem::swap(&mut self.segments, &mut self.pending_segments);
                         self.pending = Some(Pending {
                             req,
+                            seq,
                             since: Instant::now(),
                             admitted: true,
                         });
@@ -627,10 +639,10 @@ impl QueueWorker {
                         break;
                     }
                     batch_bytes += req.len;
-                    used |= self.start(vring, mem, req);
+                    used |= self.start(vring, mem, req, seq);
                 }
                 Err(refused) => {
-                    self.refuse(vring, mem, &refused);
+                    self.refuse(vring, mem, &refused, seq);
                     used = true;
                 }
             }
@@ -665,7 +677,13 @@ impl QueueWorker {
         }
     }
 
-    fn refuse(&mut self, vring: &mut VringState<Mem>, mem: &GuestMemoryMmap, r: &Refused) {
+    fn refuse(
+        &mut self,
+        vring: &mut VringState<Mem>,
+        mem: &GuestMemoryMmap,
+        r: &Refused,
+        seq: Seq,
+    ) {
         debug!("refused request head {}: {}", r.head, r.error);
         let status = if matches!(r.error, RequestError::Unsupported(_)) {
             BlkMetrics::inc(&self.metrics.unsupported_requests);
@@ -680,7 +698,21 @@ impl QueueWorker {
                 len = 1;
             }
         }
-        if let Err(e) = vring.add_used(r.head, len) {
+        self.publish(vring, seq, r.head, len);
+    }
+
+    /// Puts an answered request on the used ring, after every request
+    /// taken before it ([`UsedOrder`]).
+    fn publish(&mut self, vring: &mut VringState<Mem>, seq: Seq, head: u16, len: u32) {
+        let mut error = None;
+        self.order.answer(seq, head, len, |head, len| {
+            if error.is_none() {
+                if let Err(e) = vring.add_used(head, len) {
+                    error = Some(e);
+                }
+            }
+        });
+        if let Some(e) = error {
             self.mark_broken(&format!("add_used: {e}"));
         }
     }
@@ -691,6 +723,7 @@ impl QueueWorker {
         vring: &mut VringState<Mem>,
         mem: &Arc<GuestMemoryMmap>,
         req: Request,
+        seq: Seq,
     ) -> bool {
         let op = match req.kind {
             RequestKind::GetId => {
@@ -711,6 +744,7 @@ impl QueueWorker {
                 BlkMetrics::inc(&self.metrics.get_id_ops);
                 let done = Done {
                     head: req.head,
+                    seq,
                     status_addr: req.status,
                     status: VIRTIO_BLK_S_OK as u8,
                     written: written as u32,
@@ -730,7 +764,7 @@ impl QueueWorker {
                     status: Some(req.status),
                     error: RequestError::Unsupported(VIRTIO_BLK_T_WRITE_ZEROES),
                 };
-                self.refuse(vring, mem, &refused);
+                self.refuse(vring, mem, &refused, seq);
                 self.share.done(&self.share_slot);
                 return true;
             }
@@ -753,7 +787,7 @@ impl QueueWorker {
                     status: Some(req.status),
                     error,
                 };
-                self.refuse(vring, mem, &refused);
+                self.refuse(vring, mem, &refused, seq);
                 // It was counted against the device share but never went.
                 self.share.done(&self.share_slot);
                 return true;
@@ -771,6 +805,7 @@ impl QueueWorker {
         let tag = self.free.pop().expect("caller checked for a free slot");
         self.slots[usize::from(tag)] = Some(Inflight {
             head: req.head,
+            seq,
             status: req.status,
             kind: req.kind,
             len: req.len,
@@ -948,6 +983,7 @@ impl QueueWorker {
         drop(f.mem);
         Some(Done {
             head: f.head,
+            seq: f.seq,
             status_addr: f.status,
             status: status as u8,
             written,
@@ -975,6 +1011,7 @@ impl QueueWorker {
         // buffers: the data a read or GET_ID returned, plus the status byte.
         let Done {
             head,
+            seq,
             status_addr,
             status,
             written,
@@ -984,8 +1021,6 @@ impl QueueWorker {
         } else {
             0
         };
-        if let Err(e) = vring.add_used(head, len) {
-            self.mark_broken(&format!("add_used: {e}"));
-        }
+        self.publish(vring, seq, head, len);
     }
 }
