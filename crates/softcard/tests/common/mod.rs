@@ -102,6 +102,11 @@ impl Daemon {
         }
     }
 
+    /// The daemon's process id.
+    pub fn pid(&self) -> i32 {
+        i32::try_from(self.child.as_ref().expect("daemon running").id()).unwrap()
+    }
+
     /// Whether the process is still running.
     pub fn alive(&mut self) -> bool {
         self.child

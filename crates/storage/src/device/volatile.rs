@@ -13,9 +13,10 @@
 //! cannot rely on unflushed data being lost either.
 //!
 //! `flush_acks_early` is a bug on purpose: a flush is answered at once and
-//! only what was written before the *previous* flush goes to the device.
-//! Crash tests turn it on to show that they catch a flush acknowledged
-//! before its data is durable.
+//! the cache is written back lazily, by the first flush that comes
+//! [`LAZY_WRITE_BACK`] or more after the previous write-back. Crash tests
+//! turn it on to show that they catch a flush acknowledged before its data
+//! is durable.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -28,6 +29,10 @@ use serde::{Deserialize, Serialize};
 use super::{DeviceKind, DeviceQueue, IoCompletion, IoOp, IoRequest, PhysicalDevice};
 
 const SECTOR: u64 = 512;
+
+/// With the deliberate bug, how long answered flushes may wait for their
+/// write-back.
+pub const LAZY_WRITE_BACK: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Settings of the crash-test write cache (`volatile_write_cache` of a
 /// file or block device).
@@ -42,16 +47,15 @@ pub struct VolatileCacheConfig {
     pub flush_acks_early: bool,
 }
 
-/// One cached sector and the flush generation it was written in.
+/// One cached sector.
 struct Dirty {
     data: Box<[u8; SECTOR as usize]>,
-    generation: u64,
 }
 
 struct Cache {
     sectors: HashMap<u64, Dirty>,
-    /// Flushes answered so far.
-    generation: u64,
+    /// When the cache was last written back by a flush.
+    written_back: std::time::Instant,
     rng: u64,
 }
 
@@ -91,7 +95,7 @@ impl VolatileCache {
             config,
             cache: Arc::new(Mutex::new(Cache {
                 sectors: HashMap::new(),
-                generation: 0,
+                written_back: std::time::Instant::now(),
                 // xorshift must not start at zero.
                 rng: config.seed | 1,
             })),
@@ -152,7 +156,6 @@ impl Shared {
         self.check(offset, buf.len() as u64)?;
         let end = offset + buf.len() as u64;
         let mut cache = self.lock();
-        let generation = cache.generation;
         let mut sector = offset / SECTOR;
         while sector * SECTOR < end {
             let s_start = sector * SECTOR;
@@ -164,32 +167,27 @@ impl Shared {
                 if to - from < SECTOR {
                     self.inner.read_exact_at(&mut data[..], s_start)?;
                 }
-                cache.sectors.insert(sector, Dirty { data, generation });
+                cache.sectors.insert(sector, Dirty { data });
             }
             let d = cache.sectors.get_mut(&sector).expect("inserted above");
             let (b, e) = ((from - offset) as usize, (to - offset) as usize);
             d.data[(from - s_start) as usize..(to - s_start) as usize].copy_from_slice(&buf[b..e]);
-            d.generation = generation;
             sector += 1;
         }
         if cache.next() % 8 == 0 {
             // Written back before any flush asked for it.
-            self.write_back(&mut cache, |s, _| s >= offset / SECTOR && s * SECTOR < end)?;
+            self.write_back(&mut cache, |s| s >= offset / SECTOR && s * SECTOR < end)?;
         }
         Ok(())
     }
 
     /// Writes the chosen cached sectors to the device and drops them from
     /// the cache.
-    fn write_back(
-        &self,
-        cache: &mut Cache,
-        chosen: impl Fn(u64, &Dirty) -> bool,
-    ) -> io::Result<()> {
+    fn write_back(&self, cache: &mut Cache, chosen: impl Fn(u64) -> bool) -> io::Result<()> {
         let mut keys: Vec<u64> = cache
             .sectors
             .iter()
-            .filter(|(s, d)| chosen(**s, d))
+            .filter(|(s, _)| chosen(**s))
             .map(|(s, _)| *s)
             .collect();
         keys.sort_unstable();
@@ -202,14 +200,16 @@ impl Shared {
         Ok(())
     }
 
-    /// Makes the writes answered so far durable (or, with the bug on, only
-    /// those answered before the previous flush).
-    fn flush(&self) -> io::Result<()> {
+    /// Makes the writes answered so far durable (with the bug on, a
+    /// guest's flush does it only when the last write-back is
+    /// [`LAZY_WRITE_BACK`] old; the card's own metadata is always synced).
+    fn flush(&self, guest: bool) -> io::Result<()> {
         let mut cache = self.lock();
-        let generation = cache.generation;
-        let early = self.flush_acks_early;
-        self.write_back(&mut cache, |_, d| !early || d.generation < generation)?;
-        cache.generation += 1;
+        if guest && self.flush_acks_early && cache.written_back.elapsed() < LAZY_WRITE_BACK {
+            return Ok(());
+        }
+        self.write_back(&mut cache, |_| true)?;
+        cache.written_back = std::time::Instant::now();
         self.inner.sync()
     }
 }
@@ -243,7 +243,7 @@ impl PhysicalDevice for VolatileCache {
         self.shared().write(buf, offset)
     }
     fn sync(&self) -> io::Result<()> {
-        self.shared().flush()
+        self.shared().flush(false)
     }
     fn open_queue(&self, depth: u16) -> io::Result<Box<dyn DeviceQueue>> {
         Ok(Box::new(CacheQueue {
@@ -313,7 +313,7 @@ impl CacheQueue {
                 }
                 self.shared.write(&self.scratch, req.offset)?;
             }
-            IoOp::Flush => self.shared.flush()?,
+            IoOp::Flush => self.shared.flush(true)?,
             IoOp::Discard | IoOp::WriteZeroes => {
                 let len = usize::try_from(req.len)
                     .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "too long"))?;
@@ -414,22 +414,40 @@ mod tests {
             .find(|s| {
                 let mut c = Cache {
                     sectors: HashMap::new(),
-                    generation: 0,
+                    written_back: std::time::Instant::now(),
                     rng: s | 1,
                 };
                 (0..2).all(|_| c.next() % 8 != 0)
             })
             .unwrap();
         let c = cache(dir.path(), seed, true);
+        let mut q = c.open_queue(1).unwrap();
+        let mut flush = || {
+            // SAFETY: a flush carries no buffers.
+            unsafe {
+                q.push(IoRequest {
+                    op: IoOp::Flush,
+                    offset: 0,
+                    len: 0,
+                    segments: &[],
+                    tag: 0,
+                    crypt: None,
+                });
+            }
+            let mut done = Vec::new();
+            q.reap(&mut done);
+            assert!(done[0].result.is_ok());
+        };
         c.write_all_at(&[7; 512], 0).unwrap();
-        c.sync().unwrap();
+        flush();
         // Answered, yet not on the device.
         assert_eq!(on_disk(dir.path(), 0, 512), vec![0; 512]);
+        std::thread::sleep(LAZY_WRITE_BACK);
         c.write_all_at(&[8; 512], 512).unwrap();
-        c.sync().unwrap();
-        // The previous flush's data goes with the next one.
+        flush();
+        // A later flush writes everything back.
         assert_eq!(on_disk(dir.path(), 0, 512), vec![7; 512]);
-        assert_eq!(on_disk(dir.path(), 512, 512), vec![0; 512]);
+        assert_eq!(on_disk(dir.path(), 512, 512), vec![8; 512]);
     }
 
     #[test]
