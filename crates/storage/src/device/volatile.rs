@@ -161,20 +161,22 @@ impl Shared {
             let s_start = sector * SECTOR;
             let from = s_start.max(offset);
             let to = (s_start + SECTOR).min(end);
-            if !cache.sectors.contains_key(&sector) {
-                // A partial sector starts from what the device holds.
-                let mut data = Box::new([0u8; SECTOR as usize]);
-                if to - from < SECTOR {
-                    self.inner.read_exact_at(&mut data[..], s_start)?;
+            let d = match cache.sectors.entry(sector) {
+                std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    // A partial sector starts from what the device holds.
+                    let mut data = Box::new([0u8; SECTOR as usize]);
+                    if to - from < SECTOR {
+                        self.inner.read_exact_at(&mut data[..], s_start)?;
+                    }
+                    v.insert(Dirty { data })
                 }
-                cache.sectors.insert(sector, Dirty { data });
-            }
-            let d = cache.sectors.get_mut(&sector).expect("inserted above");
+            };
             let (b, e) = ((from - offset) as usize, (to - offset) as usize);
             d.data[(from - s_start) as usize..(to - s_start) as usize].copy_from_slice(&buf[b..e]);
             sector += 1;
         }
-        if cache.next() % 8 == 0 {
+        if cache.next().is_multiple_of(8) {
             // Written back before any flush asked for it.
             self.write_back(&mut cache, |s| s >= offset / SECTOR && s * SECTOR < end)?;
         }
@@ -417,7 +419,7 @@ mod tests {
                     written_back: std::time::Instant::now(),
                     rng: s | 1,
                 };
-                (0..2).all(|_| c.next() % 8 != 0)
+                (0..2).all(|_| !c.next().is_multiple_of(8))
             })
             .unwrap();
         let c = cache(dir.path(), seed, true);
