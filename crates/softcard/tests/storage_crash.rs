@@ -110,13 +110,13 @@ fn write_until_killed(
     let mut quiet = 0;
     loop {
         // Fill every free slot.
-        for slot in 0..DEPTH {
-            if slots[slot].is_some() {
+        for (slot, entry) in slots.iter_mut().enumerate() {
+            if entry.is_some() {
                 continue;
             }
             if unflushed_writes >= WRITES_PER_FLUSH {
                 unflushed_writes = 0;
-                slots[slot] = Some(Op::Flush(std::mem::take(&mut since_flush)));
+                *entry = Some(Op::Flush(std::mem::take(&mut since_flush)));
                 c.queues[0].flush(slot, ReqFlags::empty());
                 continue;
             }
@@ -135,7 +135,7 @@ fn write_until_killed(
                 unsafe { std::slice::from_raw_parts_mut((base + slot * BLOCK) as *mut u8, BLOCK) };
             fill(buf, block, version);
             model[block].written.push(version);
-            slots[slot] = Some(Op::Write { block, version });
+            *entry = Some(Op::Write { block, version });
             unflushed_writes += 1;
             c.queues[0].write(
                 (block * BLOCK) as u64,
