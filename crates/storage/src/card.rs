@@ -100,6 +100,20 @@ impl Iface {
         }
     }
 
+    fn listener(&self) -> std::os::fd::BorrowedFd<'_> {
+        match self {
+            Iface::VhostUser(a) => a.listener(),
+            Iface::Nbd(e) => e.listener(),
+        }
+    }
+
+    fn hand_over(self) {
+        match self {
+            Iface::VhostUser(a) => a.hand_over(),
+            Iface::Nbd(e) => e.hand_over(),
+        }
+    }
+
     fn info(&self) -> AttachmentInfo {
         match self {
             Iface::VhostUser(a) => AttachmentInfo {
@@ -246,6 +260,9 @@ struct State {
     /// Recorded attachments that could not be restored at start: kept on
     /// record until detached.
     unrestored: BTreeMap<String, AttachOptions>,
+    /// Listening sockets handed over by the card process this one
+    /// replaced, by path, until an attachment takes them.
+    inherited: BTreeMap<std::path::PathBuf, std::os::unix::net::UnixListener>,
 }
 
 /// A recorded attachment restored at start, or why it was not (by volume).
@@ -318,6 +335,7 @@ impl StorageCard {
                 state_file: None,
                 attached: BTreeMap::new(),
                 unrestored: BTreeMap::new(),
+                inherited: BTreeMap::new(),
             }),
         })
     }
@@ -342,8 +360,43 @@ impl StorageCard {
             }
             outcome.push((name, r));
         }
-        Self::persist(&self.lock());
+        let mut st = self.lock();
+        // Listeners no restored attachment took are closed; their paths
+        // are rebound if those volumes attach again.
+        st.inherited.clear();
+        Self::persist(&st);
         Ok(outcome)
+    }
+
+    /// Listening sockets from the card process this one replaces
+    /// (`softcard upgrade`): an attachment on one of these paths serves
+    /// the inherited socket instead of binding a new one, so frontends
+    /// that connect during the hand-over wait in its queue. Call before
+    /// [`StorageCard::keep_state`].
+    pub fn inherit_listeners(
+        &self,
+        listeners: impl IntoIterator<Item = (std::path::PathBuf, std::os::unix::net::UnixListener)>,
+    ) {
+        self.lock().inherited.extend(listeners);
+    }
+
+    /// Duplicates of every interface's listening socket, by path, for a
+    /// successor.
+    pub fn listeners(&self) -> std::io::Result<Vec<(std::path::PathBuf, std::os::fd::OwnedFd)>> {
+        self.lock()
+            .attachments
+            .values()
+            .map(|a| Ok((a.socket().to_owned(), a.listener().try_clone_to_owned()?)))
+            .collect()
+    }
+
+    /// Stops every interface like [`StorageCard::shutdown`], leaving the
+    /// listening sockets to the successor that holds duplicates of them.
+    pub fn hand_over(&self) {
+        let all = std::mem::take(&mut self.lock().attachments);
+        for (_, a) in all {
+            a.hand_over();
+        }
     }
 
     /// Writes the record, if the card keeps one.
@@ -655,6 +708,7 @@ impl StorageCard {
             share_slot: st.devices[i].share.register(),
         };
         let metrics = st.metrics.entry(name.to_owned()).or_default().clone();
+        let inherited = st.inherited.remove(&opts.socket);
         let a = match opts.interface {
             Interface::VhostUserBlk => Iface::VhostUser(Attachment::start(
                 target,
@@ -662,10 +716,15 @@ impl StorageCard {
                 opts.queues,
                 opts.qos,
                 metrics,
+                inherited,
             )?),
-            Interface::Nbd => {
-                Iface::Nbd(NbdExport::start(target, &opts.socket, opts.qos, metrics)?)
-            }
+            Interface::Nbd => Iface::Nbd(NbdExport::start(
+                target,
+                &opts.socket,
+                opts.qos,
+                metrics,
+                inherited,
+            )?),
         };
         st.attachments.insert(name.to_owned(), a);
         st.attached.insert(name.to_owned(), opts.clone());

@@ -12,6 +12,7 @@ pub mod crypto;
 pub mod device;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
+mod listen;
 pub mod nbd;
 pub mod partition;
 pub mod qos;

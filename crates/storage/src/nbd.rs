@@ -114,6 +114,8 @@ struct Ctx {
     metrics: Arc<BlkMetrics>,
     throttle: Arc<SharedThrottle>,
     stop: AtomicBool,
+    /// Wakes the accepting thread at stop.
+    wake: crate::listen::Wake,
     clients: AtomicUsize,
     /// A connection's device queue failed (state `Failed`).
     failed: AtomicBool,
@@ -128,42 +130,28 @@ pub struct NbdExport {
     ctx: Arc<Ctx>,
     share_slot: Arc<ShareSlot>,
     thread: Option<JoinHandle<()>>,
-    /// A duplicate of the listening socket, to wake the accept at stop.
-    waker: OwnedFd,
+    /// A duplicate of the listening socket, to hand on to a successor.
+    listener: OwnedFd,
 }
 
 impl NbdExport {
-    /// Listens on `socket` (replacing a stale socket file) and serves
-    /// `target` to every NBD client that connects.
+    /// Listens on `socket` (replacing a stale socket file), or on the
+    /// `inherited` listener of that path, and serves `target` to every NBD
+    /// client that connects.
     pub fn start(
         target: BlkTarget,
         socket: &Path,
         qos: QosLimits,
         metrics: Arc<BlkMetrics>,
+        inherited: Option<UnixListener>,
     ) -> Result<NbdExport, BlkError> {
         qos.validate()?;
         let listen_err = |e: io::Error| BlkError::Listen {
             path: socket.display().to_string(),
             reason: e.to_string(),
         };
-        if socket.exists() {
-            // A socket file nobody listens on is left over from an earlier
-            // run; anything else is not ours to replace.
-            let live = UnixStream::connect(socket).is_ok();
-            let is_socket = std::fs::symlink_metadata(socket).is_ok_and(|m| {
-                use std::os::unix::fs::FileTypeExt;
-                m.file_type().is_socket()
-            });
-            if live || !is_socket {
-                return Err(listen_err(io::Error::new(
-                    io::ErrorKind::AlreadyExists,
-                    "path exists and is not a stale socket",
-                )));
-            }
-            std::fs::remove_file(socket).map_err(listen_err)?;
-        }
-        let listener = UnixListener::bind(socket).map_err(listen_err)?;
-        let waker: OwnedFd = listener.try_clone().map_err(listen_err)?.into();
+        let listener = crate::listen::bind_or_adopt(socket, inherited)?;
+        let listener_dup: OwnedFd = listener.try_clone().map_err(listen_err)?.into();
         let share_slot = target.share_slot.clone();
         share_slot.set_weight(qos.weight.unwrap_or(1));
         let ctx = Arc::new(Ctx {
@@ -171,6 +159,7 @@ impl NbdExport {
             metrics,
             throttle: Arc::new(SharedThrottle::new(qos)),
             stop: AtomicBool::new(false),
+            wake: crate::listen::Wake::new()?,
             clients: AtomicUsize::new(0),
             failed: AtomicBool::new(false),
             conns: Mutex::new(Vec::new()),
@@ -192,7 +181,7 @@ impl NbdExport {
             ctx,
             share_slot,
             thread: Some(thread),
-            waker,
+            listener: listener_dup,
         })
     }
 
@@ -239,14 +228,26 @@ impl NbdExport {
     /// Closes every connection (each finishes the request it is serving),
     /// stops the threads and removes the socket.
     pub fn stop(mut self) {
-        self.stop_inner();
+        self.stop_inner(false);
     }
 
-    fn stop_inner(&mut self) {
+    /// Like [`NbdExport::stop`], but leaves the listening socket to the
+    /// process that took a duplicate of it ([`NbdExport::listener`]).
+    pub fn hand_over(mut self) {
+        self.stop_inner(true);
+    }
+
+    /// The listening socket.
+    pub fn listener(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.listener.as_fd()
+    }
+
+    fn stop_inner(&mut self, keep_socket: bool) {
         self.ctx.stop.store(true, Ordering::SeqCst);
-        // SAFETY: shutdown(2) on a descriptor this export owns; it makes
-        // the accept fail at once, even when the socket's path is gone.
-        unsafe { libc::shutdown(self.waker.as_raw_fd(), libc::SHUT_RDWR) };
+        // Its own event wakes the accept: the socket itself may be shared
+        // with a successor.
+        self.ctx.wake.wake();
         if let Some(t) = self.thread.take() {
             if t.join().is_err() {
                 warn!("NBD accept thread for {} panicked", self.socket.display());
@@ -259,14 +260,16 @@ impl NbdExport {
                 warn!("an NBD connection thread panicked");
             }
         }
-        let _ = std::fs::remove_file(&self.socket);
+        if !keep_socket {
+            let _ = std::fs::remove_file(&self.socket);
+        }
     }
 }
 
 impl Drop for NbdExport {
     fn drop(&mut self) {
         if self.thread.is_some() {
-            self.stop_inner();
+            self.stop_inner(false);
         }
     }
 }
@@ -277,6 +280,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 fn accept_loop(listener: &UnixListener, ctx: &Arc<Ctx>) {
     loop {
+        if !ctx.wake.wait_for_client(listener) {
+            return;
+        }
         let accepted = listener.accept();
         if ctx.stop.load(Ordering::SeqCst) {
             return;
@@ -1057,6 +1063,7 @@ pub fn fuzz_connection(input: &[u8], encrypted: bool) {
         metrics: Arc::default(),
         throttle: Arc::new(SharedThrottle::new(QosLimits::default())),
         stop: AtomicBool::new(false),
+        wake: crate::listen::Wake::new().expect("eventfd"),
         clients: AtomicUsize::new(0),
         failed: AtomicBool::new(false),
         conns: Mutex::new(Vec::new()),

@@ -5,7 +5,8 @@
 //! memory and hands over virtqueues; each virtqueue gets its own thread
 //! running [`worker`]'s loop against its own device queue. When the
 //! frontend disconnects, in-flight requests drain and the socket listens
-//! again, so a VM can reconnect.
+//! again, so a VM can reconnect. The listening socket may come from the
+//! card process this one replaced, and can be handed on to the next.
 
 mod device;
 pub mod metrics;
@@ -70,6 +71,8 @@ pub enum InterfaceState {
 
 struct Shared {
     stop: AtomicBool,
+    /// Wakes the thread waiting for a frontend.
+    wake: crate::listen::Wake,
     state: Mutex<InterfaceState>,
     shutdown: Mutex<Option<ShutdownHandle>>,
     /// The connected frontend's backend, to quiesce before the connection
@@ -98,20 +101,21 @@ pub struct Attachment {
     throttle: Arc<SharedThrottle>,
     share_slot: Arc<crate::qos::ShareSlot>,
     thread: Option<JoinHandle<()>>,
-    /// A duplicate of the listening socket, to wake a waiting accept at
-    /// stop even when the socket's path is gone.
-    waker: std::os::fd::OwnedFd,
+    /// A duplicate of the listening socket, to hand on to a successor.
+    listener: std::os::fd::OwnedFd,
 }
 
 impl Attachment {
-    /// Listens on `socket` (replacing a stale socket file) and serves
-    /// `target` with `queues` virtqueues to each frontend that connects.
+    /// Listens on `socket` (replacing a stale socket file), or on the
+    /// `inherited` listener of that path, and serves `target` with
+    /// `queues` virtqueues to each frontend that connects.
     pub fn start(
         target: BlkTarget,
         socket: &Path,
         queues: u16,
         qos: QosLimits,
         metrics: Arc<BlkMetrics>,
+        inherited: Option<std::os::unix::net::UnixListener>,
     ) -> Result<Self, BlkError> {
         if queues == 0 || queues > MAX_QUEUES {
             return Err(BlkError::Queues(queues));
@@ -120,41 +124,20 @@ impl Attachment {
         let throttle = Arc::new(SharedThrottle::new(qos));
         let share_slot = target.share_slot.clone();
         share_slot.set_weight(qos.weight.unwrap_or(1));
-        let listen_err = |reason: String| BlkError::Listen {
-            path: socket.display().to_string(),
-            reason,
-        };
-        // Listening replaces a stale socket file; never anything else.
-        if let Ok(meta) = std::fs::symlink_metadata(socket) {
-            use std::os::unix::fs::FileTypeExt;
-            if !meta.file_type().is_socket() {
-                return Err(listen_err(
-                    "the path exists and is not a socket; refusing to replace it".into(),
-                ));
-            }
-            if std::os::unix::net::UnixStream::connect(socket).is_ok() {
-                return Err(listen_err(
-                    "another process is listening on this socket".into(),
-                ));
-            }
-        }
-        if let Some(dir) = socket.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| listen_err(e.to_string()))?;
-        }
-        let mut listener = Listener::new(socket, true).map_err(|e| listen_err(e.to_string()))?;
-        let waker = {
-            use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-            // SAFETY: dup(2) of the listener's open descriptor; the result
-            // is checked and owned by exactly one OwnedFd.
-            let fd = unsafe { libc::dup(listener.as_raw_fd()) };
-            if fd < 0 {
-                return Err(listen_err(std::io::Error::last_os_error().to_string()));
-            }
-            // SAFETY: `fd` is a fresh descriptor nothing else owns.
-            unsafe { OwnedFd::from_raw_fd(fd) }
-        };
+        let bound = crate::listen::bind_or_adopt(socket, inherited)?;
+        let listener_dup: std::os::fd::OwnedFd = bound
+            .try_clone()
+            .map_err(|e| BlkError::Listen {
+                path: socket.display().to_string(),
+                reason: e.to_string(),
+            })?
+            .into();
+        // No path: the socket file is removed by `stop`, never by a
+        // hand-over.
+        let mut listener = Listener::from(bound);
         let shared = Arc::new(Shared {
             stop: AtomicBool::new(false),
+            wake: crate::listen::Wake::new()?,
             state: Mutex::new(InterfaceState::Listening),
             shutdown: Mutex::new(None),
             backend: Mutex::new(None),
@@ -200,7 +183,7 @@ impl Attachment {
             throttle,
             share_slot,
             thread: Some(thread),
-            waker,
+            listener: listener_dup,
         })
     }
 
@@ -239,10 +222,23 @@ impl Attachment {
     /// Disconnects any frontend, drains in-flight requests, stops the
     /// threads and removes the socket.
     pub fn stop(mut self) {
-        self.stop_inner();
+        self.stop_inner(false);
     }
 
-    fn stop_inner(&mut self) {
+    /// Like [`Attachment::stop`], but leaves the listening socket to the
+    /// process that took a duplicate of it ([`Attachment::listener`]):
+    /// frontends that connect meanwhile wait for it.
+    pub fn hand_over(mut self) {
+        self.stop_inner(true);
+    }
+
+    /// The listening socket.
+    pub fn listener(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.listener.as_fd()
+    }
+
+    fn stop_inner(&mut self, keep_socket: bool) {
         self.shared.stop.store(true, Ordering::SeqCst);
         let handle = self
             .shared
@@ -268,23 +264,18 @@ impl Attachment {
                 }
                 h.shutdown();
             }
-            // Wake the accept(): shutting the listening socket down makes
-            // it fail at once, even when the socket's path was removed (a
-            // connection to the path would then wake nothing).
-            None => {
-                use std::os::fd::AsRawFd;
-                // SAFETY: shutdown(2) on a descriptor this attachment owns.
-                unsafe {
-                    libc::shutdown(self.waker.as_raw_fd(), libc::SHUT_RDWR);
-                }
-            }
+            // Waiting for a frontend: its own event wakes it (the
+            // socket itself may be shared with a successor).
+            None => self.shared.wake.wake(),
         }
         if let Some(t) = self.thread.take() {
             if t.join().is_err() {
                 warn!("interface thread for {} panicked", self.socket.display());
             }
         }
-        let _ = std::fs::remove_file(&self.socket);
+        if !keep_socket {
+            let _ = std::fs::remove_file(&self.socket);
+        }
         *self.shared.state.lock().unwrap_or_else(|e| e.into_inner()) = InterfaceState::Stopped;
     }
 }
@@ -292,7 +283,7 @@ impl Attachment {
 impl Drop for Attachment {
     fn drop(&mut self) {
         if self.thread.is_some() {
-            self.stop_inner();
+            self.stop_inner(false);
         }
     }
 }
@@ -356,6 +347,10 @@ fn serve(
         }
         if !shared.failed.load(Ordering::Relaxed) {
             set_state(shared, InterfaceState::Listening);
+        }
+        if !shared.wake.wait_for_client(listener) {
+            backend.signal_exit();
+            break;
         }
         if let Err(e) = daemon.start(listener) {
             if !shared.stop.load(Ordering::SeqCst) {
