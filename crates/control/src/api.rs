@@ -368,6 +368,10 @@ pub struct ApiServer {
     socket: PathBuf,
     stop: Option<tokio::sync::watch::Sender<bool>>,
     thread: Option<JoinHandle<()>>,
+    /// A duplicate of the listening socket, to hand on to a successor.
+    listener: std::os::fd::OwnedFd,
+    /// Leave the socket file at stop (a successor serves it).
+    keep_socket: bool,
 }
 
 /// How long a stopping server lets requests in flight finish before it
@@ -492,14 +496,40 @@ impl ApiServer {
             std::fs::remove_file(socket)?;
         }
         let listener = std::os::unix::net::UnixListener::bind(socket)?;
+        Self::adopt(router, socket, listener)
+    }
+
+    /// Serves `router` on `listener`, the socket at `socket` that the card
+    /// process this one replaces handed over.
+    pub fn adopt(
+        router: Router,
+        socket: &Path,
+        listener: std::os::unix::net::UnixListener,
+    ) -> io::Result<Self> {
         listener.set_nonblocking(true)?;
+        let dup = std::os::fd::OwnedFd::from(listener.try_clone()?);
         let (stop, thread) = spawn_server("api", Listener::Unix(listener), finish_router(router))?;
         log::info!("management API on {}", socket.display());
         Ok(ApiServer {
             socket: socket.to_owned(),
             stop: Some(stop),
             thread: Some(thread),
+            listener: dup,
+            keep_socket: false,
         })
+    }
+
+    /// The listening socket.
+    pub fn listener(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.listener.as_fd()
+    }
+
+    /// Stops serving (requests in flight finish) and leaves the socket to
+    /// the successor that holds a duplicate of it.
+    pub fn hand_over(mut self) {
+        self.keep_socket = true;
+        self.shutdown();
     }
 
     /// The socket path.
@@ -519,7 +549,9 @@ impl ApiServer {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        let _ = std::fs::remove_file(&self.socket);
+        if !self.keep_socket {
+            let _ = std::fs::remove_file(&self.socket);
+        }
     }
 }
 
@@ -535,14 +567,22 @@ pub struct MetricsServer {
     addr: std::net::SocketAddr,
     stop: Option<tokio::sync::watch::Sender<bool>>,
     thread: Option<JoinHandle<()>>,
+    /// A duplicate of the listening socket, to hand on to a successor.
+    listener: std::os::fd::OwnedFd,
 }
 
 impl MetricsServer {
     /// Listens on `addr` (port 0 picks one; see [`MetricsServer::addr`]).
     pub fn start(card: Arc<StorageCard>, addr: std::net::SocketAddr) -> io::Result<Self> {
-        let listener = std::net::TcpListener::bind(addr)?;
+        Self::adopt(card, std::net::TcpListener::bind(addr)?)
+    }
+
+    /// Serves on `listener`, handed over by the card process this one
+    /// replaces.
+    pub fn adopt(card: Arc<StorageCard>, listener: std::net::TcpListener) -> io::Result<Self> {
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
+        let dup = std::os::fd::OwnedFd::from(listener.try_clone()?);
         let app = finish_router(
             Router::new()
                 .route(
@@ -557,7 +597,14 @@ impl MetricsServer {
             addr,
             stop: Some(stop),
             thread: Some(thread),
+            listener: dup,
         })
+    }
+
+    /// The listening socket.
+    pub fn listener(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.listener.as_fd()
     }
 
     /// The address it listens on.

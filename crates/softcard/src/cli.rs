@@ -37,6 +37,16 @@ enum Command {
         #[command(flatten)]
         region: daemon::RegionArgs,
     },
+    /// Replace the running card daemon with a new binary while its VMs
+    /// run: the new process takes the listening sockets over, the old one
+    /// finishes its I/O and exits (docs/live-update.md).
+    Upgrade {
+        /// The new binary (default: the running daemon's own path).
+        #[arg(long)]
+        binary: Option<PathBuf>,
+        #[command(flatten)]
+        api: ApiArg,
+    },
     /// The whole provider network on this machine: a region on the
     /// embedded store with its console, this machine's card as a host, the
     /// vGPU server, and one instance booted. Prints the console's address
@@ -385,6 +395,7 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Serve { config, region } => daemon::serve(&config, &region),
         Command::Up(a) => crate::up::up(&a),
+        Command::Upgrade { binary, api } => upgrade(binary.as_deref(), &api),
         Command::Metadata { file } => Ok(softcard_host::metadata::serve_stdio(&file)?),
         Command::Relay { metadata } => Ok(softcard_host::metadata::relay_stdio(&metadata)?),
         Command::Region(c) => region_cli::region(c),
@@ -486,6 +497,36 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// `softcard upgrade`: asks the daemon to hand over, then waits until the
+/// new process answers on the API.
+fn upgrade(binary: Option<&std::path::Path>, api: &ApiArg) -> Result<()> {
+    let binary = binary
+        .map(|b| b.canonicalize().with_context(|| format!("{}", b.display())))
+        .transpose()?;
+    let started = std::time::Instant::now();
+    let body = serde_json::json!({ "binary": binary });
+    let v = client(api).call("POST", "/v1/upgrade", Some(&body))?;
+    let (old, new) = (u(&v, "previous_pid"), u(&v, "pid"));
+    let deadline = started + std::time::Duration::from_secs(120);
+    loop {
+        if let Ok(p) = client(api).call("GET", "/v1/process", None) {
+            if u(&p, "pid") == new {
+                break;
+            }
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "process {new} took the sockets over but does not answer on the API yet"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    println!(
+        "upgraded: pid {old} -> {new} in {} ms",
+        started.elapsed().as_millis()
+    );
+    Ok(())
 }
 
 fn client(api: &ApiArg) -> ApiClient {

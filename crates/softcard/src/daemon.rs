@@ -11,8 +11,8 @@ use softcard_host::HostConfig;
 use softcard_storage::crypto::KeyStore;
 use softcard_storage::StorageCard;
 
-/// Blocks SIGINT and SIGTERM in this thread and every thread it starts
-/// later, so that [`wait_for_signal`] receives them.
+/// Blocks SIGINT, SIGTERM and SIGUSR2 (upgrade) in this thread and every
+/// thread it starts later, so that [`wait_for_signal`] receives them.
 pub(crate) fn block_signals() -> Result<libc::sigset_t> {
     // SAFETY: the sigset is initialised by sigemptyset before use, and
     // pthread_sigmask only reads it.
@@ -21,6 +21,7 @@ pub(crate) fn block_signals() -> Result<libc::sigset_t> {
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGINT);
         libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGUSR2);
         let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         if rc != 0 {
             anyhow::bail!("pthread_sigmask: {}", std::io::Error::from_raw_os_error(rc));
@@ -160,13 +161,45 @@ fn join_region(
     )?))
 }
 
-/// `softcard serve --config FILE [--region URL ...]`.
+/// `softcard serve --config FILE [--region URL ...]`. Started by a
+/// running card as its successor (`softcard upgrade`), it takes that
+/// card's listening sockets over ([`crate::upgrade`]).
 pub fn serve(config: &Path, region: &RegionArgs) -> Result<()> {
     let set = block_signals()?;
     keep_keys_out_of_core_dumps();
-    let cfg = CardConfig::load(config)?;
+    // The binary an upgrade starts by default: this path, which a package
+    // update replaces.
+    let binary = std::env::current_exe().context("the daemon's own path")?;
+    let mut incoming = crate::upgrade::Incoming::receive().context("taking the hand-over")?;
+    let cfg = match CardConfig::load(config) {
+        Ok(c) => c,
+        Err(e) => {
+            if let Some(i) = &mut incoming {
+                i.refuse(&format!("configuration: {e}"));
+            }
+            return Err(e.into());
+        }
+    };
+    if let Some(i) = &mut incoming {
+        if let Some((path, _)) = &i.api {
+            if path != &cfg.api_socket {
+                let why = format!(
+                    "the configuration's api_socket {} is not the running card's {}",
+                    cfg.api_socket.display(),
+                    path.display()
+                );
+                i.refuse(&why);
+                anyhow::bail!(why);
+            }
+        }
+        log::info!("taking over from the card process {}", i.pid);
+        i.take_over()?;
+    }
     let keys = KeyStore::load(&cfg.tenants);
     let card = Arc::new(StorageCard::open_with_keys(&cfg.devices, keys)?);
+    if let Some(i) = &mut incoming {
+        card.inherit_listeners(std::mem::take(&mut i.interfaces));
+    }
     if let Some(state) = &cfg.state_file {
         for (volume, outcome) in card.keep_state(state)? {
             match outcome {
@@ -236,25 +269,74 @@ pub fn serve(config: &Path, region: &RegionArgs) -> Result<()> {
     // One management API for everything the card runs: the storage
     // function's routes, the RDMA devices, and the instances when the
     // card is a host.
-    let mut routes = card_router(card.clone()).merge(crate::rdma::router(rdma.clone()));
+    let requests = Arc::new(crate::upgrade::Requests::default());
+    let mut routes = card_router(card.clone())
+        .merge(crate::rdma::router(rdma.clone()))
+        .merge(crate::upgrade::router(requests.clone(), binary.clone()));
     if let Some(a) = &agent {
         routes = routes.merge(a.router());
     }
-    let api = ApiServer::start(routes, &cfg.api_socket)
-        .with_context(|| format!("starting the API on {}", cfg.api_socket.display()))?;
-    let _metrics = match cfg.metrics_listen {
-        Some(addr) => Some(
+    let inherited_api = incoming.as_mut().and_then(|i| i.api.take());
+    let api = match inherited_api {
+        Some((_, l)) => ApiServer::adopt(routes, &cfg.api_socket, l),
+        None => ApiServer::start(routes, &cfg.api_socket),
+    }
+    .with_context(|| format!("starting the API on {}", cfg.api_socket.display()))?;
+    let inherited_metrics = incoming.as_mut().and_then(|i| i.metrics.take());
+    let metrics = match (cfg.metrics_listen, inherited_metrics) {
+        (Some(_), Some(l)) => Some(MetricsServer::adopt(card.clone(), l)?),
+        (Some(addr), None) => Some(
             MetricsServer::start(card.clone(), addr)
                 .with_context(|| format!("starting the metrics endpoint on {addr}"))?,
         ),
-        None => None,
+        (None, _) => None,
     };
-    let sig = wait_for_signal(&set);
-    log::info!("signal {sig}: stopping");
+    drop(incoming);
+    crate::upgrade::notify_service_manager();
+    log::info!("card daemon ready (pid {})", std::process::id());
+    loop {
+        let sig = wait_for_signal(&set);
+        if sig != libc::SIGUSR2 {
+            log::info!("signal {sig}: stopping");
+            break;
+        }
+        let (wanted, reply) = match requests.take() {
+            Some((b, r)) => (b, Some(r)),
+            None => (None, None),
+        };
+        let to = wanted.unwrap_or_else(|| binary.clone());
+        log::info!("upgrade: starting {}", to.display());
+        let out = crate::upgrade::Outgoing {
+            api: (&cfg.api_socket, api.listener()),
+            metrics: metrics.as_ref().map(|m| (m.addr(), m.listener())),
+            interfaces: card.listeners().context("duplicating the listeners")?,
+        };
+        let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+        match crate::upgrade::hand_over(&to, &args, &out) {
+            Ok(pid) => {
+                if let Some(r) = reply {
+                    let _ = r.send(Ok(pid));
+                }
+                log::info!("upgrade: pid {pid} takes over; stopping");
+                drop(agent);
+                api.hand_over();
+                drop(metrics);
+                drop(rdma);
+                card.hand_over();
+                return Ok(());
+            }
+            Err(e) => {
+                if let Some(r) = reply {
+                    let _ = r.send(Err(format!("{e:#}")));
+                }
+            }
+        }
+    }
     // The agent first: it stops using the card (its VMs keep running, to
     // be adopted by the next start).
     drop(agent);
     api.stop();
+    drop(metrics);
     drop(rdma);
     card.shutdown();
     Ok(())

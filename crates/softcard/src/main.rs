@@ -16,6 +16,7 @@ mod rdma;
 mod region_bench;
 mod region_cli;
 mod up;
+mod upgrade;
 
 use std::process::ExitCode;
 

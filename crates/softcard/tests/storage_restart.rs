@@ -4,9 +4,10 @@
 //! client that reconnects carries on.
 //!
 //! QEMU's own NBD client (`qemu-io`, `reconnect-delay`) writes and flushes
-//! 1 MiB at a time while the daemon is killed with SIGKILL three times and
-//! stopped once with SIGTERM; it sees no error, and afterwards every
-//! write it was told had completed is on the device. An attachment that
+//! 1 MiB at a time while the daemon is killed with SIGKILL three times,
+//! stopped once with SIGTERM and upgraded three times (`softcard upgrade`:
+//! the new process takes the listening socket over); it sees no error,
+//! and afterwards every write it was told had completed is on the device. An attachment that
 //! cannot be restored (its volume's device gone) stays on record until it
 //! is detached.
 
@@ -18,7 +19,7 @@ use std::time::Duration;
 use common::{file_bytes, Daemon};
 
 const MIB: usize = 1 << 20;
-const WRITES: usize = 40;
+const WRITES: usize = 60;
 
 fn pattern_byte(i: usize) -> u8 {
     u8::try_from(i % 250 + 1).unwrap()
@@ -44,7 +45,7 @@ fn an_nbd_client_carries_on_across_crashes_and_restarts_of_the_card() {
     ]);
     let offset = d.offset_of("v");
 
-    // One write, a flush and a pause per MiB: about 4 s in all.
+    // One write, a flush and a pause per MiB: about 6 s in all.
     let mut args = vec![
         "--image-opts".to_owned(),
         format!(
@@ -68,12 +69,29 @@ fn an_nbd_client_carries_on_across_crashes_and_restarts_of_the_card() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("qemu-io");
-    for (after_ms, crash) in [(500, true), (900, true), (700, false), (600, true)] {
+    enum Event {
+        Crash,
+        Stop,
+        Upgrade,
+    }
+    let events = [
+        (500, Event::Crash),
+        (600, Event::Upgrade),
+        (900, Event::Crash),
+        (500, Event::Upgrade),
+        (700, Event::Stop),
+        (600, Event::Crash),
+        (400, Event::Upgrade),
+    ];
+    for (after_ms, event) in events {
         std::thread::sleep(Duration::from_millis(after_ms));
-        if crash {
-            d.crash_and_restart();
-        } else {
-            d.restart();
+        match event {
+            Event::Crash => d.crash_and_restart(),
+            Event::Stop => d.restart(),
+            Event::Upgrade => {
+                let line = d.upgrade();
+                assert!(line.starts_with("upgraded: pid "), "{line}");
+            }
         }
     }
     let out = client.wait_with_output().unwrap();
@@ -147,4 +165,52 @@ fn an_attachment_that_cannot_be_restored_stays_on_record_until_detached() {
     d.restart();
     let vols = d.ok(&["card", "volume", "list"]);
     assert!(!vols.contains("nbd"), "{vols}");
+}
+
+#[test]
+fn an_upgrade_the_new_binary_cannot_take_leaves_the_running_card_serving() {
+    let mut d = Daemon::start(
+        "state_file = \"@DIR@/attachments.json\"\nrdma_socket = \"@DIR@/rdma.sock\"\n\
+         [[device]]\nname = \"nvme0\"\nkind = \"file\"\npath = \"@DIR@/disk.img\"\nsize = \"64MiB\"\n",
+    );
+    let sock = d.path("v.sock");
+    d.ok(&[
+        "card", "volume", "create", "v", "--device", "nvme0", "--size", "8MiB",
+    ]);
+    d.ok(&[
+        "card",
+        "volume",
+        "attach",
+        "v",
+        "--vhost-user",
+        sock.to_str().unwrap(),
+    ]);
+    let pid = d.pid();
+    let mut c = common::Client::connect(&sock, 1).unwrap();
+    assert_eq!(c.write(0, 0, &[5u8; 4096]), 0);
+
+    // Not a softcard: it exits without taking the sockets.
+    let e = d.fails(&["upgrade", "--binary", "/bin/false"]);
+    assert!(e.contains("exited before taking the sockets"), "{e}");
+    // No such file.
+    let e = d.fails(&["upgrade", "--binary", "/nonexistent/softcard"]);
+    assert!(e.contains("No such file"), "{e}");
+    // A configuration the new process cannot load.
+    let good = std::fs::read_to_string(&d.config).unwrap();
+    std::fs::write(&d.config, format!("{good}\nno_such_setting = 1\n")).unwrap();
+    let e = d.fails(&["upgrade"]);
+    assert!(e.contains("refused: configuration"), "{e}");
+    std::fs::write(&d.config, good).unwrap();
+
+    // The same process still serves, and the connected client never
+    // noticed.
+    assert!(d.alive());
+    assert_eq!(d.pid(), pid);
+    assert_eq!(c.read(0, 0, 4096).unwrap(), vec![5u8; 4096]);
+    drop(c);
+    // A good upgrade still works afterwards.
+    let line = d.upgrade();
+    assert!(line.contains(&format!("pid {pid} -> ")), "{line}");
+    let mut c = common::Client::connect(&sock, 1).unwrap();
+    assert_eq!(c.read(0, 0, 4096).unwrap(), vec![5u8; 4096]);
 }

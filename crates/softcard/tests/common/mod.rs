@@ -25,6 +25,9 @@ pub struct Daemon {
     pub api: PathBuf,
     pub config: PathBuf,
     child: Option<Child>,
+    /// A successor started by `softcard upgrade`: our child only through
+    /// the subreaper bit.
+    adopted: Option<i32>,
 }
 
 impl Daemon {
@@ -54,6 +57,7 @@ impl Daemon {
             api,
             config,
             child: None,
+            adopted: None,
         };
         d.restart();
         d
@@ -76,7 +80,43 @@ impl Daemon {
             let _ = c.kill();
             let _ = c.wait();
         }
+        if let Some(pid) = self.adopted.take() {
+            let _ = reap(pid, libc::SIGKILL);
+        }
         self.spawn();
+    }
+
+    /// `softcard upgrade` to the same binary: the running process hands
+    /// its sockets to a new one and exits cleanly. Returns the CLI's line.
+    pub fn upgrade(&mut self) -> String {
+        self.upgrade_to(None)
+    }
+
+    /// `softcard upgrade [--binary B]`.
+    pub fn upgrade_to(&mut self, binary: Option<&Path>) -> String {
+        // SAFETY: prctl with integer arguments: the successor, orphaned
+        // when its predecessor exits, becomes this process's child.
+        unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+        let mut args = vec!["upgrade".to_owned()];
+        if let Some(b) = binary {
+            args.extend(["--binary".to_owned(), b.display().to_string()]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let line = self.ok(&args);
+        let new: i32 = line
+            .split("-> ")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no new pid in {line:?}"));
+        if let Some(mut c) = self.child.take() {
+            let status = c.wait().unwrap();
+            assert!(status.success(), "the old daemon exited with {status}");
+        }
+        if let Some(old) = self.adopted.replace(new) {
+            assert_eq!(reap(old, 0), Some(0), "the old daemon's exit");
+        }
+        line
     }
 
     fn spawn(&mut self) {
@@ -100,15 +140,27 @@ impl Daemon {
             let status = c.wait().unwrap();
             assert!(status.success(), "daemon exited with {status}");
         }
+        if let Some(pid) = self.adopted.take() {
+            assert_eq!(reap(pid, libc::SIGTERM), Some(0), "daemon's exit status");
+        }
     }
 
     /// The daemon's process id.
     pub fn pid(&self) -> i32 {
-        i32::try_from(self.child.as_ref().expect("daemon running").id()).unwrap()
+        match (&self.child, self.adopted) {
+            (Some(c), _) => i32::try_from(c.id()).unwrap(),
+            (None, Some(pid)) => pid,
+            (None, None) => panic!("no daemon running"),
+        }
     }
 
     /// Whether the process is still running.
     pub fn alive(&mut self) -> bool {
+        if let Some(pid) = self.adopted {
+            let mut status = 0;
+            // SAFETY: waitpid on a child of ours with a valid out pointer.
+            return unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } == 0;
+        }
         self.child
             .as_mut()
             .is_some_and(|c| c.try_wait().unwrap().is_none())
@@ -163,7 +215,25 @@ impl Drop for Daemon {
             let _ = c.kill();
             let _ = c.wait();
         }
+        if let Some(pid) = self.adopted.take() {
+            let _ = reap(pid, libc::SIGKILL);
+        }
     }
+}
+
+/// Sends `signal` (0: none) to a child of ours and waits for it; returns
+/// its exit code (None: killed by a signal).
+pub fn reap(pid: i32, signal: i32) -> Option<i32> {
+    let mut status = 0;
+    // SAFETY: kill(2) and waitpid(2) on a child of this process, with a
+    // valid out pointer.
+    unsafe {
+        if signal != 0 {
+            libc::kill(pid, signal);
+        }
+        libc::waitpid(pid, &mut status, 0);
+    }
+    libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status))
 }
 
 pub fn wait_for_socket(path: &Path, mut child: Option<&mut Child>) {
