@@ -14,10 +14,9 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use common::guest::{build_initramfs, Guest};
 use common::{file_bytes, pattern, python_decrypt, wrapped_key_on_device, Daemon};
 
 const MIB: u64 = 1 << 20;
@@ -54,107 +53,6 @@ $B poweroff -f
 "#;
 
 /// An initramfs running `script` (after the prelude), with `pats` as files.
-fn build_initramfs(kernel: &Path, out: &Path, script: &str, pats: &[(&str, &[u8])]) {
-    let init = format!(
-        "#!/bin/busybox sh\n{}{}",
-        softcard_testkit::INIT_PRELUDE,
-        script
-    );
-    let mut i = softcard_testkit::Initramfs::new(kernel, &init);
-    i.modules(&["virtio_pci", "virtio_blk"]);
-    for (name, data) in pats {
-        i.file(name, data, 0o644);
-    }
-    std::fs::write(out, i.finish()).unwrap();
-}
-
-/// How long a guest has to boot, do its work and power off.
-const GUEST_DEADLINE: Duration = Duration::from_secs(240);
-
-/// A QEMU guest (TCG) booted on `initrd`, with one vhost-user-blk disk per
-/// `(chardev options, queues)`; its console is read as it comes.
-struct Guest {
-    qemu: std::process::Child,
-    lines: std::sync::mpsc::Receiver<String>,
-    reader: std::thread::JoinHandle<String>,
-    deadline: Instant,
-}
-
-impl Guest {
-    fn boot(kernel: &Path, initrd: &Path, disks: &[(String, u16)]) -> Guest {
-        let mut cmd = Command::new("qemu-system-x86_64");
-        cmd.args(softcard_testkit::guest_args(kernel, initrd))
-            .args([
-                "-object",
-                "memory-backend-memfd,id=mem,size=512M,share=on",
-                "-numa",
-                "node,memdev=mem",
-            ]);
-        for (i, (chardev, queues)) in disks.iter().enumerate() {
-            cmd.arg("-chardev").arg(format!("{chardev},id=c{i}")).args([
-                "-device",
-                &format!("vhost-user-blk-pci,chardev=c{i},num-queues={queues}"),
-            ]);
-        }
-        let mut qemu = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("qemu-system-x86_64 (install qemu-system-x86)");
-        let stdout = qemu.stdout.take().unwrap();
-        let (tx, lines) = std::sync::mpsc::channel::<String>();
-        let reader = std::thread::spawn(move || {
-            let mut all = String::new();
-            for l in std::io::BufRead::lines(std::io::BufReader::new(stdout)).map_while(Result::ok)
-            {
-                let _ = tx.send(l.clone());
-                all.push_str(&l);
-                all.push('\n');
-            }
-            all
-        });
-        Guest {
-            qemu,
-            lines,
-            reader,
-            deadline: Instant::now() + GUEST_DEADLINE,
-        }
-    }
-
-    /// Waits for a console line starting with `prefix`.
-    fn wait_line(&self, prefix: &str) {
-        loop {
-            match self.lines.recv_timeout(Duration::from_millis(200)) {
-                Ok(l) if l.starts_with(prefix) => return,
-                _ if Instant::now() > self.deadline => {
-                    panic!("the guest printed no {prefix} line")
-                }
-                _ => {}
-            }
-        }
-    }
-
-    /// Waits for the guest to power off; its whole console.
-    fn console(mut self) -> String {
-        loop {
-            if self.qemu.try_wait().unwrap().is_some() {
-                return self.reader.join().unwrap();
-            }
-            if Instant::now() > self.deadline {
-                let _ = self.qemu.kill();
-                let _ = self.qemu.wait();
-                panic!(
-                    "guest did not power off within {} s:\n{}",
-                    GUEST_DEADLINE.as_secs(),
-                    self.reader.join().unwrap()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
 #[test]
 fn guest_writes_land_in_their_partitions_only() {
     let k = softcard_testkit::kernel();

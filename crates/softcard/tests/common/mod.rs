@@ -2,6 +2,7 @@
 //! process, its CLI, and a libblkio client.
 #![allow(dead_code)]
 
+pub mod guest;
 pub mod net;
 pub mod screen;
 
