@@ -10,7 +10,11 @@
 //!
 //! Like a real cache it may also write an unflushed write back early: a
 //! seeded generator picks which (about one in eight), so that a checker
-//! cannot rely on unflushed data being lost either.
+//! cannot rely on unflushed data being lost either. The same generator
+//! completes requests out of order, as a real device's queue does: it
+//! shuffles each batch, and holds about one request in two back for 1 to
+//! 16 ms while later ones complete, so that a crash finds the queue with
+//! later requests answered and earlier ones not.
 //!
 //! `flush_acks_early` is a bug on purpose: a flush is answered at once and
 //! the cache is written back lazily, by the first flush that comes
@@ -251,6 +255,8 @@ impl PhysicalDevice for VolatileCache {
         Ok(Box::new(CacheQueue {
             shared: self.shared(),
             done: Vec::with_capacity(usize::from(depth)),
+            held: Vec::new(),
+            timer: vmm_sys_util::timerfd::TimerFd::new()?,
             scratch: Vec::new(),
         }))
     }
@@ -266,10 +272,15 @@ impl VolatileCache {
     }
 }
 
-/// Submission context: requests complete at push time.
+/// Submission context: requests are carried out at push time; most
+/// complete at once, some are held back a little.
 struct CacheQueue {
     shared: Shared,
     done: Vec<IoCompletion>,
+    /// Completions held back, with when they are released.
+    held: Vec<(std::time::Instant, IoCompletion)>,
+    /// Fires when the first held completion is due.
+    timer: vmm_sys_util::timerfd::TimerFd,
     scratch: Vec<u8>,
 }
 
@@ -332,21 +343,66 @@ impl DeviceQueue for CacheQueue {
     unsafe fn push(&mut self, req: IoRequest<'_>) {
         // SAFETY: forwarded from the caller's promise.
         let result = unsafe { self.execute(&req) };
-        self.done.push(IoCompletion {
+        let c = IoCompletion {
             tag: req.tag,
             result,
-        });
+        };
+        let draw = self.shared.lock().next();
+        if draw.is_multiple_of(2) {
+            let hold = std::time::Duration::from_millis(1 + (draw >> 8) % 16);
+            self.held.push((std::time::Instant::now() + hold, c));
+        } else {
+            self.done.push(c);
+        }
     }
     fn submit(&mut self) -> io::Result<()> {
         Ok(())
     }
     fn reap(&mut self, out: &mut Vec<IoCompletion>) {
+        let now = std::time::Instant::now();
+        let mut i = 0;
+        while i < self.held.len() {
+            if self.held[i].0 <= now {
+                self.done.push(self.held.swap_remove(i).1);
+            } else {
+                i += 1;
+            }
+        }
+        // Re-arming also resets the timer's readiness.
+        let first = self.held.iter().map(|(t, _)| *t).min();
+        let armed = match first {
+            Some(t) => {
+                let wait = t
+                    .saturating_duration_since(now)
+                    .max(std::time::Duration::from_micros(1));
+                self.timer.reset(wait, None)
+            }
+            None => self.timer.clear(),
+        };
+        if let Err(e) = armed {
+            // Without the timer nothing would wake the queue: release all.
+            log::warn!("volatile cache timer: {e}");
+            self.done.extend(self.held.drain(..).map(|(_, c)| c));
+        }
+        if self.done.len() > 1 {
+            let mut cache = self.shared.lock();
+            for i in (1..self.done.len()).rev() {
+                let j = usize::try_from(cache.next() % (i as u64 + 1)).unwrap_or(0);
+                self.done.swap(i, j);
+            }
+        }
         out.append(&mut self.done);
     }
     fn completion_fd(&self) -> Option<RawFd> {
-        None
+        use std::os::fd::AsRawFd;
+        Some(self.timer.as_raw_fd())
     }
     fn wait(&mut self) -> io::Result<()> {
+        if self.done.is_empty() {
+            if let Some(t) = self.held.iter().map(|(t, _)| *t).min() {
+                std::thread::sleep(t.saturating_duration_since(std::time::Instant::now()));
+            }
+        }
         Ok(())
     }
 }
