@@ -374,6 +374,9 @@ enum BenchCmd {
     Qos(bench::QosBenchArgs),
     /// The RDMA engine against sockperf and iperf3 (needs root).
     Rdma(crate::bench_rdma::RdmaBenchArgs),
+    /// The pause I/O sees while the card is upgraded or crash-restarted
+    /// underneath libblkio and a QEMU guest.
+    Upgrade(crate::bench_upgrade::UpgradeBenchArgs),
     /// Debian's perftest through softcard's libibverbs and the card daemon,
     /// against sockperf, iperf3 and the engine's own API (needs root).
     Verbs(crate::bench_verbs::VerbsBenchArgs),
@@ -464,6 +467,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Bench(BenchCmd::Fairness(a)) => bench::fairness(&a),
         Command::Bench(BenchCmd::Qos(a)) => bench::qos(&a),
         Command::Bench(BenchCmd::Rdma(a)) => crate::bench_rdma::rdma(&a),
+        Command::Bench(BenchCmd::Upgrade(a)) => crate::bench_upgrade::upgrade(&a),
         Command::Bench(BenchCmd::Verbs(a)) => crate::bench_verbs::verbs(&a),
         Command::Bench(BenchCmd::Gpu(a)) => crate::gpu_bench::gpu(&a),
         Command::Bench(BenchCmd::Region(a)) => crate::region_bench::region(&a),

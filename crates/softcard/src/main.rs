@@ -6,6 +6,7 @@ mod bench;
 mod bench_cells;
 mod bench_cpu;
 mod bench_rdma;
+mod bench_upgrade;
 mod bench_verbs;
 mod cli;
 mod daemon;

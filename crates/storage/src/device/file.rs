@@ -174,7 +174,7 @@ fn lock_waiting(name: &str, path: &Path, f: &File) -> io::Result<()> {
                     );
                     said = true;
                 }
-                std::thread::sleep(std::time::Duration::from_millis(20));
+                std::thread::sleep(std::time::Duration::from_millis(2));
             }
             r => return r,
         }
