@@ -368,11 +368,9 @@ fn ms(d: Duration) -> f64 {
 /// p50, p99 (nearest rank) and max, in ms.
 fn summary(v: &mut [Duration]) -> (f64, f64, f64) {
     v.sort();
-    let at = |p: f64| {
-        let i = ((p * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1;
-        ms(v[i])
-    };
-    (at(0.5), at(0.99), ms(v[v.len() - 1]))
+    // Nearest rank: the ceil(p/100 * n)-th smallest.
+    let at = |percent: usize| ms(v[(percent * v.len()).div_ceil(100).clamp(1, v.len()) - 1]);
+    (at(50), at(99), ms(v[v.len() - 1]))
 }
 
 /// `softcard bench upgrade`.
