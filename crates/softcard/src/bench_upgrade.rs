@@ -7,7 +7,10 @@
 //!   a request has waited 5 ms: the card's own unavailability;
 //! - a QEMU guest (TCG) writing 4 KiB blocks with O_DIRECT in a loop, its
 //!   disk's chardev reconnecting with `reconnect=1` (QEMU 7.2 retries a
-//!   lost socket once a second).
+//!   lost socket once a second);
+//! - the same guest with the socket's roles reversed: QEMU listens
+//!   (`server=on`) and the card connects (`--vhost-user-connect`), so QEMU
+//!   takes the next card process as soon as it connects.
 //!
 //! The pause of an event is the longest stretch without a completion that
 //! starts after the event begins; the rates are those of the second before
@@ -61,7 +64,7 @@ impl Card {
             format!(
                 "api_socket = \"{d}/api.sock\"\nstate_file = \"{d}/state.json\"\n\
                  rdma_socket = \"{d}/rdma.sock\"\n[[device]]\nname = \"nvme0\"\nkind = \"file\"\n\
-                 path = \"{d}/disk.img\"\nsize = \"192MiB\"\n"
+                 path = \"{d}/disk.img\"\nsize = \"256MiB\"\n"
             ),
         )?;
         let mut card = Card {
@@ -71,7 +74,11 @@ impl Card {
             adopted: None,
         };
         card.spawn()?;
-        for v in ["blkio", "guest"] {
+        for (v, interface) in [
+            ("blkio", "vhost-user-blk"),
+            ("guest", "vhost-user-blk"),
+            ("server", "vhost-user-blk-connect"),
+        ] {
             let sock = card.path(&format!("{v}.sock"));
             let c = card.client();
             c.call(
@@ -82,7 +89,7 @@ impl Card {
             c.call(
                 "POST",
                 &format!("/v1/volumes/{v}/attach"),
-                Some(&serde_json::json!({"socket": sock})),
+                Some(&serde_json::json!({"socket": sock, "interface": interface})),
             )?;
         }
         Ok(card)
@@ -228,7 +235,13 @@ fn blkio_client(sock: PathBuf, stop: Arc<AtomicBool>, stamps: Stamps) -> Result<
 }
 
 /// A QEMU guest writing in a loop; its console lines are the completions.
-fn guest_client(sock: &Path, dir: &Path, stop: Arc<AtomicBool>, stamps: Stamps) -> Result<Child> {
+fn guest_client(
+    sock: &Path,
+    server: bool,
+    dir: &Path,
+    stop: Arc<AtomicBool>,
+    stamps: Stamps,
+) -> Result<Child> {
     let kernel = softcard_host::initramfs::host_kernel().context("a host kernel")?;
     let init = format!(
         "#!/bin/busybox sh\n{}{}",
@@ -267,7 +280,11 @@ done
             "-numa",
             "node,memdev=mem",
             "-chardev",
-            &format!("socket,path={},reconnect=1,id=c0", sock.display()),
+            &if server {
+                format!("socket,path={},server=on,wait=off,id=c0", sock.display())
+            } else {
+                format!("socket,path={},reconnect=1,id=c0", sock.display())
+            },
             "-device",
             "vhost-user-blk-pci,chardev=c0",
         ])
@@ -342,12 +359,13 @@ fn run_events(
     let (mut up, mut crash) = (Vec::new(), Vec::new());
     for (k, (at, upgrade)) in marks.iter().enumerate() {
         let end = marks.get(k + 1).map_or(last_done, |m| m.0);
-        // The longest gap between completions that starts after the event
-        // began (the last completion before it counts as the start).
+        // The longest gap between completions from the last one before
+        // the event to the next event (the client was writing again by
+        // then).
         let from = s.iter().rposition(|t| t < at).unwrap_or(0);
         let gap = s[from..]
             .windows(2)
-            .take_while(|w| w[0] < end)
+            .take_while(|w| w[1] < end)
             .map(|w| w[1] - w[0])
             .max()
             .unwrap_or_default();
@@ -410,19 +428,25 @@ pub fn upgrade(a: &UpgradeBenchArgs) -> Result<()> {
     print("libblkio (reconnects after 5 ms)", r?);
 
     if !a.no_guest {
-        let stop = Arc::new(AtomicBool::new(false));
-        let stamps: Stamps = Arc::default();
-        let mut qemu = guest_client(
-            &card.path("guest.sock"),
-            card.dir.path(),
-            stop.clone(),
-            stamps.clone(),
-        )?;
-        let r = run_events(&mut card, &stamps, a.events, Duration::from_millis(500));
-        stop.store(true, Ordering::Relaxed);
-        let _ = qemu.kill();
-        let _ = qemu.wait();
-        print("QEMU 7.2 guest (reconnect=1)", r?);
+        for (volume, server, label) in [
+            ("guest", false, "QEMU 7.2 guest (reconnect=1)"),
+            ("server", true, "QEMU 7.2 guest (server=on)"),
+        ] {
+            let stop = Arc::new(AtomicBool::new(false));
+            let stamps: Stamps = Arc::default();
+            let mut qemu = guest_client(
+                &card.path(&format!("{volume}.sock")),
+                server,
+                card.dir.path(),
+                stop.clone(),
+                stamps.clone(),
+            )?;
+            let r = run_events(&mut card, &stamps, a.events, Duration::from_millis(500));
+            stop.store(true, Ordering::Relaxed);
+            let _ = qemu.kill();
+            let _ = qemu.wait();
+            print(label, r?);
+        }
     }
     Ok(())
 }

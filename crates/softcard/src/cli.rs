@@ -250,10 +250,15 @@ enum VolumeCmd {
         /// Socket the VMM connects to.
         #[arg(
             long = "vhost-user",
-            required_unless_present = "nbd",
-            conflicts_with = "nbd"
+            required_unless_present_any = ["nbd", "connect"],
+            conflicts_with_all = ["nbd", "connect"]
         )]
         socket: Option<PathBuf>,
+        /// Socket the VMM listens on (QEMU `-chardev socket,server=on`):
+        /// the card connects to it, and again after each disconnect, so the
+        /// VM takes a restarted or upgraded card at once.
+        #[arg(long = "vhost-user-connect", conflicts_with = "nbd")]
+        connect: Option<PathBuf>,
         /// Unix socket of an NBD export instead (for qemu-img, qemu-io,
         /// nbdinfo, nbd-client: `nbd+unix:///NAME?socket=PATH`).
         #[arg(long)]
@@ -681,23 +686,32 @@ fn volume(cmd: VolumeCmd) -> Result<()> {
         VolumeCmd::Attach {
             name,
             socket,
+            connect,
             nbd,
             queues,
             qos,
             api,
         } => {
-            let body = match (socket, nbd) {
-                (Some(socket), _) => json!({
+            let body = match (socket, nbd, connect) {
+                (Some(socket), _, _) => json!({
                     "socket": absolute(&socket)?,
                     "queues": queues.unwrap_or(1),
                     "qos": qos.to_json()?,
                 }),
-                (None, Some(nbd)) => json!({
+                (None, None, Some(connect)) => json!({
+                    "socket": absolute(&connect)?,
+                    "interface": "vhost-user-blk-connect",
+                    "queues": queues.unwrap_or(1),
+                    "qos": qos.to_json()?,
+                }),
+                (None, Some(nbd), _) => json!({
                     "socket": absolute(&nbd)?,
                     "interface": "nbd",
                     "qos": qos.to_json()?,
                 }),
-                (None, None) => bail!("give --vhost-user PATH or --nbd PATH"),
+                (None, None, None) => {
+                    bail!("give --vhost-user PATH, --vhost-user-connect PATH or --nbd PATH")
+                }
             };
             let v = client(&api).call(
                 "POST",

@@ -15,6 +15,10 @@
 //! record acknowledged for it or a later one, the other volume on the
 //! device is untouched and the partition map is intact.
 //!
+//! A second guest does the same, shorter, with the socket's roles
+//! reversed: QEMU listens (`server=on`) and the card connects to it
+//! (`--vhost-user-connect`), after each upgrade and each restart.
+//!
 //! Needs qemu-system-x86, linux-image-amd64 and busybox-static.
 
 mod common;
@@ -29,11 +33,7 @@ const WRITERS: usize = 4;
 /// Blocks each writer cycles through.
 const BLOCKS: usize = 64;
 const BLOCK: usize = 4096;
-/// How long the guest writes, in seconds of its own clock.
-const WRITE_SECONDS: u32 = 80;
-const EVENTS_EACH: usize = 20;
-
-fn init_script() -> String {
+fn init_script(write_seconds: u32) -> String {
     format!(
         r#"
 i=0
@@ -42,7 +42,7 @@ while [ ! -b /dev/vda ]; do
   $B sleep 0.1
 done
 writer() {{
-  w=$1; k=0; end=$(( $($B date +%s) + {WRITE_SECONDS} ))
+  w=$1; k=0; end=$(( $($B date +%s) + {write_seconds} ))
   while [ $($B date +%s) -lt $end ]; do
     blk=$(( w * {BLOCKS} + k % {BLOCKS} ))
     $B printf "SOFTCARD-BLK %d %d\n" $w $k > /tmp/r$w
@@ -65,6 +65,17 @@ $B poweroff -f
 
 #[test]
 fn a_guest_loses_no_flushed_write_across_upgrades_and_crashes() {
+    run(false, 20, 80);
+}
+
+#[test]
+fn a_guest_listening_on_its_socket_takes_each_new_card_at_once() {
+    run(true, 4, 30);
+}
+
+/// `events_each` upgrades and as many crashes while the guest writes for
+/// `write_seconds`; `server`: QEMU listens and the card connects.
+fn run(server: bool, events_each: usize, write_seconds: u32) {
     let k = softcard_testkit::kernel();
     let mut d = Daemon::start(
         "state_file = \"@DIR@/attachments.json\"\nrdma_socket = \"@DIR@/rdma.sock\"\n\
@@ -116,19 +127,24 @@ fn a_guest_loses_no_flushed_write_across_upgrades_and_crashes() {
         "volume",
         "attach",
         "a",
-        "--vhost-user",
+        if server {
+            "--vhost-user-connect"
+        } else {
+            "--vhost-user"
+        },
         sa.to_str().unwrap(),
     ]);
     let initrd = d.path("initrd.cpio");
-    build_initramfs(&k, &initrd, &init_script(), &[]);
-    let guest = Guest::boot(
-        &k,
-        &initrd,
-        &[(format!("socket,path={},reconnect=1", sa.display()), 1)],
-    );
+    build_initramfs(&k, &initrd, &init_script(write_seconds), &[]);
+    let chardev = if server {
+        format!("socket,path={},server=on,wait=off", sa.display())
+    } else {
+        format!("socket,path={},reconnect=1", sa.display())
+    };
+    let guest = Guest::boot(&k, &initrd, &[(chardev, 1)]);
     guest.wait_line("SOFTCARD-START");
 
-    // 20 upgrades and 20 crashes, shuffled, at random moments.
+    // Upgrades and crashes, shuffled, at random moments.
     let mut x = 0x2545_f491_4f6c_dd1du64;
     let mut rnd = move || {
         x ^= x << 13;
@@ -136,7 +152,7 @@ fn a_guest_loses_no_flushed_write_across_upgrades_and_crashes() {
         x ^= x << 17;
         x
     };
-    let mut events: Vec<bool> = (0..2 * EVENTS_EACH).map(|i| i % 2 == 0).collect();
+    let mut events: Vec<bool> = (0..2 * events_each).map(|i| i % 2 == 0).collect();
     for i in (1..events.len()).rev() {
         events.swap(i, usize::try_from(rnd() % (i as u64 + 1)).unwrap());
     }
@@ -171,6 +187,19 @@ fn a_guest_loses_no_flushed_write_across_upgrades_and_crashes() {
     }
     eprintln!("{acks} flushed records acknowledged to the guest");
     assert!(acks > 100, "the writers barely ran:\n{console}");
+    if server {
+        let v = d.volumes();
+        let a = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == "a")
+            .unwrap();
+        assert_eq!(
+            a["attachment"]["interface"], "vhost-user-blk-connect",
+            "{a}"
+        );
+    }
 
     let off_a = d.offset_of("a");
     let off_b = d.offset_of("b");

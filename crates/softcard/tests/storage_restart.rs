@@ -214,3 +214,50 @@ fn an_upgrade_the_new_binary_cannot_take_leaves_the_running_card_serving() {
     let mut c = common::Client::connect(&sock, 1).unwrap();
     assert_eq!(c.read(0, 0, 4096).unwrap(), vec![5u8; 4096]);
 }
+
+#[test]
+fn an_attachment_that_connects_waits_for_its_frontend_and_detaches_at_once() {
+    let mut d = Daemon::start(
+        "state_file = \"@DIR@/attachments.json\"\nrdma_socket = \"@DIR@/rdma.sock\"\n\
+         [[device]]\nname = \"nvme0\"\nkind = \"file\"\npath = \"@DIR@/disk.img\"\nsize = \"64MiB\"\n",
+    );
+    d.ok(&[
+        "card", "volume", "create", "v", "--device", "nvme0", "--size", "8MiB",
+    ]);
+    // Nobody listens there: the card keeps trying, and says so.
+    let sock = d.path("vm.sock");
+    let out = d.ok(&[
+        "card",
+        "volume",
+        "attach",
+        "v",
+        "--vhost-user-connect",
+        sock.to_str().unwrap(),
+    ]);
+    assert!(out.contains("attached"), "{out}");
+    let v = d.volumes();
+    assert_eq!(v[0]["attachment"]["interface"], "vhost-user-blk-connect");
+    assert_eq!(v[0]["attachment"]["state"], "listening");
+    // Both flags at once are refused by the CLI.
+    let e = d.fails(&[
+        "card",
+        "volume",
+        "attach",
+        "v",
+        "--vhost-user",
+        "/tmp/x.sock",
+        "--vhost-user-connect",
+        "/tmp/y.sock",
+    ]);
+    assert!(e.contains("cannot be used with"), "{e}");
+    // The record keeps the mode across an upgrade.
+    d.upgrade();
+    let v = d.volumes();
+    assert_eq!(v[0]["attachment"]["interface"], "vhost-user-blk-connect");
+    // Detaching stops the retries at once, and leaves no socket file (the
+    // path was never the card's).
+    let started = std::time::Instant::now();
+    d.ok(&["card", "volume", "detach", "v"]);
+    eprintln!("detach took {:?}", started.elapsed());
+    assert!(!sock.exists());
+}

@@ -67,6 +67,11 @@ pub enum Interface {
     /// vhost-user-blk, for a VM ([`crate::virtio_blk`]).
     #[default]
     VhostUserBlk,
+    /// vhost-user-blk with the roles of the socket reversed: the VMM
+    /// listens (QEMU's `server=on`) and the card connects, again after
+    /// every disconnect, so that a VM takes a restarted or upgraded card
+    /// at once.
+    VhostUserBlkConnect,
     /// An NBD export, for the host system ([`crate::nbd`]).
     Nbd,
 }
@@ -100,10 +105,10 @@ impl Iface {
         }
     }
 
-    fn listener(&self) -> std::os::fd::BorrowedFd<'_> {
+    fn listener(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
         match self {
             Iface::VhostUser(a) => a.listener(),
-            Iface::Nbd(e) => e.listener(),
+            Iface::Nbd(e) => Some(e.listener()),
         }
     }
 
@@ -117,7 +122,11 @@ impl Iface {
     fn info(&self) -> AttachmentInfo {
         match self {
             Iface::VhostUser(a) => AttachmentInfo {
-                interface: Interface::VhostUserBlk,
+                interface: if a.connects() {
+                    Interface::VhostUserBlkConnect
+                } else {
+                    Interface::VhostUserBlk
+                },
                 socket: a.socket().display().to_string(),
                 queues: a.queues(),
                 clients: None,
@@ -386,7 +395,8 @@ impl StorageCard {
         self.lock()
             .attachments
             .values()
-            .map(|a| Ok((a.socket().to_owned(), a.listener().try_clone_to_owned()?)))
+            .filter_map(|a| Some((a.socket().to_owned(), a.listener()?)))
+            .map(|(path, fd)| Ok((path, fd.try_clone_to_owned()?)))
             .collect()
     }
 
@@ -710,14 +720,20 @@ impl StorageCard {
         let metrics = st.metrics.entry(name.to_owned()).or_default().clone();
         let inherited = st.inherited.remove(&opts.socket);
         let a = match opts.interface {
-            Interface::VhostUserBlk => Iface::VhostUser(Attachment::start(
-                target,
-                &opts.socket,
-                opts.queues,
-                opts.qos,
-                metrics,
-                inherited,
-            )?),
+            Interface::VhostUserBlk | Interface::VhostUserBlkConnect => {
+                Iface::VhostUser(Attachment::start(
+                    target,
+                    &opts.socket,
+                    opts.queues,
+                    opts.qos,
+                    metrics,
+                    if opts.interface == Interface::VhostUserBlkConnect {
+                        crate::virtio_blk::Source::Connect
+                    } else {
+                        crate::virtio_blk::Source::Listen(inherited)
+                    },
+                )?)
+            }
             Interface::Nbd => Iface::Nbd(NbdExport::start(
                 target,
                 &opts.socket,

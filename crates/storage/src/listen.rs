@@ -63,6 +63,19 @@ impl Wake {
         let _ = self.0.write(1);
     }
 
+    /// Sleeps for `d` unless the event fires first (false).
+    pub(crate) fn sleep(&self, d: std::time::Duration) -> bool {
+        let mut fd = libc::pollfd {
+            fd: self.0.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = i32::try_from(d.as_millis()).unwrap_or(i32::MAX);
+        // SAFETY: one valid pollfd for the call.
+        let n = unsafe { libc::poll(&mut fd, 1, ms) };
+        !(n > 0 && fd.revents != 0)
+    }
+
     /// Blocks until `listener` has a client waiting (true) or the event
     /// fired (false).
     pub(crate) fn wait_for_client(&self, listener: &impl AsRawFd) -> bool {

@@ -7,6 +7,11 @@
 //! frontend disconnects, in-flight requests drain and the socket listens
 //! again, so a VM can reconnect. The listening socket may come from the
 //! card process this one replaced, and can be handed on to the next.
+//!
+//! Or the other way round ([`Source::Connect`]): the frontend listens
+//! (QEMU's `server=on` chardev) and the card connects to it, again after
+//! every disconnect. A frontend that listens takes the next card at once,
+//! with no reconnect timer of its own to wait for.
 
 mod device;
 pub mod metrics;
@@ -91,6 +96,20 @@ impl std::fmt::Debug for Shared {
     }
 }
 
+/// Where an interface's connections come from.
+#[derive(Debug)]
+pub enum Source {
+    /// Listen on the socket path: a new socket, or `Some` listener that
+    /// the card process this one replaced handed over.
+    Listen(Option<std::os::unix::net::UnixListener>),
+    /// Connect to the frontend listening on the socket path, and again
+    /// after each disconnect.
+    Connect,
+}
+
+/// Longest wait between two connection attempts in [`Source::Connect`].
+const CONNECT_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// A running vhost-user-blk interface.
 #[derive(Debug)]
 pub struct Attachment {
@@ -101,21 +120,23 @@ pub struct Attachment {
     throttle: Arc<SharedThrottle>,
     share_slot: Arc<crate::qos::ShareSlot>,
     thread: Option<JoinHandle<()>>,
-    /// A duplicate of the listening socket, to hand on to a successor.
-    listener: std::os::fd::OwnedFd,
+    /// A duplicate of the listening socket, to hand on to a successor
+    /// (none when the card connects to the frontend).
+    listener: Option<std::os::fd::OwnedFd>,
 }
 
 impl Attachment {
-    /// Listens on `socket` (replacing a stale socket file), or on the
-    /// `inherited` listener of that path, and serves `target` with
-    /// `queues` virtqueues to each frontend that connects.
+    /// Serves `target` with `queues` virtqueues to each frontend on
+    /// `socket`: listening there (replacing a stale socket file, or on a
+    /// listener handed over) or connecting to a frontend that listens
+    /// ([`Source`]).
     pub fn start(
         target: BlkTarget,
         socket: &Path,
         queues: u16,
         qos: QosLimits,
         metrics: Arc<BlkMetrics>,
-        inherited: Option<std::os::unix::net::UnixListener>,
+        source: Source,
     ) -> Result<Self, BlkError> {
         if queues == 0 || queues > MAX_QUEUES {
             return Err(BlkError::Queues(queues));
@@ -124,17 +145,22 @@ impl Attachment {
         let throttle = Arc::new(SharedThrottle::new(qos));
         let share_slot = target.share_slot.clone();
         share_slot.set_weight(qos.weight.unwrap_or(1));
-        let bound = crate::listen::bind_or_adopt(socket, inherited)?;
-        let listener_dup: std::os::fd::OwnedFd = bound
-            .try_clone()
-            .map_err(|e| BlkError::Listen {
-                path: socket.display().to_string(),
-                reason: e.to_string(),
-            })?
-            .into();
-        // No path: the socket file is removed by `stop`, never by a
-        // hand-over.
-        let mut listener = Listener::from(bound);
+        let (mut listener, listener_dup) = match source {
+            Source::Listen(inherited) => {
+                let bound = crate::listen::bind_or_adopt(socket, inherited)?;
+                let dup: std::os::fd::OwnedFd = bound
+                    .try_clone()
+                    .map_err(|e| BlkError::Listen {
+                        path: socket.display().to_string(),
+                        reason: e.to_string(),
+                    })?
+                    .into();
+                // No path: the socket file is removed by `stop`, never by
+                // a hand-over.
+                (Some(Listener::from(bound)), Some(dup))
+            }
+            Source::Connect => (None, None),
+        };
         let shared = Arc::new(Shared {
             stop: AtomicBool::new(false),
             wake: crate::listen::Wake::new()?,
@@ -156,22 +182,24 @@ impl Attachment {
             let metrics = metrics.clone();
             let throttle = throttle.clone();
             let name = format!("vublk-{}", target.name);
-            std::thread::Builder::new()
-                .name(name.clone())
-                .spawn(move || {
-                    serve(
-                        &name,
-                        &target,
-                        queues,
-                        &mut listener,
-                        &shared,
-                        &metrics,
-                        &throttle,
-                    )
-                })?
+            std::thread::Builder::new().name(name.clone()).spawn({
+                let socket = socket.to_owned();
+                move || {
+                    let from = match listener.as_mut() {
+                        Some(l) => From::Listener(l),
+                        None => From::Frontend(&socket),
+                    };
+                    serve(&name, &target, queues, from, &shared, &metrics, &throttle);
+                }
+            })?
         };
         info!(
-            "serving vhost-user-blk on {} ({} queue(s))",
+            "serving vhost-user-blk {} {} ({} queue(s))",
+            if listener_dup.is_some() {
+                "on"
+            } else {
+                "by connecting to"
+            },
             socket.display(),
             queues
         );
@@ -190,6 +218,11 @@ impl Attachment {
     /// Socket path.
     pub fn socket(&self) -> &Path {
         &self.socket
+    }
+
+    /// Whether the card connects to the frontend ([`Source::Connect`]).
+    pub fn connects(&self) -> bool {
+        self.listener.is_none()
     }
 
     /// Number of virtqueues offered.
@@ -232,10 +265,11 @@ impl Attachment {
         self.stop_inner(true);
     }
 
-    /// The listening socket.
-    pub fn listener(&self) -> std::os::fd::BorrowedFd<'_> {
+    /// The listening socket (none when the card connects to the
+    /// frontend).
+    pub fn listener(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
         use std::os::fd::AsFd;
-        self.listener.as_fd()
+        self.listener.as_ref().map(AsFd::as_fd)
     }
 
     fn stop_inner(&mut self, keep_socket: bool) {
@@ -273,7 +307,8 @@ impl Attachment {
                 warn!("interface thread for {} panicked", self.socket.display());
             }
         }
-        if !keep_socket {
+        // A socket the frontend listens on is the frontend's.
+        if !keep_socket && self.listener.is_some() {
             let _ = std::fs::remove_file(&self.socket);
         }
         *self.shared.state.lock().unwrap_or_else(|e| e.into_inner()) = InterfaceState::Stopped;
@@ -292,12 +327,18 @@ fn set_state(shared: &Shared, s: InterfaceState) {
     *shared.state.lock().unwrap_or_else(|e| e.into_inner()) = s;
 }
 
-/// Accept / serve / drain loop of one interface.
+/// Where [`serve`] gets its connections.
+enum From<'a> {
+    Listener(&'a mut Listener),
+    Frontend(&'a Path),
+}
+
+/// Accept (or connect) / serve / drain loop of one interface.
 fn serve(
     name: &str,
     target: &BlkTarget,
     queues: u16,
-    listener: &mut Listener,
+    mut from: From<'_>,
     shared: &Shared,
     metrics: &Arc<BlkMetrics>,
     throttle: &Arc<SharedThrottle>,
@@ -348,11 +389,23 @@ fn serve(
         if !shared.failed.load(Ordering::Relaxed) {
             set_state(shared, InterfaceState::Listening);
         }
-        if !shared.wake.wait_for_client(listener) {
-            backend.signal_exit();
-            break;
-        }
-        if let Err(e) = daemon.start(listener) {
+        let started = match &mut from {
+            From::Listener(l) => {
+                if !shared.wake.wait_for_client(&**l) {
+                    backend.signal_exit();
+                    break;
+                }
+                daemon.start(l)
+            }
+            From::Frontend(path) => match connect(&mut daemon, path, shared) {
+                Some(r) => r,
+                None => {
+                    backend.signal_exit();
+                    break;
+                }
+            },
+        };
+        if let Err(e) = started {
             if !shared.stop.load(Ordering::SeqCst) {
                 warn!("{name}: accepting a frontend failed: {e}");
             }
@@ -384,5 +437,36 @@ fn serve(
             Err(_) => {}
         }
         drop(daemon);
+    }
+}
+
+/// Connects to the frontend listening at `path`, retrying with a growing
+/// pause while it is not there. None when the interface stops first.
+fn connect(
+    daemon: &mut VhostUserDaemon<BlkBackend>,
+    path: &Path,
+    shared: &Shared,
+) -> Option<vhost_user_backend::Result<()>> {
+    let path = path.to_str()?;
+    let mut pause = std::time::Duration::from_millis(1);
+    let mut told = false;
+    loop {
+        if shared.stop.load(Ordering::SeqCst) {
+            return None;
+        }
+        match daemon.start_client(path) {
+            Ok(()) => return Some(Ok(())),
+            Err(vhost_user_backend::Error::CreateBackendReqHandler(e)) => {
+                if !told {
+                    info!("{path}: waiting for the frontend to listen ({e})");
+                    told = true;
+                }
+            }
+            Err(e) => return Some(Err(e)),
+        }
+        if !shared.wake.sleep(pause) {
+            return None;
+        }
+        pause = (pause * 2).min(CONNECT_BACKOFF_MAX);
     }
 }
