@@ -426,6 +426,16 @@ mod tests {
         b
     }
 
+    /// Reaps until `n` completions came back (some are held back a while).
+    fn reap_all(q: &mut Box<dyn DeviceQueue>, n: usize) -> Vec<IoCompletion> {
+        let mut done = Vec::new();
+        while done.len() < n {
+            q.wait().unwrap();
+            q.reap(&mut done);
+        }
+        done
+    }
+
     fn cache(dir: &std::path::Path, seed: u64, early: bool) -> VolatileCache {
         VolatileCache::new(
             file(dir),
@@ -492,8 +502,7 @@ mod tests {
                     crypt: None,
                 });
             }
-            let mut done = Vec::new();
-            q.reap(&mut done);
+            let done = reap_all(&mut q, 1);
             assert!(done[0].result.is_ok());
         };
         c.write_all_at(&[7; 512], 0).unwrap();
@@ -532,8 +541,7 @@ mod tests {
             }
         }
         q.submit().unwrap();
-        let mut done = Vec::new();
-        q.reap(&mut done);
+        let done = reap_all(&mut q, 2);
         assert_eq!(done.len(), 2);
         assert!(done.iter().all(|d| d.result.is_ok()));
         assert_eq!(on_disk(dir.path(), 8192, 4096), vec![9; 4096]);
