@@ -23,6 +23,41 @@ fn check_range(capacity: u64, offset: u64, len: usize) -> io::Result<()> {
     }
 }
 
+/// Copies a write's data into a `ram` device. Whole cache lines go with
+/// non-temporal stores: a random write lands where nothing is cached, and
+/// ordinary stores would first read every line they fill (64 reads from
+/// memory for a 4 KiB write) only to overwrite it.
+///
+/// # Safety
+///
+/// `src` and `dst` must be valid for `len` bytes and must not overlap.
+unsafe fn copy_to_device(src: *const u8, dst: *mut u8, len: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if (dst as usize).is_multiple_of(64) && len.is_multiple_of(64) {
+        use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm_sfence, _mm_stream_si128};
+        let mut at = 0;
+        while at < len {
+            // SAFETY: `at + 64 <= len`; `dst + at` is 16-byte aligned (dst
+            // is 64-byte aligned, `at` a multiple of 64); SSE2 is part of
+            // x86_64.
+            unsafe {
+                for k in (0..64).step_by(16) {
+                    let v = _mm_loadu_si128(src.add(at + k).cast::<__m128i>());
+                    _mm_stream_si128(dst.add(at + k).cast::<__m128i>(), v);
+                }
+            }
+            at += 64;
+        }
+        // The data is visible before whatever the caller stores next (the
+        // completion the guest reads).
+        // SAFETY: SSE is part of x86_64; a fence touches no memory.
+        unsafe { _mm_sfence() };
+        return;
+    }
+    // SAFETY: the caller's promise.
+    unsafe { std::ptr::copy_nonoverlapping(src, dst, len) };
+}
+
 fn total_len(segments: &[libc::iovec]) -> u64 {
     segments.iter().map(|s| s.iov_len as u64).sum()
 }
@@ -149,7 +184,9 @@ impl fmt::Debug for RamDevice {
 impl RamDevice {
     /// Maps and populates `capacity` bytes of anonymous memory: a ram
     /// device holds its memory from the start, so that first writes do not
-    /// pay page faults and running out of memory shows at startup.
+    /// pay page faults and running out of memory shows at startup. The
+    /// mapping asks for transparent huge pages first: random 4 KiB
+    /// requests over a large device then miss the TLB far less.
     pub fn new(name: &str, capacity: u64) -> io::Result<Self> {
         let len = usize::try_from(capacity)
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "ram size too large"))?;
@@ -165,13 +202,23 @@ impl RamDevice {
                 std::ptr::null_mut(),
                 len,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
                 -1,
                 0,
             )
         };
         if base == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
+        }
+        // SAFETY: advice on the mapping just made; an error (no THP in this
+        // kernel) only leaves small pages.
+        unsafe { libc::madvise(base, len, libc::MADV_HUGEPAGE) };
+        // SAFETY: populates the mapping just made, touching nothing else.
+        if unsafe { libc::madvise(base, len, libc::MADV_POPULATE_WRITE) } != 0 {
+            let e = io::Error::last_os_error();
+            // SAFETY: the mapping just made, unmapped once.
+            unsafe { libc::munmap(base, len) };
+            return Err(e);
         }
         Ok(RamDevice {
             name: name.to_owned(),
@@ -305,7 +352,7 @@ impl MemQueue {
                                 if req.op == IoOp::Read {
                                     std::ptr::copy_nonoverlapping(at, s.iov_base.cast(), s.iov_len);
                                 } else {
-                                    std::ptr::copy_nonoverlapping(s.iov_base.cast(), at, s.iov_len);
+                                    copy_to_device(s.iov_base.cast(), at, s.iov_len);
                                 }
                                 at = at.add(s.iov_len);
                             }
