@@ -525,6 +525,24 @@ mod tests {
     }
 
     #[test]
+    fn device_copies_match_for_every_alignment_and_length() {
+        let src: Vec<u8> = (0..8192u32).map(|i| (i * 7 + 3) as u8).collect();
+        // A 64-byte aligned destination area, and offsets off it.
+        let mut area = vec![0u8; 8192 + 128];
+        let base = area.as_ptr().align_offset(64);
+        for (off, len) in [(0, 4096), (0, 64), (0, 100), (8, 4096), (64, 512), (0, 0)] {
+            area.fill(0);
+            let dst = &mut area[base + off..base + off + len];
+            // SAFETY: `src` and `dst` are distinct buffers of at least
+            // `len` bytes.
+            unsafe { copy_to_device(src.as_ptr(), dst.as_mut_ptr(), len) };
+            assert_eq!(dst, &src[..len], "offset {off}, length {len}");
+            assert!(area[..base + off].iter().all(|&b| b == 0));
+            assert!(area[base + off + len..].iter().all(|&b| b == 0));
+        }
+    }
+
+    #[test]
     fn ram_round_trip_through_queue() {
         let dev = RamDevice::new("r", 1 << 20).unwrap();
         let mut q = dev.open_queue(4).unwrap();
