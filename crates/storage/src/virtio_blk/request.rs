@@ -57,6 +57,8 @@ pub struct Segment {
     pub addr: GuestAddress,
     /// Length in bytes.
     pub len: u32,
+    /// Device-writable (the device may write into it).
+    pub writable: bool,
 }
 
 /// A validated request. Its data segments are in the caller's scratch
@@ -142,15 +144,14 @@ where
         error,
     };
 
-    // Pass 1: collect descriptors, check order and count. Loops are cut by
-    // the chain iterator's TTL, and then fail the count or the layout.
-    let mut descs: [(GuestAddress, u32, bool); MAX_DESCRIPTORS] =
-        [(GuestAddress(0), 0, false); MAX_DESCRIPTORS];
-    let mut n = 0usize;
+    // Pass 1: collect descriptors (into the caller's scratch vector, which
+    // ends up holding the data segments), check order and count. Loops are
+    // cut by the chain iterator's TTL, and then fail the count or the
+    // layout.
     let mut seen_writable = false;
     let mut misordered = false;
     for d in chain {
-        if n == MAX_DESCRIPTORS {
+        if data.len() == MAX_DESCRIPTORS {
             return Err(refuse(None, RequestError::TooLong));
         }
         let w = d.is_write_only();
@@ -158,14 +159,21 @@ where
             misordered = true;
         }
         seen_writable |= w;
-        descs[n] = (d.addr(), d.len(), w);
-        n += 1;
+        data.push(Segment {
+            addr: d.addr(),
+            len: d.len(),
+            writable: w,
+        });
     }
-    let descs = &mut descs[..n];
+    let descs = &mut data[..];
 
     // Status byte: the last byte of the last descriptor, device-writable.
     let status = match descs.last() {
-        Some(&(addr, len, true)) if len > 0 => match addr.checked_add(u64::from(len) - 1) {
+        Some(&Segment {
+            addr,
+            len,
+            writable: true,
+        }) if len > 0 => match addr.checked_add(u64::from(len) - 1) {
             Some(s) if mem.check_range(s, 1, Permissions::Write) => s,
             _ => return Err(refuse(None, RequestError::NoStatus)),
         },
@@ -179,7 +187,7 @@ where
         ));
     }
     if let Some(last) = descs.last_mut() {
-        last.1 -= 1;
+        last.len -= 1;
     }
 
     // Header: the first 16 bytes of the readable descriptors, possibly
@@ -192,21 +200,21 @@ where
             first_data = i;
             break;
         }
-        if d.2 {
+        if d.writable {
             return Err(refuse(
                 status_some,
                 RequestError::Layout("header shorter than 16 bytes"),
             ));
         }
-        let take = (HEADER_BYTES - got).min(d.1);
+        let take = (HEADER_BYTES - got).min(d.len);
         let dst = &mut header[got as usize..(got + take) as usize];
-        if mem.read_slice(dst, d.0).is_err() {
+        if mem.read_slice(dst, d.addr).is_err() {
             return Err(refuse(status_some, RequestError::BadAddress));
         }
         got += take;
-        d.0 = d.0.unchecked_add(u64::from(take));
-        d.1 -= take;
-        first_data = if d.1 == 0 { i + 1 } else { i };
+        d.addr = d.addr.unchecked_add(u64::from(take));
+        d.len -= take;
+        first_data = if d.len == 0 { i + 1 } else { i };
     }
     if got < HEADER_BYTES {
         return Err(refuse(
@@ -217,26 +225,24 @@ where
     let req_type = u32::from_le_bytes(header[0..4].try_into().expect("4 bytes"));
     let sector = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
 
-    // Remaining bytes are data.
+    // Remaining bytes are data: keep only those segments.
+    data.drain(..first_data);
+    data.retain(|s| s.len > 0);
     let mut len = 0u64;
     let mut readable = false;
     let mut writable = false;
-    for &(addr, dlen, w) in descs[first_data..].iter() {
-        if dlen == 0 {
-            continue;
-        }
-        let perm = if w {
+    for s in data.iter() {
+        let perm = if s.writable {
             Permissions::Write
         } else {
             Permissions::Read
         };
-        if !mem.check_range(addr, dlen as usize, perm) {
+        if !mem.check_range(s.addr, s.len as usize, perm) {
             return Err(refuse(status_some, RequestError::BadAddress));
         }
-        readable |= !w;
-        writable |= w;
-        len += u64::from(dlen);
-        data.push(Segment { addr, len: dlen });
+        readable |= !s.writable;
+        writable |= s.writable;
+        len += u64::from(s.len);
     }
 
     let in_range = |offset: u64, bytes: u64| {
