@@ -182,6 +182,14 @@ impl Incoming {
             .to_str()
             .and_then(|s| s.parse().ok())
             .context("SOFTCARD_HANDOVER_FD is not a descriptor number")?;
+        // Only a socket is taken over: a stray variable naming another
+        // descriptor (or none) is refused, never closed or read.
+        // SAFETY: fstat(2) writes into a zeroed stat of ours.
+        let is_socket = unsafe {
+            let mut st: libc::stat = std::mem::zeroed();
+            libc::fstat(fd, &mut st) == 0 && st.st_mode & libc::S_IFMT == libc::S_IFSOCK
+        };
+        ensure!(is_socket, "{HANDOVER_ENV}={fd} is not an open socket");
         // SAFETY: the predecessor passed this descriptor, open and ours
         // alone, under this number; nothing else in the process uses it.
         let sock = unsafe { UnixStream::from_raw_fd(fd) };

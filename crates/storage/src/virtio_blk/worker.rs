@@ -292,10 +292,10 @@ pub(crate) struct QueueWorker {
     iov_pool: Vec<Vec<libc::iovec>>,
     /// Requests taken from the ring and not yet on the used ring.
     order: UsedOrder,
-    /// The time of the current round of the loop: requests started and
-    /// completed in one round share it, so that the latency counters cost
-    /// one clock read per round rather than two per request (their
-    /// resolution is a round, a few microseconds).
+    /// The time of the current step of the loop, read at the start of a
+    /// round and again before each reap: the latency counters cost a few
+    /// clock reads per round rather than two per request (their
+    /// resolution is a batch, a few microseconds).
     clock: Instant,
 }
 
@@ -435,6 +435,7 @@ impl QueueWorker {
             let mut used = self.reap(vring, &snapshot);
             used |= self.pop_all(vring, &snapshot, event_idx);
             self.dev.submit()?;
+            self.clock = Instant::now();
             used |= self.reap(vring, &snapshot);
             if used {
                 self.notify(vring, &snapshot, event_idx);
@@ -662,7 +663,9 @@ impl QueueWorker {
                 // and the finished ones back to the driver, so both start
                 // working while we parse the rest.
                 (batch, batch_bytes) = (0, 0);
-                if self.dev.submit().is_ok() && self.reap(vring, mem) {
+                let submitted = self.dev.submit().is_ok();
+                self.clock = Instant::now();
+                if submitted && self.reap(vring, mem) {
                     self.notify(vring, mem, event_idx);
                 }
             }
