@@ -51,10 +51,8 @@ pub struct VolatileCacheConfig {
     pub flush_acks_early: bool,
 }
 
-/// One cached sector.
-struct Dirty {
-    data: Box<[u8; SECTOR as usize]>,
-}
+/// One cached sector's bytes.
+type Dirty = Box<[u8; SECTOR as usize]>;
 
 struct Cache {
     sectors: HashMap<u64, Dirty>,
@@ -148,7 +146,7 @@ impl Shared {
                 let to = (s_start + SECTOR).min(end);
                 let (b, e) = ((from - offset) as usize, (to - offset) as usize);
                 let (sb, se) = ((from - s_start) as usize, (to - s_start) as usize);
-                buf[b..e].copy_from_slice(&d.data[sb..se]);
+                buf[b..e].copy_from_slice(&d[sb..se]);
             }
             sector += 1;
         }
@@ -173,11 +171,11 @@ impl Shared {
                     if to - from < SECTOR {
                         self.inner.read_exact_at(&mut data[..], s_start)?;
                     }
-                    v.insert(Dirty { data })
+                    v.insert(data)
                 }
             };
             let (b, e) = ((from - offset) as usize, (to - offset) as usize);
-            d.data[(from - s_start) as usize..(to - s_start) as usize].copy_from_slice(&buf[b..e]);
+            d[(from - s_start) as usize..(to - s_start) as usize].copy_from_slice(&buf[b..e]);
             sector += 1;
         }
         if cache.next().is_multiple_of(8) {
@@ -199,7 +197,7 @@ impl Shared {
         keys.sort_unstable();
         for s in keys {
             if let Some(d) = cache.sectors.get(&s) {
-                self.inner.write_all_at(&d.data[..], s * SECTOR)?;
+                self.inner.write_all_at(&d[..], s * SECTOR)?;
                 cache.sectors.remove(&s);
             }
         }

@@ -26,7 +26,8 @@ use vmm_sys_util::event::{
 
 use super::metrics::BlkMetrics;
 use super::request::{ID_BYTES, MAX_RANGES, SECTOR_BYTES};
-use super::worker::{Policy, QueueWorker, SharedThrottle, VolumeRange};
+use super::throttle::SharedThrottle;
+use super::worker::{Policy, QueueWorker, VolumeRange};
 use crate::crypto::Xts256;
 use crate::device::PhysicalDevice;
 use crate::qos::{DeviceShare, ShareSlot};

@@ -16,6 +16,7 @@
 mod device;
 pub mod metrics;
 pub mod request;
+mod throttle;
 mod used_order;
 mod worker;
 
@@ -33,7 +34,7 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
 use crate::qos::{QosError, QosLimits};
-pub(crate) use worker::SharedThrottle;
+pub(crate) use throttle::SharedThrottle;
 
 pub use device::{BlkBackend, BlkTarget, MAX_QUEUES, MAX_QUEUE_SIZE};
 pub use metrics::{BlkMetrics, BlkMetricsSnapshot};

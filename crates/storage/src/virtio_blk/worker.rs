@@ -5,8 +5,7 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use log::{debug, warn};
@@ -24,10 +23,11 @@ use vmm_sys_util::timerfd::TimerFd;
 
 use super::metrics::BlkMetrics;
 use super::request::{self, Refused, Request, RequestError, RequestKind, Segment, ID_BYTES};
+use super::throttle::SharedThrottle;
 use super::used_order::{Seq, UsedOrder};
 use crate::crypto::Xts256;
 use crate::device::{AlignedBuf, Crypt, DeviceQueue, IoCompletion, IoOp, IoRequest, MAX_SEGMENTS};
-use crate::qos::{DeviceShare, QosError, QosLimits, ShareSlot, Throttle};
+use crate::qos::{DeviceShare, QosLimits, ShareSlot};
 
 type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
 
@@ -145,66 +145,6 @@ fn push_iovecs(
         });
     }
     Ok(())
-}
-
-/// Throttling state shared by the queues of one interface.
-#[derive(Debug)]
-pub(crate) struct SharedThrottle {
-    epoch: Instant,
-    limited: AtomicBool,
-    buckets: Mutex<Throttle>,
-}
-
-impl SharedThrottle {
-    pub(crate) fn new(limits: QosLimits) -> Self {
-        let t = SharedThrottle {
-            epoch: Instant::now(),
-            limited: AtomicBool::new(false),
-            buckets: Mutex::new(Throttle::default()),
-        };
-        t.set(limits);
-        t
-    }
-
-    fn now_ns(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
-    }
-
-    /// Validates and applies an interface's new limits: the buckets (which
-    /// start full) and the volume's weight in its device share.
-    pub(crate) fn apply(&self, slot: &ShareSlot, qos: QosLimits) -> Result<(), QosError> {
-        qos.validate()?;
-        self.set(qos);
-        slot.set_weight(qos.weight.unwrap_or(1));
-        Ok(())
-    }
-
-    /// Replaces the limits; the new buckets start full.
-    pub(crate) fn set(&self, limits: QosLimits) {
-        let mut b = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
-        *b = Throttle::new(limits, self.now_ns());
-        self.limited.store(limits.is_limited(), Ordering::Release);
-    }
-
-    pub(crate) fn limits(&self) -> QosLimits {
-        self.buckets
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .limits()
-    }
-
-    /// Admits a request of `bytes` data bytes or says how many nanoseconds
-    /// to wait.
-    pub(crate) fn admit(&self, bytes: u64) -> Result<(), u64> {
-        if !self.limited.load(Ordering::Acquire) {
-            return Ok(());
-        }
-        let now = self.now_ns();
-        self.buckets
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .admit(bytes, now)
-    }
 }
 
 /// What an interface does to requests besides moving them: throttling,
