@@ -228,6 +228,35 @@ impl Initramfs {
     }
 }
 
+/// The QEMU arguments of a small guest booted on a kernel and an
+/// initramfs (tests and benchmarks): q35 under TCG, 512 MiB, one CPU, the
+/// console on the serial port (stdio), no reboot on panic, no default
+/// devices. Callers add their devices.
+pub fn guest_args(kernel: &Path, initrd: &Path) -> Vec<std::ffi::OsString> {
+    let mut a: Vec<std::ffi::OsString> = [
+        "-machine", "q35", "-accel", "tcg", "-m", "512", "-smp", "1", "-kernel",
+    ]
+    .iter()
+    .map(Into::into)
+    .collect();
+    a.push(kernel.into());
+    a.push("-initrd".into());
+    a.push(initrd.into());
+    for x in [
+        "-append",
+        "console=ttyS0 panic=-1 quiet loglevel=3",
+        "-display",
+        "none",
+        "-serial",
+        "stdio",
+        "-no-reboot",
+        "-nodefaults",
+    ] {
+        a.push(x.into());
+    }
+    a
+}
+
 /// Shell lines for `/init`: mount the pseudo filesystems and load every
 /// module added with [`Initramfs::modules`], in order.
 pub const INIT_PRELUDE: &str = r#"B=/bin/busybox

@@ -261,20 +261,8 @@ done
     let initrd = dir.join("initrd.cpio");
     std::fs::write(&initrd, i.finish()?)?;
     let mut qemu = Command::new("qemu-system-x86_64")
-        .args(["-machine", "q35", "-accel", "tcg", "-m", "512", "-smp", "1"])
-        .arg("-kernel")
-        .arg(&kernel)
-        .arg("-initrd")
-        .arg(&initrd)
+        .args(softcard_host::initramfs::guest_args(&kernel, &initrd))
         .args([
-            "-append",
-            "console=ttyS0 panic=-1 quiet loglevel=3",
-            "-display",
-            "none",
-            "-serial",
-            "stdio",
-            "-no-reboot",
-            "-nodefaults",
             "-object",
             "memory-backend-memfd,id=mem,size=512M,share=on",
             "-numa",

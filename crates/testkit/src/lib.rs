@@ -64,32 +64,10 @@ impl Initramfs {
     }
 }
 
-/// The QEMU arguments every test guest shares: q35 under TCG, 512 MiB, one
-/// CPU, the kernel and initramfs, the console on the serial port (stdio),
-/// no reboot on panic, no default devices. Tests add their devices.
+/// The QEMU arguments every test guest shares
+/// ([`softcard_host::initramfs::guest_args`]). Tests add their devices.
 pub fn guest_args(kernel: &Path, initrd: &Path) -> Vec<std::ffi::OsString> {
-    let mut a: Vec<std::ffi::OsString> = [
-        "-machine", "q35", "-accel", "tcg", "-m", "512", "-smp", "1", "-kernel",
-    ]
-    .iter()
-    .map(Into::into)
-    .collect();
-    a.push(kernel.into());
-    a.push("-initrd".into());
-    a.push(initrd.into());
-    for x in [
-        "-append",
-        "console=ttyS0 panic=-1 quiet loglevel=3",
-        "-display",
-        "none",
-        "-serial",
-        "stdio",
-        "-no-reboot",
-        "-nodefaults",
-    ] {
-        a.push(x.into());
-    }
-    a
+    softcard_host::initramfs::guest_args(kernel, initrd)
 }
 
 /// A network namespace for a test, removed on drop. Needs root and
