@@ -241,18 +241,7 @@ fn config(seed: u64, early: bool) -> String {
 /// Runs `trials` kill trials; returns what the checker saw.
 fn trials(seed: u64, early: bool, trials: usize) -> Tally {
     let mut d = Daemon::start(&config(seed, early));
-    let sock = d.path("v.sock");
-    d.ok(&[
-        "card", "volume", "create", "v", "--device", "nvme0", "--size", "16MiB",
-    ]);
-    d.ok(&[
-        "card",
-        "volume",
-        "attach",
-        "v",
-        "--vhost-user",
-        sock.to_str().unwrap(),
-    ]);
+    let sock = d.volume_on("v", "16MiB", "--vhost-user", "v.sock");
     let mut model = vec![Model::default(); BLOCKS];
     let mut tally = Tally::default();
     let mut rnd = rng(seed);

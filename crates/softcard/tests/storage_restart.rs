@@ -19,6 +19,9 @@ use std::time::Duration;
 use common::{file_bytes, Daemon};
 
 const MIB: usize = 1 << 20;
+/// A card with a record of attachments and one 64 MiB file device.
+const CARD: &str = "state_file = \"@DIR@/attachments.json\"\nrdma_socket = \"@DIR@/rdma.sock\"\n\
+     [[device]]\nname = \"nvme0\"\nkind = \"file\"\npath = \"@DIR@/disk.img\"\nsize = \"64MiB\"\n";
 const WRITES: usize = 60;
 
 fn pattern_byte(i: usize) -> u8 {
@@ -31,18 +34,7 @@ fn an_nbd_client_carries_on_across_crashes_and_restarts_of_the_card() {
         "state_file = \"@DIR@/state/attachments.json\"\nrdma_socket = \"@DIR@/rdma.sock\"\n\
          [[device]]\nname = \"nvme0\"\nkind = \"file\"\npath = \"@DIR@/disk.img\"\nsize = \"128MiB\"\n",
     );
-    let sock = d.path("v.nbd");
-    d.ok(&[
-        "card", "volume", "create", "v", "--device", "nvme0", "--size", "64MiB",
-    ]);
-    d.ok(&[
-        "card",
-        "volume",
-        "attach",
-        "v",
-        "--nbd",
-        sock.to_str().unwrap(),
-    ]);
+    let sock = d.volume_on("v", "64MiB", "--nbd", "v.nbd");
     let offset = d.offset_of("v");
 
     // One write, a flush and a pause per MiB: about 6 s in all.
@@ -124,22 +116,8 @@ fn an_nbd_client_carries_on_across_crashes_and_restarts_of_the_card() {
 
 #[test]
 fn an_attachment_that_cannot_be_restored_stays_on_record_until_detached() {
-    let mut d = Daemon::start(
-        "state_file = \"@DIR@/attachments.json\"\nrdma_socket = \"@DIR@/rdma.sock\"\n\
-         [[device]]\nname = \"nvme0\"\nkind = \"file\"\npath = \"@DIR@/disk.img\"\nsize = \"64MiB\"\n",
-    );
-    let sock = d.path("v.nbd");
-    d.ok(&[
-        "card", "volume", "create", "v", "--device", "nvme0", "--size", "8MiB",
-    ]);
-    d.ok(&[
-        "card",
-        "volume",
-        "attach",
-        "v",
-        "--nbd",
-        sock.to_str().unwrap(),
-    ]);
+    let mut d = Daemon::start(CARD);
+    d.volume_on("v", "8MiB", "--nbd", "v.nbd");
     let state = d.path("attachments.json");
     assert!(std::fs::read_to_string(&state).unwrap().contains("v.nbd"));
     // The device goes away while the card is down.
@@ -169,22 +147,8 @@ fn an_attachment_that_cannot_be_restored_stays_on_record_until_detached() {
 
 #[test]
 fn an_upgrade_the_new_binary_cannot_take_leaves_the_running_card_serving() {
-    let mut d = Daemon::start(
-        "state_file = \"@DIR@/attachments.json\"\nrdma_socket = \"@DIR@/rdma.sock\"\n\
-         [[device]]\nname = \"nvme0\"\nkind = \"file\"\npath = \"@DIR@/disk.img\"\nsize = \"64MiB\"\n",
-    );
-    let sock = d.path("v.sock");
-    d.ok(&[
-        "card", "volume", "create", "v", "--device", "nvme0", "--size", "8MiB",
-    ]);
-    d.ok(&[
-        "card",
-        "volume",
-        "attach",
-        "v",
-        "--vhost-user",
-        sock.to_str().unwrap(),
-    ]);
+    let mut d = Daemon::start(CARD);
+    let sock = d.volume_on("v", "8MiB", "--vhost-user", "v.sock");
     let pid = d.pid();
     let mut c = common::Client::connect(&sock, 1).unwrap();
     assert_eq!(c.write(0, 0, &[5u8; 4096]), 0);
@@ -217,10 +181,7 @@ fn an_upgrade_the_new_binary_cannot_take_leaves_the_running_card_serving() {
 
 #[test]
 fn an_attachment_that_connects_waits_for_its_frontend_and_detaches_at_once() {
-    let mut d = Daemon::start(
-        "state_file = \"@DIR@/attachments.json\"\nrdma_socket = \"@DIR@/rdma.sock\"\n\
-         [[device]]\nname = \"nvme0\"\nkind = \"file\"\npath = \"@DIR@/disk.img\"\nsize = \"64MiB\"\n",
-    );
+    let mut d = Daemon::start(CARD);
     d.ok(&[
         "card", "volume", "create", "v", "--device", "nvme0", "--size", "8MiB",
     ]);

@@ -202,6 +202,25 @@ impl Daemon {
         serde_json::from_str(&self.ok(&["card", "volume", "list", "--json"])).unwrap()
     }
 
+    /// Creates volume `name` of `size` on device `nvme0` and attaches it
+    /// with `flag` (`--vhost-user`, `--vhost-user-connect`, `--nbd`) on
+    /// the socket `socket` in the daemon's directory; returns its path.
+    pub fn volume_on(&self, name: &str, size: &str, flag: &str, socket: &str) -> PathBuf {
+        let sock = self.path(socket);
+        self.ok(&[
+            "card", "volume", "create", name, "--device", "nvme0", "--size", size,
+        ]);
+        self.ok(&[
+            "card",
+            "volume",
+            "attach",
+            name,
+            flag,
+            sock.to_str().unwrap(),
+        ]);
+        sock
+    }
+
     /// Offset of a volume on its device.
     pub fn offset_of(&self, name: &str) -> u64 {
         let v: serde_json::Value =
