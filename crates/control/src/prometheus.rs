@@ -132,6 +132,21 @@ fn families(o: &mut Out, scope: &str, rows: &[(String, &BlkMetricsSnapshot)]) {
             "Polling rounds that found neither a request nor a completion.",
             |m| m.idle_polls,
         ),
+        (
+            "inflight_regions_total",
+            "Inflight regions a frontend set up (to survive card restarts).",
+            |m| m.inflight_regions,
+        ),
+        (
+            "inflight_refused_total",
+            "Inflight regions, or queues starting on one, refused as malformed.",
+            |m| m.inflight_refused,
+        ),
+        (
+            "resubmitted_requests_total",
+            "Requests an earlier card process left in flight, taken again.",
+            |m| m.resubmitted_requests,
+        ),
     ] {
         o.head(&n(name), "counter", help);
         for (l, m) in rows {

@@ -187,19 +187,24 @@ fn run(server: bool, events_each: usize, write_seconds: u32) {
     }
     eprintln!("{acks} flushed records acknowledged to the guest");
     assert!(acks > 100, "the writers barely ran:\n{console}");
+    let v = d.volumes();
+    let a = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "a")
+        .unwrap();
     if server {
-        let v = d.volumes();
-        let a = v
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|v| v["name"] == "a")
-            .unwrap();
         assert_eq!(
             a["attachment"]["interface"], "vhost-user-blk-connect",
             "{a}"
         );
     }
+    // QEMU kept the inflight region across every card and handed it to
+    // the one serving now; no region was refused.
+    let m = &a["attachment"]["metrics"];
+    assert_eq!(m["inflight_regions"], 1, "{a}");
+    assert_eq!(m["inflight_refused"], 0, "{a}");
 
     let off_a = d.offset_of("a");
     let off_b = d.offset_of("b");

@@ -4,6 +4,7 @@
 
 pub mod guest;
 pub mod net;
+pub mod raw_frontend;
 pub mod screen;
 
 use std::io::Write;

@@ -1,6 +1,7 @@
 //! The vhost-user-blk backend: features, config space and the glue from
-//! vhost-user-backend's epoll threads to the queue workers (one thread and
-//! one worker per virtqueue).
+//! the queue threads ([`super::event_loop`]) to the queue workers (one
+//! thread and one worker per virtqueue). It implements vhost-user-backend's
+//! `VhostUserBackend` trait, which [`super::handler`] drives.
 
 use std::io;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -18,11 +19,10 @@ use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::bindings::virtio_ring::{
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{
-    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
-};
+
+use super::inflight::{InflightError, InflightQueue, Restored};
 
 use super::metrics::BlkMetrics;
 use super::request::{ID_BYTES, MAX_RANGES, SECTOR_BYTES};
@@ -82,12 +82,12 @@ struct Inner {
     /// requests.
     quiesced: AtomicBool,
     event_idx: AtomicBool,
-    exits: Vec<(EventConsumer, EventNotifier)>,
     metrics: Arc<BlkMetrics>,
     failed: AtomicBool,
 }
 
-/// The backend handed to `VhostUserDaemon`; cheap to clone.
+/// The backend of one connection, shared by its message handler and its
+/// queue threads; cheap to clone.
 #[derive(Clone)]
 pub struct BlkBackend {
     inner: Arc<Inner>,
@@ -102,7 +102,7 @@ impl std::fmt::Debug for BlkBackend {
 }
 
 /// Event id of a worker's device completions (ids up to `num_queues` are
-/// the library's).
+/// the event loop's: the kick, and the exit).
 pub(crate) fn completion_event(num_queues: u16) -> u64 {
     u64::from(num_queues) + 1
 }
@@ -156,7 +156,6 @@ impl BlkBackend {
             size: target.size,
         };
         let mut workers = Vec::with_capacity(usize::from(num_queues));
-        let mut exits = Vec::with_capacity(usize::from(num_queues));
         for _ in 0..num_queues {
             let dq = target.device.open_queue(MAX_QUEUE_SIZE)?;
             workers.push(Mutex::new(QueueWorker::new(
@@ -172,7 +171,6 @@ impl BlkBackend {
                     share_slot: target.share_slot.clone(),
                 },
             )?));
-            exits.push(new_event_consumer_and_notifier(EventFlag::NONBLOCK)?);
         }
         Ok(BlkBackend {
             inner: Arc::new(Inner {
@@ -184,7 +182,6 @@ impl BlkBackend {
                 workers,
                 quiesced: AtomicBool::new(false),
                 event_idx: AtomicBool::new(false),
-                exits,
                 metrics,
                 failed: AtomicBool::new(false),
             }),
@@ -228,10 +225,37 @@ impl BlkBackend {
         }
     }
 
-    /// Tells every epoll thread to exit.
-    pub(crate) fn signal_exit(&self) {
-        for (_, n) in &self.inner.exits {
-            let _ = n.notify();
+    /// Before queue `i` starts: hands its worker its part of the inflight
+    /// region (if the frontend set one up) after restoring what a previous
+    /// process left there onto the ring.
+    pub(crate) fn start_queue(
+        &self,
+        i: usize,
+        vring: &VringMutex<Mem>,
+        inflight: Option<InflightQueue>,
+    ) -> Result<Restored, InflightError> {
+        let Some(slot) = self.inner.workers.get(i) else {
+            return Ok(Restored { resubmit: 0 });
+        };
+        if let Some(v) = self.inner.vrings.get(i) {
+            v.get_or_init(|| vring.clone());
+        }
+        // Worker, then vring: the order handle_event takes them in.
+        let mut w = slot.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(mut q) = inflight else {
+            w.set_inflight(None);
+            return Ok(Restored { resubmit: 0 });
+        };
+        let mem = self.inner.mem.memory();
+        let restored = q.restore(vring.get_mut().get_queue_mut(), &*mem)?;
+        w.set_inflight(Some(q));
+        Ok(restored)
+    }
+
+    /// Makes queue `i`'s thread look at its ring.
+    pub(crate) fn wake(&self, i: usize) {
+        if i < self.inner.workers.len() {
+            self.worker(i).wake();
         }
     }
 
@@ -283,6 +307,7 @@ impl VhostUserBackend for BlkBackend {
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
     }
 
     fn set_event_idx(&self, enabled: bool) {
@@ -307,11 +332,6 @@ impl VhostUserBackend for BlkBackend {
 
     fn queues_per_thread(&self) -> Vec<u64> {
         (0..self.inner.num_queues).map(|i| 1u64 << i).collect()
-    }
-
-    fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        let (c, n) = self.inner.exits.get(thread_index)?;
-        Some((c.try_clone().ok()?, n.try_clone().ok()?))
     }
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {

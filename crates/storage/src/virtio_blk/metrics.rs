@@ -132,6 +132,14 @@ pub struct BlkMetrics {
     pub polls: AtomicU64,
     /// Rounds that found neither a new request nor a completion.
     pub idle_polls: AtomicU64,
+    /// Inflight regions the frontend set up (`GET_INFLIGHT_FD`, or
+    /// `SET_INFLIGHT_FD` of a region it kept from an earlier card).
+    pub inflight_regions: AtomicU64,
+    /// Inflight regions, or queues starting on one, refused as malformed.
+    pub inflight_refused: AtomicU64,
+    /// Requests an earlier card process took and never answered, taken
+    /// again from the inflight region.
+    pub resubmitted_requests: AtomicU64,
     /// Latency from pop to completion, reads.
     pub read_latency: Histogram,
     /// Latency, writes.
@@ -163,6 +171,9 @@ pub struct BlkMetricsSnapshot {
     pub wakeups: u64,
     pub polls: u64,
     pub idle_polls: u64,
+    pub inflight_regions: u64,
+    pub inflight_refused: u64,
+    pub resubmitted_requests: u64,
     pub read_latency: HistogramSnapshot,
     pub write_latency: HistogramSnapshot,
     pub flush_latency: HistogramSnapshot,
@@ -189,6 +200,9 @@ impl BlkMetricsSnapshot {
         self.wakeups += o.wakeups;
         self.polls += o.polls;
         self.idle_polls += o.idle_polls;
+        self.inflight_regions += o.inflight_regions;
+        self.inflight_refused += o.inflight_refused;
+        self.resubmitted_requests += o.resubmitted_requests;
         self.read_latency.add(&o.read_latency);
         self.write_latency.add(&o.write_latency);
         self.flush_latency.add(&o.flush_latency);
@@ -228,6 +242,9 @@ impl BlkMetrics {
             wakeups: g(&self.wakeups),
             polls: g(&self.polls),
             idle_polls: g(&self.idle_polls),
+            inflight_regions: g(&self.inflight_regions),
+            inflight_refused: g(&self.inflight_refused),
+            resubmitted_requests: g(&self.resubmitted_requests),
             read_latency: self.read_latency.snapshot(),
             write_latency: self.write_latency.snapshot(),
             flush_latency: self.flush_latency.snapshot(),

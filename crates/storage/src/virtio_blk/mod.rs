@@ -8,12 +8,20 @@
 //! again, so a VM can reconnect. The listening socket may come from the
 //! card process this one replaced, and can be handed on to the next.
 //!
+//! Each connection has its own message handler (`handler.rs`) and one epoll
+//! thread per queue (`event_loop.rs`). A frontend that sets up an inflight
+//! region (`inflight.rs`) lets a card that replaced a crashed one take again
+//! exactly the requests the dead one left unanswered.
+//!
 //! Or the other way round ([`Source::Connect`]): the frontend listens
 //! (QEMU's `server=on` chardev) and the card connects to it, again after
 //! every disconnect. A frontend that listens takes the next card at once,
 //! with no reconnect timer of its own to wait for.
 
 mod device;
+mod event_loop;
+mod handler;
+mod inflight;
 pub mod metrics;
 pub mod request;
 mod throttle;
@@ -21,6 +29,8 @@ mod used_order;
 mod worker;
 
 use std::io;
+use std::net::Shutdown;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -28,10 +38,10 @@ use std::thread::JoinHandle;
 
 use log::{info, warn};
 use serde::Serialize;
-use vhost::vhost_user::Listener;
-use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
+use vhost::vhost_user::{BackendReqHandler, Error as VhostUserError, Listener};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
-use vmm_sys_util::epoll::EventSet;
+
+use handler::BlkHandler;
 
 use crate::qos::{QosError, QosLimits};
 pub(crate) use throttle::SharedThrottle;
@@ -80,7 +90,8 @@ struct Shared {
     /// Wakes the thread waiting for a frontend.
     wake: crate::listen::Wake,
     state: Mutex<InterfaceState>,
-    shutdown: Mutex<Option<ShutdownHandle>>,
+    /// A duplicate of the frontend connection, to shut it down.
+    shutdown: Mutex<Option<UnixStream>>,
     /// The connected frontend's backend, to quiesce before the connection
     /// closes.
     backend: Mutex<Option<BlkBackend>>,
@@ -280,7 +291,8 @@ impl Attachment {
             .shutdown
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .clone();
+            .as_ref()
+            .and_then(|c| c.try_clone().ok());
         match handle {
             Some(h) => {
                 // Before the connection closes: what the queues took
@@ -297,7 +309,7 @@ impl Attachment {
                 if let Some(b) = backend {
                     b.quiesce();
                 }
-                h.shutdown();
+                let _ = h.shutdown(Shutdown::Both);
             }
             // Waiting for a frontend: its own event wakes it (the
             // socket itself may be shared with a successor).
@@ -346,13 +358,15 @@ fn serve(
 ) {
     while !shared.stop.load(Ordering::SeqCst) {
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let backend = match BlkBackend::new(
+        let started = BlkBackend::new(
             target,
             queues,
             mem.clone(),
             metrics.clone(),
             throttle.clone(),
-        ) {
+        )
+        .and_then(|b| Ok((b.clone(), BlkHandler::new(name, b, mem)?)));
+        let (backend, handler) = match started {
             Ok(b) => b,
             Err(e) => {
                 warn!("{name}: cannot open device queues: {e}");
@@ -361,105 +375,111 @@ fn serve(
                 continue;
             }
         };
-        let mut daemon = match VhostUserDaemon::new(name.to_owned(), backend.clone(), mem) {
-            Ok(d) => d,
-            Err(e) => {
-                warn!("{name}: {e}");
-                set_state(shared, InterfaceState::Failed);
-                std::thread::sleep(std::time::Duration::from_millis(500));
-                continue;
-            }
-        };
-        for (i, h) in daemon.get_epoll_handlers().iter().enumerate() {
+        for i in 0..usize::from(queues) {
+            let ev = handler.event_loop(i);
+            let mut fds = vec![
+                (
+                    backend.timer_fd(i),
+                    device::timer_event(queues),
+                    "throttle timer",
+                ),
+                (
+                    backend.resume_fd(i),
+                    device::resume_event(queues),
+                    "resume event",
+                ),
+            ];
             if let Some(fd) = backend.completion_fd(i) {
-                if let Err(e) =
-                    h.register_listener(fd, EventSet::IN, device::completion_event(queues))
-                {
-                    warn!("{name}: cannot watch completions of queue {i}: {e}");
+                fds.push((fd, device::completion_event(queues), "completions"));
+            }
+            for (fd, id, what) in fds {
+                if let Err(e) = ev.add(fd, id) {
+                    warn!("{name}: cannot watch the {what} of queue {i}: {e}");
                 }
-            }
-            let fd = backend.timer_fd(i);
-            if let Err(e) = h.register_listener(fd, EventSet::IN, device::timer_event(queues)) {
-                warn!("{name}: cannot watch the throttle timer of queue {i}: {e}");
-            }
-            let fd = backend.resume_fd(i);
-            if let Err(e) = h.register_listener(fd, EventSet::IN, device::resume_event(queues)) {
-                warn!("{name}: cannot watch the resume event of queue {i}: {e}");
             }
         }
         if !shared.failed.load(Ordering::Relaxed) {
             set_state(shared, InterfaceState::Listening);
         }
-        let started = match &mut from {
+        let conn = match &mut from {
             From::Listener(l) => {
                 if !shared.wake.wait_for_client(&**l) {
-                    backend.signal_exit();
                     break;
                 }
-                daemon.start(l)
+                match l.accept() {
+                    Ok(Some(c)) => Ok(c),
+                    Ok(None) => continue,
+                    Err(e) => Err(io::Error::other(e.to_string())),
+                }
             }
-            From::Frontend(path) => match connect(&mut daemon, path, shared) {
+            From::Frontend(path) => match connect(path, shared) {
                 Some(r) => r,
-                None => {
-                    backend.signal_exit();
-                    break;
-                }
+                None => break,
             },
         };
-        if let Err(e) = started {
-            if !shared.stop.load(Ordering::SeqCst) {
-                warn!("{name}: accepting a frontend failed: {e}");
+        let conn = match conn.and_then(|c| Ok((c.try_clone()?, c))) {
+            Ok(c) => c,
+            Err(e) => {
+                if !shared.stop.load(Ordering::SeqCst) {
+                    warn!("{name}: accepting a frontend failed: {e}");
+                }
+                continue;
             }
-            backend.signal_exit();
-            continue;
-        }
-        *shared.shutdown.lock().unwrap_or_else(|e| e.into_inner()) = daemon.shutdown_handle();
+        };
+        *shared.shutdown.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn.0);
         *shared.backend.lock().unwrap_or_else(|e| e.into_inner()) = Some(backend.clone());
         if shared.stop.load(Ordering::SeqCst) {
-            daemon.request_shutdown();
+            let _ = conn.1.shutdown(Shutdown::Both);
         } else {
             set_state(shared, InterfaceState::Connected);
         }
-        let result = daemon.wait();
+        let mut requests = BackendReqHandler::from_stream(conn.1, Arc::new(Mutex::new(handler)));
+        let result = loop {
+            if let Err(e) = requests.handle_request() {
+                break e;
+            }
+        };
         *shared.shutdown.lock().unwrap_or_else(|e| e.into_inner()) = None;
         *shared.backend.lock().unwrap_or_else(|e| e.into_inner()) = None;
         backend.drain();
-        backend.signal_exit();
+        // The handler goes with the connection; its threads stop.
+        drop(requests);
         if backend.failed() {
             shared.failed.store(true, Ordering::Relaxed);
             set_state(shared, InterfaceState::Failed);
         }
         match result {
-            Ok(())
-            | Err(vhost_user_backend::Error::HandleRequest(
-                vhost::vhost_user::Error::Disconnected,
-            )) => info!("{name}: frontend disconnected"),
-            Err(e) if !shared.stop.load(Ordering::SeqCst) => warn!("{name}: connection ended: {e}"),
-            Err(_) => {}
+            VhostUserError::Disconnected
+            | VhostUserError::PartialMessage
+            | VhostUserError::SocketBroken(_) => info!("{name}: frontend disconnected"),
+            e if !shared.stop.load(Ordering::SeqCst) => warn!("{name}: connection ended: {e}"),
+            _ => {}
         }
-        drop(daemon);
     }
 }
 
 /// Connects to the frontend listening at `path`, retrying with a growing
 /// pause while it is not there. None when the interface stops first.
-fn connect(
-    daemon: &mut VhostUserDaemon<BlkBackend>,
-    path: &Path,
-    shared: &Shared,
-) -> Option<vhost_user_backend::Result<()>> {
-    let path = path.to_str()?;
+fn connect(path: &Path, shared: &Shared) -> Option<io::Result<UnixStream>> {
     let mut pause = std::time::Duration::from_millis(1);
     let mut told = false;
     loop {
         if shared.stop.load(Ordering::SeqCst) {
             return None;
         }
-        match daemon.start_client(path) {
-            Ok(()) => return Some(Ok(())),
-            Err(vhost_user_backend::Error::CreateBackendReqHandler(e)) => {
+        match UnixStream::connect(path) {
+            Ok(c) => return Some(Ok(c)),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+                ) =>
+            {
                 if !told {
-                    info!("{path}: waiting for the frontend to listen ({e})");
+                    info!(
+                        "{}: waiting for the frontend to listen ({e})",
+                        path.display()
+                    );
                     told = true;
                 }
             }

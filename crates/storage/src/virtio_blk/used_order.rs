@@ -13,8 +13,18 @@
 //!
 //! Devices that complete in order (memory, most single-queue files) never
 //! hold anything back.
+//!
+//! A frontend with an inflight region ([`super::inflight`]) also tells the
+//! next process which requests were taken; in this order they are always
+//! the ones just after the used index, which the next process checks.
 
 use std::collections::VecDeque;
+
+use vhost_user_backend::VringState;
+use virtio_queue::QueueT;
+
+use super::device::Mem;
+use super::inflight::InflightQueue;
 
 /// Place of a request in the order it was taken from the ring.
 pub(crate) type Seq = u64;
@@ -66,6 +76,36 @@ impl UsedOrder {
             any = true;
         }
         any
+    }
+
+    /// [`UsedOrder::answer`] onto `vring`'s used ring, recording each
+    /// entry in the frontend's inflight `region` around it.
+    pub(crate) fn publish(
+        &mut self,
+        vring: &mut VringState<Mem>,
+        region: Option<&InflightQueue>,
+        seq: Seq,
+        head: u16,
+        len: u32,
+    ) -> Result<(), virtio_queue::Error> {
+        let mut error = None;
+        self.answer(seq, head, len, |head, len| {
+            if error.is_some() {
+                return;
+            }
+            if let Some(r) = region {
+                r.publishing(head);
+            }
+            match vring.add_used(head, len) {
+                Ok(()) => {
+                    if let Some(r) = region {
+                        r.published(head, vring.get_queue().next_used());
+                    }
+                }
+                Err(e) => error = Some(e),
+            }
+        });
+        error.map_or(Ok(()), Err)
     }
 
     /// Requests taken and not yet published.

@@ -21,6 +21,7 @@ use vm_memory::{
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
+use super::inflight::InflightQueue;
 use super::metrics::BlkMetrics;
 use super::request::{self, Refused, Request, RequestError, RequestKind, Segment, ID_BYTES};
 use super::throttle::SharedThrottle;
@@ -232,6 +233,8 @@ pub(crate) struct QueueWorker {
     iov_pool: Vec<Vec<libc::iovec>>,
     /// Requests taken from the ring and not yet on the used ring.
     order: UsedOrder,
+    /// This queue's part of the frontend's inflight region, if it set one.
+    region: Option<InflightQueue>,
     /// The time of the current step of the loop, read at the start of a
     /// round and again before each reap: the latency counters cost a few
     /// clock reads per round rather than two per request (their
@@ -281,12 +284,25 @@ impl QueueWorker {
             bounce_pool: Vec::new(),
             iov_pool: Vec::new(),
             order: UsedOrder::default(),
+            region: None,
             clock: Instant::now(),
         })
     }
 
     pub(crate) fn completion_fd(&self) -> Option<std::os::fd::RawFd> {
         self.dev.completion_fd()
+    }
+
+    /// Records taken requests in `region` from now on.
+    pub(crate) fn set_inflight(&mut self, region: Option<InflightQueue>) {
+        self.region = region;
+    }
+
+    /// Makes the queue's thread look at the ring.
+    pub(crate) fn wake(&self) {
+        if let Err(e) = self.resume.write(1) {
+            warn!("resume event: {e}");
+        }
     }
 
     /// Event the worker signals itself to continue after yielding.
@@ -563,6 +579,9 @@ impl QueueWorker {
                 break;
             };
             let seq = self.order.take();
+            if let Some(r) = &mut self.region {
+                r.taken(chain.head_index());
+            }
             let parsed = request::parse(chain, mem.as_ref(), self.range.size, &mut self.segments);
             match parsed {
                 Ok(req) => {
@@ -655,17 +674,10 @@ impl QueueWorker {
     }
 
     /// Puts an answered request on the used ring, after every request
-    /// taken before it ([`UsedOrder`]).
+    /// taken before it ([`UsedOrder`]), and in the inflight region.
     fn publish(&mut self, vring: &mut VringState<Mem>, seq: Seq, head: u16, len: u32) {
-        let mut error = None;
-        self.order.answer(seq, head, len, |head, len| {
-            if error.is_none() {
-                if let Err(e) = vring.add_used(head, len) {
-                    error = Some(e);
-                }
-            }
-        });
-        if let Some(e) = error {
+        let region = self.region.as_ref();
+        if let Err(e) = self.order.publish(vring, region, seq, head, len) {
             self.mark_broken(&format!("add_used: {e}"));
         }
     }
