@@ -339,7 +339,7 @@ const BACKINGS: [(&str, &str); 5] = [
     ),
     (
         "tmpfs-file",
-        "softcard file on tmpfs vs qsd file on tmpfs (aio=io_uring)",
+        "softcard file device on tmpfs (copied in the queue's thread) vs qsd file on tmpfs (aio=io_uring)",
     ),
 ];
 

@@ -6,7 +6,8 @@
 //! coherent: a direct read writes back dirty cached pages of its range
 //! first, and a direct write invalidates them. Where the filesystem refuses
 //! `O_DIRECT` (tmpfs on older kernels), every request goes buffered and a
-//! flush is an `fdatasync`, which is what makes it durable.
+//! flush is an `fdatasync`, which is what makes it durable. On tmpfs and
+//! ramfs the queues copy in their own thread instead ([`super::memfs`]).
 
 use std::fmt;
 use std::fs::{File, OpenOptions};
@@ -37,6 +38,9 @@ pub struct FileDevice {
     buffered: Arc<File>,
     /// Direct-I/O alignment in bytes (offset, length and memory).
     align: usize,
+    /// On tmpfs or ramfs: requests are copies done in the queue's thread
+    /// ([`super::memfs`]).
+    in_memory: bool,
 }
 
 impl FileDevice {
@@ -139,8 +143,10 @@ impl FileDevice {
                 io_err("lock", e)
             }
         })?;
+        let in_memory = kind == DeviceKind::File && super::memfs::on_memory_fs(&buffered);
         Ok(FileDevice {
             name: name.to_owned(),
+            in_memory,
             kind,
             path: path.display().to_string(),
             capacity,
@@ -227,6 +233,12 @@ impl PhysicalDevice for FileDevice {
         self.capacity
     }
     fn describe(&self) -> String {
+        if self.in_memory {
+            return format!(
+                "{}: memory filesystem, copied in the queue's thread",
+                self.path
+            );
+        }
         match self.direct {
             Some(_) => format!(
                 "{}: io_uring, O_DIRECT (alignment {} B)",
@@ -260,6 +272,12 @@ impl PhysicalDevice for FileDevice {
         self.buffered.sync_data()
     }
     fn open_queue(&self, depth: u16) -> io::Result<Box<dyn DeviceQueue>> {
+        if self.in_memory {
+            return Ok(Box::new(super::memfs::InlineQueue::new(
+                self.buffered.clone(),
+                depth,
+            )));
+        }
         Ok(Box::new(FileQueue::new(self, depth)?))
     }
 }

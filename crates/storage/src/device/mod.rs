@@ -10,6 +10,7 @@
 mod aligned;
 mod file;
 mod mem;
+mod memfs;
 mod volatile;
 
 use std::fmt;
