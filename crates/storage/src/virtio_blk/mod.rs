@@ -22,6 +22,7 @@ mod device;
 mod event_loop;
 mod handler;
 mod inflight;
+mod iovec;
 pub mod metrics;
 pub mod request;
 mod throttle;

@@ -14,14 +14,12 @@ use virtio_bindings::bindings::virtio_blk::{
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_WRITE_ZEROES,
 };
 use virtio_queue::QueueT;
-use vm_memory::{
-    Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend,
-    GuestMemoryMmap, GuestMemoryRegion,
-};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::inflight::InflightQueue;
+use super::iovec::{copy_iov, push_iovecs, sector_aligned};
 use super::metrics::BlkMetrics;
 use super::request::{self, Refused, Request, RequestError, RequestKind, Segment, ID_BYTES};
 use super::throttle::SharedThrottle;
@@ -34,8 +32,16 @@ type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
 
 /// How long a queue keeps polling its ring after the last activity.
 const POLL_WINDOW: Duration = Duration::from_micros(50);
-/// Requests popped between two submissions to the device within one run.
+/// Requests popped between two submissions to the device within one run,
+/// for devices that complete asynchronously (io_uring: one system call per
+/// batch).
 const SUBMIT_BATCH: usize = 8;
+/// The same for devices that complete in `push` (memory): answers go out
+/// every few requests, so that the driver finds them while it still looks
+/// rather than going to sleep; 1 costs a notification per request, 8 and
+/// more leave the driver waiting (`softcard bench storage`, ram and null:
+/// 4 gave the most I/Os per second).
+const SYNC_BATCH: usize = 4;
 /// Data bytes popped between two submissions within one run.
 const SUBMIT_BATCH_BYTES: u64 = 128 << 10;
 /// Longest stretch one call stays in the loop before going back to epoll.
@@ -67,85 +73,11 @@ struct Bounce {
     first_sector: u64,
 }
 
-/// Whether every buffer holds whole sectors (so each can be encrypted or
-/// decrypted on its own).
-fn sector_aligned(iov: &[libc::iovec]) -> bool {
-    iov.iter().all(|v| v.iov_len.is_multiple_of(512))
-}
-
 /// Bounce buffers kept for reuse are at most this large.
 const BOUNCE_KEEP_BYTES: usize = 1 << 20;
 
-/// Copies between guest buffers and a contiguous host buffer.
-///
-/// # Safety
-///
-/// Every iovec must point to `iov_len` bytes of mapped guest memory that
-/// stays mapped for the call, and `host` must not overlap them.
-unsafe fn copy_iov(guest: &[libc::iovec], host: &mut [u8], to_host: bool) {
-    let mut at = 0usize;
-    for v in guest {
-        let n = v.iov_len.min(host.len() - at);
-        // SAFETY: per the contract above; `at + n <= host.len()`. Guest
-        // memory is only ever copied as bytes, never referenced.
-        unsafe {
-            if to_host {
-                std::ptr::copy_nonoverlapping(
-                    v.iov_base.cast::<u8>(),
-                    host.as_mut_ptr().add(at),
-                    n,
-                );
-            } else {
-                std::ptr::copy_nonoverlapping(host.as_ptr().add(at), v.iov_base.cast::<u8>(), n);
-            }
-        }
-        at += n;
-    }
-}
-
 fn nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
-}
-
-/// Appends the host iovecs of one guest segment: one when the segment lies
-/// in a single memory region (the common case, without building slice
-/// iterators), several when it spans regions.
-fn push_iovecs(
-    iov: &mut Vec<libc::iovec>,
-    mem: &GuestMemoryMmap,
-    s: Segment,
-) -> Result<(), RequestError> {
-    let len = s.len as usize;
-    if let Some((region, at)) = GuestMemoryBackend::to_region_addr(mem, s.addr) {
-        let fits = at
-            .raw_value()
-            .checked_add(u64::from(s.len))
-            .is_some_and(|end| end <= region.len());
-        if fits {
-            let host = region
-                .get_host_address(at)
-                .map_err(|_| RequestError::BadAddress)?;
-            if iov.len() == MAX_SEGMENTS {
-                return Err(RequestError::TooLong);
-            }
-            iov.push(libc::iovec {
-                iov_base: host.cast(),
-                iov_len: len,
-            });
-            return Ok(());
-        }
-    }
-    for slice in GuestMemoryBackend::get_slices(mem, s.addr, len) {
-        let slice = slice.map_err(|_| RequestError::BadAddress)?;
-        if iov.len() == MAX_SEGMENTS {
-            return Err(RequestError::TooLong);
-        }
-        iov.push(libc::iovec {
-            iov_base: slice.ptr_guard_mut().as_ptr().cast(),
-            iov_len: slice.len(),
-        });
-    }
-    Ok(())
 }
 
 /// What an interface does to requests besides moving them: throttling,
@@ -235,6 +167,8 @@ pub(crate) struct QueueWorker {
     order: UsedOrder,
     /// This queue's part of the frontend's inflight region, if it set one.
     region: Option<InflightQueue>,
+    /// [`SUBMIT_BATCH`] or [`SYNC_BATCH`], by the device.
+    submit_batch: usize,
     /// The time of the current step of the loop, read at the start of a
     /// round and again before each reap: the latency counters cost a few
     /// clock reads per round rather than two per request (their
@@ -261,6 +195,11 @@ impl QueueWorker {
             share,
             share_slot,
         } = policy;
+        let submit_batch = if dev.completion_fd().is_some() {
+            SUBMIT_BATCH
+        } else {
+            SYNC_BATCH
+        };
         Ok(QueueWorker {
             dev,
             range,
@@ -285,6 +224,7 @@ impl QueueWorker {
             iov_pool: Vec::new(),
             order: UsedOrder::default(),
             region: None,
+            submit_batch,
             clock: Instant::now(),
         })
     }
@@ -617,7 +557,7 @@ impl QueueWorker {
                 }
             }
             batch += 1;
-            if batch == SUBMIT_BATCH || batch_bytes >= SUBMIT_BATCH_BYTES {
+            if batch == self.submit_batch || batch_bytes >= SUBMIT_BATCH_BYTES {
                 // Long runs of requests: hand what we have to the device
                 // and the finished ones back to the driver, so both start
                 // working while we parse the rest.
