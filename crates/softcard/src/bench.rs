@@ -276,28 +276,32 @@ fn start_qsd(bin: &Path, args: &[String], socket: &Path, queues: u16) -> Result<
 }
 
 /// A preallocated LUKS image (QEMU's default cipher: aes-256-xts-plain64).
+/// qemu-img times its key derivation on the CPU first, and now and then
+/// gives up ("Unable to get accurate CPU usage"): tried three times.
 fn create_luks(path: &Path) -> Result<()> {
-    let out = Command::new("qemu-img")
-        .args([
-            "create",
-            "-q",
-            "-f",
-            "luks",
-            "--object",
-            "secret,id=sec0,data=softcard-bench",
-        ])
-        .args(["-o", "key-secret=sec0,preallocation=falloc"])
-        .arg(path)
-        .arg(VOLUME_BYTES.to_string())
-        .output()
-        .context("running qemu-img (package qemu-utils)")?;
-    if !out.status.success() {
-        bail!(
-            "qemu-img create -f luks: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+    let mut last = String::new();
+    for _ in 0..3 {
+        let _ = std::fs::remove_file(path);
+        let out = Command::new("qemu-img")
+            .args([
+                "create",
+                "-q",
+                "-f",
+                "luks",
+                "--object",
+                "secret,id=sec0,data=softcard-bench",
+            ])
+            .args(["-o", "key-secret=sec0,preallocation=falloc"])
+            .arg(path)
+            .arg(VOLUME_BYTES.to_string())
+            .output()
+            .context("running qemu-img (package qemu-utils)")?;
+        if out.status.success() {
+            return Ok(());
+        }
+        last = String::from_utf8_lossy(&out.stderr).into_owned();
     }
-    Ok(())
+    bail!("qemu-img create -f luks: {last}")
 }
 
 fn preallocate(path: &Path, bytes: u64) -> Result<()> {
