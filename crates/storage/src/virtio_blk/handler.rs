@@ -405,13 +405,16 @@ impl VhostUserBackendReqHandlerMut for BlkHandler {
 
     fn set_config(
         &mut self,
-        _offset: u32,
-        _buf: &[u8],
+        offset: u32,
+        buf: &[u8],
         _flags: VhostUserConfigFlags,
     ) -> VhostUserResult<()> {
-        Err(VhostUserError::InvalidOperation(
-            "the configuration space is read-only",
-        ))
+        // Nothing in the offered configuration space is writable (no
+        // CONFIG_WCE): a write is ignored, as a device ignores writes to
+        // read-only fields.
+        self.backend
+            .set_config(offset, buf)
+            .map_err(VhostUserError::ReqHandlerError)
     }
 
     fn set_backend_req_fd(&mut self, _backend: Backend) {}
