@@ -18,7 +18,7 @@ use softcard_region::client::{ClientError, RegionClient};
 use softcard_region::model::{
     AttachmentState, HostDevice, HostRegistration, Instance, InstanceState, Volume, VolumeState,
 };
-use softcard_storage::{AttachOptions, CardError, StorageCard};
+use softcard_storage::{AttachOptions, CardError, Interface, StorageCard};
 
 use crate::image;
 use crate::vm::{Vm, VmSpec, UNPLUG_TIMEOUT};
@@ -338,25 +338,47 @@ impl Reconciler {
         }
     }
 
-    /// Serves volume `vol` on `socket` (again, after a card restart).
-    fn serve_volume(&self, vol: &str, socket: &Path) -> Outcome {
+    /// Serves volume `vol` on `socket` (again, after a card restart):
+    /// connecting to it where the VM's QEMU listens (`connect`), else
+    /// listening on it.
+    fn serve_volume(&self, vol: &str, socket: &Path, connect: bool) -> Outcome {
+        let interface = if connect {
+            Interface::VhostUserBlkConnect
+        } else {
+            Interface::VhostUserBlk
+        };
         match self.card.volume(vol) {
-            Ok(info) if info.attachment.is_some() => Ok(()),
-            Ok(_) => self
-                .card
-                .attach(
-                    vol,
-                    &AttachOptions {
-                        socket: socket.to_owned(),
-                        queues: 1,
-                        qos: Default::default(),
-                        interface: Default::default(),
-                    },
-                )
-                .map(drop)
-                .map_err(|e| format!("serving volume {vol}: {e}")),
-            Err(e) => Err(format!("volume {vol}: {e}")),
+            Ok(info) => match info.attachment {
+                Some(a) if a.interface == interface => return Ok(()),
+                // Left from before, the other way round: QEMU and the card
+                // would both wait for the other.
+                Some(_) => {
+                    self.card
+                        .detach(vol)
+                        .map_err(|e| format!("serving volume {vol}: {e}"))?;
+                }
+                None => {}
+            },
+            Err(e) => return Err(format!("volume {vol}: {e}")),
         }
+        self.card
+            .attach(
+                vol,
+                &AttachOptions {
+                    socket: socket.to_owned(),
+                    queues: 1,
+                    qos: Default::default(),
+                    interface,
+                },
+            )
+            .map(drop)
+            .map_err(|e| format!("serving volume {vol}: {e}"))
+    }
+
+    /// Whether the card connects to the volume sockets of instance `id`'s
+    /// VM ([`Vm::card_connects`]); VMs not running yet will listen.
+    fn card_connects(&mut self, id: &str) -> bool {
+        self.vm(id).is_none_or(Vm::card_connects)
     }
 
     /// The VM of an instance, adopted when this process did not start it.
@@ -375,7 +397,9 @@ impl Reconciler {
     fn start_vm(&mut self, i: &Instance) -> Outcome {
         let dir = self.dir(&i.id);
         let boot = dir.join("boot.sock");
-        self.serve_volume(&i.boot_volume, &boot)?;
+        // The card connects once QEMU listens (QEMU waits for it before
+        // the guest starts).
+        self.serve_volume(&i.boot_volume, &boot, true)?;
         let img = image::image(&i.image, &self.cfg.data_dir.join("images"))
             .map_err(|e| format!("image {}: {e}", i.image))?;
         let spec = VmSpec {
@@ -465,7 +489,8 @@ impl Reconciler {
                         ),
                     );
                 }
-                if let Err(e) = self.serve_volume(&i.boot_volume, &boot_sock) {
+                let connect = self.card_connects(&i.id);
+                if let Err(e) = self.serve_volume(&i.boot_volume, &boot_sock, connect) {
                     log::warn!("instance {}: {e}", i.id);
                 }
                 self.apply_reboots(i);
@@ -539,7 +564,8 @@ impl Reconciler {
         let sock = self.dir(&i.id).join(format!("{}.sock", v.id));
         match a.state {
             AttachmentState::Attaching | AttachmentState::Attached => {
-                let plugged = self.serve_volume(&v.id, &sock).and_then(|()| {
+                let connect = self.card_connects(&i.id);
+                let plugged = self.serve_volume(&v.id, &sock, connect).and_then(|()| {
                     let vm = self.vm(&i.id).ok_or("the VM is not running")?;
                     vm.hotplug(&v.id, &sock).map_err(|e| e.to_string())
                 });

@@ -3,7 +3,8 @@
 //! for hot-plugged volumes, the serial console in a file and QMP on a unix
 //! socket, all in the instance's own directory. The process outlives the
 //! card daemon (a restarted daemon adopts it through its pid file and QMP
-//! socket; QEMU reconnects to the volumes' sockets).
+//! socket; QEMU listens on the volumes' sockets and the new card connects
+//! to them).
 
 use std::collections::BTreeMap;
 use std::os::unix::process::CommandExt;
@@ -20,6 +21,9 @@ use crate::qmp::{Qmp, QmpError};
 pub const HOTPLUG_PORTS: usize = 8;
 /// How long QEMU may take to open its monitor.
 const START_TIMEOUT: Duration = Duration::from_secs(15);
+/// A file in the VM's directory: its QEMU listens on the volume sockets
+/// ([`Vm::card_connects`]).
+const LISTENS: &str = "volumes-listen";
 /// How long a guest has to release an unplugged disk before the detach is
 /// reported `busy`.
 pub const UNPLUG_TIMEOUT: Duration = Duration::from_secs(10);
@@ -96,6 +100,7 @@ impl Vm {
         for f in ["qmp.sock", "qemu.pid", "ports.json"] {
             let _ = std::fs::remove_file(dir.join(f));
         }
+        std::fs::write(dir.join(LISTENS), "")?;
         let mem = format!("{}M", spec.memory_mib);
         let mut cmd = Command::new(&spec.qemu);
         cmd.arg("-name")
@@ -121,7 +126,7 @@ impl Vm {
             ])
             .arg("-chardev")
             .arg(format!(
-                "socket,id=boot,path={},reconnect=1",
+                "socket,id=boot,path={},server=on,wait=off",
                 spec.boot_socket.display()
             ))
             .args([
@@ -243,6 +248,15 @@ impl Vm {
         (pid_alive(pid) && Qmp::connect(&vm.qmp_path()).is_ok()).then_some(vm)
     }
 
+    /// Whether QEMU listens on this VM's volume sockets and the card
+    /// connects to them: VMs this version starts. A restarted card is
+    /// then taken at once, where QEMU 7.2 connecting itself retries once a
+    /// second (docs/live-update.md); VMs an older version started keep
+    /// connecting.
+    pub fn card_connects(&self) -> bool {
+        self.dir.join(LISTENS).exists()
+    }
+
     /// Whether QEMU still runs.
     pub fn alive(&self) -> bool {
         pid_alive(self.pid) && !is_zombie(self.pid)
@@ -299,8 +313,10 @@ impl Vm {
         self.ports().contains_key(vol)
     }
 
-    /// Hot-plugs volume `vol`, served on `socket` (which must be listening:
-    /// QEMU's monitor blocks in `device_add` until the backend answers).
+    /// Hot-plugs volume `vol` on `socket`. QEMU's monitor blocks in
+    /// `device_add` until the card is connected: the card must be
+    /// connecting to `socket` already ([`Vm::card_connects`]), or, for an
+    /// older VM, listening on it.
     pub fn hotplug(&self, vol: &str, socket: &Path) -> Result<(), VmError> {
         let mut ports = self.ports();
         if ports.contains_key(vol) {
@@ -309,19 +325,23 @@ impl Vm {
         let port = (0..HOTPLUG_PORTS)
             .find(|p| !ports.values().any(|x| x == p))
             .ok_or(VmError::NoPort)?;
-        std::os::unix::net::UnixStream::connect(socket).map_err(|e| {
-            VmError::Start(format!(
-                "volume socket {} does not answer: {e}",
-                socket.display()
-            ))
-        })?;
+        let addr = json!({"type": "unix", "data": {"path": socket.to_string_lossy()}});
+        let backend = if self.card_connects() {
+            json!({"addr": addr, "server": true, "wait": false})
+        } else {
+            std::os::unix::net::UnixStream::connect(socket).map_err(|e| {
+                VmError::Start(format!(
+                    "volume socket {} does not answer: {e}",
+                    socket.display()
+                ))
+            })?;
+            json!({"addr": addr, "server": false, "reconnect": 1})
+        };
         let mut q = self.qmp()?;
         let chardev = format!("chr-{vol}");
         q.execute(
             "chardev-add",
-            json!({"id": chardev, "backend": {"type": "socket", "data": {
-                "addr": {"type": "unix", "data": {"path": socket.to_string_lossy()}},
-                "server": false, "reconnect": 1}}}),
+            json!({"id": chardev, "backend": {"type": "socket", "data": backend}}),
         )?;
         let added = q.execute(
             "device_add",

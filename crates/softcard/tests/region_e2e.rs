@@ -345,6 +345,19 @@ fn provider_network(etcd: bool) {
     wait_until("web2 healthy", Duration::from_secs(30), || {
         net.instance("web2")["health"] == "ok"
     });
+    // QEMU listens on the volume sockets and the new card connected to
+    // them: no reconnect timer on QEMU's side.
+    let boot = net.instance("web2")["boot_volume"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    wait_until("web2's boot volume served", Duration::from_secs(30), || {
+        net.card_volume_list(h2).iter().any(|v| {
+            v["name"] == boot.as_str()
+                && v["attachment"]["interface"] == "vhost-user-blk-connect"
+                && v["attachment"]["state"] == "connected"
+        })
+    });
     // Its guest still reaches its disks: d2 comes off cleanly.
     net.t(&["volume", "detach", "d2"]);
     net.wait_console("web2", "disk vdb gone");
