@@ -46,6 +46,11 @@ pub struct StorageBenchArgs {
     /// the median and the range.
     #[arg(long, default_value_t = 3)]
     runs: usize,
+    /// The client busy-polls its queue (libblkio's poll queue) instead of
+    /// sleeping on its completion eventfd: shows the server's own ceiling
+    /// where a sleeping client is the limit.
+    #[arg(long)]
+    poll_client: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -105,19 +110,27 @@ pub(crate) struct Figures {
 }
 
 /// Runs one workload against the vhost-user-blk socket, reading the CPU
-/// that `server` spends meanwhile.
-fn drive(socket: &Path, w: Workload, seconds: f64, server: Server) -> Result<Figures> {
+/// that `server` spends meanwhile; `poll`: on a libblkio poll queue.
+fn drive(socket: &Path, w: Workload, seconds: f64, server: Server, poll: bool) -> Result<Figures> {
     let mut b = Blkio::new("virtio-blk-vhost-user")
         .map_err(|e| anyhow::anyhow!("libblkio: {}", e.message()))?;
     let err = |what: &str, e: blkio::Error| anyhow::anyhow!("libblkio {what}: {}", e.message());
     b.set_str("path", &socket.to_string_lossy())
         .map_err(|e| err("path", e))?;
     b.connect().map_err(|e| err("connect", e))?;
-    b.set_i32("num-queues", 1)
+    let (irq, polled) = if poll { (0, 1) } else { (1, 0) };
+    b.set_i32("num-queues", irq)
         .map_err(|e| err("num-queues", e))?;
+    b.set_i32("num-poll-queues", polled)
+        .map_err(|e| err("num-poll-queues", e))?;
     let capacity = b.get_u64("capacity").map_err(|e| err("capacity", e))?;
     let mut out = b.start().map_err(|e| err("start", e))?;
-    let mut q = out.queues.pop().context("no queue")?;
+    let mut q = if poll {
+        out.poll_queues.pop()
+    } else {
+        out.queues.pop()
+    }
+    .context("no queue")?;
     let region = b
         .alloc_mem_region(w.block * w.depth)
         .map_err(|e| err("alloc_mem_region", e))?;
@@ -361,8 +374,14 @@ pub fn storage(a: &StorageBenchArgs) -> Result<()> {
         .with_context(|| format!("tmpfs directory {}", a.tmpfs.display()))?;
     let runs = a.runs.max(1);
     println!(
-        "# softcard bench storage: libblkio virtio-blk-vhost-user client, {} s per cell, {} queue(s), {runs} run(s) of each cell (median, range)",
-        a.seconds, a.queues
+        "# softcard bench storage: libblkio virtio-blk-vhost-user client ({}), {} s per cell, {} queue(s), {runs} run(s) of each cell (median, range)",
+        if a.poll_client {
+            "busy-polling its queue"
+        } else {
+            "sleeping on its completion eventfd"
+        },
+        a.seconds,
+        a.queues
     );
     for (name, what) in BACKINGS {
         println!("#   {name}: {what}");
@@ -482,14 +501,20 @@ pub fn storage(a: &StorageBenchArgs) -> Result<()> {
             for _ in 0..runs {
                 let before = counters(&card);
                 s.push(
-                    drive(&ours, w, a.seconds, Server::ThisProcessButMe)
+                    drive(&ours, w, a.seconds, Server::ThisProcessButMe, a.poll_client)
                         .with_context(|| format!("softcard {backing} {}", w.name))?,
                 );
                 per_io.push(PerIo::between(&before, &counters(&card)));
                 if let Some(p) = &qsd {
                     q.push(
-                        drive(&theirs, w, a.seconds, Server::Process(p.0.id()))
-                            .with_context(|| format!("qsd {backing} {}", w.name))?,
+                        drive(
+                            &theirs,
+                            w,
+                            a.seconds,
+                            Server::Process(p.0.id()),
+                            a.poll_client,
+                        )
+                        .with_context(|| format!("qsd {backing} {}", w.name))?,
                     );
                 }
             }
@@ -588,7 +613,7 @@ pub fn encryption(a: &EncryptionBenchArgs) -> Result<()> {
             let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
             let mut got = [0.0; 2];
             for i in order {
-                got[i] = drive(&sockets[i], w, a.seconds, Server::ThisProcessButMe)
+                got[i] = drive(&sockets[i], w, a.seconds, Server::ThisProcessButMe, false)
                     .with_context(|| format!("{} {}", ["plain", "secret"][i], w.name))?
                     .iops;
             }
@@ -867,14 +892,33 @@ pub fn fairness(a: &FairnessBenchArgs) -> Result<()> {
         "# softcard bench fairness: {detail}; {} s per cell",
         a.seconds
     );
-    let alone = drive(&socks[1], quiet_w, a.seconds, Server::ThisProcessButMe)?;
-    let noisy_alone = drive(&socks[0], noisy_w, a.seconds, Server::ThisProcessButMe)?;
+    let alone = drive(
+        &socks[1],
+        quiet_w,
+        a.seconds,
+        Server::ThisProcessButMe,
+        false,
+    )?;
+    let noisy_alone = drive(
+        &socks[0],
+        noisy_w,
+        a.seconds,
+        Server::ThisProcessButMe,
+        false,
+    )?;
     let noisy_sock = socks[0].clone();
     let secs = a.seconds + 1.0;
-    let noisy =
-        std::thread::spawn(move || drive(&noisy_sock, noisy_w, secs, Server::ThisProcessButMe));
+    let noisy = std::thread::spawn(move || {
+        drive(&noisy_sock, noisy_w, secs, Server::ThisProcessButMe, false)
+    });
     std::thread::sleep(Duration::from_millis(300));
-    let shared = drive(&socks[1], quiet_w, a.seconds, Server::ThisProcessButMe)?;
+    let shared = drive(
+        &socks[1],
+        quiet_w,
+        a.seconds,
+        Server::ThisProcessButMe,
+        false,
+    )?;
     let n = noisy
         .join()
         .map_err(|_| anyhow::anyhow!("noisy client panicked"))??;
@@ -952,7 +996,7 @@ pub fn qos(a: &QosBenchArgs) -> Result<()> {
         random: true,
     };
     let begin = Instant::now();
-    let f = drive(&sock, w, a.seconds, Server::ThisProcessButMe)?;
+    let f = drive(&sock, w, a.seconds, Server::ThisProcessButMe, false)?;
     let elapsed = begin.elapsed().as_secs_f64();
     let done = f.iops * elapsed;
     let expected = a.iops as f64 * a.seconds;
