@@ -109,6 +109,12 @@ pub(crate) struct Figures {
     pub(crate) iops_per_core: f64,
 }
 
+/// [`drive`] against a card in this process, with the default (sleeping)
+/// client.
+fn drive_card(socket: &Path, w: Workload, seconds: f64) -> Result<Figures> {
+    drive(socket, w, seconds, Server::ThisProcessButMe, false)
+}
+
 /// Runs one workload against the vhost-user-blk socket, reading the CPU
 /// that `server` spends meanwhile; `poll`: on a libblkio poll queue.
 fn drive(socket: &Path, w: Workload, seconds: f64, server: Server, poll: bool) -> Result<Figures> {
@@ -613,7 +619,7 @@ pub fn encryption(a: &EncryptionBenchArgs) -> Result<()> {
             let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
             let mut got = [0.0; 2];
             for i in order {
-                got[i] = drive(&sockets[i], w, a.seconds, Server::ThisProcessButMe, false)
+                got[i] = drive_card(&sockets[i], w, a.seconds)
                     .with_context(|| format!("{} {}", ["plain", "secret"][i], w.name))?
                     .iops;
             }
@@ -892,33 +898,13 @@ pub fn fairness(a: &FairnessBenchArgs) -> Result<()> {
         "# softcard bench fairness: {detail}; {} s per cell",
         a.seconds
     );
-    let alone = drive(
-        &socks[1],
-        quiet_w,
-        a.seconds,
-        Server::ThisProcessButMe,
-        false,
-    )?;
-    let noisy_alone = drive(
-        &socks[0],
-        noisy_w,
-        a.seconds,
-        Server::ThisProcessButMe,
-        false,
-    )?;
+    let alone = drive_card(&socks[1], quiet_w, a.seconds)?;
+    let noisy_alone = drive_card(&socks[0], noisy_w, a.seconds)?;
     let noisy_sock = socks[0].clone();
     let secs = a.seconds + 1.0;
-    let noisy = std::thread::spawn(move || {
-        drive(&noisy_sock, noisy_w, secs, Server::ThisProcessButMe, false)
-    });
+    let noisy = std::thread::spawn(move || drive_card(&noisy_sock, noisy_w, secs));
     std::thread::sleep(Duration::from_millis(300));
-    let shared = drive(
-        &socks[1],
-        quiet_w,
-        a.seconds,
-        Server::ThisProcessButMe,
-        false,
-    )?;
+    let shared = drive_card(&socks[1], quiet_w, a.seconds)?;
     let n = noisy
         .join()
         .map_err(|_| anyhow::anyhow!("noisy client panicked"))??;
@@ -996,7 +982,7 @@ pub fn qos(a: &QosBenchArgs) -> Result<()> {
         random: true,
     };
     let begin = Instant::now();
-    let f = drive(&sock, w, a.seconds, Server::ThisProcessButMe, false)?;
+    let f = drive_card(&sock, w, a.seconds)?;
     let elapsed = begin.elapsed().as_secs_f64();
     let done = f.iops * elapsed;
     let expected = a.iops as f64 * a.seconds;
