@@ -1,7 +1,9 @@
 //! Guest segments as host iovecs, and copies between them and host
 //! buffers.
 
-use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
+
+use super::hot_mem::HotMem;
 
 use super::request::{RequestError, Segment};
 use crate::device::MAX_SEGMENTS;
@@ -44,7 +46,7 @@ pub(super) unsafe fn copy_iov(guest: &[libc::iovec], host: &mut [u8], to_host: b
 /// iterators), several when it spans regions.
 pub(super) fn push_iovecs(
     iov: &mut Vec<libc::iovec>,
-    mem: &GuestMemoryMmap,
+    mem: &HotMem<'_>,
     s: Segment,
 ) -> Result<(), RequestError> {
     let len = s.len as usize;

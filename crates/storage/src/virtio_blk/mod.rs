@@ -21,6 +21,7 @@
 mod device;
 mod event_loop;
 mod handler;
+mod hot_mem;
 mod inflight;
 mod iovec;
 pub mod metrics;

@@ -24,6 +24,7 @@ use vhost_user_backend::VringState;
 use virtio_queue::QueueT;
 
 use super::device::Mem;
+use super::hot_mem::HotMem;
 use super::inflight::InflightQueue;
 
 /// Place of a request in the order it was taken from the ring.
@@ -83,6 +84,7 @@ impl UsedOrder {
     pub(crate) fn publish(
         &mut self,
         vring: &mut VringState<Mem>,
+        mem: &HotMem<'_>,
         region: Option<&InflightQueue>,
         seq: Seq,
         head: u16,
@@ -96,7 +98,7 @@ impl UsedOrder {
             if let Some(r) = region {
                 r.publishing(head);
             }
-            match vring.add_used(head, len) {
+            match vring.get_queue_mut().add_used(mem, head, len) {
                 Ok(()) => {
                     if let Some(r) = region {
                         r.published(head, vring.get_queue().next_used());

@@ -18,6 +18,7 @@ use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, Guest
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
+use super::hot_mem::HotMem;
 use super::inflight::InflightQueue;
 use super::iovec::{copy_iov, push_iovecs, sector_aligned};
 use super::metrics::BlkMetrics;
@@ -325,16 +326,17 @@ impl QueueWorker {
             // (ADD_MEM_REG) while this loop polls, and requests may use
             // them as soon as the frontend has its reply.
             let snapshot = mem.memory().into_inner();
+            let hot = HotMem::new(&snapshot);
             // While we look at the ring, the driver need not kick.
-            let _ = vring.disable_notification();
+            let _ = vring.get_queue_mut().disable_notification(&hot);
             let before = vring.get_queue().next_avail();
-            let mut used = self.reap(vring, &snapshot);
-            used |= self.pop_all(vring, &snapshot, event_idx);
+            let mut used = self.reap(vring, &hot);
+            used |= self.pop_all(vring, &hot, event_idx);
             self.dev.submit()?;
             self.clock = Instant::now();
-            used |= self.reap(vring, &snapshot);
+            used |= self.reap(vring, &hot);
             if used {
-                self.notify(vring, &snapshot, event_idx);
+                self.notify(vring, &hot, event_idx);
             }
             if self.broken || self.pending.is_some() {
                 // Throttled: the timer calls back in; meanwhile the ring
@@ -363,7 +365,7 @@ impl QueueWorker {
                 // back in.
                 break;
             }
-            match vring.enable_notification() {
+            match vring.get_queue_mut().enable_notification(&hot) {
                 Ok(false) => break,
                 Ok(true) if now.duration_since(started) < POLL_BUDGET => continue,
                 Ok(true) => {
@@ -392,9 +394,10 @@ impl QueueWorker {
         event_idx: bool,
     ) -> io::Result<()> {
         let snapshot = mem.memory().into_inner();
+        let hot = HotMem::new(&snapshot);
         self.clock = Instant::now();
-        if self.reap(vring, &snapshot) {
-            self.notify(vring, &snapshot, event_idx);
+        if self.reap(vring, &hot) {
+            self.notify(vring, &hot, event_idx);
         }
         // Requests may have waited for a free slot.
         self.run(vring, mem, event_idx)
@@ -404,6 +407,7 @@ impl QueueWorker {
     /// memory goes away).
     pub(crate) fn drain(&mut self, vring: Option<&mut VringState<Mem>>, mem: &Mem) {
         let snapshot = mem.memory().into_inner();
+        let hot = HotMem::new(&snapshot);
         let mut vring = vring;
         // A request held back by the throttle was taken off the ring: it
         // must complete before the ring's state is handed back.
@@ -413,8 +417,8 @@ impl QueueWorker {
                 if p.req.kind != RequestKind::GetId {
                     self.share.force_start(&self.share_slot);
                 }
-                if self.start(vr, &snapshot, p.req, p.seq) {
-                    self.notify(vr, &snapshot, true);
+                if self.start(vr, &hot, p.req, p.seq) {
+                    self.notify(vr, &hot, true);
                 }
             }
         }
@@ -435,7 +439,7 @@ impl QueueWorker {
             for c in &done {
                 if let Some(done) = self.finish(c) {
                     if let Some(vr) = vring.as_deref_mut() {
-                        self.complete(vr, &snapshot, done);
+                        self.complete(vr, &hot, done);
                     }
                 }
             }
@@ -443,7 +447,7 @@ impl QueueWorker {
         }
         if let Some(vr) = vring {
             // Draining ends the queue: signal regardless of suppression.
-            self.notify(vr, &snapshot, true);
+            self.notify(vr, &hot, true);
         }
         // Whatever was not published goes with the ring.
         self.order.clear();
@@ -456,7 +460,7 @@ impl QueueWorker {
         self.broken = true;
     }
 
-    fn notify(&self, vring: &mut VringState<Mem>, mem: &GuestMemoryMmap, event_idx: bool) {
+    fn notify(&self, vring: &mut VringState<Mem>, mem: &HotMem<'_>, event_idx: bool) {
         // Without EVENT_IDX the driver may ask for no interrupts
         // (VRING_AVAIL_F_NO_INTERRUPT) while it polls the used ring.
         if !event_idx {
@@ -467,7 +471,11 @@ impl QueueWorker {
                 return;
             }
         }
-        if vring.needs_notification().unwrap_or(true) {
+        if vring
+            .get_queue_mut()
+            .needs_notification(mem)
+            .unwrap_or(true)
+        {
             BlkMetrics::inc(&self.metrics.notifications);
             if let Err(e) = vring.signal_used_queue() {
                 debug!("signal_used_queue: {e}");
@@ -477,17 +485,12 @@ impl QueueWorker {
 
     /// Pops and starts requests while slots are free. Returns whether any
     /// request was completed at once.
-    fn pop_all(
-        &mut self,
-        vring: &mut VringState<Mem>,
-        mem: &Arc<GuestMemoryMmap>,
-        event_idx: bool,
-    ) -> bool {
+    fn pop_all(&mut self, vring: &mut VringState<Mem>, mem: &HotMem<'_>, event_idx: bool) -> bool {
         let mut used = false;
         // A frontend that moves avail->idx more than a queue's worth ahead
         // of us has broken the ring (virtio 2.7.13.3); stop this queue.
         let q = vring.get_queue();
-        if let Ok(avail) = q.avail_idx(mem.as_ref(), std::sync::atomic::Ordering::Acquire) {
+        if let Ok(avail) = q.avail_idx(mem, std::sync::atomic::Ordering::Acquire) {
             let pending = avail - std::num::Wrapping(q.next_avail());
             if pending.0 > q.size() {
                 self.mark_broken("avail index moved more than the queue size");
@@ -515,14 +518,14 @@ impl QueueWorker {
         }
         let (mut batch, mut batch_bytes) = (0usize, 0u64);
         while !self.free.is_empty() {
-            let Some(chain) = vring.get_queue_mut().pop_descriptor_chain(mem.as_ref()) else {
+            let Some(chain) = vring.get_queue_mut().pop_descriptor_chain(mem) else {
                 break;
             };
             let seq = self.order.take();
             if let Some(r) = &mut self.region {
                 r.taken(chain.head_index());
             }
-            let parsed = request::parse(chain, mem.as_ref(), self.range.size, &mut self.segments);
+            let parsed = request::parse(chain, mem, self.range.size, &mut self.segments);
             match parsed {
                 Ok(req) => {
                     if let Err(wait) = self.throttle.admit(data_bytes(&req)) {
@@ -589,13 +592,7 @@ impl QueueWorker {
         }
     }
 
-    fn refuse(
-        &mut self,
-        vring: &mut VringState<Mem>,
-        mem: &GuestMemoryMmap,
-        r: &Refused,
-        seq: Seq,
-    ) {
+    fn refuse(&mut self, vring: &mut VringState<Mem>, mem: &HotMem<'_>, r: &Refused, seq: Seq) {
         debug!("refused request head {}: {}", r.head, r.error);
         let status = if matches!(r.error, RequestError::Unsupported(_)) {
             BlkMetrics::inc(&self.metrics.unsupported_requests);
@@ -610,14 +607,21 @@ impl QueueWorker {
                 len = 1;
             }
         }
-        self.publish(vring, seq, r.head, len);
+        self.publish(vring, mem, seq, r.head, len);
     }
 
     /// Puts an answered request on the used ring, after every request
     /// taken before it ([`UsedOrder`]), and in the inflight region.
-    fn publish(&mut self, vring: &mut VringState<Mem>, seq: Seq, head: u16, len: u32) {
+    fn publish(
+        &mut self,
+        vring: &mut VringState<Mem>,
+        mem: &HotMem<'_>,
+        seq: Seq,
+        head: u16,
+        len: u32,
+    ) {
         let region = self.region.as_ref();
-        if let Err(e) = self.order.publish(vring, region, seq, head, len) {
+        if let Err(e) = self.order.publish(vring, mem, region, seq, head, len) {
             self.mark_broken(&format!("add_used: {e}"));
         }
     }
@@ -626,7 +630,7 @@ impl QueueWorker {
     fn start(
         &mut self,
         vring: &mut VringState<Mem>,
-        mem: &Arc<GuestMemoryMmap>,
+        mem: &HotMem<'_>,
         req: Request,
         seq: Seq,
     ) -> bool {
@@ -714,7 +718,7 @@ impl QueueWorker {
             status: req.status,
             kind: req.kind,
             len: req.len,
-            mem: mem.clone(),
+            mem: Arc::clone(mem.snapshot()),
             bounce,
             started: self.clock,
         });
@@ -895,7 +899,7 @@ impl QueueWorker {
         })
     }
 
-    fn reap(&mut self, vring: &mut VringState<Mem>, mem: &GuestMemoryMmap) -> bool {
+    fn reap(&mut self, vring: &mut VringState<Mem>, mem: &HotMem<'_>) -> bool {
         self.completions.clear();
         self.dev.reap(&mut self.completions);
         if self.completions.is_empty() {
@@ -911,7 +915,7 @@ impl QueueWorker {
         true
     }
 
-    fn complete(&mut self, vring: &mut VringState<Mem>, mem: &GuestMemoryMmap, done: Done) {
+    fn complete(&mut self, vring: &mut VringState<Mem>, mem: &HotMem<'_>, done: Done) {
         // The used length is the number of bytes written into device-writable
         // buffers: the data a read or GET_ID returned, plus the status byte.
         let Done {
@@ -926,6 +930,6 @@ impl QueueWorker {
         } else {
             0
         };
-        self.publish(vring, seq, head, len);
+        self.publish(vring, mem, seq, head, len);
     }
 }
