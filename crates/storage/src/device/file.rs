@@ -465,13 +465,7 @@ impl DeviceQueue for FileQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn iov(buf: &mut [u8]) -> libc::iovec {
-        libc::iovec {
-            iov_base: buf.as_mut_ptr().cast(),
-            iov_len: buf.len(),
-        }
-    }
+    use crate::device::test_iov::iov;
 
     fn reap_all(q: &mut Box<dyn DeviceQueue>, n: usize) -> Vec<IoCompletion> {
         let mut out = Vec::new();

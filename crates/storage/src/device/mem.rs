@@ -516,13 +516,7 @@ impl DeviceQueue for MemQueue {
 mod tests {
     use super::*;
     use crate::crypto::{DataKey, Xts256};
-
-    fn iov(buf: &mut [u8]) -> libc::iovec {
-        libc::iovec {
-            iov_base: buf.as_mut_ptr().cast(),
-            iov_len: buf.len(),
-        }
-    }
+    use crate::device::test_iov::iov;
 
     #[test]
     fn device_copies_match_for_every_alignment_and_length() {

@@ -143,13 +143,7 @@ impl DeviceQueue for InlineQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn iov(buf: &mut [u8]) -> libc::iovec {
-        libc::iovec {
-            iov_base: buf.as_mut_ptr().cast(),
-            iov_len: buf.len(),
-        }
-    }
+    use crate::device::test_iov::iov;
 
     fn run(q: &mut InlineQueue, op: IoOp, offset: u64, segs: &[libc::iovec]) -> IoCompletion {
         let len = segs.iter().map(|s| s.iov_len as u64).sum();

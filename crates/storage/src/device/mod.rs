@@ -284,3 +284,15 @@ pub fn open(config: &DeviceConfig) -> Result<Arc<dyn PhysicalDevice>, DeviceErro
         }
     })
 }
+
+/// What the devices' unit tests share.
+#[cfg(test)]
+pub(crate) mod test_iov {
+    /// An iovec over `buf`.
+    pub(crate) fn iov(buf: &mut [u8]) -> libc::iovec {
+        libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        }
+    }
+}
