@@ -54,12 +54,12 @@ pub struct StorageBenchArgs {
 }
 
 #[derive(Debug, Clone, Copy)]
-struct Workload {
-    name: &'static str,
-    write: bool,
-    block: usize,
-    depth: usize,
-    random: bool,
+pub(crate) struct Workload {
+    pub(crate) name: &'static str,
+    pub(crate) write: bool,
+    pub(crate) block: usize,
+    pub(crate) depth: usize,
+    pub(crate) random: bool,
 }
 
 const WORKLOADS: [Workload; 4] = [
@@ -95,7 +95,7 @@ const WORKLOADS: [Workload; 4] = [
 
 const VOLUME_BYTES: u64 = 1 << 30;
 /// Room for the partition map in front of softcard's volume.
-const MAP_SLACK: u64 = 16 << 20;
+pub(crate) const MAP_SLACK: u64 = 16 << 20;
 
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Figures {
@@ -111,7 +111,7 @@ pub(crate) struct Figures {
 
 /// [`drive`] against a card in this process, with the default (sleeping)
 /// client.
-fn drive_card(socket: &Path, w: Workload, seconds: f64) -> Result<Figures> {
+pub(crate) fn drive_card(socket: &Path, w: Workload, seconds: f64) -> Result<Figures> {
     drive(socket, w, seconds, Server::ThisProcessButMe, false)
 }
 
@@ -392,6 +392,10 @@ pub fn storage(a: &StorageBenchArgs) -> Result<()> {
     for (name, what) in BACKINGS {
         println!("#   {name}: {what}");
     }
+    println!(
+        "#   machine: {} (a sleeping client's wake-ups cost more where idle CPUs halt at once: docs/benchmarks.md)",
+        crate::bench_cpu::idle_policy()
+    );
     println!("#   CPU: the serving side's user + system seconds per million I/Os, and I/Os per second per core it kept busy (a spinning poller counts as busy)");
     println!("#   per I/O (softcard): rounds of the queue worker's polling loop (those that found nothing), wake-ups of the worker, notifications to the driver");
     println!("| backing | workload | softcard IOPS | qsd IOPS | softcard/qsd | softcard MB/s | qsd MB/s | softcard CPU s/M IO | qsd CPU s/M IO | softcard IOPS/core | qsd IOPS/core | softcard p50/p99 us | qsd p50/p99 us | polls/IO (idle) | wake-ups/IO | notifications/IO |");
@@ -813,190 +817,5 @@ pub fn crypto(a: &CryptoBenchArgs) -> Result<()> {
     println!("| softcard encrypt | {enc:.0} | {:.2} |", enc / ossl);
     println!("| softcard decrypt | {dec:.0} | {:.2} |", dec / ossl);
     println!("| openssl speed -evp aes-256-xts (encrypt) | {ossl:.0} | 1.00 |");
-    Ok(())
-}
-
-/// Options of `softcard bench fairness`.
-#[derive(Debug, clap::Args)]
-pub struct FairnessBenchArgs {
-    /// Seconds per measurement.
-    #[arg(long, default_value_t = 3.0)]
-    seconds: f64,
-    /// Directory for the device file (a disk-backed filesystem, so that
-    /// O_DIRECT reaches a real device queue).
-    #[arg(long, default_value = "/var/tmp")]
-    dir: PathBuf,
-}
-
-/// `softcard bench fairness`: a quiet volume's latency alone and next to a
-/// noisy neighbour on the same physical device.
-pub fn fairness(a: &FairnessBenchArgs) -> Result<()> {
-    let dir = tempfile::Builder::new()
-        .prefix("softcard-fair")
-        .tempdir_in(&a.dir)
-        .with_context(|| format!("directory {}", a.dir.display()))?;
-    let sockets = tempfile::Builder::new().prefix("softcard-fair").tempdir()?;
-    // Written through (not sparse), so that reads reach the device; the
-    // metadata area stays blank for a fresh partition map.
-    const FAIR_VOLUME: u64 = 256 << 20;
-    let img = dir.path().join("disk.img");
-    {
-        use std::io::Write as _;
-        let mut f = std::fs::File::create(&img)?;
-        f.write_all(&vec![0u8; MAP_SLACK as usize])?;
-        let chunk: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8 | 1).collect();
-        for _ in 0..(2 * FAIR_VOLUME) >> 20 {
-            f.write_all(&chunk)?;
-        }
-        f.sync_all()?;
-    }
-    let dev = DeviceConfig {
-        name: "disk".into(),
-        kind: DeviceKind::File,
-        path: Some(img),
-        size_bytes: None,
-        share_depth: None,
-        read_zeroes: None,
-        volatile_write_cache: None,
-    };
-    let card = StorageCard::open(&[dev])?;
-    let mut socks = Vec::new();
-    for name in ["noisy", "quiet"] {
-        card.create_volume(name, "disk", FAIR_VOLUME)?;
-        let s = sockets.path().join(format!("{name}.sock"));
-        card.attach(
-            name,
-            &AttachOptions {
-                socket: s.clone(),
-                queues: 1,
-                qos: Default::default(),
-                interface: Default::default(),
-            },
-        )?;
-        socks.push(s);
-    }
-    let quiet_w = Workload {
-        name: "4k-randread-qd1",
-        write: false,
-        block: 4096,
-        depth: 1,
-        random: true,
-    };
-    let noisy_w = Workload {
-        name: "4k-randwrite-qd64",
-        write: true,
-        block: 4096,
-        depth: 64,
-        random: true,
-    };
-    let detail = card
-        .devices()
-        .first()
-        .map(|d| d.detail.clone())
-        .unwrap_or_default();
-    println!(
-        "# softcard bench fairness: {detail}; {} s per cell",
-        a.seconds
-    );
-    let alone = drive_card(&socks[1], quiet_w, a.seconds)?;
-    let noisy_alone = drive_card(&socks[0], noisy_w, a.seconds)?;
-    let noisy_sock = socks[0].clone();
-    let secs = a.seconds + 1.0;
-    let noisy = std::thread::spawn(move || drive_card(&noisy_sock, noisy_w, secs));
-    std::thread::sleep(Duration::from_millis(300));
-    let shared = drive_card(&socks[1], quiet_w, a.seconds)?;
-    let n = noisy
-        .join()
-        .map_err(|_| anyhow::anyhow!("noisy client panicked"))??;
-    println!("| quiet volume 4k-randread-qd1 | IOPS | p50 us | p99 us |");
-    println!("|---|---:|---:|---:|");
-    println!(
-        "| alone | {:.0} | {:.0} | {:.0} |",
-        alone.iops, alone.p50_us, alone.p99_us
-    );
-    println!(
-        "| next to 4k-randwrite-qd64 ({:.0} IOPS) | {:.0} | {:.0} | {:.0} |",
-        n.iops, shared.iops, shared.p50_us, shared.p99_us
-    );
-    println!(
-        "| ratio (shared/alone) | {:.2} | {:.2} | {:.2} |",
-        shared.iops / alone.iops,
-        shared.p50_us / alone.p50_us.max(1.0),
-        shared.p99_us / alone.p99_us.max(1.0)
-    );
-    println!(
-        "| (noisy volume: {:.0} IOPS alone, {:.0} next to the quiet one) | | | |",
-        noisy_alone.iops, n.iops
-    );
-    card.shutdown();
-    Ok(())
-}
-
-/// Options of `softcard bench qos`.
-#[derive(Debug, clap::Args)]
-pub struct QosBenchArgs {
-    /// IOPS limit.
-    #[arg(long, default_value_t = 1000)]
-    iops: u64,
-    /// Burst (requests).
-    #[arg(long, default_value_t = 32)]
-    burst: u64,
-    /// Seconds of load.
-    #[arg(long, default_value_t = 10.0)]
-    seconds: f64,
-}
-
-/// `softcard bench qos`: how exactly an IOPS limit holds under
-/// queue-depth-32 load.
-pub fn qos(a: &QosBenchArgs) -> Result<()> {
-    let sockets = tempfile::Builder::new().prefix("softcard-qos").tempdir()?;
-    let card = StorageCard::open(&[DeviceConfig {
-        name: "r".into(),
-        kind: DeviceKind::Ram,
-        path: None,
-        size_bytes: Some(64 << 20),
-        share_depth: None,
-        read_zeroes: None,
-        volatile_write_cache: None,
-    }])?;
-    card.create_volume("v", "r", 32 << 20)?;
-    let sock = sockets.path().join("v.sock");
-    card.attach(
-        "v",
-        &AttachOptions {
-            socket: sock.clone(),
-            queues: 1,
-            qos: softcard_storage::qos::QosLimits {
-                iops: Some(a.iops),
-                iops_burst: Some(a.burst),
-                ..Default::default()
-            },
-            interface: Default::default(),
-        },
-    )?;
-    let w = Workload {
-        name: "4k-randread-qd32",
-        write: false,
-        block: 4096,
-        depth: 32,
-        random: true,
-    };
-    let begin = Instant::now();
-    let f = drive_card(&sock, w, a.seconds)?;
-    let elapsed = begin.elapsed().as_secs_f64();
-    let done = f.iops * elapsed;
-    let expected = a.iops as f64 * a.seconds;
-    println!(
-        "# softcard bench qos: {} IOPS limit, burst {}, 4 KiB reads at QD32 for {} s",
-        a.iops, a.burst, a.seconds
-    );
-    println!("| completed | expected (limit x time) | ratio | measured IOPS |");
-    println!("|---:|---:|---:|---:|");
-    println!(
-        "| {done:.0} | {expected:.0} | {:.4} | {:.1} |",
-        done / expected,
-        f.iops
-    );
-    card.shutdown();
     Ok(())
 }

@@ -98,6 +98,23 @@ pub fn median_range(v: &[f64]) -> (f64, f64, f64) {
     (median, s[0], s[n - 1])
 }
 
+/// What an idle CPU of this machine does, for a benchmark's header: where
+/// one side sleeps between requests, its wake-up is part of every figure.
+/// In a VM whose idle vCPUs halt at once (`guest_halt_poll_ns` 0), each
+/// wake-up is an exit to the hypervisor: about 10 us on the machine of
+/// docs/benchmarks.md, against well under 1 us when the guest polls first.
+pub(crate) fn idle_policy() -> String {
+    let read = |p: &str| std::fs::read_to_string(p).ok().map(|s| s.trim().to_owned());
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let driver =
+        read("/sys/devices/system/cpu/cpuidle/current_driver").unwrap_or_else(|| "none".to_owned());
+    let mut line = format!("{cpus} CPUs, cpuidle driver {driver}");
+    if let Some(ns) = read("/sys/module/haltpoll/parameters/guest_halt_poll_ns") {
+        line.push_str(&format!(", guest_halt_poll_ns {ns}"));
+    }
+    line
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

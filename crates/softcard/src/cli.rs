@@ -374,9 +374,9 @@ enum BenchCmd {
     /// The NBD export against qemu-storage-daemon's, same client.
     Nbd(bench::NbdBenchArgs),
     /// A quiet volume's latency alone and next to a noisy one.
-    Fairness(bench::FairnessBenchArgs),
+    Fairness(crate::bench_qos::FairnessBenchArgs),
     /// How exactly an IOPS limit holds under load.
-    Qos(bench::QosBenchArgs),
+    Qos(crate::bench_qos::QosBenchArgs),
     /// The RDMA engine against sockperf and iperf3 (needs root).
     Rdma(crate::bench_rdma::RdmaBenchArgs),
     /// The pause I/O sees while the card is upgraded or crash-restarted
@@ -469,8 +469,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Bench(BenchCmd::Crypto(a)) => bench::crypto(&a),
         Command::Bench(BenchCmd::Encryption(a)) => bench::encryption(&a),
         Command::Bench(BenchCmd::Nbd(a)) => bench::nbd(&a),
-        Command::Bench(BenchCmd::Fairness(a)) => bench::fairness(&a),
-        Command::Bench(BenchCmd::Qos(a)) => bench::qos(&a),
+        Command::Bench(BenchCmd::Fairness(a)) => crate::bench_qos::fairness(&a),
+        Command::Bench(BenchCmd::Qos(a)) => crate::bench_qos::qos(&a),
         Command::Bench(BenchCmd::Rdma(a)) => crate::bench_rdma::rdma(&a),
         Command::Bench(BenchCmd::Upgrade(a)) => crate::bench_upgrade::upgrade(&a),
         Command::Bench(BenchCmd::Verbs(a)) => crate::bench_verbs::verbs(&a),

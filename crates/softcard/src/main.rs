@@ -5,6 +5,7 @@
 mod bench;
 mod bench_cells;
 mod bench_cpu;
+mod bench_qos;
 mod bench_rdma;
 mod bench_upgrade;
 mod bench_verbs;
