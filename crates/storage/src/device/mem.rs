@@ -185,8 +185,9 @@ impl RamDevice {
     /// Maps and populates `capacity` bytes of anonymous memory: a ram
     /// device holds its memory from the start, so that first writes do not
     /// pay page faults and running out of memory shows at startup. The
-    /// mapping asks for transparent huge pages first: random 4 KiB
-    /// requests over a large device then miss the TLB far less.
+    /// mapping is in transparent huge pages where the kernel can give them
+    /// (`huge_map`): random 4 KiB requests over a large device then miss
+    /// the TLB far less.
     pub fn new(name: &str, capacity: u64) -> io::Result<Self> {
         let len = usize::try_from(capacity)
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "ram size too large"))?;
@@ -196,36 +197,17 @@ impl RamDevice {
                 "ram size is zero",
             ));
         }
-        // SAFETY: a new anonymous private mapping touches no existing memory.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if base == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: advice on the mapping just made; an error (no THP in this
-        // kernel) only leaves small pages.
-        unsafe { libc::madvise(base, len, libc::MADV_HUGEPAGE) };
-        // SAFETY: populates the mapping just made, touching nothing else.
-        if unsafe { libc::madvise(base, len, libc::MADV_POPULATE_WRITE) } != 0 {
-            let e = io::Error::last_os_error();
-            // SAFETY: the mapping just made, unmapped once.
-            unsafe { libc::munmap(base, len) };
-            return Err(e);
+        let base = super::huge_map::map_populated(len)?;
+        if let Some(huge) = super::huge_map::huge_bytes(base) {
+            log::info!(
+                "ram device {name}: {} of {} MiB in huge pages",
+                huge.min(len as u64) >> 20,
+                len >> 20
+            );
         }
         Ok(RamDevice {
             name: name.to_owned(),
-            map: Arc::new(RamMapping {
-                base: base.cast(),
-                len,
-            }),
+            map: Arc::new(RamMapping { base, len }),
         })
     }
 }

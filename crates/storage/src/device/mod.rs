@@ -9,6 +9,7 @@
 
 mod aligned;
 mod file;
+mod huge_map;
 mod mem;
 mod memfs;
 mod volatile;
