@@ -7,9 +7,12 @@
 //! segments and status byte lie inside guest memory, and GET_ID/flush
 //! carry no device range.
 
+use std::sync::Arc;
+
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
 
+use crate::virtio_blk::hot_mem::HotMem;
 use crate::virtio_blk::request::{self, RequestKind, Segment};
 
 const MEM_BYTES: usize = 64 << 10;
@@ -65,11 +68,17 @@ pub fn parse_request(data: &[u8]) {
     q.set_avail_ring_address(Some(AVAIL as u32), Some(0));
     q.set_used_ring_address(Some(USED as u32), Some(0));
     q.set_ready(true);
-    let Some(chain) = q.pop_descriptor_chain(&mem) else {
+    // Parsed through the worker's view of guest memory (its one-region
+    // short paths included); the invariants are checked against
+    // vm-memory's own.
+    let snapshot = Arc::new(mem);
+    let mem: &GuestMemoryMmap = &snapshot;
+    let hot = HotMem::new(&snapshot);
+    let Some(chain) = q.pop_descriptor_chain(&hot) else {
         return;
     };
     let mut segs: Vec<Segment> = Vec::new();
-    match request::parse(chain, &mem, volume_bytes, &mut segs) {
+    match request::parse(chain, &hot, volume_bytes, &mut segs) {
         Ok(req) => {
             assert!(mem.check_range(req.status, 1, Permissions::Write));
             match req.kind {

@@ -1,7 +1,7 @@
 //! Guest segments as host iovecs, and copies between them and host
 //! buffers.
 
-use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::GuestMemoryBackend;
 
 use super::hot_mem::HotMem;
 
@@ -50,24 +50,15 @@ pub(super) fn push_iovecs(
     s: Segment,
 ) -> Result<(), RequestError> {
     let len = s.len as usize;
-    if let Some((region, at)) = GuestMemoryBackend::to_region_addr(mem, s.addr) {
-        let fits = at
-            .raw_value()
-            .checked_add(u64::from(s.len))
-            .is_some_and(|end| end <= region.len());
-        if fits {
-            let host = region
-                .get_host_address(at)
-                .map_err(|_| RequestError::BadAddress)?;
-            if iov.len() == MAX_SEGMENTS {
-                return Err(RequestError::TooLong);
-            }
-            iov.push(libc::iovec {
-                iov_base: host.cast(),
-                iov_len: len,
-            });
-            return Ok(());
+    if let Some(host) = mem.in_one_region(s.addr, len) {
+        if iov.len() == MAX_SEGMENTS {
+            return Err(RequestError::TooLong);
         }
+        iov.push(libc::iovec {
+            iov_base: host.cast(),
+            iov_len: len,
+        });
+        return Ok(());
     }
     for slice in GuestMemoryBackend::get_slices(mem, s.addr, len) {
         let slice = slice.map_err(|_| RequestError::BadAddress)?;

@@ -21,7 +21,7 @@
 mod device;
 mod event_loop;
 mod handler;
-mod hot_mem;
+pub(crate) mod hot_mem;
 mod inflight;
 mod iovec;
 pub mod metrics;

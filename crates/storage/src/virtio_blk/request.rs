@@ -7,14 +7,14 @@
 //! is (when it can) so that a bad request still completes with
 //! `VIRTIO_BLK_S_IOERR`.
 
-use std::ops::Deref;
-
 use virtio_bindings::bindings::virtio_blk::{
     VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
     VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
 };
 use virtio_queue::DescriptorChain;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, Permissions};
+use vm_memory::{Address, GuestAddress};
+
+use super::hot_mem::HotMem;
 
 /// Bytes in a virtio-blk sector.
 pub const SECTOR_BYTES: u64 = 512;
@@ -126,16 +126,12 @@ pub struct Refused {
 /// Parses the chain into a request over a volume of `volume_bytes`.
 /// `data` receives the data segments (for GET_ID, the answer buffers; for
 /// discard and write-zeroes, nothing: the range is folded into the request).
-pub fn parse<M>(
-    chain: DescriptorChain<M>,
-    mem: &M::Target,
+pub(crate) fn parse(
+    chain: DescriptorChain<&HotMem<'_>>,
+    mem: &HotMem<'_>,
     volume_bytes: u64,
     data: &mut Vec<Segment>,
-) -> Result<Request, Refused>
-where
-    M: Deref,
-    M::Target: GuestMemory,
-{
+) -> Result<Request, Refused> {
     let head = chain.head_index();
     data.clear();
     let refuse = |status, error| Refused {
@@ -174,7 +170,7 @@ where
             len,
             writable: true,
         }) if len > 0 => match addr.checked_add(u64::from(len) - 1) {
-            Some(s) if mem.check_range(s, 1, Permissions::Write) => s,
+            Some(s) if mem.holds(s, 1) => s,
             _ => return Err(refuse(None, RequestError::NoStatus)),
         },
         _ => return Err(refuse(None, RequestError::NoStatus)),
@@ -208,7 +204,7 @@ where
         }
         let take = (HEADER_BYTES - got).min(d.len);
         let dst = &mut header[got as usize..(got + take) as usize];
-        if mem.read_slice(dst, d.addr).is_err() {
+        if !mem.read_small(dst, d.addr) {
             return Err(refuse(status_some, RequestError::BadAddress));
         }
         got += take;
@@ -232,12 +228,7 @@ where
     let mut readable = false;
     let mut writable = false;
     for s in data.iter() {
-        let perm = if s.writable {
-            Permissions::Write
-        } else {
-            Permissions::Read
-        };
-        if !mem.check_range(s.addr, s.len as usize, perm) {
+        if !mem.holds(s.addr, s.len as usize) {
             return Err(refuse(status_some, RequestError::BadAddress));
         }
         readable |= !s.writable;
@@ -297,7 +288,7 @@ where
             let mut at = 0usize;
             for s in data.iter() {
                 let take = (range.len() - at).min(s.len as usize);
-                if mem.read_slice(&mut range[at..at + take], s.addr).is_err() {
+                if !mem.read_small(&mut range[at..at + take], s.addr) {
                     return Err(refuse(status_some, RequestError::BadAddress));
                 }
                 at += take;

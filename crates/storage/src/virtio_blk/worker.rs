@@ -603,7 +603,7 @@ impl QueueWorker {
         };
         let mut len = 0;
         if let Some(addr) = r.status {
-            if mem.write_obj(status as u8, addr).is_ok() {
+            if mem.write_byte(status as u8, addr) {
                 len = 1;
             }
         }
@@ -925,7 +925,7 @@ impl QueueWorker {
             status,
             written,
         } = done;
-        let len = if mem.write_obj(status, status_addr).is_ok() {
+        let len = if mem.write_byte(status, status_addr) {
             written.saturating_add(1)
         } else {
             0
