@@ -472,6 +472,10 @@ impl DeviceQueue for MemQueue {
         true
     }
 
+    fn done_in_push(&self) -> bool {
+        true
+    }
+
     unsafe fn push(&mut self, req: IoRequest<'_>) {
         // SAFETY: forwarded from the caller's promise.
         let result = unsafe { self.execute(&req) };

@@ -107,10 +107,13 @@ impl InlineQueue {
 }
 
 impl DeviceQueue for InlineQueue {
+    fn done_in_push(&self) -> bool {
+        true
+    }
+
     unsafe fn push(&mut self, req: IoRequest<'_>) {
         let result = match req.op {
-            // SAFETY: the caller keeps the segments valid until the
-            // completion is reaped, which is after this call.
+            // SAFETY: the caller keeps the segments valid for this call.
             IoOp::Read | IoOp::Write => unsafe { self.transfer(&req) },
             IoOp::Flush => self.file.sync_data().map(|()| 0),
             IoOp::Discard | IoOp::WriteZeroes => {

@@ -201,13 +201,21 @@ pub trait DeviceQueue: Send + fmt::Debug {
         false
     }
 
+    /// Whether this queue is done with a request's segments when
+    /// [`DeviceQueue::push`] returns (it copies in `push`): the caller then
+    /// need not keep them mapped until the completion is reaped.
+    fn done_in_push(&self) -> bool {
+        false
+    }
+
     /// Queues one request; it is started by the next [`DeviceQueue::submit`].
     ///
     /// # Safety
     ///
     /// Every segment must stay valid for the access the operation makes (the
     /// device writes into them for a read) until the completion for `tag` has
-    /// been returned by [`DeviceQueue::reap`].
+    /// been returned by [`DeviceQueue::reap`], or, for a queue that is
+    /// [`DeviceQueue::done_in_push`], until this call returns.
     unsafe fn push(&mut self, req: IoRequest<'_>);
     /// Starts every queued request.
     fn submit(&mut self) -> io::Result<()>;

@@ -19,6 +19,19 @@ pub const LATENCY_BOUNDS_US: [u64; 21] = {
 };
 const BUCKETS: usize = LATENCY_BOUNDS_US.len() + 1;
 
+/// The bucket of a latency.
+fn bucket(d: Duration) -> usize {
+    let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+    LATENCY_BOUNDS_US
+        .iter()
+        .position(|&b| us <= b)
+        .unwrap_or(BUCKETS - 1)
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
 /// A lock-free latency histogram with log2 buckets.
 #[derive(Debug, Default)]
 pub struct Histogram {
@@ -39,16 +52,8 @@ pub struct HistogramSnapshot {
 impl Histogram {
     /// Records one latency.
     pub fn record(&self, d: Duration) {
-        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
-        let i = LATENCY_BOUNDS_US
-            .iter()
-            .position(|&b| us <= b)
-            .unwrap_or(BUCKETS - 1);
-        self.buckets[i].fetch_add(1, Ordering::Relaxed);
-        self.sum_ns.fetch_add(
-            u64::try_from(d.as_nanos()).unwrap_or(u64::MAX),
-            Ordering::Relaxed,
-        );
+        self.buckets[bucket(d)].fetch_add(1, Ordering::Relaxed);
+        self.sum_ns.fetch_add(nanos(d), Ordering::Relaxed);
     }
 
     /// Reads the histogram.
@@ -210,6 +215,85 @@ impl BlkMetricsSnapshot {
     }
 }
 
+/// A queue worker's own count of its completed reads and writes, added to
+/// the shared [`BlkMetrics`] by [`Tally::flush`] once a round of its loop
+/// rather than once a request. An atomic add is a full barrier on x86: one
+/// a request made the worker wait, each time, for its store of the status
+/// byte (a cache line the driver holds) to land, where a batch's stores
+/// can otherwise overlap (`perf annotate` of `finish`; null 4 KiB reads
+/// at depth 32 to a polling client, 3.1M -> 3.35-3.55M I/Os a second
+/// without the per-request adds).
+#[derive(Debug, Default)]
+pub(crate) struct Tally {
+    read_ops: u64,
+    read_bytes: u64,
+    write_ops: u64,
+    write_bytes: u64,
+    read_latency: LocalHistogram,
+    write_latency: LocalHistogram,
+    dirty: bool,
+}
+
+#[derive(Debug, Default)]
+struct LocalHistogram {
+    buckets: [u64; BUCKETS],
+    sum_ns: u64,
+}
+
+impl LocalHistogram {
+    fn record(&mut self, d: Duration) {
+        self.buckets[bucket(d)] += 1;
+        self.sum_ns = self.sum_ns.saturating_add(nanos(d));
+    }
+
+    fn flush(&mut self, into: &Histogram) {
+        for (b, shared) in self.buckets.iter_mut().zip(&into.buckets) {
+            if *b > 0 {
+                shared.fetch_add(std::mem::take(b), Ordering::Relaxed);
+            }
+        }
+        into.sum_ns
+            .fetch_add(std::mem::take(&mut self.sum_ns), Ordering::Relaxed);
+    }
+}
+
+impl Tally {
+    /// One completed read of `bytes` that took `took`.
+    pub(crate) fn read(&mut self, bytes: u64, took: Duration) {
+        self.read_ops += 1;
+        self.read_bytes += bytes;
+        self.read_latency.record(took);
+        self.dirty = true;
+    }
+
+    /// One completed write.
+    pub(crate) fn write(&mut self, bytes: u64, took: Duration) {
+        self.write_ops += 1;
+        self.write_bytes += bytes;
+        self.write_latency.record(took);
+        self.dirty = true;
+    }
+
+    /// Adds what was counted since the last flush to `m`.
+    pub(crate) fn flush(&mut self, m: &BlkMetrics) {
+        if !std::mem::take(&mut self.dirty) {
+            return;
+        }
+        for (n, c) in [
+            (&mut self.read_ops, &m.read_ops),
+            (&mut self.read_bytes, &m.read_bytes),
+            (&mut self.write_ops, &m.write_ops),
+            (&mut self.write_bytes, &m.write_bytes),
+        ] {
+            if *n > 0 {
+                c.fetch_add(std::mem::take(n), Ordering::Relaxed);
+            }
+        }
+        self.read_latency.flush(&m.read_latency);
+        self.write_latency.flush(&m.write_latency);
+    }
+}
+
 impl BlkMetrics {
     /// Adds one to a counter.
     pub(crate) fn inc(c: &AtomicU64) {
@@ -249,6 +333,36 @@ impl BlkMetrics {
             write_latency: self.write_latency.snapshot(),
             flush_latency: self.flush_latency.snapshot(),
             discard_latency: self.discard_latency.snapshot(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_flushed_tally_adds_what_direct_counting_would() {
+        let direct = BlkMetrics::default();
+        let tallied = BlkMetrics::default();
+        let mut tally = Tally::default();
+        let samples = [(4096u64, 3u64), (512, 900), (131_072, 70_000), (4096, 2)];
+        for round in 0..3 {
+            for &(bytes, us) in &samples {
+                let took = Duration::from_micros(us + round);
+                BlkMetrics::inc(&direct.read_ops);
+                BlkMetrics::add(&direct.read_bytes, bytes);
+                direct.read_latency.record(took);
+                tally.read(bytes, took);
+                BlkMetrics::inc(&direct.write_ops);
+                BlkMetrics::add(&direct.write_bytes, bytes * 2);
+                direct.write_latency.record(took * 2);
+                tally.write(bytes * 2, took * 2);
+            }
+            tally.flush(&tallied);
+            // A second flush with nothing new adds nothing.
+            tally.flush(&tallied);
+            assert_eq!(tallied.snapshot(), direct.snapshot(), "round {round}");
         }
     }
 }

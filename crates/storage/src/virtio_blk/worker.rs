@@ -21,7 +21,7 @@ use vmm_sys_util::timerfd::TimerFd;
 use super::hot_mem::HotMem;
 use super::inflight::InflightQueue;
 use super::iovec::{copy_iov, push_iovecs, sector_aligned};
-use super::metrics::BlkMetrics;
+use super::metrics::{BlkMetrics, Tally};
 use super::request::{self, Refused, Request, RequestError, RequestKind, Segment, ID_BYTES};
 use super::throttle::SharedThrottle;
 use super::used_order::{Seq, UsedOrder};
@@ -58,7 +58,11 @@ struct Inflight {
     len: u64,
     /// Keeps the guest memory mapping alive while the device may still
     /// write into it, even if the frontend replaces the memory table.
-    mem: Arc<GuestMemoryMmap>,
+    /// `None` for devices done with guest memory when `push` returns
+    /// ([`DeviceQueue::done_in_push`]): the round's snapshot, borrowed
+    /// across the `push`, kept it mapped. (Two atomic operations a request
+    /// saved: each is a full barrier, see [`Tally`].)
+    mem: Option<Arc<GuestMemoryMmap>>,
     /// Encrypted volumes: the ciphertext buffer the device reads or writes,
     /// and (for reads) the guest buffers the plaintext goes to.
     bounce: Option<Bounce>,
@@ -170,6 +174,11 @@ pub(crate) struct QueueWorker {
     region: Option<InflightQueue>,
     /// [`SUBMIT_BATCH`] or [`SYNC_BATCH`], by the device.
     submit_batch: usize,
+    /// Completed reads and writes not yet in `metrics`.
+    tally: Tally,
+    /// Whether a request in flight keeps the memory table it was started
+    /// under (devices that touch guest memory after `push` returns).
+    keep_mem: bool,
     /// The time of the current step of the loop, read at the start of a
     /// round and again before each reap: the latency counters cost a few
     /// clock reads per round rather than two per request (their
@@ -196,6 +205,7 @@ impl QueueWorker {
             share,
             share_slot,
         } = policy;
+        let dev_done_in_push = dev.done_in_push();
         let submit_batch = if dev.completion_fd().is_some() {
             SUBMIT_BATCH
         } else {
@@ -226,6 +236,8 @@ impl QueueWorker {
             order: UsedOrder::default(),
             region: None,
             submit_batch,
+            tally: Tally::default(),
+            keep_mem: !dev_done_in_push,
             clock: Instant::now(),
         })
     }
@@ -301,6 +313,7 @@ impl QueueWorker {
         // out: the loop itself touches no shared cache line.
         let (mut polls, mut idle_polls) = (0u64, 0u64);
         let r = self.poll_ring(vring, mem, event_idx, &mut polls, &mut idle_polls);
+        self.tally.flush(&self.metrics);
         BlkMetrics::inc(&self.metrics.wakeups);
         BlkMetrics::add(&self.metrics.polls, polls);
         BlkMetrics::add(&self.metrics.idle_polls, idle_polls);
@@ -349,6 +362,8 @@ impl QueueWorker {
                 idle_since = now;
             } else {
                 *idle_polls += 1;
+                // Nothing to do this round: the counters catch up.
+                self.tally.flush(&self.metrics);
             }
             // Adaptive polling: keep watching the ring (and the device)
             // for a short while after the last activity, as QEMU's
@@ -449,6 +464,7 @@ impl QueueWorker {
             // Draining ends the queue: signal regardless of suppression.
             self.notify(vr, &hot, true);
         }
+        self.tally.flush(&self.metrics);
         // Whatever was not published goes with the ring.
         self.order.clear();
     }
@@ -718,7 +734,7 @@ impl QueueWorker {
             status: req.status,
             kind: req.kind,
             len: req.len,
-            mem: Arc::clone(mem.snapshot()),
+            mem: self.keep_mem.then(|| Arc::clone(mem.snapshot())),
             bounce,
             started: self.clock,
         });
@@ -741,8 +757,11 @@ impl QueueWorker {
         debug_assert!(io.offset + io.len <= self.range.offset + self.range.size);
         // SAFETY: the iovecs point into guest memory kept mapped by the
         // `Arc<GuestMemoryMmap>` stored in the slot until the completion for
-        // `tag` is reaped; `parse` checked each range lies in guest memory
-        // and that the device-side range lies inside the volume.
+        // `tag` is reaped, or, for a device done with them when `push`
+        // returns (`keep_mem` false), by the round's snapshot that `mem`
+        // borrows across this call; `parse` checked each range lies in
+        // guest memory and that the device-side range lies inside the
+        // volume.
         unsafe { self.dev.push(io) };
         false
     }
@@ -852,16 +871,8 @@ impl QueueWorker {
             Ok(_) => {
                 let took = self.clock.saturating_duration_since(f.started);
                 match f.kind {
-                    RequestKind::Read => {
-                        BlkMetrics::inc(&m.read_ops);
-                        BlkMetrics::add(&m.read_bytes, f.len);
-                        m.read_latency.record(took);
-                    }
-                    RequestKind::Write => {
-                        BlkMetrics::inc(&m.write_ops);
-                        BlkMetrics::add(&m.write_bytes, f.len);
-                        m.write_latency.record(took);
-                    }
+                    RequestKind::Read => self.tally.read(f.len, took),
+                    RequestKind::Write => self.tally.write(f.len, took),
                     RequestKind::Flush => {
                         BlkMetrics::inc(&m.flush_ops);
                         m.flush_latency.record(took);
