@@ -59,8 +59,9 @@ struct Inflight {
     /// Keeps the guest memory mapping alive while the device may still
     /// write into it, even if the frontend replaces the memory table.
     /// `None` for devices done with guest memory when `push` returns
-    /// ([`DeviceQueue::done_in_push`]): the round's snapshot, borrowed
-    /// across the `push`, kept it mapped. (Two atomic operations a request
+    /// ([`DeviceQueue::done_in_push`]) and no bounce buffer to copy back
+    /// from: the round's snapshot, borrowed across the `push`, kept it
+    /// mapped. (Two atomic operations a request
     /// saved: each is a full barrier, see [`Tally`].)
     mem: Option<Arc<GuestMemoryMmap>>,
     /// Encrypted volumes: the ciphertext buffer the device reads or writes,
@@ -734,7 +735,9 @@ impl QueueWorker {
             status: req.status,
             kind: req.kind,
             len: req.len,
-            mem: self.keep_mem.then(|| Arc::clone(mem.snapshot())),
+            // A bounce's guest buffers are written after `push` (the
+            // plaintext of a read, in `finish`): those keep the table too.
+            mem: (self.keep_mem || bounce.is_some()).then(|| Arc::clone(mem.snapshot())),
             bounce,
             started: self.clock,
         });
@@ -758,8 +761,8 @@ impl QueueWorker {
         // SAFETY: the iovecs point into guest memory kept mapped by the
         // `Arc<GuestMemoryMmap>` stored in the slot until the completion for
         // `tag` is reaped, or, for a device done with them when `push`
-        // returns (`keep_mem` false), by the round's snapshot that `mem`
-        // borrows across this call; `parse` checked each range lies in
+        // returns (`keep_mem` false, no bounce), by the round's snapshot
+        // that `mem` borrows across this call; `parse` checked each range lies in
         // guest memory and that the device-side range lies inside the
         // volume.
         unsafe { self.dev.push(io) };
