@@ -121,14 +121,18 @@ mod tests {
     use super::*;
     use vm_memory::Bytes;
 
+    /// Guest memory of regions `(start, length)`.
+    fn regions(ranges: &[(u64, usize)]) -> Arc<GuestMemoryMmap> {
+        let ranges: Vec<_> = ranges
+            .iter()
+            .map(|&(start, len)| (GuestAddress(start), len))
+            .collect();
+        Arc::new(GuestMemoryMmap::from_ranges(&ranges).expect("guest memory"))
+    }
+
+    /// Two regions with a hole between them.
     fn two_regions() -> Arc<GuestMemoryMmap> {
-        Arc::new(
-            GuestMemoryMmap::from_ranges(&[
-                (GuestAddress(0x1000), 0x1000),
-                (GuestAddress(0x10000), 0x2000),
-            ])
-            .expect("guest memory"),
-        )
+        regions(&[(0x1000, 0x1000), (0x10000, 0x2000)])
     }
 
     #[test]
@@ -177,14 +181,7 @@ mod tests {
     /// Two regions that touch (0x1000-0x1fff, 0x2000-0x2fff) and one after
     /// a hole (0x10000-0x11fff).
     fn touching_regions() -> Arc<GuestMemoryMmap> {
-        Arc::new(
-            GuestMemoryMmap::from_ranges(&[
-                (GuestAddress(0x1000), 0x1000),
-                (GuestAddress(0x2000), 0x1000),
-                (GuestAddress(0x10000), 0x2000),
-            ])
-            .expect("guest memory"),
-        )
+        regions(&[(0x1000, 0x1000), (0x2000, 0x1000), (0x10000, 0x2000)])
     }
 
     #[test]
