@@ -107,6 +107,9 @@ pub(crate) struct Figures {
     pub(crate) cpu_per_m: f64,
     /// I/Os per second per core the server kept busy.
     pub(crate) iops_per_core: f64,
+    /// Times the client thread slept per I/O (it waits on its completion
+    /// eventfd when no answer is there yet).
+    pub(crate) client_sleeps_per_io: f64,
 }
 
 /// [`drive`] against a card in this process, with the default (sleeping)
@@ -179,6 +182,7 @@ fn drive(socket: &Path, w: Workload, seconds: f64, server: Server, poll: bool) -
     let mut lat_us: Vec<u32> = Vec::with_capacity(1 << 20);
     let mut done = 0u64;
     let meter = Meter::start(server)?;
+    let sleeps = crate::bench_cpu::sleeps_so_far()?;
     let begin = Instant::now();
     let stop_at = begin + Duration::from_secs_f64(seconds);
     let mut stopping = false;
@@ -212,6 +216,7 @@ fn drive(socket: &Path, w: Workload, seconds: f64, server: Server, poll: bool) -
     let elapsed = begin.elapsed().as_secs_f64();
     // Before the client disconnects: the server's threads still live.
     let cpu = meter.stop()?;
+    let sleeps = crate::bench_cpu::sleeps_so_far()?.saturating_sub(sleeps);
     lat_us.sort_unstable();
     // Nearest-rank percentile, in integer arithmetic.
     let pct = |per_mille: usize| {
@@ -230,6 +235,7 @@ fn drive(socket: &Path, w: Workload, seconds: f64, server: Server, poll: bool) -
         } else {
             f64::NAN
         },
+        client_sleeps_per_io: sleeps as f64 / done.max(1) as f64,
     })
 }
 
@@ -396,10 +402,16 @@ pub fn storage(a: &StorageBenchArgs) -> Result<()> {
         "#   machine: {} (a sleeping client's wake-ups cost more where idle CPUs halt at once: docs/benchmarks.md)",
         crate::bench_cpu::idle_policy()
     );
+    if let Some(cost) = crate::bench_wake::wake_cost() {
+        println!("#   {cost}");
+    }
+    println!("#   client sleeps/IO: times the client thread slept (voluntary context switches) per I/O; a sleep on an idle CPU costs it up to the wake-up above");
     println!("#   CPU: the serving side's user + system seconds per million I/Os, and I/Os per second per core it kept busy (a spinning poller counts as busy)");
     println!("#   per I/O (softcard): rounds of the queue worker's polling loop (those that found nothing), wake-ups of the worker, notifications to the driver");
-    println!("| backing | workload | softcard IOPS | qsd IOPS | softcard/qsd | softcard MB/s | qsd MB/s | softcard CPU s/M IO | qsd CPU s/M IO | softcard IOPS/core | qsd IOPS/core | softcard p50/p99 us | qsd p50/p99 us | polls/IO (idle) | wake-ups/IO | notifications/IO |");
-    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| backing | workload | softcard IOPS | qsd IOPS | softcard/qsd | softcard MB/s | qsd MB/s | softcard CPU s/M IO | qsd CPU s/M IO | softcard IOPS/core | qsd IOPS/core | softcard p50/p99 us | qsd p50/p99 us | client sleeps/IO softcard | client sleeps/IO qsd | polls/IO (idle) | wake-ups/IO | notifications/IO |");
+    println!(
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
     let wanted =
         |name: &str, filter: &Option<String>| filter.as_deref().is_none_or(|f| name.contains(f));
     for (backing, _) in BACKINGS.into_iter().filter(|(b, _)| wanted(b, &a.backing)) {
@@ -533,7 +545,7 @@ pub fn storage(a: &StorageBenchArgs) -> Result<()> {
                 figure(median_range(&per_io.iter().map(f).collect::<Vec<_>>()).0, 2)
             };
             println!(
-                "| {backing} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} ({}) | {} | {} |",
+                "| {backing} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} ({}) | {} | {} |",
                 w.name,
                 s.iops_text(),
                 q.iops_text(),
@@ -546,6 +558,8 @@ pub fn storage(a: &StorageBenchArgs) -> Result<()> {
                 figure(q.iops_per_core, 0),
                 s.latency_text(),
                 q.latency_text(),
+                figure(s.client_sleeps_per_io, 3),
+                figure(q.client_sleeps_per_io, 3),
                 m(|c| c.polls),
                 m(|c| c.idle_polls),
                 m(|c| c.wakeups),

@@ -47,6 +47,7 @@ pub(crate) struct Summary {
     pub(crate) iops_per_core: f64,
     pub(crate) p50_us: f64,
     pub(crate) p99_us: f64,
+    pub(crate) client_sleeps_per_io: f64,
 }
 
 impl Summary {
@@ -59,6 +60,7 @@ impl Summary {
             iops_per_core: m(|r| r.iops_per_core),
             p50_us: m(|r| r.p50_us),
             p99_us: m(|r| r.p99_us),
+            client_sleeps_per_io: m(|r| r.client_sleeps_per_io),
         }
     }
 

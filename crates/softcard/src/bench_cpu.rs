@@ -82,6 +82,24 @@ impl Meter {
     }
 }
 
+/// How many times the calling thread has slept (its voluntary context
+/// switches), from `/proc/thread-self/status`.
+pub fn sleeps_so_far() -> Result<u64> {
+    let s = std::fs::read_to_string("/proc/thread-self/status")
+        .context("reading /proc/thread-self/status")?;
+    parse_voluntary_switches(&s)
+}
+
+fn parse_voluntary_switches(status: &str) -> Result<u64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+        .context("no voluntary_ctxt_switches line")?
+        .trim()
+        .parse()
+        .context("voluntary_ctxt_switches is not a number")
+}
+
 /// The median and range of some figures (`NaN` for none).
 pub fn median_range(v: &[f64]) -> (f64, f64, f64) {
     let mut s: Vec<f64> = v.iter().copied().filter(|x| !x.is_nan()).collect();
@@ -124,6 +142,16 @@ mod tests {
         assert_eq!(median_range(&[3.0, 1.0, 2.0]), (2.0, 1.0, 3.0));
         assert_eq!(median_range(&[4.0, 1.0, 2.0, 3.0]), (2.5, 1.0, 4.0));
         assert!(median_range(&[]).0.is_nan());
+    }
+
+    #[test]
+    fn voluntary_switches_from_a_status_file() {
+        let status = "Name:\tsoftcard\nState:\tR (running)\nvoluntary_ctxt_switches:\t1234\nnonvoluntary_ctxt_switches:\t56\n";
+        assert_eq!(parse_voluntary_switches(status).unwrap(), 1234);
+        assert!(parse_voluntary_switches("Name:\tx\n").is_err());
+        assert!(parse_voluntary_switches("voluntary_ctxt_switches:\tmany\n").is_err());
+        // The calling thread's own file parses.
+        assert!(sleeps_so_far().is_ok());
     }
 
     #[test]

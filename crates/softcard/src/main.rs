@@ -9,6 +9,7 @@ mod bench_qos;
 mod bench_rdma;
 mod bench_upgrade;
 mod bench_verbs;
+mod bench_wake;
 mod cli;
 mod daemon;
 mod gpu;
