@@ -18,6 +18,7 @@
 //! every disconnect. A frontend that listens takes the next card at once,
 //! with no reconnect timer of its own to wait for.
 
+mod batching;
 mod device;
 mod event_loop;
 mod handler;

@@ -18,6 +18,7 @@ use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, Guest
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
+use super::batching::{answer_now, SUBMIT_BATCH, SUBMIT_BATCH_BYTES, SYNC_BATCH};
 use super::hot_mem::HotMem;
 use super::inflight::InflightQueue;
 use super::iovec::{copy_iov, push_iovecs, sector_aligned};
@@ -33,18 +34,6 @@ type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
 
 /// How long a queue keeps polling its ring after the last activity.
 const POLL_WINDOW: Duration = Duration::from_micros(50);
-/// Requests popped between two submissions to the device within one run,
-/// for devices that complete asynchronously (io_uring: one system call per
-/// batch).
-const SUBMIT_BATCH: usize = 8;
-/// The same for devices that complete in `push` (memory): answers go out
-/// every few requests, so that the driver finds them while it still looks
-/// rather than going to sleep; 1 costs a notification per request, 8 and
-/// more leave the driver waiting (`softcard bench storage`, ram and null:
-/// 4 gave the most I/Os per second).
-const SYNC_BATCH: usize = 4;
-/// Data bytes popped between two submissions within one run.
-const SUBMIT_BATCH_BYTES: u64 = 128 << 10;
 /// Longest stretch one call stays in the loop before going back to epoll.
 const POLL_BUDGET: Duration = Duration::from_millis(2);
 
@@ -180,6 +169,12 @@ pub(crate) struct QueueWorker {
     /// Whether a request in flight keeps the memory table it was started
     /// under (devices that touch guest memory after `push` returns).
     keep_mem: bool,
+    /// Whether the device completes each request in `push`.
+    done_in_push: bool,
+    /// Nanoseconds per request of the last batch of large requests (at
+    /// least [`SUBMIT_BATCH_BYTES`]), from the start of one batch to the
+    /// next.
+    pace_ns: u64,
     /// The time of the current step of the loop, read at the start of a
     /// round and again before each reap: the latency counters cost a few
     /// clock reads per round rather than two per request (their
@@ -239,6 +234,8 @@ impl QueueWorker {
             submit_batch,
             tally: Tally::default(),
             keep_mem: !dev_done_in_push,
+            done_in_push: dev_done_in_push,
+            pace_ns: 0,
             clock: Instant::now(),
         })
     }
@@ -477,7 +474,8 @@ impl QueueWorker {
         self.broken = true;
     }
 
-    fn notify(&self, vring: &mut VringState<Mem>, mem: &HotMem<'_>, event_idx: bool) {
+    /// Notifies the driver if it asked for it; returns whether it did.
+    fn notify(&self, vring: &mut VringState<Mem>, mem: &HotMem<'_>, event_idx: bool) -> bool {
         // Without EVENT_IDX the driver may ask for no interrupts
         // (VRING_AVAIL_F_NO_INTERRUPT) while it polls the used ring.
         if !event_idx {
@@ -485,19 +483,21 @@ impl QueueWorker {
                 .read_obj(GuestAddress(vring.get_queue().avail_ring()))
                 .unwrap_or(0);
             if flags & 1 != 0 {
-                return;
+                return false;
             }
         }
-        if vring
+        if !vring
             .get_queue_mut()
             .needs_notification(mem)
             .unwrap_or(true)
         {
-            BlkMetrics::inc(&self.metrics.notifications);
-            if let Err(e) = vring.signal_used_queue() {
-                debug!("signal_used_queue: {e}");
-            }
+            return false;
         }
+        BlkMetrics::inc(&self.metrics.notifications);
+        if let Err(e) = vring.signal_used_queue() {
+            debug!("signal_used_queue: {e}");
+        }
+        true
     }
 
     /// Pops and starts requests while slots are free. Returns whether any
@@ -507,12 +507,16 @@ impl QueueWorker {
         // A frontend that moves avail->idx more than a queue's worth ahead
         // of us has broken the ring (virtio 2.7.13.3); stop this queue.
         let q = vring.get_queue();
+        // Requests known to wait in the ring behind the one being started
+        // (those seen now; later ones are not counted).
+        let mut ahead = 0u16;
         if let Ok(avail) = q.avail_idx(mem, std::sync::atomic::Ordering::Acquire) {
             let pending = avail - std::num::Wrapping(q.next_avail());
             if pending.0 > q.size() {
                 self.mark_broken("avail index moved more than the queue size");
                 return false;
             }
+            ahead = pending.0;
         }
         // A request that waited goes first.
         if let Some(mut p) = self.pending.take() {
@@ -534,10 +538,13 @@ impl QueueWorker {
             used |= self.start(vring, mem, p.req, p.seq);
         }
         let (mut batch, mut batch_bytes) = (0usize, 0u64);
+        let mut batch_started = self.clock;
+        let mut signalled = false;
         while !self.free.is_empty() {
             let Some(chain) = vring.get_queue_mut().pop_descriptor_chain(mem) else {
                 break;
             };
+            ahead = ahead.saturating_sub(1);
             let seq = self.order.take();
             if let Some(r) = &mut self.region {
                 r.taken(chain.head_index());
@@ -577,19 +584,54 @@ impl QueueWorker {
                 }
             }
             batch += 1;
-            if batch == self.submit_batch || batch_bytes >= SUBMIT_BATCH_BYTES {
+            if batch == self.submit_batch || self.batch_full(vring, mem, batch_bytes, &mut ahead) {
                 // Long runs of requests: hand what we have to the device
                 // and the finished ones back to the driver, so both start
                 // working while we parse the rest.
-                (batch, batch_bytes) = (0, 0);
                 let submitted = self.dev.submit().is_ok();
                 self.clock = Instant::now();
-                if submitted && self.reap(vring, mem) {
-                    self.notify(vring, mem, event_idx);
+                // The pace of large requests, from one batch to the next,
+                // leaves out a batch after a notification (one that wakes
+                // the driver takes this thread ~10 us). No clock read of
+                // its own: one more per request cost `null` 128 KiB reads
+                // 30 % (`softcard bench storage`), far more than a clock
+                // read costs in a loop alone (16 ns).
+                if batch_bytes >= SUBMIT_BATCH_BYTES && !signalled {
+                    let ns = nanos(self.clock.duration_since(batch_started));
+                    // One request a batch unless they are slow: no
+                    // division in the common case.
+                    self.pace_ns = if batch > 1 { ns / batch as u64 } else { ns };
                 }
+                (batch, batch_bytes) = (0, 0);
+                batch_started = self.clock;
+                signalled =
+                    submitted && self.reap(vring, mem) && self.notify(vring, mem, event_idx);
             }
         }
         used
+    }
+
+    /// Whether the requests popped since the last batch, `bytes` of data,
+    /// should be handed to the device (and, done in `push`, answered) now
+    /// rather than with the next ones, with `ahead` more known to wait in
+    /// the ring.
+    fn batch_full(
+        &self,
+        vring: &VringState<Mem>,
+        mem: &HotMem<'_>,
+        bytes: u64,
+        ahead: &mut u16,
+    ) -> bool {
+        if !self.done_in_push {
+            return bytes >= SUBMIT_BATCH_BYTES;
+        }
+        answer_now(bytes, self.pace_ns, ahead, || {
+            let q = vring.get_queue();
+            let avail = q
+                .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
+                .ok()?;
+            Some((avail - std::num::Wrapping(q.next_avail())).0)
+        })
     }
 
     /// Counts a request that goes to the device against the volume's share;
