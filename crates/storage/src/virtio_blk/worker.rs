@@ -166,19 +166,19 @@ pub(crate) struct QueueWorker {
     submit_batch: usize,
     /// Completed reads and writes not yet in `metrics`.
     tally: Tally,
-    /// Whether a request in flight keeps the memory table it was started
-    /// under (devices that touch guest memory after `push` returns).
-    keep_mem: bool,
-    /// Whether the device completes each request in `push`.
+    /// Whether the device completes each request in `push` (and is done
+    /// with guest memory when it returns); otherwise a request in flight
+    /// keeps the memory table it was started under.
     done_in_push: bool,
     /// Nanoseconds per request of the last batch of large requests (at
     /// least [`SUBMIT_BATCH_BYTES`]), from the start of one batch to the
     /// next.
     pace_ns: u64,
-    /// The time of the current step of the loop, read at the start of a
-    /// round and again before each reap: the latency counters cost a few
-    /// clock reads per round rather than two per request (their
-    /// resolution is a batch, a few microseconds).
+    /// The time of the current step of the loop, read once a round (after
+    /// its submission) and after each batch of large requests on a device
+    /// done in `push`: the latency counters cost about one clock read per
+    /// round rather than two per request (their resolution is a round, a
+    /// few microseconds).
     clock: Instant,
 }
 
@@ -233,7 +233,6 @@ impl QueueWorker {
             region: None,
             submit_batch,
             tally: Tally::default(),
-            keep_mem: !dev_done_in_push,
             done_in_push: dev_done_in_push,
             pace_ns: 0,
             clock: Instant::now(),
@@ -507,17 +506,15 @@ impl QueueWorker {
         let mut used = false;
         // A frontend that moves avail->idx more than a queue's worth ahead
         // of us has broken the ring (virtio 2.7.13.3); stop this queue.
-        let q = vring.get_queue();
         // Requests known to wait in the ring behind the one being started
         // (those seen now; later ones are not counted).
         let mut ahead = 0u16;
-        if let Ok(avail) = q.avail_idx(mem, std::sync::atomic::Ordering::Acquire) {
-            let pending = avail - std::num::Wrapping(q.next_avail());
-            if pending.0 > q.size() {
+        if let Some(pending) = waiting_in_ring(vring, mem) {
+            if pending > vring.get_queue().size() {
                 self.mark_broken("avail index moved more than the queue size");
                 return false;
             }
-            ahead = pending.0;
+            ahead = pending;
         }
         // A request that waited goes first.
         if let Some(mut p) = self.pending.take() {
@@ -641,13 +638,7 @@ impl QueueWorker {
         if !self.done_in_push {
             return bytes >= SUBMIT_BATCH_BYTES;
         }
-        answer_now(bytes, self.pace_ns, ahead, || {
-            let q = vring.get_queue();
-            let avail = q
-                .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
-                .ok()?;
-            Some((avail - std::num::Wrapping(q.next_avail())).0)
-        })
+        answer_now(bytes, self.pace_ns, ahead, || waiting_in_ring(vring, mem))
     }
 
     /// Counts a request that goes to the device against the volume's share;
@@ -795,7 +786,7 @@ impl QueueWorker {
             len: req.len,
             // A bounce's guest buffers are written after `push` (the
             // plaintext of a read, in `finish`): those keep the table too.
-            mem: (self.keep_mem || bounce.is_some()).then(|| Arc::clone(mem.snapshot())),
+            mem: (!self.done_in_push || bounce.is_some()).then(|| Arc::clone(mem.snapshot())),
             bounce,
             started: self.clock,
         });
@@ -819,7 +810,7 @@ impl QueueWorker {
         // SAFETY: the iovecs point into guest memory kept mapped by the
         // `Arc<GuestMemoryMmap>` stored in the slot until the completion for
         // `tag` is reaped, or, for a device done with them when `push`
-        // returns (`keep_mem` false, no bounce), by the round's snapshot
+        // returns (`done_in_push`, no bounce), by the round's snapshot
         // that `mem` borrows across this call; `parse` checked each range lies in
         // guest memory and that the device-side range lies inside the
         // volume.
@@ -1004,4 +995,15 @@ impl QueueWorker {
         };
         self.publish(vring, mem, seq, head, len);
     }
+}
+
+/// Requests the driver has made available and the ring has not yet given
+/// us (None when the avail index cannot be read).
+#[inline]
+fn waiting_in_ring(vring: &VringState<Mem>, mem: &HotMem<'_>) -> Option<u16> {
+    let q = vring.get_queue();
+    let avail = q
+        .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
+        .ok()?;
+    Some((avail - std::num::Wrapping(q.next_avail())).0)
 }
