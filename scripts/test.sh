@@ -29,7 +29,9 @@ step clippy cargo clippy --workspace --all-targets --locked -- -D warnings
 
 log "tests"
 out=$(mktemp)
-cargo test --workspace --locked --no-fail-fast 2>&1 | tee "$out"
+# Each test binary runs under a time limit (scripts/test-limit.sh).
+CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER="$PWD/scripts/test-limit.sh" \
+    cargo test --workspace --locked --no-fail-fast 2>&1 | tee "$out"
 [ "${PIPESTATUS[0]}" -eq 0 ] || failed_steps+=(tests)
 passed=$(awk '/^test result:/ {for (i = 1; i < NF; i++) if ($(i+1) ~ /^passed/) s += $i} END {print s + 0}' "$out")
 failed=$(awk '/^test result:/ {for (i = 1; i < NF; i++) if ($(i+1) ~ /^failed/) s += $i} END {print s + 0}' "$out")

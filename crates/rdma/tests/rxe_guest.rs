@@ -31,6 +31,9 @@ const SERVER_QPN: u32 = 0x11;
 
 use rxe_host::{connect_when_listening, on_host};
 
+/// How long the guest may run before it is killed and the test fails.
+const GUEST_LIMIT: Duration = Duration::from_secs(300);
+
 const INIT: &str = r#"
 $B ip link set lo up
 $B ip link set eth0 up
@@ -344,7 +347,7 @@ fn ibv_rc_pingpong_both_directions_against_our_engine() {
         (results, eng.stats)
     });
 
-    let console = run_guest(&ns, &kernel, &initrd, "52:54:00:12:34:57");
+    let console = run_guest(&ns, &kernel, &initrd, "52:54:00:12:34:57", GUEST_LIMIT);
     let (results, stats) = host.join().unwrap();
     for l in console.lines().filter(|l| l.starts_with("SOFTCARD-")) {
         eprintln!("guest: {l}");

@@ -16,6 +16,9 @@ use std::time::{Duration, Instant};
 use rxe_host::{connect_when_listening, on_host};
 use softcard_testkit::rxe::{run_guest, rxe_initramfs, tap_netns, GUEST};
 
+/// How long the guest may run before it is killed and the test fails.
+const GUEST_LIMIT: Duration = Duration::from_secs(300);
+
 const PERFTEST_INIT: &str = r#"
 $B ip link set lo up
 $B ip link set eth0 up
@@ -379,7 +382,7 @@ fn perftest_write_and_read_bandwidth_against_our_engine() {
         }
         runs
     });
-    let console = run_guest(&ns, &kernel, &initrd, "52:54:00:12:34:58");
+    let console = run_guest(&ns, &kernel, &initrd, "52:54:00:12:34:58", GUEST_LIMIT);
     for l in console.lines().filter(|l| l.starts_with("SOFTCARD-")) {
         eprintln!("guest: {l}");
     }
@@ -757,7 +760,7 @@ fn perftest_latency_tools_against_our_engine() {
             eng.stats,
         )
     });
-    let console = run_guest(&ns, &kernel, &initrd, "52:54:00:12:34:59");
+    let console = run_guest(&ns, &kernel, &initrd, "52:54:00:12:34:59", GUEST_LIMIT);
     for l in console.lines().filter(|l| l.starts_with("SOFTCARD-")) {
         eprintln!("guest: {l}");
     }

@@ -25,6 +25,10 @@ mod common;
 use std::process::{Command, Output};
 
 use common::{Daemon, BIN};
+use softcard_testkit::deadline::output_within;
+
+/// How long one tool run may take before it is killed (and fails).
+const TOOL_LIMIT: std::time::Duration = std::time::Duration::from_secs(180);
 
 fn exec(socket: &std::path::Path, tls: Option<&str>, cmd: &[&str]) -> Output {
     let mut c = Command::new(BIN);
@@ -35,7 +39,7 @@ fn exec(socket: &std::path::Path, tls: Option<&str>, cmd: &[&str]) -> Output {
     if let Some(t) = tls {
         c.env("UCX_TLS", t);
     }
-    c.output().unwrap()
+    output_within(&mut c, TOOL_LIMIT)
 }
 
 fn text(o: &Output) -> String {

@@ -16,15 +16,20 @@ mod common;
 use std::process::{Command, Output};
 
 use common::{Daemon, BIN};
+use softcard_testkit::deadline::output_within;
+
+/// How long one tool run may take before it is killed (and fails).
+const TOOL_LIMIT: std::time::Duration = std::time::Duration::from_secs(180);
 
 fn exec(socket: &std::path::Path, cmd: &[&str]) -> Output {
-    Command::new(BIN)
-        .args(["rdma", "exec", "--socket"])
-        .arg(socket)
-        .arg("--")
-        .args(cmd)
-        .output()
-        .unwrap()
+    output_within(
+        Command::new(BIN)
+            .args(["rdma", "exec", "--socket"])
+            .arg(socket)
+            .arg("--")
+            .args(cmd),
+        TOOL_LIMIT,
+    )
 }
 
 fn text(o: &Output) -> (String, String) {

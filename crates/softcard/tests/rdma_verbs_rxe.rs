@@ -20,10 +20,18 @@
 mod common;
 
 use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::BIN;
+use softcard_testkit::deadline::output_within;
 use softcard_testkit::rxe::{run_guest, rxe_initramfs, tap_netns, Kill};
+
+/// How long the guest may run before it is killed and the test fails.
+const GUEST_LIMIT: Duration = Duration::from_secs(300);
+/// How long one run of a tool on the host may take.
+const TOOL_LIMIT: Duration = Duration::from_secs(120);
 
 /// One tool run: the command without its device and GID options, and
 /// whether the guest is the client.
@@ -138,7 +146,7 @@ fn debian_tools_through_the_card_against_rdma_rxe_in_both_roles() {
     let tools: Vec<&str> = tools.iter().map(String::as_str).collect();
     let initrd = rxe_initramfs(&kernel, &guest_script(), dir.path(), &tools);
 
-    let ns = std::sync::Arc::new(tap_netns("vrx"));
+    let ns = Arc::new(tap_netns("vrx"));
     let sock = dir.path().join("rdma.sock");
     let config = dir.path().join("card.toml");
     std::fs::write(
@@ -167,9 +175,13 @@ fn debian_tools_through_the_card_against_rdma_rxe_in_both_roles() {
     }
     assert!(sock.exists(), "the card daemon did not start");
 
+    // Set once the guest has powered off or been killed: a host client
+    // stops waiting for a server that will never listen.
+    let guest_done = Arc::new(AtomicBool::new(false));
     let host = {
         let ns = ns.clone();
         let sock = sock.clone();
+        let guest_done = guest_done.clone();
         std::thread::spawn(move || {
             let run = |st: &Step, port: u16, peer: Option<&str>| -> Output {
                 let mut c: Command = ns.command(BIN);
@@ -180,35 +192,44 @@ fn debian_tools_through_the_card_against_rdma_rxe_in_both_roles() {
                     .args(options(st.tool, "softcard0", "0", port))
                     .args(st.args)
                     .args(peer);
-                c.output().unwrap()
+                output_within(&mut c, TOOL_LIMIT)
             };
-            // A client, again until its server listens (a guest's server
-            // starts when the guest's previous step ends).
+            // A client, again while its server does not listen yet (a
+            // guest's server starts when the guest's previous step ends)
+            // and the guest still runs; any other failure is the step's.
             let retry = |st: Step, port: u16, peer: &'static str| {
                 let run = &run;
-                move || {
-                    let mut last = None;
-                    for _ in 0..120 {
-                        let o = run(&st, port, Some(peer));
-                        let done = o.status.success()
-                            || reported(st.tool, &String::from_utf8_lossy(&o.stdout));
-                        last = Some(o);
-                        if done {
-                            break;
-                        }
-                        std::thread::sleep(Duration::from_millis(500));
+                let guest_done = &guest_done;
+                move || loop {
+                    let o = run(&st, port, Some(peer));
+                    let refused = !o.status.success()
+                        && [&o.stdout, &o.stderr]
+                            .iter()
+                            .any(|b| String::from_utf8_lossy(b).contains("Couldn't connect"));
+                    if !refused || guest_done.load(Ordering::Relaxed) {
+                        break o;
                     }
-                    last.unwrap()
+                    std::thread::sleep(Duration::from_millis(500));
                 }
             };
             let mut outs = Vec::new();
             for (i, st) in steps().into_iter().enumerate() {
                 let port = 18600 + i as u16;
-                outs.push(if st.guest_client {
+                let what = format!(
+                    "host step {i} {} {:?} (host {})",
+                    st.tool,
+                    st.args,
+                    if st.guest_client { "server" } else { "client" }
+                );
+                let o = if st.guest_client {
                     run(&st, port, None)
                 } else {
                     retry(st, port, "10.77.0.2")()
-                });
+                };
+                // Progress, for a run that fails: the tool's own lines
+                // name what went wrong.
+                eprintln!("{what}: {}", o.status);
+                outs.push(o);
             }
             // Then at the same time: two host applications against the
             // guest's two servers, and two more against each other, all
@@ -235,10 +256,14 @@ fn debian_tools_through_the_card_against_rdma_rxe_in_both_roles() {
         })
     };
 
-    let console = run_guest(&ns, &kernel, &initrd, "52:54:00:12:34:61");
+    let console = run_guest(&ns, &kernel, &initrd, "52:54:00:12:34:61", GUEST_LIMIT);
+    guest_done.store(true, Ordering::Relaxed);
+    assert!(
+        console.contains("SOFTCARD-DONE"),
+        "the guest did not finish its steps: {console}"
+    );
     let (host, together) = host.join().unwrap();
     assert!(!console.contains("SOFTCARD-FAIL"), "{console}");
-    assert!(console.contains("SOFTCARD-DONE"), "{console}");
     for (i, (st, o)) in steps().iter().zip(&host).enumerate() {
         let role = if st.guest_client {
             "host server"

@@ -4,6 +4,7 @@
 //! (with the shared libraries they need).
 
 pub mod browser;
+pub mod deadline;
 pub mod rxe;
 
 use std::path::Path;

@@ -5,6 +5,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
+use std::time::Duration;
 
 use crate::{Initramfs, Netns};
 
@@ -34,20 +35,24 @@ impl Drop for Kill {
 }
 
 /// Boots the guest on `initrd` with its NIC on the namespace's tap device
-/// and returns its console output once it powers off.
-pub fn run_guest(ns: &Netns, kernel: &Path, initrd: &Path, mac: &str) -> String {
-    let mut qemu = Kill(
-        ns.command("qemu-system-x86_64")
-            .args(crate::guest_args(kernel, initrd))
-            .args(["-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no"])
-            .args(["-device", &format!("virtio-net-pci,netdev=n0,mac={mac}")])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("qemu-system-x86_64"),
-    );
-    let mut console = String::new();
-    std::io::Read::read_to_string(&mut qemu.0.stdout.take().unwrap(), &mut console).unwrap();
+/// and returns its console output once it powers off, or once `limit` has
+/// passed: then QEMU is killed and the console ends with a line that says
+/// so (a test that looks for its guest's last line fails, showing it).
+pub fn run_guest(ns: &Netns, kernel: &Path, initrd: &Path, mac: &str, limit: Duration) -> String {
+    let qemu = ns
+        .command("qemu-system-x86_64")
+        .args(crate::guest_args(kernel, initrd))
+        .args(["-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no"])
+        .args(["-device", &format!("virtio-net-pci,netdev=n0,mac={mac}")])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("qemu-system-x86_64");
+    let (_, out, _, killed) = crate::deadline::wait_within(qemu, limit);
+    let mut console = String::from_utf8_lossy(&out).into_owned();
+    if killed {
+        console.push_str(&format!("\n[test: guest killed after {limit:?}]\n"));
+    }
     console
 }
 

@@ -243,12 +243,16 @@ pub(super) fn place_read_response(
     }
     let op = pkt.bth.opcode;
     // A READ asked for again from where its data stopped starts a new run
-    // of responses there.
+    // of responses there. A responder that takes the request as a new one
+    // (ours) begins it with FIRST or ONLY; Linux's rdma_rxe replays the
+    // old message from that PSN on, MIDDLE or LAST: both are the data
+    // asked for, at the offset its PSN says.
     let first = r.received == r.resume_at;
+    let resumed = first && r.resume_at > 0;
     let last = r.received + 1 == r.packets;
     let ok_op = match (first, last) {
-        (true, true) => op == READ_RESPONSE_ONLY,
-        (true, false) => op == READ_RESPONSE_FIRST,
+        (true, true) => op == READ_RESPONSE_ONLY || (resumed && op == READ_RESPONSE_LAST),
+        (true, false) => op == READ_RESPONSE_FIRST || (resumed && op == READ_RESPONSE_MIDDLE),
         (false, true) => op == READ_RESPONSE_LAST,
         (false, false) => op == READ_RESPONSE_MIDDLE,
     };
@@ -440,6 +444,83 @@ mod tests {
             payload,
             icrc: 0,
         }
+    }
+
+    /// A READ of 4 path-MTU packets at PSN 500 into region 0, of which
+    /// `received` have come; asked again from there when `resumed`.
+    fn read_of_four(received: u32, resumed: bool) -> PendingRead {
+        PendingRead {
+            wr_id: 5,
+            kind: WcOpcode::RdmaRead,
+            first_psn: 500,
+            packets: 4,
+            received,
+            resume_at: if resumed { received } else { 0 },
+            remote_va: 0x9000,
+            rkey: 3,
+            sges: vec![Sge {
+                mr: 0,
+                offset: 0,
+                len: 4 * 256,
+            }],
+            len: 4 * 256,
+            quiet: false,
+        }
+    }
+
+    #[test]
+    fn a_resumed_read_takes_the_rest_as_a_new_run_or_as_rdma_rxe_replays_it() {
+        let data = [7u8; 256];
+        // Ours: the rest of the message as a new one (FIRST ... LAST).
+        // rdma_rxe's: the old message replayed from the PSN asked for
+        // (MIDDLE ... LAST).
+        for op in [opcode::READ_RESPONSE_FIRST, opcode::READ_RESPONSE_MIDDLE] {
+            let (mut q, mut mrs, mut cq) = (qp(), vec![mr(1, 1024, false)], VecDeque::new());
+            q.reads.push_back(read_of_four(2, true));
+            let r = place_read_response(&mut q, &mut mrs, &pkt(op, 502, &data, None), &mut cq);
+            assert_eq!(r, Ok(None), "opcode {op:#x}");
+            assert_eq!(&mrs[0].buf[512..768], &data[..]);
+            let r = place_read_response(
+                &mut q,
+                &mut mrs,
+                &pkt(opcode::READ_RESPONSE_LAST, 503, &data, None),
+                &mut cq,
+            );
+            assert_eq!(r, Ok(Some(503)));
+            assert_eq!(cq.pop_front().map(|c| c.status), Some(WcStatus::Success));
+        }
+        // The last packet alone, asked for again: ONLY or LAST.
+        for op in [opcode::READ_RESPONSE_ONLY, opcode::READ_RESPONSE_LAST] {
+            let (mut q, mut mrs, mut cq) = (qp(), vec![mr(1, 1024, false)], VecDeque::new());
+            q.reads.push_back(read_of_four(3, true));
+            let r = place_read_response(&mut q, &mut mrs, &pkt(op, 503, &data, None), &mut cq);
+            assert_eq!(r, Ok(Some(503)), "opcode {op:#x}");
+        }
+    }
+
+    #[test]
+    fn a_read_not_asked_again_wants_its_opcodes_in_order() {
+        let data = [7u8; 256];
+        let (mut q, mut mrs, mut cq) = (qp(), vec![mr(1, 1024, false)], VecDeque::new());
+        q.reads.push_back(read_of_four(0, false));
+        // Its first response must say FIRST.
+        let r = place_read_response(
+            &mut q,
+            &mut mrs,
+            &pkt(opcode::READ_RESPONSE_MIDDLE, 500, &data, None),
+            &mut cq,
+        );
+        assert_eq!(r, Err(Slow::OutOfSequence));
+        // A run that is under way takes no new FIRST in its middle.
+        q.reads[0] = read_of_four(2, false);
+        let r = place_read_response(
+            &mut q,
+            &mut mrs,
+            &pkt(opcode::READ_RESPONSE_FIRST, 502, &data, None),
+            &mut cq,
+        );
+        assert_eq!(r, Err(Slow::OutOfSequence));
+        assert_eq!(mrs[0].buf[512], 0, "nothing placed");
     }
 
     #[test]

@@ -20,6 +20,7 @@ pub fn on_host<T: Send + 'static>(
         ns.enter();
         let eng = softcard_rdma::rc::Engine::open(HOST).expect("engine (needs CAP_NET_RAW)");
         let tcp = std::net::TcpListener::bind((HOST, 18515)).unwrap();
+        softcard_testkit::deadline::limit_accept(&tcp, Duration::from_secs(180));
         ready_tx.send(()).unwrap();
         f(eng, tcp)
     });
