@@ -644,6 +644,53 @@ fn a_large_read_arrives_whole() {
     t.join().unwrap();
 }
 
+/// The requester keeps at most `max_rd_atomic` READs unanswered: the
+/// responder sees the next only once one has been answered (a responder
+/// that remembers only so many could not replay the others).
+#[test]
+fn reads_unanswered_stay_within_max_rd_atomic() {
+    let ns = softcard_testkit::Netns::new("lo");
+    let t = std::thread::spawn(move || {
+        ns.enter();
+        let (mut a, mut b, _, qb) = connected(0x111, 0x221, 10, 20);
+        b.set_max_rd_atomic(qb, 3);
+        let rw = Access {
+            remote_write: false,
+            remote_read: true,
+            local_write: true,
+            remote_atomic: false,
+        };
+        let (ma, mb) = (a.reg_mr(64 << 10, rw), b.reg_mr(64 << 10, rw));
+        let (va, rkey) = (a.mr(ma).va, a.mr(ma).rkey);
+        for i in 0..10u64 {
+            let at = usize::try_from(i).unwrap() * 4096;
+            b.post_read(qb, i, mb, at, 4096, va + at as u64, rkey)
+                .unwrap();
+        }
+        // A answers what reached it; B has heard nothing back yet.
+        for _ in 0..5 {
+            a.poll(Duration::from_millis(2)).unwrap();
+        }
+        assert_eq!(
+            a.stats.slow_packets, 3,
+            "READ requests A got: {:?}",
+            a.stats
+        );
+        let mut done = Vec::new();
+        while done.len() < 10 {
+            let c = pump(&mut a, &mut b, 1);
+            assert_eq!(
+                (c.opcode, c.status),
+                (WcOpcode::RdmaRead, WcStatus::Success)
+            );
+            done.push(c.wr_id);
+        }
+        assert_eq!(done, (0..10).collect::<Vec<_>>());
+        assert_eq!(a.stats.slow_packets, 10, "{:?}", a.stats);
+    });
+    t.join().unwrap();
+}
+
 /// A peer with no route to it: the kernel refuses every send. Each refusal
 /// counts as a lost packet, the post itself succeeds, and the work request
 /// ends with `RetryExceeded` after the retries, the QP in ERROR; the

@@ -35,6 +35,7 @@ pub fn status_json(s: &[DeviceStatus]) -> Value {
                     "software_packets": d.stats.slow_packets,
                     "retransmits": d.stats.retransmits,
                     "reads_resumed": d.stats.reads_resumed,
+                    "reads_continued": d.stats.reads_continued,
                     "dropped": d.stats.dropped,
                 },
             })

@@ -495,6 +495,7 @@ const QP_MIN_RNR_TIMER: c_int = 1 << 15;
 const QP_TIMEOUT: c_int = 1 << 9;
 const QP_RETRY_CNT: c_int = 1 << 10;
 const QP_RNR_RETRY: c_int = 1 << 11;
+const QP_MAX_QP_RD_ATOMIC: c_int = 1 << 13;
 
 /// `ibv_modify_qp`: RESET → INIT → RTR → RTS, ERROR and back to RESET.
 /// The peer is named by its GID (RoCE v2: an IPv4-mapped address), so
@@ -542,7 +543,7 @@ pub unsafe extern "C" fn ibv_modify_qp(
         .map(|b| format!("{b:02x}"))
         .collect();
     let line = format!(
-        "MODIFY {} {state} {} {} {} {} {gid} {} {} {} {} {}",
+        "MODIFY {} {state} {} {} {} {} {gid} {} {} {} {} {} {}",
         q.qp.handle,
         pick(QP_PATH_MTU, a.path_mtu),
         pick(QP_DEST_QPN, a.dest_qp_num),
@@ -553,6 +554,7 @@ pub unsafe extern "C" fn ibv_modify_qp(
         given(QP_TIMEOUT, a.timeout),
         given(QP_RETRY_CNT, a.retry_cnt),
         given(QP_RNR_RETRY, a.rnr_retry),
+        given(QP_MAX_QP_RD_ATOMIC, a.max_rd_atomic),
     );
     match c.conn.call(&line, &[]) {
         Ok(_) => {

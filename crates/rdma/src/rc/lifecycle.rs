@@ -239,6 +239,13 @@ impl Engine {
         self.qps[qp].min_rnr_timer = timer & 0x1f;
     }
 
+    /// Sets how many READs and atomics queue pair `qp` may have
+    /// unanswered at once (verbs' `max_rd_atomic`: what the peer's
+    /// `max_dest_rd_atomic` lets it remember), 1 to the engine's 16.
+    pub fn set_max_rd_atomic(&mut self, qp: usize, n: u8) {
+        self.qps[qp].max_rd_atomic = usize::from(n).clamp(1, MAX_RD_ATOMIC);
+    }
+
     /// Sets queue pair `qp`'s local ACK timeout (verbs' `timeout`, IBTA
     /// encoding: 4.096 us << `timeout`; 0, infinite, keeps the engine's so
     /// that a lost packet is still recovered), its retry count and its RNR

@@ -442,6 +442,13 @@ pub struct QueuePair {
     /// responder, by PSN: a duplicate request (its ACK was lost) gets the
     /// same answer again instead of running twice.
     atomic_replies: VecDeque<(u32, u64)>,
+    /// The first PSN and packet count of the latest READs this QP answered
+    /// as responder: a duplicate READ from inside one (its requester got
+    /// the first responses and asks for the rest) is answered as that
+    /// READ's continuation.
+    read_replies: VecDeque<(u32, u32)>,
+    /// READs and atomics it may have unanswered at once as requester.
+    max_rd_atomic: usize,
     /// Where completions of this QP's send queue go.
     send_cq: CqId,
     /// Where completions of its receive queue go.
@@ -505,6 +512,8 @@ impl QueuePair {
             nak_sent: false,
             ack_due: None,
             atomic_replies: VecDeque::new(),
+            read_replies: VecDeque::new(),
+            max_rd_atomic: MAX_RD_ATOMIC,
             send_cq: CqId::DEFAULT,
             recv_cq: CqId::DEFAULT,
             srq: None,
@@ -663,6 +672,9 @@ pub struct PathStats {
     /// READs asked for again from where their data stopped (the rest
     /// only), after some of their responses came.
     pub reads_resumed: u64,
+    /// READs a requester asked for the rest of (a duplicate from inside
+    /// a READ this QP answered), answered as that READ's continuation.
+    pub reads_continued: u64,
 }
 
 impl PathStats {
@@ -730,9 +742,13 @@ const NAK_INVALID_REQUEST: u8 = 0x61;
 /// many as a requester may have outstanding (rdma_rxe's perftest runs
 /// with 128).
 const ATOMIC_REPLAY: usize = 128;
-/// Atomics a QP has unacknowledged at most as requester (verbs'
-/// `max_rd_atomic`), so that a responder remembering as few as 16 answers
-/// can still replay any of them.
+/// READs a QP remembers the PSNs of as responder, for the same reason.
+const READ_REPLAY: usize = 128;
+/// READs and atomics a QP has unanswered at most as requester, unless
+/// the application asks for fewer (verbs' `max_rd_atomic`): a responder
+/// remembers only as many (its `max_dest_rd_atomic`; rdma_rxe recycles
+/// the oldest), and a READ or atomic sent again that it no longer
+/// remembers is dropped without a word.
 const MAX_RD_ATOMIC: usize = 16;
 /// RNR NAK syndrome: its low five bits are the timer (verbs'
 /// `min_rnr_timer` of the responder's QP; 1, 10 us, unless set).

@@ -253,22 +253,29 @@ impl Engine {
         let rto = self.rto_of(qi);
         let q = &mut self.qps[qi];
         let first = q.unacked.len();
-        let is_atomic = |o: &Outstanding| matches!(o.kind, WcOpcode::CompSwap | WcOpcode::FetchAdd);
-        let mut atomics = q.unacked.iter().filter(|o| is_atomic(o)).count();
+        let asks = |o: &Outstanding| {
+            matches!(
+                o.kind,
+                WcOpcode::RdmaRead | WcOpcode::CompSwap | WcOpcode::FetchAdd
+            )
+        };
+        // READs and atomics sent and unanswered (one leaves `unacked`
+        // once its responses have all come).
+        let mut unanswered = q.unacked.iter().filter(|o| asks(o)).count();
         while q.unacked.len() < window {
-            // At most MAX_RD_ATOMIC atomics unacknowledged, so that the
-            // responder still remembers the answer to any of them that
-            // must be sent again (verbs' max_rd_atomic).
+            // At most max_rd_atomic READs and atomics unanswered, so that
+            // the responder still remembers any of them that must be sent
+            // again.
             if q.pending_tx
                 .front()
-                .is_some_and(|o| is_atomic(o) && atomics >= MAX_RD_ATOMIC)
+                .is_some_and(|o| asks(o) && unanswered >= q.max_rd_atomic)
             {
                 break;
             }
             let Some(o) = q.pending_tx.pop_front() else {
                 break;
             };
-            atomics += usize::from(is_atomic(&o));
+            unanswered += usize::from(asks(&o));
             q.unacked.push_back(o);
         }
         if q.unacked.len() == first {

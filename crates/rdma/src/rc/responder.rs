@@ -204,10 +204,25 @@ impl Engine {
         };
         let q = &mut self.qps[qi];
         let n = len.div_ceil(q.mtu).max(1);
-        if !duplicate {
+        let psn = pkt.bth.psn;
+        // A duplicate from inside an earlier READ asks for that READ's
+        // rest: its responses continue it (MIDDLE ... LAST), as rdma_rxe
+        // answers and as its requester insists (FIRST is taken there only
+        // at the READ's first PSN).
+        let mut continues = false;
+        if duplicate {
+            continues = q.read_replies.iter().any(|&(first, count)| {
+                wire::psn_before(first, psn) && wire::psn_before(psn, psn_add(first, count))
+            });
+            self.stats.reads_continued += u64::from(continues);
+        } else {
             q.msn = psn_add(q.msn, 1);
             q.epsn = psn_add(q.epsn, n as u32);
             q.nak_sent = false;
+            if q.read_replies.len() == READ_REPLAY {
+                q.read_replies.pop_front();
+            }
+            q.read_replies.push_back((psn, n as u32));
         }
         let (mtu, remote_qpn, msn) = (q.mtu, q.remote_qpn, q.msn);
         let (ip, port) = (q.remote_ip, q.src_port);
@@ -217,7 +232,7 @@ impl Engine {
         for start in (0..n).step_by(READ_RESPONSE_BATCH) {
             let mut heads = Vec::with_capacity(READ_RESPONSE_BATCH);
             for i in start..(start + READ_RESPONSE_BATCH).min(n) {
-                let (first, last) = (i == 0, i + 1 == n);
+                let (first, last) = (i == 0 && !continues, i + 1 == n);
                 let op = match (first, last) {
                     (true, true) => READ_RESPONSE_ONLY,
                     (true, false) => READ_RESPONSE_FIRST,
@@ -225,7 +240,7 @@ impl Engine {
                     (false, false) => READ_RESPONSE_MIDDLE,
                 };
                 let resp = Packet {
-                    bth: header(op, remote_qpn, psn_add(pkt.bth.psn, i as u32), false),
+                    bth: header(op, remote_qpn, psn_add(psn, i as u32), false),
                     reth: None,
                     aeth: (first || last).then_some(Aeth {
                         syndrome: ACK_UNLIMITED,

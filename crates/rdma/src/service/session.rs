@@ -478,7 +478,7 @@ impl Session {
     }
 
     /// `MODIFY qp state mtu dest_qpn rq_psn sq_psn dgid [qkey
-    /// [min_rnr_timer [timeout retry_cnt rnr_retry]]]`: the
+    /// [min_rnr_timer [timeout retry_cnt rnr_retry [max_rd_atomic]]]]`: the
     /// state transitions of a queue pair (the library sends what the
     /// attribute mask named, zero elsewhere; a UD queue pair takes its
     /// Q_Key going to INIT).
@@ -495,6 +495,7 @@ impl Session {
         // `-` (or nothing): the application left it alone.
         let mut setting = || -> Option<u8> { w.next().and_then(|k| k.parse().ok()) };
         let (timeout, retry_cnt, rnr_retry) = (setting(), setting(), setting());
+        let max_rd_atomic = setting();
         let qpn = self.qp(h)?.qpn;
         if self.qp(h)?.ud {
             let to = match state {
@@ -550,6 +551,9 @@ impl Session {
                     e.to_rts(i, sq_psn).map_err(|_| bad("RTS"))?;
                 }
                 e.set_retry(i, timeout, retry_cnt, rnr_retry);
+                if let Some(n) = max_rd_atomic {
+                    e.set_max_rd_atomic(i, n);
+                }
             }
             6 => e.to_error(i),
             _ => return Err(Refusal(libc::EOPNOTSUPP, format!("QP state {state}"))),
