@@ -691,6 +691,58 @@ fn reads_unanswered_stay_within_max_rd_atomic() {
     t.join().unwrap();
 }
 
+/// A queue pair destroyed right after its last message, whose ACK was
+/// lost: the peer's resent message is acknowledged once more, and the
+/// peer's SEND completes instead of retrying until its count runs out.
+#[test]
+fn a_destroyed_queue_pair_acknowledges_a_message_it_had_received() {
+    let ns = softcard_testkit::Netns::new("lo");
+    let t = std::thread::spawn(move || {
+        ns.enter();
+        let (mut a, mut b, qa, qb) = connected(0x112, 0x222, 30, 40);
+        a.rto = Duration::from_millis(10);
+        a.max_retries = 3;
+        let rw = Access {
+            remote_write: false,
+            remote_read: false,
+            local_write: true,
+            remote_atomic: false,
+        };
+        let (ma, mb) = (a.reg_mr(4096, rw), b.reg_mr(4096, rw));
+        b.post_recv(
+            qb,
+            RecvWr {
+                wr_id: 1,
+                mr: mb,
+                offset: 0,
+                len: 4096,
+            },
+        );
+        // Every packet B sends is lost: its ACK too.
+        b.set_faults(softcard_rdma::net::Faults {
+            seed: 1,
+            drop_ppm: 1_000_000,
+            ..Default::default()
+        });
+        a.post_send(qa, 7, ma, 0, 3000).unwrap();
+        let c = pump(&mut a, &mut b, 1);
+        assert_eq!((c.opcode, c.status), (WcOpcode::Recv, WcStatus::Success));
+        b.destroy_qp(0x222).unwrap();
+        b.set_faults(softcard_rdma::net::Faults::default());
+        let c = pump(&mut a, &mut b, 0);
+        assert_eq!(
+            (c.wr_id, c.opcode, c.status),
+            (7, WcOpcode::Send, WcStatus::Success)
+        );
+        assert!(b.stats.departed_acks > 0, "{:?}", b.stats);
+        // A new message to the gone queue pair is not answered.
+        a.post_send(qa, 8, ma, 0, 8).unwrap();
+        let c = pump(&mut a, &mut b, 0);
+        assert_eq!((c.wr_id, c.status), (8, WcStatus::RetryExceeded));
+    });
+    t.join().unwrap();
+}
+
 /// A peer with no route to it: the kernel refuses every send. Each refusal
 /// counts as a lost packet, the post itself succeeds, and the work request
 /// ends with `RetryExceeded` after the retries, the QP in ERROR; the

@@ -36,6 +36,7 @@ pub fn status_json(s: &[DeviceStatus]) -> Value {
                     "retransmits": d.stats.retransmits,
                     "reads_resumed": d.stats.reads_resumed,
                     "reads_continued": d.stats.reads_continued,
+                    "departed_acks": d.stats.departed_acks,
                     "dropped": d.stats.dropped,
                 },
             })

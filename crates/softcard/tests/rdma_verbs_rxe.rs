@@ -65,16 +65,16 @@ const TOOLS: [(&str, &[&str]); 10] = [
 
 /// The tools of the second test, through loss: a READ lost on the way
 /// is asked for again from where its data stopped, an atomic's lost
-/// answer is replayed. perftest only: both sides meet over TCP after the
-/// run, so each QP lives until its last ACK has come. (`ibv_rc_pingpong`
-/// exits once it has its last message: were the ACK for that lost, rxe
-/// would send it again forever, since it takes `retry_cnt` 7 for
-/// "without limit".)
-const LOSSY_TOOLS: [(&str, &[&str]); 4] = [
+/// answer is replayed. `ibv_rc_pingpong` exits once it has its last
+/// message: when the card's ACK for that is lost, rxe sends the message
+/// again (forever: it takes `retry_cnt` 7 for "without limit"), and the
+/// card acknowledges it for the queue pair that is gone.
+const LOSSY_TOOLS: [(&str, &[&str]); 5] = [
     ("ib_read_bw", &["-s", "65536", "-n", "100", "-F"]),
     ("ib_write_bw", &["-s", "65536", "-n", "100", "-F"]),
     ("ib_send_bw", &["-s", "65536", "-n", "100", "-F"]),
     ("ib_atomic_bw", &["-n", "200", "-F"]),
+    ("ibv_rc_pingpong", &["-s", "4096", "-n", "200", "-c"]),
 ];
 
 /// Each tool in `tools` twice: the guest as client, then as server.

@@ -120,12 +120,15 @@ impl Engine {
 
     /// Destroys the queue pair numbered `qpn` with its work (no
     /// completions, as verbs' `ibv_destroy_qp`); packets for it are dropped
-    /// from now on, so a peer's requests time out as RC prescribes.
+    /// from now on, so a peer's requests time out as RC prescribes, except
+    /// that for a few seconds a SEND or WRITE it had received, sent again,
+    /// is acknowledged again (`departed.rs`).
     pub fn destroy_qp(&mut self, qpn: u32) -> io::Result<()> {
         let i = self
             .qp_index(qpn)
             .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no such queue pair"))?;
-        self.qps.remove(i);
+        let q = self.qps.remove(i);
+        self.remember_departed(&q);
         self.staged.retain(|c| c.qpn != qpn);
         Ok(())
     }

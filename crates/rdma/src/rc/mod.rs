@@ -35,6 +35,7 @@ use std::time::{Duration, Instant};
 use crate::net::{Piece, RawIo};
 use crate::wire::{self, opcode, Aeth, AtomicEth, Bth, Packet, Reth, DEFAULT_PKEY};
 
+mod departed;
 mod lifecycle;
 mod placement;
 mod receive;
@@ -675,6 +676,9 @@ pub struct PathStats {
     /// READs a requester asked for the rest of (a duplicate from inside
     /// a READ this QP answered), answered as that READ's continuation.
     pub reads_continued: u64,
+    /// SENDs and WRITEs a destroyed queue pair had received, sent again by
+    /// a peer whose ACK was lost, acknowledged again (see `departed.rs`).
+    pub departed_acks: u64,
 }
 
 impl PathStats {
@@ -835,6 +839,8 @@ pub struct Engine {
     srqs: Vec<Option<srq::Srq>>,
     /// Posted packets wait for [`Engine::uncork`] (see [`Engine::cork`]).
     corked: bool,
+    /// Where recently destroyed queue pairs' receive sides stood.
+    departed: VecDeque<departed::Departed>,
     /// Makes the next `poll` fail with this error (unit tests of what
     /// callers do when the engine fails).
     #[cfg(test)]

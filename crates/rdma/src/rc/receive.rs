@@ -100,7 +100,9 @@ impl Engine {
         }
         // The packet's metadata selects the queue.
         let Some(qi) = self.qps.iter().position(|q| q.qpn == pkt.bth.dest_qp) else {
-            self.stats.dropped += 1;
+            if !self.answer_departed(flow.src, &pkt) {
+                self.stats.dropped += 1;
+            }
             return Ok(());
         };
         if matches!(

@@ -27,6 +27,7 @@ impl Engine {
             uds: Vec::new(),
             srqs: Vec::new(),
             corked: false,
+            departed: VecDeque::new(),
             #[cfg(test)]
             fail_poll: None,
         })
@@ -135,6 +136,7 @@ impl Engine {
         q.pd = pd;
         q.send_cq = send_cq;
         q.recv_cq = recv_cq;
+        self.forget_departed(q.qpn);
         self.qps.push(q);
         Ok(self.qps.len() - 1)
     }
