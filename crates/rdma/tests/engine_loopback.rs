@@ -644,6 +644,15 @@ fn a_large_read_arrives_whole() {
     t.join().unwrap();
 }
 
+/// Local writes and remote reads.
+fn readable() -> Access {
+    Access {
+        remote_read: true,
+        local_write: true,
+        ..Access::default()
+    }
+}
+
 /// The requester keeps at most `max_rd_atomic` READs unanswered: the
 /// responder sees the next only once one has been answered (a responder
 /// that remembers only so many could not replay the others).
@@ -654,13 +663,10 @@ fn reads_unanswered_stay_within_max_rd_atomic() {
         ns.enter();
         let (mut a, mut b, _, qb) = connected(0x111, 0x221, 10, 20);
         b.set_max_rd_atomic(qb, 3);
-        let rw = Access {
-            remote_write: false,
-            remote_read: true,
-            local_write: true,
-            remote_atomic: false,
-        };
-        let (ma, mb) = (a.reg_mr(64 << 10, rw), b.reg_mr(64 << 10, rw));
+        let (ma, mb) = (
+            a.reg_mr(64 << 10, readable()),
+            b.reg_mr(64 << 10, readable()),
+        );
         let (va, rkey) = (a.mr(ma).va, a.mr(ma).rkey);
         for i in 0..10u64 {
             let at = usize::try_from(i).unwrap() * 4096;
@@ -702,13 +708,11 @@ fn a_destroyed_queue_pair_acknowledges_a_message_it_had_received() {
         let (mut a, mut b, qa, qb) = connected(0x112, 0x222, 30, 40);
         a.rto = Duration::from_millis(10);
         a.max_retries = 3;
-        let rw = Access {
-            remote_write: false,
-            remote_read: false,
+        let local = Access {
             local_write: true,
-            remote_atomic: false,
+            ..Access::default()
         };
-        let (ma, mb) = (a.reg_mr(4096, rw), b.reg_mr(4096, rw));
+        let (ma, mb) = (a.reg_mr(4096, local), b.reg_mr(4096, local));
         b.post_recv(
             qb,
             RecvWr {

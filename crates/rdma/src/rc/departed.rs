@@ -90,25 +90,12 @@ impl Engine {
         if !resent {
             return false;
         }
-        let ack = Packet {
-            bth: header(
-                ACKNOWLEDGE,
-                d.remote_qpn,
-                psn_add(d.epsn, 0x00ff_ffff),
-                false,
-            ),
-            reth: None,
-            aeth: Some(Aeth {
-                syndrome: ACK_UNLIMITED,
-                msn: d.msn,
-            }),
-            imm: None,
-            atomic: None,
-            atomic_ack: None,
-            deth: None,
-            payload: &[],
-            icrc: 0,
-        };
+        let ack = super::responder::ack_packet(
+            d.remote_qpn,
+            psn_add(d.epsn, 0x00ff_ffff),
+            ACK_UNLIMITED,
+            d.msn,
+        );
         let (ip, port) = (d.remote_ip, d.src_port);
         if let Ok(mut buf) = encode(&ack) {
             let sent = self.io.send(ip, port, &mut buf);

@@ -277,20 +277,23 @@ impl Engine {
 
     pub(super) fn send_ack(&mut self, qp: usize, psn: u32, syndrome: u8) -> io::Result<()> {
         let q = &self.qps[qp];
-        let pkt = Packet {
-            bth: header(opcode::ACKNOWLEDGE, q.remote_qpn, psn, false),
-            reth: None,
-            aeth: Some(Aeth {
-                syndrome,
-                msn: q.msn,
-            }),
-            imm: None,
-            atomic: None,
-            atomic_ack: None,
-            deth: None,
-            payload: &[],
-            icrc: 0,
-        };
+        let pkt = ack_packet(q.remote_qpn, psn, syndrome, q.msn);
         self.send_control(qp, &pkt)
+    }
+}
+
+/// An ACKNOWLEDGE to queue pair `remote_qpn`: `psn` and what came before
+/// it, with `syndrome` (ACK, NAK or RNR NAK) and the message count `msn`.
+pub(super) fn ack_packet(remote_qpn: u32, psn: u32, syndrome: u8, msn: u32) -> Packet<'static> {
+    Packet {
+        bth: header(opcode::ACKNOWLEDGE, remote_qpn, psn, false),
+        reth: None,
+        aeth: Some(Aeth { syndrome, msn }),
+        imm: None,
+        atomic: None,
+        atomic_ack: None,
+        deth: None,
+        payload: &[],
+        icrc: 0,
     }
 }
