@@ -21,6 +21,7 @@ common=(
     "/boot/vmlinuz-* linux-image-amd64"
     "busybox busybox-static"
     "ip iproute2"
+    "ss iproute2"
     # The region's etcd store is built on etcd-client, whose build compiles
     # etcd's protocol files with protoc and protobuf's own .proto files.
     "protoc protobuf-compiler"
