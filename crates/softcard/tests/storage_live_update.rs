@@ -91,15 +91,20 @@ fn sockets_at(path: &std::path::Path) -> String {
         .join("\n")
 }
 
-/// Writes and flushes the card serving now has answered on volume `a`.
-fn served_by_a(d: &Daemon) -> u64 {
-    let v = d.volumes();
-    let a = v
+/// Volume `a` as the card's API lists it.
+fn volume_a(d: &Daemon) -> serde_json::Value {
+    d.volumes()
         .as_array()
         .unwrap()
         .iter()
         .find(|v| v["name"] == "a")
-        .unwrap();
+        .unwrap()
+        .clone()
+}
+
+/// Writes and flushes the card serving now has answered on volume `a`.
+fn served_by_a(d: &Daemon) -> u64 {
+    let a = volume_a(d);
     let m = &a["attachment"]["metrics"];
     m["write_ops"].as_u64().unwrap_or(0) + m["flush_ops"].as_u64().unwrap_or(0)
 }
@@ -234,13 +239,7 @@ fn run(server: bool, events_each: usize, write_seconds: u32) {
     }
     eprintln!("{acks} flushed records acknowledged to the guest");
     assert!(acks > 100, "the writers barely ran:\n{console}");
-    let v = d.volumes();
-    let a = v
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|v| v["name"] == "a")
-        .unwrap();
+    let a = volume_a(&d);
     if server {
         assert_eq!(
             a["attachment"]["interface"], "vhost-user-blk-connect",
