@@ -28,6 +28,7 @@ pub const GUEST_DEADLINE: Duration = Duration::from_secs(240);
 /// `(chardev options, queues)`; its console is read as it comes.
 pub struct Guest {
     qemu: std::process::Child,
+    qmp: std::path::PathBuf,
     lines: std::sync::mpsc::Receiver<String>,
     reader: std::thread::JoinHandle<String>,
     deadline: Instant,
@@ -35,8 +36,11 @@ pub struct Guest {
 
 impl Guest {
     pub fn boot(kernel: &Path, initrd: &Path, disks: &[(String, u16)]) -> Guest {
+        let qmp = initrd.with_extension("qmp");
         let mut cmd = Command::new("qemu-system-x86_64");
         cmd.args(softcard_testkit::guest_args(kernel, initrd))
+            .arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", qmp.display()))
             .args([
                 "-object",
                 "memory-backend-memfd,id=mem,size=512M,share=on",
@@ -69,6 +73,7 @@ impl Guest {
         });
         Guest {
             qemu,
+            qmp,
             lines,
             reader,
             deadline: Instant::now() + GUEST_DEADLINE,
@@ -86,6 +91,56 @@ impl Guest {
                 _ => {}
             }
         }
+    }
+
+    /// QEMU's own view of its vhost-user-blk disks, for a failure
+    /// message: each chardev's connection (`query-chardev`) and each
+    /// device's virtio and vhost state (`x-query-virtio-status`).
+    pub fn frontend_state(&self) -> String {
+        use serde_json::json;
+        let mut q = match softcard_host::qmp::Qmp::connect(&self.qmp) {
+            Ok(q) => q,
+            Err(e) => return format!("QMP: {e}"),
+        };
+        let mut out = String::new();
+        match q.execute("query-chardev", json!({})) {
+            Ok(v) => {
+                for c in v.as_array().into_iter().flatten() {
+                    out.push_str(&format!("chardev {c}\n"));
+                }
+            }
+            Err(e) => out.push_str(&format!("query-chardev: {e}\n")),
+        }
+        let devices = q.execute("x-query-virtio", json!({}));
+        for d in devices.iter().filter_map(|v| v.as_array()).flatten() {
+            let path = d["path"].clone();
+            out.push_str(&format!("virtio {path}:\n"));
+            match q.execute("x-query-virtio-status", json!({ "path": path })) {
+                Ok(v) => {
+                    let vhost = &v["vhost-dev"];
+                    out.push_str(&format!(
+                        "  started {} vhost-started {} broken {} isr {} driver status {} \
+                         vhost nvqs {} mem sections {}\n",
+                        v["started"],
+                        v["vhost-started"],
+                        v["broken"],
+                        v["isr"],
+                        v["status"]["statuses"].as_array().map_or(0, Vec::len),
+                        vhost["nvqs"],
+                        vhost["n-mem-sections"],
+                    ));
+                }
+                Err(e) => out.push_str(&format!("  status: {e}\n")),
+            }
+            // Not `x-query-virtio-queue-status`: on a running vhost device
+            // QEMU 7.2 answers it with GET_VRING_BASE, which stops the ring.
+            let cmd = "x-query-virtio-vhost-queue-status";
+            match q.execute(cmd, json!({ "path": path, "queue": 0 })) {
+                Ok(v) => out.push_str(&format!("  {cmd}: {v}\n")),
+                Err(e) => out.push_str(&format!("  {cmd}: {e}\n")),
+            }
+        }
+        out
     }
 
     /// Waits for the guest to power off; its whole console.

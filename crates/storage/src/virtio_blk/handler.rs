@@ -173,6 +173,8 @@ impl BlkHandler {
                 "{}: queue {i}: taking {} request(s) in flight again",
                 self.name, restored.resubmit
             );
+        } else {
+            info!("{}: queue {i} started", self.name);
         }
         self.vrings[i].set_queue_ready(true);
         self.update_watch(i)?;

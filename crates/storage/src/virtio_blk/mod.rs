@@ -429,6 +429,7 @@ fn serve(
                 continue;
             }
         };
+        info!("{name}: frontend connected");
         *shared.shutdown.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn.0);
         *shared.backend.lock().unwrap_or_else(|e| e.into_inner()) = Some(backend.clone());
         if shared.stop.load(Ordering::SeqCst) {
