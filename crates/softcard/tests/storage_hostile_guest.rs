@@ -441,3 +441,29 @@ fn a_stopping_card_reports_what_it_took_and_takes_nothing_more() {
         "the third was not taken"
     );
 }
+
+/// The API shows where each ring stands, so that an operator can tell
+/// which side a stuck disk waits on: with the throttle holding requests
+/// back, the driver has offered 3, the card has answered at least the
+/// first and taken no more than were offered.
+#[test]
+fn the_api_shows_where_each_ring_stands() {
+    let (d, _r) = three_writes_behind_a_throttle();
+    let vols = d.volumes();
+    let v = vols
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "v")
+        .unwrap();
+    let rings = v["attachment"]["rings"].as_array().expect("rings");
+    assert_eq!(rings.len(), 1, "{v}");
+    let r = &rings[0];
+    let at = |k: &str| r[k].as_u64().unwrap_or_else(|| panic!("{k} in {r}"));
+    assert_eq!(at("queue"), 0);
+    assert_eq!(at("avail_idx"), 3, "{r}");
+    let (next, used) = (at("next_avail"), at("used_idx"));
+    assert!((1..=next).contains(&used) && next <= 3, "{r}");
+    // This frontend did not negotiate EVENT_IDX.
+    assert!(r.get("used_event").is_none(), "{r}");
+}

@@ -206,9 +206,12 @@ fn run(server: bool, events_each: usize, write_seconds: u32) {
             served_by_a(&d) > served,
             "QEMU sent the card no request for 30 s after the last event; \
              the socket (a connection waiting in the listener's queue would \
-             be the card's fault, none QEMU's):\n{}\nQEMU:\n{}",
+             be the card's fault, none QEMU's):\n{}\nQEMU:\n{}\nthe card's rings: {}\n\
+             the guest's last lines:\n{}",
             sockets_at(&d.path("a.sock")),
-            guest.frontend_state()
+            guest.frontend_state(),
+            volume_a(&d)["attachment"]["rings"],
+            guest.recent_lines(20)
         );
         std::thread::sleep(Duration::from_millis(100 + rnd() % 600));
         if upgrade {

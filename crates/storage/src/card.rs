@@ -133,6 +133,7 @@ impl Iface {
                 state: a.state(),
                 qos: a.qos(),
                 metrics: a.metrics(),
+                rings: a.rings(),
             },
             Iface::Nbd(e) => AttachmentInfo {
                 interface: Interface::Nbd,
@@ -142,6 +143,7 @@ impl Iface {
                 state: e.state(),
                 qos: e.qos(),
                 metrics: e.metrics(),
+                rings: Vec::new(),
             },
         }
     }
@@ -198,6 +200,10 @@ pub struct AttachmentInfo {
     pub qos: QosLimits,
     /// Counters.
     pub metrics: BlkMetricsSnapshot,
+    /// Each started virtqueue's position (vhost-user-blk, while a
+    /// frontend is connected).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rings: Vec<crate::virtio_blk::RingPosition>,
 }
 
 /// Counters of one device and its volumes.

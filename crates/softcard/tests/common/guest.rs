@@ -143,6 +143,13 @@ impl Guest {
         out
     }
 
+    /// The console lines that came since the last one waited for, the
+    /// last `n` of them.
+    pub fn recent_lines(&self, n: usize) -> String {
+        let lines: Vec<String> = self.lines.try_iter().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
     /// Waits for the guest to power off; its whole console.
     pub fn console(mut self) -> String {
         loop {

@@ -19,7 +19,8 @@ use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::bindings::virtio_ring::{
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use virtio_queue::QueueT;
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
 use super::inflight::{InflightError, InflightQueue, Restored};
@@ -33,6 +34,28 @@ use crate::device::PhysicalDevice;
 use crate::qos::{DeviceShare, ShareSlot};
 
 pub(crate) type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
+
+/// Where one started virtqueue stands, read from the ring and the card's
+/// own state at one moment: what an operator needs to tell which side a
+/// stuck guest disk waits on. Requests offered and not taken:
+/// `avail_idx - next_avail`; taken and not answered: `next_avail -
+/// used_idx`; an answered request the driver has not been told of:
+/// `used_event` (EVENT_IDX) behind `used_idx` while nothing else moves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct RingPosition {
+    /// Queue index.
+    pub queue: u16,
+    /// The driver's avail index (requests it has offered so far).
+    pub avail_idx: u16,
+    /// The next avail entry the card takes.
+    pub next_avail: u16,
+    /// The card's used index (requests answered onto the ring).
+    pub used_idx: u16,
+    /// Where the driver asked to be interrupted (it has seen the used
+    /// ring up to here), when EVENT_IDX was negotiated.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub used_event: Option<u16>,
+}
 
 /// Largest virtqueue a frontend may configure; also the number of request
 /// slots per queue worker.
@@ -186,6 +209,42 @@ impl BlkBackend {
                 failed: AtomicBool::new(false),
             }),
         })
+    }
+
+    /// Each started ring's position ([`RingPosition`]). Takes each ring's
+    /// lock (not its worker's), which a worker holds for at most one
+    /// polling budget.
+    pub(crate) fn ring_positions(&self) -> Vec<RingPosition> {
+        let mem = self.inner.mem.memory();
+        let event_idx = self.inner.event_idx.load(Ordering::Relaxed);
+        let mut out = Vec::new();
+        for (i, slot) in self.inner.vrings.iter().enumerate() {
+            let Some(v) = slot.get() else { continue };
+            let state = v.get_ref();
+            let q = state.get_queue();
+            if !q.ready() {
+                continue;
+            }
+            let Ok(avail) = q.avail_idx(&*mem, Ordering::Acquire) else {
+                continue;
+            };
+            out.push(RingPosition {
+                queue: u16::try_from(i).unwrap_or(u16::MAX),
+                avail_idx: avail.0,
+                next_avail: q.next_avail(),
+                used_idx: q.next_used(),
+                // After the avail ring's entries (virtio 2.7.10).
+                used_event: if event_idx {
+                    q.avail_ring()
+                        .checked_add(4 + 2 * u64::from(q.size()))
+                        .and_then(|a| mem.read_obj::<u16>(GuestAddress(a)).ok())
+                        .map(u16::from_le)
+                } else {
+                    None
+                },
+            });
+        }
+        out
     }
 
     fn worker(&self, i: usize) -> MutexGuard<'_, QueueWorker> {

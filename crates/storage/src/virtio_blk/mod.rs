@@ -49,7 +49,7 @@ use handler::BlkHandler;
 use crate::qos::{QosError, QosLimits};
 pub(crate) use throttle::SharedThrottle;
 
-pub use device::{BlkBackend, BlkTarget, MAX_QUEUES, MAX_QUEUE_SIZE};
+pub use device::{BlkBackend, BlkTarget, RingPosition, MAX_QUEUES, MAX_QUEUE_SIZE};
 pub use metrics::{BlkMetrics, BlkMetricsSnapshot};
 
 /// Errors starting an interface.
@@ -248,6 +248,18 @@ impl Attachment {
     /// Current state.
     pub fn state(&self) -> InterfaceState {
         *self.shared.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Where each started ring stands while a frontend is connected
+    /// ([`RingPosition`]); empty otherwise.
+    pub fn rings(&self) -> Vec<RingPosition> {
+        let backend = self
+            .shared
+            .backend
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        backend.map(|b| b.ring_positions()).unwrap_or_default()
     }
 
     /// Counters.
