@@ -131,15 +131,8 @@ fn vgpu_metadata(net: &Net) {
         .unwrap();
     assert_eq!(vgpus(&admin), "attached");
     net.wait_state("gfx", "running");
-    net.wait_console("gfx", "softcard: metadata vgpu {");
-    let line = net
-        .console("gfx")
-        .lines()
-        .find(|l| l.starts_with("softcard: metadata vgpu"))
-        .unwrap()
-        .to_owned();
-    let v: serde_json::Value =
-        serde_json::from_str(line.trim_start_matches("softcard: metadata vgpu ")).unwrap();
+    let line = net.wait_console_line("gfx", "softcard: metadata vgpu ");
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
     assert_eq!(v["endpoint"], "127.0.0.1:7070");
     assert_eq!(v["type"], "eg1.medium");
     assert_eq!(v["credential"], "(given)", "the guest got a credential");

@@ -272,6 +272,26 @@ impl Net {
         );
     }
 
+    /// Waits for a whole console line (one the guest has ended with a
+    /// newline) starting with `prefix`; the rest of that line. The console
+    /// can end mid-line while the guest is still writing one.
+    pub fn wait_console_line(&self, name: &str, prefix: &str) -> String {
+        let mut found = None;
+        wait_until(
+            &format!("{name}'s console shows a whole line {prefix:?}"),
+            Duration::from_secs(90),
+            || {
+                found = self
+                    .console(name)
+                    .split_inclusive('\n')
+                    .filter(|l| l.ends_with('\n'))
+                    .find_map(|l| l.strip_prefix(prefix).map(|r| r.trim_end().to_owned()));
+                found.is_some()
+            },
+        );
+        found.unwrap_or_default()
+    }
+
     pub fn volume(&self, name: &str) -> Value {
         self.json(&self.tenant, &["volume", "show", name])
     }

@@ -101,6 +101,16 @@ struct Shared {
     failed: AtomicBool,
 }
 
+impl Shared {
+    /// The connected frontend's backend, if a frontend is connected.
+    fn backend(&self) -> Option<BlkBackend> {
+        self.backend
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
 impl std::fmt::Debug for Shared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Shared")
@@ -253,13 +263,10 @@ impl Attachment {
     /// Where each started ring stands while a frontend is connected
     /// ([`RingPosition`]); empty otherwise.
     pub fn rings(&self) -> Vec<RingPosition> {
-        let backend = self
-            .shared
-            .backend
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        backend.map(|b| b.ring_positions()).unwrap_or_default()
+        self.shared
+            .backend()
+            .map(|b| b.ring_positions())
+            .unwrap_or_default()
     }
 
     /// Counters.
@@ -315,13 +322,7 @@ impl Attachment {
                 // more, so a frontend that reconnects (restarting its
                 // queues from the used index) loses no request and sees
                 // none done twice.
-                let backend = self
-                    .shared
-                    .backend
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .clone();
-                if let Some(b) = backend {
+                if let Some(b) = self.shared.backend() {
                     b.quiesce();
                 }
                 let _ = h.shutdown(Shutdown::Both);
