@@ -213,6 +213,10 @@ fn run(server: bool, events_each: usize, write_seconds: u32) {
             volume_a(&d)["attachment"]["rings"],
             guest.recent_lines(20)
         );
+        // QEMU negotiated EVENT_IDX: the card reads where the driver asked
+        // to be interrupted.
+        let rings = &volume_a(&d)["attachment"]["rings"];
+        assert!(rings[0]["used_event"].is_u64(), "{rings}");
         std::thread::sleep(Duration::from_millis(100 + rnd() % 600));
         if upgrade {
             d.upgrade();
