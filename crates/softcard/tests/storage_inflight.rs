@@ -320,3 +320,78 @@ fn a_bad_inflight_region_is_refused_for_its_interface_alone() {
     }
     assert_eq!(file_bytes(&dev, off_a, 4096), pattern(100, 4096));
 }
+
+/// A card killed after putting an answer on the used ring and before
+/// signalling it leaves a driver with EVENT_IDX waiting to hear of that
+/// answer: no later answer passes its `used_event` again. The next card
+/// to start the ring must interrupt it once (here the ring is set up in
+/// the state such a card leaves behind).
+#[test]
+fn a_ring_that_starts_interrupts_a_driver_waiting_on_an_answer_never_signalled() {
+    let d = Daemon::start(
+        "[[device]]\nname = \"nvme0\"\nkind = \"file\"\npath = \"@DIR@/f.img\"\nsize = \"64MiB\"\n",
+    );
+    let sock = d.volume_on("v", "8MiB", "--vhost-user", "v.sock");
+    let off = d.offset_of("v");
+    // The ring as the dead card left it: the driver offered one request
+    // (head 0) and asked to hear of used entry 0; the card answered it
+    // (used index 1) and died before signalling.
+    let mem = GuestMem::new();
+    mem.write(AVAIL + 4, &0u16.to_le_bytes());
+    mem.write(AVAIL + 2, &1u16.to_le_bytes());
+    mem.write(USED + 4, &0u32.to_le_bytes());
+    mem.write(USED + 8, &1u32.to_le_bytes());
+    mem.write(USED + 2, &1u16.to_le_bytes());
+    mem.write(AVAIL + 4 + 2 * u64::from(QSIZE), &0u16.to_le_bytes());
+    let mut r = Ring::connect_features(
+        &sock,
+        mem,
+        VIRTIO_RING_F_EVENT_IDX,
+        VhostUserProtocolFeatures::empty(),
+        |_| Ok(()),
+    )
+    .expect("connect");
+    assert!(
+        r.signalled_within(std::time::Duration::from_secs(10)),
+        "the card started the ring without interrupting the driver"
+    );
+    assert_eq!(r.mem.u16_at(USED + 2), 1, "nothing was taken again");
+
+    // From there the driver's requests are answered and signalled as it
+    // asks: the next write, with `used_event` 1.
+    r.set_used_event(1);
+    r.header(HDR, T_OUT, 8);
+    r.reset_status();
+    r.mem.write(DATA, &pattern(5, 4096));
+    r.put_desc(
+        3,
+        D {
+            addr: HDR,
+            len: 16,
+            flags: F_NEXT,
+            next: 4,
+        },
+    );
+    r.put_desc(
+        4,
+        D {
+            addr: DATA,
+            len: 4096,
+            flags: F_NEXT,
+            next: 5,
+        },
+    );
+    r.put_desc(5, status_desc(0));
+    r.publish(3, 1);
+    // The call fd first: `wait_used` reads it while it waits.
+    assert!(
+        r.signalled_within(std::time::Duration::from_secs(10)),
+        "the answer the driver asked to hear of was not signalled"
+    );
+    assert_eq!(r.wait_used(), Some((3, 1)));
+    assert_eq!(r.status(), S_OK);
+    assert_eq!(
+        file_bytes(&d.path("f.img"), off + 4096, 4096),
+        pattern(5, 4096)
+    );
+}

@@ -26,6 +26,7 @@ pub const F_INDIRECT: u16 = 4;
 
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 pub const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 
 pub const S_OK: u8 = 0;
 pub const S_IOERR: u8 = 1;
@@ -134,11 +135,24 @@ impl Ring {
         extra: VhostUserProtocolFeatures,
         before_start: impl FnOnce(&mut Frontend) -> vhost::Result<()>,
     ) -> vhost::Result<Ring> {
+        Ring::connect_features(socket, mem, 0, extra, before_start)
+    }
+
+    /// [`Ring::connect_with`], also acking the `virtio` feature bits in
+    /// `virtio` (such as [`VIRTIO_RING_F_EVENT_IDX`]) where offered.
+    pub fn connect_features(
+        socket: &std::path::Path,
+        mem: GuestMem,
+        virtio: u64,
+        extra: VhostUserProtocolFeatures,
+        before_start: impl FnOnce(&mut Frontend) -> vhost::Result<()>,
+    ) -> vhost::Result<Ring> {
         let mut fe = Frontend::connect(socket, 1)?;
         fe.set_owner()?;
         let features = fe.get_features()?;
         assert!(features & VIRTIO_F_VERSION_1 != 0);
-        fe.set_features(features & (VIRTIO_F_VERSION_1 | VHOST_USER_F_PROTOCOL_FEATURES))?;
+        assert_eq!(features & virtio, virtio, "features offered");
+        fe.set_features(features & (VIRTIO_F_VERSION_1 | VHOST_USER_F_PROTOCOL_FEATURES | virtio))?;
         let pf = fe.get_protocol_features()?;
         let pf = pf & (VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ | extra);
         fe.set_protocol_features(pf)?;
@@ -233,6 +247,28 @@ impl Ring {
             u32::from_le_bytes(e[0..4].try_into().unwrap()),
             u32::from_le_bytes(e[4..8].try_into().unwrap()),
         ))
+    }
+
+    /// With EVENT_IDX: asks to be interrupted once the used index passes
+    /// `idx` (the driver's `used_event`, after the avail ring).
+    pub fn set_used_event(&self, idx: u16) {
+        self.mem
+            .write(AVAIL + 4 + 2 * u64::from(QSIZE), &idx.to_le_bytes());
+    }
+
+    /// Whether the backend signals the call fd within `limit` (and clears
+    /// it).
+    pub fn signalled_within(&self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        loop {
+            if self.call.read().is_ok() {
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     pub fn header(&self, at: u64, kind: u32, sector: u64) {

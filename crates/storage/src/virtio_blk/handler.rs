@@ -181,7 +181,29 @@ impl BlkHandler {
         // Requests may wait on the ring (a previous process took them, or
         // the driver kicked the old one): look without waiting for a kick.
         self.backend.wake(i);
+        self.signal_started(i);
         Ok(())
+    }
+
+    /// Interrupts the driver once on a ring that starts, or on a running
+    /// ring's new call fd, whatever it asked for. The process before may
+    /// have put answers on the used ring and died before it signalled
+    /// them; with EVENT_IDX the driver asked to hear of the first of
+    /// them, which no later answer reaches, so it would wait for ever
+    /// (the live-update guest test caught a guest so, after a SIGKILL).
+    /// A driver checks the used ring on an interrupt and ignores one with
+    /// nothing new. Linux's vhost, libvhost-user and DPDK (under SPDK,
+    /// which calls it on every start for the same reason) signal the
+    /// first time after a ring starts regardless of EVENT_IDX too.
+    fn signal_started(&self, i: usize) {
+        let v = &self.vrings[i];
+        if !v.get_ref().get_queue().ready() || v.get_ref().get_call().is_none() {
+            return;
+        }
+        BlkMetrics::inc(&self.backend.metrics().notifications);
+        if let Err(e) = v.signal_used_queue() {
+            warn!("{}: queue {i}: signalling the driver: {e}", self.name);
+        }
     }
 
     fn any_started(&self) -> bool {
@@ -364,8 +386,16 @@ impl VhostUserBackendReqHandlerMut for BlkHandler {
     }
 
     fn set_vring_call(&mut self, index: u8, file: Option<File>) -> VhostUserResult<()> {
-        self.vring(u32::from(index))?.set_call(file);
-        self.start_if_ready(usize::from(index))
+        let i = usize::from(index);
+        let v = self.vring(u32::from(index))?;
+        let running = v.get_ref().get_queue().ready();
+        v.set_call(file);
+        if running {
+            // A signal sent to the old fd as it was replaced may be lost.
+            self.signal_started(i);
+            return Ok(());
+        }
+        self.start_if_ready(i)
     }
 
     fn set_vring_err(&mut self, index: u8, file: Option<File>) -> VhostUserResult<()> {

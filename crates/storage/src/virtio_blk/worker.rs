@@ -459,7 +459,9 @@ impl QueueWorker {
             self.completions = done;
         }
         if let Some(vr) = vring {
-            // Draining ends the queue: signal regardless of suppression.
+            // Draining ends the queue: signal what was answered, if the
+            // driver asked (EVENT_IDX) or whatever its flags say (without
+            // it). The next process to start the ring signals once anyway.
             self.notify(vr, &hot, true);
         }
         self.tally.flush(&self.metrics);
