@@ -9,10 +9,10 @@
 //! the restarted card loses or runs twice out of place, shows on the
 //! device. Meanwhile the card is upgraded (`softcard upgrade`) 20 times
 //! and killed with SIGKILL 20 times, in a seeded random order, each at a
-//! random moment once the card serving has answered requests (a QEMU that
-//! does not come back fails the test at that event, with the socket's
-//! state: docs/live-update.md, "Open: QEMU 7.2 that never comes back");
-//! QEMU reconnects (`reconnect=1`) each time.
+//! random moment once the card serving has answered requests (a guest
+//! that stops sending fails the test at the next event, with what the
+//! socket, QEMU and the card's rings show); QEMU reconnects
+//! (`reconnect=1`) each time.
 //!
 //! Afterwards: the guest saw no I/O error, every block holds the newest
 //! record acknowledged for it or a later one, the other volume on the
@@ -21,6 +21,12 @@
 //! A second guest does the same, shorter, with the socket's roles
 //! reversed: QEMU listens (`server=on`) and the card connects to it
 //! (`--vhost-user-connect`), after each upgrade and each restart.
+//!
+//! A third has the card kill itself at the worst moment, four times: just
+//! before an interrupt, its answers already on the used ring
+//! (`SOFTCARD_TEST_DIE_BEFORE_SIGNAL`). The guest waits to hear of them;
+//! the next card must interrupt it (docs/live-update.md, "A ring that
+//! starts interrupts the driver once").
 //!
 //! Needs qemu-system-x86, linux-image-amd64 and busybox-static.
 
@@ -66,14 +72,31 @@ $B poweroff -f
     )
 }
 
+/// What happens to the card serving.
+#[derive(Clone, Copy, Debug)]
+enum Event {
+    /// `softcard upgrade`.
+    Upgrade,
+    /// SIGKILL at a random moment, and a new card.
+    Kill,
+    /// A new card that kills itself just before an interrupt, and after
+    /// it a new card.
+    DieBeforeSignal,
+}
+
 #[test]
 fn a_guest_loses_no_flushed_write_across_upgrades_and_crashes() {
-    run(false, 20, 80);
+    run(false, &[(Event::Upgrade, 20), (Event::Kill, 20)], 80);
 }
 
 #[test]
 fn a_guest_listening_on_its_socket_takes_each_new_card_at_once() {
-    run(true, 4, 30);
+    run(true, &[(Event::Upgrade, 4), (Event::Kill, 4)], 30);
+}
+
+#[test]
+fn a_guest_hears_of_answers_a_card_killed_before_signalling_them() {
+    run(false, &[(Event::DieBeforeSignal, 4)], 30);
 }
 
 /// What `ss` says of the unix sockets at `path`: the listener (its
@@ -109,9 +132,41 @@ fn served_by_a(d: &Daemon) -> u64 {
     m["write_ops"].as_u64().unwrap_or(0) + m["flush_ops"].as_u64().unwrap_or(0)
 }
 
-/// `events_each` upgrades and as many crashes while the guest writes for
-/// `write_seconds`; `server`: QEMU listens and the card connects.
-fn run(server: bool, events_each: usize, write_seconds: u32) {
+/// Waits until the card serving has answered a request of the guest's
+/// (30 s), or fails with what each side shows.
+fn wait_served(d: &Daemon, guest: &Guest) {
+    let served = served_by_a(d);
+    for _ in 0..600 {
+        if served_by_a(d) > served {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        served_by_a(d) > served,
+        "QEMU sent the card no request for 30 s after the last event; {}",
+        both_sides(d, guest)
+    );
+}
+
+/// What the socket, QEMU, the card's rings and the guest's console show,
+/// for a failure.
+fn both_sides(d: &Daemon, guest: &Guest) -> String {
+    format!(
+        "the socket (a connection waiting in the listener's queue would \
+         be the card's fault, none QEMU's):\n{}\nQEMU:\n{}\nthe card's rings: {}\n\
+         the guest's last lines:\n{}",
+        sockets_at(&d.path("a.sock")),
+        guest.frontend_state(),
+        volume_a(d)["attachment"]["rings"],
+        guest.recent_lines(20)
+    )
+}
+
+/// `events` (each kind, how many) in a seeded random order while the
+/// guest writes for `write_seconds`; `server`: QEMU listens and the card
+/// connects.
+fn run(server: bool, events: &[(Event, usize)], write_seconds: u32) {
     let k = softcard_testkit::kernel();
     let mut d = Daemon::start(
         "state_file = \"@DIR@/attachments.json\"\nrdma_socket = \"@DIR@/rdma.sock\"\n\
@@ -188,42 +243,43 @@ fn run(server: bool, events_each: usize, write_seconds: u32) {
         x ^= x << 17;
         x
     };
-    let mut events: Vec<bool> = (0..2 * events_each).map(|i| i % 2 == 0).collect();
-    for i in (1..events.len()).rev() {
-        events.swap(i, usize::try_from(rnd() % (i as u64 + 1)).unwrap());
+    let mut order: Vec<Event> = events
+        .iter()
+        .flat_map(|&(e, n)| std::iter::repeat_n(e, n))
+        .collect();
+    for i in (1..order.len()).rev() {
+        order.swap(i, usize::try_from(rnd() % (i as u64 + 1)).unwrap());
     }
-    for upgrade in events {
-        // Each event once QEMU has come back from the last, so that one
-        // that does not is caught at its event (docs/live-update.md).
-        let served = served_by_a(&d);
-        for _ in 0..600 {
-            if served_by_a(&d) > served {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        assert!(
-            served_by_a(&d) > served,
-            "QEMU sent the card no request for 30 s after the last event; \
-             the socket (a connection waiting in the listener's queue would \
-             be the card's fault, none QEMU's):\n{}\nQEMU:\n{}\nthe card's rings: {}\n\
-             the guest's last lines:\n{}",
-            sockets_at(&d.path("a.sock")),
-            guest.frontend_state(),
-            volume_a(&d)["attachment"]["rings"],
-            guest.recent_lines(20)
-        );
+    for event in order {
+        // Each event once the guest's requests reach the card serving, so
+        // that a guest that stops sending is caught at its event.
+        wait_served(&d, &guest);
         // QEMU negotiated EVENT_IDX: the card reads where the driver asked
         // to be interrupted.
         let rings = &volume_a(&d)["attachment"]["rings"];
         assert!(rings[0]["used_event"].is_u64(), "{rings}");
         std::thread::sleep(Duration::from_millis(100 + rnd() % 600));
-        if upgrade {
-            d.upgrade();
-        } else {
-            d.crash_and_restart();
+        match event {
+            Event::Upgrade => {
+                d.upgrade();
+            }
+            Event::Kill => d.crash_and_restart(),
+            Event::DieBeforeSignal => {
+                d.crash_and_restart_with(&[("SOFTCARD_TEST_DIE_BEFORE_SIGNAL", "20")]);
+                let deadline = std::time::Instant::now() + Duration::from_secs(60);
+                while d.alive() {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "the card never reached its 20th interrupt; {}",
+                        both_sides(&d, &guest)
+                    );
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                d.crash_and_restart();
+            }
         }
     }
+    wait_served(&d, &guest);
     let console = guest.console();
     assert!(console.contains("SOFTCARD-RESULT done"), "{console}");
     assert!(!console.contains("SOFTCARD-FAIL"), "{console}");

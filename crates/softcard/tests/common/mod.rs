@@ -78,6 +78,12 @@ impl Daemon {
     /// Kills the process with SIGKILL (a crash: nothing is drained or
     /// closed in order) and starts a new one on the same configuration.
     pub fn crash_and_restart(&mut self) {
+        self.crash_and_restart_with(&[]);
+    }
+
+    /// [`Daemon::crash_and_restart`], the new process with `env` added to
+    /// its environment (the next restart goes without).
+    pub fn crash_and_restart_with(&mut self, env: &[(&str, &str)]) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
@@ -85,7 +91,7 @@ impl Daemon {
         if let Some(pid) = self.adopted.take() {
             let _ = reap(pid, libc::SIGKILL);
         }
-        self.spawn();
+        self.spawn_with(env);
     }
 
     /// `softcard upgrade` to the same binary: the running process hands
@@ -122,10 +128,15 @@ impl Daemon {
     }
 
     fn spawn(&mut self) {
+        self.spawn_with(&[]);
+    }
+
+    fn spawn_with(&mut self, env: &[(&str, &str)]) {
         let child = Command::new(BIN)
             .args(["serve", "--config"])
             .arg(&self.config)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .spawn()
             .expect("spawn softcard serve");

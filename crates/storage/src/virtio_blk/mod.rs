@@ -19,6 +19,7 @@
 //! with no reconnect timer of its own to wait for.
 
 mod batching;
+mod crash_point;
 mod device;
 mod event_loop;
 mod handler;

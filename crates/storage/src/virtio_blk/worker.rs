@@ -496,6 +496,7 @@ impl QueueWorker {
             return false;
         }
         BlkMetrics::inc(&self.metrics.notifications);
+        super::crash_point::before_signal();
         if let Err(e) = vring.signal_used_queue() {
             debug!("signal_used_queue: {e}");
         }
