@@ -20,7 +20,9 @@
 //!
 //! A second guest does the same, shorter, with the socket's roles
 //! reversed: QEMU listens (`server=on`) and the card connects to it
-//! (`--vhost-user-connect`), after each upgrade and each restart.
+//! (`--vhost-user-connect`), after each upgrade and each restart; its VM
+//! is also paused and resumed (QMP `stop` / `cont`) four times, which
+//! stops and restarts the ring on the same connection.
 //!
 //! A third has the card kill itself at the worst moment, four times: just
 //! before an interrupt, its answers already on the used ring
@@ -82,6 +84,9 @@ enum Event {
     /// A new card that kills itself just before an interrupt, and after
     /// it a new card.
     DieBeforeSignal,
+    /// The VM paused (QMP `stop`: QEMU stops the ring with
+    /// `GET_VRING_BASE`) and resumed (`cont`: the ring starts again).
+    PauseResume,
 }
 
 #[test]
@@ -91,7 +96,15 @@ fn a_guest_loses_no_flushed_write_across_upgrades_and_crashes() {
 
 #[test]
 fn a_guest_listening_on_its_socket_takes_each_new_card_at_once() {
-    run(true, &[(Event::Upgrade, 4), (Event::Kill, 4)], 30);
+    run(
+        true,
+        &[
+            (Event::Upgrade, 4),
+            (Event::Kill, 4),
+            (Event::PauseResume, 4),
+        ],
+        40,
+    );
 }
 
 #[test]
@@ -276,6 +289,11 @@ fn run(server: bool, events: &[(Event, usize)], write_seconds: u32) {
                     std::thread::sleep(Duration::from_millis(10));
                 }
                 d.crash_and_restart();
+            }
+            Event::PauseResume => {
+                guest.qmp("stop");
+                std::thread::sleep(Duration::from_millis(100 + rnd() % 400));
+                guest.qmp("cont");
             }
         }
     }

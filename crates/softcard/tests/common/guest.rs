@@ -93,6 +93,13 @@ impl Guest {
         }
     }
 
+    /// Runs a QMP command (`stop`, `cont`, ...) and returns its answer.
+    pub fn qmp(&self, command: &str) -> serde_json::Value {
+        softcard_host::qmp::Qmp::connect(&self.qmp)
+            .and_then(|mut q| q.execute(command, serde_json::json!({})))
+            .unwrap_or_else(|e| panic!("QMP {command}: {e}"))
+    }
+
     /// QEMU's own view of its vhost-user-blk disks, for a failure
     /// message: each chardev's connection (`query-chardev`) and each
     /// device's virtio and vhost state (`x-query-virtio-status`).
