@@ -192,9 +192,9 @@ impl BlkHandler {
     /// them, which no later answer reaches, so it would wait for ever
     /// (the live-update guest test caught a guest so, after a SIGKILL).
     /// A driver checks the used ring on an interrupt and ignores one with
-    /// nothing new. Linux's vhost, libvhost-user and DPDK (under SPDK,
-    /// which calls it on every start for the same reason) signal the
-    /// first time after a ring starts regardless of EVENT_IDX too.
+    /// nothing new. SPDK's vhost target signals every queue when a device
+    /// starts for the same reason; Linux's vhost and libvhost-user make
+    /// their first notification after a ring is set up unconditional.
     fn signal_started(&self, i: usize) {
         let v = &self.vrings[i];
         if !v.get_ref().get_queue().ready() || v.get_ref().get_call().is_none() {

@@ -459,9 +459,10 @@ impl QueueWorker {
             self.completions = done;
         }
         if let Some(vr) = vring {
-            // Draining ends the queue: signal what was answered, if the
-            // driver asked (EVENT_IDX) or whatever its flags say (without
-            // it). The next process to start the ring signals once anyway.
+            // Draining ends the queue: signal what was answered, with
+            // EVENT_IDX if the driver asked, without it always (its
+            // no-interrupt flag ignored). The next ring start signals
+            // once anyway.
             self.notify(vr, &hot, true);
         }
         self.tally.flush(&self.metrics);
