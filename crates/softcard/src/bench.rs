@@ -110,6 +110,9 @@ pub(crate) struct Figures {
     /// Times the client thread slept per I/O (it waits on its completion
     /// eventfd when no answer is there yet).
     pub(crate) client_sleeps_per_io: f64,
+    /// The share of the cell the client thread spent off its CPU (asleep
+    /// on its completion eventfd, or waiting for a CPU).
+    pub(crate) client_asleep: f64,
 }
 
 /// [`drive`] against a card in this process, with the default (sleeping)
@@ -183,6 +186,7 @@ fn drive(socket: &Path, w: Workload, seconds: f64, server: Server, poll: bool) -
     let mut done = 0u64;
     let meter = Meter::start(server)?;
     let sleeps = crate::bench_cpu::sleeps_so_far()?;
+    let client_cpu = crate::bench_cpu::thread_cpu_seconds()?;
     let begin = Instant::now();
     let stop_at = begin + Duration::from_secs_f64(seconds);
     let mut stopping = false;
@@ -214,6 +218,7 @@ fn drive(socket: &Path, w: Workload, seconds: f64, server: Server, poll: bool) -
         }
     }
     let elapsed = begin.elapsed().as_secs_f64();
+    let client_cpu = crate::bench_cpu::thread_cpu_seconds()? - client_cpu;
     // Before the client disconnects: the server's threads still live.
     let cpu = meter.stop()?;
     let sleeps = crate::bench_cpu::sleeps_so_far()?.saturating_sub(sleeps);
@@ -236,6 +241,7 @@ fn drive(socket: &Path, w: Workload, seconds: f64, server: Server, poll: bool) -
             f64::NAN
         },
         client_sleeps_per_io: sleeps as f64 / done.max(1) as f64,
+        client_asleep: (1.0 - client_cpu / elapsed).clamp(0.0, 1.0),
     })
 }
 
@@ -405,10 +411,10 @@ pub fn storage(a: &StorageBenchArgs) -> Result<()> {
     if let Some(cost) = crate::bench_wake::wake_cost() {
         println!("#   {cost}");
     }
-    println!("#   client sleeps/IO: times the client thread slept (voluntary context switches) per I/O; a sleep on an idle CPU costs it up to the wake-up above");
+    println!("#   client sleeps/IO (asleep): times the client thread slept (voluntary context switches) per I/O; a sleep on an idle CPU costs it up to the wake-up above; in brackets the share of the cell the client spent off its CPU (its own CPU clock against the cell's time)");
     println!("#   CPU: the serving side's user + system seconds per million I/Os, and I/Os per second per core it kept busy (a spinning poller counts as busy)");
     println!("#   per I/O (softcard): rounds of the queue worker's polling loop (those that found nothing), wake-ups of the worker, notifications to the driver");
-    println!("| backing | workload | softcard IOPS | qsd IOPS | softcard/qsd | softcard MB/s | qsd MB/s | softcard CPU s/M IO | qsd CPU s/M IO | softcard IOPS/core | qsd IOPS/core | softcard p50/p99 us | qsd p50/p99 us | client sleeps/IO softcard | client sleeps/IO qsd | polls/IO (idle) | wake-ups/IO | notifications/IO |");
+    println!("| backing | workload | softcard IOPS | qsd IOPS | softcard/qsd | softcard MB/s | qsd MB/s | softcard CPU s/M IO | qsd CPU s/M IO | softcard IOPS/core | qsd IOPS/core | softcard p50/p99 us | qsd p50/p99 us | client sleeps/IO (asleep) softcard | client sleeps/IO (asleep) qsd | polls/IO (idle) | wake-ups/IO | notifications/IO |");
     println!(
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
@@ -558,8 +564,8 @@ pub fn storage(a: &StorageBenchArgs) -> Result<()> {
                 figure(q.iops_per_core, 0),
                 s.latency_text(),
                 q.latency_text(),
-                figure(s.client_sleeps_per_io, 3),
-                figure(q.client_sleeps_per_io, 3),
+                s.sleeps_text(),
+                q.sleeps_text(),
                 m(|c| c.polls),
                 m(|c| c.idle_polls),
                 m(|c| c.wakeups),

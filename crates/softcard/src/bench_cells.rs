@@ -48,6 +48,7 @@ pub(crate) struct Summary {
     pub(crate) p50_us: f64,
     pub(crate) p99_us: f64,
     pub(crate) client_sleeps_per_io: f64,
+    pub(crate) client_asleep: f64,
 }
 
 impl Summary {
@@ -61,6 +62,7 @@ impl Summary {
             p50_us: m(|r| r.p50_us),
             p99_us: m(|r| r.p99_us),
             client_sleeps_per_io: m(|r| r.client_sleeps_per_io),
+            client_asleep: m(|r| r.client_asleep),
         }
     }
 
@@ -70,6 +72,20 @@ impl Summary {
             "-".into()
         } else {
             format!("{med:.0} ({lo:.0}-{hi:.0})")
+        }
+    }
+
+    /// The client's sleeps per I/O and, in brackets, the share of the
+    /// cell it spent asleep.
+    pub(crate) fn sleeps_text(&self) -> String {
+        if self.client_sleeps_per_io.is_nan() {
+            "-".into()
+        } else {
+            format!(
+                "{:.3} ({:.0} %)",
+                self.client_sleeps_per_io,
+                self.client_asleep * 100.0
+            )
         }
     }
 

@@ -82,6 +82,21 @@ impl Meter {
     }
 }
 
+/// CPU seconds the calling thread has run (`CLOCK_THREAD_CPUTIME_ID`,
+/// nanosecond accounting rather than `stat`'s ticks).
+pub fn thread_cpu_seconds() -> Result<f64> {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `t` is a valid timespec the call writes.
+    if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .context("clock_gettime(CLOCK_THREAD_CPUTIME_ID)");
+    }
+    Ok(t.tv_sec as f64 + t.tv_nsec as f64 / 1e9)
+}
+
 /// How many times the calling thread has slept (its voluntary context
 /// switches), from `/proc/thread-self/status`.
 pub fn sleeps_so_far() -> Result<u64> {
