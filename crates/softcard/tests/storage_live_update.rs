@@ -145,26 +145,72 @@ fn served_by_a(d: &Daemon) -> u64 {
     m["write_ops"].as_u64().unwrap_or(0) + m["flush_ops"].as_u64().unwrap_or(0)
 }
 
-/// Waits until the card serving has answered a request of the guest's
-/// (30 s), or fails with what each side shows.
-fn wait_served(d: &Daemon, guest: &Guest) {
-    let served = served_by_a(d);
+/// What the guest's writers have heard back, read off its console as it
+/// comes: acknowledged records per writer, whether they have finished,
+/// and the last lines (for a failure's message).
+#[derive(Default)]
+struct Heard {
+    acks: [u64; WRITERS],
+    done: bool,
+    tail: std::collections::VecDeque<String>,
+}
+
+impl Heard {
+    fn update(&mut self, guest: &Guest) {
+        for l in guest.new_lines() {
+            if let Some(rest) = l.strip_prefix("SOFTCARD-ACK ") {
+                let w = rest.split_whitespace().next().and_then(|w| w.parse().ok());
+                if let Some(n) = w.and_then(|w: usize| self.acks.get_mut(w)) {
+                    *n += 1;
+                }
+            }
+            self.done |= l.starts_with("SOFTCARD-RESULT");
+            if self.tail.len() == 20 {
+                self.tail.pop_front();
+            }
+            self.tail.push_back(l);
+        }
+    }
+}
+
+/// Waits (30 s at most) until the card serving has answered a request of
+/// the guest's and every writer in the guest has had a record
+/// acknowledged since the last call (or the writers are done), or fails
+/// with what each side shows. The guest's side catches a guest that the
+/// card answers but that never hears of it (a lost interrupt) at the
+/// event that lost it.
+fn wait_served(d: &Daemon, guest: &Guest, heard: &mut Heard) {
+    heard.update(guest);
+    let (served, acks) = (served_by_a(d), heard.acks);
+    let mut ok = false;
     for _ in 0..600 {
-        if served_by_a(d) > served {
+        heard.update(guest);
+        let all_heard = heard.done || heard.acks.iter().zip(acks).all(|(now, then)| *now > then);
+        ok = served_by_a(d) > served && all_heard;
+        if ok {
             break;
         }
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(
-        served_by_a(d) > served,
-        "QEMU sent the card no request for 30 s after the last event; {}",
-        both_sides(d, guest)
+        ok,
+        "for 30 s after the last event, the card answered {} more request(s) \
+         and the writers heard of {:?} more record(s) (each must hear of one); {}",
+        served_by_a(d) - served,
+        heard
+            .acks
+            .iter()
+            .zip(acks)
+            .map(|(n, t)| n - t)
+            .collect::<Vec<_>>(),
+        both_sides(d, guest, heard)
     );
 }
 
 /// What the socket, QEMU, the card's rings and the guest's console show,
 /// for a failure.
-fn both_sides(d: &Daemon, guest: &Guest) -> String {
+fn both_sides(d: &Daemon, guest: &Guest, heard: &mut Heard) -> String {
+    heard.update(guest);
     format!(
         "the socket (a connection waiting in the listener's queue would \
          be the card's fault, none QEMU's):\n{}\nQEMU:\n{}\nthe card's rings: {}\n\
@@ -172,7 +218,7 @@ fn both_sides(d: &Daemon, guest: &Guest) -> String {
         sockets_at(&d.path("a.sock")),
         guest.frontend_state(),
         volume_a(d)["attachment"]["rings"],
-        guest.recent_lines(20)
+        heard.tail.iter().cloned().collect::<Vec<_>>().join("\n")
     )
 }
 
@@ -247,6 +293,7 @@ fn run(server: bool, events: &[(Event, usize)], write_seconds: u32) {
     };
     let guest = Guest::boot(&k, &initrd, &[(chardev, 1)]);
     guest.wait_line("SOFTCARD-START");
+    let mut heard = Heard::default();
 
     // Upgrades and crashes, shuffled, at random moments.
     let mut x = 0x2545_f491_4f6c_dd1du64;
@@ -264,9 +311,10 @@ fn run(server: bool, events: &[(Event, usize)], write_seconds: u32) {
         order.swap(i, usize::try_from(rnd() % (i as u64 + 1)).unwrap());
     }
     for event in order {
-        // Each event once the guest's requests reach the card serving, so
-        // that a guest that stops sending is caught at its event.
-        wait_served(&d, &guest);
+        // Each event once the guest's requests reach the card serving and
+        // its writers hear back, so that a guest that stops sending or
+        // hearing is caught at the event before.
+        wait_served(&d, &guest, &mut heard);
         // QEMU negotiated EVENT_IDX: the card reads where the driver asked
         // to be interrupted.
         let rings = &volume_a(&d)["attachment"]["rings"];
@@ -284,7 +332,7 @@ fn run(server: bool, events: &[(Event, usize)], write_seconds: u32) {
                     assert!(
                         std::time::Instant::now() < deadline,
                         "the card never reached its 20th interrupt; {}",
-                        both_sides(&d, &guest)
+                        both_sides(&d, &guest, &mut heard)
                     );
                     std::thread::sleep(Duration::from_millis(10));
                 }
@@ -297,7 +345,7 @@ fn run(server: bool, events: &[(Event, usize)], write_seconds: u32) {
             }
         }
     }
-    wait_served(&d, &guest);
+    wait_served(&d, &guest, &mut heard);
     let console = guest.console();
     assert!(console.contains("SOFTCARD-RESULT done"), "{console}");
     assert!(!console.contains("SOFTCARD-FAIL"), "{console}");

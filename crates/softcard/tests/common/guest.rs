@@ -30,7 +30,8 @@ pub struct Guest {
     qemu: std::process::Child,
     qmp: std::path::PathBuf,
     lines: std::sync::mpsc::Receiver<String>,
-    reader: std::thread::JoinHandle<String>,
+    /// The console reader; taken when the console is.
+    reader: Option<std::thread::JoinHandle<String>>,
     deadline: Instant,
 }
 
@@ -75,7 +76,7 @@ impl Guest {
             qemu,
             qmp,
             lines,
-            reader,
+            reader: Some(reader),
             deadline: Instant::now() + GUEST_DEADLINE,
         }
     }
@@ -150,18 +151,25 @@ impl Guest {
         out
     }
 
-    /// The console lines that came since the last one waited for, the
-    /// last `n` of them.
-    pub fn recent_lines(&self, n: usize) -> String {
-        let lines: Vec<String> = self.lines.try_iter().collect();
-        lines[lines.len().saturating_sub(n)..].join("\n")
+    /// The console lines that came since the last one waited for or
+    /// returned here.
+    pub fn new_lines(&self) -> Vec<String> {
+        self.lines.try_iter().collect()
+    }
+
+    /// Everything the console printed, once QEMU has exited.
+    fn whole_console(&mut self) -> String {
+        self.reader
+            .take()
+            .map(|r| r.join().unwrap())
+            .unwrap_or_default()
     }
 
     /// Waits for the guest to power off; its whole console.
     pub fn console(mut self) -> String {
         loop {
             if self.qemu.try_wait().unwrap().is_some() {
-                return self.reader.join().unwrap();
+                return self.whole_console();
             }
             if Instant::now() > self.deadline {
                 let _ = self.qemu.kill();
@@ -169,10 +177,21 @@ impl Guest {
                 panic!(
                     "guest did not power off within {} s:\n{}",
                     GUEST_DEADLINE.as_secs(),
-                    self.reader.join().unwrap()
+                    self.whole_console()
                 );
             }
             std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// A test that fails while its guest runs leaves no QEMU behind (one
+/// would hold the test's output open and keep its disk's sockets busy).
+impl Drop for Guest {
+    fn drop(&mut self) {
+        if matches!(self.qemu.try_wait(), Ok(None)) {
+            let _ = self.qemu.kill();
+            let _ = self.qemu.wait();
         }
     }
 }
