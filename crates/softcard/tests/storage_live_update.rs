@@ -198,7 +198,7 @@ fn wait_served(d: &Daemon, guest: &Guest, heard: &mut Heard) {
         ok,
         "for 30 s after the last event, the card answered {} more request(s) \
          and the writers heard of {:?} more record(s) (each must hear of one); {}",
-        served_by_a(d) - served,
+        served_by_a(d).saturating_sub(served),
         heard
             .acks
             .iter()
