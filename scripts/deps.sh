@@ -6,6 +6,7 @@
 #   scripts/deps.sh test    what ./scripts/test.sh's tests start
 #   scripts/deps.sh bench   the benchmarks' peers (softcard bench ...)
 #   scripts/deps.sh up      what softcard up starts
+#   scripts/deps.sh spdk    what scripts/spdk-peer.sh builds SPDK with
 #
 # Several names may be given at once. Runs apt-get (one update) only when
 # something is missing. Needs root, or sudo.
@@ -86,6 +87,26 @@ bench_deps=(
     "openssl openssl"
     "ip iproute2"
 )
+# scripts/spdk-peer.sh: building SPDK's vhost target and a minimal DPDK
+# (its code generators run on the distribution's Python, hence the paths).
+spdk_deps=(
+    "cc gcc"
+    "g++ g++"
+    "make make"
+    "pkg-config pkgconf"
+    "meson meson"
+    "ninja ninja-build"
+    "/usr/lib/python3/dist-packages/elftools python3-pyelftools"
+    "/usr/lib/python3/dist-packages/jinja2 python3-jinja2"
+    "/usr/lib/python3/dist-packages/tabulate* python3-tabulate"
+    "/usr/include/numa.h libnuma-dev"
+    "/usr/include/uuid/uuid.h uuid-dev"
+    "/usr/include/openssl/ssl.h libssl-dev"
+    "/usr/include/libaio.h libaio-dev"
+    "/usr/include/json-c/json.h libjson-c-dev"
+    "/usr/include/ncurses.h libncurses-dev"
+    "/usr/include/keyutils.h libkeyutils-dev"
+)
 up_deps=(
     "${common[@]}"
     "/usr/share/vulkan/icd.d/lvp_icd*.json mesa-vulkan-drivers"
@@ -109,7 +130,8 @@ for job in "${@:-test}"; do
         test) entries+=("${test_deps[@]}") ;;
         bench) entries+=("${bench_deps[@]}") ;;
         up) entries+=("${up_deps[@]}") ;;
-        *) echo "deps.sh: unknown job '$job' (test, bench, up)" >&2; exit 2 ;;
+        spdk) entries+=("${spdk_deps[@]}") ;;
+        *) echo "deps.sh: unknown job '$job' (test, bench, up, spdk)" >&2; exit 2 ;;
     esac
 done
 

@@ -17,6 +17,7 @@ use softcard_storage::{AttachOptions, StorageCard};
 
 use crate::bench_cells::{counters, figure, PerIo, Summary};
 use crate::bench_cpu::{median_range, Meter, Server};
+use crate::bench_spdk::Spdk;
 
 /// Options of `softcard bench storage`.
 #[derive(Debug, clap::Args)]
@@ -51,6 +52,12 @@ pub struct StorageBenchArgs {
     /// where a sleeping client is the limit.
     #[arg(long)]
     poll_client: bool,
+    /// SPDK's vhost target (the `build/bin/vhost` of an SPDK build) to
+    /// compare with as well, on the backings it has a counterpart for
+    /// (its Null bdev against null-untouched, its Malloc bdev against
+    /// ram); a second table gives those ratios.
+    #[arg(long)]
+    spdk: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -383,6 +390,9 @@ pub fn storage(a: &StorageBenchArgs) -> Result<()> {
     if !a.softcard_only {
         require_peers(&[&a.qsd.to_string_lossy(), "qemu-img"])?;
     }
+    if let Some(bin) = &a.spdk {
+        require_peers(&[&bin.to_string_lossy()])?;
+    }
     let dir = tempfile::Builder::new()
         .prefix("softcard-bench")
         .tempdir()?;
@@ -411,6 +421,18 @@ pub fn storage(a: &StorageBenchArgs) -> Result<()> {
     if let Some(cost) = crate::bench_wake::wake_cost() {
         println!("#   {cost}");
     }
+    // SPDK's reactor takes the second CPU, as in the setup (the
+    // client is then left the first).
+    let mut spdk = match &a.spdk {
+        Some(bin) => {
+            let cpu = crate::bench_wake::two_cpus().map_or(0, |(_, second)| second);
+            let s = Spdk::start(bin, cpu)?;
+            println!("#   spdk: {}", s.describe());
+            Some(s)
+        }
+        None => None,
+    };
+    let mut spdk_rows = Vec::new();
     println!("#   client sleeps/IO (asleep): times the client thread slept (voluntary context switches) per I/O; a sleep on an idle CPU costs it up to the wake-up above; in brackets the share of the cell the client spent off its CPU (its own CPU clock against the cell's time)");
     println!("#   CPU: the serving side's user + system seconds per million I/Os, and I/Os per second per core it kept busy (a spinning poller counts as busy)");
     println!("#   per I/O (softcard): rounds of the queue worker's polling loop (those that found nothing), wake-ups of the worker, notifications to the driver");
@@ -524,8 +546,9 @@ pub fn storage(a: &StorageBenchArgs) -> Result<()> {
             .into_iter()
             .filter(|w| wanted(w.name, &a.workload))
         {
-            let (mut s, mut q) = (Vec::new(), Vec::new());
+            let (mut s, mut q, mut k) = (Vec::new(), Vec::new(), Vec::new());
             let mut per_io = Vec::new();
+            let spdk_socket = spdk.as_ref().and_then(|k| k.socket(backing));
             for _ in 0..runs {
                 let before = counters(&card);
                 s.push(
@@ -545,8 +568,26 @@ pub fn storage(a: &StorageBenchArgs) -> Result<()> {
                         .with_context(|| format!("qsd {backing} {}", w.name))?,
                     );
                 }
+                if let (Some(p), Some(socket)) = (&mut spdk, &spdk_socket) {
+                    p.resume()?;
+                    let run = drive(
+                        socket,
+                        w,
+                        a.seconds,
+                        Server::Process(p.pid()),
+                        a.poll_client,
+                    )
+                    .with_context(|| {
+                        format!("SPDK {backing} {}; its log ends:\n{}", w.name, p.log_tail())
+                    });
+                    p.pause()?;
+                    k.push(run?);
+                }
             }
             let (s, q) = (Summary::of(&s), Summary::of(&q));
+            if !k.is_empty() {
+                spdk_rows.push(spdk_row(backing, w.name, &s, &q, &Summary::of(&k)));
+            }
             let m = |f: fn(&PerIo) -> f64| {
                 figure(median_range(&per_io.iter().map(f).collect::<Vec<_>>()).0, 2)
             };
@@ -576,7 +617,37 @@ pub fn storage(a: &StorageBenchArgs) -> Result<()> {
         card.shutdown();
         let _ = std::fs::remove_file(&qsd_img);
     }
+    if !spdk_rows.is_empty() {
+        println!();
+        println!("softcard against SPDK's vhost target, from the same runs (SPDK/qsd: the issue's second yardstick):");
+        println!();
+        println!("| backing | workload | softcard IOPS | SPDK IOPS | softcard/SPDK | SPDK/qsd | softcard CPU s/M IO | SPDK CPU s/M IO | softcard IOPS/core | SPDK IOPS/core | softcard p50/p99 us | SPDK p50/p99 us | client sleeps/IO (asleep) softcard | client sleeps/IO (asleep) SPDK |");
+        println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        for row in &spdk_rows {
+            println!("{row}");
+        }
+    }
     Ok(())
+}
+
+/// One row of the SPDK table: softcard (`s`), qsd (`q`, for the
+/// SPDK/qsd yardstick) and SPDK (`k`) on one cell.
+fn spdk_row(backing: &str, workload: &str, s: &Summary, q: &Summary, k: &Summary) -> String {
+    format!(
+        "| {backing} | {workload} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+        s.iops_text(),
+        k.iops_text(),
+        figure(s.iops.0 / k.iops.0, 2),
+        figure(k.iops.0 / q.iops.0, 2),
+        figure(s.cpu_per_m, 2),
+        figure(k.cpu_per_m, 2),
+        figure(s.iops_per_core, 0),
+        figure(k.iops_per_core, 0),
+        s.latency_text(),
+        k.latency_text(),
+        s.sleeps_text(),
+        k.sleeps_text(),
+    )
 }
 
 /// Options of `softcard bench encryption`.

@@ -63,7 +63,7 @@ fn pin(cpu: usize) -> bool {
 }
 
 /// The first two CPUs this process may run on.
-fn two_cpus() -> Option<(usize, usize)> {
+pub(crate) fn two_cpus() -> Option<(usize, usize)> {
     // SAFETY: as in `pin`.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
     // SAFETY: `set` outlives the call and its size is passed with it.

@@ -7,6 +7,7 @@ mod bench_cells;
 mod bench_cpu;
 mod bench_qos;
 mod bench_rdma;
+mod bench_spdk;
 mod bench_upgrade;
 mod bench_verbs;
 mod bench_wake;
