@@ -5,13 +5,18 @@
 //! vhost-user worker does, parses it, and checks the invariants every
 //! accepted request must satisfy: it stays inside the volume, its data
 //! segments and status byte lie inside guest memory, and GET_ID/flush
-//! carry no device range.
+//! carry no device range. It also checks that the worker's descriptor
+//! walker (`desc_walk`) yields exactly the descriptors virtio-queue's
+//! chain does.
 
 use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
 
+use virtio_queue::desc::split::Descriptor;
+
+use crate::virtio_blk::desc_walk::DescWalk;
 use crate::virtio_blk::hot_mem::HotMem;
 use crate::virtio_blk::request::{self, RequestKind, Segment};
 
@@ -77,8 +82,16 @@ pub fn parse_request(data: &[u8]) {
     let Some(chain) = q.pop_descriptor_chain(&hot) else {
         return;
     };
+    // The worker's own walker yields what virtio-queue's chain does.
+    let head = chain.head_index();
+    let walk = || DescWalk::new(&hot, GuestAddress(DESC), QSIZE, head);
+    let fields = |d: Descriptor| (d.addr(), d.len(), d.flags(), d.next());
+    assert!(
+        walk().map(fields).eq(chain.map(fields)),
+        "the descriptor walk differs from virtio-queue's chain"
+    );
     let mut segs: Vec<Segment> = Vec::new();
-    match request::parse(chain, &hot, volume_bytes, &mut segs) {
+    match request::parse(walk(), head, &hot, volume_bytes, &mut segs) {
         Ok(req) => {
             assert!(mem.check_range(req.status, 1, Permissions::Write));
             match req.kind {

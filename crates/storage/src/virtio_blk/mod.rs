@@ -20,6 +20,7 @@
 
 mod batching;
 mod crash_point;
+pub(crate) mod desc_walk;
 mod device;
 mod event_loop;
 mod handler;

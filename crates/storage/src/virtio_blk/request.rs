@@ -11,7 +11,7 @@ use virtio_bindings::bindings::virtio_blk::{
     VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
     VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
 };
-use virtio_queue::DescriptorChain;
+use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Address, GuestAddress};
 
 use super::hot_mem::HotMem;
@@ -123,16 +123,17 @@ pub struct Refused {
     pub error: RequestError,
 }
 
-/// Parses the chain into a request over a volume of `volume_bytes`.
+/// Parses the chain `descs`, headed by descriptor `head`, into a request
+/// over a volume of `volume_bytes`.
 /// `data` receives the data segments (for GET_ID, the answer buffers; for
 /// discard and write-zeroes, nothing: the range is folded into the request).
 pub(crate) fn parse(
-    chain: DescriptorChain<&HotMem<'_>>,
+    descs: impl Iterator<Item = Descriptor>,
+    head: u16,
     mem: &HotMem<'_>,
     volume_bytes: u64,
     data: &mut Vec<Segment>,
 ) -> Result<Request, Refused> {
-    let head = chain.head_index();
     data.clear();
     let refuse = |status, error| Refused {
         head,
@@ -146,7 +147,7 @@ pub(crate) fn parse(
     // layout.
     let mut seen_writable = false;
     let mut misordered = false;
-    for d in chain {
+    for d in descs {
         if data.len() == MAX_DESCRIPTORS {
             return Err(refuse(None, RequestError::TooLong));
         }

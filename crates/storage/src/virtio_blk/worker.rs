@@ -19,6 +19,7 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::batching::{answer_now, SUBMIT_BATCH, SUBMIT_BATCH_BYTES, SYNC_BATCH};
+use super::desc_walk::DescWalk;
 use super::hot_mem::HotMem;
 use super::inflight::InflightQueue;
 use super::iovec::{copy_iov, push_iovecs, sector_aligned};
@@ -544,6 +545,10 @@ impl QueueWorker {
         // Whether `batch_started` is the clock read just before this batch.
         let mut paced = true;
         let mut signalled = false;
+        let (table, size) = {
+            let q = vring.get_queue();
+            (GuestAddress(q.desc_table()), q.size())
+        };
         while !self.free.is_empty() {
             let Some(chain) = vring.get_queue_mut().pop_descriptor_chain(mem) else {
                 break;
@@ -553,7 +558,9 @@ impl QueueWorker {
             if let Some(r) = &mut self.region {
                 r.taken(chain.head_index());
             }
-            let parsed = request::parse(chain, mem, self.range.size, &mut self.segments);
+            let head = chain.head_index();
+            let descs = DescWalk::new(mem, table, size, head);
+            let parsed = request::parse(descs, head, mem, self.range.size, &mut self.segments);
             match parsed {
                 Ok(req) => {
                     if let Err(wait) = self.throttle.admit(data_bytes(&req)) {
