@@ -31,6 +31,7 @@ pub mod metrics;
 pub mod request;
 mod throttle;
 mod used_order;
+mod used_ring;
 mod worker;
 
 use std::io;

@@ -21,11 +21,12 @@
 use std::collections::VecDeque;
 
 use vhost_user_backend::VringState;
-use virtio_queue::QueueT;
+use virtio_queue::{Queue, QueueT};
 
 use super::device::Mem;
 use super::hot_mem::HotMem;
 use super::inflight::InflightQueue;
+use super::used_ring::UsedRing;
 
 /// Place of a request in the order it was taken from the ring.
 pub(crate) type Seq = u64;
@@ -37,6 +38,9 @@ pub(crate) struct UsedOrder {
     base: Seq,
     /// `Some((head, used length))` once the request is answered.
     waiting: VecDeque<Option<(u16, u32)>>,
+    /// The used ring's writer, and the answers the driver has not been
+    /// asked about yet.
+    ring: UsedRing,
 }
 
 impl UsedOrder {
@@ -91,6 +95,7 @@ impl UsedOrder {
         len: u32,
     ) -> Result<(), virtio_queue::Error> {
         let mut error = None;
+        let mut ring = std::mem::take(&mut self.ring);
         self.answer(seq, head, len, |head, len| {
             if error.is_some() {
                 return;
@@ -98,7 +103,7 @@ impl UsedOrder {
             if let Some(r) = region {
                 r.publishing(head);
             }
-            match vring.get_queue_mut().add_used(mem, head, len) {
+            match ring.add(vring.get_queue_mut(), mem, head, len) {
                 Ok(()) => {
                     if let Some(r) = region {
                         r.published(head, vring.get_queue().next_used());
@@ -107,6 +112,7 @@ impl UsedOrder {
                 Err(e) => error = Some(e),
             }
         });
+        self.ring = ring;
         error.map_or(Ok(()), Err)
     }
 
@@ -120,6 +126,13 @@ impl UsedOrder {
     pub(crate) fn clear(&mut self) {
         self.base += self.waiting.len() as u64;
         self.waiting.clear();
+        self.ring.reset();
+    }
+
+    /// Whether the driver asked to hear of the answers published since
+    /// the last call ([`UsedRing::needs_notification`]).
+    pub(crate) fn needs_notification(&mut self, q: &Queue, mem: &HotMem<'_>) -> bool {
+        self.ring.needs_notification(q, mem)
     }
 }
 

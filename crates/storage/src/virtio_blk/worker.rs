@@ -479,7 +479,7 @@ impl QueueWorker {
     }
 
     /// Notifies the driver if it asked for it; returns whether it did.
-    fn notify(&self, vring: &mut VringState<Mem>, mem: &HotMem<'_>, event_idx: bool) -> bool {
+    fn notify(&mut self, vring: &mut VringState<Mem>, mem: &HotMem<'_>, event_idx: bool) -> bool {
         // Without EVENT_IDX the driver may ask for no interrupts
         // (VRING_AVAIL_F_NO_INTERRUPT) while it polls the used ring.
         if !event_idx {
@@ -490,11 +490,7 @@ impl QueueWorker {
                 return false;
             }
         }
-        if !vring
-            .get_queue_mut()
-            .needs_notification(mem)
-            .unwrap_or(true)
-        {
+        if !self.order.needs_notification(vring.get_queue(), mem) {
             return false;
         }
         BlkMetrics::inc(&self.metrics.notifications);
