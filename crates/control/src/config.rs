@@ -140,6 +140,8 @@ struct RawConfig {
     rdma_socket: Option<PathBuf>,
     #[serde(default)]
     state_file: Option<PathBuf>,
+    #[serde(default)]
+    queue_cpus: Vec<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -209,6 +211,9 @@ pub struct CardConfig {
     /// Where the card records its attachments, so that a restarted daemon
     /// serves the same volumes on the same sockets (unset: not recorded).
     pub state_file: Option<PathBuf>,
+    /// CPUs the vhost-user-blk queue workers are pinned to, in turn
+    /// (empty: wherever the scheduler puts them).
+    pub queue_cpus: Vec<usize>,
 }
 
 impl CardConfig {
@@ -337,6 +342,7 @@ impl CardConfig {
             rdma,
             rdma_socket: raw.rdma_socket,
             state_file: raw.state_file,
+            queue_cpus: raw.queue_cpus,
             metrics_listen: raw.metrics_listen,
             api_socket: raw
                 .api_socket
@@ -378,6 +384,15 @@ mod tests {
         assert_eq!(c.devices[1].size_bytes, Some(4096));
         assert_eq!(c.devices[1].read_zeroes, Some(false));
         assert_eq!(c.devices[0].read_zeroes, None);
+    }
+
+    #[test]
+    fn queue_cpus_are_optional() {
+        assert!(CardConfig::parse("").unwrap().queue_cpus.is_empty());
+        let c = CardConfig::parse("queue_cpus = [1, 3]").unwrap();
+        assert_eq!(c.queue_cpus, vec![1, 3]);
+        assert!(CardConfig::parse("queue_cpus = [-1]").is_err());
+        assert!(CardConfig::parse("queue_cpus = 1").is_err());
     }
 
     #[test]

@@ -58,6 +58,11 @@ pub struct StorageBenchArgs {
     /// ram); a second table gives those ratios.
     #[arg(long)]
     spdk: Option<PathBuf>,
+    /// Leave every thread where the scheduler puts it, instead of the
+    /// client on the first CPU and each server (softcard's queue worker,
+    /// qemu-storage-daemon, SPDK's reactor) on the second.
+    #[arg(long)]
+    unpinned: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -298,8 +303,30 @@ impl Drop for Qsd {
     }
 }
 
-fn start_qsd(bin: &Path, args: &[String], socket: &Path, queues: u16) -> Result<Qsd> {
-    let mut child = Command::new(bin)
+fn start_qsd(
+    bin: &Path,
+    args: &[String],
+    socket: &Path,
+    queues: u16,
+    cpu: Option<usize>,
+) -> Result<Qsd> {
+    let mut cmd = Command::new(bin);
+    if let Some(cpu) = cpu {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: between fork and exec the closure only makes the
+        // sched_setaffinity system call (async-signal-safe) on a set on
+        // its own stack; every thread qsd starts inherits it.
+        unsafe {
+            cmd.pre_exec(move || {
+                if crate::bench_wake::pin(cpu) {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+    }
+    let mut child = cmd
         .args(args)
         .arg("--export")
         .arg(format!(
@@ -421,17 +448,37 @@ pub fn storage(a: &StorageBenchArgs) -> Result<()> {
     if let Some(cost) = crate::bench_wake::wake_cost() {
         println!("#   {cost}");
     }
-    // SPDK's reactor takes the second CPU, as in the setup (the
-    // client is then left the first).
+    let cpus = crate::bench_wake::two_cpus();
+    // SPDK's reactor takes the second CPU, as the servers below do; started
+    // before the client's thread is pinned, whose mask it would inherit.
     let mut spdk = match &a.spdk {
         Some(bin) => {
-            let cpu = crate::bench_wake::two_cpus().map_or(0, |(_, second)| second);
-            let s = Spdk::start(bin, cpu)?;
+            let s = Spdk::start(bin, cpus.map_or(0, |(_, second)| second))?;
             println!("#   spdk: {}", s.describe());
             Some(s)
         }
         None => None,
     };
+    // The setup: the client on one CPU, the server on the other.
+    let placement = if a.unpinned { None } else { cpus };
+    match placement {
+        Some((client, server)) => {
+            // Before the client's thread is pinned: the check of the CPUs
+            // allowed reads the calling thread's mask.
+            softcard_storage::placement::set_queue_cpus(&[server])
+                .map_err(|e| anyhow::anyhow!("pinning the queue workers: {e}"))?;
+            if !crate::bench_wake::pin(client) {
+                bail!(
+                    "pinning the client to CPU {client}: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+            println!("#   placement: the client on CPU {client}; softcard's queue worker, qsd and SPDK's reactor on CPU {server} (--unpinned: wherever the scheduler puts them)");
+        }
+        None => println!(
+            "#   placement: threads where the scheduler puts them (SPDK's reactor on its CPU)"
+        ),
+    }
     let mut spdk_rows = Vec::new();
     println!("#   client sleeps/IO (asleep): times the client thread slept (voluntary context switches) per I/O; a sleep on an idle CPU costs it up to the wake-up above; in brackets the share of the cell the client spent off its CPU (its own CPU clock against the cell's time)");
     println!("#   CPU: the serving side's user + system seconds per million I/Os, and I/Os per second per core it kept busy (a spinning poller counts as busy)");
@@ -540,7 +587,13 @@ pub fn storage(a: &StorageBenchArgs) -> Result<()> {
         let qsd = if a.softcard_only {
             None
         } else {
-            Some(start_qsd(&a.qsd, &qsd_args, &theirs, a.queues)?)
+            Some(start_qsd(
+                &a.qsd,
+                &qsd_args,
+                &theirs,
+                a.queues,
+                placement.map(|(_, server)| server),
+            )?)
         };
         for w in WORKLOADS
             .into_iter()

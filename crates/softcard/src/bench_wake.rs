@@ -52,7 +52,7 @@ impl std::fmt::Display for WakeCost {
 }
 
 /// Pins the calling thread to `cpu`.
-fn pin(cpu: usize) -> bool {
+pub(crate) fn pin(cpu: usize) -> bool {
     // SAFETY: cpu_set_t is plain data; zeroed is the empty set.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
     // SAFETY: `set` is a valid cpu_set_t and `cpu` is below CPU_SETSIZE

@@ -196,6 +196,8 @@ pub fn serve(config: &Path, region: &RegionArgs) -> Result<()> {
         i.take_over()?;
     }
     let keys = KeyStore::load(&cfg.tenants);
+    softcard_storage::placement::set_queue_cpus(&cfg.queue_cpus)
+        .map_err(|e| anyhow::anyhow!("queue_cpus: {e}"))?;
     let card = Arc::new(StorageCard::open_with_keys(&cfg.devices, keys)?);
     if let Some(i) = &mut incoming {
         card.inherit_listeners(std::mem::take(&mut i.interfaces));

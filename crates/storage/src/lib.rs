@@ -15,6 +15,7 @@ pub mod fuzzing;
 mod listen;
 pub mod nbd;
 pub mod partition;
+pub mod placement;
 pub mod qos;
 pub mod virtio_blk;
 

@@ -42,7 +42,10 @@ impl EventLoop {
         let me = ev.clone();
         let thread = std::thread::Builder::new()
             .name("vring_worker".into())
-            .spawn(move || me.run(&backend, &vring, queue))?;
+            .spawn(move || {
+                crate::placement::place_this_worker();
+                me.run(&backend, &vring, queue)
+            })?;
         Ok((ev, thread))
     }
 
