@@ -11,12 +11,12 @@
 
 use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::QueueT;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
 
 use virtio_queue::desc::split::Descriptor;
 
-use crate::virtio_blk::desc_walk::DescWalk;
+use crate::virtio_blk::desc_walk::{ready_queue, DescWalk};
 use crate::virtio_blk::hot_mem::HotMem;
 use crate::virtio_blk::request::{self, RequestKind, Segment};
 
@@ -67,12 +67,7 @@ pub fn parse_request(data: &[u8]) {
     mem.write_obj(1u16, GuestAddress(AVAIL + 2))
         .expect("in memory");
 
-    let mut q = Queue::new(QSIZE).expect("queue");
-    q.set_size(QSIZE);
-    q.set_desc_table_address(Some(DESC as u32), Some(0));
-    q.set_avail_ring_address(Some(AVAIL as u32), Some(0));
-    q.set_used_ring_address(Some(USED as u32), Some(0));
-    q.set_ready(true);
+    let mut q = ready_queue(QSIZE, DESC, AVAIL, USED);
     // Parsed through the worker's view of guest memory (its one-region
     // short paths included); the invariants are checked against
     // vm-memory's own.

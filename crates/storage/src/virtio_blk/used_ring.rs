@@ -154,13 +154,8 @@ mod tests {
     }
 
     fn queue(used: u64, event_idx: bool) -> Queue {
-        let mut q = Queue::new(QSIZE).expect("queue");
-        q.set_size(QSIZE);
-        q.set_desc_table_address(Some(0x1000), Some(0));
-        q.set_avail_ring_address(Some(AVAIL as u32), Some(0));
-        q.set_used_ring_address(Some(used as u32), Some(0));
+        let mut q = super::super::desc_walk::ready_queue(QSIZE, 0x1000, AVAIL, used);
         q.set_event_idx(event_idx);
-        q.set_ready(true);
         q
     }
 
