@@ -473,10 +473,20 @@ pub fn storage(a: &StorageBenchArgs) -> Result<()> {
                     std::io::Error::last_os_error()
                 );
             }
-            println!("#   placement: the client on CPU {client}; softcard's queue worker, qsd and SPDK's reactor on CPU {server} (--unpinned: wherever the scheduler puts them)");
+            let mut servers = vec!["softcard's queue worker"];
+            if !a.softcard_only {
+                servers.push("qsd");
+            }
+            if spdk.is_some() {
+                servers.push("SPDK's reactor");
+            }
+            println!(
+                "#   placement: the client on CPU {client}; {} on CPU {server} (--unpinned: wherever the scheduler puts them)",
+                servers.join(", ")
+            );
         }
         None => println!(
-            "#   placement: threads where the scheduler puts them (SPDK's reactor on its CPU)"
+            "#   placement: threads where the scheduler puts them (SPDK's reactor, if any, on its own CPU)"
         ),
     }
     let mut spdk_rows = Vec::new();
