@@ -18,6 +18,7 @@
 //! every disconnect. A frontend that listens takes the next card at once,
 //! with no reconnect timer of its own to wait for.
 
+mod avail_ring;
 mod batching;
 mod crash_point;
 pub(crate) mod desc_walk;

@@ -18,6 +18,7 @@ use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, Guest
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
+use super::avail_ring::AvailCursor;
 use super::batching::{answer_now, SUBMIT_BATCH, SUBMIT_BATCH_BYTES, SYNC_BATCH};
 use super::desc_walk::DescWalk;
 use super::hot_mem::HotMem;
@@ -505,12 +506,16 @@ impl QueueWorker {
     /// request was completed at once.
     fn pop_all(&mut self, vring: &mut VringState<Mem>, mem: &HotMem<'_>, event_idx: bool) -> bool {
         let mut used = false;
-        // A frontend that moves avail->idx more than a queue's worth ahead
-        // of us has broken the ring (virtio 2.7.13.3); stop this queue.
+        // The avail index is read once here, and again only when the
+        // entries it announced are used up. A frontend that moves it more
+        // than a queue's worth ahead of us has broken the ring (virtio
+        // 2.7.13.3); stop this queue.
+        let mut avail = AvailCursor::load(vring.get_queue(), mem);
         // Requests known to wait in the ring behind the one being started
         // (those seen now; later ones are not counted).
         let mut ahead = 0u16;
-        if let Some(pending) = waiting_in_ring(vring, mem) {
+        if let Some(c) = &avail {
+            let pending = c.waiting(vring.get_queue());
             if pending > vring.get_queue().size() {
                 self.mark_broken("avail index moved more than the queue size");
                 return false;
@@ -545,16 +550,18 @@ impl QueueWorker {
             let q = vring.get_queue();
             (GuestAddress(q.desc_table()), q.size())
         };
+        let Some(avail) = avail.as_mut() else {
+            return used;
+        };
         while !self.free.is_empty() {
-            let Some(chain) = vring.get_queue_mut().pop_descriptor_chain(mem) else {
+            let Some(head) = avail.pop(vring.get_queue_mut(), mem) else {
                 break;
             };
             ahead = ahead.saturating_sub(1);
             let seq = self.order.take();
             if let Some(r) = &mut self.region {
-                r.taken(chain.head_index());
+                r.taken(head);
             }
-            let head = chain.head_index();
             let descs = DescWalk::new(mem, table, size, head);
             let parsed = request::parse(descs, head, mem, self.range.size, &mut self.segments);
             match parsed {
@@ -591,7 +598,9 @@ impl QueueWorker {
                 }
             }
             batch += 1;
-            if batch == self.submit_batch || self.batch_full(vring, mem, batch_bytes, &mut ahead) {
+            if batch == self.submit_batch
+                || self.batch_full(vring, mem, avail, batch_bytes, &mut ahead)
+            {
                 // Long runs of requests: hand what we have to the device
                 // and the finished ones back to the driver, so both start
                 // working while we parse the rest.
@@ -639,13 +648,16 @@ impl QueueWorker {
         &self,
         vring: &VringState<Mem>,
         mem: &HotMem<'_>,
+        avail: &mut AvailCursor,
         bytes: u64,
         ahead: &mut u16,
     ) -> bool {
         if !self.done_in_push {
             return bytes >= SUBMIT_BATCH_BYTES;
         }
-        answer_now(bytes, self.pace_ns, ahead, || waiting_in_ring(vring, mem))
+        answer_now(bytes, self.pace_ns, ahead, || {
+            avail.refresh(vring.get_queue(), mem)
+        })
     }
 
     /// Counts a request that goes to the device against the volume's share;
@@ -1002,15 +1014,4 @@ impl QueueWorker {
         };
         self.publish(vring, mem, seq, head, len);
     }
-}
-
-/// Requests the driver has made available and the ring has not yet given
-/// us (None when the avail index cannot be read).
-#[inline]
-fn waiting_in_ring(vring: &VringState<Mem>, mem: &HotMem<'_>) -> Option<u16> {
-    let q = vring.get_queue();
-    let avail = q
-        .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
-        .ok()?;
-    Some((avail - std::num::Wrapping(q.next_avail())).0)
 }
