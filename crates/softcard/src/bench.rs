@@ -342,10 +342,14 @@ fn start_qsd(
 
 /// A preallocated LUKS image (QEMU's default cipher: aes-256-xts-plain64).
 /// qemu-img times its key derivation on the CPU first, and now and then
-/// gives up ("Unable to get accurate CPU usage"): tried three times.
+/// gives up ("Unable to get accurate CPU usage"; once three times in a row
+/// in the middle of a sitting): tried five times, a second apart.
 fn create_luks(path: &Path) -> Result<()> {
     let mut last = String::new();
-    for _ in 0..3 {
+    for attempt in 0..5 {
+        if attempt > 0 {
+            std::thread::sleep(std::time::Duration::from_secs(1));
+        }
         let _ = std::fs::remove_file(path);
         let out = Command::new("qemu-img")
             .args([
