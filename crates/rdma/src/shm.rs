@@ -108,6 +108,46 @@ impl Mapping {
         })
     }
 
+    /// [`Mapping::reserve`] at an address that is a multiple of `align`
+    /// (a power of two; huge pages map only at such addresses).
+    pub fn reserve_aligned(len: usize, align: usize) -> io::Result<Self> {
+        let page = page_size();
+        if align <= page {
+            return Self::reserve(len);
+        }
+        if !align.is_power_of_two() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "an alignment that is not a power of two",
+            ));
+        }
+        let over = len
+            .checked_add(align)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "mapping too long"))?;
+        let wide = Self::reserve(over)?;
+        let base = wide.ptr.as_ptr() as usize;
+        let start = base.next_multiple_of(align);
+        let (head, tail) = (start - base, over - (start - base) - len);
+        let ptr = wide.ptr;
+        std::mem::forget(wide);
+        // SAFETY: `head` bytes before and `tail` bytes after the aligned
+        // range are our own reservation's (page multiples: base, align and
+        // len are), unmapped once here and never used.
+        unsafe {
+            if head > 0 {
+                let _ = rustix::mm::munmap(ptr.as_ptr().cast(), head);
+            }
+            if tail > 0 {
+                let _ = rustix::mm::munmap(ptr.as_ptr().add(head + len).cast(), tail);
+            }
+        }
+        Ok(Self {
+            // SAFETY: inside the reservation, so not null.
+            ptr: unsafe { NonNull::new_unchecked(ptr.as_ptr().add(head)) },
+            len,
+        })
+    }
+
     /// Maps `len` bytes of `fd` from `offset` at `at` bytes into this
     /// reservation (all page multiples; the range must lie inside it).
     pub fn map_piece(
@@ -322,6 +362,21 @@ mod tests {
         let m2 = Mapping::map(b.as_fd(), 0, page).unwrap();
         assert_eq!(m2.read::<u64>(0), 7);
         assert!(r.map_piece(page, a.as_fd(), 0, 2 * page).is_err());
+    }
+
+    #[test]
+    fn an_aligned_reservation_starts_on_its_alignment_and_takes_pieces() {
+        let page = page_size();
+        let align = 2 << 20;
+        for _ in 0..4 {
+            let mut r = Mapping::reserve_aligned(3 * page, align).unwrap();
+            assert_eq!(r.as_ptr() as usize % align, 0);
+            let a = sealed_memfd("a", page).unwrap();
+            r.map_piece(2 * page, a.as_fd(), 0, page).unwrap();
+            r.write(2 * page, 9u32);
+            assert_eq!(Mapping::map(a.as_fd(), 0, page).unwrap().read::<u32>(0), 9);
+        }
+        assert!(Mapping::reserve_aligned(page, 3 * page).is_err());
     }
 
     #[test]

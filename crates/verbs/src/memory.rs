@@ -14,10 +14,14 @@
 //! 3. The daemon gets the memfds and where each piece lies in them, and
 //!    maps the pieces as one range.
 //!
+//! System V shared memory (UCX's huge-page memory pools, perftest's
+//! `--use_hugepages`) is not moved: the piece names the mapping, and the
+//! card opens the segment itself (softcard-rdma's `service::segment`).
+//!
 //! Limits (docs/rdma.md): the copy and the move are not atomic with other
 //! threads writing those pages meanwhile (registration is a control path;
-//! applications do not write a buffer they are registering); memory shared
-//! with another process, or a file mapping, cannot be registered
+//! applications do not write a buffer they are registering); other memory
+//! shared with another process, or a file mapping, cannot be registered
 //! (`EOPNOTSUPP`): moving it would break that sharing; pages moved stay on
 //! memfds after deregistration; after `fork` the child shares them with
 //! the parent instead of copying them.
@@ -35,10 +39,20 @@ const NAME: &str = "softcard-verbs-mr";
 /// This process's memfds, by inode.
 static MEMFDS: Mutex<Option<HashMap<u64, Arc<OwnedFd>>>> = Mutex::new(None);
 
-/// A piece of a registration: `len` bytes from `offset` of `fd`.
+/// Where a piece of a registration lives.
+#[derive(Debug)]
+pub(crate) enum Source {
+    /// One of this library's memfds, handed to the card.
+    Memfd(Arc<OwnedFd>),
+    /// The System V segment mapped at `start..end` (its maps line), which
+    /// the card opens itself.
+    Segment { start: usize, end: usize },
+}
+
+/// A piece of a registration: `len` bytes from `offset` of its source.
 #[derive(Debug)]
 pub(crate) struct Piece {
-    pub fd: Arc<OwnedFd>,
+    pub source: Source,
     pub offset: u64,
     pub len: usize,
 }
@@ -145,7 +159,17 @@ pub(crate) fn share(addr: usize, len: usize) -> Result<Vec<Piece>, c_int> {
         let (s, e) = (at, l.end.min(end));
         if l.shared && l.path.starts_with(&prefix) && table.contains_key(&l.inode) {
             pieces.push(Piece {
-                fd: table[&l.inode].clone(),
+                source: Source::Memfd(table[&l.inode].clone()),
+                offset: l.offset + (s - l.start) as u64,
+                len: e - s,
+            });
+        } else if l.shared && l.path.starts_with("/SYSV") {
+            // The card checks the rest (read-write, still this process's).
+            pieces.push(Piece {
+                source: Source::Segment {
+                    start: l.start,
+                    end: l.end,
+                },
                 offset: l.offset + (s - l.start) as u64,
                 len: e - s,
             });
@@ -158,7 +182,7 @@ pub(crate) fn share(addr: usize, len: usize) -> Result<Vec<Piece>, c_int> {
             let (inode, fd) = move_onto_memfd(l, s, e)?;
             table.insert(inode, fd.clone());
             pieces.push(Piece {
-                fd,
+                source: Source::Memfd(fd),
                 offset: 0,
                 len: e - s,
             });
@@ -175,14 +199,17 @@ pub(crate) fn share(addr: usize, len: usize) -> Result<Vec<Piece>, c_int> {
     let live: std::collections::HashSet<u64> = lines
         .iter()
         .map(|l| l.inode)
-        .chain(
-            pieces
-                .iter()
-                .filter_map(|p| rustix::fs::fstat(&*p.fd).ok().map(|s| s.st_ino)),
-        )
+        .chain(pieces.iter().filter_map(|p| match &p.source {
+            Source::Memfd(fd) => rustix::fs::fstat(&**fd).ok().map(|s| s.st_ino),
+            Source::Segment { .. } => None,
+        }))
         .collect();
     table.retain(|inode, _| live.contains(inode));
-    if pieces.len() > shm::MAX_FDS {
+    let memfds = pieces
+        .iter()
+        .filter(|p| matches!(p.source, Source::Memfd(_)))
+        .count();
+    if memfds > shm::MAX_FDS {
         return Err(libc::ENOMEM);
     }
     Ok(pieces)

@@ -13,6 +13,7 @@ use softcard_rdma::ring::{self, QpRings, Ring};
 use softcard_rdma::shm::Mapping;
 
 use crate::conn::word;
+use crate::memory::Source;
 use crate::{context, set_errno, sys, Context};
 
 /// Fails a call returning an object: null, `errno` set.
@@ -90,10 +91,15 @@ unsafe fn reg(
         Err(e) => return fail(e),
     };
     let mut line = format!("MR {} {:x} {len} {rights}", p.handle, addr as usize);
+    let mut fds = Vec::with_capacity(pieces.len());
     for piece in &pieces {
-        line.push_str(&format!(" {}:{}", piece.offset, piece.len));
+        line.push(' ');
+        match &piece.source {
+            Source::Memfd(fd) => fds.push(fd.as_fd()),
+            Source::Segment { start, end } => line.push_str(&format!("S{start:x}-{end:x}:")),
+        }
+        line.push_str(&format!("{}:{}", piece.offset, piece.len));
     }
-    let fds: Vec<_> = pieces.iter().map(|p| p.fd.as_fd()).collect();
     match c.conn.call(&line, &fds) {
         Ok((w, _)) => {
             let (Ok(handle), Ok(key)) = (word::<u32>(&w, 0), word::<u32>(&w, 1)) else {

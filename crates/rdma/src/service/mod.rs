@@ -12,7 +12,7 @@
 //! | `DEVICES` | one `DEVICE NAME GUID GID ADDRESS MTU` line per device (GUID: 16 hex digits; GID: 32), then `END` |
 //! | `OPEN NAME VERSION` | `OK`, with the device's doorbell (an eventfd); the connection is now the application's session on that device |
 //! | `PD` / `FREEPD h` | `OK h` / `OK` |
-//! | `MR pd VA LEN ACCESS OFF:LEN...`, one memfd per piece | `OK h key`: the pages of `VA..VA+LEN` are those pieces, mapped here too |
+//! | `MR pd VA LEN ACCESS PIECE...`: `OFF:LEN` of the next memfd attached, or `SSTART-END:OFF:LEN` of the System V segment the application maps at `START-END` (hex; [`segment`]) | `OK h key`: the pages of `VA..VA+LEN` are those pieces, mapped here too |
 //! | `FREEMR h` | `OK` |
 //! | `CHANNEL`, with a socket | `OK h`: completion events (the CQ's cookie, 8 bytes) are sent on it |
 //! | `CQ ENTRIES CHANNEL COOKIE` / `FREECQ h` | `OK h ENTRIES BYTES` with the ring's memfd / `OK` |
@@ -42,6 +42,7 @@ use crate::rc::{Engine, PathStats};
 mod datapath;
 mod fuzzing;
 mod node;
+mod segment;
 mod session;
 
 pub use fuzzing::fuzz_session;
@@ -367,8 +368,12 @@ fn run_session(conn: UnixStream, d: &Device) -> io::Result<()> {
     let id = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     {
         let _e = d.engine.lock();
+        let peer = segment::Peer::of(&conn)
+            .map_err(|e| log::warn!("session {id}: who connected is unknown ({e}): its System V segments cannot be registered"))
+            .ok();
         let session = Session {
             conn: Some(OwnedFd::from(conn.try_clone()?)),
+            peer,
             ..Session::default()
         };
         datapath::lock(&d.port).sessions.insert(id, session);

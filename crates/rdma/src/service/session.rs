@@ -14,6 +14,8 @@ use crate::rc::{Access, CqId, Engine, Memory, Pd, QpState, SrqId};
 use crate::ring::{self, QpRings, Ring};
 use crate::shm::{self, Mapping};
 
+use super::segment::{self, Peer};
+
 /// A control request's failure: the errno the library returns, and why.
 #[derive(Debug)]
 pub struct Refusal(pub i32, pub String);
@@ -112,6 +114,8 @@ pub(super) struct Session {
     pub broken: Option<String>,
     /// Its control connection, shut down when it breaks its rings.
     pub conn: Option<OwnedFd>,
+    /// The process that connected, for its System V segments.
+    pub peer: Option<Peer>,
 }
 
 /// Most objects of each kind one application may hold.
@@ -189,18 +193,53 @@ impl Session {
                 let va: u64 = hex(w.next(), "address")?;
                 let len: usize = num(w.next(), "length")?;
                 let access: u32 = num(w.next(), "access")?;
-                let pieces: Vec<(u64, usize)> = w
-                    .map(|p| {
-                        let (o, l) = p
-                            .split_once(':')
-                            .ok_or_else(|| Refusal::inval("bad piece"))?;
-                        Ok((num(Some(o), "piece offset")?, num(Some(l), "piece length")?))
-                    })
-                    .collect::<Result<_, Refusal>>()?;
-                if pieces.len() != fds.len() || pieces.is_empty() {
-                    return Err(Refusal::inval("one descriptor per piece"));
+                let words: Vec<&str> = w.collect();
+                if words.len() > MAX_PIECES {
+                    return Err(Refusal::inval(format!("more than {MAX_PIECES} pieces")));
                 }
-                let memory = map_pieces(va, len, &pieces, &fds)?;
+                // `OFF:LEN` of the next descriptor's memfd, or `SSTART-END:OFF:LEN`
+                // of the System V segment the application maps at START-END.
+                let mut fds = fds.into_iter();
+                let mut pieces = Vec::with_capacity(words.len());
+                for p in words {
+                    let (file, rest) = match p.strip_prefix('S') {
+                        Some(seg) => {
+                            let (range, rest) = seg
+                                .split_once(':')
+                                .ok_or_else(|| Refusal::inval("bad segment piece"))?;
+                            let (a, b) = range
+                                .split_once('-')
+                                .ok_or_else(|| Refusal::inval("bad segment range"))?;
+                            let peer = self.peer.as_ref().ok_or_else(|| {
+                                Refusal(libc::EPERM, "the card could not tell who connected".into())
+                            })?;
+                            let fd = segment::open(
+                                peer,
+                                hex(Some(a), "segment start")?,
+                                hex(Some(b), "segment end")?,
+                            )?;
+                            (Piece::Segment(fd), rest)
+                        }
+                        None => {
+                            let fd = fds
+                                .next()
+                                .ok_or_else(|| Refusal::inval("one descriptor per memfd piece"))?;
+                            (Piece::Memfd(fd), p)
+                        }
+                    };
+                    let (o, l) = rest
+                        .split_once(':')
+                        .ok_or_else(|| Refusal::inval("bad piece"))?;
+                    pieces.push((
+                        file,
+                        num(Some(o), "piece offset")?,
+                        num(Some(l), "piece length")?,
+                    ));
+                }
+                if fds.next().is_some() || pieces.is_empty() {
+                    return Err(Refusal::inval("one descriptor per memfd piece"));
+                }
+                let memory = map_pieces(va, len, &pieces)?;
                 let access = access_of(access)?;
                 let (index, key) = e.reg_mr_memory(pd, memory, va, access);
                 let h = self.handle();
@@ -608,15 +647,22 @@ fn access_of(flags: u32) -> Result<Access, Refusal> {
     Ok(a)
 }
 
-/// The application's pages `va..va+len` from the memfds they live in
-/// (`pieces`: file offset and length of each, in order, covering the
+/// Where a piece of a memory region lives.
+#[derive(Debug)]
+enum Piece {
+    /// A memfd the application handed over (its size sealed).
+    Memfd(OwnedFd),
+    /// A System V segment the card opened ([`segment::open`]).
+    Segment(OwnedFd),
+}
+
+/// Most pieces one region may have.
+const MAX_PIECES: usize = 256;
+
+/// The application's pages `va..va+len` from the files they live in
+/// (`pieces`: the file, offset and length of each, in order, covering the
 /// page-aligned range), mapped as one range here.
-fn map_pieces(
-    va: u64,
-    len: usize,
-    pieces: &[(u64, usize)],
-    fds: &[OwnedFd],
-) -> Result<Memory, Refusal> {
+fn map_pieces(va: u64, len: usize, pieces: &[(Piece, u64, usize)]) -> Result<Memory, Refusal> {
     let page = shm::page_size();
     if len == 0 {
         return Err(Refusal::inval("an empty region"));
@@ -624,7 +670,7 @@ fn map_pieces(
     let lead = (va % page as u64) as usize;
     let total: usize = pieces
         .iter()
-        .try_fold(0usize, |t, p| t.checked_add(p.1))
+        .try_fold(0usize, |t, p| t.checked_add(p.2))
         .ok_or_else(|| Refusal::inval("pieces too long"))?;
     let need = lead
         .checked_add(len)
@@ -635,16 +681,38 @@ fn map_pieces(
             "pieces of {total} bytes for {need} bytes of pages"
         )));
     }
-    let mut map = Mapping::reserve(total)?;
-    let mut at = 0;
-    for ((off, plen), fd) in pieces.iter().zip(fds) {
-        if off % page as u64 != 0 || plen % page != 0 || *plen == 0 {
-            return Err(Refusal::inval("pieces are whole pages"));
+    // A huge-page segment maps in whole huge pages, at addresses aligned
+    // to them (its st_blksize is its page size).
+    let mut sizes = Vec::with_capacity(pieces.len());
+    for (file, off, plen) in pieces {
+        let (size, unit) = match file {
+            Piece::Memfd(fd) => (shm::sealed_size(fd.as_fd())?, page),
+            Piece::Segment(fd) => {
+                let st = rustix::fs::fstat(fd).map_err(io::Error::from)?;
+                let unit = usize::try_from(st.st_blksize).unwrap_or(page).max(page);
+                (u64::try_from(st.st_size).unwrap_or(0), unit)
+            }
+        };
+        if off % unit as u64 != 0 || plen % unit != 0 || *plen == 0 {
+            return Err(Refusal::inval(format!(
+                "pieces are whole pages (of {unit} bytes here)"
+            )));
         }
-        let size = shm::sealed_size(fd.as_fd())?;
         if off.checked_add(*plen as u64).is_none_or(|e| e > size) {
-            return Err(Refusal::inval("a piece past the end of its memfd"));
+            return Err(Refusal::inval("a piece past the end of its file"));
         }
+        sizes.push(unit);
+    }
+    let align = sizes.iter().copied().max().unwrap_or(page);
+    let mut map = Mapping::reserve_aligned(total, align)?;
+    let mut at = 0;
+    for ((file, off, plen), unit) in pieces.iter().zip(sizes) {
+        if at % unit != 0 {
+            return Err(Refusal::inval(format!(
+                "a piece of {unit}-byte pages starts {at} bytes into the region"
+            )));
+        }
+        let (Piece::Memfd(fd) | Piece::Segment(fd)) = file;
         map.map_piece(at, fd.as_fd(), *off, *plen)?;
         at += plen;
     }
