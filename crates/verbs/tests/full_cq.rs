@@ -36,22 +36,7 @@ fn completions_beyond_a_full_ring_reach_the_application() {
         assert!(!cq.is_null());
         let ring = u32::try_from((*cq).cqe).unwrap();
         assert!(ring < 2 * N, "a ring of {ring}");
-        let mut init = sys::ibv_qp_init_attr {
-            send_cq: cq,
-            recv_cq: cq,
-            qp_type: sys::ibv_qp_type_IBV_QPT_RC,
-            cap: sys::ibv_qp_cap {
-                max_send_wr: N,
-                max_recv_wr: N,
-                max_send_sge: 1,
-                max_recv_sge: 1,
-                max_inline_data: 0,
-            },
-            ..Default::default()
-        };
-        let qp = ibverbs::ibv_create_qp(pd, &mut init);
-        assert!(!qp.is_null());
-        common::connect_to_itself(qp);
+        let qp = common::looped_rc_qp(pd, cq, N);
 
         let ops = &(*ctx).ops;
         let base = buf.as_mut_ptr();

@@ -55,22 +55,7 @@ fn overlapping_registrations_share_the_applications_pages() {
         assert_eq!(bytes[2 * page + 5], 0x5a);
 
         let cq = ibverbs::ibv_create_cq(ctx, 16, null_mut(), null_mut(), 0);
-        let mut init = sys::ibv_qp_init_attr {
-            send_cq: cq,
-            recv_cq: cq,
-            qp_type: sys::ibv_qp_type_IBV_QPT_RC,
-            cap: sys::ibv_qp_cap {
-                max_send_wr: 4,
-                max_recv_wr: 4,
-                max_send_sge: 1,
-                max_recv_sge: 1,
-                max_inline_data: 0,
-            },
-            ..Default::default()
-        };
-        let qp = ibverbs::ibv_create_qp(pd, &mut init);
-        assert!(!qp.is_null());
-        common::connect_to_itself(qp);
+        let qp = common::looped_rc_qp(pd, cq, 4);
 
         // Written after both registrations, in the page they share: the
         // card must read it where the application wrote it, through the
@@ -79,26 +64,13 @@ fn overlapping_registrations_share_the_applications_pages() {
         bytes[page + 200..page + 211].copy_from_slice(b"from page 1");
         // Receive into page 1 through the second region, and into page 2;
         // send from page 1 and page 0 through the first.
-        let ctx_ops = &(*ctx).ops;
         for (wr_id, at) in [(1u64, page + 1000), (3, 2 * page + 64)] {
             common::post_recv(qp, wr_id, buf.add(at), 64, (*mr2).lkey);
         }
         for (wr_id, at) in [(2u64, page + 200), (4, 0)] {
             common::post_send(qp, wr_id, buf.add(at), 11, (*mr1).lkey);
         }
-        let mut got = Vec::new();
-        let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while got.len() < 4 && std::time::Instant::now() < end {
-            let mut wc = [sys::ibv_wc::default(); 4];
-            let n = ctx_ops.poll_cq.unwrap()(cq, 4, wc.as_mut_ptr());
-            assert!(n >= 0);
-            got.extend(
-                wc[..usize::try_from(n).unwrap()]
-                    .iter()
-                    .map(|w| (w.wr_id, w.status, w.opcode, w.byte_len)),
-            );
-        }
-        got.sort_unstable();
+        let got = common::poll_all(cq, 4);
         // The receive with its length (verbs defines byte_len for
         // receives), and the send.
         assert_eq!(got.len(), 4, "{got:?}");

@@ -67,41 +67,13 @@ fn system_v_segments_are_registered_in_place() {
         assert_eq!(&bytes[..11], b"from page 0");
 
         let cq = ibverbs::ibv_create_cq(ctx, 16, null_mut(), null_mut(), 0);
-        let mut init = sys::ibv_qp_init_attr {
-            send_cq: cq,
-            recv_cq: cq,
-            qp_type: sys::ibv_qp_type_IBV_QPT_RC,
-            cap: sys::ibv_qp_cap {
-                max_send_wr: 4,
-                max_recv_wr: 4,
-                max_send_sge: 1,
-                max_recv_sge: 1,
-                max_inline_data: 0,
-            },
-            ..Default::default()
-        };
-        let qp = ibverbs::ibv_create_qp(pd, &mut init);
-        assert!(!qp.is_null());
-        common::connect_to_itself(qp);
+        let qp = common::looped_rc_qp(pd, cq, 4);
         bytes[page + 500..page + 511].copy_from_slice(b"part, too!!");
         common::post_recv(qp, 1, buf.add(3 * page + 100), 64, (*mr).lkey);
         common::post_recv(qp, 3, buf.add(page + 20), 64, (*part).lkey);
         common::post_send(qp, 2, buf, 11, (*mr).lkey);
         common::post_send(qp, 4, buf.add(page + 500), 11, (*part).lkey);
-        let ops = &(*ctx).ops;
-        let mut got = Vec::new();
-        let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while got.len() < 4 && std::time::Instant::now() < end {
-            let mut wc = [sys::ibv_wc::default(); 4];
-            let n = ops.poll_cq.unwrap()(cq, 4, wc.as_mut_ptr());
-            assert!(n >= 0);
-            got.extend(
-                wc[..usize::try_from(n).unwrap()]
-                    .iter()
-                    .map(|w| (w.wr_id, w.status)),
-            );
-        }
-        got.sort_unstable();
+        let got: Vec<_> = common::poll_all(cq, 4).iter().map(|w| (w.0, w.1)).collect();
         let ok = sys::ibv_wc_status_IBV_WC_SUCCESS;
         assert_eq!(got, [(1, ok), (2, ok), (3, ok), (4, ok)]);
         // The card wrote into the segment itself, where each region puts

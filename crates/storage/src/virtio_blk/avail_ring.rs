@@ -108,25 +108,15 @@ fn avail_idx(q: &Queue, mem: &HotMem<'_>) -> Option<u16> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use vm_memory::GuestMemoryMmap;
 
     use super::*;
 
     const QSIZE: u16 = 8;
 
-    /// Two regions that touch at 0x10000, so that an avail ring placed
-    /// just below it has entries (or its index) across the boundary.
-    fn memory() -> Arc<GuestMemoryMmap> {
-        Arc::new(
-            GuestMemoryMmap::from_ranges(&[
-                (GuestAddress(0), 0x10000),
-                (GuestAddress(0x10000), 0x10000),
-            ])
-            .expect("guest memory"),
-        )
-    }
+    // Two regions touch at 0x10000: a ring placed just below it has
+    // entries across the boundary.
+    use super::super::desc_walk::test_memory as memory;
 
     fn queue(avail: u64) -> Queue {
         super::super::desc_walk::ready_queue(QSIZE, 0x1000, avail, 0x3000)

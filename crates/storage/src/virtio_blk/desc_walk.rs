@@ -48,6 +48,21 @@ pub(crate) fn ready_queue(size: u16, desc: u64, avail: u64, used: u64) -> virtio
     q
 }
 
+/// Guest memory for the ring tests: one region up to 0x10000, a second
+/// one right after it (so that 16 bytes at 0xfff8 straddle two regions),
+/// a hole up to 0x40000, and one there.
+#[cfg(test)]
+pub(crate) fn test_memory() -> std::sync::Arc<vm_memory::GuestMemoryMmap> {
+    std::sync::Arc::new(
+        vm_memory::GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), 0x10000),
+            (GuestAddress(0x10000), 0x10000),
+            (GuestAddress(0x40000), 0x10000),
+        ])
+        .expect("guest memory"),
+    )
+}
+
 /// An iterator over a chain's descriptors, like virtio-queue's.
 pub(crate) struct DescWalk<'m, 'a> {
     mem: &'m HotMem<'a>,
@@ -170,19 +185,7 @@ mod tests {
     const AVAIL: u64 = 0x2000;
     const USED: u64 = 0x3000;
 
-    /// Guest memory: one region up to 0x10000, a second one right after it
-    /// (so that 16 bytes at 0xfff8 straddle two regions), a hole, and one
-    /// at 0x40000.
-    fn memory() -> Arc<GuestMemoryMmap> {
-        Arc::new(
-            GuestMemoryMmap::from_ranges(&[
-                (GuestAddress(0), 0x10000),
-                (GuestAddress(0x10000), 0x10000),
-                (GuestAddress(0x40000), 0x10000),
-            ])
-            .expect("guest memory"),
-        )
-    }
+    use super::test_memory as memory;
 
     fn put(mem: &GuestMemoryMmap, at: u64, d: (u64, u32, u16, u16)) {
         mem.write_obj(Descriptor::new(d.0, d.1, d.2, d.3), GuestAddress(at))

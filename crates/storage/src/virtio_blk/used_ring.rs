@@ -132,8 +132,6 @@ impl UsedRing {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use vm_memory::GuestMemoryMmap;
 
     use super::*;
@@ -141,17 +139,9 @@ mod tests {
     const QSIZE: u16 = 8;
     const AVAIL: u64 = 0x2000;
 
-    /// Two regions that touch at 0x10000, so that a used ring placed just
-    /// below it has elements and an index across the boundary.
-    fn memory() -> Arc<GuestMemoryMmap> {
-        Arc::new(
-            GuestMemoryMmap::from_ranges(&[
-                (GuestAddress(0), 0x10000),
-                (GuestAddress(0x10000), 0x10000),
-            ])
-            .expect("guest memory"),
-        )
-    }
+    // Two regions touch at 0x10000: a ring placed just below it has
+    // entries across the boundary.
+    use super::super::desc_walk::test_memory as memory;
 
     fn queue(used: u64, event_idx: bool) -> Queue {
         let mut q = super::super::desc_walk::ready_queue(QSIZE, 0x1000, AVAIL, used);

@@ -120,3 +120,59 @@ pub unsafe fn post_send(qp: *mut sys::ibv_qp, wr_id: u64, addr: *mut u8, len: u3
         )
     };
 }
+
+/// An RC queue pair of `depth` sends and receives (one SGE each) on `cq`
+/// for both, connected to itself.
+///
+/// # Safety
+/// `pd` and `cq` are live objects of the library.
+pub unsafe fn looped_rc_qp(
+    pd: *mut sys::ibv_pd,
+    cq: *mut sys::ibv_cq,
+    depth: u32,
+) -> *mut sys::ibv_qp {
+    let mut init = sys::ibv_qp_init_attr {
+        send_cq: cq,
+        recv_cq: cq,
+        qp_type: sys::ibv_qp_type_IBV_QPT_RC,
+        cap: sys::ibv_qp_cap {
+            max_send_wr: depth,
+            max_recv_wr: depth,
+            max_send_sge: 1,
+            max_recv_sge: 1,
+            max_inline_data: 0,
+        },
+        ..Default::default()
+    };
+    // SAFETY: per the caller; `init` is live for the call.
+    unsafe {
+        let qp = ibverbs::ibv_create_qp(pd, &mut init);
+        assert!(!qp.is_null());
+        connect_to_itself(qp);
+        qp
+    }
+}
+
+/// Polls `cq` until `n` completions came or 10 s passed; each one's work
+/// request id, status, opcode and length, sorted by id.
+///
+/// # Safety
+/// `cq` is a live completion queue of the library.
+#[allow(dead_code, reason = "full_cq polls one completion at a time")]
+pub unsafe fn poll_all(cq: *mut sys::ibv_cq, n: usize) -> Vec<(u64, u32, u32, u32)> {
+    let mut got = Vec::new();
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while got.len() < n && std::time::Instant::now() < end {
+        let mut wc = [sys::ibv_wc::default(); 4];
+        // SAFETY: per the caller; the context's ops were set by the library.
+        let k = unsafe { (*(*cq).context).ops.poll_cq.unwrap()(cq, 4, wc.as_mut_ptr()) };
+        assert!(k >= 0);
+        got.extend(
+            wc[..usize::try_from(k).unwrap()]
+                .iter()
+                .map(|w| (w.wr_id, w.status, w.opcode, w.byte_len)),
+        );
+    }
+    got.sort_unstable();
+    got
+}
