@@ -108,14 +108,15 @@ impl Mapping {
         })
     }
 
-    /// [`Mapping::reserve`] at an address that is a multiple of `align`
-    /// (a power of two; huge pages map only at such addresses).
-    pub fn reserve_aligned(len: usize, align: usize) -> io::Result<Self> {
+    /// [`Mapping::reserve`] at an address that leaves `phase` modulo
+    /// `align` (a power of two; `phase` a page multiple below it), so that
+    /// pieces of huge pages land on huge-page boundaries.
+    pub fn reserve_aligned(len: usize, align: usize, phase: usize) -> io::Result<Self> {
         let page = page_size();
         if align <= page {
             return Self::reserve(len);
         }
-        if !align.is_power_of_two() {
+        if !align.is_power_of_two() || phase >= align || !phase.is_multiple_of(page) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "an alignment that is not a power of two",
@@ -126,7 +127,7 @@ impl Mapping {
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "mapping too long"))?;
         let wide = Self::reserve(over)?;
         let base = wide.ptr.as_ptr() as usize;
-        let start = base.next_multiple_of(align);
+        let start = base + (phase.wrapping_sub(base) & (align - 1));
         let (head, tail) = (start - base, over - (start - base) - len);
         let ptr = wide.ptr;
         std::mem::forget(wide);
@@ -369,14 +370,15 @@ mod tests {
         let page = page_size();
         let align = 2 << 20;
         for _ in 0..4 {
-            let mut r = Mapping::reserve_aligned(3 * page, align).unwrap();
-            assert_eq!(r.as_ptr() as usize % align, 0);
+            let mut r = Mapping::reserve_aligned(3 * page, align, 5 * page).unwrap();
+            assert_eq!(r.as_ptr() as usize % align, 5 * page);
             let a = sealed_memfd("a", page).unwrap();
             r.map_piece(2 * page, a.as_fd(), 0, page).unwrap();
             r.write(2 * page, 9u32);
             assert_eq!(Mapping::map(a.as_fd(), 0, page).unwrap().read::<u32>(0), 9);
         }
-        assert!(Mapping::reserve_aligned(page, 3 * page).is_err());
+        assert!(Mapping::reserve_aligned(page, 3 * page, 0).is_err());
+        assert!(Mapping::reserve_aligned(page, align, align).is_err());
     }
 
     #[test]

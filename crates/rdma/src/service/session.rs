@@ -681,9 +681,9 @@ fn map_pieces(va: u64, len: usize, pieces: &[(Piece, u64, usize)]) -> Result<Mem
             "pieces of {total} bytes for {need} bytes of pages"
         )));
     }
-    // A huge-page segment maps in whole huge pages, at addresses aligned
-    // to them (its st_blksize is its page size).
-    let mut sizes = Vec::with_capacity(pieces.len());
+    // A huge-page segment maps in whole huge pages (its st_blksize is its
+    // page size).
+    let mut spans = Vec::with_capacity(pieces.len());
     for (file, off, plen) in pieces {
         let (size, unit) = match file {
             Piece::Memfd(fd) => (shm::sealed_size(fd.as_fd())?, page),
@@ -693,28 +693,138 @@ fn map_pieces(va: u64, len: usize, pieces: &[(Piece, u64, usize)]) -> Result<Mem
                 (u64::try_from(st.st_size).unwrap_or(0), unit)
             }
         };
-        if off % unit as u64 != 0 || plen % unit != 0 || *plen == 0 {
-            return Err(Refusal::inval(format!(
-                "pieces are whole pages (of {unit} bytes here)"
-            )));
+        if off % page as u64 != 0 || plen % page != 0 || *plen == 0 {
+            return Err(Refusal::inval("pieces are whole pages"));
         }
-        if off.checked_add(*plen as u64).is_none_or(|e| e > size) {
-            return Err(Refusal::inval("a piece past the end of its file"));
+        if !unit.is_power_of_two() {
+            return Err(Refusal::inval(format!("pages of {unit} bytes")));
         }
-        sizes.push(unit);
+        spans.push((*off, *plen, unit, size));
     }
-    let align = sizes.iter().copied().max().unwrap_or(page);
-    let mut map = Mapping::reserve_aligned(total, align)?;
+    let l = layout(va - lead as u64, &spans)?;
+    let mapped: usize = l.spans.iter().map(|s| s.1).sum();
+    let mut map = Mapping::reserve_aligned(mapped, l.align, l.phase)?;
     let mut at = 0;
-    for ((file, off, plen), unit) in pieces.iter().zip(sizes) {
-        if at % unit != 0 {
-            return Err(Refusal::inval(format!(
-                "a piece of {unit}-byte pages starts {at} bytes into the region"
-            )));
-        }
+    for ((file, ..), (off, plen)) in pieces.iter().zip(&l.spans) {
         let (Piece::Memfd(fd) | Piece::Segment(fd)) = file;
         map.map_piece(at, fd.as_fd(), *off, *plen)?;
         at += plen;
     }
-    Ok(Memory::mapped(map, lead, len)?)
+    Ok(Memory::mapped(map, l.head + lead, len)?)
+}
+
+/// Where a region's pieces go in the card's mapping of it.
+#[derive(Debug, PartialEq)]
+struct Layout {
+    /// The file range to map for each piece: its own, widened to whole
+    /// pages of its kind at the region's two ends (a region may start or
+    /// end inside a huge page).
+    spans: Vec<(u64, usize)>,
+    /// Bytes mapped before the region's first page.
+    head: usize,
+    /// The largest page size, and the remainder modulo it that the
+    /// mapping's base must have: the application's address of the
+    /// mapping's first byte, so that every piece lies on the same page
+    /// boundaries here as there (huge pages map only at addresses aligned
+    /// to them).
+    align: usize,
+    phase: usize,
+}
+
+/// The layout of pieces `(file offset, length, page size, file size)`
+/// whose pages the application maps one after the other from `start`.
+fn layout(start: u64, pieces: &[(u64, usize, usize, u64)]) -> Result<Layout, Refusal> {
+    let (Some(first), Some(last)) = (pieces.first(), pieces.last()) else {
+        return Err(Refusal::inval("no pieces"));
+    };
+    let head = (first.0 % first.2 as u64) as usize;
+    let end = last.0 + last.1 as u64;
+    let tail = (last.2 - (end % last.2 as u64) as usize) % last.2;
+    let mut spans: Vec<(u64, usize)> = pieces.iter().map(|p| (p.0, p.1)).collect();
+    spans[0] = (first.0 - head as u64, spans[0].1 + head);
+    let n = spans.len();
+    spans[n - 1].1 += tail;
+    let align = pieces.iter().map(|p| p.2).max().unwrap_or(1);
+    let base = start
+        .checked_sub(head as u64)
+        .ok_or_else(|| Refusal::inval("a region at address 0"))?;
+    let phase = (base % align as u64) as usize;
+    let mut at = 0usize;
+    for ((off, len), p) in spans.iter().zip(pieces) {
+        let unit = p.2;
+        if !off.is_multiple_of(unit as u64)
+            || !len.is_multiple_of(unit)
+            || !(phase + at).is_multiple_of(unit)
+        {
+            return Err(Refusal::inval(format!(
+                "a piece of {unit}-byte pages that is not whole pages where the application maps it"
+            )));
+        }
+        if off.checked_add(*len as u64).is_none_or(|e| e > p.3) {
+            return Err(Refusal::inval("a piece past the end of its file"));
+        }
+        at += len;
+    }
+    Ok(Layout {
+        spans,
+        head,
+        align,
+        phase,
+    })
+}
+
+#[cfg(test)]
+mod layout_tests {
+    use super::*;
+
+    const K4: usize = 4096;
+    const M2: usize = 2 << 20;
+
+    #[test]
+    fn a_region_inside_a_huge_page_maps_the_whole_page() {
+        // perftest --use_hugepages: 128 KiB at the start of a 2 MiB
+        // segment, and a page further in.
+        let l = layout(0x7f4f_2d40_0000, &[(0, 128 << 10, M2, M2 as u64)]).unwrap();
+        assert_eq!(
+            (l.spans, l.head, l.align, l.phase),
+            (vec![(0, M2)], 0, M2, 0)
+        );
+        let l = layout(0x7f4f_2d42_1000, &[(0x21000, K4, M2, M2 as u64)]).unwrap();
+        assert_eq!((l.spans, l.head, l.phase), (vec![(0, M2)], 0x21000, 0));
+    }
+
+    #[test]
+    fn pieces_keep_the_applications_page_boundaries() {
+        // A memfd page just below a huge mapping, then 2 MiB of it, then
+        // half of the next huge page of another segment.
+        let l = layout(
+            0x7000_001f_f000,
+            &[
+                (0, K4, K4, K4 as u64),
+                (0, M2, M2, 4 * M2 as u64),
+                (M2 as u64, M2 / 2, M2, 2 * M2 as u64),
+            ],
+        )
+        .unwrap();
+        assert_eq!(l.spans, vec![(0, K4), (0, M2), (M2 as u64, M2)]);
+        assert_eq!((l.head, l.align, l.phase), (0, M2, 0x1f_f000));
+    }
+
+    #[test]
+    fn pieces_that_break_huge_pages_are_refused() {
+        // A huge piece in the middle that does not start on a huge page,
+        // one whose page lies past its file, one at an odd place.
+        let e = layout(
+            0x7000_0000_0000,
+            &[(0, K4, K4, K4 as u64), (K4 as u64, M2, M2, 4 * M2 as u64)],
+        );
+        assert!(e.is_err());
+        let e = layout(0x7000_0000_0000, &[(0, K4, M2, K4 as u64)]);
+        assert!(e.is_err());
+        let e = layout(
+            0x7000_0000_1000,
+            &[(0, K4, K4, K4 as u64), (0, M2, M2, M2 as u64)],
+        );
+        assert!(e.is_err());
+    }
 }
