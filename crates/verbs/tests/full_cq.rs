@@ -21,13 +21,7 @@ fn completions_beyond_a_full_ring_reach_the_application() {
     // pointer passed is live for the call, every object is destroyed
     // before the buffer is freed.
     unsafe {
-        let mut n = 0;
-        let list = ibverbs::ibv_get_device_list(&mut n);
-        assert_eq!(n, 1);
-        let ctx = ibverbs::ibv_open_device(*list);
-        assert!(!ctx.is_null());
-        let pd = ibverbs::ibv_alloc_pd(ctx);
-        assert!(!pd.is_null());
+        let (list, ctx, pd) = common::open_pd();
         let access = sys::ibv_access_flags_IBV_ACCESS_LOCAL_WRITE.cast_signed();
         let mr = ibverbs::ibv_reg_mr(pd, buf.as_mut_ptr().cast(), buf.len(), access);
         assert!(!mr.is_null());
@@ -79,8 +73,6 @@ fn completions_beyond_a_full_ring_reach_the_application() {
         assert_eq!(ibverbs::ibv_destroy_qp(qp), 0);
         assert_eq!(ibverbs::ibv_dereg_mr(mr), 0);
         assert_eq!(ibverbs::ibv_destroy_cq(cq), 0);
-        assert_eq!(ibverbs::ibv_dealloc_pd(pd), 0);
-        assert_eq!(ibverbs::ibv_close_device(ctx), 0);
-        ibverbs::ibv_free_device_list(list);
+        common::close(list, ctx, pd);
     }
 }

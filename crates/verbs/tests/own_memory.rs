@@ -21,13 +21,7 @@ fn overlapping_registrations_share_the_applications_pages() {
     // pointer passed is live for the call, every object is destroyed
     // before the buffer is freed.
     unsafe {
-        let mut n = 0;
-        let list = ibverbs::ibv_get_device_list(&mut n);
-        assert_eq!(n, 1);
-        let ctx = ibverbs::ibv_open_device(*list);
-        assert!(!ctx.is_null());
-        let pd = ibverbs::ibv_alloc_pd(ctx);
-        assert!(!pd.is_null());
+        let (list, ctx, pd) = common::open_pd();
         // Three pages of heap-like memory with something already in them.
         let buf = libc::mmap(
             null_mut(),
@@ -94,9 +88,7 @@ fn overlapping_registrations_share_the_applications_pages() {
         assert_eq!(ibverbs::ibv_dereg_mr(mr2), 0);
         assert_eq!(ibverbs::ibv_dereg_mr(mr1), 0);
         assert_eq!(ibverbs::ibv_destroy_cq(cq), 0);
-        assert_eq!(ibverbs::ibv_dealloc_pd(pd), 0);
-        assert_eq!(ibverbs::ibv_close_device(ctx), 0);
-        ibverbs::ibv_free_device_list(list);
+        common::close(list, ctx, pd);
         libc::munmap(buf.cast(), 3 * page);
     }
 }

@@ -42,13 +42,7 @@ fn system_v_segments_are_registered_in_place() {
     // pointer passed is live for the call, every object is destroyed
     // before the segments are detached.
     unsafe {
-        let mut n = 0;
-        let list = ibverbs::ibv_get_device_list(&mut n);
-        assert_eq!(n, 1);
-        let ctx = ibverbs::ibv_open_device(*list);
-        assert!(!ctx.is_null());
-        let pd = ibverbs::ibv_alloc_pd(ctx);
-        assert!(!pd.is_null());
+        let (list, ctx, pd) = common::open_pd();
         let (buf, view) = segment(4 * page, false);
         let bytes = std::slice::from_raw_parts_mut(buf, 4 * page);
         bytes[..11].copy_from_slice(b"from page 0");
@@ -108,8 +102,6 @@ fn system_v_segments_are_registered_in_place() {
         assert_eq!(libc::shmdt(ro.cast::<c_void>()), 0);
 
         assert_eq!(ibverbs::ibv_destroy_cq(cq), 0);
-        assert_eq!(ibverbs::ibv_dealloc_pd(pd), 0);
-        assert_eq!(ibverbs::ibv_close_device(ctx), 0);
-        ibverbs::ibv_free_device_list(list);
+        common::close(list, ctx, pd);
     }
 }

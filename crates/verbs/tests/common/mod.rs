@@ -176,3 +176,43 @@ pub unsafe fn poll_all(cq: *mut sys::ibv_cq, n: usize) -> Vec<(u64, u32, u32, u3
     got.sort_unstable();
     got
 }
+
+/// The card's one device opened, with a protection domain: the device
+/// list, the context and the domain, for [`close`].
+///
+/// # Safety
+/// The library's C API; [`close`] frees what this returns.
+pub unsafe fn open_pd() -> (
+    *mut *mut sys::ibv_device,
+    *mut sys::ibv_context,
+    *mut sys::ibv_pd,
+) {
+    // SAFETY: verbs' calls as documented; `n` is live for the first.
+    unsafe {
+        let mut n = 0;
+        let list = ibverbs::ibv_get_device_list(&mut n);
+        assert_eq!(n, 1);
+        let ctx = ibverbs::ibv_open_device(*list);
+        assert!(!ctx.is_null());
+        let pd = ibverbs::ibv_alloc_pd(ctx);
+        assert!(!pd.is_null());
+        (list, ctx, pd)
+    }
+}
+
+/// Frees what [`open_pd`] made, checking each step succeeds.
+///
+/// # Safety
+/// What [`open_pd`] returned, with every object on the domain destroyed.
+pub unsafe fn close(
+    list: *mut *mut sys::ibv_device,
+    ctx: *mut sys::ibv_context,
+    pd: *mut sys::ibv_pd,
+) {
+    // SAFETY: per the caller.
+    unsafe {
+        assert_eq!(ibverbs::ibv_dealloc_pd(pd), 0);
+        assert_eq!(ibverbs::ibv_close_device(ctx), 0);
+        ibverbs::ibv_free_device_list(list);
+    }
+}
