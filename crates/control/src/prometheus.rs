@@ -116,6 +116,14 @@ fn families(o: &mut Out, scope: &str, rows: &[(String, &BlkMetricsSnapshot)]) {
             m.throttled_ns as f64 / 1e9,
         );
     }
+    o.head(
+        &n("queue_held_seconds_total"),
+        "counter",
+        "Time notifications were held back.",
+    );
+    for (l, m) in rows {
+        o.line(&n("queue_held_seconds_total"), l, m.held_ns as f64 / 1e9);
+    }
     for (name, help, get) in [
         (
             "queue_wakeups_total",
@@ -131,6 +139,16 @@ fn families(o: &mut Out, scope: &str, rows: &[(String, &BlkMetricsSnapshot)]) {
             "queue_idle_polls_total",
             "Polling rounds that found neither a request nor a completion.",
             |m| m.idle_polls,
+        ),
+        (
+            "queue_notifications_total",
+            "Notifications sent to the guest's driver.",
+            |m| m.notifications,
+        ),
+        (
+            "queue_held_notifications_total",
+            "Notifications held back briefly for a driver waiting for its answer.",
+            |m| m.held_notifications,
         ),
         (
             "inflight_regions_total",

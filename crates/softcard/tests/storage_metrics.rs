@@ -226,3 +226,69 @@ fn counters_move_on_every_surface() {
     s.read_to_string(&mut out).unwrap();
     assert!(out.starts_with("HTTP/1.1 404"), "{out}");
 }
+
+/// A driver that waits for each answer (queue depth 1, libblkio sleeping
+/// on its completion eventfd) gets some notifications held back while the
+/// queue probes how long to hold them (`notify_timing`), every request is
+/// answered, and the holds are counted.
+#[test]
+fn notifications_to_a_waiting_driver_are_timed_and_counted() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let d = Daemon::start(&format!(
+        "metrics_listen = \"{addr}\"\n[[device]]\nname = \"r\"\nkind = \"ram\"\nsize = \"64MiB\"\n"
+    ));
+    d.ok(&[
+        "card", "volume", "create", "q1", "--device", "r", "--size", "16MiB",
+    ]);
+    let sock = d.path("q1.sock");
+    d.ok(&[
+        "card",
+        "volume",
+        "attach",
+        "q1",
+        "--vhost-user",
+        sock.to_str().unwrap(),
+    ]);
+    let mut c = Client::connect(&sock, 1).unwrap();
+    // A probe tries each hold for runs of 64 answers, the first with
+    // none: a few hundred answers reach the held ones. A lost wake-up
+    // would leave the client asleep, hence the watchdog.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let load = std::thread::spawn(move || {
+        let mut done = 0;
+        while done < 1000 {
+            done += c.load(0, 1, 4096, std::time::Duration::from_millis(20)).0;
+        }
+        let p = pattern(9, 8192);
+        assert_eq!(c.write(0, 4096, &p), 0);
+        assert_eq!(c.read(0, 4096, 8192).unwrap(), p);
+        tx.send(done).unwrap();
+    });
+    let done = rx
+        .recv_timeout(std::time::Duration::from_secs(120))
+        .expect("the client is still waiting for an answer");
+    load.join().unwrap();
+    assert!(done >= 1000);
+
+    let text = scrape(&addr);
+    let vl = "device=\"r\",volume=\"q1\"";
+    let sent = value(
+        &text,
+        &format!("softcard_volume_queue_notifications_total{{{vl}}}"),
+    );
+    let held = value(
+        &text,
+        &format!("softcard_volume_queue_held_notifications_total{{{vl}}}"),
+    );
+    let held_s = value(
+        &text,
+        &format!("softcard_volume_queue_held_seconds_total{{{vl}}}"),
+    );
+    assert!(held >= 1.0 && sent >= held, "{held} held of {sent} sent");
+    assert!(held_s > 0.0, "{held_s} s over {held} holds");
+}

@@ -98,7 +98,7 @@ impl AvailCursor {
 
 /// The driver's avail index, read with acquire ordering so that the
 /// entries and descriptors it covers are seen as the driver wrote them.
-fn avail_idx(q: &Queue, mem: &HotMem<'_>) -> Option<u16> {
+pub(crate) fn avail_idx(q: &Queue, mem: &HotMem<'_>) -> Option<u16> {
     if !q.ready() || q.avail_ring() == 0 {
         return None;
     }

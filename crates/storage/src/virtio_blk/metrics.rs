@@ -125,6 +125,11 @@ pub struct BlkMetrics {
     pub io_errors: AtomicU64,
     /// Queue notifications sent to the guest.
     pub notifications: AtomicU64,
+    /// Notifications held back before they went out, for a driver that
+    /// waited for the answer (`notify_timing`).
+    pub held_notifications: AtomicU64,
+    /// Total time notifications were held back, in nanoseconds.
+    pub held_ns: AtomicU64,
     /// Requests that had to wait for the throttle.
     pub throttled_requests: AtomicU64,
     /// Total time requests waited for the throttle, in nanoseconds.
@@ -171,6 +176,8 @@ pub struct BlkMetricsSnapshot {
     pub unsupported_requests: u64,
     pub io_errors: u64,
     pub notifications: u64,
+    pub held_notifications: u64,
+    pub held_ns: u64,
     pub throttled_requests: u64,
     pub throttled_ns: u64,
     pub wakeups: u64,
@@ -200,6 +207,8 @@ impl BlkMetricsSnapshot {
         self.unsupported_requests += o.unsupported_requests;
         self.io_errors += o.io_errors;
         self.notifications += o.notifications;
+        self.held_notifications += o.held_notifications;
+        self.held_ns += o.held_ns;
         self.throttled_requests += o.throttled_requests;
         self.throttled_ns += o.throttled_ns;
         self.wakeups += o.wakeups;
@@ -321,6 +330,8 @@ impl BlkMetrics {
             unsupported_requests: g(&self.unsupported_requests),
             io_errors: g(&self.io_errors),
             notifications: g(&self.notifications),
+            held_notifications: g(&self.held_notifications),
+            held_ns: g(&self.held_ns),
             throttled_requests: g(&self.throttled_requests),
             throttled_ns: g(&self.throttled_ns),
             wakeups: g(&self.wakeups),

@@ -29,6 +29,7 @@ pub(crate) mod hot_mem;
 mod inflight;
 mod iovec;
 pub mod metrics;
+mod notify_timing;
 pub mod request;
 mod throttle;
 mod used_order;

@@ -25,6 +25,7 @@ use super::hot_mem::HotMem;
 use super::inflight::InflightQueue;
 use super::iovec::{copy_iov, push_iovecs, sector_aligned};
 use super::metrics::{BlkMetrics, Tally};
+use super::notify_timing::NotifyTiming;
 use super::request::{self, Refused, Request, RequestError, RequestKind, Segment, ID_BYTES};
 use super::throttle::SharedThrottle;
 use super::used_order::{Seq, UsedOrder};
@@ -33,6 +34,8 @@ use crate::device::{AlignedBuf, Crypt, DeviceQueue, IoCompletion, IoOp, IoReques
 use crate::qos::{DeviceShare, QosLimits, ShareSlot};
 
 type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
+
+mod notify;
 
 /// How long a queue keeps polling its ring after the last activity.
 const POLL_WINDOW: Duration = Duration::from_micros(50);
@@ -182,6 +185,9 @@ pub(crate) struct QueueWorker {
     /// round rather than two per request (their resolution is a round, a
     /// few microseconds).
     clock: Instant,
+    /// How long to hold the notification of an answer the driver waits
+    /// for.
+    timing: NotifyTiming,
 }
 
 // SAFETY: the iovec scratch vector holds plain addresses that are only
@@ -238,6 +244,7 @@ impl QueueWorker {
             done_in_push: dev_done_in_push,
             pace_ns: 0,
             clock: Instant::now(),
+            timing: NotifyTiming::default(),
         })
     }
 
@@ -381,7 +388,10 @@ impl QueueWorker {
                 break;
             }
             match vring.get_queue_mut().enable_notification(&hot) {
-                Ok(false) => break,
+                Ok(false) => {
+                    self.timing.gave_up();
+                    break;
+                }
                 Ok(true) if now.duration_since(started) < POLL_BUDGET => continue,
                 Ok(true) => {
                     // Work is pending but the budget is spent: wake
@@ -479,29 +489,6 @@ impl QueueWorker {
         self.broken = true;
     }
 
-    /// Notifies the driver if it asked for it; returns whether it did.
-    fn notify(&mut self, vring: &mut VringState<Mem>, mem: &HotMem<'_>, event_idx: bool) -> bool {
-        // Without EVENT_IDX the driver may ask for no interrupts
-        // (VRING_AVAIL_F_NO_INTERRUPT) while it polls the used ring.
-        if !event_idx {
-            let flags: u16 = mem
-                .read_obj(GuestAddress(vring.get_queue().avail_ring()))
-                .unwrap_or(0);
-            if flags & 1 != 0 {
-                return false;
-            }
-        }
-        if !self.order.needs_notification(vring.get_queue(), mem) {
-            return false;
-        }
-        BlkMetrics::inc(&self.metrics.notifications);
-        super::crash_point::before_signal();
-        if let Err(e) = vring.signal_used_queue() {
-            debug!("signal_used_queue: {e}");
-        }
-        true
-    }
-
     /// Pops and starts requests while slots are free. Returns whether any
     /// request was completed at once.
     fn pop_all(&mut self, vring: &mut VringState<Mem>, mem: &HotMem<'_>, event_idx: bool) -> bool {
@@ -557,6 +544,9 @@ impl QueueWorker {
             let Some(head) = avail.pop(vring.get_queue_mut(), mem) else {
                 break;
             };
+            // A request: the driver is back (closes the timing of the
+            // answer it may have waited for).
+            self.timing.arrived(self.clock);
             ahead = ahead.saturating_sub(1);
             let seq = self.order.take();
             if let Some(r) = &mut self.region {

@@ -1,0 +1,76 @@
+//! Telling the driver: the notification of used buffers, honouring what
+//! the driver asked for (EVENT_IDX's `used_event`, or the NO_INTERRUPT
+//! flag), and held back briefly for a driver that waits for its answer
+//! (`notify_timing`).
+
+use std::time::Instant;
+
+use log::debug;
+use vhost_user_backend::VringState;
+use virtio_queue::QueueT;
+use vm_memory::{Bytes, GuestAddress};
+
+use super::super::avail_ring::avail_idx;
+use super::super::hot_mem::HotMem;
+use super::super::metrics::BlkMetrics;
+use super::{nanos, Mem, QueueWorker};
+
+impl QueueWorker {
+    /// Notifies the driver if it asked for it; returns whether it did.
+    pub(super) fn notify(
+        &mut self,
+        vring: &mut VringState<Mem>,
+        mem: &HotMem<'_>,
+        event_idx: bool,
+    ) -> bool {
+        // Without EVENT_IDX the driver may ask for no interrupts
+        // (VRING_AVAIL_F_NO_INTERRUPT) while it polls the used ring.
+        if !event_idx {
+            let flags: u16 = mem
+                .read_obj(GuestAddress(vring.get_queue().avail_ring()))
+                .unwrap_or(0);
+            if flags & 1 != 0 {
+                return false;
+            }
+        }
+        if !self.order.needs_notification(vring.get_queue(), mem) {
+            return false;
+        }
+        BlkMetrics::inc(&self.metrics.notifications);
+        self.hold_notification(vring, mem);
+        super::super::crash_point::before_signal();
+        if let Err(e) = vring.signal_used_queue() {
+            debug!("signal_used_queue: {e}");
+        }
+        true
+    }
+
+    /// Holds the notification back for the time the queue's timing
+    /// (`notify_timing`) picks when the driver waits for this answer:
+    /// nothing else in flight or held back, nothing more in its ring. A
+    /// request arriving meanwhile ends the hold.
+    fn hold_notification(&mut self, vring: &VringState<Mem>, mem: &HotMem<'_>) {
+        if self.inflight != 0 || self.pending.is_some() {
+            return;
+        }
+        let q = vring.get_queue();
+        let next = q.next_avail();
+        if avail_idx(q, mem) != Some(next) {
+            return;
+        }
+        let ready = Instant::now();
+        let hold = self.timing.hold(ready);
+        if hold.is_zero() {
+            return;
+        }
+        loop {
+            std::hint::spin_loop();
+            let held = ready.elapsed();
+            if held >= hold || avail_idx(q, mem) != Some(next) {
+                BlkMetrics::inc(&self.metrics.held_notifications);
+                BlkMetrics::add(&self.metrics.held_ns, nanos(held));
+                return;
+            }
+        }
+    }
+}
