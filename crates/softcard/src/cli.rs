@@ -674,6 +674,12 @@ fn volume(cmd: VolumeCmd) -> Result<()> {
                 u(c, "throttled_requests"),
                 u(c, "throttled_ns") as f64 / 1e9
             );
+            println!(
+                "notifications: {} sent, {} held for a waiting driver ({:.3} ms in all)",
+                u(c, "notifications"),
+                u(c, "held_notifications"),
+                u(c, "held_ns") as f64 / 1e6
+            );
         }
         VolumeCmd::SetQos { name, qos, api } => {
             let v = client(&api).call(

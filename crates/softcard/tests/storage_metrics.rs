@@ -291,4 +291,17 @@ fn notifications_to_a_waiting_driver_are_timed_and_counted() {
     );
     assert!(held >= 1.0 && sent >= held, "{held} held of {sent} sent");
     assert!(held_s > 0.0, "{held_s} s over {held} holds");
+    // The CLI's stats say the same.
+    let stats = d.ok(&["card", "volume", "stats", "q1"]);
+    let line = stats
+        .lines()
+        .find(|l| l.starts_with("notifications: "))
+        .unwrap_or_else(|| panic!("{stats}"));
+    let cli_held: f64 = line
+        .split(", ")
+        .nth(1)
+        .and_then(|w| w.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{line}"));
+    assert!(cli_held >= held, "{line} against {held} scraped before");
 }
