@@ -33,8 +33,9 @@ fn value(text: &str, series: &str) -> f64 {
         .unwrap()
 }
 
-#[test]
-fn counters_move_on_every_surface() {
+/// A daemon with a 64 MiB `ram` device `r` and its Prometheus endpoint
+/// on a free loopback port; the daemon and the endpoint's address.
+fn ram_card_with_metrics() -> (Daemon, String) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -44,6 +45,12 @@ fn counters_move_on_every_surface() {
     let d = Daemon::start(&format!(
         "metrics_listen = \"{addr}\"\n[[device]]\nname = \"r\"\nkind = \"ram\"\nsize = \"64MiB\"\n"
     ));
+    (d, addr)
+}
+
+#[test]
+fn counters_move_on_every_surface() {
+    let (d, addr) = ram_card_with_metrics();
     d.ok(&[
         "card", "volume", "create", "v", "--device", "r", "--size", "16MiB",
     ]);
@@ -233,15 +240,7 @@ fn counters_move_on_every_surface() {
 /// answered, and the holds are counted.
 #[test]
 fn notifications_to_a_waiting_driver_are_timed_and_counted() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
-    let d = Daemon::start(&format!(
-        "metrics_listen = \"{addr}\"\n[[device]]\nname = \"r\"\nkind = \"ram\"\nsize = \"64MiB\"\n"
-    ));
+    let (d, addr) = ram_card_with_metrics();
     d.ok(&[
         "card", "volume", "create", "q1", "--device", "r", "--size", "16MiB",
     ]);
@@ -276,19 +275,15 @@ fn notifications_to_a_waiting_driver_are_timed_and_counted() {
     assert!(done >= 1000);
 
     let text = scrape(&addr);
-    let vl = "device=\"r\",volume=\"q1\"";
-    let sent = value(
-        &text,
-        &format!("softcard_volume_queue_notifications_total{{{vl}}}"),
-    );
-    let held = value(
-        &text,
-        &format!("softcard_volume_queue_held_notifications_total{{{vl}}}"),
-    );
-    let held_s = value(
-        &text,
-        &format!("softcard_volume_queue_held_seconds_total{{{vl}}}"),
-    );
+    let q1 = |family: &str| {
+        value(
+            &text,
+            &format!("softcard_volume_{family}{{device=\"r\",volume=\"q1\"}}"),
+        )
+    };
+    let sent = q1("queue_notifications_total");
+    let held = q1("queue_held_notifications_total");
+    let held_s = q1("queue_held_seconds_total");
     assert!(held >= 1.0 && sent >= held, "{held} held of {sent} sent");
     assert!(held_s > 0.0, "{held_s} s over {held} holds");
     // The CLI's stats say the same.
