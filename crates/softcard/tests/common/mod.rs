@@ -47,8 +47,19 @@ impl Daemon {
             .unwrap();
         let api = dir.path().join("api.sock");
         let config = dir.path().join("card.toml");
+        // Each daemon its own RDMA socket unless the test names one: the
+        // default (/run/softcard/rdma.sock) is one per machine, and
+        // daemons of tests running at once would take it from each other.
+        let rdma = if devices.contains("rdma_socket") {
+            String::new()
+        } else {
+            format!(
+                "rdma_socket = \"{}\"\n",
+                dir.path().join("rdma.sock").display()
+            )
+        };
         let text = format!(
-            "api_socket = \"{}\"\n{}",
+            "api_socket = \"{}\"\n{rdma}{}",
             api.display(),
             devices.replace("@DIR@", &dir.path().display().to_string())
         );

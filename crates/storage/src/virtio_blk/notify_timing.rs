@@ -17,9 +17,10 @@
 //! one of [`HOLD_NS`]: while probing, each in turn; the time from the
 //! answer being ready to the driver's next request (the hold included) is
 //! that choice's sample. Each hold is tried for runs of answers (the cost
-//! of a wake-up depends on the wake-ups before it); after a probe
-//! ([`PROBE_ANSWERS`]) the fastest on average is kept for [`SETTLED_ANSWERS`] answers, then the queue probes
-//! again, so it follows a driver or a host that changes. A driver that
+//! of a wake-up depends on the wake-ups before it); after a probe (two
+//! runs of each) the fastest on average is kept for [`SETTLED_ANSWERS`]
+//! answers, then the queue probes again, so it follows a driver or a host
+//! that changes. A driver that
 //! sends nothing more before the worker stops polling costs its choice
 //! [`SAMPLE_CAP`], so a hold that makes drivers miss their wake-up loses;
 //! a driver that never waits is never held. Holding 0 wins wherever a
