@@ -164,9 +164,12 @@ pub struct RdmaService {
 impl RdmaService {
     /// Opens an engine per `(name, address)` (each needs `CAP_NET_RAW` and
     /// the address on an interface) and serves the control socket at
-    /// `socket` (replacing a stale one), open to every local user: the
-    /// socket is how unprivileged applications reach the devices.
+    /// `socket`, open to every local user: the socket is how unprivileged
+    /// applications reach the devices. A stale socket there is replaced;
+    /// one another daemon still answers on, or a file that is not a
+    /// socket, is refused (`AddrInUse`, `AlreadyExists`) and left alone.
     pub fn start(devices: &[(String, Ipv4Addr)], socket: &Path) -> io::Result<Self> {
+        let listener = bind_control_socket(socket)?;
         let mut open = Vec::with_capacity(devices.len());
         for (name, address) in devices {
             let engine = Engine::open(*address).map_err(|e| {
@@ -192,15 +195,6 @@ impl RdmaService {
                 doorbell,
             });
         }
-        if let Some(dir) = socket.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        match std::fs::remove_file(socket) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-            _ => {}
-        }
-        let listener = UnixListener::bind(socket)?;
-        std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o666))?;
         let devices = std::sync::Arc::new(open);
         let served = devices.clone();
         std::thread::Builder::new()
@@ -262,6 +256,42 @@ impl RdmaService {
     pub fn socket(&self) -> &Path {
         &self.socket
     }
+}
+
+/// Binds the control socket at `socket` (creating its directory), open to
+/// every local user. Replaces a socket nobody answers on (a daemon that
+/// died); refuses a live one, so a second daemon cannot take the devices'
+/// applications from the first, and any other kind of file.
+fn bind_control_socket(socket: &Path) -> io::Result<UnixListener> {
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    if let Ok(meta) = std::fs::symlink_metadata(socket) {
+        use std::os::unix::fs::FileTypeExt;
+        if !meta.file_type().is_socket() {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!(
+                    "{} exists and is not a socket; refusing to replace it",
+                    socket.display()
+                ),
+            ));
+        }
+        if UnixStream::connect(socket).is_ok() {
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!(
+                    "another daemon is serving RDMA applications on {} (give this one its own \
+                     rdma_socket, or stop that one)",
+                    socket.display()
+                ),
+            ));
+        }
+        std::fs::remove_file(socket)?;
+    }
+    let listener = UnixListener::bind(socket)?;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o666))?;
+    Ok(listener)
 }
 
 impl Drop for RdmaService {
@@ -476,5 +506,29 @@ mod tests {
         assert_eq!(query_devices(&sock).unwrap(), vec![]);
         drop(svc);
         assert!(!sock.exists());
+    }
+
+    #[test]
+    fn a_live_control_socket_is_refused_and_a_stale_one_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("rdma.sock");
+        let first = RdmaService::start(&[], &sock).unwrap();
+        let e = RdmaService::start(&[], &sock).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AddrInUse, "{e}");
+        assert!(e.to_string().contains("another daemon"), "{e}");
+        // The first still owns the path and answers on it.
+        assert_eq!(query_devices(&sock).unwrap(), vec![]);
+        drop(first);
+        // A socket left by a process that died: nobody answers, replaced.
+        drop(UnixListener::bind(&sock).unwrap());
+        assert!(sock.exists());
+        let second = RdmaService::start(&[], &sock).unwrap();
+        assert_eq!(query_devices(&sock).unwrap(), vec![]);
+        drop(second);
+        // Not a socket: refused and left as it was.
+        std::fs::write(&sock, b"keep me").unwrap();
+        let e = RdmaService::start(&[], &sock).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AlreadyExists, "{e}");
+        assert_eq!(std::fs::read(&sock).unwrap(), b"keep me");
     }
 }
