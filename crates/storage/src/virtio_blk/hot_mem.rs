@@ -21,12 +21,40 @@ use vm_memory::{
     GuestRegionMmap, MemoryRegionAddress,
 };
 
+/// Regions a round keeps in its flat table; a memory table with more
+/// takes vm-memory's lookup for every access.
+const FLAT_REGIONS: usize = 8;
+
+/// A region as the flat table holds it: guest start, length and where it
+/// is mapped here, side by side (vm-memory's regions are behind an `Arc`
+/// each, and their fields behind accessors: a lookup there chases two
+/// pointers and reads three lines).
+#[derive(Clone, Copy)]
+struct Flat {
+    start: u64,
+    len: u64,
+    host: *mut u8,
+}
+
+const NO_REGION: Flat = Flat {
+    start: 0,
+    len: 0,
+    host: std::ptr::null_mut(),
+};
+
 /// One snapshot of guest memory with a one-entry cache of the region last
 /// found. Not `Sync` (the cache is a `Cell`): one queue thread's, for one
 /// round of its loop.
 pub(crate) struct HotMem<'a> {
     snapshot: &'a Arc<GuestMemoryMmap>,
     last: Cell<Option<&'a GuestRegionMmap>>,
+    /// The snapshot's regions, in one or two cache lines, filled on the
+    /// first small access of the round (`flat_len` is then set; `None`
+    /// before, `Some(0)` when there are more than [`FLAT_REGIONS`]).
+    flat: Cell<[Flat; FLAT_REGIONS]>,
+    flat_len: Cell<Option<usize>>,
+    /// Index in `flat` of the region the last small access found.
+    flat_last: Cell<usize>,
 }
 
 impl<'a> HotMem<'a> {
@@ -34,7 +62,37 @@ impl<'a> HotMem<'a> {
         HotMem {
             snapshot,
             last: Cell::new(None),
+            flat: Cell::new([NO_REGION; FLAT_REGIONS]),
+            flat_len: Cell::new(None),
+            flat_last: Cell::new(0),
         }
+    }
+
+    /// Fills the flat table from the snapshot; returns how many regions it
+    /// holds (0: too many, use vm-memory's lookup).
+    #[cold]
+    fn fill_flat(&self) -> usize {
+        let mut flat = [NO_REGION; FLAT_REGIONS];
+        let mut n = 0;
+        for r in self.snapshot.iter() {
+            if n == FLAT_REGIONS {
+                n = 0;
+                break;
+            }
+            let Ok(host) = r.get_host_address(MemoryRegionAddress(0)) else {
+                n = 0;
+                break;
+            };
+            flat[n] = Flat {
+                start: r.start_addr().raw_value(),
+                len: r.len(),
+                host,
+            };
+            n += 1;
+        }
+        self.flat.set(flat);
+        self.flat_len.set(Some(n));
+        n
     }
 
     /// The snapshot itself, for what must outlive the round (a request
@@ -47,6 +105,46 @@ impl<'a> HotMem<'a> {
     /// them all; `None` otherwise (a hole, or a range over two regions,
     /// which the general path below handles).
     pub(crate) fn in_one_region(&self, addr: GuestAddress, len: usize) -> Option<*mut u8> {
+        let n = match self.flat_len.get() {
+            Some(n) => n,
+            None => self.fill_flat(),
+        };
+        if n == 0 {
+            return self.in_one_region_slow(addr, len);
+        }
+        let a = addr.raw_value();
+        let len = u64::try_from(len).ok()?;
+        // SAFETY: `Cell::as_ptr` of a cell this thread alone uses; the
+        // table is only read here and written by `fill_flat`, never while
+        // this reference lives.
+        let flat = unsafe { &*self.flat.as_ptr() };
+        let hit = |f: &Flat| {
+            let offset = a.wrapping_sub(f.start);
+            (offset < f.len).then_some(offset)
+        };
+        let last = self.flat_last.get();
+        let (f, offset) = match hit(&flat[last]) {
+            Some(o) => (&flat[last], o),
+            None => {
+                let (i, o) = flat[..n]
+                    .iter()
+                    .enumerate()
+                    .find_map(|(i, f)| hit(f).map(|o| (i, o)))?;
+                self.flat_last.set(i);
+                (&flat[i], o)
+            }
+        };
+        if len > f.len - offset {
+            return None;
+        }
+        // SAFETY: `offset` < the region's length, so the address is inside
+        // its mapping, which the snapshot this view borrows keeps mapped.
+        Some(unsafe { f.host.add(offset as usize) })
+    }
+
+    /// [`Self::in_one_region`] through vm-memory's lookup (memory tables
+    /// of more than [`FLAT_REGIONS`] regions).
+    fn in_one_region_slow(&self, addr: GuestAddress, len: usize) -> Option<*mut u8> {
         let r = self.find_region(addr)?;
         let offset = addr.raw_value() - r.start_addr().raw_value();
         let end = offset.checked_add(u64::try_from(len).ok()?)?;
@@ -219,6 +317,7 @@ mod tests {
                 let hot = HotMem::new(&snap);
                 if let Some(w) = warm {
                     let _ = hot.find_region(GuestAddress(w));
+                    let _ = hot.in_one_region(GuestAddress(w), 1);
                 }
                 let a = GuestAddress(addr);
                 for len in [1usize, 4, 8, 16] {
@@ -239,6 +338,43 @@ mod tests {
                 assert_eq!(hot.write_byte(0x5a, a), in_memory, "write {addr:#x}");
                 if in_memory {
                     assert_eq!(snap.read_obj::<u8>(a).expect("read back"), 0x5a);
+                }
+            }
+        }
+    }
+
+    /// Ten regions (more than the flat table holds) and eight: each
+    /// address, after each other one, gets vm-memory's answer.
+    #[test]
+    fn flat_and_general_lookups_agree_on_small_and_large_tables() {
+        for count in [8u64, 10] {
+            let ranges: Vec<_> = (0..count).map(|i| (0x10000 * i + 0x1000, 0x2000)).collect();
+            let snap = regions(
+                &ranges
+                    .iter()
+                    .map(|&(a, l)| (a, l as usize))
+                    .collect::<Vec<_>>(),
+            );
+            let probes: Vec<u64> = ranges
+                .iter()
+                .flat_map(|&(a, l)| [a - 1, a, a + l - 8, a + l - 1, a + l])
+                .collect();
+            let hot = HotMem::new(&snap);
+            for &before in &probes {
+                for &addr in &probes {
+                    let _ = hot.in_one_region(GuestAddress(before), 1);
+                    for len in [1usize, 8] {
+                        let a = GuestAddress(addr);
+                        let want = snap
+                            .get_slice(a, len)
+                            .ok()
+                            .map(|s| s.ptr_guard_mut().as_ptr());
+                        assert_eq!(
+                            hot.in_one_region(a, len),
+                            want,
+                            "{count} regions: {addr:#x}+{len} after {before:#x}"
+                        );
+                    }
                 }
             }
         }
