@@ -172,6 +172,13 @@ impl<'a> HotMem<'a> {
         let Some(host) = self.in_one_region(addr, dst.len()) else {
             return self.read_slice(dst, addr).is_ok();
         };
+        if let Ok(whole) = <&mut [u8; 16]>::try_from(&mut *dst) {
+            // A request header: one 16-byte load instead of sixteen.
+            // SAFETY: as below, for the 16 bytes at `host`; `[u8; 16]`
+            // needs no alignment.
+            *whole = unsafe { host.cast::<[u8; 16]>().read_volatile() };
+            return true;
+        }
         for (i, b) in dst.iter_mut().enumerate() {
             // SAFETY: `host..host + dst.len()` lies in one mapped region of
             // the snapshot, which this borrow keeps alive; a volatile read

@@ -222,20 +222,27 @@ pub(crate) fn parse(
     let req_type = u32::from_le_bytes(header[0..4].try_into().expect("4 bytes"));
     let sector = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
 
-    // Remaining bytes are data: keep only those segments.
-    data.drain(..first_data);
-    data.retain(|s| s.len > 0);
+    // Remaining bytes are data: keep only those segments, moved to the
+    // front in one pass, and check them on the way.
     let mut len = 0u64;
     let mut readable = false;
     let mut writable = false;
-    for s in data.iter() {
+    let mut kept = 0usize;
+    for i in first_data..data.len() {
+        let s = data[i];
+        if s.len == 0 {
+            continue;
+        }
         if !mem.holds(s.addr, s.len as usize) {
             return Err(refuse(status_some, RequestError::BadAddress));
         }
         readable |= !s.writable;
         writable |= s.writable;
         len += u64::from(s.len);
+        data[kept] = s;
+        kept += 1;
     }
+    data.truncate(kept);
 
     let in_range = |offset: u64, bytes: u64| {
         offset
