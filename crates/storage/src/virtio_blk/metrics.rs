@@ -21,7 +21,11 @@ const BUCKETS: usize = LATENCY_BOUNDS_US.len() + 1;
 
 /// The bucket of a latency.
 fn bucket(d: Duration) -> usize {
-    let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+    bucket_ns(nanos(d))
+}
+
+fn bucket_ns(ns: u64) -> usize {
+    let us = ns / 1000;
     LATENCY_BOUNDS_US
         .iter()
         .position(|&b| us <= b)
@@ -250,9 +254,9 @@ struct LocalHistogram {
 }
 
 impl LocalHistogram {
-    fn record(&mut self, d: Duration) {
-        self.buckets[bucket(d)] += 1;
-        self.sum_ns = self.sum_ns.saturating_add(nanos(d));
+    fn record(&mut self, ns: u64) {
+        self.buckets[bucket_ns(ns)] += 1;
+        self.sum_ns = self.sum_ns.saturating_add(ns);
     }
 
     fn flush(&mut self, into: &Histogram) {
@@ -267,19 +271,19 @@ impl LocalHistogram {
 }
 
 impl Tally {
-    /// One completed read of `bytes` that took `took`.
-    pub(crate) fn read(&mut self, bytes: u64, took: Duration) {
+    /// One completed read of `bytes` that took `took_ns`.
+    pub(crate) fn read(&mut self, bytes: u64, took_ns: u64) {
         self.read_ops += 1;
         self.read_bytes += bytes;
-        self.read_latency.record(took);
+        self.read_latency.record(took_ns);
         self.dirty = true;
     }
 
     /// One completed write.
-    pub(crate) fn write(&mut self, bytes: u64, took: Duration) {
+    pub(crate) fn write(&mut self, bytes: u64, took_ns: u64) {
         self.write_ops += 1;
         self.write_bytes += bytes;
-        self.write_latency.record(took);
+        self.write_latency.record(took_ns);
         self.dirty = true;
     }
 
@@ -364,11 +368,11 @@ mod tests {
                 BlkMetrics::inc(&direct.read_ops);
                 BlkMetrics::add(&direct.read_bytes, bytes);
                 direct.read_latency.record(took);
-                tally.read(bytes, took);
+                tally.read(bytes, nanos(took));
                 BlkMetrics::inc(&direct.write_ops);
                 BlkMetrics::add(&direct.write_bytes, bytes * 2);
                 direct.write_latency.record(took * 2);
-                tally.write(bytes * 2, took * 2);
+                tally.write(bytes * 2, nanos(took * 2));
             }
             tally.flush(&tallied);
             // A second flush with nothing new adds nothing.

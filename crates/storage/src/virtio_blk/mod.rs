@@ -20,6 +20,7 @@
 
 mod avail_ring;
 mod batching;
+mod clock;
 mod crash_point;
 pub(crate) mod desc_walk;
 mod device;

@@ -22,11 +22,9 @@
 //! answers, then the queue probes again, so it follows a driver or a host
 //! that changes. A driver that
 //! sends nothing more before the worker stops polling costs its choice
-//! [`SAMPLE_CAP`], so a hold that makes drivers miss their wake-up loses;
+//! [`SAMPLE_CAP_NS`], so a hold that makes drivers miss their wake-up loses;
 //! a driver that never waits is never held. Holding 0 wins wherever a
 //! hold does not pay for itself, since the hold counts in the sample.
-
-use std::time::{Duration, Instant};
 
 /// The holds tried, in nanoseconds.
 pub(crate) const HOLD_NS: [u64; 4] = [0, 500, 1_000, 2_000];
@@ -47,7 +45,7 @@ pub(crate) const PROBE_ANSWERS: u32 = BLOCK * ORDER.len() as u32;
 pub(crate) const SETTLED_ANSWERS: u32 = 32_768;
 /// The most one sample counts: a driver that took longer was busy with
 /// something else.
-pub(crate) const SAMPLE_CAP: Duration = Duration::from_micros(100);
+pub(crate) const SAMPLE_CAP_NS: u64 = 100_000;
 
 #[derive(Debug)]
 enum Phase {
@@ -81,7 +79,7 @@ impl Phase {
 pub(crate) struct NotifyTiming {
     phase: Phase,
     /// The answer being timed: the hold it got and when it was ready.
-    open: Option<(usize, Instant)>,
+    open: Option<(usize, u64)>,
 }
 
 impl Default for NotifyTiming {
@@ -96,7 +94,7 @@ impl Default for NotifyTiming {
 impl NotifyTiming {
     /// An answer the driver waits for was ready at `ready`: how long to
     /// hold its notification.
-    pub(crate) fn hold(&mut self, ready: Instant) -> Duration {
+    pub(crate) fn hold(&mut self, ready: u64) -> u64 {
         let choice = match self.phase {
             Phase::Probing { step, .. } => ORDER[step],
             Phase::Settled { choice, .. } => choice,
@@ -104,13 +102,13 @@ impl NotifyTiming {
         // An answer timed before and not followed by a request (the
         // driver waits for more than one) is not a sample.
         self.open = Some((choice, ready));
-        Duration::from_nanos(HOLD_NS[choice])
+        HOLD_NS[choice]
     }
 
     /// The driver made a request, seen at `now`.
-    pub(crate) fn arrived(&mut self, now: Instant) {
+    pub(crate) fn arrived(&mut self, now: u64) {
         if let Some((choice, ready)) = self.open.take() {
-            let took = now.saturating_duration_since(ready).min(SAMPLE_CAP);
+            let took = now.saturating_sub(ready).min(SAMPLE_CAP_NS);
             self.record(choice, took);
         }
     }
@@ -118,7 +116,7 @@ impl NotifyTiming {
     /// The worker stops polling with no request after the answer timed.
     pub(crate) fn gave_up(&mut self) {
         if let Some((choice, _)) = self.open.take() {
-            self.record(choice, SAMPLE_CAP);
+            self.record(choice, SAMPLE_CAP_NS);
         }
     }
 
@@ -131,7 +129,7 @@ impl NotifyTiming {
         }
     }
 
-    fn record(&mut self, choice: usize, took: Duration) {
+    fn record(&mut self, choice: usize, took_ns: u64) {
         match &mut self.phase {
             Phase::Probing {
                 step,
@@ -141,7 +139,7 @@ impl NotifyTiming {
             } => {
                 *timed += 1;
                 if *timed > WARMUP {
-                    sum_ns[choice] += u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+                    sum_ns[choice] += took_ns;
                     count[choice] += 1;
                 }
                 if *timed == BLOCK {
@@ -175,17 +173,17 @@ mod tests {
     /// Answers `n` waits, the driver coming back `turnaround(hold)` after
     /// each answer is ready.
     fn run(t: &mut NotifyTiming, n: u32, turnaround: impl Fn(u64) -> Option<u64>) {
-        let mut now = Instant::now();
+        let mut now = 1_000_000u64;
         for _ in 0..n {
             let hold = t.hold(now);
-            match turnaround(u64::try_from(hold.as_nanos()).unwrap()) {
+            match turnaround(hold) {
                 Some(ns) => {
-                    now += Duration::from_nanos(ns);
+                    now += ns;
                     t.arrived(now);
                 }
                 None => t.gave_up(),
             }
-            now += Duration::from_micros(1);
+            now += 1_000;
         }
     }
 
@@ -240,13 +238,13 @@ mod tests {
     #[test]
     fn an_answer_followed_by_another_is_not_a_sample() {
         let mut t = NotifyTiming::default();
-        let start = Instant::now();
+        let start = 1_000_000u64;
         // The driver waits for two answers: the first is ready, then the
         // second, then the request comes; only the second is timed.
         for _ in 0..PROBE_ANSWERS {
             t.hold(start);
             t.hold(start);
-            t.arrived(start + Duration::from_micros(5));
+            t.arrived(start + 5_000);
         }
         // Each pair is one sample, and every hold gets its turn.
         assert_eq!(t.settled_ns(), Some(0));

@@ -37,10 +37,12 @@ type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
 
 mod notify;
 
+use super::clock::now_ns;
+
 /// How long a queue keeps polling its ring after the last activity.
-const POLL_WINDOW: Duration = Duration::from_micros(50);
+const POLL_WINDOW_NS: u64 = 50_000;
 /// Longest stretch one call stays in the loop before going back to epoll.
-const POLL_BUDGET: Duration = Duration::from_millis(2);
+const POLL_BUDGET_NS: u64 = 2_000_000;
 
 /// A request handed to the device and not yet completed.
 #[derive(Debug)]
@@ -61,8 +63,8 @@ struct Inflight {
     /// Encrypted volumes: the ciphertext buffer the device reads or writes,
     /// and (for reads) the guest buffers the plaintext goes to.
     bounce: Option<Bounce>,
-    /// When the request was started.
-    started: Instant,
+    /// When the request was started (`clock::now_ns`).
+    started: u64,
 }
 
 /// The ciphertext side of a request on an encrypted volume.
@@ -183,8 +185,8 @@ pub(crate) struct QueueWorker {
     /// its submission) and after each batch of large requests on a device
     /// done in `push`: the latency counters cost about one clock read per
     /// round rather than two per request (their resolution is a round, a
-    /// few microseconds).
-    clock: Instant,
+    /// few microseconds). In `clock::now_ns`'s nanoseconds.
+    clock: u64,
     /// How long to hold the notification of an answer the driver waits
     /// for.
     timing: NotifyTiming,
@@ -243,7 +245,7 @@ impl QueueWorker {
             tally: Tally::default(),
             done_in_push: dev_done_in_push,
             pace_ns: 0,
-            clock: Instant::now(),
+            clock: now_ns(),
             timing: NotifyTiming::default(),
         })
     }
@@ -336,7 +338,7 @@ impl QueueWorker {
         polls: &mut u64,
         idle_polls: &mut u64,
     ) -> io::Result<()> {
-        let started = Instant::now();
+        let started = now_ns();
         self.clock = started;
         let mut idle_since = started;
         loop {
@@ -352,7 +354,7 @@ impl QueueWorker {
             let mut used = self.reap(vring, &hot);
             used |= self.pop_all(vring, &hot, event_idx);
             self.dev.submit()?;
-            self.clock = Instant::now();
+            self.clock = now_ns();
             used |= self.reap(vring, &hot);
             if used {
                 self.notify(vring, &hot, event_idx);
@@ -377,8 +379,8 @@ impl QueueWorker {
             // iothreads do, so that a busy driver needs no kicks and a
             // busy device no wake-ups. Bounded so that the control thread
             // gets the vring lock regularly.
-            let polling = now.duration_since(idle_since) < POLL_WINDOW;
-            if polling && now.duration_since(started) < POLL_BUDGET {
+            let polling = now.saturating_sub(idle_since) < POLL_WINDOW_NS;
+            if polling && now.saturating_sub(started) < POLL_BUDGET_NS {
                 std::hint::spin_loop();
                 continue;
             }
@@ -392,7 +394,7 @@ impl QueueWorker {
                     self.timing.gave_up();
                     break;
                 }
-                Ok(true) if now.duration_since(started) < POLL_BUDGET => continue,
+                Ok(true) if now.saturating_sub(started) < POLL_BUDGET_NS => continue,
                 Ok(true) => {
                     // Work is pending but the budget is spent: wake
                     // ourselves through the epoll loop, after whatever the
@@ -420,7 +422,7 @@ impl QueueWorker {
     ) -> io::Result<()> {
         let snapshot = mem.memory().into_inner();
         let hot = HotMem::new(&snapshot);
-        self.clock = Instant::now();
+        self.clock = now_ns();
         if self.reap(vring, &hot) {
             self.notify(vring, &hot, event_idx);
         }
@@ -450,7 +452,7 @@ impl QueueWorker {
         let _ = self.timer.clear();
         let _ = self.dev.submit();
         while self.inflight > 0 {
-            self.clock = Instant::now();
+            self.clock = now_ns();
             self.completions.clear();
             self.dev.reap(&mut self.completions);
             if self.completions.is_empty() {
@@ -606,13 +608,13 @@ impl QueueWorker {
                 // round's start to its end (or as 0 when answered within
                 // the round).
                 if self.done_in_push && batch_bytes >= SUBMIT_BATCH_BYTES {
-                    self.clock = Instant::now();
+                    self.clock = now_ns();
                     // The pace from one large batch to the next leaves out
                     // a batch after a notification (one that wakes the
                     // driver takes this thread ~10 us) and one after small
                     // batches (whose time was not read).
                     if paced && !signalled {
-                        let ns = nanos(self.clock.duration_since(batch_started));
+                        let ns = self.clock.saturating_sub(batch_started);
                         // One request a batch unless they are slow: no
                         // division in the common case.
                         self.pace_ns = if batch > 1 { ns / batch as u64 } else { ns };
@@ -930,21 +932,21 @@ impl QueueWorker {
         let m = &self.metrics;
         let status = match &c.result {
             Ok(_) => {
-                let took = self.clock.saturating_duration_since(f.started);
+                let took_ns = self.clock.saturating_sub(f.started);
                 match f.kind {
-                    RequestKind::Read => self.tally.read(f.len, took),
-                    RequestKind::Write => self.tally.write(f.len, took),
+                    RequestKind::Read => self.tally.read(f.len, took_ns),
+                    RequestKind::Write => self.tally.write(f.len, took_ns),
                     RequestKind::Flush => {
                         BlkMetrics::inc(&m.flush_ops);
-                        m.flush_latency.record(took);
+                        m.flush_latency.record(Duration::from_nanos(took_ns));
                     }
                     RequestKind::Discard => {
                         BlkMetrics::inc(&m.discard_ops);
-                        m.discard_latency.record(took);
+                        m.discard_latency.record(Duration::from_nanos(took_ns));
                     }
                     RequestKind::WriteZeroes => {
                         BlkMetrics::inc(&m.write_zeroes_ops);
-                        m.discard_latency.record(took);
+                        m.discard_latency.record(Duration::from_nanos(took_ns));
                     }
                     RequestKind::GetId => {}
                 }

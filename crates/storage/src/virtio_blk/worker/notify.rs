@@ -3,17 +3,16 @@
 //! flag), and held back briefly for a driver that waits for its answer
 //! (`notify_timing`).
 
-use std::time::Instant;
-
 use log::debug;
 use vhost_user_backend::VringState;
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::super::avail_ring::avail_idx;
+use super::super::clock::now_ns;
 use super::super::hot_mem::HotMem;
 use super::super::metrics::BlkMetrics;
-use super::{nanos, Mem, QueueWorker};
+use super::{Mem, QueueWorker};
 
 impl QueueWorker {
     /// Notifies the driver if it asked for it; returns whether it did.
@@ -58,17 +57,17 @@ impl QueueWorker {
         if avail_idx(q, mem) != Some(next) {
             return;
         }
-        let ready = Instant::now();
+        let ready = now_ns();
         let hold = self.timing.hold(ready);
-        if hold.is_zero() {
+        if hold == 0 {
             return;
         }
         loop {
             std::hint::spin_loop();
-            let held = ready.elapsed();
+            let held = now_ns().saturating_sub(ready);
             if held >= hold || avail_idx(q, mem) != Some(next) {
                 BlkMetrics::inc(&self.metrics.held_notifications);
-                BlkMetrics::add(&self.metrics.held_ns, nanos(held));
+                BlkMetrics::add(&self.metrics.held_ns, held);
                 return;
             }
         }
