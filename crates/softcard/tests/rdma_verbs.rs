@@ -99,6 +99,44 @@ fn debian_ibv_devices_and_ibv_devinfo_see_the_cards_device() {
     assert!(err.contains("cannot reach the card"), "{err}");
 }
 
+/// A second card daemon started on the socket a running one serves is
+/// refused with a clear error, and the running one's applications still
+/// reach it (it used to be replaced under them).
+#[test]
+fn a_second_daemon_on_a_served_rdma_socket_is_refused() {
+    let first = Daemon::start(
+        "rdma_socket = \"@DIR@/rdma.sock\"\n\
+         [[device]]\nname = \"nvme0\"\npath = \"@DIR@/dev.img\"\nkind = \"file\"\nsize = \"16MiB\"\n\
+         [[rdma]]\naddress = \"127.0.0.10\"\n",
+    );
+    let socket = first.path("rdma.sock");
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("card.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "api_socket = \"{}\"\nrdma_socket = \"{}\"\n",
+            dir.path().join("api.sock").display(),
+            socket.display()
+        ),
+    )
+    .unwrap();
+    let o = output_within(
+        Command::new(BIN).args(["serve", "--config"]).arg(&config),
+        TOOL_LIMIT,
+    );
+    let (out, err) = text(&o);
+    assert!(!o.status.success(), "the second daemon started: {out}{err}");
+    assert!(
+        err.contains("another daemon is serving RDMA applications"),
+        "{err}"
+    );
+    let o = exec(&socket, &["ibv_devices"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{out}{err}");
+    assert!(out.contains("softcard0"), "{out}");
+}
+
 /// Runs `server` and then `client` (retrying until the server listens)
 /// through the library; both outputs.
 fn pair(socket: &std::path::Path, server: &[&str], client: &[&str]) -> (Output, Output) {

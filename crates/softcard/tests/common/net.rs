@@ -138,10 +138,12 @@ impl Net {
             std::fs::create_dir_all(&cdir).unwrap();
             // Tenant acme's key-encryption key, for its encrypted volumes.
             std::fs::write(cdir.join("acme.kek"), "5a".repeat(32)).unwrap();
+            // Each card its own RDMA control socket: a daemon refuses one
+            // another daemon answers on.
             std::fs::write(
                 cdir.join("card.toml"),
                 format!(
-                    "api_socket = \"{d}/api.sock\"\n[[device]]\nname = \"nvme0\"\nkind = \"file\"\npath = \"{d}/nvme0.img\"\nsize = \"1GiB\"\n[[tenant]]\nname = \"acme\"\nkek_file = \"{d}/acme.kek\"\n[host]\nname = \"{h}\"\nvcpus = 2\nmemory = \"2GiB\"\n",
+                    "api_socket = \"{d}/api.sock\"\nrdma_socket = \"{d}/rdma.sock\"\n[[device]]\nname = \"nvme0\"\nkind = \"file\"\npath = \"{d}/nvme0.img\"\nsize = \"1GiB\"\n[[tenant]]\nname = \"acme\"\nkek_file = \"{d}/acme.kek\"\n[host]\nname = \"{h}\"\nvcpus = 2\nmemory = \"2GiB\"\n",
                     d = cdir.display()
                 ),
             )
