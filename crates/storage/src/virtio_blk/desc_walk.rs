@@ -63,10 +63,19 @@ pub(crate) fn test_memory() -> std::sync::Arc<vm_memory::GuestMemoryMmap> {
     )
 }
 
+/// Where the `size` descriptors of the table at `table` are mapped here,
+/// when one region holds them all.
+fn table_host(mem: &HotMem<'_>, table: GuestAddress, size: u16) -> Option<*mut u8> {
+    mem.in_one_region(table, usize::from(size) * size_of::<Descriptor>())
+}
+
 /// An iterator over a chain's descriptors, like virtio-queue's.
 pub(crate) struct DescWalk<'m, 'a> {
     mem: &'m HotMem<'a>,
     table: GuestAddress,
+    /// Where the table is mapped here, when one region holds all of it
+    /// (then a descriptor is read without a lookup of its own).
+    host: Option<*mut u8>,
     size: u16,
     next: u16,
     ttl: u16,
@@ -81,6 +90,7 @@ impl<'m, 'a> DescWalk<'m, 'a> {
         DescWalk {
             mem,
             table,
+            host: table_host(mem, table, size),
             size,
             next: head,
             ttl: size,
@@ -89,10 +99,19 @@ impl<'m, 'a> DescWalk<'m, 'a> {
         }
     }
 
-    /// The descriptor at `addr`.
-    fn read(&self, addr: GuestAddress) -> Option<Descriptor> {
-        let Some(host) = self.mem.in_one_region(addr, size_of::<Descriptor>()) else {
-            return self.mem.read_obj::<Descriptor>(addr).ok();
+    /// Entry `index` (< `size`) of the current table.
+    fn read(&self, index: u16) -> Option<Descriptor> {
+        let host = match self.host {
+            // SAFETY: `index` < `size`, so its 16 bytes lie in the table,
+            // which one mapped region of the snapshot holds whole.
+            Some(table) => unsafe { table.add(usize::from(index) * size_of::<Descriptor>()) },
+            None => {
+                let addr = GuestAddress(self.table.0.checked_add(u64::from(index) * DESC_BYTES)?);
+                match self.mem.in_one_region(addr, size_of::<Descriptor>()) {
+                    Some(h) => h,
+                    None => return self.mem.read_obj::<Descriptor>(addr).ok(),
+                }
+            }
         };
         let (lo, hi) = if (host as usize).is_multiple_of(8) {
             // SAFETY: 16 bytes inside one mapped region of the snapshot
@@ -134,6 +153,7 @@ impl<'m, 'a> DescWalk<'m, 'a> {
         }
         let entries = u16::try_from(u64::from(d.len()) / DESC_BYTES).ok()?;
         self.table = d.addr();
+        self.host = table_host(self.mem, self.table, entries);
         self.size = entries;
         self.next = 0;
         self.ttl = entries;
@@ -150,11 +170,7 @@ impl Iterator for DescWalk<'_, '_> {
             if self.ttl == 0 || self.next >= self.size {
                 return None;
             }
-            let at = self
-                .table
-                .0
-                .checked_add(u64::from(self.next) * DESC_BYTES)?;
-            let d = self.read(GuestAddress(at))?;
+            let d = self.read(self.next)?;
             if d.flags() & F_INDIRECT != 0 {
                 self.enter_indirect(&d)?;
                 continue;
