@@ -8,7 +8,7 @@
 //! worker's small accesses go through a table of up to eight regions
 //! (guest start, length, host address side by side, filled on the round's
 //! first access) that remembers the entry it found last: the lookup was
-//! 13 % of the worker at `null-untouched` 4k QD32 before, 7 % after. The
+//! 13 % of the worker at `null-untouched` 4k QD32 before, 7-10 % after. The
 //! view is the same: every address gets the region that holds it, or
 //! none; a memory table of more regions takes vm-memory's lookup.
 //!
@@ -46,13 +46,13 @@ const NO_REGION: Flat = Flat {
     host: std::ptr::null_mut(),
 };
 
-/// One snapshot of guest memory with a one-entry cache of the region last
-/// found. Not `Sync` (the cache is a `Cell`): one queue thread's, for one
-/// round of its loop.
+/// One snapshot of guest memory with its regions in a flat table and the
+/// entry last found remembered. Not `Sync` (the caches are `Cell`s): one
+/// queue thread's, for one round of its loop.
 pub(crate) struct HotMem<'a> {
     snapshot: &'a Arc<GuestMemoryMmap>,
     last: Cell<Option<&'a GuestRegionMmap>>,
-    /// The snapshot's regions, in one or two cache lines, filled on the
+    /// The snapshot's regions, in three cache lines, filled on the
     /// first small access of the round (`flat_len` is then set; `None`
     /// before, `Some(0)` when there are more than [`FLAT_REGIONS`]).
     flat: Cell<[Flat; FLAT_REGIONS]>,
