@@ -4,6 +4,10 @@
 
 mod common;
 
+use std::mem::MaybeUninit;
+use std::time::{Duration, Instant};
+
+use blkio::{Completion, ReqFlags};
 use common::{file_bytes, pattern, Client, Daemon};
 
 const MIB: u64 = 1 << 20;
@@ -200,5 +204,99 @@ fn volumes_carve_attach_and_land_at_their_offsets() {
         "card", "volume", "create", "b2", "--device", "nvme0", "--size", "128MiB",
     ]);
     assert_eq!(file_bytes(&dev, off_a + 64 * MIB - 4096, 4096), last);
+    d.stop();
+}
+
+/// A driver that polls the used ring and never asks for a notification
+/// (libblkio's poll queue) gets every answer, with its data, across the
+/// wrap of the 16-bit ring indices: the card publishes its answers to such
+/// a driver once per round rather than one by one.
+#[test]
+fn a_driver_that_polls_gets_every_answer() {
+    const BLOCK: usize = 4096;
+    const DEPTH: usize = 32;
+    let mut d = file_card();
+    let dev = d.path("nvme0.img");
+    d.ok(&[
+        "card", "volume", "create", "p", "--device", "nvme0", "--size", "32MiB",
+    ]);
+    let off = d.offset_of("p");
+    let sock = d.path("p.sock");
+    d.ok(&[
+        "card",
+        "volume",
+        "attach",
+        "p",
+        "--vhost-user",
+        sock.to_str().unwrap(),
+    ]);
+    let mut c = Client::connect_polled(&sock).unwrap();
+    let blocks = usize::try_from(c.capacity).unwrap() / BLOCK;
+    let data: Vec<u8> = pattern(11, blocks * BLOCK);
+    let base = c.region.addr;
+    let mut comps: Vec<MaybeUninit<Completion>> =
+        (0..DEPTH).map(|_| MaybeUninit::uninit()).collect();
+    // Runs `DEPTH` requests at a time (slot i: block first + i) and waits
+    // for all of them; returns how many were answered.
+    let mut round = |c: &mut Client, first: usize, write: bool| -> usize {
+        for slot in 0..DEPTH {
+            let b = first + slot;
+            let buf = (base + slot * BLOCK) as *mut u8;
+            let at = (b * BLOCK) as u64;
+            if write {
+                c.buf()[slot * BLOCK..(slot + 1) * BLOCK]
+                    .copy_from_slice(&data[b * BLOCK..(b + 1) * BLOCK]);
+                c.queues[0].write(at, buf, BLOCK, slot, ReqFlags::empty());
+            } else {
+                c.buf()[slot * BLOCK..(slot + 1) * BLOCK].fill(0xee);
+                c.queues[0].read(at, buf, BLOCK, slot, ReqFlags::empty());
+            }
+        }
+        let mut seen = [false; DEPTH];
+        let mut got = 0;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while got < DEPTH {
+            let n = c.queues[0].do_io(&mut comps, 0, None, None).expect("do_io");
+            assert!(
+                n > 0 || Instant::now() < deadline,
+                "{} of {DEPTH} requests from block {first} never answered",
+                DEPTH - got
+            );
+            for done in &comps[..n] {
+                // SAFETY: do_io initialised the first n completions.
+                let done = unsafe { done.assume_init_ref() };
+                assert_eq!(done.ret, 0, "request of slot {} failed", done.user_data);
+                assert!(
+                    !seen[done.user_data],
+                    "slot {} answered twice",
+                    done.user_data
+                );
+                seen[done.user_data] = true;
+                got += 1;
+            }
+        }
+        if !write {
+            for slot in 0..DEPTH {
+                let b = first + slot;
+                assert!(
+                    c.buf()[slot * BLOCK..(slot + 1) * BLOCK] == data[b * BLOCK..(b + 1) * BLOCK],
+                    "block {b} read back wrong"
+                );
+            }
+        }
+        got
+    };
+    let mut answered = 0usize;
+    for first in (0..blocks).step_by(DEPTH) {
+        answered += round(&mut c, first, true);
+    }
+    // Past 65,536 answers: the used index wraps.
+    while answered <= 65_536 + 2 * blocks {
+        for first in (0..blocks).step_by(DEPTH) {
+            answered += round(&mut c, first, false);
+        }
+    }
+    drop(c);
+    assert_eq!(file_bytes(&dev, off, data.len()), data);
     d.stop();
 }

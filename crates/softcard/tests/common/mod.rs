@@ -304,14 +304,30 @@ pub const REGION_BYTES: usize = 4 << 20;
 
 impl Client {
     pub fn connect(socket: &Path, queues: i32) -> Result<Client, String> {
+        Self::connect_with(socket, queues, false)
+    }
+
+    /// One queue that libblkio polls (its poll queue: no notifications
+    /// asked for).
+    pub fn connect_polled(socket: &Path) -> Result<Client, String> {
+        Self::connect_with(socket, 1, true)
+    }
+
+    fn connect_with(socket: &Path, queues: i32, polled: bool) -> Result<Client, String> {
         let e = |what: &'static str| move |err: blkio::Error| format!("{what}: {}", err.message());
         let mut b = Blkio::new("virtio-blk-vhost-user").map_err(e("new"))?;
         b.set_str("path", &socket.to_string_lossy())
             .map_err(e("path"))?;
         b.connect().map_err(e("connect"))?;
-        b.set_i32("num-queues", queues).map_err(e("num-queues"))?;
+        let (irq, poll) = if polled { (0, queues) } else { (queues, 0) };
+        b.set_i32("num-queues", irq).map_err(e("num-queues"))?;
+        b.set_i32("num-poll-queues", poll)
+            .map_err(e("num-poll-queues"))?;
         let capacity = b.get_u64("capacity").map_err(e("capacity"))?;
-        let out = b.start().map_err(e("start"))?;
+        let mut out = b.start().map_err(e("start"))?;
+        if polled {
+            out.queues = std::mem::take(&mut out.poll_queues);
+        }
         let region = b.alloc_mem_region(REGION_BYTES).map_err(e("alloc"))?;
         b.map_mem_region(&region).map_err(e("map"))?;
         Ok(Client {

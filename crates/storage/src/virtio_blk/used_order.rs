@@ -103,7 +103,16 @@ impl UsedOrder {
             if let Some(r) = region {
                 r.publishing(head);
             }
-            match ring.add(vring.get_queue_mut(), mem, head, len) {
+            // A driver that waits for notifications picks answers up while
+            // it works, so each goes out at once; for one that polls, the
+            // index moves once for all in [`UsedOrder::publish_idx`] (a
+            // store per answer costs the ring's cache line a trip between
+            // the two CPUs each time). With a region, its record of the
+            // used index must follow the ring's answer by answer
+            // (`InflightQueue::restore` recognises a crash between the two
+            // by a difference of one).
+            let at_once = region.is_some() || !ring.driver_polls();
+            match ring.add(vring.get_queue_mut(), mem, head, len, at_once) {
                 Ok(()) => {
                     if let Some(r) = region {
                         r.published(head, vring.get_queue().next_used());
@@ -114,6 +123,22 @@ impl UsedOrder {
         });
         self.ring = ring;
         error.map_or(Ok(()), Err)
+    }
+
+    /// Moves the used index past the answers put on the ring (before the
+    /// driver is told, and whenever the worker leaves the ring).
+    pub(crate) fn publish_idx(
+        &mut self,
+        q: &Queue,
+        mem: &HotMem<'_>,
+    ) -> Result<(), virtio_queue::Error> {
+        self.ring.publish(q, mem)
+    }
+
+    /// Records whether the driver asked for no notifications
+    /// (NO_INTERRUPT, without EVENT_IDX).
+    pub(crate) fn set_driver_polls(&mut self, yes: bool) {
+        self.ring.set_driver_polls(yes);
     }
 
     /// Requests taken and not yet published.

@@ -32,17 +32,23 @@ const AVAIL_ENTRY: u64 = 2;
 #[derive(Debug, Default)]
 pub(crate) struct UsedRing {
     added: Wrapping<u16>,
+    /// Elements are on the ring that the used index does not cover yet.
+    unpublished: bool,
+    /// The driver has stopped listening for notifications: it polls.
+    driver_polls: bool,
 }
 
 impl UsedRing {
-    /// Puts `head` with `len` bytes written on the used ring and moves the
-    /// used index past it.
+    /// Puts `head` with `len` bytes written on the used ring; with
+    /// `publish`, moves the used index past it, otherwise leaves that to
+    /// [`UsedRing::publish`].
     pub(crate) fn add(
         &mut self,
         q: &mut Queue,
         mem: &HotMem<'_>,
         head: u16,
         len: u32,
+        publish: bool,
     ) -> Result<(), Error> {
         if head >= q.size() {
             log::error!("attempted to add out of bounds descriptor to used ring: {head}");
@@ -73,10 +79,24 @@ impl UsedRing {
                     .map_err(Error::GuestMemory)?;
             }
         }
-        let next = q.next_used().wrapping_add(1);
-        q.set_next_used(next);
+        q.set_next_used(q.next_used().wrapping_add(1));
         self.added += Wrapping(1);
-        let idx_at = ring.0.checked_add(2).ok_or(Error::AddressOverflow)?;
+        self.unpublished = true;
+        if publish {
+            self.publish(q, mem)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Moves the used index past every element added (one store, with
+    /// release ordering, for all of them).
+    pub(crate) fn publish(&mut self, q: &Queue, mem: &HotMem<'_>) -> Result<(), Error> {
+        if !std::mem::take(&mut self.unpublished) {
+            return Ok(());
+        }
+        let next = q.next_used();
+        let idx_at = q.used_ring().checked_add(2).ok_or(Error::AddressOverflow)?;
         match mem.in_one_region(GuestAddress(idx_at), 2) {
             Some(host) if (host as usize).is_multiple_of(2) => {
                 // SAFETY: two bytes inside one mapped region, 2-byte
@@ -120,13 +140,31 @@ impl UsedRing {
             },
         };
         let new = Wrapping(q.next_used());
+        // A driver that listens keeps `used_event` at most a ring's worth
+        // behind (it cannot have more answers waiting); one left further
+        // behind belongs to a driver that polls.
+        self.driver_polls = (new - Wrapping(event)).0 > q.size();
         let old = new - added;
         new - Wrapping(event) - Wrapping(1) < new - old
+    }
+
+    /// Whether the driver polls the used ring rather than waiting for
+    /// notifications, as its last `used_event` (EVENT_IDX) or its
+    /// NO_INTERRUPT flag ([`UsedRing::set_driver_polls`]) said.
+    pub(crate) fn driver_polls(&self) -> bool {
+        self.driver_polls
+    }
+
+    /// Records the driver's NO_INTERRUPT flag (without EVENT_IDX).
+    pub(crate) fn set_driver_polls(&mut self, yes: bool) {
+        self.driver_polls = yes;
     }
 
     /// Forgets the answers counted (the queue starts afresh).
     pub(crate) fn reset(&mut self) {
         self.added = Wrapping(0);
+        self.unpublished = false;
+        self.driver_polls = false;
     }
 }
 
@@ -158,8 +196,9 @@ mod tests {
 
     /// Drives virtio-queue's add_used/needs_notification and ours with the
     /// same answers and `used_event` values; the rings' bytes, the used
-    /// indices and every notification decision must agree.
-    fn agree(used: u64, event_idx: bool) {
+    /// indices and every notification decision must agree. `batched`: the
+    /// used index is published once before each check, not per answer.
+    fn agree(used: u64, event_idx: bool, batched: bool) {
         let (theirs_mem, ours_mem) = (memory(), memory());
         let (mut theirs, mut ours) = (queue(used, event_idx), queue(used, event_idx));
         let mut ring = UsedRing::default();
@@ -181,9 +220,16 @@ mod tests {
                 let len = u32::from(head) * 512 + 1;
                 let t = theirs.add_used(&*theirs_mem, head % QSIZE, len);
                 let hot = HotMem::new(&ours_mem);
-                let o = ring.add(&mut ours, &hot, head % QSIZE, len);
+                let o = ring.add(&mut ours, &hot, head % QSIZE, len, !batched);
                 assert_eq!(t.is_ok(), o.is_ok());
                 head = head.wrapping_add(3);
+            }
+            if batched {
+                // Nothing is visible to the driver until the index moves.
+                let idx: u16 = ours_mem.read_obj(GuestAddress(used + 2)).expect("used idx");
+                assert_eq!(idx, ours.next_used().wrapping_sub(n));
+                let hot = HotMem::new(&ours_mem);
+                ring.publish(&ours, &hot).expect("publish");
             }
             for m in [&theirs_mem, &ours_mem] {
                 m.write_obj(event.to_le(), event_at).expect("used_event");
@@ -204,9 +250,41 @@ mod tests {
     fn answers_and_notifications_match_virtio_queue() {
         // Inside one region; across the boundary (elements, then the index).
         for used in [0x3000u64, 0xfff0, 0xfffc] {
-            agree(used, true);
-            agree(used, false);
+            for batched in [false, true] {
+                agree(used, true, batched);
+                agree(used, false, batched);
+            }
         }
+    }
+
+    #[test]
+    fn a_driver_that_leaves_used_event_behind_is_taken_to_poll() {
+        let mem = memory();
+        let used = 0x3000;
+        let mut q = queue(used, true);
+        let mut ring = UsedRing::default();
+        let event_at = GuestAddress(AVAIL + AVAIL_HEADER + u64::from(QSIZE) * AVAIL_ENTRY);
+        let hot = HotMem::new(&mem);
+        // The driver listens: `used_event` follows what it has read.
+        for i in 0..QSIZE {
+            ring.add(&mut q, &hot, i, 1, true).expect("add");
+            mem.write_obj(q.next_used().to_le(), event_at)
+                .expect("used_event");
+            ring.needs_notification(&q, &hot);
+            assert!(!ring.driver_polls());
+        }
+        // It stops moving `used_event`: once more than a ring's worth of
+        // answers lie past it, the driver polls.
+        for i in 0..=QSIZE {
+            ring.add(&mut q, &hot, i % QSIZE, 1, true).expect("add");
+            ring.needs_notification(&q, &hot);
+            assert_eq!(ring.driver_polls(), i == QSIZE, "after {} more", i + 1);
+        }
+        // It listens again.
+        mem.write_obj(q.next_used().to_le(), event_at)
+            .expect("used_event");
+        ring.needs_notification(&q, &hot);
+        assert!(!ring.driver_polls());
     }
 
     #[test]
@@ -216,7 +294,7 @@ mod tests {
         let hot = HotMem::new(&mem);
         let mut ring = UsedRing::default();
         assert!(matches!(
-            ring.add(&mut q, &hot, QSIZE, 1),
+            ring.add(&mut q, &hot, QSIZE, 1, true),
             Err(Error::InvalidDescriptorIndex)
         ));
         assert_eq!(q.next_used(), 0);

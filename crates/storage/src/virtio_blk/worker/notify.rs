@@ -22,13 +22,21 @@ impl QueueWorker {
         mem: &HotMem<'_>,
         event_idx: bool,
     ) -> bool {
+        // The answers become visible first, whether or not the driver
+        // wants to hear of them (it may poll).
+        if let Err(e) = self.order.publish_idx(vring.get_queue(), mem) {
+            self.mark_broken(&format!("used index: {e}"));
+            return false;
+        }
         // Without EVENT_IDX the driver may ask for no interrupts
         // (VRING_AVAIL_F_NO_INTERRUPT) while it polls the used ring.
         if !event_idx {
             let flags: u16 = mem
                 .read_obj(GuestAddress(vring.get_queue().avail_ring()))
                 .unwrap_or(0);
-            if flags & 1 != 0 {
+            let polls = flags & 1 != 0;
+            self.order.set_driver_polls(polls);
+            if polls {
                 return false;
             }
         }
