@@ -23,7 +23,7 @@ use super::batching::{answer_now, SUBMIT_BATCH, SUBMIT_BATCH_BYTES, SYNC_BATCH};
 use super::desc_walk::DescWalk;
 use super::hot_mem::HotMem;
 use super::inflight::InflightQueue;
-use super::iovec::{copy_iov, push_iovecs, sector_aligned};
+use super::iovec::push_iovecs;
 use super::metrics::{BlkMetrics, Tally};
 use super::notify_timing::NotifyTiming;
 use super::request::{self, Refused, Request, RequestError, RequestKind, Segment, ID_BYTES};
@@ -35,7 +35,10 @@ use crate::qos::{DeviceShare, QosLimits, ShareSlot};
 
 type Mem = GuestMemoryAtomic<GuestMemoryMmap>;
 
+mod bounce;
 mod notify;
+
+use bounce::Bounce;
 
 use super::clock::now_ns;
 
@@ -66,17 +69,6 @@ struct Inflight {
     /// When the request was started (`clock::now_ns`).
     started: u64,
 }
-
-/// The ciphertext side of a request on an encrypted volume.
-#[derive(Debug)]
-struct Bounce {
-    buf: AlignedBuf,
-    guest: Vec<libc::iovec>,
-    first_sector: u64,
-}
-
-/// Bounce buffers kept for reuse are at most this large.
-const BOUNCE_KEEP_BYTES: usize = 1 << 20;
 
 fn nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
@@ -827,96 +819,6 @@ impl QueueWorker {
         // volume.
         unsafe { self.dev.push(io) };
         false
-    }
-
-    /// For an encrypted volume: moves the guest iovecs aside and points
-    /// the request at a bounce buffer, holding the ciphertext of a write.
-    fn encrypt_into_bounce(&mut self, op: IoOp, req: &Request) -> Bounce {
-        let len = usize::try_from(req.len).expect("request length fits memory");
-        let pos = self.bounce_pool.iter().position(|b| b.len() >= len);
-        let mut buf = match pos {
-            Some(i) => self.bounce_pool.swap_remove(i),
-            None => AlignedBuf::new(len.max(4096), 4096),
-        };
-        let mut guest = self.iov_pool.pop().unwrap_or_default();
-        guest.clear();
-        guest.extend_from_slice(&self.iov);
-        let first_sector = req.offset / request::SECTOR_BYTES;
-        if let (IoOp::Write, Some(c)) = (op, &self.cipher) {
-            let host = &mut buf.as_mut_slice()[..len];
-            if sector_aligned(&guest) {
-                // Encrypt straight from guest memory into the bounce buffer.
-                let mut at = 0usize;
-                for v in &guest {
-                    let dst = &mut host[at..at + v.iov_len];
-                    // SAFETY: the iovec was built by `push_iovecs` from a
-                    // checked guest range kept mapped by the caller's
-                    // memory snapshot; `dst` is our own buffer.
-                    unsafe {
-                        c.encrypt_from(
-                            v.iov_base.cast::<u8>(),
-                            dst,
-                            first_sector + (at / 512) as u64,
-                        )
-                    };
-                    at += v.iov_len;
-                }
-            } else {
-                // SAFETY: as above.
-                unsafe { copy_iov(&guest, host, true) };
-                c.encrypt(host, first_sector);
-            }
-        }
-        self.iov.clear();
-        self.iov.push(libc::iovec {
-            iov_base: buf.as_mut_ptr().cast(),
-            iov_len: len,
-        });
-        Bounce {
-            buf,
-            guest,
-            first_sector,
-        }
-    }
-
-    /// Decrypts a completed read into the guest's buffers and recycles the
-    /// bounce buffer.
-    fn finish_bounce(&mut self, b: Bounce, kind: RequestKind, len: u64, ok: bool) {
-        let Bounce {
-            mut buf,
-            guest,
-            first_sector,
-        } = b;
-        if let (true, RequestKind::Read, Some(c)) = (ok, kind, &self.cipher) {
-            let len = usize::try_from(len).expect("request length fits memory");
-            let host = &mut buf.as_mut_slice()[..len];
-            if sector_aligned(&guest) {
-                // Decrypt straight from the bounce buffer into the guest.
-                let mut at = 0usize;
-                for v in &guest {
-                    let src = &mut host[at..at + v.iov_len];
-                    // SAFETY: the iovec points into guest memory kept mapped
-                    // by the in-flight request's snapshot, which the caller
-                    // still holds; `src` is our own buffer.
-                    unsafe {
-                        c.decrypt_into(
-                            src,
-                            v.iov_base.cast::<u8>(),
-                            first_sector + (at / 512) as u64,
-                        )
-                    };
-                    at += v.iov_len;
-                }
-            } else {
-                c.decrypt(host, first_sector);
-                // SAFETY: as above.
-                unsafe { copy_iov(&guest, host, false) };
-            }
-        }
-        if buf.len() <= BOUNCE_KEEP_BYTES && self.bounce_pool.len() < self.slots.len() {
-            self.bounce_pool.push(buf);
-        }
-        self.iov_pool.push(guest);
     }
 
     /// Takes the slot of a completion. Returns what to complete.
