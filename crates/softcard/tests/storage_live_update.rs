@@ -293,7 +293,7 @@ fn run(server: bool, events: &[(Event, usize)], write_seconds: u32) {
     } else {
         format!("socket,path={},reconnect=1", sa.display())
     };
-    let guest = Guest::boot(&k, &initrd, &[(chardev, 1)]);
+    let guest = Guest::boot(&k, &initrd, &[(chardev, "num-queues=1".into())]);
     guest.wait_line("SOFTCARD-START");
     let mut heard = Heard::default();
 

@@ -140,8 +140,16 @@ kek_file = "@DIR@/acme.kek"
         &k,
         &initrd,
         &[
-            (format!("socket,path={}", sa.display()), 2),
-            (format!("socket,path={}", sb.display()), 1),
+            (
+                format!("socket,path={}", sa.display()),
+                "num-queues=2".into(),
+            ),
+            // Without EVENT_IDX: the driver's NO_INTERRUPT flag decides
+            // which answers it is told of.
+            (
+                format!("socket,path={}", sb.display()),
+                "num-queues=1,event_idx=off".into(),
+            ),
         ],
     );
     let console = guest.console();
@@ -268,7 +276,10 @@ fn a_guest_keeps_its_disk_across_card_restarts() {
     let guest = Guest::boot(
         &k,
         &initrd,
-        &[(format!("socket,path={},reconnect=1", sa.display()), 1)],
+        &[(
+            format!("socket,path={},reconnect=1", sa.display()),
+            "num-queues=1".into(),
+        )],
     );
     // Once the guest writes, restart the card three times.
     guest.wait_line("SOFTCARD-START");

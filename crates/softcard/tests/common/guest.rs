@@ -25,7 +25,8 @@ pub fn build_initramfs(kernel: &Path, out: &Path, script: &str, pats: &[(&str, &
 pub const GUEST_DEADLINE: Duration = Duration::from_secs(240);
 
 /// A QEMU guest (TCG) booted on `initrd`, with one vhost-user-blk disk per
-/// `(chardev options, queues)`; its console is read as it comes.
+/// `(chardev options, device options)` (`num-queues=2`, `event_idx=off`,
+/// ...); its console is read as it comes.
 pub struct Guest {
     qemu: std::process::Child,
     qmp: std::path::PathBuf,
@@ -36,7 +37,7 @@ pub struct Guest {
 }
 
 impl Guest {
-    pub fn boot(kernel: &Path, initrd: &Path, disks: &[(String, u16)]) -> Guest {
+    pub fn boot(kernel: &Path, initrd: &Path, disks: &[(String, String)]) -> Guest {
         let qmp = initrd.with_extension("qmp");
         let mut cmd = Command::new("qemu-system-x86_64");
         cmd.args(softcard_testkit::guest_args(kernel, initrd))
@@ -48,10 +49,10 @@ impl Guest {
                 "-numa",
                 "node,memdev=mem",
             ]);
-        for (i, (chardev, queues)) in disks.iter().enumerate() {
+        for (i, (chardev, device)) in disks.iter().enumerate() {
             cmd.arg("-chardev").arg(format!("{chardev},id=c{i}")).args([
                 "-device",
-                &format!("vhost-user-blk-pci,chardev=c{i},num-queues={queues}"),
+                &format!("vhost-user-blk-pci,chardev=c{i},{device}"),
             ]);
         }
         let mut qemu = cmd

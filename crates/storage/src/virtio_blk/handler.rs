@@ -277,6 +277,11 @@ impl VhostUserBackendReqHandlerMut for BlkHandler {
             }
         }
         let event_idx = features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
+        info!(
+            "{}: driver features {features:#x} (EVENT_IDX {})",
+            self.name,
+            if event_idx { "on" } else { "off" }
+        );
         for v in &self.vrings {
             v.set_queue_event_idx(event_idx);
         }

@@ -182,6 +182,9 @@ pub(crate) struct QueueWorker {
     /// How long to hold the notification of an answer the driver waits
     /// for.
     timing: NotifyTiming,
+    /// A notification the driver's NO_INTERRUPT flag held back (without
+    /// EVENT_IDX): the flag is looked at again each round while polling.
+    owed: bool,
 }
 
 // SAFETY: the iovec scratch vector holds plain addresses that are only
@@ -239,6 +242,7 @@ impl QueueWorker {
             pace_ns: 0,
             clock: now_ns(),
             timing: NotifyTiming::default(),
+            owed: false,
         })
     }
 
@@ -348,7 +352,7 @@ impl QueueWorker {
             self.dev.submit()?;
             self.clock = now_ns();
             used |= self.reap(vring, &hot);
-            if used {
+            if used || self.owed {
                 self.notify(vring, &hot, event_idx);
             }
             if self.broken || self.pending.is_some() {

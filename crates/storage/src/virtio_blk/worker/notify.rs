@@ -3,6 +3,8 @@
 //! flag), and held back briefly for a driver that waits for its answer
 //! (`notify_timing`).
 
+use std::sync::atomic::{fence, Ordering};
+
 use log::debug;
 use vhost_user_backend::VringState;
 use virtio_queue::QueueT;
@@ -29,13 +31,23 @@ impl QueueWorker {
             return false;
         }
         // Without EVENT_IDX the driver may ask for no interrupts
-        // (VRING_AVAIL_F_NO_INTERRUPT) while it polls the used ring.
+        // (VRING_AVAIL_F_NO_INTERRUPT) while it works through the used
+        // ring. The used index is visible before the flag is read (the
+        // driver clears the flag, then looks at the used index, before it
+        // sleeps), and a notification the flag held back is owed: the
+        // flag is read again each round while the worker polls. A driver
+        // that clears the flag and reads the used index without a barrier
+        // between them (libblkio's virtio-driver 0.6) could otherwise
+        // miss the answer and sleep for good.
+        self.owed = false;
         if !event_idx {
+            fence(Ordering::SeqCst);
             let flags: u16 = mem
                 .read_obj(GuestAddress(vring.get_queue().avail_ring()))
                 .unwrap_or(0);
             let polls = flags & 1 != 0;
             self.order.set_driver_polls(polls);
+            self.owed = polls;
             if polls {
                 return false;
             }
